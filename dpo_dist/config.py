@@ -1,0 +1,426 @@
+"""Typed configuration for every dpo_dist entry point.
+
+One dataclass per config group (``conf/<group>/*.yaml`` fills them in). Hydra composes the
+YAML onto these schemas (registered by ``launch``), so an unknown key or a value of the wrong
+type fails at composition; cross-field rules live in ``__post_init__`` and raise
+``ConfigError`` with one line naming the key. Derived values are methods; nothing mutates a
+config at run time.
+
+This module imports neither hydra nor omegaconf: the library takes plain dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+ASSETS_DIR = _PACKAGE_DIR / "assets"
+
+
+class ConfigError(ValueError):
+    """A config value that is well-typed but not allowed; its message is one line."""
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: str, key: str, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, key, f"got {value!r}, expected one of {', '.join(allowed)}")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters via PEFT; ``r=0`` trains the full weights."""
+
+    r: int = 0
+    """Adapter rank; 0 disables LoRA (full-weight training)."""
+    alpha: float = 16.0
+    """LoRA scaling numerator (effective scale alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module name suffixes that get adapters (PEFT ``target_modules``)."""
+    merge_on_export: bool = True
+    """Export a merged full model (True) or only the adapter weights (False)."""
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 0, "model.lora.r", f"must be >= 0, got {self.r}")
+        _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.r == 0 or len(self.target_modules) > 0, "model.lora.target_modules", "must not be empty")
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
+@dataclass
+class ModelConfig:
+    """The policy (and, unless precomputed, reference) model."""
+
+    name: str = "tiny"
+    """Preset name, for logs and run_info (tiny, llama3_1b, llama3_8b, llama3_70b, custom)."""
+    path: str | None = str(ASSETS_DIR / "tiny_model")
+    """Local Hugging Face model directory (config + safetensors). Nothing is downloaded; presets
+    for real models set it to null so that forgetting ``model.path=...`` is an error."""
+    tokenizer_path: str | None = None
+    """Tokenizer directory; defaults to ``path``."""
+    attn_backend: str = "auto"
+    """Packed attention kernel: auto | flash | varlen | sdpa. A forced one that is unavailable is an error."""
+    dtype: str = "auto"
+    """Training precision: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in backward (saves activation memory, costs ~1/3 more compute)."""
+    logits_chunk_tokens: int = 1024
+    """Tokens per chunk when computing log-probs; bounds fp32 logits memory to chunk x vocab."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA settings (``model.lora.*``)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "model.path", f"required for model={self.name} (a local Hugging Face directory)")
+        _one_of(self.attn_backend, "model.attn_backend", ("auto", "flash", "varlen", "sdpa"))
+        _one_of(self.dtype, "model.dtype", ("auto", "fp32", "bf16"))
+        _check(self.logits_chunk_tokens > 0, "model.logits_chunk_tokens", "must be > 0")
+
+    def resolved_tokenizer_path(self) -> str:
+        return self.tokenizer_path or self.path
+
+
+@dataclass
+class DataConfig:
+    """Preference data: where it is and how it becomes token ids."""
+
+    train_path: str | None = str(ASSETS_DIR / "data" / "train.jsonl")
+    """Training pairs: JSONL, JSON, Parquet or a saved ``datasets`` directory (required)."""
+    eval_path: str | None = str(ASSETS_DIR / "data" / "eval.jsonl")
+    """Held-out pairs for reward accuracy and win-rate; null disables eval."""
+    max_length: int = 512
+    """Longest prompt + response, in tokens; longer pairs follow ``truncation``."""
+    truncation: str = "keep_end_of_prompt"
+    """keep_end_of_prompt | keep_start | drop (see dpo_dist.data.tokenize)."""
+    on_invalid: str = "error"
+    """error: stop before any model work on a bad record | skip: drop bad records and log the count."""
+    cache_dir: str | None = None
+    """Tokenization cache; defaults to ``~/.cache/dpo_dist/tokenized``."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.train_path), "data.train_path", "required (a JSONL, JSON, Parquet file or datasets directory)")
+        _check(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
+        _one_of(self.truncation, "data.truncation", ("keep_end_of_prompt", "keep_start", "drop"))
+        _one_of(self.on_invalid, "data.on_invalid", ("error", "skip"))
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else _user_cache() / "tokenized"
+
+
+LOSS_NAMES = ("sigmoid", "robust", "hinge", "ipo", "kto_pair", "simpo", "rpo")
+
+
+@dataclass
+class LossConfig:
+    """Preference objective (``loss=<name>`` picks a preset from conf/loss/)."""
+
+    name: str = "sigmoid"
+    """sigmoid (DPO) | robust | hinge | ipo | kto_pair | simpo | rpo (sigmoid + alpha * NLL of chosen)."""
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward (KL strength)."""
+    label_smoothing: float = 0.0
+    """Assumed label-noise rate epsilon (cDPO for sigmoid, rDPO for robust)."""
+    logp_normalization: str = "sum"
+    """sum: summed response log-probs (DPO) | mean: per-token average (IPO, SimPO)."""
+    gamma: float = 0.5
+    """SimPO target reward margin."""
+    alpha: float = 0.0
+    """Weight of the NLL-of-chosen term added to the loss (RPO / DPO+SFT); 0 disables it."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, "loss.name", LOSS_NAMES)
+        _check(self.beta > 0, "loss.beta", f"must be > 0, got {self.beta}")
+        _check(0.0 <= self.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)")
+        _one_of(self.logp_normalization, "loss.logp_normalization", ("sum", "mean"))
+        _check(self.alpha >= 0, "loss.alpha", "must be >= 0")
+        _check(
+            self.name != "simpo" or self.logp_normalization == "mean",
+            "loss.logp_normalization",
+            "simpo is defined on length-normalised log-probs: set loss.logp_normalization=mean",
+        )
+
+    def kernel_name(self) -> str:
+        """The ``dpo_dist.losses`` function behind this preset (rpo is sigmoid plus the NLL term)."""
+        return "sigmoid" if self.name == "rpo" else self.name
+
+    def uses_reference(self) -> bool:
+        return self.name != "simpo"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup and decay."""
+
+    lr: float = 5e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+    schedule: str = "cosine"
+    """Decay after warmup: cosine | linear | constant."""
+    min_lr_ratio: float = 0.1
+    """Final lr as a fraction of lr (cosine and linear)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _one_of(self.schedule, "optim.schedule", ("cosine", "linear", "constant"))
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+        _check(len(self.betas) == 2, "optim.betas", "needs two values")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO settings; ``to_dict`` renders the JSON DeepSpeed reads."""
+
+    stage: int = 3
+    """ZeRO stage. dpo_dist trains with 3; lower stages are for debugging."""
+    offload_optimizer: str = "none"
+    """none | cpu: keep Adam states in host memory (pinned)."""
+    offload_param: str = "none"
+    """none | cpu: keep fp32 master weights in host memory."""
+    overlap_comm: bool = True
+    """Overlap reduce-scatter with backward compute."""
+    reduce_bucket_size: int = 50_000_000
+    """Elements per gradient reduce bucket."""
+    prefetch_bucket_size: int = 50_000_000
+    """Elements of parameters prefetched ahead of use (stage3_prefetch_bucket_size)."""
+    param_persistence_threshold: int = 100_000
+    """Parameters smaller than this stay gathered (stage3_param_persistence_threshold)."""
+    max_live_parameters: int = 1_000_000_000
+    """Upper bound on gathered parameters at once (stage3_max_live_parameters)."""
+    comm_timeout_minutes: int = 30
+    """Collective timeout: a dead rank fails the job instead of hanging it."""
+
+    def __post_init__(self) -> None:
+        _check(self.stage in (0, 1, 2, 3), "deepspeed.stage", f"must be 0..3, got {self.stage}")
+        _one_of(self.offload_optimizer, "deepspeed.offload_optimizer", ("none", "cpu"))
+        _one_of(self.offload_param, "deepspeed.offload_param", ("none", "cpu"))
+        _check(self.comm_timeout_minutes > 0, "deepspeed.comm_timeout_minutes", "must be > 0")
+
+    def to_dict(self, *, bf16: bool, grad_clip: float) -> dict[str, Any]:
+        """DeepSpeed config. Batch sizes are 1/1 because the engine forms its own packed
+        micro-batches and marks accumulation boundaries itself."""
+        zero: dict[str, Any] = {
+            "stage": self.stage,
+            "overlap_comm": self.overlap_comm,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": self.reduce_bucket_size,
+        }
+        if self.stage == 3:
+            zero.update(
+                stage3_prefetch_bucket_size=self.prefetch_bucket_size,
+                stage3_param_persistence_threshold=self.param_persistence_threshold,
+                stage3_max_live_parameters=self.max_live_parameters,
+                stage3_gather_16bit_weights_on_model_save=True,
+            )
+        for kind, where in (("optimizer", self.offload_optimizer), ("param", self.offload_param)):
+            if where != "none":
+                zero[f"offload_{kind}"] = {"device": where, "pin_memory": True}
+        return {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": grad_clip,
+            "bf16": {"enabled": bf16},
+            "zero_optimization": zero,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+
+@dataclass
+class ClusterConfig:
+    """Where the ranks run: ``local`` (this machine) or ``slurm`` (submitit)."""
+
+    name: str = "local"
+    """local | slurm."""
+    nproc_per_node: int = 1
+    """Ranks on this machine for cluster=local."""
+    nodes: int = 1
+    """Slurm nodes."""
+    tasks_per_node: int = 1
+    """Slurm tasks (ranks) per node; usually gpus_per_node."""
+    gpus_per_node: int = 0
+    """GPUs requested per node (0 on CPU clusters)."""
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU, for the memory planner."""
+    cpus_per_task: int = 1
+    """CPU cores per rank."""
+    mem_gb: float = 0.0
+    """Host memory per node in GB; 0 leaves it to the partition default."""
+    partition: str | None = None
+    """Slurm partition."""
+    account: str | None = None
+    """Slurm account."""
+    qos: str | None = None
+    """Slurm QOS."""
+    constraint: str | None = None
+    """Slurm node constraint."""
+    time: int = 60
+    """Slurm time limit in minutes."""
+    max_requeues: int = 3
+    """How many times a preempted or timed-out job requeues itself."""
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    """Extra sbatch parameters passed through to submitit."""
+    master_port: int = 29500
+    """Rendezvous port of rank 0."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, "cluster.name", ("local", "slurm"))
+        for key in ("nproc_per_node", "nodes", "tasks_per_node", "cpus_per_task"):
+            _check(getattr(self, key) >= 1, f"cluster.{key}", "must be >= 1")
+        _check(self.gpus_per_node >= 0, "cluster.gpus_per_node", "must be >= 0")
+        _check(self.gpu_memory_gb > 0, "cluster.gpu_memory_gb", "must be > 0")
+        _check(self.time >= 1, "cluster.time", "must be >= 1 minute")
+
+    def world_size(self) -> int:
+        if self.name == "local":
+            return self.nproc_per_node
+        return self.nodes * self.tasks_per_node
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    max_steps: int = 200
+    """Optimizer steps."""
+    pairs_per_step: int = 32
+    """Preference pairs per optimizer step, over all ranks and micro-batches (the global batch)."""
+    micro_batch_tokens: int = 4096
+    """Token budget of one packed micro-batch (chosen + rejected of every pair in it)."""
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept on disk (older ones are deleted)."""
+    eval_every: int = 50
+    """Evaluate on data.eval_path every N steps (0: only at the end)."""
+    log_every: int = 1
+    """Write a metrics row every N steps."""
+    seed: int = 0
+    """Seeds data order, initialisation of new weights and dropout."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        _check(self.pairs_per_step >= 1, "train.pairs_per_step", "must be >= 1")
+        _check(self.micro_batch_tokens >= 2, "train.micro_batch_tokens", "must be >= 2")
+        for key in ("checkpoint_every", "eval_every"):
+            _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+
+
+@dataclass
+class ReferenceConfig:
+    """Where reference log-probs come from."""
+
+    mode: str = "precompute"
+    """precompute: one forward pass into Arrow shards, reused by every run | online: a reference forward each step."""
+    cache_dir: str | None = None
+    """Shard directory; defaults to ``~/.cache/dpo_dist/reference/<fingerprint>`` so sweeps share it."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.mode, "reference.mode", ("precompute", "online"))
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging."""
+
+    mode: str = "offline"
+    """offline (default, syncable later) | online | disabled."""
+    project: str = "dpo_dist"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team)."""
+    name: str | None = None
+    """Run name; defaults to the output directory name."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.mode, "wandb.mode", ("offline", "online", "disabled"))
+
+
+@dataclass
+class DPOConfig:
+    """The whole config tree (``conf/config.yaml``)."""
+
+    output_dir: str = "outputs/run"
+    """Run directory: config.yaml, run_info.json, metrics.jsonl, checkpoints/, final/."""
+    stage: str = "dpo"
+    """dpo: preference optimisation | sft: supervised fine-tuning on the chosen responses."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        _one_of(self.stage, "stage", ("sft", "dpo"))
+        _check(
+            self.train.micro_batch_tokens >= 2 * self.data.max_length,
+            "train.micro_batch_tokens",
+            f"must be >= 2 * data.max_length ({2 * self.data.max_length}) so any pair fits one micro-batch",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _user_cache() -> Path:
+    return Path.home() / ".cache" / "dpo_dist"
+
+
+def _build(cls, values: dict[str, Any], prefix: str):
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys with the dotted key name."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"{dotted}: unknown config key")
+        sub = _SUBCONFIGS.get((cls, key))
+        kwargs[key] = _build(sub, value or {}, dotted + ".") if sub else value
+    return cls(**kwargs)
+
+
+_SUBCONFIGS = {
+    (DPOConfig, "model"): ModelConfig,
+    (DPOConfig, "data"): DataConfig,
+    (DPOConfig, "loss"): LossConfig,
+    (DPOConfig, "optim"): OptimConfig,
+    (DPOConfig, "deepspeed"): DeepSpeedConfig,
+    (DPOConfig, "cluster"): ClusterConfig,
+    (DPOConfig, "train"): TrainConfig,
+    (DPOConfig, "reference"): ReferenceConfig,
+    (DPOConfig, "wandb"): WandbConfig,
+    (ModelConfig, "lora"): LoraConfig,
+}
+
+
+def config_from_dict(values: dict[str, Any]) -> DPOConfig:
+    """A validated ``DPOConfig`` from plain nested dicts (a resolved Hydra config or a saved config.yaml)."""
+    return _build(DPOConfig, values, "")

@@ -1,0 +1,84 @@
+"""Micro-batch layouts shared by the data path, the log-prob code and the engine.
+
+A *packed* micro-batch is one row of concatenated sequences with no padding. Sequences are
+ordered chosen_0, rejected_0, chosen_1, rejected_1, ... so that for a packed micro-batch of
+P pairs, per-sequence results ``x`` split as ``x[0::2]`` (chosen) and ``x[1::2]`` (rejected).
+
+A *padded* micro-batch (one sequence per row, right padding) exists only for the parity
+tests and for comparing against padded trainers; the engine always trains packed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+IGNORE_INDEX = -100
+"""Label value of tokens that are not scored (prompt tokens, padding)."""
+
+
+@dataclass
+class PackedBatch:
+    """One packed row: ``S = 2 * num_pairs`` sequences concatenated into ``T`` tokens."""
+
+    input_ids: torch.Tensor
+    """[1, T] int64 token ids of all sequences back to back."""
+    position_ids: torch.Tensor
+    """[1, T] int64 positions, restarting at 0 at the start of every sequence."""
+    labels: torch.Tensor
+    """[1, T] int64: the token id on response tokens, IGNORE_INDEX elsewhere (not shifted)."""
+    cu_seqlens: torch.Tensor
+    """[S + 1] int32 cumulative sequence lengths (0, len_0, len_0 + len_1, ..., T)."""
+    seq_index: torch.Tensor
+    """[T] int64: index of the sequence each token belongs to (for per-sequence sums)."""
+    example_ids: torch.Tensor
+    """[P] int64 example id of each pair (its 0-based record position in its input file)."""
+    max_seqlen: int
+    """Longest sequence in the row; a host int so attention kernels need no device sync."""
+
+    @property
+    def num_pairs(self) -> int:
+        return self.example_ids.numel()
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens in the row (there is no padding in a packed row)."""
+        return self.input_ids.shape[1]
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        return _move(self, device)
+
+
+@dataclass
+class PaddedBatch:
+    """One sequence per row, right-padded; the same sequence order as ``PackedBatch``."""
+
+    input_ids: torch.Tensor
+    """[S, L] int64, padded with the tokenizer's pad id."""
+    attention_mask: torch.Tensor
+    """[S, L] int64, 1 on real tokens."""
+    labels: torch.Tensor
+    """[S, L] int64: the token id on response tokens, IGNORE_INDEX elsewhere."""
+    example_ids: torch.Tensor
+    """[P] int64 example id of each pair."""
+
+    @property
+    def num_pairs(self) -> int:
+        return self.example_ids.numel()
+
+    def to(self, device: torch.device | str) -> "PaddedBatch":
+        return _move(self, device)
+
+
+def _move(batch, device):
+    moved = {
+        f.name: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+        for f in fields(batch)
+        for v in [getattr(batch, f.name)]
+    }
+    return type(batch)(**moved)

@@ -1,0 +1,127 @@
+"""Shared plumbing of the Hydra entry points: schema registration, one-line errors, run dirs.
+
+Every console script that reads the config tree goes through ``hydra_main``: it checks the
+command-line overrides against the typed schema first (so an unknown key or a bad value is one
+line on stderr and exit status 2, never a traceback), then hands over to Hydra, which handles
+``-m`` sweeps and launcher plugins.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+CONF_DIR = Path(os.environ.get("DPO_DIST_CONF", Path(__file__).resolve().parent.parent / "conf"))
+
+log = logging.getLogger("dpo_dist")
+
+
+class UserError(Exception):
+    """An error the user can fix (bad config, missing file, bad data); printed as one line."""
+
+
+def register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from dpo_dist.config import DPOConfig
+
+    ConfigStore.instance().store(name="dpo_schema", node=DPOConfig)
+
+
+def fail(prog: str, message: str, status: int = 2) -> None:
+    """Print ``prog: error: message`` (first line only) and exit."""
+    first = str(message).strip().splitlines()[0] if str(message).strip() else "unknown error"
+    print(f"{prog}: error: {first}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _config_overrides(argv: list[str]) -> tuple[list[str], bool]:
+    """The key=value overrides in argv (Hydra flags removed) and whether -m/--multirun was given."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    overrides = [a for a in argv if not a.startswith("-") and "=" in a]
+    return overrides, multirun
+
+
+def check_overrides(prog: str, overrides: list[str], config_name: str = "config") -> None:
+    """Compose the config for every sweep combination and validate it; exit 2 with one line on error."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from dpo_dist.config import ConfigError, config_from_dict
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:  # Hydra's grammar errors are multi-line
+        fail(prog, f"bad override: {exc}")
+    choices = []
+    for override, raw in zip(parsed, overrides):
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            choices.append([f"{key}={v}" for v in override.sweep_string_iterator()])
+        else:
+            choices.append([raw])
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        for combo in itertools.product(*choices):
+            try:
+                cfg = compose(config_name=config_name, overrides=list(combo) + ["output_dir=_check_"])
+                config_from_dict(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+            except ConfigError as exc:
+                fail(prog, str(exc))
+            except Exception as exc:  # noqa: BLE001 - composition errors from Hydra/OmegaConf
+                fail(prog, _short_hydra_error(exc))
+    GlobalHydra.instance().clear()
+
+
+def _short_hydra_error(exc: Exception) -> str:
+    """Hydra/OmegaConf errors span several lines; keep the informative ones on one line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    keep = [ln for ln in lines if not ln.startswith(("object_type", "reference_type", "Set the environment"))]
+    return " ".join(keep) or type(exc).__name__
+
+
+def hydra_main(prog: str, task: Callable, config_name: str = "config") -> None:
+    """Run ``task(cfg: DictConfig)`` as a Hydra app after validating the command line."""
+    import hydra
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    register_schema()
+    argv = sys.argv[1:]
+    overrides, multirun = _config_overrides(argv)
+    if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") for a in argv):
+        check_overrides(prog, overrides, config_name)
+    # A single run's Hydra directory is its output_dir, so re-running a command resumes in place.
+    explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")]
+    if explicit and not multirun:
+        sys.argv.append(f"hydra.run.dir={explicit[-1]}")
+    sys.argv[0] = prog
+    sys.argv.append(f"hydra.job.name={prog}")
+
+    @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)
+    def _app(cfg):
+        try:
+            return task(cfg)
+        except UserError as exc:
+            fail(prog, str(exc))
+
+    _app()
+
+
+def to_config(cfg):
+    """A validated DPOConfig from the composed Hydra config (raises UserError with one line)."""
+    from omegaconf import OmegaConf
+
+    from dpo_dist.config import ConfigError, config_from_dict
+
+    try:
+        return config_from_dict(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - OmegaConf's missing/interpolation errors
+        raise UserError(_short_hydra_error(exc)) from None
