@@ -12,6 +12,7 @@ This module imports neither hydra nor omegaconf: the library takes plain datacla
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -391,7 +392,8 @@ class DPOConfig:
 
 
 def _user_cache() -> Path:
-    return Path.home() / ".cache" / "dpo_dist"
+    """dpo_dist's cache root: ``$DPO_DIST_CACHE`` or ``~/.cache/dpo_dist``."""
+    return Path(os.environ.get("DPO_DIST_CACHE") or Path.home() / ".cache" / "dpo_dist").expanduser()
 
 
 def _build(cls, values: dict[str, Any], prefix: str):

@@ -1,0 +1,597 @@
+"""The DPO engine: DeepSpeed ZeRO-3 setup, the train loop, eval, checkpoint/resume, export.
+
+One readable loop::
+
+    train -> train_step -> forward_backward (one packed micro-batch)
+
+Batching. Step ``s`` consumes exactly ``train.pairs_per_step`` pairs, the same ones whatever
+the world size: a seeded permutation per epoch fixes the global order, rank ``r`` takes every
+``world``-th pair of the step, packs its pairs into micro-batches by token budget and all
+ranks agree (without communicating) on one micro-batch count, because ZeRO-3 gathers and
+reduce-scatters in every forward/backward and so needs the same number on every rank. Each
+micro-batch's loss is ``sum(pair losses) * world / pairs_per_step``; DeepSpeed averages
+gradients over ranks, so the update is the mean over the step's pairs: 1 rank x 4 micro-batches
+and 2 ranks x 2 give the same step.
+
+Metrics are summed on device and reduced once per optimizer step (one host sync per step).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dpo_dist import distributed as D
+from dpo_dist.attention import enable_packed_attention, resolve_attn_backend
+from dpo_dist.config import DPOConfig
+from dpo_dist.data import collate_packed, load_tokenized, pack_pairs
+from dpo_dist.data.batch import PackedBatch
+from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
+from dpo_dist.losses import preference_loss, sft_nll
+from dpo_dist.runinfo import MetricsLog, write_run_info
+
+log = logging.getLogger("dpo_dist.engine")
+
+# Order of the per-step metric sums kept on device (one all-reduce per step).
+_SUMS = ("loss", "correct", "margin", "chosen_reward", "rejected_reward", "pairs", "tokens")
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+class PairSampler:
+    """Global pair order: a fresh seeded permutation per epoch, consumed ``pairs_per_step`` at a time.
+
+    Position ``i`` of the stream is pair ``perm[epoch(i)][i % n]``: the order depends only on the
+    seed and the step, so a resumed run continues exactly where the checkpoint left off.
+    """
+
+    def __init__(self, num_pairs: int, pairs_per_step: int, seed: int):
+        if num_pairs == 0:
+            raise ValueError("no training pairs")
+        self.n, self.per_step, self.seed = num_pairs, pairs_per_step, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perms[epoch]
+
+    def pairs_for_step(self, step: int) -> np.ndarray:
+        stream = np.arange(step * self.per_step, (step + 1) * self.per_step)
+        return np.array([self._perm(i // self.n)[i % self.n] for i in stream], dtype=np.int64)
+
+
+@dataclass
+class MicroBatchPlan:
+    """Dataset positions of one micro-batch and its weight (0 for a filler micro-batch)."""
+
+    positions: list[int]
+    weight: float = 1.0
+
+
+def plan_micro_batches(
+    positions: np.ndarray, lengths: np.ndarray, rank: int, world: int, budget: int
+) -> list[MicroBatchPlan]:
+    """This rank's micro-batches for a step's ``positions``, equal in number on every rank.
+
+    Every rank computes every rank's packing (cheap, deterministic), so they agree on the count
+    without a collective. A rank with fewer micro-batches splits its fullest ones; one that
+    cannot split further (a single pair each) runs a zero-weight repeat of a pair.
+    """
+    per_rank = [pack_pairs(lengths[positions[r::world]], budget) for r in range(world)]
+    count = max(len(p) for p in per_rank)
+    mine = [list(mb) for mb in per_rank[rank]]
+    local = positions[rank::world]
+    while len(mine) < count and any(len(mb) > 1 for mb in mine):
+        i = max(range(len(mine)), key=lambda j: len(mine[j]))
+        half = len(mine[i]) // 2
+        mine[i : i + 1] = [mine[i][:half], mine[i][half:]]
+    plans = [MicroBatchPlan([int(local[j]) for j in mb]) for mb in mine]
+    while len(plans) < count:
+        plans.append(MicroBatchPlan([int(local[0])] if len(local) else [int(positions[0])], weight=0.0))
+    return plans
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class PackedPolicy(nn.Module):
+    """Wraps a causal LM so that DeepSpeed's forward returns per-sequence log-probs of a packed row."""
+
+    def __init__(self, model: nn.Module, chunk_tokens: int, normalize: str):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+        self.normalize = normalize
+
+    def forward(self, batch: PackedBatch) -> SequenceLogps:
+        return sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens, normalize=self.normalize)
+
+
+def training_dtype(cfg: DPOConfig, device: torch.device) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.dtype]
+
+
+def ds_config(cfg: DPOConfig, dtype: torch.dtype) -> dict[str, Any]:
+    return cfg.deepspeed.to_dict(bf16=dtype == torch.bfloat16, grad_clip=cfg.optim.grad_clip)
+
+
+def load_causal_lm(path: str, dtype: torch.dtype, ds_cfg: dict[str, Any]) -> nn.Module:
+    """Load a Hugging Face causal LM partitioned at load time under ZeRO-3.
+
+    ``HfDeepSpeedConfig`` must be alive during ``from_pretrained``: transformers then builds the
+    model inside ``deepspeed.zero.Init``, so no rank ever holds the full weights.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep_alive = HfDeepSpeedConfig(ds_cfg) if ds_cfg["zero_optimization"]["stage"] == 3 else None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model._dpo_hf_ds_config = keep_alive  # transformers holds it weakly
+    return model
+
+
+def lr_lambda(cfg: DPOConfig):
+    """Linear warmup to lr, then cosine/linear decay to ``min_lr_ratio * lr`` at ``max_steps``."""
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.optim.schedule == "cosine" else 1 - progress
+        return floor + (1 - floor) * shape
+
+    return factor
+
+
+def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
+    import deepspeed
+
+    dtype = training_dtype(cfg, device)
+    dsc = ds_config(cfg, dtype)
+    model = load_causal_lm(cfg.model.path, dtype, dsc)
+    enable_packed_attention(model, backend)
+    if cfg.model.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    normalize = "sum" if cfg.stage == "sft" else cfg.loss.logp_normalization
+    policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, normalize)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+        fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=dsc
+    )
+    return engine
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+class OnlineReference:
+    """Reference log-probs from a frozen copy of the initial model, run every step (no cache)."""
+
+    def __init__(self, cfg: DPOConfig, device: torch.device, backend: str):
+        import deepspeed
+
+        dtype = training_dtype(cfg, device)
+        dsc = ds_config(cfg, dtype)
+        model = load_causal_lm(cfg.model.path, dtype, dsc)
+        enable_packed_attention(model, backend)
+        model.requires_grad_(False)
+        policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, "sum")
+        self.engine = deepspeed.initialize(model=policy, config=dsc)[0]
+        self.engine.eval()
+        self.computed = False
+
+    @torch.no_grad()
+    def logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed reference log-probs of (chosen, rejected) for every pair of ``batch``."""
+        return split_pairs(self.engine(batch).logps)
+
+
+class CachedReference:
+    """Reference log-probs looked up by example id in the precomputed Arrow store."""
+
+    def __init__(self, store, computed: bool, cache_dir: Path):
+        self.store, self.computed, self.cache_dir = store, computed, cache_dir
+
+    def logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed reference log-probs of (chosen, rejected) for every pair of ``batch``."""
+        chosen, rejected = self.store.lookup(batch.example_ids)
+        device = batch.input_ids.device
+        return chosen.to(device, non_blocking=True), rejected.to(device, non_blocking=True)
+
+
+def batch_token_counts(batch: PackedBatch) -> torch.Tensor:
+    """Response tokens per sequence, from the labels (no model needed)."""
+    scored = (batch.labels[0] != -100).to(torch.float32)
+    return torch.zeros(batch.num_sequences, device=scored.device).index_add_(0, batch.seq_index, scored)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+@dataclass
+class StepContext:
+    engine: Any
+    reference: Any
+    cfg: DPOConfig
+    device: torch.device
+    world: int
+
+
+def forward_backward(ctx: StepContext, batch: PackedBatch, weight: float, sums: torch.Tensor, train: bool) -> None:
+    """One packed micro-batch: policy log-probs, loss, backward, metric sums (on device)."""
+    cfg = ctx.cfg
+    with nullcontext() if train else torch.no_grad():
+        out: SequenceLogps = ctx.engine(batch)
+    policy_chosen, policy_rejected = split_pairs(out.logps)
+    chosen_counts, _ = split_pairs(out.token_counts)
+    if cfg.stage == "sft":
+        losses = sft_nll(policy_chosen, chosen_counts)
+        chosen_r = rejected_r = torch.zeros_like(losses)
+    else:
+        ref_chosen, ref_rejected = reference_logps(ctx, batch)
+        losses, chosen_r, rejected_r = preference_loss(
+            cfg.loss.kernel_name(),
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=cfg.loss.beta,
+            **loss_options(cfg),
+        )
+        if cfg.loss.alpha > 0:
+            summed = policy_chosen * chosen_counts if cfg.loss.logp_normalization == "mean" else policy_chosen
+            losses = losses + cfg.loss.alpha * sft_nll(summed, chosen_counts)
+    if train:
+        ctx.engine.backward(losses.sum() * (weight * ctx.world / cfg.train.pairs_per_step))
+    detached = losses.detach()
+    sums += weight * torch.stack(
+        [
+            detached.sum(),
+            (chosen_r > rejected_r).sum().to(detached.dtype),
+            (chosen_r - rejected_r).sum(),
+            chosen_r.sum(),
+            rejected_r.sum(),
+            torch.tensor(float(batch.num_pairs), device=detached.device),
+            torch.tensor(float(batch.num_tokens), device=detached.device),
+        ]
+    ).to(sums.dtype)
+
+
+def reference_logps(ctx: StepContext, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs normalised like the policy's (the store keeps sums)."""
+    if ctx.reference is None:  # reference-free losses (SimPO) ignore these
+        zeros = torch.zeros(batch.num_pairs, device=batch.input_ids.device)
+        return zeros, zeros
+    chosen, rejected = ctx.reference.logps(batch)
+    if ctx.cfg.loss.logp_normalization == "mean":
+        c_counts, r_counts = split_pairs(batch_token_counts(batch))
+        chosen, rejected = chosen / c_counts.clamp(min=1), rejected / r_counts.clamp(min=1)
+    return chosen.to(torch.float32), rejected.to(torch.float32)
+
+
+def loss_options(cfg: DPOConfig) -> dict[str, float]:
+    name = cfg.loss.kernel_name()
+    if name in ("sigmoid", "robust"):
+        return {"label_smoothing": cfg.loss.label_smoothing}
+    if name == "simpo":
+        return {"gamma": cfg.loss.gamma}
+    return {}
+
+
+def train_step(ctx: StepContext, dataset, plans: list[MicroBatchPlan]) -> torch.Tensor:
+    """All micro-batches of one optimizer step; returns the on-device metric sums of this rank."""
+    sums = torch.zeros(len(_SUMS), device=ctx.device, dtype=torch.float64 if ctx.device.type == "cpu" else torch.float32)
+    for i, plan in enumerate(plans):
+        ctx.engine.set_gradient_accumulation_boundary(i == len(plans) - 1)
+        batch = collate_packed([dataset[p] for p in plan.positions]).to(ctx.device)
+        forward_backward(ctx, batch, plan.weight, sums, train=True)
+    ctx.engine.step()
+    return sums
+
+
+@torch.no_grad()
+def evaluate(ctx: StepContext, dataset, env: D.DistEnv) -> dict[str, float]:
+    """Loss, reward accuracy and margins on held-out pairs (each rank takes every world-th pair)."""
+    ctx.engine.eval()
+    positions = np.arange(len(dataset))
+    plans = plan_micro_batches(positions, dataset.lengths(), env.rank, env.world_size, ctx.cfg.train.micro_batch_tokens)
+    sums = torch.zeros(len(_SUMS), device=ctx.device, dtype=torch.float64 if ctx.device.type == "cpu" else torch.float32)
+    for plan in plans:
+        batch = collate_packed([dataset[p] for p in plan.positions]).to(ctx.device)
+        forward_backward(ctx, batch, plan.weight, sums, train=False)
+    ctx.engine.train()
+    totals = dict(zip(_SUMS, D.all_reduce_sum(sums).tolist()))
+    return {f"eval/{k}": v for k, v in summarize(totals).items() if k not in ("tokens",)}
+
+
+def summarize(totals: dict[str, float]) -> dict[str, float]:
+    pairs = max(totals["pairs"], 1.0)
+    return {
+        "loss": totals["loss"] / pairs,
+        "reward_accuracy": totals["correct"] / pairs,
+        "reward_margin": totals["margin"] / pairs,
+        "chosen_reward": totals["chosen_reward"] / pairs,
+        "rejected_reward": totals["rejected_reward"] / pairs,
+        "tokens": int(totals["tokens"]),
+    }
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_root(cfg: DPOConfig) -> Path:
+    return Path(cfg.output_dir) / "checkpoints"
+
+
+def _tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_complete_checkpoint(root: Path) -> tuple[str, int] | None:
+    """The newest checkpoint with a COMPLETE marker; half-written ones are never picked."""
+    if not root.is_dir():
+        return None
+    done = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "COMPLETE").exists())
+    return (done[-1], int(done[-1].split("_")[1])) if done else None
+
+
+def save_checkpoint(engine, cfg: DPOConfig, env: D.DistEnv, step: int) -> None:
+    root = checkpoint_root(cfg)
+    tag = _tag(step)
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    torch.save(_rng_state(), root / tag / f"rng_rank{env.rank:05d}.pt")
+    D.barrier()
+    if env.is_main:
+        (root / tag / "COMPLETE").write_text(f"{step}\n")
+        _prune_checkpoints(root, cfg.train.keep_checkpoints)
+    D.barrier()
+
+
+def _prune_checkpoints(root: Path, keep: int) -> None:
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    complete = [p for p in dirs if (p / "COMPLETE").exists()]
+    for p in complete[:-keep] + [p for p in dirs if p not in complete]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load_latest_checkpoint(engine, cfg: DPOConfig, env: D.DistEnv) -> int:
+    """Resume from the newest complete checkpoint; returns the number of steps already done."""
+    found = latest_complete_checkpoint(checkpoint_root(cfg))
+    if found is None:
+        return 0
+    tag, step = found
+    engine.load_checkpoint(str(checkpoint_root(cfg)), tag=tag)
+    rng_file = checkpoint_root(cfg) / tag / f"rng_rank{env.rank:05d}.pt"
+    if rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    log.info("resumed from %s (step %d)", checkpoint_root(cfg) / tag, step)
+    return step
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_hf(engine, tokenizer, out_dir: Path, env: D.DistEnv) -> None:
+    """Consolidated Hugging Face checkpoint (safetensors + config + tokenizer) on rank 0.
+
+    Under ZeRO-3 DeepSpeed gathers the partitions layer by layer onto rank 0, so no rank ever
+    needs more than the full model once, in host memory.
+    """
+    if engine.zero_optimization_partition_weights():
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    if env.is_main:
+        hf_model = engine.module.model
+        prefix = "model."
+        weights = {k[len(prefix) :]: v.detach().cpu() for k, v in state.items() if k.startswith(prefix)}
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf_model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+        log.info("exported Hugging Face model to %s", out_dir)
+    D.barrier()
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def load_splits(cfg: DPOConfig, tokenizer, env: D.DistEnv):
+    """Tokenized train and eval data; rank 0 fills the tokenization cache, the others then read it."""
+
+    def load(path):
+        return load_tokenized(
+            path,
+            tokenizer,
+            max_length=cfg.data.max_length,
+            truncation=cfg.data.truncation,
+            on_invalid=cfg.data.on_invalid,
+            cache_dir=cfg.data.resolved_cache_dir(),
+        )
+
+    splits = None
+    for turn in (True, False):
+        if env.is_main == turn:
+            splits = (load(cfg.data.train_path), load(cfg.data.eval_path) if cfg.data.eval_path else None)
+        D.barrier()
+    return splits
+
+
+def prepare_reference(cfg: DPOConfig, env: D.DistEnv, device, backend, train_data, eval_data):
+    """The reference source for this run: the Arrow store (computing what is missing) or online."""
+    if cfg.stage == "sft" or not cfg.loss.uses_reference():
+        return None
+    if cfg.reference.mode == "online":
+        return OnlineReference(cfg, device, backend)
+    from dpo_dist.reference import ensure_reference_for_run
+
+    return ensure_reference_for_run(cfg, env, device, backend, train_data, eval_data)
+
+
+def train(cfg: DPOConfig) -> dict[str, float]:
+    """Run a whole training job on this rank; returns the final eval metrics (rank 0's view)."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    env = D.detect_env()
+    D.init_distributed(env, cfg.deepspeed.comm_timeout_minutes)
+    device = D.device_for(env)
+    seed_everything(cfg.train.seed)
+    preempt = D.PreemptionFlag().install()
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
+    train_data, eval_data = load_splits(cfg, tokenizer, env)
+    backend = resolve_attn_backend(cfg.model.attn_backend, device)
+    reference = prepare_reference(cfg, env, device, backend, train_data, eval_data)
+    engine = build_engine(cfg, device, backend)
+    ctx = StepContext(engine, reference, cfg, device, env.world_size)
+    start = load_latest_checkpoint(engine, cfg, env)
+
+    if env.is_main:
+        write_run_info(cfg.output_dir, run_info(cfg, env, device, backend, train_data, eval_data, reference, start))
+    metrics = MetricsLog(cfg.output_dir, resume_step=start) if env.is_main else None
+    wandb_run = init_wandb(cfg, env)
+    sampler = PairSampler(len(train_data), cfg.train.pairs_per_step, cfg.train.seed)
+    lengths = train_data.lengths()
+    bar = tqdm(total=cfg.train.max_steps, initial=start, desc=cfg.stage, disable=not env.is_main)
+    last_eval: dict[str, float] = {}
+    for step in range(start, cfg.train.max_steps):
+        t0 = time.perf_counter()
+        plans = plan_micro_batches(
+            sampler.pairs_for_step(step), lengths, env.rank, env.world_size, cfg.train.micro_batch_tokens
+        )
+        lr = engine.get_lr()[0]
+        totals = dict(zip(_SUMS, D.all_reduce_sum(train_step(ctx, train_data, plans)).tolist()))
+        row = {"step": step + 1, **summarize(totals), "lr": lr}
+        row["tokens_per_s"] = row["tokens"] / (time.perf_counter() - t0)
+        done = step + 1
+        if eval_data is not None and (_due(done, cfg.train.eval_every) or done == cfg.train.max_steps):
+            last_eval = evaluate(ctx, eval_data, env)
+            row.update(last_eval)
+        if env.is_main:
+            metrics.write(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}")
+        if wandb_run is not None:
+            wandb_run.log(row, step=done)
+        stop = D.any_rank(preempt.requested, device)
+        if _due(done, cfg.train.checkpoint_every) or stop:
+            save_checkpoint(engine, cfg, env, done)
+        if stop:
+            log.warning("preempted at step %d: checkpoint saved, exiting for requeue", done)
+            raise Preempted(done)
+    bar.close()
+    export_hf(engine, tokenizer, Path(cfg.output_dir) / "final", env)
+    if wandb_run is not None:
+        wandb_run.finish()
+    return last_eval
+
+
+class Preempted(Exception):
+    """Raised after a preemption checkpoint; the worker exits with PREEMPTED_EXIT_CODE for a requeue."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted after step {step}")
+        self.step = step
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", which is what requeueing does
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def run_info(cfg, env, device, backend, train_data, eval_data, reference, start) -> dict[str, Any]:
+    ref_info = None
+    if isinstance(reference, CachedReference):
+        ref_info = {"cache_dir": str(reference.cache_dir), "computed": reference.computed}
+    elif isinstance(reference, OnlineReference):
+        ref_info = {"cache_dir": None, "computed": False, "mode": "online"}
+    return {
+        "world_size": env.world_size,
+        "device": str(device),
+        "dtype": str(training_dtype(cfg, device)).replace("torch.", ""),
+        "attention_backend": backend,
+        "slurm_job_id": env.slurm_job_id,
+        "reference": ref_info,
+        "train_pairs": len(train_data),
+        "eval_pairs": len(eval_data) if eval_data is not None else 0,
+        "resumed_from_step": start,
+        "stage": cfg.stage,
+        "loss": cfg.loss.name,
+    }
+
+
+def init_wandb(cfg: DPOConfig, env: D.DistEnv):
+    if not env.is_main or cfg.wandb.mode == "disabled":
+        return None
+    import wandb
+
+    return wandb.init(
+        project=cfg.wandb.project,
+        entity=cfg.wandb.entity,
+        name=cfg.wandb.name or Path(cfg.output_dir).name,
+        mode=cfg.wandb.mode,
+        dir=cfg.output_dir,
+        config=cfg.to_dict(),
+        resume="allow",
+        id=_wandb_id(cfg),
+    )
+
+
+def _wandb_id(cfg: DPOConfig) -> str:
+    import hashlib
+
+    return hashlib.sha1(str(Path(cfg.output_dir).resolve()).encode()).hexdigest()[:16]

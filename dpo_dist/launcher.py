@@ -1,0 +1,93 @@
+"""Start the ranks of a job on this machine (``cluster=local``).
+
+Every rank runs ``dpo_dist.worker`` with torchrun-style variables, exactly as a Slurm task
+does, so the local and cluster code paths are the same. One rank failing stops all of them:
+a job never hangs on a dead peer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from dpo_dist.config import DPOConfig
+from dpo_dist.distributed import DistEnv, free_port
+from dpo_dist.runinfo import write_config
+
+log = logging.getLogger("dpo_dist.launcher")
+
+
+class LaunchError(RuntimeError):
+    """A rank exited with an error; the message names it, ``status`` is its exit status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def _die_with_parent() -> None:
+    # A `kill -9` of the launcher must not leave ranks training (and writing) as orphans.
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def rank_environment(env: DistEnv) -> dict[str, str]:
+    variables = dict(os.environ)
+    variables.update(
+        RANK=str(env.rank),
+        LOCAL_RANK=str(env.local_rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_WORLD_SIZE=str(env.world_size),
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=str(env.master_port),
+        # Two ranks on two cores: more intra-op threads per rank only oversubscribe the CPU.
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // env.world_size))),
+    )
+    return variables
+
+
+def run_local(cfg: DPOConfig, task: str) -> None:
+    """Run ``task`` on ``cluster.nproc_per_node`` ranks of this machine and wait for them."""
+    config_path = write_config(cfg)
+    nproc = cfg.cluster.nproc_per_node
+    port = free_port()
+    procs = []
+    for rank in range(nproc):
+        env = DistEnv(rank, rank, nproc, "127.0.0.1", port, None)
+        cmd = [sys.executable, "-m", "dpo_dist.worker", str(config_path), task]
+        procs.append(subprocess.Popen(cmd, env=rank_environment(env), preexec_fn=_die_with_parent))
+    _wait_all(procs)
+
+
+def _wait_all(procs: list[subprocess.Popen]) -> None:
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                rank, code = failed[0]
+                _terminate(procs)
+                raise LaunchError(f"rank {rank} exited with status {code}; stopped the other ranks", code)
+            if all(c == 0 for c in codes):
+                return
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        _terminate(procs)
+        raise
+
+
+def _terminate(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.time() + 10
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()

@@ -1,0 +1,93 @@
+"""The files of a run directory: config.yaml, run_info.json and metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpo_dist.config import DPOConfig, config_from_dict
+
+
+def write_config(cfg: DPOConfig) -> Path:
+    """Write the resolved config to ``output_dir/config.yaml`` (what the ranks read)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    _atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path
+
+
+def read_config(path: str | Path) -> DPOConfig:
+    with open(path) as f:
+        return config_from_dict(yaml.safe_load(f))
+
+
+def versions() -> dict[str, str]:
+    import deepspeed
+    import pyarrow
+    import torch
+    import transformers
+
+    import dpo_dist
+
+    return {
+        "dpo_dist": dpo_dist.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "pyarrow": pyarrow.__version__,
+    }
+
+
+def write_run_info(output_dir: str | Path, info: dict[str, Any]) -> None:
+    body = {"versions": versions(), "argv": sys.argv, **info}
+    _atomic_write(Path(output_dir) / "run_info.json", json.dumps(body, indent=2, default=str) + "\n")
+
+
+def read_run_info(output_dir: str | Path) -> dict[str, Any]:
+    with open(Path(output_dir) / "run_info.json") as f:
+        return json.load(f)
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; on resume, rows past the checkpoint are dropped first so the
+    file reads as if the run had never been interrupted."""
+
+    def __init__(self, output_dir: str | Path, resume_step: int = 0):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        if self.path.exists():
+            kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
+            _atomic_write(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,73 @@
+"""The per-rank entry point: ``python -m dpo_dist.worker OUTPUT_DIR/config.yaml TASK``.
+
+Local launches, Slurm tasks (submitit) and hand-written ``srun`` scripts all end here with
+torchrun-style rank variables set. Exit status: 0 done, 2 a user error (one line on stderr),
+75 preempted after a checkpoint (requeue me), anything else a bug (with its traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+TASKS = ("train", "precompute", "eval")
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors whose message tells the user what to fix; shown as one line, no traceback."""
+    from dpo_dist.attention import AttentionBackendError
+    from dpo_dist.config import ConfigError
+    from dpo_dist.data import DataError
+    from dpo_dist.reference import ReferenceCacheError
+
+    return (AttentionBackendError, ConfigError, DataError, ReferenceCacheError, FileNotFoundError)
+
+
+def run_task(cfg, task: str):
+    """Run ``task`` on this rank with an already-validated config."""
+    if task == "train":
+        from dpo_dist.engine import train
+
+        return train(cfg)
+    if task == "precompute":
+        from dpo_dist.reference import precompute_for_run
+
+        return precompute_for_run(cfg)
+    if task == "eval":
+        from dpo_dist.evaluation import evaluate_run
+
+        return evaluate_run(cfg)
+    raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[1] not in TASKS:
+        print(f"usage: python -m dpo_dist.worker CONFIG_YAML {{{'|'.join(TASKS)}}}", file=sys.stderr)
+        return 2
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=logging.INFO if rank == "0" else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(name)s %(levelname)s %(message)s",
+    )
+    from dpo_dist.engine import PREEMPTED_EXIT_CODE, Preempted
+    from dpo_dist.runinfo import read_config
+
+    try:
+        cfg = read_config(argv[0])
+        run_task(cfg, argv[1])
+    except Preempted:
+        return PREEMPTED_EXIT_CODE
+    except user_error_types() as exc:
+        print(f"dpo_dist: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    finally:
+        from dpo_dist.distributed import destroy
+
+        destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Dispatch a validated config to the ranks: this machine (cluster=local) or Slurm (cluster=slurm)."""
+
+from __future__ import annotations
+
+import sys
+
+from launch.common import UserError
+
+
+def launch(prog: str, cfg, task: str) -> None:
+    """Run ``task`` for ``cfg`` on the configured cluster; exits non-zero if any rank failed."""
+    if cfg.cluster.name == "slurm":
+        from slurm.submit import submit_and_wait
+
+        submit_and_wait(cfg, task)
+        return
+    from dpo_dist.launcher import LaunchError, run_local
+
+    try:
+        run_local(cfg, task)
+    except LaunchError as exc:
+        if exc.status == 2:  # the rank already printed its one-line user error
+            sys.exit(2)
+        raise UserError(str(exc)) from None

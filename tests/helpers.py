@@ -1,0 +1,64 @@
+"""Small builders shared by tests: a tiny random Llama saved as a HF directory, pair files, CLI runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TOKENIZER_DIR = REPO / "dpo_dist" / "assets" / "tokenizer"
+
+
+def make_tiny_model_dir(path: Path, *, seed: int = 0, layers: int = 2, shards: str | None = None) -> Path:
+    """A random-init tiny Llama (GQA) + the bundled tokenizer, saved like a hub checkpoint."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    kwargs = {"max_shard_size": shards} if shards else {}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_pairs_jsonl(path: Path, n: int, *, seed: int = 0) -> Path:
+    """``n`` arithmetic pairs (chosen correct, rejected off by one) of varied lengths."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 10 ** rng.randint(1, 4)), rng.randint(0, 999)
+            pad = " " * rng.randint(0, 12)
+            f.write(json.dumps({"prompt": f"{pad}{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)}) + "\n")
+    return path
+
+
+def run_cli(module: str, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` from the repo root and capture its output."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
