@@ -112,7 +112,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.train_path), "data.train_path", "required (a JSONL, JSON, Parquet file or datasets directory)")
-        _check(self.max_length >= 2, "data.max_length", f"must be >= 2, got {self.max_length}")
+        _check(self.max_length >= 3, "data.max_length", f"must be >= 3 (BOS, a prompt and a response token), got {self.max_length}")
         _one_of(self.truncation, "data.truncation", ("keep_end_of_prompt", "keep_start", "drop"))
         _one_of(self.on_invalid, "data.on_invalid", ("error", "skip"))
 

@@ -253,7 +253,7 @@ def forward_backward(ctx: StepContext, batch: PackedBatch, weight: float, sums: 
     policy_chosen, policy_rejected = split_pairs(out.logps)
     chosen_counts, _ = split_pairs(out.token_counts)
     if cfg.stage == "sft":
-        losses = sft_nll(policy_chosen, chosen_counts)
+        losses = sft_nll(split_pairs(out.sum_logps)[0], chosen_counts)
         chosen_r = rejected_r = torch.zeros_like(losses)
     else:
         ref_chosen, ref_rejected = reference_logps(ctx, batch)
@@ -267,8 +267,7 @@ def forward_backward(ctx: StepContext, batch: PackedBatch, weight: float, sums: 
             **loss_options(cfg),
         )
         if cfg.loss.alpha > 0:
-            summed = policy_chosen * chosen_counts if cfg.loss.logp_normalization == "mean" else policy_chosen
-            losses = losses + cfg.loss.alpha * sft_nll(summed, chosen_counts)
+            losses = losses + cfg.loss.alpha * sft_nll(split_pairs(out.sum_logps)[0], chosen_counts)
     if train:
         ctx.engine.backward(losses.sum() * (weight * ctx.world / cfg.train.pairs_per_step))
     detached = losses.detach()
@@ -492,7 +491,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
     train_data, eval_data = load_splits(cfg, tokenizer, env)
-    backend = resolve_attn_backend(cfg.model.attn_backend, device)
+    backend = resolve_attn_backend(cfg.model.attn_backend, device, training_dtype(cfg, device))
     reference = prepare_reference(cfg, env, device, backend, train_data, eval_data)
     engine = build_engine(cfg, device, backend)
     ctx = StepContext(engine, reference, cfg, device, env.world_size)

@@ -50,7 +50,7 @@ class PackedBatch:
         """Real tokens in the row (there is no padding in a packed row)."""
         return self.input_ids.shape[1]
 
-    def to(self, device: torch.device | str) -> "PackedBatch":
+    def to(self, device: torch.device | str) -> PackedBatch:
         return _move(self, device)
 
 
@@ -71,7 +71,7 @@ class PaddedBatch:
     def num_pairs(self) -> int:
         return self.example_ids.numel()
 
-    def to(self, device: torch.device | str) -> "PaddedBatch":
+    def to(self, device: torch.device | str) -> PaddedBatch:
         return _move(self, device)
 
 

@@ -1,0 +1,279 @@
+"""Tokenize a preference file once and cache the result as Arrow IPC.
+
+Cache layout in ``cache_dir``: ``<key>.arrow`` (columns ``example_id`` int64 and ``prompt_ids``,
+``chosen_ids``, ``rejected_ids`` as ``large_list<int32>``: large lists so a column may exceed
+2**31 tokens) and ``<key>.json`` (counts of records, invalid records and truncation, plus the
+problems that get logged, so a cache hit reports them as a fresh read would). ``key`` hashes the
+data file's bytes, the tokenizer (``tokenizer_fingerprint``) and the settings that change token
+ids (``max_length``, ``truncation``); ``on_invalid`` is not in it, because a cache written under
+``skip`` still raises under ``error``. Both files are written to a temporary name and renamed, so
+concurrent ranks tokenizing the same file may duplicate work but never read a partial cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from dpo_dist.data.records import (
+    LOGGED_PROBLEMS,
+    ON_INVALID,
+    DataError,
+    Problem,
+    ReadResult,
+    check_invalid,
+    data_fingerprint,
+    log_dropped,
+    logger,
+    read_preferences,
+)
+from dpo_dist.data.tokenize import TokenizedPair, TruncationStats, check_truncation, tokenize_records
+
+CACHE_FORMAT = 1
+"""Bumped whenever the tokenization rules or the cache layout change, to invalidate old caches."""
+_ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+_PROBE = "Hello world 123.\n"
+"""Encoded into the tokenizer fingerprint: catches BOS/EOS behaviour that lives outside the vocab."""
+
+
+class TokenizedDataset:
+    """Tokenized pairs of one file, backed by (memory-mapped) Arrow columns."""
+
+    def __init__(
+        self,
+        table: pa.Table,
+        *,
+        fingerprint: str,
+        num_records: int,
+        num_invalid: int,
+        truncation: TruncationStats,
+        cache_hit: bool = False,
+    ) -> None:
+        self.fingerprint = fingerprint
+        """Hash of data, tokenizer and tokenization settings; a key for derived caches."""
+        self.num_records = num_records
+        """Records in the file, valid or not."""
+        self.num_invalid = num_invalid
+        self.truncation = truncation
+        self.cache_hit = cache_hit
+        self.example_ids = table.column("example_id").to_numpy()
+        self._columns = {name: _flatten(table.column(name)) for name in _ID_COLUMNS}
+        self.table = table
+        """The Arrow table the pairs are views into (memory-mapped on a cache hit)."""
+        prompt, chosen, rejected = (np.diff(self._columns[name][1]) for name in _ID_COLUMNS)
+        self._lengths = 2 * prompt + chosen + rejected
+
+    def __len__(self) -> int:
+        return len(self.example_ids)
+
+    def __getitem__(self, index: int) -> TokenizedPair:
+        ids = []
+        for name in _ID_COLUMNS:
+            values, offsets = self._columns[name]
+            ids.append(values[offsets[index] : offsets[index + 1]])
+        return TokenizedPair(self.example_ids[index], *ids)
+
+    def __iter__(self) -> Iterator[TokenizedPair]:
+        return (self[i] for i in range(len(self)))
+
+    def lengths(self) -> np.ndarray:
+        """int64 [pairs]: tokens each pair takes packed (``TokenizedPair.num_tokens``)."""
+        return self._lengths
+
+
+def load_tokenized(
+    path: str | os.PathLike,
+    tokenizer,
+    max_length: int,
+    truncation: str = "keep_end_of_prompt",
+    on_invalid: str = "error",
+    cache_dir: str | os.PathLike | None = None,
+    log: logging.Logger | None = None,
+) -> TokenizedDataset:
+    """Read, validate, tokenize and truncate ``path``, through the cache when ``cache_dir`` is set.
+
+    ``cache_dir=None`` tokenizes in memory and writes nothing.
+    """
+    if on_invalid not in ON_INVALID:
+        raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
+    check_truncation(max_length, truncation)
+    log = log or logger
+    shown = os.fspath(path)
+    key = _cache_key(path, tokenizer, max_length, truncation)
+    files = _cache_files(cache_dir, key)
+    cached = _read_cache(files, key, shown, log) if files else None
+    if cached:
+        dataset, problems = cached
+        _apply_on_invalid(shown, dataset.num_invalid, problems, on_invalid, log)
+    else:
+        result = read_preferences(shown)
+        problems = result.problems
+        # Before tokenizing: under on_invalid=error a bad file fails fast.
+        _apply_on_invalid(shown, len(problems), problems, on_invalid, log)
+        dataset = _tokenize(result, tokenizer, max_length, truncation, key)
+        if files:
+            _write_cache(files, dataset, problems)
+    _log_summary(log, shown, dataset, max_length, truncation, files)
+    if not len(dataset):
+        raise DataError(f"{shown}: no pairs left (all records invalid or dropped by data.truncation)")
+    return dataset
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of everything that decides token ids: the tokenizer pipeline, specials, chat template."""
+    state = {
+        "special_tokens": {name: str(value) for name, value in tokenizer.special_tokens_map.items()},
+        "chat_template": tokenizer.chat_template,
+        "probe": tokenizer(_PROBE)["input_ids"],
+    }
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        # Call-time settings that transformers leaves behind on the backend; they are not identity.
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        state["backend"] = spec
+    else:
+        state["vocab"] = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return _sha256(state)
+
+
+def _cache_key(path, tokenizer, max_length: int, truncation: str) -> str:
+    return _sha256(
+        {
+            "format": CACHE_FORMAT,
+            "data": data_fingerprint(path),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "max_length": max_length,
+            "truncation": truncation,
+        }
+    )
+
+
+def _sha256(state) -> str:
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
+def _apply_on_invalid(shown: str, num_invalid: int, problems: list[Problem], on_invalid: str, log) -> None:
+    if num_invalid:
+        check_invalid(shown, num_invalid, problems[0], on_invalid)
+        log_dropped(log, shown, problems, total=num_invalid)
+
+
+def _tokenize(result: ReadResult, tokenizer, max_length: int, truncation: str, key: str) -> TokenizedDataset:
+    pairs, stats = tokenize_records(result.records, tokenizer, max_length, truncation, source=result.path)
+    return TokenizedDataset(
+        _to_table(pairs),
+        fingerprint=key,
+        num_records=result.num_records,
+        num_invalid=len(result.problems),
+        truncation=stats,
+    )
+
+
+def _to_table(pairs: list[TokenizedPair]) -> pa.Table:
+    columns = {"example_id": pa.array([p.example_id for p in pairs], type=pa.int64())}
+    for name in _ID_COLUMNS:
+        arrays = [getattr(p, name) for p in pairs]
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum([len(a) for a in arrays], out=offsets[1:])
+        values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+        columns[name] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32()))
+    return pa.table(columns)
+
+
+def _flatten(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of a list column; offsets index into values."""
+    array = column.combine_chunks()
+    return array.values.to_numpy(), array.offsets.to_numpy()
+
+
+def _cache_files(cache_dir, key: str) -> tuple[Path, Path] | None:
+    if cache_dir is None:
+        return None
+    return Path(cache_dir) / f"{key}.arrow", Path(cache_dir) / f"{key}.json"
+
+
+def _read_cache(files: tuple[Path, Path], key: str, shown: str, log: logging.Logger):
+    """(dataset, problems) from the cache, or None on a miss or an unreadable cache."""
+    arrow_path, meta_path = files
+    if not (arrow_path.exists() and meta_path.exists()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        table = pa.ipc.open_file(pa.memory_map(str(arrow_path))).read_all()
+    except (OSError, ValueError, pa.ArrowException) as e:
+        log.warning("tokenization cache %s is unreadable (%s); rebuilding it", arrow_path, e)
+        return None
+    if table.num_rows != meta["num_pairs"]:
+        log.warning("tokenization cache %s is incomplete; rebuilding it", arrow_path)
+        return None
+    dataset = TokenizedDataset(
+        table,
+        fingerprint=key,
+        num_records=meta["num_records"],
+        num_invalid=meta["num_invalid"],
+        truncation=TruncationStats(**meta["truncation"]),
+        cache_hit=True,
+    )
+    # Located at the path as given now, which may be spelled differently from the first run.
+    problems = [Problem(shown, line, reason) for line, reason in meta["problems"]]
+    return dataset, problems
+
+
+def _write_cache(files: tuple[Path, Path], dataset: TokenizedDataset, problems: list[Problem]) -> None:
+    arrow_path, meta_path = files
+    arrow_path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": CACHE_FORMAT,
+        "num_pairs": len(dataset),
+        "num_records": dataset.num_records,
+        "num_invalid": dataset.num_invalid,
+        "truncation": vars(dataset.truncation),
+        "problems": [[p.line, p.reason] for p in problems[:LOGGED_PROBLEMS]],
+    }
+    _atomic_write(arrow_path, lambda f: _write_arrow(f, dataset.table))
+    _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+
+
+def _write_arrow(f, table: pa.Table) -> None:
+    with pa.ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _log_summary(log, shown: str, dataset: TokenizedDataset, max_length: int, truncation: str, files) -> None:
+    stats = dataset.truncation
+    cache = "disabled" if files is None else f"{'hit' if dataset.cache_hit else 'miss'} ({files[0]})"
+    log.info(
+        "%s: %d records read, %d invalid dropped, %d pairs kept; %d truncated, %d dropped by "
+        "truncation (data.truncation=%s, data.max_length=%d); tokenization cache %s",
+        shown,
+        dataset.num_records,
+        dataset.num_invalid,
+        len(dataset),
+        stats.truncated,
+        stats.dropped,
+        truncation,
+        max_length,
+        cache,
+    )
+    if stats.dropped:
+        log.warning("%s: %d over-long pairs dropped (data.truncation=drop)", shown, stats.dropped)

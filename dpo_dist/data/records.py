@@ -1,0 +1,323 @@
+"""Read and validate preference records.
+
+Supported inputs, chosen by suffix (or by being a directory):
+
+- ``.jsonl``: one JSON object per line. Blank or whitespace-only lines are skipped silently but
+  still count for line numbers.
+- ``.json``: a top-level JSON list of objects.
+- ``.parquet``: one record per row.
+- a directory written by ``datasets.Dataset.save_to_disk``. A saved ``DatasetDict`` is accepted
+  only when it has exactly one split; with several, point at the split's own directory
+  (``PATH/train``), which ``load_from_disk`` reads as a plain ``Dataset``.
+
+A record has ``prompt``, ``chosen`` and ``rejected``; each is a non-empty string or a non-empty
+list of chat messages ``{"role": str, "content": str}``. Extra keys are ignored.
+
+Locations. Every bad record becomes a ``Problem`` printed as ``PATH:LINE: reason``. For JSONL,
+LINE is the 1-based physical line number. For JSON, Parquet and datasets directories there are
+no meaningful lines, so LINE is the record's 0-based index in the file (the same number as its
+``example_id``). Message positions in reasons (``'prompt' message 2 ...``) are 0-based list
+indices, as in ``messages[2]``.
+
+Example ids. ``example_id`` is the record's 0-based position among the file's records, counting
+bad records too: for JSONL, the position among non-blank lines, so in a file without blank lines
+the record on line N has example_id N - 1. Dropping bad records never shifts the ids of good
+ones, which keeps reference log-prob shards valid when a file is fixed or filtered.
+
+Whole-file failures (missing path, unsupported suffix, a JSON file that does not parse or is not
+a list, an unreadable Parquet file) raise ``DataError``: there are no records to report on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("dpo_dist.data")
+
+FIELDS = ("prompt", "chosen", "rejected")
+ON_INVALID = ("error", "skip")
+
+Messages = list[dict[str, str]]
+Text = str | Messages
+"""A prompt or response: plain text, or chat messages with only ``role`` and ``content`` kept."""
+
+_SUFFIXES = (".jsonl", ".json", ".parquet")
+LOGGED_PROBLEMS = 10
+"""Under on_invalid=skip, how many problems are logged one by one before only the count is."""
+
+
+class DataError(Exception):
+    """A data problem the user must fix; its message is one line, fit for a CLI error."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad record: where it is and the first reason it was rejected."""
+
+    path: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """A valid record. Chat messages are normalised to ``{"role", "content"}`` dicts."""
+
+    example_id: int
+    line: int
+    prompt: Text
+    chosen: Text
+    rejected: Text
+
+    @property
+    def is_chat(self) -> bool:
+        """True when any field is a messages list; the whole record is then rendered as chat."""
+        return any(isinstance(getattr(self, name), list) for name in FIELDS)
+
+
+@dataclass
+class ReadResult:
+    """Everything read from one file: the good records and one problem per bad record."""
+
+    path: str
+    records: list[PreferenceRecord] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def num_records(self) -> int:
+        return len(self.records) + len(self.problems)
+
+
+def read_preferences(path: str | os.PathLike) -> ReadResult:
+    """Read every record of ``path``, keeping the good ones and a ``Problem`` per bad one."""
+    shown = os.fspath(path)
+    result = ReadResult(path=shown)
+    for example_id, line, raw in _iter_raw(Path(path), shown):
+        reason = raw if isinstance(raw, _Unreadable) else validate_record(raw)
+        if reason is None:
+            result.records.append(_to_record(example_id, line, raw))
+        else:
+            result.problems.append(Problem(shown, line, str(reason)))
+    return result
+
+
+def load_preferences(
+    path: str | os.PathLike, on_invalid: str = "error", log: logging.Logger | None = None
+) -> list[PreferenceRecord]:
+    """Read ``path`` and apply the ``data.on_invalid`` policy.
+
+    ``error`` raises ``DataError`` if any record is bad; ``skip`` logs what was dropped and
+    returns the good records. A file with no good record at all raises either way.
+    """
+    if on_invalid not in ON_INVALID:
+        raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
+    log = log or logger
+    result = read_preferences(path)
+    if result.problems:
+        check_invalid(result.path, len(result.problems), result.problems[0], on_invalid)
+        log_dropped(log, result.path, result.problems)
+    if not result.records:
+        raise DataError(f"{result.path}: no valid records")
+    return result.records
+
+
+def check_invalid(path: str, num_invalid: int, first: Problem, on_invalid: str) -> None:
+    """Raise the standard ``DataError`` for invalid records under ``on_invalid=error``."""
+    if num_invalid and on_invalid == "error":
+        noun = "record" if num_invalid == 1 else "records"
+        raise DataError(
+            f"{path}: {num_invalid} invalid {noun} (first: {first}); fix them or set data.on_invalid=skip"
+        )
+
+
+def log_dropped(log: logging.Logger, path: str, problems: list[Problem], total: int | None = None) -> None:
+    """Log the count of dropped records and the first few problems (``total`` if more exist)."""
+    total = len(problems) if total is None else total
+    log.warning("%s: dropped %d invalid records (data.on_invalid=skip)", path, total)
+    for problem in problems[:LOGGED_PROBLEMS]:
+        log.warning("  %s", problem)
+    if total > LOGGED_PROBLEMS:
+        log.warning("  ... and %d more; run `dpo-data check %s` for all", total - LOGGED_PROBLEMS, path)
+
+
+def validate_record(raw: Any) -> str | None:
+    """The first reason ``raw`` is not a valid record, or None if it is valid."""
+    if not isinstance(raw, dict):
+        return "record is not a JSON object"
+    for name in FIELDS:
+        reason = _validate_field(raw, name)
+        if reason:
+            return reason
+    if _as_response(raw["chosen"]) == _as_response(raw["rejected"]):
+        return "chosen and rejected are identical"
+    return None
+
+
+def data_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of the file's bytes, or of every file (with its relative path) in a directory."""
+    shown, path = os.fspath(path), Path(path)
+    if not path.exists():
+        raise DataError(f"{shown}: no such file or directory")
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            # Name and size frame each file, so moving bytes between files changes the hash.
+            header = f"{file.relative_to(path).as_posix()}\0{file.stat().st_size}\0"
+            digest.update(header.encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+class _Unreadable(str):
+    """A reason for a line that could not even be parsed (yielded in place of a record)."""
+
+
+def _iter_raw(path: Path, shown: str) -> Iterator[tuple[int, int, Any]]:
+    """Yield ``(example_id, line, raw_record_or_Unreadable)`` for every record of the file."""
+    if not path.exists():
+        raise DataError(f"{shown}: no such file or directory")
+    if path.is_dir():
+        return _enumerate_by_index(_read_dataset_dir(path, shown))
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _enumerate_by_index(_read_json(path, shown))
+    if suffix == ".parquet":
+        return _enumerate_by_index(_read_parquet(path, shown))
+    raise DataError(
+        f"{shown}: unsupported format {suffix or '(no suffix)'!r}; expected one of "
+        f"{', '.join(_SUFFIXES)} or a saved datasets directory"
+    )
+
+
+def _enumerate_by_index(rows: Iterable[Any]) -> Iterator[tuple[int, int, Any]]:
+    # Formats without lines use the record index as the location (see module docstring).
+    for index, row in enumerate(rows):
+        yield index, index, row
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, int, Any]]:
+    example_id = 0
+    with open(path, "rb") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            yield example_id, line_number, _parse_json_line(line)
+            example_id += 1
+
+
+def _parse_json_line(line: bytes) -> Any:
+    try:
+        # Without the newline, an error at the end of the line gets this line's column, not 1.
+        text = line.decode("utf-8-sig").rstrip("\r\n")
+    except UnicodeDecodeError:
+        return _Unreadable("invalid UTF-8 text")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        return _Unreadable(f"invalid JSON: {e.msg} at column {e.colno}")
+
+
+def _read_json(path: Path, shown: str) -> list[Any]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{shown}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{shown}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(data, list):
+        raise DataError(f"{shown}: a .json file must hold a list of records, got {_type_name(data)}")
+    return data
+
+
+def _read_parquet(path: Path, shown: str) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for corrupt or non-Parquet files
+        raise DataError(f"{shown}: cannot read Parquet file: {e}") from None
+    for batch in parquet.iter_batches():
+        yield from batch.to_pylist()
+
+
+def _read_dataset_dir(path: Path, shown: str) -> Iterator[dict[str, Any]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DataError(f"{shown}: a directory must be a dataset saved with save_to_disk") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        if len(splits) != 1:
+            raise DataError(
+                f"{shown}: a DatasetDict with splits {splits}; point at one split's directory, "
+                f"e.g. {os.path.join(shown, splits[0]) if splits else shown}"
+            )
+        loaded = loaded[splits[0]]
+    return iter(loaded)
+
+
+def _validate_field(raw: dict[str, Any], name: str) -> str | None:
+    if name not in raw:
+        return f"missing key {name!r}"
+    value = raw[name]
+    if value is None:
+        return f"{name!r} is null"
+    if isinstance(value, str):
+        return f"{name!r} is empty" if not value.strip() else None
+    if isinstance(value, list):
+        return _validate_messages(name, value)
+    return f"{name!r} must be a string or a list of messages, got {_type_name(value)}"
+
+
+def _validate_messages(name: str, messages: list[Any]) -> str | None:
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"{name!r} message {i} is not an object"
+        for key in ("role", "content"):
+            if message.get(key) is None:
+                return f"{name!r} message {i} has no {key!r}"
+            if not isinstance(message[key], str):
+                return f"{name!r} message {i} {key!r} must be a string, got {_type_name(message[key])}"
+    if not any(message["content"].strip() for message in messages):
+        return f"{name!r} is empty"
+    return None
+
+
+def _as_response(value: Text) -> Messages:
+    """A response in messages form, so "x" and [{"role": "assistant", "content": "x"}] compare equal."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _to_record(example_id: int, line: int, raw: dict[str, Any]) -> PreferenceRecord:
+    values = [_normalise(raw[name]) for name in FIELDS]
+    return PreferenceRecord(example_id, line, *values)
+
+
+def _normalise(value: Text) -> Text:
+    # Parquet/datasets fill absent struct fields with None; keep only what templates need.
+    if isinstance(value, str):
+        return value
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "list", type(None): "null"}.get(type(value), type(value).__name__)

@@ -1,0 +1,238 @@
+"""Tokenize preference records into prompt / chosen / rejected token ids.
+
+Plain-text records:
+  prompt ids   = ``tokenizer(prompt)`` with the tokenizer's special tokens (its BOS, if it adds one);
+  response ids = ``tokenizer(response, add_special_tokens=False)``, then ``eos_token_id``.
+
+Chat records (any of prompt / chosen / rejected is a messages list; a plain-string prompt then
+becomes one ``user`` message and a plain-string response one ``assistant`` message):
+  prompt text   = ``apply_chat_template(prompt_messages, add_generation_prompt=True)``;
+  response text = ``apply_chat_template(prompt_messages + response_messages)`` minus the prompt
+                  text, which must be its prefix (otherwise ``DataError``: the template renders
+                  earlier turns differently once a response follows, and the split is ambiguous).
+  Both are then encoded by the plain-text rule above, with two guards:
+  - no double BOS: a prompt text that already starts with the BOS token text (templates such as
+    Llama 3's write it) is encoded without special tokens;
+  - no double EOS: EOS is appended to a response only if its ids do not already end with it
+    (templates usually close an assistant turn with the EOS token text).
+  The guards apply to plain-text records too, so a prompt written as "<s>..." gets one BOS.
+
+A pair is the sequences prompt + chosen and prompt + rejected. Labels cover response tokens only.
+
+Truncation (``data.truncation``), applied when either sequence is longer than ``max_length``;
+each truncated pair counts once in ``TruncationStats.truncated``, each dropped one in ``dropped``:
+- ``keep_end_of_prompt`` (default): drop tokens from the START of the prompt so that the longer
+  response fits, keeping the BOS (if the prompt starts with it) and at least one other prompt
+  token; if still too long, cut each response from its end to the room left (at least 1 token;
+  a cut response loses its EOS, as it should: the text did not end there).
+- ``keep_start``: cut the responses from their end first (to at least 1 token), then the prompt
+  from its end: the start of every sequence is kept.
+- ``drop``: drop the pair.
+``max_length`` must be at least 3 (BOS + one prompt token + one response token), so the first
+two rules always produce a pair that fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from dpo_dist.data.records import DataError, Messages, PreferenceRecord, Text
+
+TRUNCATION_MODES = ("keep_end_of_prompt", "keep_start", "drop")
+MIN_MAX_LENGTH = 3
+_ENCODE_BATCH = 1024
+"""Records encoded per tokenizer call: large enough for the fast tokenizer's batching, small
+enough that intermediate Python lists stay modest."""
+
+
+@dataclass(eq=False)
+class TokenizedPair:
+    """Token ids of one preference pair (int32 arrays); the responses exclude the prompt."""
+
+    example_id: int
+    prompt_ids: np.ndarray
+    chosen_ids: np.ndarray
+    rejected_ids: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.example_id = int(self.example_id)
+        for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            setattr(self, name, np.asarray(getattr(self, name), dtype=np.int32))
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def chosen_len(self) -> int:
+        """Chosen response tokens (the scored ones), without the prompt."""
+        return len(self.chosen_ids)
+
+    @property
+    def rejected_len(self) -> int:
+        """Rejected response tokens (the scored ones), without the prompt."""
+        return len(self.rejected_ids)
+
+    @property
+    def chosen_seq_len(self) -> int:
+        return self.prompt_len + self.chosen_len
+
+    @property
+    def rejected_seq_len(self) -> int:
+        return self.prompt_len + self.rejected_len
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the pair takes in a packed micro-batch: both full sequences."""
+        return self.chosen_seq_len + self.rejected_seq_len
+
+
+@dataclass
+class TruncationStats:
+    """How many pairs the truncation rule changed or dropped."""
+
+    truncated: int = 0
+    dropped: int = 0
+
+
+def tokenize_records(
+    records: Sequence[PreferenceRecord],
+    tokenizer,
+    max_length: int,
+    truncation: str = "keep_end_of_prompt",
+    *,
+    source: str = "records",
+) -> tuple[list[TokenizedPair], TruncationStats]:
+    """Encode ``records`` and apply the truncation rule; ``source`` prefixes error locations."""
+    check_truncation(max_length, truncation)
+    stats = TruncationStats()
+    pairs = []
+    for pair in encode_records(records, tokenizer, source=source):
+        kept = truncate_pair(pair, max_length, truncation, tokenizer.bos_token_id)
+        if kept is None:
+            stats.dropped += 1
+            continue
+        if kept is not pair:
+            stats.truncated += 1
+        pairs.append(kept)
+    return pairs, stats
+
+
+def check_truncation(max_length: int, truncation: str) -> None:
+    """Raise ValueError for settings the truncation rules cannot honour."""
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+    if max_length < MIN_MAX_LENGTH:
+        raise ValueError(f"max_length must be at least {MIN_MAX_LENGTH}, got {max_length}")
+
+
+def encode_records(
+    records: Sequence[PreferenceRecord], tokenizer, *, source: str = "records"
+) -> list[TokenizedPair]:
+    """Encode ``records`` without any truncation (see the module docstring for the rules)."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token; responses must end with one")
+    pairs = []
+    for start in range(0, len(records), _ENCODE_BATCH):
+        pairs.extend(_encode_batch(records[start : start + _ENCODE_BATCH], tokenizer, source))
+    return pairs
+
+
+def truncate_pair(
+    pair: TokenizedPair, max_length: int, truncation: str, bos_token_id: int | None
+) -> TokenizedPair | None:
+    """``pair`` itself if it fits, a truncated copy, or None when the rule drops it."""
+    if max(pair.chosen_seq_len, pair.rejected_seq_len) <= max_length:
+        return pair
+    if truncation == "drop":
+        return None
+    prompt, chosen, rejected = pair.prompt_ids, pair.chosen_ids, pair.rejected_ids
+    if truncation == "keep_end_of_prompt":
+        has_bos = bos_token_id is not None and len(prompt) > 0 and prompt[0] == bos_token_id
+        keep = max(max_length - max(len(chosen), len(rejected)), min(len(prompt), 1 + has_bos))
+        prompt = _keep_prompt_end(prompt, keep, has_bos)
+        room = max_length - len(prompt)
+    else:  # keep_start
+        room = max(max_length - len(prompt), 1)
+        longest = min(max(len(chosen), len(rejected)), room)
+        prompt = prompt[: max_length - longest]
+    return TokenizedPair(pair.example_id, prompt, chosen[:room], rejected[:room])
+
+
+def _keep_prompt_end(prompt: np.ndarray, keep: int, has_bos: bool) -> np.ndarray:
+    if not has_bos:
+        return prompt[len(prompt) - keep :]
+    return np.concatenate([prompt[:1], prompt[len(prompt) - (keep - 1) :]])
+
+
+def _encode_batch(records: Sequence[PreferenceRecord], tokenizer, source: str) -> list[TokenizedPair]:
+    texts = [_render(record, tokenizer, source) for record in records]
+    prompts = _encode_prompts([t[0] for t in texts], tokenizer)
+    chosen = _encode_responses([t[1] for t in texts], tokenizer)
+    rejected = _encode_responses([t[2] for t in texts], tokenizer)
+    return [
+        TokenizedPair(record.example_id, p, c, r)
+        for record, p, c, r in zip(records, prompts, chosen, rejected)
+    ]
+
+
+def _encode_prompts(texts: list[str], tokenizer) -> list[list[int]]:
+    """Encode prompts, adding the tokenizer's special tokens unless the text starts with BOS."""
+    bos = tokenizer.bos_token
+    has_bos = [bool(bos) and text.startswith(bos) for text in texts]
+    ids: list[list[int]] = [[] for _ in texts]
+    for flag in (False, True):
+        positions = [i for i, h in enumerate(has_bos) if h == flag]
+        if positions:
+            encoded = _encode([texts[i] for i in positions], tokenizer, add_special_tokens=not flag)
+            for i, e in zip(positions, encoded):
+                ids[i] = e
+    return ids
+
+
+def _encode_responses(texts: list[str], tokenizer) -> list[list[int]]:
+    eos = tokenizer.eos_token_id
+    encoded = _encode(texts, tokenizer, add_special_tokens=False)
+    return [e if e and e[-1] == eos else [*e, eos] for e in encoded]
+
+
+def _encode(texts: list[str], tokenizer, add_special_tokens: bool) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=add_special_tokens, return_attention_mask=False)["input_ids"]
+
+
+def _render(record: PreferenceRecord, tokenizer, source: str) -> tuple[str, str, str]:
+    """Prompt, chosen and rejected text, through the chat template for chat records."""
+    if not record.is_chat:
+        return record.prompt, record.chosen, record.rejected
+    where = f"{source}:{record.line}"
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: chat messages need a tokenizer with a chat template")
+    prompt_messages = _as_messages(record.prompt, "user")
+    prompt_text = _apply_template(tokenizer, prompt_messages, True, where)
+    responses = []
+    for name in ("chosen", "rejected"):
+        messages = prompt_messages + _as_messages(getattr(record, name), "assistant")
+        full = _apply_template(tokenizer, messages, False, where)
+        if not full.startswith(prompt_text):
+            raise DataError(
+                f"{where}: the chat template's rendering of the prompt is not a prefix of its "
+                f"rendering with the {name} response; cannot split prompt and response"
+            )
+        responses.append(full[len(prompt_text) :])
+    return prompt_text, responses[0], responses[1]
+
+
+def _apply_template(tokenizer, messages: Messages, add_generation_prompt: bool, where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+    except Exception as e:  # jinja raises TemplateError, templates raise_exception() anything
+        raise DataError(f"{where}: chat template failed: {e}") from None
+
+
+def _as_messages(value: Text, role: str) -> Messages:
+    return value if isinstance(value, list) else [{"role": role, "content": value}]

@@ -1,0 +1,129 @@
+"""The tokenization cache: hits return identical data, any changed input misses."""
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from dpo_dist.data import DataError, bundled_tokenizer_path, load_tokenized, tokenizer_fingerprint
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+
+
+def load_tokenizer():
+    return AutoTokenizer.from_pretrained(bundled_tokenizer_path(), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    shutil.copy(FIXTURES / "mixed.jsonl", path)
+    return path
+
+
+def as_lists(dataset):
+    return [
+        (p.example_id, p.prompt_ids.tolist(), p.chosen_ids.tolist(), p.rejected_ids.tolist()) for p in dataset
+    ]
+
+
+def test_miss_then_hit_returns_identical_data(tok, data, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.INFO, logger="dpo_dist.data"):
+        first = load_tokenized(data, tok, 40, on_invalid="skip", cache_dir=cache)
+        second = load_tokenized(data, tok, 40, on_invalid="skip", cache_dir=cache)
+    assert (first.cache_hit, second.cache_hit) == (False, True)
+    assert sorted(p.name for p in cache.iterdir()) == [
+        f"{first.fingerprint}.arrow",
+        f"{first.fingerprint}.json",
+    ]
+    assert as_lists(first) == as_lists(second)
+    assert second.example_ids.tolist() == [0, 1, 13, 16]
+    assert (second.num_records, second.num_invalid, len(second)) == (17, 13, 4)
+    assert (second.truncation.truncated, second.truncation.dropped) == (1, 0)
+    assert second.fingerprint == first.fingerprint
+    np.testing.assert_array_equal(second.lengths(), [p.num_tokens for p in second])
+    summaries = [m for m in caplog.messages if "records read" in m]
+    assert summaries[0].startswith(f"{data}: 17 records read, 13 invalid dropped, 4 pairs kept; 1 truncated")
+    assert "tokenization cache miss" in summaries[0] and "tokenization cache hit" in summaries[1]
+    assert caplog.messages.count(f"{data}: dropped 13 invalid records (data.on_invalid=skip)") == 2
+
+
+def test_truncated_pair_is_stored_truncated(tok, data, tmp_path):
+    dataset = load_tokenized(data, tok, 40, on_invalid="skip", cache_dir=tmp_path / "c")
+    chat = dataset[1]
+    assert chat.chosen_seq_len <= 40 and chat.prompt_ids[0] == tok.bos_token_id
+    assert tok.decode(chat.prompt_ids).endswith("France?\n<|assistant|>\n")
+
+
+@pytest.mark.parametrize("change", ["max_length", "truncation", "data", "tokenizer"])
+def test_changed_input_misses(tok, data, tmp_path, change):
+    cache = tmp_path / "cache"
+    first = load_tokenized(data, tok, 40, on_invalid="skip", cache_dir=cache)
+    args = {"max_length": 40, "truncation": "keep_end_of_prompt", "tokenizer": tok}
+    if change == "max_length":
+        args["max_length"] = 64
+    elif change == "truncation":
+        args["truncation"] = "keep_start"
+    elif change == "data":
+        data.write_text(data.read_text() + '{"prompt": "new", "chosen": "a", "rejected": "b"}\n')
+    else:
+        args["tokenizer"] = load_tokenizer()
+        args["tokenizer"].chat_template += " "
+    second = load_tokenized(data, on_invalid="skip", cache_dir=cache, **args)
+    assert not second.cache_hit and second.fingerprint != first.fingerprint
+    assert len(list(cache.glob("*.arrow"))) == 2
+
+
+def test_cache_written_under_skip_still_fails_under_error(tok, data, tmp_path):
+    cache = tmp_path / "cache"
+    load_tokenized(data, tok, 40, on_invalid="skip", cache_dir=cache)
+    with pytest.raises(DataError) as info:
+        load_tokenized(data, tok, 40, on_invalid="error", cache_dir=cache)
+    assert str(info.value) == (
+        f"{data}: 13 invalid records (first: {data}:4: invalid JSON: Expecting value at column 32); "
+        "fix them or set data.on_invalid=skip"
+    )
+
+
+def test_error_policy_fails_before_writing_a_cache(tok, data, tmp_path):
+    with pytest.raises(DataError, match="13 invalid records"):
+        load_tokenized(data, tok, 40, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_no_cache_dir_tokenizes_in_memory(tok):
+    dataset = load_tokenized(FIXTURES / "valid.jsonl", tok, 128)
+    assert not dataset.cache_hit and len(dataset) == 3
+    assert tok.decode(dataset[0].chosen_ids) == "4</s>"
+
+
+def test_every_pair_dropped_is_an_error(tok):
+    with pytest.raises(DataError, match="no pairs left"):
+        load_tokenized(FIXTURES / "valid.jsonl", tok, 8, truncation="drop")
+
+
+def test_unreadable_cache_is_rebuilt(tok, data, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    first = load_tokenized(data, tok, 40, on_invalid="skip", cache_dir=cache)
+    (cache / f"{first.fingerprint}.arrow").write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="dpo_dist.data"):
+        again = load_tokenized(data, tok, 40, on_invalid="skip", cache_dir=cache)
+    assert not again.cache_hit and as_lists(again) == as_lists(first)
+    assert any("is unreadable" in m for m in caplog.messages)
+
+
+def test_tokenizer_fingerprint_is_stable_and_ignores_call_settings(tok):
+    other = load_tokenizer()
+    other(["abc", "a"], padding=True, truncation=True, max_length=2)  # leaves state on the backend
+    assert tokenizer_fingerprint(other) == tokenizer_fingerprint(tok)
+    other.eos_token = "<pad>"
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tok)

@@ -1,0 +1,200 @@
+"""Reading and validating preference files: every reason, its location, and the on_invalid policy."""
+
+import json
+import logging
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dpo_dist.data import DataError, data_fingerprint, load_preferences, read_preferences
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "data"
+MIXED_JSONL = FIXTURES / "mixed.jsonl"
+
+MIXED_JSONL_PROBLEMS = [
+    (4, "invalid JSON: Expecting value at column 32"),
+    (5, "record is not a JSON object"),
+    (6, "missing key 'chosen'"),
+    (8, "'chosen' is null"),
+    (9, "'prompt' must be a string or a list of messages, got int"),
+    (10, "'rejected' is empty"),
+    (11, "chosen and rejected are identical"),
+    (12, "'prompt' message 1 has no 'role'"),
+    (13, "'prompt' message 0 has no 'content'"),
+    (14, "'chosen' message 0 is not an object"),
+    (15, "'prompt' message 0 'role' must be a string, got int"),
+    (17, "'prompt' is empty"),
+    (18, "chosen and rejected are identical"),
+]
+# (example_id, line) of the good records: blank lines 2 and 7 shift lines but not example ids.
+MIXED_JSONL_GOOD = [(0, 1), (1, 3), (13, 16), (16, 19)]
+
+RECORDS = [
+    {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
+    {"prompt": "p", "chosen": "c"},
+    {"prompt": "Hi", "chosen": "Hello.", "rejected": "Bye."},
+]
+# Columnar formats: one type per column, so every prompt is a messages list here.
+COLUMNAR_ROWS = [
+    {"prompt": [{"role": "user", "content": "What is 2+2?"}], "chosen": "4", "rejected": "5"},
+    {"prompt": [{"role": "user", "content": "p"}], "chosen": "c", "rejected": None},
+    {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello.", "rejected": "Bye."},
+    {"prompt": [{"role": "user", "content": "p"}], "chosen": "same", "rejected": "same"},
+]
+COLUMNAR_PROBLEMS = [(1, "'rejected' is null"), (3, "chosen and rejected are identical")]
+
+
+def test_jsonl_every_reason_at_its_physical_line():
+    result = read_preferences(MIXED_JSONL)
+    assert [(p.line, p.reason) for p in result.problems] == MIXED_JSONL_PROBLEMS
+    assert str(result.problems[0]) == f"{MIXED_JSONL}:4: invalid JSON: Expecting value at column 32"
+    assert [(r.example_id, r.line) for r in result.records] == MIXED_JSONL_GOOD
+    assert result.num_records == 17
+
+
+def test_good_records_keep_their_values_and_normalised_messages():
+    records = read_preferences(MIXED_JSONL).records
+    assert (records[0].prompt, records[0].chosen, records[0].rejected) == ("What is 2+2?", "4", "5")
+    assert records[1].prompt == [{"role": "user", "content": "Capital of France?"}]
+    assert records[1].chosen == [{"role": "assistant", "content": "Paris."}]
+    assert records[1].is_chat and not records[0].is_chat
+    assert records[3].chosen == "Blue."  # extra keys ignored
+
+
+def test_problem_path_is_the_path_as_given(tmp_path, monkeypatch):
+    (tmp_path / "d.jsonl").write_text('{"prompt": "p"}\n')
+    monkeypatch.chdir(tmp_path)
+    assert [str(p) for p in read_preferences("d.jsonl").problems] == ["d.jsonl:1: missing key 'chosen'"]
+
+
+def test_invalid_utf8_line_is_reported_and_the_rest_still_read(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(
+        b'{"prompt": "\xff", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a", "rejected": "b"}\r\n'
+    )
+    result = read_preferences(path)
+    assert [(p.line, p.reason) for p in result.problems] == [(1, "invalid UTF-8 text")]
+    assert [(r.example_id, r.line, r.rejected) for r in result.records] == [(1, 2, "b")]
+
+
+def test_skip_keeps_every_good_record_and_logs_the_count(caplog):
+    with caplog.at_level(logging.WARNING, logger="dpo_dist.data"):
+        records = load_preferences(MIXED_JSONL, on_invalid="skip")
+    assert [(r.example_id, r.line) for r in records] == MIXED_JSONL_GOOD
+    assert f"{MIXED_JSONL}: dropped 13 invalid records (data.on_invalid=skip)" in caplog.messages
+    assert f"  {MIXED_JSONL}:4: invalid JSON: Expecting value at column 32" in caplog.messages
+    assert any("... and 3 more" in m for m in caplog.messages)
+
+
+def test_error_raises_one_line_message():
+    with pytest.raises(DataError) as info:
+        load_preferences(MIXED_JSONL)
+    assert str(info.value) == (
+        f"{MIXED_JSONL}: 13 invalid records (first: {MIXED_JSONL}:4: invalid JSON: Expecting value "
+        "at column 32); fix them or set data.on_invalid=skip"
+    )
+    assert "\n" not in str(info.value)
+
+
+def test_error_policy_passes_a_clean_file():
+    records = load_preferences(FIXTURES / "valid.jsonl")
+    assert [r.example_id for r in records] == [0, 1, 2]
+
+
+def test_unknown_policy_is_rejected():
+    with pytest.raises(ValueError, match="on_invalid must be one of"):
+        load_preferences(MIXED_JSONL, on_invalid="ignore")
+
+
+def test_file_with_no_valid_record_raises_even_under_skip(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    assert read_preferences(path).num_records == 0
+    with pytest.raises(DataError, match="no valid records"):
+        load_preferences(path, on_invalid="skip")
+
+
+def test_json_uses_record_index_as_location():
+    result = read_preferences(FIXTURES / "mixed.json")
+    assert [str(p) for p in result.problems] == [
+        f"{FIXTURES / 'mixed.json'}:1: missing key 'rejected'",
+        f"{FIXTURES / 'mixed.json'}:2: record is not a JSON object",
+        f"{FIXTURES / 'mixed.json'}:4: 'chosen' is empty",
+    ]
+    assert [(r.example_id, r.line) for r in result.records] == [(0, 0), (3, 3)]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[{"prompt": "p",', "bad.json:1: invalid JSON: Expecting property name enclosed in double quotes"),
+        ('{"prompt": "p"}', "bad.json: a .json file must hold a list of records, got object"),
+    ],
+)
+def test_unreadable_json_file_is_a_data_error(tmp_path, monkeypatch, text, message):
+    (tmp_path / "bad.json").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="^" + message.replace(".", r"\.")):
+        read_preferences("bad.json")
+
+
+def test_parquet_records_and_problems(tmp_path):
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(COLUMNAR_ROWS), path)
+    result = read_preferences(path)
+    assert [(p.line, p.reason) for p in result.problems] == COLUMNAR_PROBLEMS
+    assert [(r.example_id, r.line) for r in result.records] == [(0, 0), (2, 2)]
+    assert result.records[1].prompt == [{"role": "user", "content": "Hi"}]
+
+
+def test_datasets_directory(tmp_path):
+    datasets.Dataset.from_list(COLUMNAR_ROWS).save_to_disk(tmp_path / "ds")
+    result = read_preferences(tmp_path / "ds")
+    assert [(p.line, p.reason) for p in result.problems] == COLUMNAR_PROBLEMS
+    assert [(r.example_id, r.prompt, r.chosen) for r in result.records] == [
+        (0, [{"role": "user", "content": "What is 2+2?"}], "4"),
+        (2, [{"role": "user", "content": "Hi"}], "Hello."),
+    ]
+
+
+def test_dataset_dict_needs_exactly_one_split(tmp_path):
+    good = datasets.Dataset.from_list([RECORDS[0]])
+    datasets.DatasetDict({"train": good}).save_to_disk(tmp_path / "one")
+    assert len(read_preferences(tmp_path / "one").records) == 1
+    datasets.DatasetDict({"train": good, "test": good}).save_to_disk(tmp_path / "two")
+    with pytest.raises(DataError, match=r"splits \['train', 'test'\]; point at one split's directory"):
+        read_preferences(tmp_path / "two")
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("missing.jsonl", "missing.jsonl: no such file or directory"),
+        ("data.csv", "data.csv: unsupported format '.csv'"),
+        ("plain_dir", "plain_dir: a directory must be a dataset saved with save_to_disk"),
+    ],
+)
+def test_unusable_paths_raise_one_clear_line(tmp_path, monkeypatch, name, message):
+    (tmp_path / "data.csv").write_text("prompt,chosen,rejected\n")
+    (tmp_path / "plain_dir").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as info:
+        read_preferences(name)
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+def test_data_fingerprint_tracks_content(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(RECORDS[0]) + "\n")
+    first = data_fingerprint(path)
+    assert first == data_fingerprint(path) and len(first) == 64
+    path.write_text(json.dumps(RECORDS[2]) + "\n")
+    assert data_fingerprint(path) != first
+    datasets.Dataset.from_list([RECORDS[0]]).save_to_disk(tmp_path / "ds")
+    assert data_fingerprint(tmp_path / "ds") == data_fingerprint(tmp_path / "ds")
+    with pytest.raises(DataError, match="no such file"):
+        data_fingerprint(tmp_path / "nope.jsonl")

@@ -1,0 +1,235 @@
+"""The bundled tokenizer, the tokenization rules (plain and chat) and the truncation rules."""
+
+import importlib.util
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from dpo_dist.data import (
+    DataError,
+    PreferenceRecord,
+    TokenizedPair,
+    bundled_tokenizer_path,
+    collate_packed,
+    tokenize_records,
+    truncate_pair,
+)
+from dpo_dist.data.batch import IGNORE_INDEX
+
+REPO = Path(__file__).resolve().parents[2]
+BOS, EOS, PAD, UNK = 1, 2, 3, 0
+
+
+def load_tokenizer():
+    return AutoTokenizer.from_pretrained(bundled_tokenizer_path(), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def chars(tok, text):
+    return tok.encode(text, add_special_tokens=False)
+
+
+def record(prompt, chosen, rejected, example_id=0):
+    return PreferenceRecord(example_id, example_id + 1, prompt, chosen, rejected)
+
+
+# ---- bundled tokenizer ---------------------------------------------------------------------------
+
+
+def test_bundled_tokenizer_ids_and_size(tok):
+    assert Path(bundled_tokenizer_path()).is_absolute()
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (UNK, BOS, EOS, PAD)
+    assert len(tok) == 101
+    assert chars(tok, "\t\n ~") == [4, 5, 6, 100]
+
+
+@pytest.mark.parametrize(
+    "text", ["Hello, world!", "  two  spaces\n\ttab\n", "x = (3.14 * 2) // 7; [ok]? {'a': \"b\"}"]
+)
+def test_bundled_tokenizer_round_trips_text(tok, text):
+    ids = chars(tok, text)
+    assert len(ids) == len(text)
+    assert tok.decode(ids) == text
+    assert tok(text)["input_ids"] == [BOS, *ids]  # BOS added, EOS not
+
+
+def test_bundled_tokenizer_maps_unknown_chars_to_unk(tok):
+    assert chars(tok, "aé") == [chars(tok, "a")[0], UNK]
+
+
+def test_bundled_chat_template(tok):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ]
+    assert tok.apply_chat_template(messages, tokenize=False) == (
+        "<s><|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello!</s>"
+    )
+    assert tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True) == (
+        "<s><|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"
+    )
+
+
+def test_committed_assets_match_the_build_tool(tmp_path):
+    spec = importlib.util.spec_from_file_location("build_tokenizer", REPO / "tools" / "build_tokenizer.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.save(tmp_path)
+    built = sorted(p.name for p in tmp_path.iterdir())
+    assert built == sorted(p.name for p in Path(bundled_tokenizer_path()).iterdir())
+    for name in built:
+        assert (tmp_path / name).read_bytes() == (Path(bundled_tokenizer_path()) / name).read_bytes(), name
+
+
+# ---- tokenization rules --------------------------------------------------------------------------
+
+
+def test_plain_record_ids(tok):
+    (pair,), stats = tokenize_records([record("Q?", "Yes", "No")], tok, max_length=64)
+    assert pair.prompt_ids.tolist() == [BOS, *chars(tok, "Q?")]
+    assert pair.chosen_ids.tolist() == [*chars(tok, "Yes"), EOS]
+    assert pair.rejected_ids.tolist() == [*chars(tok, "No"), EOS]
+    assert (pair.prompt_len, pair.chosen_len, pair.rejected_len) == (3, 4, 3)
+    assert (pair.chosen_seq_len, pair.rejected_seq_len, pair.num_tokens) == (7, 6, 13)
+    assert (stats.truncated, stats.dropped) == (0, 0)
+
+
+def test_no_double_bos_or_eos_when_the_text_has_them(tok):
+    (pair,), _ = tokenize_records([record("<s>Q?", "Yes</s>", "No")], tok, max_length=64)
+    assert pair.prompt_ids.tolist() == [BOS, *chars(tok, "Q?")]
+    assert pair.chosen_ids.tolist() == [*chars(tok, "Yes"), EOS]
+
+
+def test_chat_record_is_rendered_by_the_template(tok):
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital?"}]
+    chat = record(prompt, [{"role": "assistant", "content": "Paris."}], "Rome.")
+    (pair,), _ = tokenize_records([chat], tok, max_length=256)
+    assert tok.decode(pair.prompt_ids) == "<s><|system|>\nBe brief.\n<|user|>\nCapital?\n<|assistant|>\n"
+    assert pair.prompt_ids.tolist().count(BOS) == 1 and pair.prompt_ids[0] == BOS
+    assert pair.chosen_ids.tolist() == [*chars(tok, "Paris."), EOS]
+    assert pair.rejected_ids.tolist() == [*chars(tok, "Rome."), EOS]
+
+
+def test_chat_labels_cover_only_the_assistant_part(tok):
+    chat = record([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Yo"}], "No")
+    pairs, _ = tokenize_records([chat], tok, max_length=256)
+    labels = collate_packed(pairs).labels[0]
+    scored = labels[labels != IGNORE_INDEX].tolist()
+    assert tok.decode(scored) == "Yo</s>No</s>"
+
+
+def test_string_prompt_with_message_response_becomes_a_user_turn(tok):
+    mixed = record("Hi", [{"role": "assistant", "content": "Yo"}], "No")
+    (pair,), _ = tokenize_records([mixed], tok, max_length=256)
+    assert tok.decode(pair.prompt_ids) == "<s><|user|>\nHi\n<|assistant|>\n"
+
+
+def test_template_that_does_not_extend_the_prompt_is_an_error():
+    tok = load_tokenizer()
+    tok.chat_template = "{% for m in messages | reverse %}{{ m['content'] }}{% endfor %}"
+    chat = record([{"role": "user", "content": "Q"}], "A", "B")
+    with pytest.raises(
+        DataError, match=r"^data\.jsonl:1: the chat template's rendering of the prompt is not a prefix"
+    ):
+        tokenize_records([chat], tok, max_length=64, source="data.jsonl")
+
+
+def test_chat_without_template_or_with_unknown_role_is_an_error():
+    tok = load_tokenizer()
+    with pytest.raises(DataError, match="^records:1: chat template failed: unknown chat role: tool$"):
+        tokenize_records([record([{"role": "tool", "content": "x"}], "A", "B")], tok, max_length=64)
+    tok.chat_template = None
+    with pytest.raises(DataError, match="need a tokenizer with a chat template"):
+        tokenize_records([record([{"role": "user", "content": "x"}], "A", "B")], tok, max_length=64)
+
+
+# ---- truncation ----------------------------------------------------------------------------------
+
+PAIR = TokenizedPair(7, [BOS, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34, 35])
+
+
+def ids(pair):
+    return pair.prompt_ids.tolist(), pair.chosen_ids.tolist(), pair.rejected_ids.tolist()
+
+
+def test_pair_that_fits_is_returned_unchanged():
+    assert truncate_pair(PAIR, 11, "keep_end_of_prompt", BOS) is PAIR
+    assert truncate_pair(PAIR, 11, "drop", BOS) is PAIR
+
+
+@pytest.mark.parametrize(
+    "mode, max_length, expected",
+    [
+        ("keep_end_of_prompt", 9, ([BOS, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34, 35])),
+        ("keep_end_of_prompt", 6, ([BOS, 13], [20, 21, 22], [30, 31, 32, 33])),
+        ("keep_end_of_prompt", 3, ([BOS, 13], [20], [30])),
+        ("keep_start", 9, ([BOS, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33])),
+        ("keep_start", 4, ([BOS, 10, 11], [20], [30])),
+    ],
+)
+def test_truncation_rules(mode, max_length, expected):
+    truncated = truncate_pair(PAIR, max_length, mode, BOS)
+    assert ids(truncated) == expected
+    assert truncated.example_id == 7
+
+
+def test_keep_end_of_prompt_without_bos_keeps_one_prompt_token():
+    no_bos = TokenizedPair(0, [10, 11, 12, 13, 14], [20, 21, 22], [30, 31, 32, 33, 34, 35])
+    assert ids(truncate_pair(no_bos, 6, "keep_end_of_prompt", BOS)) == (
+        [14],
+        [20, 21, 22],
+        [30, 31, 32, 33, 34],
+    )
+
+
+def test_drop_rule_drops():
+    assert truncate_pair(PAIR, 10, "drop", BOS) is None
+
+
+@pytest.mark.parametrize("mode", ["keep_end_of_prompt", "keep_start"])
+def test_truncation_always_fits_and_keeps_the_stated_parts(mode):
+    rng = random.Random(0)
+    for _ in range(300):
+        prompt = [BOS] + [rng.randrange(4, 100) for _ in range(rng.randrange(0, 20))]
+        chosen = [rng.randrange(4, 100) for _ in range(rng.randrange(1, 20))]
+        rejected = [rng.randrange(4, 100) for _ in range(rng.randrange(1, 20))]
+        max_length = rng.randrange(3, 45)
+        pair = truncate_pair(TokenizedPair(0, prompt, chosen, rejected), max_length, mode, BOS)
+        p, c, r = ids(pair)
+        assert max(len(p) + len(c), len(p) + len(r)) <= max_length
+        assert c == chosen[: len(c)] and r == rejected[: len(r)] and min(len(c), len(r)) >= 1
+        if mode == "keep_end_of_prompt":
+            assert p[0] == BOS and p[1:] == prompt[len(prompt) - len(p) + 1 :]
+            assert len(p) >= min(len(prompt), 2)
+        else:
+            assert p == prompt[: len(p)] and len(p) >= 1
+
+
+def test_tokenize_records_counts_truncated_and_dropped(tok):
+    records = [record("short", "a", "b", 0), record("x" * 50, "yes", "no", 1), record("y", "z" * 40, "n", 2)]
+    pairs, stats = tokenize_records(records, tok, max_length=20, truncation="keep_end_of_prompt")
+    assert [p.example_id for p in pairs] == [0, 1, 2]
+    assert (stats.truncated, stats.dropped) == (2, 0)
+    assert ids(pairs[1])[0] == [BOS] + chars(tok, "x" * 15)
+    pairs, stats = tokenize_records(records, tok, max_length=20, truncation="drop")
+    assert [p.example_id for p in pairs] == [0]
+    assert (stats.truncated, stats.dropped) == (0, 2)
+
+
+def test_bad_truncation_settings_are_rejected(tok):
+    with pytest.raises(ValueError, match="truncation must be one of"):
+        tokenize_records([], tok, max_length=16, truncation="keep_end")
+    with pytest.raises(ValueError, match="max_length must be at least 3"):
+        tokenize_records([], tok, max_length=2)
+
+
+def test_pair_ids_are_int32_arrays():
+    assert all(a.dtype == np.int32 for a in (PAIR.prompt_ids, PAIR.chosen_ids, PAIR.rejected_ids))
