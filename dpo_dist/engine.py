@@ -25,7 +25,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +117,18 @@ class PackedPolicy(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.normalize = normalize
 
-    def forward(self, batch: PackedBatch) -> SequenceLogps:
-        return sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens, normalize=self.normalize)
+    def forward(self, *tensors: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Plain tensors in and out: ZeRO-3 finds the tensors of a module's inputs and outputs to
+        # hook its backward, and cannot look inside dataclasses.
+        batch = PackedBatch(*tensors, max_seqlen=max_seqlen)
+        out = sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens, normalize=self.normalize)
+        return out.logps, out.sum_logps, out.token_counts
+
+
+def run_packed(engine, batch: PackedBatch) -> SequenceLogps:
+    """Per-sequence log-probs of a packed micro-batch through a DeepSpeed engine of PackedPolicy."""
+    tensors = [getattr(batch, f.name) for f in fields(PackedBatch) if f.name != "max_seqlen"]
+    return SequenceLogps(*engine(*tensors, max_seqlen=batch.max_seqlen))
 
 
 def training_dtype(cfg: DPOConfig, device: torch.device) -> torch.dtype:
@@ -211,7 +221,7 @@ class OnlineReference:
     @torch.no_grad()
     def logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed reference log-probs of (chosen, rejected) for every pair of ``batch``."""
-        return split_pairs(self.engine(batch).logps)
+        return split_pairs(run_packed(self.engine, batch).logps)
 
 
 class CachedReference:
@@ -249,7 +259,7 @@ def forward_backward(ctx: StepContext, batch: PackedBatch, weight: float, sums: 
     """One packed micro-batch: policy log-probs, loss, backward, metric sums (on device)."""
     cfg = ctx.cfg
     with nullcontext() if train else torch.no_grad():
-        out: SequenceLogps = ctx.engine(batch)
+        out = run_packed(ctx.engine, batch)
     policy_chosen, policy_rejected = split_pairs(out.logps)
     chosen_counts, _ = split_pairs(out.token_counts)
     if cfg.stage == "sft":

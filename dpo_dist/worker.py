@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 TASKS = ("train", "precompute", "eval")
 
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == "0" else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(name)s %(levelname)s %(message)s",
     )
+    # torch's collectives warn on every call that DeepSpeed uses their old names.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
     from dpo_dist.engine import PREEMPTED_EXIT_CODE, Preempted
     from dpo_dist.runinfo import read_config
 
