@@ -1,0 +1,339 @@
+"""Varlen causal attention for packed rows, plugged into Hugging Face causal LMs.
+
+A packed row (``dpo_dist.data.batch.PackedBatch``) holds many sequences back to back; every token
+may attend only to earlier tokens of its own sequence. The boundaries travel as ``cu_seqlens``
+through the ``cu_seq_lens_q/k`` and ``max_length_q/k`` keyword arguments that transformers forwards
+from ``model(...)`` to the attention function (see ``packed_forward_kwargs``).
+
+Backends, in the order ``auto`` tries them:
+
+- ``flash``: flash_attn's varlen kernel (FA2 ``flash_attn.flash_attn_varlen_func``, or FA4
+  ``flash_attn.cute`` when the ``flash-attn-4`` distribution is installed). CUDA, fp16/bf16.
+- ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.11). CUDA, fp16/bf16: it
+  dispatches only to flash/cuDNN kernels and has no CPU implementation.
+- ``sdpa``: one ``F.scaled_dot_product_attention`` call with a block-diagonal causal boolean mask.
+  Any device and dtype; the mask costs T*T bytes (built once per forward and kept until the next
+  row), and no fused kernel skips the masked blocks, so it is the CPU and fallback path.
+
+A forced backend that cannot run raises ``AttentionBackendError``; nothing falls back silently.
+
+Public API: ``ATTN_BACKENDS``, ``AttentionBackendError``, ``available_backends``,
+``resolve_attn_backend``, ``enable_packed_attention``, ``is_packed_attention``,
+``packed_forward_kwargs``, ``unwrap_model``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import inspect
+import logging
+import weakref
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+
+from dpo_dist.data.batch import PackedBatch
+
+logger = logging.getLogger(__name__)
+
+ATTN_BACKENDS = ("auto", "flash", "varlen", "sdpa")
+_KERNEL_ORDER = ("flash", "varlen", "sdpa")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# Names under which the functions are registered with transformers. They avoid the substrings
+# "flash" and "sdpa": transformers special-cases implementation names that contain them.
+_IMPL_NAMES = {
+    "flash": "dpo_dist_packed_fa",
+    "varlen": "dpo_dist_packed_varlen",
+    "sdpa": "dpo_dist_packed_mask",
+}
+
+
+class AttentionBackendError(ValueError):
+    """A packed-attention backend was requested or called in a way that cannot be correct."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend discovery
+
+
+@functools.cache
+def _flash_kernel() -> tuple[Callable | None, str]:
+    """The installed flash-attention varlen function and a description, or (None, why not)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None, "installed: no"
+    # FA2 wheels also ship a flash_attn/cute folder, so only the flash-attn-4 distribution means FA4.
+    distributions = importlib.metadata.packages_distributions().get("flash_attn", [])
+    is_fa4 = any(name.replace("_", "-").lower() == "flash-attn-4" for name in distributions)
+    try:
+        if is_fa4:
+            from flash_attn.cute import flash_attn_varlen_func
+        else:
+            from flash_attn import flash_attn_varlen_func
+    except Exception as error:  # a broken CUDA extension raises anything from ImportError to OSError
+        return None, f"installed: yes, import failed: {type(error).__name__}: {error}"
+    return flash_attn_varlen_func, "FA4 (flash_attn.cute)" if is_fa4 else "FA2"
+
+
+@functools.cache
+def _varlen_kernel() -> tuple[Callable | None, bool]:
+    """torch's varlen_attn and whether it accepts ``enable_gqa``; (None, False) when unusable."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, False
+    parameters = inspect.signature(varlen_attn).parameters
+    # torch 2.10 only had is_causal; causal-with-window needs window_size (torch >= 2.11).
+    if "window_size" not in parameters:
+        return None, False
+    return varlen_attn, "enable_gqa" in parameters
+
+
+def _unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """None when ``backend`` can run on ``device`` with weights of ``dtype``, else one line why not."""
+    if backend == "sdpa":
+        return None
+    half_ok = dtype is None or dtype in _HALF_DTYPES
+    dtype_note = "" if dtype is None else f", dtype: {str(dtype).removeprefix('torch.')}"
+    if backend == "flash":
+        kernel, status = _flash_kernel()
+        if kernel is not None and device.type == "cuda" and half_ok:
+            return None
+        return (
+            f"model.attn_backend=flash needs the flash_attn package, a CUDA device and fp16/bf16 weights; "
+            f"{status}, device: {device.type}{dtype_note}"
+        )
+    kernel, _ = _varlen_kernel()
+    capable = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    if kernel is not None and capable and half_ok:
+        return None
+    return (
+        "model.attn_backend=varlen needs torch.nn.attention.varlen.varlen_attn with window_size "
+        f"(torch >= 2.11), a CUDA device of compute capability >= 8.0 and fp16/bf16 weights; "
+        f"torch: {torch.__version__}, varlen_attn: {'yes' if kernel else 'no'}, device: {device.type}{dtype_note}"
+    )
+
+
+def available_backends(device: torch.device | str, dtype: torch.dtype | None = None) -> list[str]:
+    """Backends that can run on ``device`` (with weights of ``dtype`` when given), in ``auto`` order."""
+    device = torch.device(device)
+    return [name for name in _KERNEL_ORDER if _unavailable_reason(name, device, dtype) is None]
+
+
+def resolve_attn_backend(requested: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend for ``model.attn_backend=requested``: ``auto`` picks the first available.
+
+    Raises ``AttentionBackendError`` for an unknown name or a forced backend that cannot run here.
+    """
+    if requested not in ATTN_BACKENDS:
+        raise AttentionBackendError(
+            f"model.attn_backend={requested!r} is not one of {', '.join(ATTN_BACKENDS)}"
+        )
+    device = torch.device(device)
+    if requested == "auto":
+        return available_backends(device, dtype)[0]
+    reason = _unavailable_reason(requested, device, dtype)
+    if reason is not None:
+        raise AttentionBackendError(reason)
+    return requested
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels: q is (total_q, Hq, D), k/v are (total_k, Hkv, D); each returns (total_q, Hq, Dv).
+
+
+def _flash_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, window):
+    kernel, _ = _flash_kernel()
+    options = {"softmax_scale": scale, "causal": True}
+    if window is not None:
+        options["window_size"] = (window - 1, 0)
+    out = kernel(
+        q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, **options
+    )
+    return out[0] if isinstance(out, tuple) else out  # FA4 returns (out, lse)
+
+
+def _varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, window):
+    kernel, takes_gqa = _varlen_kernel()
+    groups = q.shape[1] // k.shape[1]
+    options = {}
+    if groups > 1 and takes_gqa:
+        options["enable_gqa"] = True
+    elif groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    left = -1 if window is None else window - 1
+    return kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(left, 0), **options)
+
+
+# One cached mask per sliding-window size (models like Gemma 2 alternate sizes between layers). An
+# entry is reused only for the very same cu_seqlens tensor, unmodified (same _version): every layer of
+# one forward, and its activation-checkpoint recomputation, share one mask.
+_mask_cache: dict[tuple[int | None, torch.device], tuple[weakref.ref, int, int, torch.Tensor]] = {}
+
+
+def _block_causal_mask(cu_seqlens: torch.Tensor, total: int, window: int | None, device) -> torch.Tensor:
+    """[total, total] bool: True where query i may attend key j (same sequence, j <= i, in window)."""
+    cache_key = (window, torch.device(device))
+    cached = _mask_cache.get(cache_key)
+    if cached is not None:
+        ref, version, cached_total, mask = cached
+        if ref() is cu_seqlens and version == cu_seqlens._version and cached_total == total:
+            return mask
+    positions = torch.arange(total, device=device)
+    # searchsorted instead of repeat_interleave(lengths): no device-to-host sync for the output size.
+    sequence = torch.searchsorted(cu_seqlens[1:].to(device=device, dtype=torch.long), positions, right=True)
+    q_pos, k_pos = positions[:, None], positions[None, :]  # compared straight to bool: no int64 [T, T]
+    mask = (sequence[:, None] == sequence[None, :]) & (k_pos <= q_pos)
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    _mask_cache[cache_key] = (weakref.ref(cu_seqlens), cu_seqlens._version, total, mask)
+    return mask
+
+
+def _sdpa_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, dropout=0.0):
+    mask = _block_causal_mask(cu_q, q.shape[0], window, q.device)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=mask,
+        dropout_p=dropout,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.transpose(0, 1)
+
+
+_KERNELS = {"flash": _flash_attention, "varlen": _varlen_attention, "sdpa": _sdpa_attention}
+
+
+# ---------------------------------------------------------------------------------------------
+# The function transformers calls in every attention layer
+
+
+def _check_call(backend: str, module: nn.Module, query, key, attention_mask, dropout, kwargs) -> None:
+    """Refuse every call whose result would silently differ from per-sequence causal attention."""
+    if kwargs.get("cu_seq_lens_q") is None or kwargs.get("cu_seq_lens_k") is None:
+        raise AttentionBackendError(
+            "packed attention was called without cu_seq_lens_q/cu_seq_lens_k, so packed sequences would "
+            "attend to each other; pass dpo_dist.attention.packed_forward_kwargs(batch) to the model"
+        )
+    if kwargs.get("max_length_q") is None or kwargs.get("max_length_k") is None:
+        raise AttentionBackendError("packed attention needs max_length_q/max_length_k (host ints)")
+    if attention_mask is not None:
+        raise AttentionBackendError("packed attention takes cu_seqlens, not an attention_mask")
+    if query.shape[2] != key.shape[2]:
+        raise AttentionBackendError(
+            "packed attention got a KV cache (query and key lengths differ); call the model with use_cache=False"
+        )
+    is_causal = kwargs.get("is_causal")
+    if not (getattr(module, "is_causal", True) if is_causal is None else is_causal):
+        raise AttentionBackendError(
+            "packed attention is causal only; this module asked for bidirectional attention"
+        )
+    for unsupported in ("softcap", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise AttentionBackendError(
+                f"packed attention does not support {unsupported} (from {type(module).__name__})"
+            )
+    if dropout and backend != "sdpa":
+        raise AttentionBackendError(
+            f"the {backend} packed-attention backend has no attention dropout; set config.attention_dropout=0"
+        )
+
+
+def _make_attention_function(backend: str) -> Callable:
+    kernel = _KERNELS[backend]
+
+    def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        """transformers attention interface: q/k/v (B, H, T, D) -> ((B, T, H, D), None)."""
+        _check_call(backend, module, query, key, attention_mask, dropout, kwargs)
+        batch, heads, length, _ = query.shape
+        # Rows are concatenated into one token stream; cu_seqlens index into it (flash-attn convention).
+        q, k, v = (x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3]) for x in (query, key, value))
+        options = {"dropout": dropout} if backend == "sdpa" else {}
+        out = kernel(
+            q,
+            k,
+            v,
+            kwargs["cu_seq_lens_q"],
+            kwargs["cu_seq_lens_k"],
+            kwargs["max_length_q"],
+            kwargs["max_length_k"],
+            scaling if scaling is not None else query.shape[-1] ** -0.5,
+            kwargs.get("sliding_window"),
+            **options,
+        )
+        return out.reshape(batch, length, heads, value.shape[-1]), None
+
+    packed_attention.__name__ = f"packed_attention_{backend}"
+    return packed_attention
+
+
+# ---------------------------------------------------------------------------------------------
+# Model integration
+
+
+def unwrap_model(model: nn.Module) -> PreTrainedModel:
+    """The Hugging Face model inside DDP/DeepSpeed (``.module``) and PEFT (``get_base_model()``) wrappers."""
+    current = model
+    while not isinstance(current, PreTrainedModel):
+        if hasattr(current, "get_base_model"):
+            current = current.get_base_model()
+        elif isinstance(getattr(current, "module", None), nn.Module):
+            current = current.module
+        else:
+            raise TypeError(f"{type(model).__name__} does not wrap a transformers PreTrainedModel")
+    return current
+
+
+def enable_packed_attention(model: nn.Module, backend: str) -> str:
+    """Switch ``model`` to packed attention with ``backend`` (``auto`` resolves); return the backend used."""
+    hf_model = unwrap_model(model)
+    parameter = next(hf_model.parameters())
+    name = resolve_attn_backend(backend, parameter.device, hf_model.dtype)
+    implementation = _IMPL_NAMES[name]
+    AttentionInterface.register(implementation, _make_attention_function(name))
+    hf_model.set_attn_implementation(implementation)
+    # transformers only warns (and keeps the old attention) for models it cannot switch; that old
+    # attention would let packed sequences see each other, so refuse instead.
+    if hf_model.config._attn_implementation != implementation:
+        raise AttentionBackendError(
+            f"{type(hf_model).__name__} cannot switch its attention implementation, so it cannot run packed rows"
+        )
+    detail = f" [{_flash_kernel()[1]}]" if name == "flash" else ""
+    logger.info(
+        "packed attention backend: %s%s (model.attn_backend=%s, %s on %s)",
+        name,
+        detail,
+        backend,
+        type(hf_model).__name__,
+        parameter.device,
+    )
+    return name
+
+
+def is_packed_attention(model: nn.Module) -> bool:
+    """Whether ``enable_packed_attention`` switched this model (it then needs cu_seqlens on every call)."""
+    return unwrap_model(model).config._attn_implementation in _IMPL_NAMES.values()
+
+
+def packed_forward_kwargs(batch: PackedBatch) -> dict:
+    """Keyword arguments for ``model(...)`` or its decoder to run one packed row.
+
+    ``use_cache=False`` always: with a cache, transformers' own sdpa path attends across packed
+    sequences, and a KV cache has no use in training or scoring anyway.
+    """
+    return {
+        "position_ids": batch.position_ids,
+        "cu_seq_lens_q": batch.cu_seqlens,
+        "cu_seq_lens_k": batch.cu_seqlens,
+        "max_length_q": batch.max_seqlen,
+        "max_length_k": batch.max_seqlen,
+        "use_cache": False,
+    }

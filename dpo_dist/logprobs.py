@@ -1,0 +1,170 @@
+"""Per-sequence log-probabilities of response tokens, without full [T, V] fp32 logits.
+
+``sequence_logps`` runs the decoder of a causal LM on one packed row, then scores next tokens in
+chunks of ``chunk_tokens`` positions through the LM head. Each chunk's logits are upcast to fp32,
+reduced to one log-prob per position and dropped; under autograd each chunk is activation-
+checkpointed, so backward recomputes its logits instead of keeping them. At most one chunk of
+logits ([chunk_tokens, V] fp32, 0.5 GB at 1024 x 128k) is alive at a time, forward or backward.
+
+Scoring rule: the hidden state at position t scores token t+1 when ``labels[t + 1] != -100`` and
+both positions belong to the same sequence, so nothing is scored across a sequence boundary even
+if a collate function marked a sequence's first token as a response token.
+
+Output-logit transforms that some models apply after the LM head are reproduced from the config:
+``logit_scale`` (Cohere: multiply), ``logits_scaling`` (Granite: divide) and
+``final_logit_softcapping`` (Gemma 2/3: tanh soft-cap). Any other post-head transform in a model's
+``forward`` is not seen here, because only the decoder and the LM head are called.
+
+Public API: ``SequenceLogps``, ``sequence_logps``, ``padded_sequence_logps``, ``split_pairs``,
+``LOGP_NORMALIZATIONS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dpo_dist.attention import is_packed_attention, packed_forward_kwargs, unwrap_model
+from dpo_dist.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
+
+LOGP_NORMALIZATIONS = ("sum", "mean")
+
+
+@dataclass
+class SequenceLogps:
+    """Per-sequence results of one micro-batch, in batch order (chosen_0, rejected_0, chosen_1, ...)."""
+
+    logps: torch.Tensor
+    """[S] float32: summed response-token log-probs, or their mean per token when normalize="mean"."""
+    sum_logps: torch.Tensor
+    """[S] float32: summed response-token log-probs whatever the normalization (for NLL terms)."""
+    token_counts: torch.Tensor
+    """[S] int64: number of scored response tokens per sequence."""
+
+
+def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split per-sequence values ordered chosen_0, rejected_0, chosen_1, ... into (chosen, rejected)."""
+    return x[0::2], x[1::2]
+
+
+def sequence_logps(
+    model: nn.Module, batch: PackedBatch, *, chunk_tokens: int = 1024, normalize: str = "sum"
+) -> SequenceLogps:
+    """Response log-probs of every sequence of one packed row; differentiable w.r.t. the model.
+
+    ``model`` is a causal LM switched to packed attention (``dpo_dist.attention.enable_packed_attention``),
+    possibly wrapped by PEFT, DDP or DeepSpeed. No device-to-host synchronisation happens here.
+    """
+    _check_normalize(normalize)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    causal_lm = unwrap_model(model)
+    decoder, lm_head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
+    if decoder is causal_lm or lm_head is None:
+        raise TypeError(f"{type(causal_lm).__name__} has no separate decoder and LM head to score with")
+
+    hidden = decoder(input_ids=batch.input_ids, **packed_forward_kwargs(batch))[0][0]  # [T, H]
+    targets = _next_token_targets(batch)  # [T - 1]
+    token_logps = _chunked_token_logps(
+        lm_head, hidden[:-1], targets, chunk_tokens, _logit_transform(causal_lm.config)
+    )
+
+    positions_sequence = batch.seq_index[:-1]
+    num_sequences = batch.num_sequences
+    sum_logps = token_logps.new_zeros(num_sequences).index_add(0, positions_sequence, token_logps)
+    scored = (targets != IGNORE_INDEX).long()
+    token_counts = scored.new_zeros(num_sequences).index_add(0, positions_sequence, scored)
+    return _normalized(sum_logps, token_counts, normalize)
+
+
+def padded_sequence_logps(model: nn.Module, batch: PaddedBatch, normalize: str = "sum") -> SequenceLogps:
+    """The same quantities from a standard padded forward; for parity tests and baselines only.
+
+    It materializes the full [S, L, V] fp32 logits and their log-softmax, so it is memory-hungry by
+    design. ``model`` must use a standard attention implementation (eager/sdpa/flash_attention_2),
+    not packed attention, which needs cu_seqlens.
+    """
+    _check_normalize(normalize)
+    if is_packed_attention(model):
+        raise ValueError(
+            "padded_sequence_logps needs a model with standard attention; this one was switched to packed "
+            "attention (use model.set_attn_implementation('sdpa') or a separate copy)"
+        )
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    log_probs = logits[:, :-1].float().log_softmax(dim=-1)
+    targets = batch.labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    token_logps = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    sum_logps = torch.where(scored, token_logps, 0.0).sum(dim=-1)
+    return _normalized(sum_logps, scored.long().sum(dim=-1), normalize)
+
+
+def _check_normalize(normalize: str) -> None:
+    if normalize not in LOGP_NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {', '.join(LOGP_NORMALIZATIONS)}, got {normalize!r}")
+
+
+def _normalized(sum_logps: torch.Tensor, token_counts: torch.Tensor, normalize: str) -> SequenceLogps:
+    logps = sum_logps if normalize == "sum" else sum_logps / token_counts.clamp(min=1)
+    return SequenceLogps(logps=logps, sum_logps=sum_logps, token_counts=token_counts)
+
+
+def _next_token_targets(batch: PackedBatch) -> torch.Tensor:
+    """[T - 1]: the token each position predicts, or IGNORE_INDEX where it is not scored."""
+    labels = batch.labels[0]
+    same_sequence = batch.seq_index[1:] == batch.seq_index[:-1]
+    return torch.where(same_sequence, labels[1:], IGNORE_INDEX)
+
+
+def _logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The post-LM-head logit transform the model's forward applies, from its config (see module doc)."""
+    scale = getattr(config, "logit_scale", None)
+    divisor = getattr(config, "logits_scaling", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if scale is None and divisor is None and softcap is None:
+        return None
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if divisor is not None:
+            logits = logits / divisor
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return transform
+
+
+def _token_logps(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, transform) -> torch.Tensor:
+    """log p(target | hidden) per position in fp32; 0 where the target is IGNORE_INDEX."""
+    logits = lm_head(hidden).float()
+    if transform is not None:
+        logits = transform(logits)
+    # cross_entropy fuses log_softmax and gather and never keeps a second [chunk, V] tensor.
+    return -F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def _chunked_token_logps(lm_head, hidden, targets, chunk_tokens: int, transform) -> torch.Tensor:
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    # Checkpointing only matters when a graph is being recorded; the reference pass runs under no_grad.
+    recording = torch.is_grad_enabled()
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        chunk = (
+            lm_head,
+            hidden[start : start + chunk_tokens],
+            targets[start : start + chunk_tokens],
+            transform,
+        )
+        if recording:
+            pieces.append(checkpoint(_token_logps, *chunk, use_reentrant=False))
+        else:
+            pieces.append(_token_logps(*chunk))
+    return torch.cat(pieces)

@@ -1,0 +1,176 @@
+"""Preference losses: pure functions of per-pair sequence log-probabilities.
+
+Public API:
+
+- ``preference_loss(name, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+  ref_rejected_logps, *, beta, **options) -> (losses, chosen_rewards, rejected_rewards)``,
+  all tensors of shape [pairs]. ``losses`` are per pair (the engine reduces them); rewards are
+  ``beta * (policy - reference)`` per side (``beta * policy`` for reference-free losses), detached.
+- ``LOSS_NAMES``: the valid ``name`` values: sigmoid, robust, hinge, ipo, kto_pair, simpo.
+- ``LOSS_OPTIONS``: name -> the ``options`` that loss accepts (with their defaults).
+- ``REFERENCE_FREE_LOSSES``: losses that ignore the reference (the ref arguments may be None).
+- ``MEAN_LOGP_LOSSES``: losses defined on length-normalized (mean per-token) log-probs; the config
+  forces ``loss.logp_normalization=mean`` for them. Every other loss expects summed log-probs.
+- ``sft_nll(chosen_sum_logps, chosen_token_counts) -> [pairs]``: the per-token NLL of each chosen
+  response, the SFT term of RPO (Pang et al. 2024, arXiv 2404.19733, the NLL term of the DPO+NLL
+  loss, Sec. 2); the engine adds ``alpha * sft_nll(...)`` to the preference losses.
+
+Notation: with summed response log-probs pi_c, pi_r (policy) and ref_c, ref_r (reference),
+``logits = (pi_c - pi_r) - (ref_c - ref_r)``. Options: ``label_smoothing`` (eps, the assumed
+label-flip rate) for sigmoid, robust and simpo; ``gamma`` (the absolute target reward margin,
+default 0.5 like ``loss.gamma``; TRL's ``gamma_beta_ratio`` is ``gamma / beta``) for simpo. A
+``label_smoothing`` of 0 is accepted by every loss so that one config can drive them all.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class _Pairs(NamedTuple):
+    policy_chosen: torch.Tensor
+    policy_rejected: torch.Tensor
+    ref_chosen: torch.Tensor | None
+    ref_rejected: torch.Tensor | None
+
+    def logits(self) -> torch.Tensor:
+        return (self.policy_chosen - self.policy_rejected) - (self.ref_chosen - self.ref_rejected)
+
+
+def _smoothed_logistic(margin: torch.Tensor, eps: float) -> torch.Tensor:
+    return -(1 - eps) * F.logsigmoid(margin) - eps * F.logsigmoid(-margin)
+
+
+def _sigmoid(pairs: _Pairs, beta: float, *, label_smoothing: float = 0.0) -> torch.Tensor:
+    """DPO, Rafailov et al. 2023 (arXiv 2305.18290) eq. 7; eps > 0 is cDPO (Mitchell 2023, cdpo.pdf eq. 3)."""
+    return _smoothed_logistic(beta * pairs.logits(), label_smoothing)
+
+
+def _robust(pairs: _Pairs, beta: float, *, label_smoothing: float = 0.0) -> torch.Tensor:
+    """rDPO, Chowdhury et al. 2024 (arXiv 2403.00409), the de-biased loss of Sec. 3 with flip rate eps."""
+    margin, eps = beta * pairs.logits(), label_smoothing
+    return ((1 - eps) * -F.logsigmoid(margin) + eps * F.logsigmoid(-margin)) / (1 - 2 * eps)
+
+
+def _hinge(pairs: _Pairs, beta: float) -> torch.Tensor:
+    """SLiC-HF, Zhao et al. 2023 (arXiv 2305.10425) eq. 1 on reference-normalized log-ratios, margin 1/beta."""
+    return torch.relu(1 - beta * pairs.logits())
+
+
+def _ipo(pairs: _Pairs, beta: float) -> torch.Tensor:
+    """IPO, Azar et al. 2023 (arXiv 2310.12036) eq. 17, with beta as tau."""
+    return (pairs.logits() - 1 / (2 * beta)) ** 2
+
+
+def _kto_pair(pairs: _Pairs, beta: float) -> torch.Tensor:
+    """KTO, Ethayarajh et al. 2024 (arXiv 2402.01306), paired form with batch KL baselines as TRL's kto_pair."""
+    chosen_ratio = pairs.policy_chosen - pairs.ref_chosen
+    rejected_ratio = pairs.policy_rejected - pairs.ref_rejected
+    # The KL reference points are batch statistics, not paths for the gradient (as in TRL's KTO).
+    chosen_kl = chosen_ratio.detach().mean().clamp(min=0)
+    rejected_kl = rejected_ratio.detach().mean().clamp(min=0)
+    chosen_loss = 1 - torch.sigmoid(beta * (chosen_ratio - rejected_kl))
+    rejected_loss = 1 - torch.sigmoid(beta * (chosen_kl - rejected_ratio))
+    return (chosen_loss + rejected_loss) / 2
+
+
+def _simpo(pairs: _Pairs, beta: float, *, gamma: float = 0.5, label_smoothing: float = 0.0) -> torch.Tensor:
+    """SimPO, Meng et al. 2024 (arXiv 2405.14734) eq. 6 on mean log-probs; gamma is the absolute margin."""
+    margin = beta * (pairs.policy_chosen - pairs.policy_rejected) - gamma
+    return _smoothed_logistic(margin, label_smoothing)
+
+
+_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "sigmoid": _sigmoid,
+    "robust": _robust,
+    "hinge": _hinge,
+    "ipo": _ipo,
+    "kto_pair": _kto_pair,
+    "simpo": _simpo,
+}
+LOSS_NAMES = tuple(_LOSSES)
+LOSS_OPTIONS = {
+    name: {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    for name, fn in _LOSSES.items()
+}
+REFERENCE_FREE_LOSSES = frozenset({"simpo"})
+MEAN_LOGP_LOSSES = frozenset({"simpo"})
+
+
+def preference_loss(
+    name: str,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    *,
+    beta: float,
+    **options,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses and detached (chosen, rejected) rewards of preference loss ``name``."""
+    if name not in _LOSSES:
+        raise ValueError(f"unknown preference loss {name!r}; valid names: {', '.join(LOSS_NAMES)}")
+    _check_beta(beta)
+    options = _checked_options(name, options)
+    reference_free = name in REFERENCE_FREE_LOSSES
+    pairs = _checked_pairs(
+        name, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, reference_free
+    )
+    losses = _LOSSES[name](pairs, beta, **options)
+    with torch.no_grad():
+        if reference_free:
+            chosen_rewards, rejected_rewards = beta * pairs.policy_chosen, beta * pairs.policy_rejected
+        else:
+            chosen_rewards = beta * (pairs.policy_chosen - pairs.ref_chosen)
+            rejected_rewards = beta * (pairs.policy_rejected - pairs.ref_rejected)
+    return losses, chosen_rewards, rejected_rewards
+
+
+def sft_nll(chosen_sum_logps: torch.Tensor, chosen_token_counts: torch.Tensor) -> torch.Tensor:
+    """[pairs] mean per-token negative log-likelihood of each chosen response (RPO/SFT term)."""
+    return -chosen_sum_logps / chosen_token_counts.clamp(min=1)
+
+
+def _check_beta(beta) -> None:
+    # A tensor beta would need a device sync to validate, and nothing needs one.
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+
+
+def _checked_options(name: str, options: dict) -> dict:
+    accepted = LOSS_OPTIONS[name]
+    checked = {}
+    for key, value in options.items():
+        if key == "label_smoothing" and key not in accepted and value == 0:
+            continue
+        if key not in accepted:
+            valid = ", ".join(accepted) or "none"
+            raise ValueError(f"loss {name!r} does not take option {key}={value!r}; its options: {valid}")
+        checked[key] = value
+    eps = checked.get("label_smoothing", 0.0)
+    upper_ok = eps < 0.5 if name == "robust" else eps <= 0.5
+    if not (isinstance(eps, (int, float)) and 0 <= eps and upper_ok):
+        bound = "[0, 0.5)" if name == "robust" else "[0, 0.5]"
+        raise ValueError(f"label_smoothing for loss {name!r} must be in {bound}, got {eps!r}")
+    gamma = checked.get("gamma", 0.0)
+    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
+        raise ValueError(f"gamma for loss {name!r} must be a finite number >= 0, got {gamma!r}")
+    return checked
+
+
+def _checked_pairs(name, policy_chosen, policy_rejected, ref_chosen, ref_rejected, reference_free) -> _Pairs:
+    if not reference_free and (ref_chosen is None or ref_rejected is None):
+        raise ValueError(f"loss {name!r} needs reference log-probs")
+    tensors = {"policy_chosen_logps": policy_chosen, "policy_rejected_logps": policy_rejected}
+    if not reference_free:
+        tensors |= {"ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+    shapes = {key: tuple(value.shape) for key, value in tensors.items()}
+    if len(set(shapes.values())) != 1 or len(shapes["policy_chosen_logps"]) != 1:
+        raise ValueError(f"preference_loss needs 1-D log-prob tensors of one shape [pairs], got {shapes}")
+    return _Pairs(policy_chosen, policy_rejected, ref_chosen, ref_rejected)

@@ -1,0 +1,202 @@
+"""Packed attention: backend resolution, isolation of packed sequences, GQA and sliding windows."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from dpo_dist.attention import (
+    ATTN_BACKENDS,
+    AttentionBackendError,
+    available_backends,
+    enable_packed_attention,
+    is_packed_attention,
+    packed_forward_kwargs,
+    resolve_attn_backend,
+)
+from tests.unit.tiny_models import backend_params, packed_batch, random_sequences, seeded, tiny_llama
+
+CPU = torch.device("cpu")
+
+
+def packed_logits(model, sequences) -> list[torch.Tensor]:
+    """Logits of one packed forward, cut back into one [len, V] tensor per sequence."""
+    batch = packed_batch(sequences)
+    logits = model(input_ids=batch.input_ids, **packed_forward_kwargs(batch)).logits[0]
+    return list(logits.split([len(ids) for ids, _ in sequences]))
+
+
+def unpacked_logits(model, sequences) -> list[torch.Tensor]:
+    return [model(input_ids=ids.unsqueeze(0), use_cache=False).logits[0] for ids, _ in sequences]
+
+
+def test_auto_picks_sdpa_on_cpu():
+    assert ATTN_BACKENDS == ("auto", "flash", "varlen", "sdpa")
+    assert available_backends(CPU) == ["sdpa"]
+    assert resolve_attn_backend("auto", CPU) == "sdpa"
+    assert resolve_attn_backend("auto", "cpu", torch.bfloat16) == "sdpa"
+    assert resolve_attn_backend("sdpa", CPU) == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "backend, needs",
+    [
+        ("flash", "needs the flash_attn package, a CUDA device"),
+        ("varlen", "a CUDA device of compute capability"),
+    ],
+)
+def test_forced_cuda_backend_on_cpu_is_a_clear_error(backend, needs):
+    with pytest.raises(AttentionBackendError) as raised:
+        resolve_attn_backend(backend, CPU)
+    message = str(raised.value)
+    assert message.startswith(f"model.attn_backend={backend} ")
+    assert needs in message and "device: cpu" in message
+    assert "\n" not in message
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(AttentionBackendError, match="'xformers' is not one of auto, flash, varlen, sdpa"):
+        resolve_attn_backend("xformers", CPU)
+
+
+def test_enable_switches_the_model_and_logs_the_backend(caplog):
+    model = tiny_llama()
+    with caplog.at_level(logging.INFO, logger="dpo_dist.attention"):
+        assert enable_packed_attention(model, "auto") == "sdpa"
+    assert is_packed_attention(model)
+    assert [r.getMessage() for r in caplog.records if r.name == "dpo_dist.attention"] == [
+        "packed attention backend: sdpa (model.attn_backend=auto, LlamaForCausalLM on cpu)"
+    ]
+    with pytest.raises(AttentionBackendError, match="model.attn_backend=flash"):
+        enable_packed_attention(tiny_llama(), "flash")
+
+
+def test_missing_cu_seqlens_is_an_error_not_cross_attention():
+    model = tiny_llama()
+    enable_packed_attention(model, "sdpa")
+    with pytest.raises(AttentionBackendError, match="without cu_seq_lens_q/cu_seq_lens_k"):
+        model(input_ids=torch.randint(1, 128, (1, 8)), use_cache=False)
+
+
+def test_kv_cache_and_softcap_are_refused():
+    model = tiny_llama()
+    enable_packed_attention(model, "sdpa")
+    batch = packed_batch(random_sequences([4, 6]))
+    attention = ALL_ATTENTION_FUNCTIONS[model.config._attn_implementation]
+    q = torch.zeros(1, 4, 10, 16)
+    kv = torch.zeros(1, 2, 10, 16)
+    varlen = {k: v for k, v in packed_forward_kwargs(batch).items() if k.startswith(("cu_", "max_"))}
+    layer = model.model.layers[0].self_attn
+    with pytest.raises(AttentionBackendError, match="use_cache=False"):
+        attention(layer, q[:, :, :1], kv, kv, None, **varlen)
+    with pytest.raises(AttentionBackendError, match="softcap"):
+        attention(layer, q, kv, kv, None, softcap=50.0, **varlen)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_packed_sequences_do_not_see_each_other(backend):
+    """The pitfall in notes/cpu-stack.md: changing sequence 1 must not move sequence 2's logits."""
+    model = tiny_llama()
+    enable_packed_attention(model, backend)
+    sequences = random_sequences([9, 13, 6])
+    altered = [(torch.randint(1, 128, (9,), generator=torch.Generator().manual_seed(7)), sequences[0][1])]
+    altered += sequences[1:]
+    with torch.no_grad():
+        before, after = packed_logits(model, sequences), packed_logits(model, altered)
+    assert not torch.allclose(before[0], after[0])
+    torch.testing.assert_close(after[1], before[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(after[2], before[2], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("kv_heads", [2, 1, 4])
+def test_packed_forward_matches_one_sequence_per_forward(backend, kv_heads):
+    """GQA (2 kv heads), MQA (1) and MHA (4) models: packed logits and grads equal unpacked ones."""
+    stock = tiny_llama(num_key_value_heads=kv_heads)
+    packed = copy.deepcopy(stock)
+    enable_packed_attention(packed, backend)
+    sequences = random_sequences([5, 11, 8, 16])
+    got, expected = packed_logits(packed, sequences), unpacked_logits(stock, sequences)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    weights = [torch.randn_like(e) for e in expected]
+    sum(torch.sum(g * w) for g, w in zip(got, weights)).backward()
+    sum(torch.sum(e * w) for e, w in zip(expected, weights)).backward()
+    for (name, p_packed), p_stock in zip(packed.named_parameters(), stock.parameters()):
+        torch.testing.assert_close(p_packed.grad, p_stock.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_sliding_window_model_matches_unpacked(backend):
+    """Mistral passes sliding_window to attention; the window must apply inside each sequence."""
+    config = MistralConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        max_position_embeddings=256,
+    )
+    stock = seeded(MistralForCausalLM, config)
+    packed = copy.deepcopy(stock)
+    enable_packed_attention(packed, backend)
+    sequences = random_sequences([12, 3, 9])
+    with torch.no_grad():
+        got, expected = packed_logits(packed, sequences), unpacked_logits(stock, sequences)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_is_built_once_per_forward_and_the_cache_stays_bounded(monkeypatch):
+    from dpo_dist import attention
+
+    monkeypatch.setattr(attention, "_mask_cache", {})
+    builds = []
+    searchsorted = torch.searchsorted
+    monkeypatch.setattr(
+        attention.torch, "searchsorted", lambda *a, **k: builds.append(1) or searchsorted(*a, **k)
+    )
+    model = tiny_llama(num_hidden_layers=3)
+    enable_packed_attention(model, "sdpa")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    for lengths in ([6, 10], [4, 4, 9], [12]):
+        builds.clear()
+        batch = packed_batch(random_sequences(lengths))
+        model(input_ids=batch.input_ids, **packed_forward_kwargs(batch)).logits.sum().backward()
+        assert len(builds) == 1  # 3 layers forward + 3 recomputed in backward share one mask
+    assert len(attention._mask_cache) == 1
+
+
+def test_mask_cache_follows_in_place_changes_of_cu_seqlens():
+    """The per-forward mask cache must not serve a stale mask when a cu_seqlens buffer is reused."""
+    model = tiny_llama()
+    enable_packed_attention(model, "sdpa")
+    first, second = random_sequences([6, 10]), random_sequences([10, 6])
+    batch = packed_batch(first)
+    with torch.no_grad():
+        model(input_ids=batch.input_ids, **packed_forward_kwargs(batch))
+        reused = packed_batch(second)
+        batch.cu_seqlens.copy_(reused.cu_seqlens)  # same tensor object, new boundaries
+        reused.cu_seqlens = batch.cu_seqlens
+        logits = model(input_ids=reused.input_ids, **packed_forward_kwargs(reused)).logits[0]
+        expected = model(
+            input_ids=second[0][0].unsqueeze(0), **packed_forward_kwargs(packed_batch(second[:1]))
+        )
+    torch.testing.assert_close(logits[:10], expected.logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_forward_kwargs_disable_the_cache():
+    batch = packed_batch(random_sequences([3, 5]))
+    kwargs = packed_forward_kwargs(batch)
+    assert kwargs["use_cache"] is False
+    assert kwargs["cu_seq_lens_q"] is batch.cu_seqlens and kwargs["cu_seq_lens_k"] is batch.cu_seqlens
+    assert kwargs["max_length_q"] == kwargs["max_length_k"] == 5
+    assert kwargs["position_ids"] is batch.position_ids
