@@ -97,11 +97,12 @@ def hydra_main(prog: str, task: Callable, config_name: str = "config") -> None:
     if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") for a in argv):
         check_overrides(prog, overrides, config_name)
     # A single run's Hydra directory is its output_dir, so re-running a command resumes in place.
+    extra = [f"hydra.job.name={prog}"]
     explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")]
     if explicit and not multirun:
-        sys.argv.append(f"hydra.run.dir={explicit[-1]}")
-    sys.argv[0] = prog
-    sys.argv.append(f"hydra.job.name={prog}")
+        extra.append(f"hydra.run.dir={explicit[-1]}")
+    # Before the user's arguments: after an option like `--cfg job` argparse would reject them.
+    sys.argv[:] = [prog, *extra, *argv]
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)
     def _app(cfg):

@@ -1,0 +1,113 @@
+"""Typed config: schema validation, one-line CLI errors, and layout rules the design fixes."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from dpo_dist.config import ConfigError, DPOConfig, config_from_dict
+from tests.helpers import REPO, run_cli
+
+
+def test_defaults_are_valid_and_round_trip():
+    cfg = DPOConfig()
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert cfg.cluster.world_size() == 1 and cfg.loss.kernel_name() == "sigmoid"
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"loss": {"beta": 0}}, "loss.beta: must be > 0"),
+        ({"loss": {"name": "nope"}}, "loss.name: got 'nope'"),
+        ({"loss": {"name": "simpo"}}, "loss.logp_normalization: simpo"),
+        ({"model": {"attn_backend": "xformers"}}, "model.attn_backend"),
+        ({"model": {"lora": {"r": -1}}}, "model.lora.r"),
+        ({"data": {"on_invalid": "ignore"}}, "data.on_invalid"),
+        ({"train": {"micro_batch_tokens": 100}, "data": {"max_length": 64}}, "train.micro_batch_tokens: must be >= 2 * data.max_length"),
+        ({"cluster": {"nproc_per_node": 0}}, "cluster.nproc_per_node"),
+        ({"model": {"nonsense": 1}}, "model.nonsense: unknown config key"),
+        ({"stage": "rl"}, "stage: got 'rl'"),
+    ],
+)
+def test_invalid_values_name_the_key(values, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(values)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_rpo_is_sigmoid_plus_nll():
+    cfg = config_from_dict({"loss": {"name": "rpo", "alpha": 1.0}})
+    assert cfg.loss.kernel_name() == "sigmoid" and cfg.loss.alpha == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.foo=1", "model.foo"),
+        ("train.max_steps=abc", "train.max_steps=abc"),
+        ("loss=nope", "Could not find 'loss/nope'"),
+        ("loss.beta=-1", "loss.beta: must be > 0"),
+        ("model=llama3_70b", "model.path: required for model=llama3_70b"),
+        ("data=custom", "data.train_path: required"),
+    ],
+)
+def test_cli_config_errors_are_one_line_exit_2(override, expected):
+    result = run_cli("launch.train", override)
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dpo-train: error: "), result.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_sweep_values_are_each_validated():
+    result = run_cli("launch.train", "-m", "loss.beta=0.1,-2")
+    assert result.returncode == 2
+    assert "loss.beta: must be > 0, got -2.0" in result.stderr
+
+
+def test_every_preset_composes(tmp_path):
+    for group in ("loss", "deepspeed", "cluster", "optim"):
+        for preset in sorted((REPO / "conf" / group).glob("*.yaml")):
+            result = run_cli("launch.train", f"{group}={preset.stem}", "--cfg", "job")
+            assert result.returncode == 0, (preset, result.stderr[-500:])
+
+
+def test_library_imports_neither_hydra_nor_submitit():
+    for path in (REPO / "dpo_dist").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in ("hydra", "submitit", "omegaconf"), f"{path}: imports {name}"
+
+
+def test_schema_fields_are_documented():
+    """Every config field carries a docstring (the attribute-docstring convention)."""
+    source = (REPO / "dpo_dist" / "config.py").read_text()
+    tree = ast.parse(source)
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name.endswith("Config") and n.name != "DPOConfig"):
+        body = cls.body
+        for i, node in enumerate(body):
+            if isinstance(node, ast.AnnAssign):
+                nxt = body[i + 1] if i + 1 < len(body) else None
+                documented = isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
+                assert documented, f"{cls.name}.{node.target.id} has no docstring"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    test_cmds = [ln for b in blocks for ln in b.splitlines() if "pytest" in ln]
+    assert len(test_cmds) == 1, test_cmds
+    ci = Path(REPO / ".ci" / "run").read_text().splitlines()
+    assert test_cmds[0].strip() in [ln.strip() for ln in ci]
