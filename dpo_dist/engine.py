@@ -111,17 +111,21 @@ def plan_micro_batches(
 class PackedPolicy(nn.Module):
     """Wraps a causal LM so that DeepSpeed's forward returns per-sequence log-probs of a packed row."""
 
-    def __init__(self, model: nn.Module, chunk_tokens: int, normalize: str):
+    def __init__(self, model: nn.Module, chunk_tokens: int, normalize: str, micro_batch_tokens: int):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.normalize = normalize
+        # The same LM-head call count on every rank (see logprobs.sequence_logps).
+        self.num_chunks = -(-micro_batch_tokens // chunk_tokens)
 
     def forward(self, *tensors: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Plain tensors in and out: ZeRO-3 finds the tensors of a module's inputs and outputs to
         # hook its backward, and cannot look inside dataclasses.
         batch = PackedBatch(*tensors, max_seqlen=max_seqlen)
-        out = sequence_logps(self.model, batch, chunk_tokens=self.chunk_tokens, normalize=self.normalize)
+        out = sequence_logps(
+            self.model, batch, chunk_tokens=self.chunk_tokens, normalize=self.normalize, num_chunks=self.num_chunks
+        )
         return out.logps, out.sum_logps, out.token_counts
 
 
@@ -182,7 +186,7 @@ def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
     if cfg.model.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     normalize = "sum" if cfg.stage == "sft" else cfg.loss.logp_normalization
-    policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, normalize)
+    policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, normalize, cfg.train.micro_batch_tokens)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,
@@ -213,28 +217,19 @@ class OnlineReference:
         model = load_causal_lm(cfg.model.path, dtype, dsc)
         enable_packed_attention(model, backend)
         model.requires_grad_(False)
-        policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, "sum")
+        policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, "sum", cfg.train.micro_batch_tokens)
         self.engine = deepspeed.initialize(model=policy, config=dsc)[0]
         self.engine.eval()
-        self.computed = False
 
     @torch.no_grad()
     def logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed reference log-probs of (chosen, rejected) for every pair of ``batch``."""
         return split_pairs(run_packed(self.engine, batch).logps)
 
+    eval_logps = logps
 
-class CachedReference:
-    """Reference log-probs looked up by example id in the precomputed Arrow store."""
-
-    def __init__(self, store, computed: bool, cache_dir: Path):
-        self.store, self.computed, self.cache_dir = store, computed, cache_dir
-
-    def logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed reference log-probs of (chosen, rejected) for every pair of ``batch``."""
-        chosen, rejected = self.store.lookup(batch.example_ids)
-        device = batch.input_ids.device
-        return chosen.to(device, non_blocking=True), rejected.to(device, non_blocking=True)
+    def run_info(self) -> dict[str, Any]:
+        return {"cache_dir": None, "computed": False, "mode": "online"}
 
 
 def batch_token_counts(batch: PackedBatch) -> torch.Tensor:
@@ -266,7 +261,7 @@ def forward_backward(ctx: StepContext, batch: PackedBatch, weight: float, sums: 
         losses = sft_nll(split_pairs(out.sum_logps)[0], chosen_counts)
         chosen_r = rejected_r = torch.zeros_like(losses)
     else:
-        ref_chosen, ref_rejected = reference_logps(ctx, batch)
+        ref_chosen, ref_rejected = reference_logps(ctx, batch, train)
         losses, chosen_r, rejected_r = preference_loss(
             cfg.loss.kernel_name(),
             policy_chosen,
@@ -294,12 +289,14 @@ def forward_backward(ctx: StepContext, batch: PackedBatch, weight: float, sums: 
     ).to(sums.dtype)
 
 
-def reference_logps(ctx: StepContext, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference log-probs normalised like the policy's (the store keeps sums)."""
+def reference_logps(ctx: StepContext, batch: PackedBatch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs normalised like the policy's (the store keeps sums); eval pairs have
+    their own store because example ids restart at 0 in every file."""
     if ctx.reference is None:  # reference-free losses (SimPO) ignore these
         zeros = torch.zeros(batch.num_pairs, device=batch.input_ids.device)
         return zeros, zeros
-    chosen, rejected = ctx.reference.logps(batch)
+    lookup = ctx.reference.logps if train else ctx.reference.eval_logps
+    chosen, rejected = lookup(batch)
     if ctx.cfg.loss.logp_normalization == "mean":
         c_counts, r_counts = split_pairs(batch_token_counts(batch))
         chosen, rejected = chosen / c_counts.clamp(min=1), rejected / r_counts.clamp(min=1)
@@ -563,11 +560,7 @@ def _due(step: int, every: int) -> bool:
 
 
 def run_info(cfg, env, device, backend, train_data, eval_data, reference, start) -> dict[str, Any]:
-    ref_info = None
-    if isinstance(reference, CachedReference):
-        ref_info = {"cache_dir": str(reference.cache_dir), "computed": reference.computed}
-    elif isinstance(reference, OnlineReference):
-        ref_info = {"cache_dir": None, "computed": False, "mode": "online"}
+    ref_info = reference.run_info() if reference is not None else None
     return {
         "world_size": env.world_size,
         "device": str(device),

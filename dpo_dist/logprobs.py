@@ -53,12 +53,22 @@ def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sequence_logps(
-    model: nn.Module, batch: PackedBatch, *, chunk_tokens: int = 1024, normalize: str = "sum"
+    model: nn.Module,
+    batch: PackedBatch,
+    *,
+    chunk_tokens: int = 1024,
+    normalize: str = "sum",
+    num_chunks: int | None = None,
 ) -> SequenceLogps:
     """Response log-probs of every sequence of one packed row; differentiable w.r.t. the model.
 
     ``model`` is a causal LM switched to packed attention (``dpo_dist.attention.enable_packed_attention``),
     possibly wrapped by PEFT, DDP or DeepSpeed. No device-to-host synchronisation happens here.
+
+    ``num_chunks`` fixes how many LM-head calls a row takes, whatever its length (chunks of
+    ``ceil(T / num_chunks)`` positions, some possibly empty). Under ZeRO-3 every LM-head call
+    gathers its weight collectively, so all ranks must make the same number of calls although
+    their rows differ in length; the engine passes ``ceil(micro_batch_tokens / chunk_tokens)``.
     """
     _check_normalize(normalize)
     if chunk_tokens < 1:
@@ -70,8 +80,13 @@ def sequence_logps(
 
     hidden = decoder(input_ids=batch.input_ids, **packed_forward_kwargs(batch))[0][0]  # [T, H]
     targets = _next_token_targets(batch)  # [T - 1]
+    positions = hidden.shape[0] - 1
+    if num_chunks is not None:
+        if num_chunks < 1:
+            raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
+        chunk_tokens = max(1, -(-positions // num_chunks))
     token_logps = _chunked_token_logps(
-        lm_head, hidden[:-1], targets, chunk_tokens, _logit_transform(causal_lm.config)
+        lm_head, hidden[:-1], targets, chunk_tokens, _logit_transform(causal_lm.config), num_chunks
     )
 
     positions_sequence = batch.seq_index[:-1]
@@ -150,13 +165,17 @@ def _token_logps(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     return -F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
 
 
-def _chunked_token_logps(lm_head, hidden, targets, chunk_tokens: int, transform) -> torch.Tensor:
-    if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32)
+def _chunked_token_logps(
+    lm_head, hidden, targets, chunk_tokens: int, transform, num_chunks: int | None = None
+) -> torch.Tensor:
+    if num_chunks is None:
+        if hidden.shape[0] == 0:
+            return hidden.new_zeros(0, dtype=torch.float32)
+        num_chunks = -(-hidden.shape[0] // chunk_tokens)
     # Checkpointing only matters when a graph is being recorded; the reference pass runs under no_grad.
     recording = torch.is_grad_enabled()
     pieces = []
-    for start in range(0, hidden.shape[0], chunk_tokens):
+    for start in range(0, num_chunks * chunk_tokens, chunk_tokens):
         chunk = (
             lm_head,
             hidden[start : start + chunk_tokens],

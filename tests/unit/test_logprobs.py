@@ -285,3 +285,19 @@ def test_invalid_arguments_are_rejected():
 def test_split_pairs_follows_the_packing_order():
     chosen, rejected = split_pairs(torch.tensor([10.0, 11.0, 20.0, 21.0, 30.0, 31.0]))
     assert chosen.tolist() == [10.0, 20.0, 30.0] and rejected.tolist() == [11.0, 21.0, 31.0]
+
+
+@pytest.mark.parametrize("num_chunks", [1, 3, 100])
+def test_fixed_chunk_count_calls_the_lm_head_that_often_and_agrees(num_chunks):
+    """ZeRO-3 needs the same LM-head call count on every rank whatever the row length."""
+    _, model = stock_and_packed(tiny_llama())
+    batch = packed_batch(random_sequences([6, 11, 4, 9]))
+    calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            got = sequence_logps(model, batch, num_chunks=num_chunks).logps
+    finally:
+        hook.remove()
+    assert len(calls) == num_chunks  # 100 > T: the surplus chunks are empty calls, not skipped
+    assert max_relative_diff(got, full_logits_logps(model, batch)) <= 1e-6

@@ -1,0 +1,145 @@
+"""Content fingerprints for caches: sha256 of files, memoized, and of small JSON values.
+
+Why memoize: the reference cache is keyed by the model's weights, and hashing 140 GB of Llama 3
+70B safetensors takes minutes on every run. ``file_sha256`` remembers each file's digest in
+``<cache root>/filehash.json`` under its absolute path together with its size and ``mtime_ns``;
+the digest is reused only while both are unchanged, so rewriting a file (``save_pretrained``,
+``cp`` without ``-p``) re-hashes it.
+
+The cache root is ``$DPO_DIST_CACHE`` if set, else ``~/.cache/dpo_dist``. Several processes
+(ranks, sweep jobs) may update the memo at once: each write re-reads the file, merges its own
+entries and replaces the file atomically, so a lost race only costs a later re-hash, never a
+wrong digest.
+
+This module depends on nothing else in dpo_dist, so any package (data, reference) can use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+CACHE_ENV = "DPO_DIST_CACHE"
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+"""Weight files that make up a model's fingerprint (plus ``config.json``)."""
+
+_MEMO_NAME = "filehash.json"
+_MEMO_VERSION = 1
+_BLOCK = 8 << 20
+_HASH_THREADS = 8
+"""hashlib releases the GIL on large updates, so sharded checkpoints hash in parallel."""
+
+
+def cache_root() -> Path:
+    """``$DPO_DIST_CACHE`` or ``~/.cache/dpo_dist`` (not created here)."""
+    override = os.environ.get(CACHE_ENV)
+    return Path(override).expanduser() if override else Path.home() / ".cache" / "dpo_dist"
+
+
+def json_sha256(value: Any) -> str:
+    """sha256 of ``value`` as canonical JSON (sorted keys, no whitespace)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def bytes_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 8 MiB blocks, never memoized."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike, *, memo: bool = True) -> str:
+    """sha256 of a file's bytes, reusing the memoized digest while its size and mtime are unchanged."""
+    return files_sha256([path], memo=memo)[0]
+
+
+def files_sha256(paths: Iterable[str | os.PathLike], *, memo: bool = True) -> list[str]:
+    """sha256 of several files (in order), hashing only those not memoized, in parallel."""
+    resolved = [Path(p).resolve() for p in paths]
+    stats = [p.stat() for p in resolved]
+    entries = _read_memo() if memo else {}
+    digests: list[str | None] = []
+    for path, st in zip(resolved, stats):
+        entry = entries.get(str(path))
+        fresh = entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
+        digests.append(entry["sha256"] if fresh else None)
+    todo = [i for i, d in enumerate(digests) if d is None]
+    if todo:
+        with ThreadPoolExecutor(max_workers=min(_HASH_THREADS, len(todo))) as pool:
+            for i, digest in zip(todo, pool.map(bytes_sha256, [resolved[i] for i in todo])):
+                digests[i] = digest
+        if memo:
+            _update_memo(
+                {
+                    str(resolved[i]): {
+                        "size": stats[i].st_size,
+                        "mtime_ns": stats[i].st_mtime_ns,
+                        "sha256": digests[i],
+                    }
+                    for i in todo
+                }
+            )
+    return [d for d in digests if d is not None]
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """sha256 over a Hugging Face model directory's weight files and ``config.json``.
+
+    Each file contributes its name relative to the directory and its own sha256, so renaming or
+    re-sharding a checkpoint changes the fingerprint too. Tokenizer files are not part of it (the
+    tokenizer has its own fingerprint).
+    """
+    root = Path(model_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{model_dir}: model directory not found")
+    weights = sorted({p for pattern in WEIGHT_PATTERNS for p in root.glob(pattern) if p.is_file()})
+    if not weights:
+        raise FileNotFoundError(f"{model_dir}: no weight files ({', '.join(WEIGHT_PATTERNS)})")
+    files = weights + ([root / "config.json"] if (root / "config.json").is_file() else [])
+    digests = files_sha256(files)
+    return json_sha256({p.relative_to(root).as_posix(): d for p, d in zip(files, digests)})
+
+
+def _memo_path() -> Path:
+    return cache_root() / _MEMO_NAME
+
+
+def _read_memo() -> dict[str, dict[str, Any]]:
+    """The memo's entries; an unreadable or foreign memo counts as empty (it is only a cache)."""
+    try:
+        data = json.loads(_memo_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != _MEMO_VERSION:
+        return {}
+    entries = data.get("entries")
+    return entries if isinstance(entries, dict) else {}
+
+
+def _update_memo(new_entries: dict[str, dict[str, Any]]) -> None:
+    """Merge entries into the memo and replace it atomically; failures only lose the memo."""
+    path = _memo_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        entries = _read_memo()
+        entries.update(new_entries)
+        fd, tmp = tempfile.mkstemp(prefix=f".{_MEMO_NAME}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"version": _MEMO_VERSION, "entries": entries}, f, indent=0, sort_keys=True)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError:
+        # A read-only home must not break training; the next run simply hashes again.
+        pass

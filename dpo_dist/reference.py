@@ -1,0 +1,1283 @@
+"""Reference log-probs: one forward pass into Arrow shards, reused by every run that can.
+
+The frozen reference model runs forward-only once per (model weights, tokenizer, data file,
+tokenization settings). Its summed response log-probs land in a cache directory that every
+training run and every sweep point (beta and lr are not inputs) reads back.
+
+Public API
+----------
+- ``reference_fingerprints(model_path, tokenizer, data_path, *, max_length, truncation, dtype)``
+  and ``fingerprints_from_config(config, tokenizer, data_path, *, dtype)``: the fingerprint dict
+  ``{"model", "tokenizer", "data", "settings"}`` (sha256 hex strings) plus ``"settings_values"``
+  (the plain settings, so a mismatch can say *which* setting changed).
+  ``combined_fingerprint(fps)`` and ``default_cache_dir(fingerprint)``
+  (``$DPO_DIST_CACHE`` or ``~/.cache/dpo_dist``, then ``reference/<fingerprint[:16]>``).
+- ``ensure_reference(model, dataset, cache_dir, *, fingerprints, ...) -> ReferenceSummary``: what the
+  engine and ``dpo-precompute`` call on every rank. Under the cache lock it reuses a complete,
+  valid cache (``computed=False``), computes what is missing of an absent or unfinished one
+  (``computed=True``), or raises ``ReferenceCacheError`` for a cache built from other inputs or
+  a corrupted one: it never overwrites a cache that belongs to another model. ``model`` may be a
+  zero-argument factory, called (on every rank) only when something must be computed, so a run
+  that reuses the cache never builds the reference model.
+- ``precompute_reference(model, dataset, cache_dir, *, fingerprints, ...) -> ReferenceSummary``: the
+  pass itself (resume included), without the lock: call it only with exclusive use of cache_dir.
+- ``ReferenceStore.open(cache_dir, expected_fingerprints, example_ids)`` and
+  ``store.lookup(example_ids)``: the training-time reader (checks everything, then joins by id).
+- ``describe_cache(cache_dir)`` / ``verify_cache(cache_dir)``: lines for ``dpo-data shards DIR``.
+
+The same functions serve any ``TokenizedDataset``; the engine uses ``cache_dir`` for the train
+split and ``cache_dir/eval`` for the eval split.
+
+On-disk layout
+--------------
+::
+
+    DIR/manifest.json            written by rank 0 before any shard (complete: false) and
+                                 rewritten with complete: true after every shard is on disk
+    DIR/part-00000.arrow         Arrow IPC file: example_id int64, chosen_logp float32,
+    DIR/part-00000.arrow.sha256  rejected_logp float32, chosen_tokens int32, rejected_tokens int32;
+    DIR/part-00001.arrow ...     rows sorted by example_id. Sidecar: ``sha256sum`` format, written
+                                 after its shard, so ``sha256sum -c *.sha256`` checks a cache
+    DIR/.lock                    flock target (see Locking)
+
+Shard ``k`` holds the dataset positions ``[k * P, (k + 1) * P)`` with ``P = pairs_per_shard``
+(recorded in the manifest): ``RRRRR`` is a *global shard index*, not a rank. Shards go to ranks
+round-robin over the shards still missing, so the set of files and rows is the same for any world
+size, and a pass killed on 8 ranks can be finished on 2. The manifest holds ``format_version``,
+``fingerprint``, ``fingerprints``, ``settings``, absolute ``model_path`` and ``tokenizer_path``,
+``num_examples``, ``pairs_per_shard``, ``num_shards``, ``shards: {name: {rows, sha256}}`` and
+``complete``. ``chosen_tokens``/``rejected_tokens`` count the scored response tokens, so a
+per-token mean is available without another pass (``lookup(..., normalize="mean")``).
+
+Writes are atomic: a shard or sidecar is written to a hidden temp file in DIR, fsynced and
+``os.replace``-d into place; a reader never sees half a file.
+
+Resume
+------
+The manifest (``complete: false``) is written before any shard, so a killed pass leaves a record
+of the inputs it was computing for. A rerun with the same fingerprints keeps every shard whose
+sidecar digest matches its bytes, deletes half-finished leftovers (a shard without sidecar, a
+digest mismatch, temp files) and computes only the missing shards; different fingerprints are
+refused like a complete cache would be.
+
+Locking and sweeps
+------------------
+Jobs of a sweep (``dpo-train -m loss.beta=...``) start together and share one ``cache_dir``.
+``ensure_reference`` takes an exclusive ``fcntl.flock`` on ``DIR/.lock`` from the job's rank 0
+and keeps it while checking and, if needed, computing; the decision is re-checked after the lock
+is acquired. Rank 0 then writes a per-job random token into the lock file; the job's other ranks
+poll the file (not a collective) until they see their token, because a waiting job may wait for
+hours and a collective would hit its timeout. So one job computes, the others block, then find
+the cache complete and reuse it. The lock is released (token erased) when the job is done with
+the cache, and by the kernel if the process dies. flock works across nodes on NFS and on Lustre
+mounted with ``-o flock``.
+
+With ZeRO-3 every rank must run the same number of forwards (each layer gathers its parameters
+collectively), so ranks with fewer micro-batches run discarded forwards until all have done as
+many as the busiest rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from dpo_dist.attention import unwrap_model
+from dpo_dist.data import (
+    IGNORE_INDEX,
+    PackedBatch,
+    collate_packed,
+    data_fingerprint,
+    pack_pairs,
+    tokenizer_fingerprint,
+)
+from dpo_dist.fingerprint import cache_root, json_sha256, model_fingerprint
+from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
+
+if TYPE_CHECKING:
+    from dpo_dist.config import DPOConfig
+    from dpo_dist.data import TokenizedDataset
+    from dpo_dist.distributed import DistEnv
+
+logger = logging.getLogger("dpo_dist.reference")
+
+FORMAT_VERSION = 1
+"""Bump when the shard or manifest layout, or the meaning of a column, changes."""
+LOGP_REDUCTION = "sum"
+COMPONENTS = ("model", "tokenizer", "data", "settings")
+"""Fingerprint components, in the order mismatches are reported."""
+DEFAULT_PAIRS_PER_SHARD = 1024
+"""Pairs per shard: the unit of resume (a 70B pass loses at most one shard's work per rank)."""
+MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".lock"
+SCHEMA = pa.schema(
+    [
+        ("example_id", pa.int64()),
+        ("chosen_logp", pa.float32()),
+        ("rejected_logp", pa.float32()),
+        ("chosen_tokens", pa.int32()),
+        ("rejected_tokens", pa.int32()),
+    ]
+)
+
+_MISMATCH = {
+    "model": "model weights changed",
+    "tokenizer": "tokenizer changed",
+    "data": "data file changed",
+    "settings": "tokenization settings changed",
+}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_DTYPE_ALIASES = {
+    "fp32": "fp32",
+    "float32": "fp32",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+}
+
+
+class ReferenceCacheError(RuntimeError):
+    """A reference cache that cannot be used as is; the message is one line naming the reason."""
+
+
+@dataclass
+class ReferenceSummary:
+    """What ``ensure_reference``/``precompute_reference`` did (identical on every rank)."""
+
+    cache_dir: Path
+    fingerprint: str
+    num_examples: int
+    num_shards: int
+    computed: bool
+    """False when a complete cache was reused as is."""
+    examples_computed: int
+    """Pairs computed by this call over all ranks (0 when reused)."""
+    shards_computed: int
+    seconds: float
+
+    def as_run_info(self) -> dict[str, Any]:
+        """The ``run_info.json`` ``"reference"`` entry."""
+        return {"cache_dir": str(self.cache_dir), "computed": self.computed}
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """``fp32``/``bf16``/``fp16`` for a torch dtype or its common spellings (``auto`` is refused)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"unsupported reference dtype {dtype}")
+        return _DTYPE_NAMES[dtype]
+    if dtype not in _DTYPE_ALIASES:
+        raise ValueError(f"reference dtype must be resolved to fp32, bf16 or fp16, got {dtype!r}")
+    return _DTYPE_ALIASES[dtype]
+
+
+def reference_settings(*, max_length: int, truncation: str, dtype: torch.dtype | str) -> dict[str, Any]:
+    """Everything besides model, tokenizer and data that changes the cached numbers."""
+    return {
+        "max_length": int(max_length),
+        "truncation": truncation,
+        "dtype": dtype_name(dtype),
+        "logp_reduction": LOGP_REDUCTION,
+        "format_version": FORMAT_VERSION,
+    }
+
+
+def reference_fingerprints(
+    model_path: str | os.PathLike,
+    tokenizer,
+    data_path: str | os.PathLike,
+    *,
+    max_length: int,
+    truncation: str,
+    dtype: torch.dtype | str,
+) -> dict[str, Any]:
+    """Fingerprints of one reference pass. Hashing a big model is slow the first time only
+    (memoized per file); still, compute this on rank 0 and broadcast it on large jobs."""
+    settings = reference_settings(max_length=max_length, truncation=truncation, dtype=dtype)
+    return {
+        "model": model_fingerprint(model_path),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "data": data_fingerprint(data_path),
+        "settings": json_sha256(settings),
+        "settings_values": settings,
+    }
+
+
+def fingerprints_from_config(
+    config: DPOConfig, tokenizer, data_path: str | os.PathLike, *, dtype: torch.dtype | str
+) -> dict[str, Any]:
+    """``reference_fingerprints`` for a run config (train or eval ``data_path``); only model path
+    and tokenization settings are read from it, so loss and optimizer settings never matter."""
+    return reference_fingerprints(
+        config.model.path,
+        tokenizer,
+        data_path,
+        max_length=config.data.max_length,
+        truncation=config.data.truncation,
+        dtype=dtype,
+    )
+
+
+def combined_fingerprint(fingerprints: dict[str, Any]) -> str:
+    """One sha256 over the four components (``settings_values`` is covered by ``settings``)."""
+    _require_components(fingerprints)
+    return json_sha256({name: fingerprints[name] for name in COMPONENTS})
+
+
+def default_cache_dir(fingerprint: str) -> Path:
+    """``<cache root>/reference/<fingerprint[:16]>``: equal inputs share a directory."""
+    return cache_root() / "reference" / fingerprint[:16]
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.arrow"
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def ensure_reference(
+    model: torch.nn.Module | Callable[[], torch.nn.Module],
+    dataset: TokenizedDataset,
+    cache_dir: str | os.PathLike,
+    *,
+    fingerprints: dict[str, Any],
+    model_path: str | os.PathLike,
+    tokenizer_path: str | os.PathLike,
+    rank: int = 0,
+    world_size: int = 1,
+    micro_batch_tokens: int,
+    chunk_tokens: int = 1024,
+    device: torch.device | str = "cpu",
+    pairs_per_shard: int = DEFAULT_PAIRS_PER_SHARD,
+    progress: bool = True,
+    lock_poll_s: float = 1.0,
+) -> ReferenceSummary:
+    """Make ``cache_dir`` a complete reference cache for ``fingerprints``; call on every rank.
+
+    Reuses a complete valid cache, computes only what is missing otherwise, and raises
+    ``ReferenceCacheError`` (on every rank) for a cache of other inputs or a corrupted shard.
+    See ``precompute_reference`` for the arguments.
+    """
+    start = time.perf_counter()
+    cache_dir = Path(cache_dir).expanduser().absolute()
+    _require_components(fingerprints)
+    with _CacheLock(cache_dir, rank, world_size, lock_poll_s):
+        manifest = _on_rank0(lambda: _reusable_manifest(cache_dir, fingerprints), rank, world_size)
+        if manifest is not None:
+            logger.info("reference cache %s is complete: reusing it", cache_dir)
+            return ReferenceSummary(
+                cache_dir=cache_dir,
+                fingerprint=manifest["fingerprint"],
+                num_examples=manifest["num_examples"],
+                num_shards=manifest["num_shards"],
+                computed=False,
+                examples_computed=0,
+                shards_computed=0,
+                seconds=time.perf_counter() - start,
+            )
+        return precompute_reference(
+            model,
+            dataset,
+            cache_dir,
+            fingerprints=fingerprints,
+            model_path=model_path,
+            tokenizer_path=tokenizer_path,
+            rank=rank,
+            world_size=world_size,
+            micro_batch_tokens=micro_batch_tokens,
+            chunk_tokens=chunk_tokens,
+            device=device,
+            pairs_per_shard=pairs_per_shard,
+            progress=progress,
+        )
+
+
+def precompute_reference(
+    model: torch.nn.Module | Callable[[], torch.nn.Module],
+    dataset: TokenizedDataset,
+    cache_dir: str | os.PathLike,
+    *,
+    fingerprints: dict[str, Any],
+    model_path: str | os.PathLike,
+    tokenizer_path: str | os.PathLike,
+    rank: int = 0,
+    world_size: int = 1,
+    micro_batch_tokens: int,
+    chunk_tokens: int = 1024,
+    device: torch.device | str = "cpu",
+    pairs_per_shard: int = DEFAULT_PAIRS_PER_SHARD,
+    progress: bool = True,
+) -> ReferenceSummary:
+    """Compute the shards of ``cache_dir`` that are missing and mark the cache complete.
+
+    Call on every rank with the same arguments; takes no lock (use ``ensure_reference`` unless
+    nothing else can touch ``cache_dir``). A complete cache is only verified, never reopened.
+
+    ``model`` (or what the factory returns) is the reference, in eval mode, on ``device``, with
+    packed attention enabled: a causal LM (possibly wrapped), or a module mapping a
+    ``PackedBatch`` to ``SequenceLogps`` such as a ZeRO-3 engine around ``engine.PackedPolicy``
+    (see ``_scorer``). It must run in the dtype fingerprinted in ``settings_values``.
+    ``micro_batch_tokens`` and ``chunk_tokens`` shape the forwards, not the results, and
+    ``pairs_per_shard`` applies only when a new cache is started (a resumed one keeps its own).
+    ``computed`` in the summary is True when this call ran any forward.
+    """
+    start = time.perf_counter()
+    cache_dir = Path(cache_dir).expanduser().absolute()
+    _require_components(fingerprints)
+    plan: _Plan = _on_rank0(
+        lambda: _prepare(cache_dir, len(dataset), fingerprints, model_path, tokenizer_path, pairs_per_shard),
+        rank,
+        world_size,
+    )
+    if plan.todo:
+        if not isinstance(model, torch.nn.Module):
+            model = model()
+        _check_forward_dtype(model, fingerprints)
+        with torch.no_grad():
+            _run_shards(
+                model,
+                dataset,
+                cache_dir,
+                plan,
+                rank=rank,
+                world_size=world_size,
+                micro_batch_tokens=micro_batch_tokens,
+                chunk_tokens=chunk_tokens,
+                device=device,
+                progress=progress,
+            )
+    if not plan.complete:
+        _barrier(world_size)
+        _on_rank0(lambda: _finalize(cache_dir, plan.num_shards), rank, world_size)
+    seconds = time.perf_counter() - start
+    examples = sum(stop - begin for begin, stop in (plan.shard_range(k) for k in plan.todo))
+    if rank == 0 and not plan.complete:
+        logger.info(
+            "reference cache %s complete: computed %d of %d pairs (%d shards) in %.1f s",
+            cache_dir, examples, plan.num_examples, len(plan.todo), seconds,
+        )  # fmt: skip
+    return ReferenceSummary(
+        cache_dir=cache_dir,
+        fingerprint=plan.fingerprint,
+        num_examples=plan.num_examples,
+        num_shards=plan.num_shards,
+        computed=bool(plan.todo),
+        examples_computed=examples,
+        shards_computed=len(plan.todo),
+        seconds=seconds,
+    )
+
+
+@dataclass
+class _Plan:
+    """The shard layout of a cache and the shards still to compute (decided by rank 0)."""
+
+    num_examples: int
+    pairs_per_shard: int
+    fingerprint: str
+    todo: list[int]
+    complete: bool = False
+    """The cache was already complete (and verified): nothing to compute or finalize."""
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_examples // self.pairs_per_shard)
+
+    def shard_range(self, index: int) -> tuple[int, int]:
+        begin = index * self.pairs_per_shard
+        return begin, min(begin + self.pairs_per_shard, self.num_examples)
+
+
+def _reusable_manifest(cache_dir: Path, fingerprints: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of a complete cache for these fingerprints with intact shards; None if
+    there is none or it is unfinished; raises for other inputs or corruption."""
+    manifest = _matching_manifest(cache_dir, fingerprints)
+    if manifest is None or not manifest.get("complete"):
+        return None
+    _verify_shards(cache_dir, manifest)
+    return manifest
+
+
+def _prepare(
+    cache_dir: Path,
+    num_examples: int,
+    fingerprints: dict[str, Any],
+    model_path: str | os.PathLike,
+    tokenizer_path: str | os.PathLike,
+    pairs_per_shard: int,
+) -> _Plan:
+    """Rank 0: validate or start the manifest, drop half-written leftovers, list missing shards."""
+    if pairs_per_shard < 1:
+        raise ValueError(f"pairs_per_shard must be >= 1, got {pairs_per_shard}")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    manifest = _matching_manifest(cache_dir, fingerprints)
+    if manifest is None:
+        manifest = _new_manifest(fingerprints, model_path, tokenizer_path, num_examples, pairs_per_shard)
+    elif manifest["num_examples"] != num_examples:
+        raise ReferenceCacheError(
+            f"reference cache {cache_dir} was made for {manifest['num_examples']} examples but the "
+            f"dataset has {num_examples}; delete it or pick another reference.cache_dir"
+        )
+    plan = _Plan(num_examples, int(manifest["pairs_per_shard"]), manifest["fingerprint"], todo=[])
+    if manifest.get("complete"):
+        # Never reopen a finished cache: readers may be using it, and a damaged shard must be
+        # reported, not quietly recomputed.
+        _verify_shards(cache_dir, manifest)
+        plan.complete = True
+        return plan
+    for tmp in cache_dir.glob(".*.tmp"):  # left by a killed writer (all writers are locked out now)
+        tmp.unlink(missing_ok=True)
+    done = {}
+    for index in range(plan.num_shards):
+        name = shard_name(index)
+        digest = _finished_shard_digest(cache_dir, name)
+        if digest is None:
+            plan.todo.append(index)
+        else:
+            done[name] = {"rows": _shard_rows(cache_dir / name), "sha256": digest}
+    manifest.update(complete=False, shards=done, updated_at=_now())
+    _write_json_atomic(cache_dir / MANIFEST_NAME, manifest)
+    if done:
+        logger.info(
+            "reference cache %s: resuming, %d of %d shards already done",
+            cache_dir,
+            len(done),
+            plan.num_shards,
+        )
+    return plan
+
+
+def _finished_shard_digest(cache_dir: Path, name: str) -> str | None:
+    """The shard's sha256 if it and a matching sidecar exist; otherwise remove the leftovers."""
+    shard, sidecar = cache_dir / name, cache_dir / f"{name}.sha256"
+    if shard.is_file() and sidecar.is_file():
+        recorded = sidecar.read_text().split()[:1]
+        digest = _sha256_file(shard)
+        if recorded == [digest]:
+            return digest
+        logger.warning("reference cache %s: %s does not match its sidecar; recomputing it", cache_dir, name)
+    shard.unlink(missing_ok=True)
+    sidecar.unlink(missing_ok=True)
+    return None
+
+
+def _new_manifest(
+    fingerprints: dict[str, Any],
+    model_path: str | os.PathLike,
+    tokenizer_path: str | os.PathLike,
+    num_examples: int,
+    pairs_per_shard: int,
+) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "fingerprint": combined_fingerprint(fingerprints),
+        "fingerprints": {name: fingerprints[name] for name in COMPONENTS},
+        "settings": fingerprints.get("settings_values"),
+        "model_path": str(Path(model_path).expanduser().absolute()),
+        "tokenizer_path": str(Path(tokenizer_path).expanduser().absolute()),
+        "num_examples": num_examples,
+        "pairs_per_shard": pairs_per_shard,
+        "num_shards": -(-num_examples // pairs_per_shard),
+        "columns": [field.name for field in SCHEMA],
+        "shards": {},
+        "created_at": _now(),
+    }
+
+
+def _finalize(cache_dir: Path, num_shards: int) -> dict[str, Any]:
+    """Rank 0, after every rank is done: record every shard and mark the manifest complete."""
+    manifest = _read_manifest(cache_dir)
+    shards = {}
+    for index in range(num_shards):
+        name = shard_name(index)
+        sidecar = cache_dir / f"{name}.sha256"
+        if not sidecar.is_file():
+            raise ReferenceCacheError(f"reference cache {cache_dir}: shard {name} was not written")
+        digest = sidecar.read_text().split()[0]
+        shards[name] = {"rows": _shard_rows(cache_dir / name), "sha256": digest}
+    rows = sum(entry["rows"] for entry in shards.values())
+    if rows != manifest["num_examples"]:
+        raise ReferenceCacheError(
+            f"reference cache {cache_dir}: {rows} rows written for {manifest['num_examples']} examples"
+        )
+    manifest.update(shards=shards, num_rows=rows, complete=True, completed_at=_now(), updated_at=_now())
+    _write_json_atomic(cache_dir / MANIFEST_NAME, manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# The forward pass
+
+
+def _run_shards(
+    model, dataset, cache_dir, plan, *, rank, world_size, micro_batch_tokens, chunk_tokens, device, progress
+):
+    """This rank's missing shards (round-robin), then filler forwards up to the busiest rank."""
+    lengths = np.asarray(dataset.lengths())
+    packs = {k: _pack_shard(plan.shard_range(k), lengths, micro_batch_tokens) for k in plan.todo}
+    forwards = [sum(len(packs[k]) for k in plan.todo[r::world_size]) for r in range(world_size)]
+    mine = plan.todo[rank::world_size]
+    meter = _Progress(
+        total=sum(stop - begin for begin, stop in map(plan.shard_range, mine)),
+        enabled=progress and rank == 0,
+        desc=f"reference (rank 0 of {world_size})",
+    )
+    score = _scorer(model, chunk_tokens)
+    with meter:
+        for index in mine:
+            table = _compute_shard(score, dataset, packs[index], device, meter)
+            _write_shard(cache_dir, index, table, plan.fingerprint)
+        # ZeRO-3 gathers each layer's weights collectively: every rank needs as many forwards.
+        filler = max(forwards) - forwards[rank]
+        if filler:
+            dummy = collate_packed([dataset[0]]).to(device)
+            for _ in range(filler):
+                score(dummy)
+
+
+def _pack_shard(shard: tuple[int, int], lengths: np.ndarray, micro_batch_tokens: int) -> list[list[int]]:
+    """Micro-batches of a shard as dataset positions."""
+    begin, stop = shard
+    return [[begin + i for i in group] for group in pack_pairs(lengths[begin:stop], micro_batch_tokens)]
+
+
+def _scorer(model: torch.nn.Module, chunk_tokens: int) -> Callable[[PackedBatch], SequenceLogps]:
+    """How to get summed log-probs of a packed row from ``model``.
+
+    A causal LM (possibly wrapped by DDP, PEFT or a DeepSpeed engine) is scored with
+    ``sequence_logps``. Any other module must itself map a ``PackedBatch`` to summed
+    ``SequenceLogps`` (a DeepSpeed engine around ``engine.PackedPolicy(lm, chunk, "sum")``): the
+    form to use under ZeRO-3, where every micro-batch should be one top-level forward so that
+    DeepSpeed's per-forward bookkeeping (parameter trace, prefetch) resets.
+    """
+    try:
+        unwrap_model(model)
+    except TypeError:
+        return model
+    return lambda batch: sequence_logps(model, batch, chunk_tokens=chunk_tokens, normalize=LOGP_REDUCTION)
+
+
+def _compute_shard(score, dataset, micro_batches, device, meter) -> pa.Table:
+    """Summed response log-probs of a shard's pairs, as a table sorted by example_id."""
+    columns: dict[str, list[np.ndarray]] = {field.name: [] for field in SCHEMA}
+    for positions in micro_batches:
+        batch = collate_packed([dataset[p] for p in positions]).to(device)
+        out = score(batch)
+        chosen, rejected = split_pairs(out.sum_logps.float().cpu())
+        chosen_tokens, rejected_tokens = split_pairs(out.token_counts.cpu())
+        columns["example_id"].append(batch.example_ids.cpu().numpy().astype(np.int64))
+        columns["chosen_logp"].append(chosen.numpy().astype(np.float32))
+        columns["rejected_logp"].append(rejected.numpy().astype(np.float32))
+        columns["chosen_tokens"].append(chosen_tokens.numpy().astype(np.int32))
+        columns["rejected_tokens"].append(rejected_tokens.numpy().astype(np.int32))
+        meter.update(len(positions), batch.num_tokens)
+    arrays = {name: np.concatenate(parts) for name, parts in columns.items()}
+    order = np.argsort(arrays["example_id"], kind="stable")
+    return pa.table({name: values[order] for name, values in arrays.items()}, schema=SCHEMA)
+
+
+def _check_forward_dtype(model: torch.nn.Module, fingerprints: dict[str, Any]) -> None:
+    """Refuse to label numbers with a dtype they were not computed in."""
+    expected = (fingerprints.get("settings_values") or {}).get("dtype")
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if expected is None or param is None:
+        return
+    actual = dtype_name(param.dtype)
+    if actual != expected:
+        raise ValueError(f"the reference model runs in {actual} but the cache fingerprint says {expected}")
+
+
+class _Progress:
+    """tqdm over pairs with a tokens/s postfix; a no-op where disabled (ranks other than 0)."""
+
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self._bar = tqdm(total=total, unit="pair", desc=desc, disable=not enabled, dynamic_ncols=True)
+        self._tokens = 0
+        self._start = time.perf_counter()
+
+    def update(self, pairs: int, tokens: int) -> None:
+        self._tokens += tokens
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        self._bar.update(pairs)
+        self._bar.set_postfix(tok_s=f"{self._tokens / elapsed:,.0f}", refresh=False)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+class ReferenceStore:
+    """Reference log-probs of a complete, verified cache, looked up by example id.
+
+    Rows are indexed by a sorted copy of the ``example_id`` column (numpy ``searchsorted``), so
+    memory is a few arrays of ``num_examples`` elements, never Python objects per row.
+    """
+
+    def __init__(self, cache_dir: Path, manifest: dict[str, Any], table: pa.Table):
+        self.cache_dir = cache_dir
+        self.manifest = manifest
+        ids = table.column("example_id").to_numpy()
+        order = np.argsort(ids, kind="stable")
+        self._ids = ids[order]
+        self._columns = {name: table.column(name).to_numpy()[order] for name in SCHEMA.names[1:]}
+        duplicated = self._ids[1:][self._ids[1:] == self._ids[:-1]]
+        if duplicated.size:
+            raise ReferenceCacheError(
+                f"reference cache {cache_dir} has duplicate example ids, e.g. {int(duplicated[0])}; delete it"
+            )
+        self._on_device: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def open(
+        cls,
+        cache_dir: str | os.PathLike,
+        expected_fingerprints: dict[str, Any],
+        example_ids: np.ndarray | torch.Tensor | Sequence[int],
+    ) -> ReferenceStore:
+        """Open a complete cache made from ``expected_fingerprints`` that covers ``example_ids``.
+
+        Refuses (``ReferenceCacheError``, one line) a missing manifest, an unfinished cache, any
+        changed fingerprint component, a shard whose sha256 differs and missing example ids.
+        """
+        cache_dir = Path(cache_dir).expanduser().absolute()
+        manifest = _matching_manifest(cache_dir, expected_fingerprints)
+        if manifest is None:
+            raise ReferenceCacheError(
+                f"reference cache {cache_dir}: manifest.json missing (compute it with dpo-precompute "
+                "or reference.mode=precompute)"
+            )
+        if not manifest.get("complete"):
+            raise ReferenceCacheError(
+                f"reference cache {cache_dir} is incomplete (complete=false in manifest.json): "
+                "rerun the reference pass to finish it"
+            )
+        tables = []
+        for name, entry in sorted(manifest["shards"].items()):
+            data = _checked_shard_bytes(cache_dir, name, entry["sha256"])
+            tables.append(pa.ipc.open_file(data).read_all().replace_schema_metadata(None))
+        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        store = cls(cache_dir, manifest, table)
+        store._rows(example_ids)  # every id the run will ask for must be there
+        return store
+
+    def __len__(self) -> int:
+        return int(self._ids.size)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    def lookup(
+        self, example_ids: np.ndarray | torch.Tensor | Sequence[int], *, normalize: str = "sum"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen_logp, rejected_logp) float32 tensors for ``example_ids``; ``normalize="mean"``
+        divides by the response token counts.
+
+        Ids on an accelerator are looked up there, without a host sync; such ids are not checked
+        (``open`` checked the run's ids), so ask only for ids of the dataset it was opened for.
+        """
+        if normalize not in ("sum", "mean"):
+            raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
+        if isinstance(example_ids, torch.Tensor) and example_ids.device.type != "cpu":
+            columns = self._device_columns(example_ids.device)
+            rows = torch.searchsorted(columns["example_id"], example_ids).clamp_(max=max(len(self) - 1, 0))
+            values = {name: column[rows] for name, column in columns.items()}
+        else:
+            rows = self._rows(example_ids)
+            values = {name: torch.from_numpy(column[rows]) for name, column in self._columns.items()}
+        chosen, rejected = values["chosen_logp"], values["rejected_logp"]
+        if normalize == "mean":
+            chosen = chosen / values["chosen_tokens"].clamp(min=1)
+            rejected = rejected / values["rejected_tokens"].clamp(min=1)
+        return chosen.float(), rejected.float()
+
+    def token_counts(
+        self, example_ids: np.ndarray | torch.Tensor | Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen_tokens, rejected_tokens) int32 CPU tensors: scored response tokens per sequence."""
+        rows = self._rows(example_ids)
+        return (
+            torch.from_numpy(self._columns["chosen_tokens"][rows]),
+            torch.from_numpy(self._columns["rejected_tokens"][rows]),
+        )
+
+    def _rows(self, example_ids) -> np.ndarray:
+        """Row of each id; raises naming the missing ones."""
+        ids = _as_numpy_ids(example_ids)
+        rows = np.searchsorted(self._ids, ids)
+        found = rows < self._ids.size
+        found[found] = self._ids[rows[found]] == ids[found]
+        if not found.all():
+            missing = ids[~found]
+            raise ReferenceCacheError(
+                f"reference cache {self.cache_dir}: {missing.size} example ids missing from the cache, "
+                f"e.g. {int(missing[0])}"
+            )
+        return rows
+
+    def _device_columns(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if device not in self._on_device:
+            host = {"example_id": self._ids, **self._columns}
+            self._on_device[device] = {
+                name: torch.from_numpy(values).to(device) for name, values in host.items()
+            }
+        return self._on_device[device]
+
+
+def _as_numpy_ids(example_ids) -> np.ndarray:
+    if isinstance(example_ids, torch.Tensor):
+        example_ids = example_ids.detach().cpu().numpy()
+    return np.asarray(example_ids, dtype=np.int64).reshape(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Runs: what the engine and the precompute task call
+
+
+@dataclass
+class RunReference:
+    """The cached reference log-probs of one run: a store per split.
+
+    Example ids are positions within their own file, so train and eval ids overlap: look eval
+    pairs up with ``eval_logps``, never ``logps``. On CPU batches both also check that the
+    batch's response token counts equal the cached ones, which catches a wrong-split lookup.
+    """
+
+    cache_dir: Path
+    computed: bool
+    """True if this run computed any part of either split's cache."""
+    train: ReferenceStore
+    eval: ReferenceStore | None
+    summaries: dict[str, ReferenceSummary]
+
+    @property
+    def store(self) -> ReferenceStore:
+        return self.train
+
+    def logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed reference log-probs (chosen, rejected) of a train batch, on the batch's device."""
+        return _batch_logps(self.train, batch)
+
+    def eval_logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed reference log-probs (chosen, rejected) of an eval batch."""
+        if self.eval is None:
+            raise ReferenceCacheError("this run has no eval reference cache (data.eval_path was null)")
+        return _batch_logps(self.eval, batch)
+
+    def run_info(self) -> dict[str, Any]:
+        """The ``run_info.json`` ``"reference"`` entry."""
+        return {"cache_dir": str(self.cache_dir), "computed": self.computed}
+
+
+def _batch_logps(store: ReferenceStore, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    chosen, rejected = store.lookup(batch.example_ids)
+    if batch.labels.device.type == "cpu":  # on an accelerator this check would cost a host sync
+        scored = (batch.labels[0, 1:] != IGNORE_INDEX) & (batch.seq_index[1:] == batch.seq_index[:-1])
+        counts = torch.zeros(batch.num_sequences, dtype=torch.int64).index_add_(
+            0, batch.seq_index[1:], scored.long()
+        )
+        cached_chosen, cached_rejected = store.token_counts(batch.example_ids)
+        chosen_counts, rejected_counts = split_pairs(counts)
+        bad = (chosen_counts != cached_chosen) | (rejected_counts != cached_rejected)
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise ReferenceCacheError(
+                f"reference cache {store.cache_dir}: example id {int(batch.example_ids[i])} has "
+                f"{int(chosen_counts[i])}/{int(rejected_counts[i])} response tokens in the batch but "
+                f"{int(cached_chosen[i])}/{int(cached_rejected[i])} in the cache (wrong split or stale cache)"
+            )
+    return chosen, rejected
+
+
+def ensure_reference_for_run(
+    cfg: DPOConfig, env: DistEnv, device: torch.device, backend: str, train_data, eval_data
+) -> RunReference:
+    """Ensure the train (``cache_dir``) and eval (``cache_dir/eval``) caches, then open them.
+
+    ``cache_dir`` is ``reference.cache_dir`` or ``default_cache_dir`` of the train fingerprint.
+    The reference model is built only if something is missing and freed afterwards.
+    """
+    summaries, cache_dir, fingerprints = _ensure_run_splits(cfg, env, device, backend, train_data, eval_data)
+    train = ReferenceStore.open(cache_dir, fingerprints["train"], train_data.example_ids)
+    evals = None
+    if eval_data is not None:
+        evals = ReferenceStore.open(cache_dir / "eval", fingerprints["eval"], eval_data.example_ids)
+    return RunReference(
+        cache_dir=cache_dir,
+        computed=any(summary.computed for summary in summaries.values()),
+        train=train,
+        eval=evals,
+        summaries=summaries,
+    )
+
+
+def precompute_for_run(cfg: DPOConfig) -> dict[str, ReferenceSummary]:
+    """The ``precompute`` task (``dpo-precompute``): fill the run's reference caches on every rank."""
+    from transformers import AutoTokenizer
+
+    from dpo_dist import distributed as D
+    from dpo_dist.attention import resolve_attn_backend
+    from dpo_dist.engine import load_splits, training_dtype
+
+    env = D.detect_env()
+    D.init_distributed(env, cfg.deepspeed.comm_timeout_minutes)
+    device = D.device_for(env)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
+    train_data, eval_data = load_splits(cfg, tokenizer, env)
+    backend = resolve_attn_backend(cfg.model.attn_backend, device, training_dtype(cfg, device))
+    summaries, _, _ = _ensure_run_splits(cfg, env, device, backend, train_data, eval_data, tokenizer)
+    return summaries
+
+
+def _ensure_run_splits(cfg, env, device, backend, train_data, eval_data, tokenizer=None):
+    """``ensure_reference`` for each split, sharing one lazily built reference model."""
+    from dpo_dist.engine import training_dtype
+
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
+    dtype = training_dtype(cfg, device)
+    splits = {"train": (cfg.data.train_path, train_data)}
+    if eval_data is not None:
+        splits["eval"] = (cfg.data.eval_path, eval_data)
+    # Rank 0 hashes (a 70B checkpoint is 140 GB); the others take its answer.
+    fingerprints = _on_rank0(
+        lambda: {
+            name: fingerprints_from_config(cfg, tokenizer, path, dtype=dtype)
+            for name, (path, _) in splits.items()
+        },
+        env.rank,
+        env.world_size,
+    )
+    cache_dir = Path(
+        cfg.reference.cache_dir or default_cache_dir(combined_fingerprint(fingerprints["train"]))
+    )
+    cache_dir = cache_dir.expanduser().absolute()
+    built: list[torch.nn.Module] = []
+
+    def model() -> torch.nn.Module:
+        if not built:
+            built.append(_build_reference_model(cfg, device, backend, dtype))
+        return built[0]
+
+    summaries = {}
+    for name, (_, data) in splits.items():
+        summaries[name] = ensure_reference(
+            model,
+            data,
+            cache_dir if name == "train" else cache_dir / "eval",
+            fingerprints=fingerprints[name],
+            model_path=cfg.model.path,
+            tokenizer_path=cfg.model.resolved_tokenizer_path(),
+            rank=env.rank,
+            world_size=env.world_size,
+            micro_batch_tokens=cfg.train.micro_batch_tokens,
+            chunk_tokens=cfg.model.logits_chunk_tokens,
+            device=device,
+        )
+    if built:
+        built.clear()
+        _release_memory(device)
+    return summaries, cache_dir, fingerprints
+
+
+def _build_reference_model(
+    cfg: DPOConfig, device: torch.device, backend: str, dtype: torch.dtype
+) -> torch.nn.Module:
+    """The frozen reference as a ZeRO-3 inference engine, loaded like the policy."""
+    import deepspeed
+
+    from dpo_dist.attention import enable_packed_attention
+    from dpo_dist.engine import PackedPolicy, ds_config, load_causal_lm
+
+    dsc = ds_config(cfg, dtype)
+    model = load_causal_lm(cfg.model.path, dtype, dsc)
+    enable_packed_attention(model, backend)
+    model.requires_grad_(False)
+    policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, LOGP_REDUCTION, cfg.train.micro_batch_tokens)
+    engine = deepspeed.initialize(model=policy, config=dsc)[0]
+    engine.eval()
+    return _EngineScorer(engine)
+
+
+class _EngineScorer(torch.nn.Module):
+    """A DeepSpeed engine of ``engine.PackedPolicy`` as a module mapping a PackedBatch to
+    SequenceLogps: each micro-batch is one top-level engine forward (see ``_scorer``)."""
+
+    def __init__(self, engine: torch.nn.Module):
+        super().__init__()
+        self.engine = engine
+
+    def forward(self, batch: PackedBatch) -> SequenceLogps:
+        from dpo_dist.engine import run_packed
+
+        return run_packed(self.engine, batch)
+
+
+def _release_memory(device: torch.device) -> None:
+    """Drop the reference model before the policy is built (DeepSpeed objects hold cycles)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# Inspection (dpo-data shards)
+
+
+def describe_cache(cache_dir: str | os.PathLike) -> list[str]:
+    """Human-readable summary of a cache's manifest: paths, fingerprints, examples, shards."""
+    cache_dir = Path(cache_dir).expanduser().absolute()
+    try:
+        manifest = _read_manifest(cache_dir)
+    except ReferenceCacheError as err:
+        return [str(err)]
+    if manifest is None:
+        return [f"{cache_dir}: no manifest.json (not a reference cache, or never started)"]
+    shards = manifest.get("shards", {})
+    if manifest.get("complete"):
+        status = "complete"
+    else:  # sidecars appear as shards finish, so they show a running pass's progress
+        finished = len(list(cache_dir.glob("part-*.arrow.sha256")))
+        status = f"incomplete ({finished} of {manifest.get('num_shards')} shards written)"
+    settings = manifest.get("settings") or {}
+    fps = manifest.get("fingerprints", {})
+    lines = [
+        f"cache: {cache_dir}",
+        f"status: {status}",
+        f"format_version: {manifest.get('format_version')}",
+        f"fingerprint: {manifest.get('fingerprint')}",
+        f"model: {manifest.get('model_path')} ({fps.get('model')})",
+        f"tokenizer: {manifest.get('tokenizer_path')} ({fps.get('tokenizer')})",
+        f"data: {fps.get('data')}",
+        f"settings: {fps.get('settings')} ({', '.join(f'{k}={v}' for k, v in sorted(settings.items()))})",
+        f"examples: {manifest.get('num_examples')} in {manifest.get('num_shards')} shards "
+        f"of up to {manifest.get('pairs_per_shard')} pairs",
+    ]
+    lines += [
+        f"{name}: {entry['rows']} rows, sha256 {entry['sha256']}" for name, entry in sorted(shards.items())
+    ]
+    return lines
+
+
+def verify_cache(cache_dir: str | os.PathLike) -> list[str]:
+    """Problems of a cache, each one line (empty if it is complete and every shard checks out).
+
+    Re-hashes every shard and re-reads its rows; fingerprints are not compared (that needs the
+    inputs: ``ReferenceStore.open`` does it).
+    """
+    cache_dir = Path(cache_dir).expanduser().absolute()
+    try:
+        manifest = _read_manifest(cache_dir)
+    except ReferenceCacheError as err:
+        return [str(err)]
+    if manifest is None:
+        return [f"{cache_dir}: manifest.json missing"]
+    problems = []
+    if not manifest.get("complete"):
+        problems.append(f"{cache_dir}: incomplete (complete=false in manifest.json)")
+    ids = []
+    for name, entry in sorted(manifest.get("shards", {}).items()):
+        try:
+            data = _checked_shard_bytes(cache_dir, name, entry["sha256"])
+            table = pa.ipc.open_file(data).read_all()
+        except (ReferenceCacheError, pa.ArrowInvalid, OSError) as err:
+            problems.append(str(err))
+            continue
+        if table.schema.remove_metadata() != SCHEMA:
+            problems.append(f"shard {name} has columns {table.schema.names}, expected {SCHEMA.names}")
+            continue
+        if table.num_rows != entry["rows"]:
+            problems.append(f"shard {name} has {table.num_rows} rows, manifest says {entry['rows']}")
+        ids.append(table.column("example_id").to_numpy())
+    all_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    if manifest.get("complete") and all_ids.size != manifest.get("num_examples"):
+        problems.append(f"{all_ids.size} rows for {manifest.get('num_examples')} examples")
+    if np.unique(all_ids).size != all_ids.size:
+        problems.append(f"{all_ids.size - np.unique(all_ids).size} duplicate example ids")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest and shard files
+
+
+def _read_manifest(cache_dir: Path) -> dict[str, Any] | None:
+    """The parsed manifest, None if absent; raises for an unreadable or foreign format."""
+    path = cache_dir / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise ReferenceCacheError(
+            f"reference cache {cache_dir}: manifest.json is unreadable ({err})"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        found = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise ReferenceCacheError(
+            f"reference cache {cache_dir} has format_version {found}, this dpo_dist writes {FORMAT_VERSION}; "
+            "delete it or pick another reference.cache_dir"
+        )
+    return manifest
+
+
+def _matching_manifest(cache_dir: Path, fingerprints: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest if its fingerprints equal ``fingerprints``; None if there is none."""
+    manifest = _read_manifest(cache_dir)
+    if manifest is None:
+        if any(cache_dir.glob("part-*.arrow")):
+            raise ReferenceCacheError(
+                f"reference cache {cache_dir} has shards but no manifest.json; delete it or pick another "
+                "reference.cache_dir"
+            )
+        return None
+    reasons = _fingerprint_mismatches(manifest, fingerprints)
+    if reasons:
+        raise ReferenceCacheError(
+            f"reference cache {cache_dir} was built from other inputs: {'; '.join(reasons)} "
+            "(pick another reference.cache_dir or delete this one)"
+        )
+    return manifest
+
+
+def _fingerprint_mismatches(manifest: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """One reason per differing component, the settings one naming the settings that changed."""
+    _require_components(expected)
+    cached = manifest.get("fingerprints", {})
+    reasons = []
+    for name in COMPONENTS:
+        if cached.get(name) == expected[name]:
+            continue
+        reason = _MISMATCH[name]
+        if name == "settings":
+            before, after = manifest.get("settings") or {}, expected.get("settings_values") or {}
+            changed = [
+                f"{k} {before.get(k)} -> {after.get(k)}"
+                for k in sorted(set(before) | set(after))
+                if before.get(k) != after.get(k)
+            ]
+            if changed:
+                reason += f" ({', '.join(changed)})"
+        reasons.append(reason)
+    return reasons
+
+
+def _verify_shards(cache_dir: Path, manifest: dict[str, Any]) -> None:
+    for name, entry in sorted(manifest["shards"].items()):
+        _checked_shard_bytes(cache_dir, name, entry["sha256"])
+
+
+def _checked_shard_bytes(cache_dir: Path, name: str, sha256: str) -> pa.Buffer:
+    """The shard's bytes, memory-mapped, after checking them against the recorded digest."""
+    path = cache_dir / name
+    if not path.is_file():
+        raise ReferenceCacheError(f"reference cache {cache_dir}: shard {name} is missing")
+    with pa.memory_map(str(path)) as source:
+        data = source.read_buffer()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ReferenceCacheError(
+            f"reference cache {cache_dir}: shard {name} is corrupted (sha256 mismatch); delete the cache "
+            "or pick another reference.cache_dir"
+        )
+    return data
+
+
+def _sha256_file(path: Path) -> str:
+    with pa.memory_map(str(path)) as source:
+        return hashlib.sha256(source.read_buffer()).hexdigest()
+
+
+def _shard_rows(path: Path) -> int:
+    with pa.memory_map(str(path)) as source:
+        reader = pa.ipc.open_file(source)
+        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+
+
+def _write_shard(cache_dir: Path, index: int, table: pa.Table, fingerprint: str) -> None:
+    """Write a shard atomically, then its sidecar (the sidecar marks the shard finished)."""
+    name = shard_name(index)
+    table = table.replace_schema_metadata(
+        {"dpo_dist.fingerprint": fingerprint, "dpo_dist.format_version": str(FORMAT_VERSION)}
+    )
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    data = sink.getvalue()
+    _write_bytes_atomic(cache_dir / name, data, prefix=f".{name}.")
+    digest = hashlib.sha256(data).hexdigest()
+    _write_bytes_atomic(
+        cache_dir / f"{name}.sha256", f"{digest}  {name}\n".encode(), prefix=f".{name}.sha256."
+    )
+
+
+def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
+    _write_bytes_atomic(
+        path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode(), prefix=f".{path.name}."
+    )
+
+
+def _write_bytes_atomic(path: Path, data: bytes | pa.Buffer, *, prefix: str) -> None:
+    """tmp file in the same directory, fsync, rename over ``path``, fsync the directory."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _require_components(fingerprints: dict[str, Any]) -> None:
+    missing = [name for name in COMPONENTS if not isinstance(fingerprints.get(name), str)]
+    if missing:
+        raise ValueError(f"fingerprints need {', '.join(COMPONENTS)}; missing {', '.join(missing)}")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------
+# Coordination: rank 0 decides, the lock serialises jobs
+
+
+def _broadcast(value: Any, world_size: int) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if world_size == 1:
+        return value
+    _require_process_group(world_size)
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        _require_process_group(world_size)
+        dist.barrier()
+
+
+def _require_process_group(world_size: int) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"world_size={world_size} needs an initialised torch.distributed process group")
+
+
+def _on_rank0(fn: Callable[[], Any], rank: int, world_size: int) -> Any:
+    """Run ``fn`` on rank 0 and return its result on every rank; a ``ReferenceCacheError`` (or
+    any failure) there is raised on every rank instead of leaving the others waiting."""
+    outcome: tuple[str, Any] | None = None
+    if rank == 0:
+        try:
+            outcome = ("ok", fn())
+        except ReferenceCacheError as err:
+            outcome = ("refused", str(err))
+        except Exception as err:
+            if world_size == 1:
+                raise
+            _broadcast(("failed", f"rank 0 failed: {type(err).__name__}: {err}"), world_size)
+            raise
+    kind, value = _broadcast(outcome, world_size)
+    if kind == "refused":
+        raise ReferenceCacheError(value)
+    if kind == "failed":
+        raise RuntimeError(value)
+    return value
+
+
+class _CacheLock:
+    """Exclusive ``flock`` on ``DIR/.lock`` held by a job's rank 0; the job's other ranks wait
+    by polling the lock file for the job's token (see the module docstring)."""
+
+    def __init__(self, cache_dir: Path, rank: int, world_size: int, poll_s: float):
+        self.path = cache_dir / LOCK_NAME
+        self.rank, self.world_size, self.poll_s = rank, world_size, poll_s
+        self._fd: int | None = None
+
+    def __enter__(self) -> _CacheLock:
+        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}" if self.rank == 0 else None
+        token = _broadcast(token, self.world_size)
+        if self.rank == 0:
+            self._acquire(token)
+        else:
+            self._wait_for(token)
+        _barrier(self.world_size)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def _acquire(self, token: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self.path.read_text().split(":")[:2] or ["?"]
+            logger.info(
+                "reference cache %s is locked by %s; waiting for it", self.path.parent, ":".join(holder)
+            )
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, token.encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def _wait_for(self, token: str) -> None:
+        while True:
+            try:
+                if self.path.read_text() == token:
+                    return
+            except OSError:
+                pass  # rank 0 has not created the directory yet
+            time.sleep(self.poll_s)

@@ -1,0 +1,524 @@
+"""The reference log-prob store: values, layout, resume, refusals, locking, fingerprints."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from dpo_dist import fingerprint as fp
+from dpo_dist import reference as ref
+from dpo_dist.attention import enable_packed_attention
+from dpo_dist.config import DataConfig, DPOConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
+from dpo_dist.data import collate_packed, load_tokenized
+from dpo_dist.reference import ReferenceCacheError, ReferenceStore
+from tests.helpers import TOKENIZER_DIR, make_pairs_jsonl, make_tiny_model_dir
+
+MAX_LENGTH = 64
+MICRO_BATCH_TOKENS = 96
+PAIRS_PER_SHARD = 3
+NUM_PAIRS = 10  # 4 shards: 3 + 3 + 3 + 1 pairs
+
+
+class Setup:
+    """A saved tiny model, its packed-attention copy, a pair file and everything derived."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.model_dir = make_tiny_model_dir(root / "model")
+        self.tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+        self.data_path = make_pairs_jsonl(root / "train.jsonl", NUM_PAIRS, seed=3)
+        self.dataset = self.load(self.data_path)
+        self.model = LlamaForCausalLM.from_pretrained(self.model_dir).eval()
+        enable_packed_attention(self.model, "sdpa")
+        self.forwards = 0
+        self.model.model.register_forward_hook(self._count)
+        self.fingerprints = self.fingerprints_for()
+
+    def _count(self, *_):
+        self.forwards += 1
+
+    def load(self, path, max_length=MAX_LENGTH):
+        return load_tokenized(path, self.tokenizer, max_length, "keep_end_of_prompt", "error")
+
+    def fingerprints_for(self, **changes):
+        args = dict(
+            model_path=self.model_dir,
+            data_path=self.data_path,
+            max_length=MAX_LENGTH,
+            truncation="keep_end_of_prompt",
+            dtype=torch.float32,
+        )
+        args.update(changes)
+        return ref.reference_fingerprints(
+            args.pop("model_path"), args.pop("tokenizer", self.tokenizer), args.pop("data_path"), **args
+        )
+
+    def ensure(self, cache_dir, dataset=None, **kwargs):
+        options = dict(
+            fingerprints=self.fingerprints,
+            model_path=self.model_dir,
+            tokenizer_path=TOKENIZER_DIR,
+            micro_batch_tokens=MICRO_BATCH_TOKENS,
+            pairs_per_shard=PAIRS_PER_SHARD,
+            progress=False,
+            lock_poll_s=0.02,
+        )
+        options.update(kwargs)
+        return ref.ensure_reference(self.model, dataset or self.dataset, cache_dir, **options)
+
+    def open(self, cache_dir, fingerprints=None, example_ids=None):
+        ids = self.dataset.example_ids if example_ids is None else example_ids
+        return ReferenceStore.open(cache_dir, fingerprints or self.fingerprints, ids)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return Setup(tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="module")
+def built(setup, tmp_path_factory):
+    """A complete cache, built once; tests that damage a cache work on a copy."""
+    cache = tmp_path_factory.mktemp("built") / "cache"
+    summary = setup.ensure(cache)
+    return cache, summary
+
+
+def copy_cache(built, tmp_path) -> Path:
+    target = tmp_path / "cache"
+    shutil.copytree(built[0], target)
+    return target
+
+
+def read_rows(cache_dir: Path) -> pa.Table:
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    tables = [pa.ipc.open_file(str(cache_dir / name)).read_all() for name in sorted(manifest["shards"])]
+    return pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+
+
+def hf_response_logps(model, prompt_ids, response_ids) -> float:
+    """Summed log-probs of the response tokens, one plain unpacked HF forward."""
+    ids = torch.tensor(np.concatenate([prompt_ids, response_ids]), dtype=torch.long)
+    logits = model(input_ids=ids.unsqueeze(0), use_cache=False).logits[0].double()
+    log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    start = len(prompt_ids)
+    return sum(float(log_probs[p - 1, ids[p]]) for p in range(start, len(ids)))
+
+
+# ---------------------------------------------------------------------------------------------
+# What a pass writes
+
+
+def test_shard_values_equal_an_independent_hf_forward(setup, built):
+    table = read_rows(built[0])
+    assert table.schema == ref.SCHEMA
+    assert table.column_names == [
+        "example_id",
+        "chosen_logp",
+        "rejected_logp",
+        "chosen_tokens",
+        "rejected_tokens",
+    ]
+    assert table.column("example_id").to_pylist() == setup.dataset.example_ids.tolist()
+    plain = LlamaForCausalLM.from_pretrained(setup.model_dir).eval()
+    rows = {row["example_id"]: row for row in table.to_pylist()}
+    with torch.no_grad():
+        for pair in setup.dataset:
+            row = rows[pair.example_id]
+            for side, response in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
+                expected = hf_response_logps(plain, pair.prompt_ids, response)
+                assert row[f"{side}_logp"] == pytest.approx(expected, rel=1e-5)
+                assert row[f"{side}_tokens"] == len(response)
+
+
+def test_manifest_sidecars_and_layout(setup, built):
+    cache, summary = built
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["complete"] is True
+    assert manifest["format_version"] == ref.FORMAT_VERSION
+    assert manifest["fingerprints"] == {
+        k: setup.fingerprints[k] for k in ("model", "tokenizer", "data", "settings")
+    }
+    assert manifest["fingerprint"] == ref.combined_fingerprint(setup.fingerprints) == summary.fingerprint
+    assert manifest["settings"] == setup.fingerprints["settings_values"]
+    assert manifest["model_path"] == str(setup.model_dir.absolute())
+    assert Path(manifest["tokenizer_path"]).is_absolute()
+    assert manifest["num_examples"] == NUM_PAIRS
+    names = [f"part-{i:05d}.arrow" for i in range(4)]
+    assert sorted(manifest["shards"]) == names
+    assert [manifest["shards"][n]["rows"] for n in names] == [3, 3, 3, 1]
+    for name in names:
+        digest = hashlib.sha256((cache / name).read_bytes()).hexdigest()
+        assert manifest["shards"][name]["sha256"] == digest
+        assert (cache / f"{name}.sha256").read_text() == f"{digest}  {name}\n"  # sha256sum -c format
+    assert not list(cache.glob("*.tmp")) and not list(cache.glob(".*.tmp"))
+    assert (summary.computed, summary.examples_computed, summary.shards_computed) == (True, NUM_PAIRS, 4)
+
+
+def test_complete_cache_is_reused_without_a_forward(setup, built):
+    before = setup.forwards
+    summary = setup.ensure(built[0])
+    assert (summary.computed, summary.examples_computed) == (False, 0)
+    assert setup.forwards == before
+
+
+def test_model_factory_is_not_called_for_a_complete_cache(setup, built):
+    def factory():
+        raise AssertionError("the reference model must not be built")
+
+    summary = ref.ensure_reference(
+        factory,
+        setup.dataset,
+        built[0],
+        fingerprints=setup.fingerprints,
+        model_path=setup.model_dir,
+        tokenizer_path=TOKENIZER_DIR,
+        micro_batch_tokens=MICRO_BATCH_TOKENS,
+        progress=False,
+    )
+    assert summary.computed is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume
+
+
+class Killed(Exception):
+    """Stands in for the job dying mid-pass."""
+
+
+def test_killed_pass_resumes_with_only_the_missing_examples(setup, built, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    real_write = ref._write_shard
+    written = []
+
+    def dying_write(cache_dir, index, table, fingerprint):
+        if len(written) == 2:
+            raise Killed  # while writing the third shard
+        real_write(cache_dir, index, table, fingerprint)
+        written.append(index)
+
+    monkeypatch.setattr(ref, "_write_shard", dying_write)
+    with pytest.raises(Killed):
+        setup.ensure(cache)
+    monkeypatch.setattr(ref, "_write_shard", real_write)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["complete"] is False
+    with pytest.raises(ReferenceCacheError, match=r"is incomplete \(complete=false"):
+        setup.open(cache)
+    assert "status: incomplete (2 of 4 shards written)" in ref.describe_cache(cache)
+
+    remaining = [i for i in range(4) if i not in written]
+    lengths = setup.dataset.lengths()
+    expected_forwards = sum(
+        len(ref._pack_shard((3 * i, min(3 * i + 3, NUM_PAIRS)), lengths, MICRO_BATCH_TOKENS))
+        for i in remaining
+    )
+    before = setup.forwards
+    summary = setup.ensure(cache)
+    assert summary.computed is True
+    assert summary.shards_computed == len(remaining) == 2
+    assert summary.examples_computed == NUM_PAIRS - 3 * len(written)
+    assert setup.forwards - before == expected_forwards
+    # Same micro-batches per shard as an uninterrupted pass: byte-identical shards.
+    assert (
+        json.loads((cache / "manifest.json").read_text())["shards"]
+        == json.loads((built[0] / "manifest.json").read_text())["shards"]
+    )
+
+
+def test_resume_recomputes_half_written_shards_and_removes_temp_files(setup, built, tmp_path):
+    cache = copy_cache(built, tmp_path)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["complete"] = False
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    (cache / "part-00001.arrow.sha256").unlink()  # killed between shard and sidecar
+    (cache / "part-00002.arrow.sha256").write_text("0" * 64 + "  part-00002.arrow\n")  # stale sidecar
+    (cache / ".part-00003.arrow.x1y2.tmp").write_bytes(b"partial")
+    before = setup.forwards
+    summary = setup.ensure(cache)
+    assert (summary.shards_computed, summary.examples_computed) == (2, 6)
+    assert setup.forwards > before
+    assert not list(cache.glob(".*.tmp"))
+    assert ref.verify_cache(cache) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals
+
+
+def flip_byte(path: Path, offset: int = 200) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_shard_is_refused_by_reader_and_ensure(setup, built, tmp_path):
+    cache = copy_cache(built, tmp_path)
+    flip_byte(cache / "part-00001.arrow")
+    message = r"shard part-00001\.arrow is corrupted \(sha256 mismatch\)"
+    with pytest.raises(ReferenceCacheError, match=message):
+        setup.open(cache)
+    with pytest.raises(ReferenceCacheError, match=message):
+        setup.ensure(cache)
+    assert any("part-00001.arrow is corrupted" in p for p in ref.verify_cache(cache))
+
+
+def test_changed_max_length_is_refused_naming_the_setting(setup, built):
+    changed = setup.fingerprints_for(max_length=48)
+    with pytest.raises(ReferenceCacheError, match=r"tokenization settings changed \(max_length 64 -> 48\)"):
+        setup.open(built[0], changed)
+
+
+def test_changed_data_file_is_refused(setup, tmp_path):
+    data = tmp_path / "data.jsonl"
+    shutil.copy(setup.data_path, data)
+    fps = setup.fingerprints_for(data_path=data)
+    cache = tmp_path / "cache"
+    setup.ensure(cache, fingerprints=fps)
+    with data.open("a") as f:
+        f.write(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
+    changed = setup.fingerprints_for(data_path=data)
+    with pytest.raises(ReferenceCacheError, match="data file changed") as refused:
+        setup.open(cache, changed)
+    assert "model weights" not in str(refused.value) and "\n" not in str(refused.value)
+    # ensure refuses too (it never overwrites a cache made from other inputs), leaving it intact.
+    with pytest.raises(ReferenceCacheError, match="data file changed"):
+        setup.ensure(cache, fingerprints=changed)
+    assert ref.verify_cache(cache) == []
+
+
+def test_changed_model_weights_are_refused(setup, built, tmp_path):
+    other = tmp_path / "model"
+    shutil.copytree(setup.model_dir, other)
+    model = LlamaForCausalLM.from_pretrained(other)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1e-3)
+    model.save_pretrained(other)
+    changed = setup.fingerprints_for(model_path=other)
+    with pytest.raises(ReferenceCacheError, match="model weights changed"):
+        setup.open(built[0], changed)
+
+
+def test_changed_tokenizer_is_refused(setup, built, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    changed = setup.fingerprints_for(tokenizer=tokenizer)
+    with pytest.raises(ReferenceCacheError, match="tokenizer changed"):
+        setup.open(built[0], changed)
+
+
+def test_missing_manifest_incomplete_and_missing_ids_are_refused(setup, built, tmp_path):
+    with pytest.raises(ReferenceCacheError, match="manifest.json missing"):
+        setup.open(tmp_path / "nothing")
+    cache = copy_cache(built, tmp_path)
+    with pytest.raises(ReferenceCacheError, match="1 example ids missing from the cache, e.g. 10000"):
+        setup.open(cache, example_ids=np.append(setup.dataset.example_ids, 10_000))
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["complete"] = False
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ReferenceCacheError, match=r"incomplete \(complete=false in manifest.json\)"):
+        setup.open(cache)
+
+
+def test_precompute_never_reopens_a_complete_cache(setup, built, tmp_path):
+    cache = copy_cache(built, tmp_path)
+    manifest_bytes = (cache / "manifest.json").read_bytes()
+    options = dict(
+        fingerprints=setup.fingerprints,
+        model_path=setup.model_dir,
+        tokenizer_path=TOKENIZER_DIR,
+        micro_batch_tokens=MICRO_BATCH_TOKENS,
+        progress=False,
+    )
+    summary = ref.precompute_reference(setup.model, setup.dataset, cache, **options)
+    assert summary.computed is False and (cache / "manifest.json").read_bytes() == manifest_bytes
+    flip_byte(cache / "part-00002.arrow")
+    with pytest.raises(ReferenceCacheError, match=r"part-00002\.arrow is corrupted"):
+        ref.precompute_reference(setup.model, setup.dataset, cache, **options)
+
+
+def test_shards_without_manifest_are_refused_not_overwritten(setup, built, tmp_path):
+    cache = copy_cache(built, tmp_path)
+    (cache / "manifest.json").unlink()
+    with pytest.raises(ReferenceCacheError, match="has shards but no manifest.json"):
+        setup.ensure(cache)
+
+
+def test_beta_and_lr_are_not_inputs(setup):
+    def config(max_length=MAX_LENGTH, **groups):
+        return DPOConfig(
+            model=ModelConfig(path=str(setup.model_dir)),
+            data=DataConfig(train_path=str(setup.data_path), max_length=max_length),
+            train=TrainConfig(micro_batch_tokens=512),
+            **groups,
+        )
+
+    def fingerprints(cfg):
+        return ref.fingerprints_from_config(cfg, setup.tokenizer, setup.data_path, dtype="fp32")
+
+    base = fingerprints(config(loss=LossConfig(beta=0.1), optim=OptimConfig(lr=1e-3)))
+    swept = fingerprints(config(loss=LossConfig(beta=0.5), optim=OptimConfig(lr=1e-7)))
+    assert swept == base == setup.fingerprints
+    assert ref.default_cache_dir(ref.combined_fingerprint(swept)) == ref.default_cache_dir(
+        ref.combined_fingerprint(base)
+    )
+    longer = fingerprints(config(max_length=80))
+    assert longer["settings"] != base["settings"]
+
+
+def test_forward_dtype_must_match_the_fingerprint(setup, tmp_path):
+    bf16 = setup.fingerprints_for(dtype="bf16")
+    with pytest.raises(ValueError, match="runs in fp32 but the cache fingerprint says bf16"):
+        setup.ensure(tmp_path / "cache", fingerprints=bf16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def test_lookup_joins_by_example_id(setup, built):
+    store = setup.open(built[0])
+    table = read_rows(built[0]).to_pandas().set_index("example_id")
+    ids = np.array([7, 0, 9, 3])
+    for query in (ids, torch.from_numpy(ids), ids.tolist()):
+        chosen, rejected = store.lookup(query)
+        assert chosen.dtype == rejected.dtype == torch.float32
+        assert chosen.tolist() == table.loc[ids, "chosen_logp"].tolist()
+        assert rejected.tolist() == table.loc[ids, "rejected_logp"].tolist()
+    mean_chosen, _ = store.lookup(ids, normalize="mean")
+    expected = table.loc[ids, "chosen_logp"].to_numpy() / table.loc[ids, "chosen_tokens"].to_numpy()
+    np.testing.assert_allclose(mean_chosen.numpy(), expected, rtol=1e-6)
+    assert store.token_counts(ids)[1].tolist() == table.loc[ids, "rejected_tokens"].tolist()
+    assert len(store) == NUM_PAIRS
+    with pytest.raises(ReferenceCacheError, match="1 example ids missing from the cache, e.g. 42"):
+        store.lookup([1, 42])
+
+
+def test_run_reference_refuses_a_wrong_split_lookup(setup, built, tmp_path):
+    store = setup.open(built[0])
+    run = ref.RunReference(cache_dir=built[0], computed=False, train=store, eval=None, summaries={})
+    batch = collate_packed([setup.dataset[i] for i in (2, 5)])
+    assert [t.tolist() for t in run.logps(batch)] == [t.tolist() for t in store.lookup([2, 5])]
+    other = setup.load(make_pairs_jsonl(tmp_path / "eval.jsonl", 4, seed=11))  # ids 0..3 again
+    wrong = collate_packed([other[i] for i in range(4)])
+    with pytest.raises(ReferenceCacheError, match="wrong split or stale cache"):
+        run.logps(wrong)
+    with pytest.raises(ReferenceCacheError, match="no eval reference cache"):
+        run.eval_logps(batch)
+
+
+def test_describe_and_verify(setup, built, tmp_path):
+    lines = ref.describe_cache(built[0])
+    text = "\n".join(lines)
+    assert "status: complete" in lines
+    assert f"fingerprint: {ref.combined_fingerprint(setup.fingerprints)}" in lines
+    assert "max_length=64" in text and str(setup.model_dir) in text
+    assert any(line.startswith("part-00003.arrow: 1 rows, sha256 ") for line in lines)
+    assert ref.verify_cache(built[0]) == []
+    assert ref.verify_cache(tmp_path) == [f"{tmp_path}: manifest.json missing"]
+    assert "no manifest.json" in ref.describe_cache(tmp_path)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Locking
+
+
+def test_concurrent_jobs_compute_once(setup, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    real_compute = ref._compute_shard
+
+    def slow_compute(*args):
+        time.sleep(0.05)  # keeps the first job inside the lock while the second one arrives
+        return real_compute(*args)
+
+    monkeypatch.setattr(ref, "_compute_shard", slow_compute)
+    results, errors = [], []
+
+    def job():
+        try:
+            results.append(setup.ensure(cache))
+        except BaseException as err:  # surfaced below; a thread cannot fail the test itself
+            errors.append(err)
+
+    before = setup.forwards
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    assert sorted(r.computed for r in results) == [False, True]
+    lengths = setup.dataset.lengths()
+    one_pass = sum(
+        len(ref._pack_shard((3 * i, min(3 * i + 3, NUM_PAIRS)), lengths, MICRO_BATCH_TOKENS))
+        for i in range(4)
+    )
+    assert setup.forwards - before == one_pass
+    assert (cache / ".lock").read_text() == ""  # released
+
+
+def test_a_held_lock_blocks_until_released(setup, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    holder = os.open(cache / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(setup.ensure(cache)))
+    thread.start()
+    try:
+        time.sleep(0.3)
+        assert thread.is_alive() and not (cache / "manifest.json").exists()
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+        thread.join(timeout=60)
+    assert results and results[0].computed
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprint helpers
+
+
+def test_file_hash_memo_respects_size_and_mtime(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPO_DIST_CACHE", str(tmp_path / "cache_root"))
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"abc" * 1000)
+    calls = []
+    real = fp.bytes_sha256
+    monkeypatch.setattr(fp, "bytes_sha256", lambda path: calls.append(path) or real(path))
+    first = fp.file_sha256(weights)
+    assert first == hashlib.sha256(b"abc" * 1000).hexdigest()
+    assert fp.file_sha256(weights) == first and len(calls) == 1  # memoized
+    memo = json.loads((tmp_path / "cache_root" / "filehash.json").read_text())
+    assert memo["entries"][str(weights.resolve())]["sha256"] == first
+    weights.write_bytes(b"abd" * 1000)  # same size, new mtime
+    os.utime(weights, ns=(1, 1))
+    assert fp.file_sha256(weights) == hashlib.sha256(b"abd" * 1000).hexdigest()
+    assert len(calls) == 2
+
+
+def test_model_fingerprint_and_cache_dirs(setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("DPO_DIST_CACHE", str(tmp_path / "root"))
+    assert ref.default_cache_dir("ab" * 32) == tmp_path / "root" / "reference" / ("ab" * 8)
+    other = tmp_path / "model"
+    shutil.copytree(setup.model_dir, other)
+    assert fp.model_fingerprint(other) == fp.model_fingerprint(setup.model_dir)  # content, not path
+    config = json.loads((other / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-5
+    (other / "config.json").write_text(json.dumps(config))
+    assert fp.model_fingerprint(other) != fp.model_fingerprint(setup.model_dir)
+    with pytest.raises(FileNotFoundError, match="no weight files"):
+        fp.model_fingerprint(tmp_path)
