@@ -362,6 +362,18 @@ class WandbConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Standalone evaluation (``dpo-eval``) of a trained policy."""
+
+    policy_path: str | None = None
+    """Model to evaluate: a Hugging Face directory (e.g. a run's ``final/``) or a checkpoint
+    directory (``checkpoints/step_N``, exported first); defaults to ``output_dir/final``."""
+
+    def resolved_policy_path(self, output_dir: str) -> str:
+        return self.policy_path or str(Path(output_dir) / "final")
+
+
+@dataclass
 class DPOConfig:
     """The whole config tree (``conf/config.yaml``)."""
 
@@ -378,6 +390,7 @@ class DPOConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _one_of(self.stage, "stage", ("sft", "dpo"))
@@ -419,6 +432,7 @@ _SUBCONFIGS = {
     (DPOConfig, "train"): TrainConfig,
     (DPOConfig, "reference"): ReferenceConfig,
     (DPOConfig, "wandb"): WandbConfig,
+    (DPOConfig, "eval"): EvalConfig,
     (ModelConfig, "lora"): LoraConfig,
 }
 

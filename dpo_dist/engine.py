@@ -206,20 +206,26 @@ def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
 # ----------------------------------------------------------------------------- reference
 
 
+def build_inference_engine(cfg: DPOConfig, path: str, device: torch.device, backend: str, normalize: str = "sum"):
+    """A frozen model as a ZeRO-3 inference engine of ``PackedPolicy`` (partitioned like the policy)."""
+    import deepspeed
+
+    dtype = training_dtype(cfg, device)
+    dsc = ds_config(cfg, dtype)
+    model = load_causal_lm(path, dtype, dsc)
+    enable_packed_attention(model, backend)
+    model.requires_grad_(False)
+    policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, normalize, cfg.train.micro_batch_tokens)
+    engine = deepspeed.initialize(model=policy, config=dsc)[0]
+    engine.eval()
+    return engine
+
+
 class OnlineReference:
     """Reference log-probs from a frozen copy of the initial model, run every step (no cache)."""
 
     def __init__(self, cfg: DPOConfig, device: torch.device, backend: str):
-        import deepspeed
-
-        dtype = training_dtype(cfg, device)
-        dsc = ds_config(cfg, dtype)
-        model = load_causal_lm(cfg.model.path, dtype, dsc)
-        enable_packed_attention(model, backend)
-        model.requires_grad_(False)
-        policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, "sum", cfg.train.micro_batch_tokens)
-        self.engine = deepspeed.initialize(model=policy, config=dsc)[0]
-        self.engine.eval()
+        self.engine = build_inference_engine(cfg, cfg.model.path, device, backend)
 
     @torch.no_grad()
     def logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -919,19 +919,11 @@ def _build_reference_model(
     cfg: DPOConfig, device: torch.device, backend: str, dtype: torch.dtype
 ) -> torch.nn.Module:
     """The frozen reference as a ZeRO-3 inference engine, loaded like the policy."""
-    import deepspeed
+    from dpo_dist.engine import build_inference_engine, training_dtype
 
-    from dpo_dist.attention import enable_packed_attention
-    from dpo_dist.engine import PackedPolicy, ds_config, load_causal_lm
-
-    dsc = ds_config(cfg, dtype)
-    model = load_causal_lm(cfg.model.path, dtype, dsc)
-    enable_packed_attention(model, backend)
-    model.requires_grad_(False)
-    policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, LOGP_REDUCTION, cfg.train.micro_batch_tokens)
-    engine = deepspeed.initialize(model=policy, config=dsc)[0]
-    engine.eval()
-    return _EngineScorer(engine)
+    if dtype != training_dtype(cfg, device):
+        raise ReferenceCacheError(f"reference dtype {dtype} differs from the run's {training_dtype(cfg, device)}")
+    return _EngineScorer(build_inference_engine(cfg, cfg.model.path, device, backend, LOGP_REDUCTION))
 
 
 class _EngineScorer(torch.nn.Module):

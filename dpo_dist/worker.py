@@ -20,9 +20,11 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from dpo_dist.attention import AttentionBackendError
     from dpo_dist.config import ConfigError
     from dpo_dist.data import DataError
+    from dpo_dist.evaluation import EvalError
+    from dpo_dist.export import ExportError
     from dpo_dist.reference import ReferenceCacheError
 
-    return (AttentionBackendError, ConfigError, DataError, ReferenceCacheError, FileNotFoundError)
+    return (AttentionBackendError, ConfigError, DataError, EvalError, ExportError, ReferenceCacheError, FileNotFoundError)
 
 
 def run_task(cfg, task: str):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -141,11 +142,34 @@ def _load_tokenizer(directory: str):
         raise UsageError(f"--tokenizer {directory}: cannot load a tokenizer: {one_line}") from None
 
 
+# ---- shards --------------------------------------------------------------------------------------
+
+
+def _shards_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("cache_dir", metavar="DIR", help="reference log-prob cache (reference.cache_dir)")
+
+
+def run_shards(args: argparse.Namespace) -> int:
+    """Manifest summary, then every shard re-hashed: exit 0 if the cache checks out, 1 if not."""
+    from dpo_dist.reference import describe_cache, verify_cache
+
+    if not Path(args.cache_dir).is_dir():
+        raise UsageError(f"{args.cache_dir}: no such directory")
+    for line in describe_cache(args.cache_dir):
+        print(line)
+    problems = verify_cache(args.cache_dir)
+    for problem in problems:
+        print(f"problem: {problem}")
+    print("verified: all shards match their sha256" if not problems else f"{len(problems)} problems")
+    return EXIT_BAD_DATA if problems else EXIT_OK
+
+
 SUBCOMMANDS = [
     Subcommand(
         "check", "validate records; one PATH:LINE: reason line per bad record", _check_arguments, run_check
     ),
     Subcommand("stats", "record counts and token-length percentiles", _stats_arguments, run_stats),
+    Subcommand("shards", "summarize a reference cache and verify every shard's sha256", _shards_arguments, run_shards),
 ]
 
 

@@ -129,3 +129,37 @@ def test_export_round_trip(assets, tmp_path):
     assert not torch.allclose(got, before)  # the export holds trained, not initial, weights
     generated = exported.generate(ids, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 4 or generated[0, -1] == exported.config.eos_token_id
+
+
+def test_precompute_then_train_reuses_cache_and_eval_matches(assets, tmp_path):
+    cache = tmp_path / "ref"
+    common = {"reference.cache_dir": cache, "cluster.nproc_per_node": 2}
+    pre = run_cli("launch.precompute", *overrides(assets, tmp_path / "pre", **common))
+    assert pre.returncode == 0, pre.stderr[-2000:]
+    assert (cache / "manifest.json").exists() and (cache / "eval" / "manifest.json").exists()
+    shards = run_cli("launch.data", "shards", str(cache))
+    assert shards.returncode == 0 and "verified: all shards match their sha256" in shards.stdout
+
+    rows = train(assets, tmp_path / "run", **common)
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["reference"] == {"cache_dir": str(cache), "computed": False}
+
+    result = run_cli(
+        "launch.eval",
+        *overrides(assets, tmp_path / "ev", **common, **{"eval.policy_path": tmp_path / "run" / "final"}),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    standalone = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    final = rows[-1]
+    for key in ("eval/loss", "eval/reward_accuracy", "eval/reward_margin"):
+        assert abs(standalone[key] - final[key]) <= 1e-5 * max(1.0, abs(final[key])), key
+
+    part = next(cache.glob("part-*.arrow"))
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+    corrupted = run_cli("launch.data", "shards", str(cache))
+    assert corrupted.returncode == 1 and "sha256 mismatch" in corrupted.stdout
+    refused = run_cli("launch.train", *overrides(assets, tmp_path / "run2", **common))
+    assert refused.returncode == 2
+    assert "corrupted (sha256 mismatch)" in refused.stderr.strip().splitlines()[-1]

@@ -1,0 +1,72 @@
+"""Standalone evaluation (``dpo-eval``): held-out reward accuracy and margins of a trained policy.
+
+The numbers are the ones training logs as ``eval/*`` (the same ``engine.evaluate``), for any
+exported model or checkpoint, against the reference of the run config (``model.path``, its
+cached log-probs reused or computed). Results go to ``OUTPUT_DIR/eval.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from dpo_dist import distributed as D
+from dpo_dist.config import DPOConfig
+
+log = logging.getLogger("dpo_dist.evaluation")
+
+
+class EvalError(ValueError):
+    """Nothing to evaluate (one line saying why)."""
+
+
+def policy_model_dir(cfg: DPOConfig, env: D.DistEnv) -> Path:
+    """A Hugging Face directory for ``eval.policy_path``; a DeepSpeed checkpoint is exported first."""
+    from dpo_dist.export import export_checkpoint
+
+    path = Path(cfg.eval.resolved_policy_path(cfg.output_dir))
+    if (path / "config.json").exists():
+        return path
+    if (path / "COMPLETE").exists() or (path / "checkpoints").is_dir() or path.name == "checkpoints":
+        out = Path(cfg.output_dir) / "policy"
+        if env.is_main:
+            export_checkpoint(path, out)
+        D.barrier()
+        return out
+    raise EvalError(f"eval.policy_path={path}: neither a Hugging Face model directory nor a dpo_dist checkpoint")
+
+
+def evaluate_run(cfg: DPOConfig) -> dict[str, float]:
+    """The ``eval`` task, on every rank; returns (and on rank 0 writes) the eval metrics."""
+    from transformers import AutoTokenizer
+
+    from dpo_dist.attention import resolve_attn_backend
+    from dpo_dist.engine import (
+        StepContext,
+        build_inference_engine,
+        evaluate,
+        load_splits,
+        prepare_reference,
+        training_dtype,
+    )
+
+    if not cfg.data.eval_path:
+        raise EvalError("data.eval_path is null: nothing to evaluate on")
+    env = D.detect_env()
+    D.init_distributed(env, cfg.deepspeed.comm_timeout_minutes)
+    device = D.device_for(env)
+    policy_dir = policy_model_dir(cfg, env)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
+    train_data, eval_data = load_splits(cfg, tokenizer, env)
+    backend = resolve_attn_backend(cfg.model.attn_backend, device, training_dtype(cfg, device))
+    reference = prepare_reference(cfg, env, device, backend, train_data, eval_data)
+    normalize = "sum" if cfg.stage == "sft" else cfg.loss.logp_normalization
+    policy = build_inference_engine(cfg, str(policy_dir), device, backend, normalize)
+    metrics = evaluate(StepContext(policy, reference, cfg, device, env.world_size), eval_data, env)
+    result = {"policy": str(policy_dir), "reference": cfg.model.path, "eval_pairs": len(eval_data), **metrics}
+    if env.is_main:
+        Path(cfg.output_dir, "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        for key, value in result.items():
+            log.info("%s: %s", key, value)
+    return result
