@@ -238,6 +238,13 @@ class OnlineReference:
         return {"cache_dir": None, "computed": False, "mode": "online"}
 
 
+def packed_lengths(dataset, stage: str) -> np.ndarray:
+    """Tokens each pair occupies in a packed row: both sequences, or prompt + chosen for SFT."""
+    if stage != "sft":
+        return dataset.lengths()
+    return np.array([pair.chosen_seq_len for pair in dataset], dtype=np.int64)
+
+
 def batch_token_counts(batch: PackedBatch) -> torch.Tensor:
     """Response tokens per sequence, from the labels (no model needed)."""
     scored = (batch.labels[0] != -100).to(torch.float32)
@@ -261,12 +268,12 @@ def forward_backward(ctx: StepContext, batch: PackedBatch, weight: float, sums: 
     cfg = ctx.cfg
     with nullcontext() if train else torch.no_grad():
         out = run_packed(ctx.engine, batch)
-    policy_chosen, policy_rejected = split_pairs(out.logps)
-    chosen_counts, _ = split_pairs(out.token_counts)
-    if cfg.stage == "sft":
-        losses = sft_nll(split_pairs(out.sum_logps)[0], chosen_counts)
+    if cfg.stage == "sft":  # rows hold chosen sequences only
+        losses = sft_nll(out.sum_logps, out.token_counts)
         chosen_r = rejected_r = torch.zeros_like(losses)
     else:
+        policy_chosen, policy_rejected = split_pairs(out.logps)
+        chosen_counts, _ = split_pairs(out.token_counts)
         ref_chosen, ref_rejected = reference_logps(ctx, batch, train)
         losses, chosen_r, rejected_r = preference_loss(
             cfg.loss.kernel_name(),
@@ -323,7 +330,7 @@ def train_step(ctx: StepContext, dataset, plans: list[MicroBatchPlan]) -> torch.
     sums = torch.zeros(len(_SUMS), device=ctx.device, dtype=torch.float64 if ctx.device.type == "cpu" else torch.float32)
     for i, plan in enumerate(plans):
         ctx.engine.set_gradient_accumulation_boundary(i == len(plans) - 1)
-        batch = collate_packed([dataset[p] for p in plan.positions]).to(ctx.device)
+        batch = collate_packed([dataset[p] for p in plan.positions], ctx.cfg.stage == "sft").to(ctx.device)
         forward_backward(ctx, batch, plan.weight, sums, train=True)
     ctx.engine.step()
     return sums
@@ -334,18 +341,23 @@ def evaluate(ctx: StepContext, dataset, env: D.DistEnv) -> dict[str, float]:
     """Loss, reward accuracy and margins on held-out pairs (each rank takes every world-th pair)."""
     ctx.engine.eval()
     positions = np.arange(len(dataset))
-    plans = plan_micro_batches(positions, dataset.lengths(), env.rank, env.world_size, ctx.cfg.train.micro_batch_tokens)
+    plans = plan_micro_batches(
+        positions, packed_lengths(dataset, ctx.cfg.stage), env.rank, env.world_size, ctx.cfg.train.micro_batch_tokens
+    )
     sums = torch.zeros(len(_SUMS), device=ctx.device, dtype=torch.float64 if ctx.device.type == "cpu" else torch.float32)
     for plan in plans:
-        batch = collate_packed([dataset[p] for p in plan.positions]).to(ctx.device)
+        batch = collate_packed([dataset[p] for p in plan.positions], ctx.cfg.stage == "sft").to(ctx.device)
         forward_backward(ctx, batch, plan.weight, sums, train=False)
     ctx.engine.train()
     totals = dict(zip(_SUMS, D.all_reduce_sum(sums).tolist()))
-    return {f"eval/{k}": v for k, v in summarize(totals).items() if k not in ("tokens",)}
+    return {f"eval/{k}": v for k, v in summarize(totals, ctx.cfg.stage).items() if k not in ("tokens",)}
 
 
-def summarize(totals: dict[str, float]) -> dict[str, float]:
+def summarize(totals: dict[str, float], stage: str) -> dict[str, float]:
+    """Per-pair means of a step's summed metrics (SFT has no rewards to report)."""
     pairs = max(totals["pairs"], 1.0)
+    if stage == "sft":
+        return {"loss": totals["loss"] / pairs, "tokens": int(totals["tokens"])}
     return {
         "loss": totals["loss"] / pairs,
         "reward_accuracy": totals["correct"] / pairs,
@@ -515,7 +527,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     metrics = MetricsLog(cfg.output_dir, resume_step=start) if env.is_main else None
     wandb_run = init_wandb(cfg, env)
     sampler = PairSampler(len(train_data), cfg.train.pairs_per_step, cfg.train.seed)
-    lengths = train_data.lengths()
+    lengths = packed_lengths(train_data, cfg.stage)
     bar = tqdm(total=cfg.train.max_steps, initial=start, desc=cfg.stage, disable=not env.is_main)
     last_eval: dict[str, float] = {}
     for step in range(start, cfg.train.max_steps):
@@ -525,7 +537,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
         )
         lr = engine.get_lr()[0]
         totals = dict(zip(_SUMS, D.all_reduce_sum(train_step(ctx, train_data, plans)).tolist()))
-        row = {"step": step + 1, **summarize(totals), "lr": lr}
+        row = {"step": step + 1, **summarize(totals, cfg.stage), "lr": lr}
         row["tokens_per_s"] = row["tokens"] / (time.perf_counter() - t0)
         done = step + 1
         if eval_data is not None and (_due(done, cfg.train.eval_every) or done == cfg.train.max_steps):
@@ -534,7 +546,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
         if env.is_main:
             metrics.write(row)
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_accuracy']:.2f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('reward_accuracy', float('nan')):.2f}")
         if wandb_run is not None:
             wandb_run.log(row, step=done)
         stop = D.any_rank(preempt.requested, device)

@@ -4,6 +4,9 @@ A *packed* micro-batch is one row of concatenated sequences with no padding. Seq
 ordered chosen_0, rejected_0, chosen_1, rejected_1, ... so that for a packed micro-batch of
 P pairs, per-sequence results ``x`` split as ``x[0::2]`` (chosen) and ``x[1::2]`` (rejected).
 
+For supervised fine-tuning (``collate_packed(..., chosen_only=True)``) a row holds only the
+chosen sequences, chosen_0, chosen_1, ..., so ``S = num_pairs``.
+
 A *padded* micro-batch (one sequence per row, right padding) exists only for the parity
 tests and for comparing against padded trainers; the engine always trains packed.
 """
@@ -20,7 +23,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class PackedBatch:
-    """One packed row: ``S = 2 * num_pairs`` sequences concatenated into ``T`` tokens."""
+    """One packed row: ``S = 2 * num_pairs`` sequences (``num_pairs`` for SFT) concatenated into ``T`` tokens."""
 
     input_ids: torch.Tensor
     """[1, T] int64 token ids of all sequences back to back."""

@@ -47,11 +47,14 @@ def pack_pairs(pair_lengths: Sequence[int], micro_batch_tokens: int) -> list[lis
     return bins
 
 
-def collate_packed(pairs: Sequence[TokenizedPair]) -> PackedBatch:
-    """One packed row of sequences chosen_0, rejected_0, chosen_1, rejected_1, ..."""
+def collate_packed(pairs: Sequence[TokenizedPair], chosen_only: bool = False) -> PackedBatch:
+    """One packed row of sequences chosen_0, rejected_0, chosen_1, rejected_1, ...
+
+    ``chosen_only`` (supervised fine-tuning) packs chosen_0, chosen_1, ... and no rejected ones.
+    """
     if not pairs:
         raise ValueError("cannot collate an empty micro-batch")
-    sequences, labels = _sequences_and_labels(pairs)
+    sequences, labels = _sequences_and_labels(pairs, chosen_only)
     lengths = np.array([len(s) for s in sequences], dtype=np.int64)
     cu_seqlens = np.zeros(len(sequences) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu_seqlens[1:])
@@ -90,12 +93,14 @@ def collate_padded(pairs: Sequence[TokenizedPair], pad_id: int) -> PaddedBatch:
     )
 
 
-def _sequences_and_labels(pairs: Sequence[TokenizedPair]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _sequences_and_labels(
+    pairs: Sequence[TokenizedPair], chosen_only: bool = False
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Token ids and labels of every sequence, chosen before rejected within each pair."""
     sequences, labels = [], []
     for pair in pairs:
         masked_prompt = np.full(pair.prompt_len, IGNORE_INDEX, dtype=np.int64)
-        for response in (pair.chosen_ids, pair.rejected_ids):
+        for response in (pair.chosen_ids,) if chosen_only else (pair.chosen_ids, pair.rejected_ids):
             sequences.append(np.concatenate([pair.prompt_ids, response]))
             labels.append(np.concatenate([masked_prompt, response.astype(np.int64)]))
     return sequences, labels

@@ -163,3 +163,15 @@ def test_precompute_then_train_reuses_cache_and_eval_matches(assets, tmp_path):
     refused = run_cli("launch.train", *overrides(assets, tmp_path / "run2", **common))
     assert refused.returncode == 2
     assert "corrupted (sha256 mismatch)" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_sft_stage_packs_chosen_only_and_learns(assets, tmp_path):
+    rows = train_rows(
+        train(assets, tmp_path / "sft", **{"stage": "sft", "train.max_steps": 5, "optim.lr": 3e-3, "cluster.nproc_per_node": 2})
+    )
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
+    assert "reward_accuracy" not in rows[0]
+    # One chosen sequence per pair: a DPO step over the same pairs packs more tokens.
+    dpo = train_rows(train(assets, tmp_path / "dpo", **{"train.max_steps": 1}))
+    assert rows[0]["tokens"] < dpo[0]["tokens"]
+    assert (tmp_path / "sft" / "final" / "model.safetensors").exists()

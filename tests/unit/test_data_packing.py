@@ -90,3 +90,12 @@ def test_packed_and_padded_carry_the_same_tokens():
 def test_empty_micro_batch_is_an_error():
     with pytest.raises(ValueError, match="empty micro-batch"):
         collate_packed([])
+
+
+def test_collate_packed_chosen_only_for_sft():
+    batch = collate_packed(PAIRS, chosen_only=True)
+    assert batch.input_ids.tolist() == [[1, 10, 11, 20, 2, 1, 12, 21, 22, 23, 2]]
+    assert batch.labels.tolist() == [[X, X, X, 20, 2, X, X, 21, 22, 23, 2]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5]]
+    assert batch.cu_seqlens.tolist() == [0, 5, 11]
+    assert (batch.num_pairs, batch.num_sequences) == (2, 2)
