@@ -196,6 +196,8 @@ def _block_causal_mask(cu_seqlens: torch.Tensor, total: int, window: int | None,
 
 
 def _sdpa_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, dropout=0.0):
+    if _per_sequence_ok(q, cu_q, window):
+        return _sdpa_per_sequence(q, k, v, cu_q, scale, dropout)
     mask = _block_causal_mask(cu_q, q.shape[0], window, q.device)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1),
@@ -207,6 +209,27 @@ def _sdpa_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, dropout=0.
         enable_gqa=q.shape[1] != k.shape[1],
     )
     return out.transpose(0, 1)
+
+
+def _per_sequence_ok(q, cu_q, window) -> bool:
+    """Per-sequence SDPA on CPU (boundaries readable for free); the mask elsewhere or with a window."""
+    return cu_q.device.type == "cpu" and q.device.type == "cpu" and window is None
+
+
+def _sdpa_per_sequence(q, k, v, cu_q, scale, dropout):
+    """Causal SDPA one sequence at a time: on CPU a block-diagonal mask would still compute the
+    full [T, T] score matrix (cost grows with the square of the packed row, not of each sequence),
+    while reading the boundaries from a CPU tensor costs no device sync."""
+    bounds = cu_q.tolist()
+    gqa = q.shape[1] != k.shape[1]
+    pieces = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        q_s, k_s, v_s = (x[start:stop].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(
+            q_s, k_s, v_s, is_causal=True, dropout_p=dropout, scale=scale, enable_gqa=gqa
+        )
+        pieces.append(out.squeeze(0).transpose(0, 1))
+    return torch.cat(pieces)
 
 
 _KERNELS = {"flash": _flash_attention, "varlen": _varlen_attention, "sdpa": _sdpa_attention}

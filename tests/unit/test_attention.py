@@ -157,6 +157,7 @@ def test_sliding_window_model_matches_unpacked(backend):
 def test_mask_is_built_once_per_forward_and_the_cache_stays_bounded(monkeypatch):
     from dpo_dist import attention
 
+    monkeypatch.setattr(attention, "_per_sequence_ok", lambda *a: False)  # the GPU/sliding-window path
     monkeypatch.setattr(attention, "_mask_cache", {})
     builds = []
     searchsorted = torch.searchsorted
@@ -175,8 +176,11 @@ def test_mask_is_built_once_per_forward_and_the_cache_stays_bounded(monkeypatch)
     assert len(attention._mask_cache) == 1
 
 
-def test_mask_cache_follows_in_place_changes_of_cu_seqlens():
+def test_mask_cache_follows_in_place_changes_of_cu_seqlens(monkeypatch):
     """The per-forward mask cache must not serve a stale mask when a cu_seqlens buffer is reused."""
+    from dpo_dist import attention
+
+    monkeypatch.setattr(attention, "_per_sequence_ok", lambda *a: False)
     model = tiny_llama()
     enable_packed_attention(model, "sdpa")
     first, second = random_sequences([6, 10]), random_sequences([10, 6])
@@ -200,3 +204,23 @@ def test_packed_forward_kwargs_disable_the_cache():
     assert kwargs["cu_seq_lens_q"] is batch.cu_seqlens and kwargs["cu_seq_lens_k"] is batch.cu_seqlens
     assert kwargs["max_length_q"] == kwargs["max_length_k"] == 5
     assert kwargs["position_ids"] is batch.position_ids
+
+
+def test_per_sequence_and_masked_sdpa_agree_in_values_and_gradients(monkeypatch):
+    """CPU runs attention sequence by sequence; the block-diagonal mask (GPU fallback) must agree."""
+    from dpo_dist import attention
+
+    batch = packed_batch(random_sequences([5, 12, 3, 8]))
+
+    def run(per_sequence: bool):
+        monkeypatch.setattr(attention, "_per_sequence_ok", lambda *a: per_sequence)
+        model = tiny_llama()
+        enable_packed_attention(model, "sdpa")
+        logits = model(input_ids=batch.input_ids, **packed_forward_kwargs(batch)).logits
+        logits.square().mean().backward()
+        return logits.detach(), [p.grad for p in model.parameters()]
+
+    (a, grads_a), (b, grads_b) = run(True), run(False)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,495 @@
+"""Side-by-side DPO throughput: dpo_dist vs TRL, one process, one device, same model and data.
+
+    python tools/bench.py --preset cpu-small|gpu-1b [--steps N] [--warmup W] --out FILE.json
+    dpo-bench ...                                    (the same, as a console script)
+
+Systems (JSON key -> what runs):
+  ours_precomputed     our engine (DeepSpeed, packed rows), reference log-probs looked up
+  ours_online          our engine, a frozen reference forward every micro-batch
+  trl_online           TRL DPOTrainer with its defaults (padded batches, online reference)
+  trl_precomputed      TRL with precompute_ref_log_probs=True (train steps only)
+  ours_reference_pass  our forward-only reference pass (packed, no grad)
+
+Every system starts from the same random-init weights (saved once), sees the same synthetic
+pairs (random text with a realistic length spread) and the same pairs per optimizer step;
+warm-up steps are not timed. tokens/s counts real tokens (prompt + response of both sequences,
+never padding). MFU = (6 * N_non_embedding * tokens + attention FLOPs) / time / peak, with the
+dense bf16 peak of the device (null on CPU, where no peak is stated). Peak memory: GPU
+``max_memory_allocated``; CPU the peak RSS sampled while the system runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from a checkout
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One benchmark setting."""
+
+    model: dict
+    dtype: str
+    prompt_len: tuple[int, int]
+    response_len: tuple[int, int]
+    pairs: int
+    pairs_per_step: int
+    micro_batch_tokens: int
+    max_length: int
+    steps: int
+    warmup: int
+    scaling_tokens: list[int] = field(default_factory=list)
+    peak_tflops: float | None = None
+    """Dense bf16 peak of the device, for MFU (H100 SXM datasheet: 989 TFLOP/s)."""
+
+
+PRESETS = {
+    # Llama-3.2-1B shape, random init, bf16, lengths as in the TRL anchor measurements.
+    "gpu-1b": Preset(
+        model=dict(
+            hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+            num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True, vocab_size=128256,
+        ),
+        dtype="bf16", prompt_len=(64, 512), response_len=(32, 512), pairs=256, pairs_per_step=8,
+        micro_batch_tokens=16384, max_length=1024, steps=10, warmup=3,
+        scaling_tokens=[1024, 4096, 8192, 16384], peak_tflops=989.0,
+    ),
+    # ~25M non-embedding parameters, fp32, lengths scaled down: the whole run fits in minutes on 2 cores.
+    "cpu-small": Preset(
+        model=dict(
+            hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+            num_key_value_heads=4, tie_word_embeddings=False,
+        ),
+        dtype="fp32", prompt_len=(16, 128), response_len=(8, 128), pairs=64, pairs_per_step=8,
+        micro_batch_tokens=2048, max_length=256, steps=3, warmup=1, scaling_tokens=[512, 1024, 2048],
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def write_pairs(path: Path, preset: Preset, seed: int = 0) -> None:
+    """Random printable text: the bundled tokenizer is character-level, so chars = tokens."""
+    rng = random.Random(seed)
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?"
+    with open(path, "w") as f:
+        for _ in range(preset.pairs):
+            prompt = "".join(rng.choices(alphabet, k=rng.randint(*preset.prompt_len)))
+            chosen, rejected = ("".join(rng.choices(alphabet, k=rng.randint(*preset.response_len))) for _ in range(2))
+            f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected + "!"}) + "\n")
+
+
+def build_model_dir(path: Path, preset: Preset) -> int:
+    """Save a random-init Llama with the bundled tokenizer; returns its non-embedding parameter count."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(REPO / "dpo_dist" / "assets" / "tokenizer")
+    settings = {"vocab_size": len(tok), **preset.model}
+    cfg = LlamaConfig(
+        **settings, max_position_embeddings=2 * preset.max_length, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    embeddings = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" in n or "lm_head" in n)
+    return sum(p.numel() for p in model.parameters()) - embeddings
+
+
+class PeakMemory:
+    """Peak device memory (GPU) or peak process RSS sampled every 20 ms (CPU), in GB."""
+
+    def __init__(self, device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    def __enter__(self):
+        import psutil
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            proc = psutil.Process()
+
+            def sample():
+                while not self._stop.wait(0.02):
+                    self.peak = max(self.peak, proc.memory_info().rss)
+
+            self.peak = proc.memory_info().rss
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def gb(self) -> float:
+        return self.peak / 1e9
+
+
+def flops(tokens: float, seq_sq_sum: float, n_params: int, layers: int, hidden: int, train: bool) -> float:
+    """6N (train) or 2N (forward) per token, plus causal attention: 4 * L * d * sum(len^2)/2 per forward."""
+    factor = 3 if train else 1
+    return factor * (2 * n_params * tokens + 2 * layers * hidden * seq_sq_sum)
+
+
+@dataclass
+class Timing:
+    tokens: float = 0.0
+    seq_sq: float = 0.0
+    seconds: float = 0.0
+    step0_loss: float | None = None
+
+
+def result(t: Timing, mem: PeakMemory, preset: Preset, n_params: int, train: bool) -> dict:
+    tps = t.tokens / t.seconds if t.seconds else 0.0
+    mfu = None
+    if preset.peak_tflops and t.seconds:
+        f = flops(t.tokens, t.seq_sq, n_params, preset.model["num_hidden_layers"], preset.model["hidden_size"], train)
+        mfu = f / t.seconds / (preset.peak_tflops * 1e12)
+    return {"tokens_per_s": tps, "mfu": mfu, "peak_mem_gb": mem.gb, "step0_loss": t.step0_loss}
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- ours
+
+
+def our_config(preset: Preset, model_dir: Path, data: Path, out: Path, micro_batch_tokens: int, stage: int):
+    from dpo_dist.config import config_from_dict
+
+    return config_from_dict({
+        "output_dir": str(out),
+        "model": {"path": str(model_dir), "dtype": preset.dtype},
+        "data": {"train_path": str(data), "eval_path": None, "max_length": preset.max_length,
+                 "cache_dir": str(out / "tok")},
+        "train": {"pairs_per_step": preset.pairs_per_step, "micro_batch_tokens": micro_batch_tokens,
+                  "max_steps": preset.steps + preset.warmup},
+        "optim": {"lr": 1e-6, "warmup_steps": 0},
+        "deepspeed": {"stage": stage},
+        "wandb": {"mode": "disabled"},
+    })
+
+
+class TensorReference:
+    """Precomputed reference log-probs held on device, looked up by example id (what the Arrow
+    store's lookup amounts to once loaded)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def logps(self, batch):
+        rows = self.table[batch.example_ids]
+        return rows[:, 0], rows[:, 1]
+
+
+def reference_pass(cfg, dataset, device, backend, preset, n_params):
+    """(e) forward-only over every pair; returns the timing and the [pairs, 2] log-prob table."""
+    import numpy as np
+    import torch
+
+    from dpo_dist.data import collate_packed, pack_pairs
+    from dpo_dist.engine import build_inference_engine, run_packed
+    from dpo_dist.logprobs import split_pairs
+
+    engine = build_inference_engine(cfg, cfg.model.path, device, backend)
+    table = torch.zeros(len(dataset), 2, device=device)
+    groups = pack_pairs(dataset.lengths(), cfg.train.micro_batch_tokens)
+    timing = Timing()
+    with PeakMemory(device) as mem, torch.no_grad():
+        for i, group in enumerate(groups[:2] + groups):  # the first two repeat as warm-up
+            batch = collate_packed([dataset[p] for p in group]).to(device)
+            _sync(device)
+            t0 = time.perf_counter()
+            chosen, rejected = split_pairs(run_packed(engine, batch).logps)
+            table[batch.example_ids] = torch.stack([chosen, rejected], 1)
+            _sync(device)
+            if i >= 2:
+                timing.seconds += time.perf_counter() - t0
+                lens = np.diff(batch.cu_seqlens.cpu().numpy())
+                timing.tokens += batch.num_tokens
+                timing.seq_sq += float((lens.astype(np.float64) ** 2).sum())
+    del engine
+    return result(timing, mem, preset, n_params, train=False), table
+
+
+def ours_train(cfg, dataset, device, backend, reference, preset, n_params):
+    """(a)/(b): our engine's train steps; reference is a TensorReference or None (online)."""
+    import numpy as np
+
+    from dpo_dist import engine as E
+
+    engine = E.build_engine(cfg, device, backend)
+    if reference is None:
+        reference = E.OnlineReference(cfg, device, backend)
+    ctx = E.StepContext(engine, reference, cfg, device, 1)
+    sampler = E.PairSampler(len(dataset), cfg.train.pairs_per_step, cfg.train.seed)
+    lengths = dataset.lengths()
+    timing = Timing()
+    with PeakMemory(device) as mem:
+        for step in range(preset.warmup + preset.steps):
+            positions = sampler.pairs_for_step(step)
+            plans = E.plan_micro_batches(positions, lengths, 0, 1, cfg.train.micro_batch_tokens)
+            _sync(device)
+            t0 = time.perf_counter()
+            totals = dict(zip(E._SUMS, E.train_step(ctx, dataset, plans).tolist()))  # the one sync per step
+            elapsed = time.perf_counter() - t0
+            if step == 0:
+                timing.step0_loss = totals["loss"] / totals["pairs"]
+            if step >= preset.warmup:
+                timing.seconds += elapsed
+                timing.tokens += totals["tokens"]
+                seq = [dataset[p] for p in positions]
+                timing.seq_sq += float(sum(np.float64(p.chosen_seq_len) ** 2 + np.float64(p.rejected_seq_len) ** 2 for p in seq))
+    return result(timing, mem, preset, n_params, train=True)
+
+
+def run_ours(preset: Preset, model_dir: Path, data: Path, work: Path, stage: int) -> tuple[dict, dict]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from dpo_dist import distributed as D
+    from dpo_dist.attention import resolve_attn_backend
+    from dpo_dist.data import load_tokenized
+    from dpo_dist.engine import training_dtype
+
+    env = D.DistEnv(0, 0, 1, "127.0.0.1", D.free_port(), None)
+    D.init_distributed(env, 30)
+    device = D.device_for(env)
+    cfg = our_config(preset, model_dir, data, work / "ours", preset.micro_batch_tokens, stage)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    dataset = load_tokenized(data, tok, preset.max_length, cfg.data.truncation, "error", cfg.data.resolved_cache_dir())
+    backend = resolve_attn_backend("auto", device, training_dtype(cfg, device))
+    n_params = _non_embedding_params(model_dir)
+    systems = {}
+    systems["ours_reference_pass"], table = reference_pass(cfg, dataset, device, backend, preset, n_params)
+    systems["ours_precomputed"] = ours_train(cfg, dataset, device, backend, TensorReference(table), preset, n_params)
+    systems["ours_online"] = ours_train(cfg, dataset, device, backend, None, preset, n_params)
+    scaling = {}
+    for tokens in preset.scaling_tokens:
+        scaled = replace(cfg, train=replace(cfg.train, micro_batch_tokens=tokens))
+        scaling[str(tokens)] = ours_train(scaled, dataset, device, backend, TensorReference(table), preset, n_params)
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    return systems, {"backend": backend, "scaling_micro_batch_tokens": scaling}
+
+
+def _non_embedding_params(model_dir: Path) -> int:
+    return json.loads((model_dir / "bench_params.json").read_text())["non_embedding"]
+
+
+# ----------------------------------------------------------------------------- TRL
+
+
+def run_trl(preset: Preset, model_dir: Path, data: Path, work: Path, precompute: bool) -> dict:
+    import datasets
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    records = [json.loads(line) for line in open(data)]
+    train_ds = datasets.Dataset.from_list(records)
+    timing = Timing()
+    state = {"t0": 0.0, "step": 0, "tokens": torch.zeros((), dtype=torch.float64), "seq_sq": torch.zeros((), dtype=torch.float64)}
+
+    class Counting(DPOTrainer):
+        def _compute_loss(self, model, inputs, return_outputs):
+            # Real (non-pad) tokens, counted on device: no extra host sync in TRL's step.
+            mask = inputs["attention_mask"]
+            state["tokens"] += mask.sum().to(state["tokens"].device, torch.float64)
+            state["seq_sq"] += (mask.sum(1).to(torch.float64) ** 2).sum().to(state["seq_sq"].device)
+            return super()._compute_loss(model, inputs, return_outputs)
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, st, control, **kw):
+            _sync(device)
+            if state["step"] == preset.warmup:  # count only timed steps
+                state["tokens"].zero_()
+                state["seq_sq"].zero_()
+            state["t0"] = time.perf_counter()
+
+        def on_step_end(self, args, st, control, **kw):
+            _sync(device)
+            if state["step"] >= preset.warmup:
+                timing.seconds += time.perf_counter() - state["t0"]
+            state["step"] += 1
+
+        def on_log(self, args, st, control, logs=None, **kw):
+            if timing.step0_loss is None and logs and "loss" in logs:
+                timing.step0_loss = float(logs["loss"])
+
+    args = DPOConfig(
+        output_dir=str(work / ("trl_pre" if precompute else "trl_online")),
+        per_device_train_batch_size=preset.pairs_per_step,
+        gradient_accumulation_steps=1,
+        max_steps=preset.warmup + preset.steps,
+        learning_rate=1e-6,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        bf16=preset.dtype == "bf16",
+        beta=0.1,
+        max_length=2 * preset.max_length,
+        precompute_ref_log_probs=precompute,
+        dataloader_num_workers=0,
+        seed=0,
+        use_cpu=device.type == "cpu",
+    )
+    dtype = torch.bfloat16 if preset.dtype == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    trainer = Counting(model=model, args=args, train_dataset=train_ds, processing_class=tok, callbacks=[Timer()])
+    with PeakMemory(device) as mem:
+        trainer.train()
+    timing.tokens, timing.seq_sq = float(state["tokens"]), float(state["seq_sq"])
+    del trainer, model
+    n_params = _non_embedding_params(model_dir)
+    np.random.seed(0)
+    return result(timing, mem, preset, n_params, train=True)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def versions() -> dict:
+    import deepspeed
+    import torch
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": str(torch.version.cuda),
+           "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
+    with contextlib.suppress(ImportError):
+        import trl
+
+        out["trl"] = trl.__version__
+    with contextlib.suppress(ImportError):
+        import flash_attn
+
+        out["flash_attn"] = flash_attn.__version__
+    return out
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def run(preset_name: str, steps: int | None, warmup: int | None, skip_trl: bool, zero_stage: int) -> dict:
+    preset = PRESETS[preset_name]
+    preset = replace(preset, steps=steps or preset.steps, warmup=preset.warmup if warmup is None else warmup)
+    with tempfile.TemporaryDirectory(prefix="dpo_bench_") as tmp:
+        work = Path(tmp)
+        model_dir, data = work / "model", work / "pairs.jsonl"
+        n_params = build_model_dir(model_dir, preset)
+        (model_dir / "bench_params.json").write_text(json.dumps({"non_embedding": n_params}))
+        write_pairs(data, preset)
+        systems, extra = run_ours(preset, model_dir, data, work, zero_stage)
+        trl_available = _has_trl()
+        if trl_available and not skip_trl:
+            systems["trl_online"] = run_trl(preset, model_dir, data, work, precompute=False)
+            systems["trl_precomputed"] = run_trl(preset, model_dir, data, work, precompute=True)
+        else:
+            reason = "skipped (--skip-trl)" if skip_trl else "skipped (trl not installed: pip install -e .[bench])"
+            systems["trl_online"] = systems["trl_precomputed"] = reason
+    report = {
+        "device": device_name(),
+        "preset": preset_name,
+        "versions": versions(),
+        "config": {
+            "model": preset.model, "non_embedding_params": n_params, "dtype": preset.dtype,
+            "prompt_len": preset.prompt_len, "response_len": preset.response_len, "pairs": preset.pairs,
+            "pairs_per_step": preset.pairs_per_step, "micro_batch_tokens": preset.micro_batch_tokens,
+            "steps_timed": preset.steps, "warmup_steps": preset.warmup, "zero_stage": zero_stage,
+            "attention_backend": extra["backend"], "peak_tflops": preset.peak_tflops,
+        },
+        "systems": systems,
+        "scaling_micro_batch_tokens": extra["scaling_micro_batch_tokens"],
+    }
+    report["ratios"] = ratios(systems)
+    return report
+
+
+def ratios(systems: dict) -> dict:
+    def tps(name):
+        s = systems.get(name)
+        return s["tokens_per_s"] if isinstance(s, dict) and s["tokens_per_s"] else None
+
+    out = {}
+    for ours, theirs in (("ours_online", "trl_online"), ("ours_precomputed", "trl_precomputed")):
+        if tps(ours) and tps(theirs):
+            out[f"{ours}/{theirs}"] = tps(ours) / tps(theirs)
+    return out
+
+
+def _has_trl() -> bool:
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpo-bench", description="dpo_dist vs TRL DPO throughput")
+    parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    parser.add_argument("--steps", type=int, help="timed optimizer steps per system")
+    parser.add_argument("--warmup", type=int, help="untimed steps before timing")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--skip-trl", action="store_true", help="only our systems (smoke tests)")
+    parser.add_argument("--zero-stage", type=int, default=3, choices=(0, 1, 2, 3))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
+    report = run(args.preset, args.steps, args.warmup, args.skip_trl, args.zero_stage)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    for name, s in report["systems"].items():
+        line = s if isinstance(s, str) else f"{s['tokens_per_s']:10.1f} tok/s  peak {s['peak_mem_gb']:.2f} GB  step0 loss {s['step0_loss']}"
+        print(f"{name:22s} {line}")
+    for name, value in report["ratios"].items():
+        print(f"{name}: {value:.2f}x")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
