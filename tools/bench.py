@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -75,6 +76,13 @@ PRESETS = {
         ),
         dtype="fp32", prompt_len=(16, 128), response_len=(8, 128), pairs=64, pairs_per_step=8,
         micro_batch_tokens=2048, max_length=256, steps=3, warmup=1, scaling_tokens=[512, 1024, 2048],
+    ),
+    # Seconds, for the smoke test that keeps this script from rotting (not a measurement).
+    "cpu-smoke": Preset(
+        model=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, tie_word_embeddings=False),
+        dtype="fp32", prompt_len=(4, 24), response_len=(2, 16), pairs=16, pairs_per_step=4,
+        micro_batch_tokens=256, max_length=64, steps=2, warmup=1, scaling_tokens=[128],
     ),
 }
 
@@ -315,8 +323,12 @@ def run_trl(preset: Preset, model_dir: Path, data: Path, work: Path, precompute:
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers.integrations import unset_hf_deepspeed_config
     from trl import DPOConfig, DPOTrainer
 
+    # Our engines registered a ZeRO-3 config with transformers; TRL must load a plain model.
+    unset_hf_deepspeed_config()
+    gc.collect()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = AutoTokenizer.from_pretrained(model_dir)
     records = [json.loads(line) for line in open(data)]
