@@ -1,0 +1,311 @@
+"""Batched text generation from a local Hugging Face causal LM, shared by win-rate evaluation,
+preference-data generation (``dpo-data generate``) and serving (``dpo-serve``).
+
+Prompts are encoded by the training rule (``dpo_dist.data.tokenize``): a plain-text prompt is
+``tokenizer(prompt)`` with its special tokens (BOS); a chat prompt (a messages list) is rendered
+with the tokenizer's chat template and ``add_generation_prompt=True``, and a rendering that already
+starts with the BOS text gets no second BOS. So a model is asked exactly what it was trained on.
+
+Rows of a batch are left-padded. Completions are decoded without special tokens; a stop string
+ends a completion and is not part of its text (as in the OpenAI API).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("dpo_dist.generation")
+
+Text = str | list[dict[str, str]]
+"""A prompt: plain text or chat messages (``[{"role": ..., "content": ...}]``)."""
+
+
+class GenerationError(ValueError):
+    """A prompt or model that cannot be generated from (one line saying why)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to continue a prompt. ``do_sample=False`` is greedy (temperature and top_p unused)."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated continuation and its token counts."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    """``stop`` (EOS or a stop string) or ``length`` (``max_new_tokens`` reached)."""
+
+
+@dataclass
+class PromptItem:
+    """A prompt of an input file with its position (``example_id``) for ordering and reports."""
+
+    example_id: int
+    prompt: Text
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_causal_lm(path: str | Path, device=None, dtype: str = "auto"):
+    """``(model, tokenizer)`` from a local directory, in eval mode on ``device``.
+
+    ``dtype=auto`` is bf16 on CUDA and fp32 on CPU, as in training. Nothing is downloaded: a path
+    that is not a model directory is a ``GenerationError``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise GenerationError(f"{path}: not a Hugging Face model directory (no config.json)")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    return model.to(device).eval(), tokenizer
+
+
+def render_prompt(prompt: Text, tokenizer) -> str:
+    """The text a model continues: plain text as is, chat messages through the chat template."""
+    if isinstance(prompt, str):
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise GenerationError("chat messages need a tokenizer with a chat template")
+    try:
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # jinja's TemplateError or a template's raise_exception()
+        raise GenerationError(f"chat template failed: {' '.join(str(e).split())}") from None
+
+
+def encode_prompt(text: str, tokenizer) -> list[int]:
+    """Token ids of a rendered prompt, with the tokenizer's special tokens unless it already has BOS."""
+    has_bos = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+    return tokenizer(text, add_special_tokens=not has_bos)["input_ids"]
+
+
+def plain_prompt(prompt: Text) -> str:
+    """A human-readable prompt: the text itself, or the chat turns as ``role: content`` lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+    """Continue every prompt of one batch (left-padded to the longest); uses torch's global RNG."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(ids) for ids in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    config = _generation_config(tokenizer, params, pad_id)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=config,
+            # The tokenizer is only needed to match stop strings.
+            tokenizer=tokenizer if params.stop else None,
+        )
+    new_tokens = out[:, width:].tolist()
+    return [_completion(tokens, len(ids), tokenizer, pad_id, params.stop) for tokens, ids in zip(new_tokens, prompt_ids)]
+
+
+def _generation_config(tokenizer, params: SamplingParams, pad_id: int):
+    """A fresh config, so the model's own generation defaults (top_k=50, ...) never leak in."""
+    from transformers import GenerationConfig
+
+    sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0} if params.do_sample else {}
+    return GenerationConfig(
+        max_new_tokens=params.max_new_tokens,
+        do_sample=params.do_sample,
+        pad_token_id=pad_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        stop_strings=list(params.stop) or None,
+        **sampling,
+    )
+
+
+def _completion(tokens: list[int], prompt_len: int, tokenizer, pad_id: int, stop: Sequence[str]) -> Completion:
+    """Cut a generated row at EOS (kept in the count) or at the trailing padding, then at a stop string."""
+    eos = tokenizer.eos_token_id
+    finished = eos in tokens
+    if finished:
+        tokens = tokens[: tokens.index(eos) + 1]
+    elif pad_id != eos:
+        # generate() pads rows that stopped early (a stop string); padding is not output.
+        while tokens and tokens[-1] == pad_id:
+            tokens = tokens[:-1]
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    cut = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if cut:
+        text, finished = text[: min(cut)], True
+    return Completion(text, prompt_len, len(tokens), "stop" if finished else "length")
+
+
+def generate_texts(
+    model, tokenizer, prompts: Sequence[Text], params: SamplingParams, *, batch_size: int, seed: int = 0,
+    seed_offsets: Sequence[int] | None = None,
+) -> list[Completion]:
+    """Completions of ``prompts`` in order, ``batch_size`` at a time.
+
+    Before each batch torch is seeded with ``seed`` plus the ``seed_offsets`` entry of its first
+    prompt (default: its position), so sampled outputs repeat for the same seed and batching.
+    """
+    import torch
+
+    encoded = [encode_prompt(render_prompt(p, tokenizer), tokenizer) for p in prompts]
+    offsets = list(seed_offsets) if seed_offsets is not None else list(range(len(prompts)))
+    out: list[Completion] = []
+    for start in range(0, len(encoded), batch_size):
+        torch.manual_seed(seed + offsets[start])
+        out.extend(generate_batch(model, tokenizer, encoded[start : start + batch_size], params))
+    return out
+
+
+def read_prompts(path: str | Path) -> list[PromptItem]:
+    """Prompts of a file: ``.jsonl`` / ``.json`` objects with a ``prompt`` key (preference files
+    work: other keys are kept in ``extra``), or ``.txt`` with one prompt per non-blank line."""
+    path = Path(path)
+    if not path.is_file():
+        raise GenerationError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [PromptItem(i, line) for i, line in enumerate(ln for ln in lines if ln.strip())]
+    if suffix == ".jsonl":
+        rows = _jsonl_rows(path)
+    elif suffix == ".json":
+        rows = _json_rows(path)
+    else:
+        raise GenerationError(f"{path}: unsupported prompt file (expected .jsonl, .json or .txt)")
+    items = []
+    for example_id, (line, row) in enumerate(rows):
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if not _is_text(prompt):
+            raise GenerationError(f"{path}:{line}: needs a 'prompt' that is a non-empty string or messages list")
+        items.append(PromptItem(example_id, prompt, {k: v for k, v in row.items() if k != "prompt"}))
+    if not items:
+        raise GenerationError(f"{path}: no prompts")
+    return items
+
+
+def _jsonl_rows(path: Path) -> list[tuple[int, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((number, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise GenerationError(f"{path}:{number}: not JSON ({e.msg})") from None
+    return rows
+
+
+def _json_rows(path: Path) -> list[tuple[int, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise GenerationError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, list):
+        raise GenerationError(f"{path}: expected a JSON list of objects")
+    return list(enumerate(data))
+
+
+def _is_text(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+    )
+
+
+# ---- preference data generation (dpo-data generate) ----------------------------------------------
+
+
+@dataclass
+class PreferenceStats:
+    """What ``generate_preferences`` did with the prompts it was given."""
+
+    prompts: int = 0
+    samples: int = 0
+    pairs: int = 0
+    ties_skipped: int = 0
+    empty_skipped: int = 0
+
+    def lines(self) -> list[str]:
+        """``name: value`` lines for the command's output."""
+        return [f"{name}: {value}" for name, value in vars(self).items()]
+
+
+def pick_pair(responses: Sequence[str], scores: Sequence[float], tie_margin: float = 0.0) -> tuple[int, int] | str:
+    """``(chosen, rejected)`` indices: the best and the worst non-empty response by score, or the
+    reason there is no pair: ``"empty"`` (fewer than two non-empty responses) or ``"tie"`` (the
+    best does not beat the worst by more than ``tie_margin``, or both say the same)."""
+    usable = [i for i, r in enumerate(responses) if r.strip()]
+    if len(usable) < 2:
+        return "empty"
+    best = max(usable, key=lambda i: scores[i])
+    worst = min(usable, key=lambda i: scores[i])
+    if scores[best] - scores[worst] <= tie_margin or responses[best].strip() == responses[worst].strip():
+        return "tie"
+    return best, worst
+
+
+def generate_preferences(
+    model, tokenizer, items: Sequence[PromptItem], judge, *, num_samples: int, params: SamplingParams,
+    batch_size: int, seed: int,
+) -> tuple[list[dict[str, Any]], PreferenceStats]:
+    """Sample ``num_samples`` responses per prompt, score them with ``judge`` (a ScoringJudge) and
+    keep the best and worst of each prompt as ``{"prompt", "chosen", "rejected", ...}`` records."""
+    prompts = [item.prompt for item in items for _ in range(num_samples)]
+    # Samples of one prompt are separate rows, so each draws its own tokens.
+    completions = generate_texts(model, tokenizer, prompts, params, batch_size=batch_size, seed=seed)
+    texts = [c.text for c in completions]
+    scores = judge.score(prompts, texts)
+    stats = PreferenceStats(prompts=len(items), samples=len(texts))
+    records = []
+    for k, item in enumerate(items):
+        span = slice(k * num_samples, (k + 1) * num_samples)
+        picked = pick_pair(texts[span], scores[span], getattr(judge, "tie_margin", 0.0))
+        if picked == "empty":
+            stats.empty_skipped += 1
+        elif picked == "tie":
+            stats.ties_skipped += 1
+        else:
+            best, worst = (k * num_samples + i for i in picked)
+            records.append(
+                {
+                    "prompt": item.prompt,
+                    "chosen": texts[best],
+                    "rejected": texts[worst],
+                    "chosen_score": scores[best],
+                    "rejected_score": scores[worst],
+                }
+            )
+    stats.pairs = len(records)
+    return records, stats

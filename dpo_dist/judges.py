@@ -1,0 +1,420 @@
+"""Pluggable judges: which of two responses to a prompt is better.
+
+Every judge answers ``compare(items) -> verdicts`` for a list of ``Comparison(prompt, a, b)``;
+a ``Verdict`` names the winner (``"a"``, ``"b"`` or ``"tie"``) and carries judge-specific details
+for the per-example log. Three are built in (``judge=<name>``, settings under ``eval.judge.*``):
+
+- ``rule``: the bundled task's verifier (``dpo_dist.tasks.verify``). A response that verifies beats
+  one that does not; both or neither is a tie. Prompts outside the task are an error, never
+  silently scored as wrong.
+- ``reward_model``: a local ``AutoModelForSequenceClassification`` (one label) scores
+  ``prompt + response`` (chat prompts through its chat template); the higher score wins, a
+  difference of at most ``tie_margin`` is a tie.
+- ``openai``: any OpenAI-compatible ``/chat/completions`` endpoint, asked in BOTH orders (A/B and
+  B/A) to cancel position bias: the winner must win both; disagreement or an unusable answer is
+  a tie. Requests time out, are retried with exponential backoff (timeouts, connection errors,
+  429, 5xx), and token usage and an estimated cost are counted.
+
+``rule`` and ``reward_model`` are ``ScoringJudge``s: they also score single responses, which
+``dpo-data generate`` needs to rank several samples of one prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpo_dist import tasks
+from dpo_dist.config import JudgeConfig
+from dpo_dist.generation import Text, encode_prompt, plain_prompt
+
+log = logging.getLogger("dpo_dist.judges")
+
+
+class JudgeError(ValueError):
+    """A judge that cannot work as configured, or an endpoint that keeps failing (one line)."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two responses to one prompt; ``a`` is conventionally the policy's."""
+
+    prompt: Text
+    a: str
+    b: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``winner`` is ``"a"``, ``"b"`` or ``"tie"``; ``details`` go to the per-example log."""
+
+    winner: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def same_response(item: Comparison) -> bool:
+    """Both responses say the same (surrounding whitespace aside): no judge can prefer one."""
+    return item.a.strip() == item.b.strip()
+
+
+class Judge:
+    """Base class: ``compare`` a batch of pairs; ``usage`` reports costs; ``close`` frees resources."""
+
+    name = "judge"
+
+    def compare(self, items: Sequence[Comparison]) -> list[Verdict]:
+        """One verdict per item, in order."""
+        raise NotImplementedError
+
+    def usage(self) -> dict[str, Any]:
+        """What judging cost so far (requests, tokens, USD); empty for local judges."""
+        return {}
+
+    def close(self) -> None:
+        """Release models or connections (the judge is unusable afterwards)."""
+
+    def __enter__(self) -> Judge:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ScoringJudge(Judge):
+    """A judge that scores each response on its own; comparing is a difference of scores."""
+
+    tie_margin = 0.0
+
+    def score(self, prompts: Sequence[Text], responses: Sequence[str]) -> list[float]:
+        """One score per (prompt, response); higher is better."""
+        raise NotImplementedError
+
+    def compare(self, items: Sequence[Comparison]) -> list[Verdict]:
+        prompts = [item.prompt for item in items]
+        scores = self.score(prompts * 2, [item.a for item in items] + [item.b for item in items])
+        verdicts = []
+        for item, score_a, score_b in zip(items, scores[: len(items)], scores[len(items) :]):
+            # The same text twice is a tie even when batched float math scores it 1e-8 apart.
+            if same_response(item) or abs(score_a - score_b) <= self.tie_margin:
+                winner = "tie"
+            else:
+                winner = "a" if score_a > score_b else "b"
+            verdicts.append(Verdict(winner, {"score_a": score_a, "score_b": score_b}))
+        return verdicts
+
+
+# ---- rule ----------------------------------------------------------------------------------------
+
+
+def task_prompt(prompt: Text) -> str:
+    """The bundled-task question in ``prompt``: the text, or the last user message of a chat."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+class RuleJudge(ScoringJudge):
+    """The bundled task's verifier: 1.0 for a response that is exactly right, else 0.0."""
+
+    name = "rule"
+
+    @staticmethod
+    def check_prompts(prompts: Sequence[Text]) -> None:
+        """Raise ``JudgeError`` naming the first prompt the verifier cannot check."""
+        for index, prompt in enumerate(prompts):
+            try:
+                tasks.parse(task_prompt(prompt))
+            except ValueError:
+                raise JudgeError(
+                    f"judge=rule only checks bundled-task prompts; prompt {index} is not one: "
+                    f"{plain_prompt(prompt)[:60]!r} (use judge=reward_model or judge=openai)"
+                ) from None
+
+    def score(self, prompts: Sequence[Text], responses: Sequence[str]) -> list[float]:
+        self.check_prompts(prompts)
+        return [1.0 if tasks.verify(task_prompt(p), r) else 0.0 for p, r in zip(prompts, responses)]
+
+
+# ---- reward model --------------------------------------------------------------------------------
+
+
+class RewardModelJudge(ScoringJudge):
+    """A local sequence-classification reward model with one output: higher is better."""
+
+    name = "reward_model"
+
+    def __init__(self, path: str | Path, *, batch_size: int = 16, tie_margin: float = 0.0, device=None):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise JudgeError(f"eval.judge.reward_model_path={path}: not a Hugging Face model directory")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, local_files_only=True)
+        if model.config.num_labels != 1:
+            raise JudgeError(f"{path}: a reward model has one output label, this one has {model.config.num_labels}")
+        self.pad_id = self._pad_id()
+        # The classifier pools the last non-pad token, which it finds through config.pad_token_id.
+        model.config.pad_token_id = self.pad_id
+        self.model = model.to(self.device).eval()
+        self.max_length = getattr(model.config, "max_position_embeddings", None) or 4096
+        self.batch_size = batch_size
+        self.tie_margin = tie_margin
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        if pad is None:
+            raise JudgeError("the reward model's tokenizer has neither a pad nor an EOS token")
+        return pad
+
+    def text(self, prompt: Text, response: str) -> str:
+        """What the reward model reads: plain ``prompt + response``, or the chat rendering of both."""
+        if isinstance(prompt, str):
+            return prompt + response
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise JudgeError("chat prompts need a reward-model tokenizer with a chat template")
+        messages = [*prompt, {"role": "assistant", "content": response}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False)
+
+    def score(self, prompts: Sequence[Text], responses: Sequence[str]) -> list[float]:
+        import torch
+
+        # Left-truncate: the classifier reads the last token, so the end of a response must stay.
+        ids = [encode_prompt(self.text(p, r), self.tokenizer)[-self.max_length :] for p, r in zip(prompts, responses)]
+        scores: list[float] = []
+        for start in range(0, len(ids), self.batch_size):
+            batch = ids[start : start + self.batch_size]
+            width = max(len(row) for row in batch)
+            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for i, row in enumerate(batch):
+                input_ids[i, : len(row)] = torch.tensor(row)
+                mask[i, : len(row)] = 1
+            with torch.inference_mode():
+                logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            scores.extend(logits[:, 0].float().cpu().tolist())
+        return scores
+
+    def close(self) -> None:
+        self.model = None
+
+
+# ---- OpenAI-compatible endpoint ------------------------------------------------------------------
+
+JUDGE_SYSTEM_PROMPT = (
+    "You are a careful, impartial judge. You compare two responses to the same prompt and decide "
+    "which one is better: more correct, more helpful, and more faithful to the prompt. Do not let "
+    "the order of the responses or their length influence you."
+)
+JUDGE_USER_TEMPLATE = (
+    "[Prompt]\n{prompt}\n\n[Response A]\n{a}\n\n[Response B]\n{b}\n\n"
+    "Which response is better? Answer with a single letter: A or B."
+)
+RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+_ONLY_LETTER = re.compile(r"^\W*(?:response\s*)?([AB])\W*$", re.IGNORECASE)
+_ANY_LETTER = re.compile(r"\b([AB])\b")
+
+
+def parse_choice(answer: str) -> str | None:
+    """``"A"`` or ``"B"`` from a judge's answer, or None when it is not clearly one of them: the
+    answer is just the letter, or names exactly one of the two (``"A or B"`` is no answer)."""
+    only = _ONLY_LETTER.match(answer.strip())
+    if only:
+        return only.group(1).upper()
+    letters = set(_ANY_LETTER.findall(answer))
+    return letters.pop() if len(letters) == 1 else None
+
+
+def combine_orders(first: str | None, second: str | None) -> str:
+    """Winner of a pair asked as (a, b) -> ``first`` and as (b, a) -> ``second``; tie unless both agree."""
+    first_pick = {"A": "a", "B": "b"}.get(first or "")
+    second_pick = {"A": "b", "B": "a"}.get(second or "")
+    return first_pick if first_pick is not None and first_pick == second_pick else "tie"
+
+
+class OpenAIJudge(Judge):
+    """Pairwise verdicts from an OpenAI-compatible chat endpoint, each pair asked in both orders."""
+
+    name = "openai"
+
+    def __init__(self, cfg: JudgeConfig):
+        import httpx
+
+        self.cfg = cfg
+        self.url = cfg.base_url.rstrip("/") + "/chat/completions"
+        headers = {"Content-Type": "application/json"}
+        key = api_key(cfg)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        self.client = httpx.Client(headers=headers, timeout=httpx.Timeout(cfg.timeout_s))
+        # httpx logs every request at INFO: two lines per pair would drown the run's log.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        self._lock = threading.Lock()
+        self._usage = {"requests": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0, "unparsed": 0}
+
+    def compare(self, items: Sequence[Comparison]) -> list[Verdict]:
+        asked = [item for item in items if not same_response(item)]  # identical pairs cost nothing
+        # Both orders of every pair go through one pool, so a slow endpoint is used concurrently.
+        jobs = [(item.prompt, item.a, item.b) for item in asked] + [(item.prompt, item.b, item.a) for item in asked]
+        answers = self._run_all(jobs)
+        forward, backward = iter(answers[: len(asked)]), iter(answers[len(asked) :])
+        verdicts = []
+        for item in items:
+            if same_response(item):
+                verdicts.append(Verdict("tie", {"identical": True}))
+                continue
+            (ab_text, ab), (ba_text, ba) = next(forward), next(backward)
+            verdicts.append(Verdict(combine_orders(ab, ba), {"ab": ab_text, "ba": ba_text}))
+        return verdicts
+
+    def _run_all(self, jobs: list[tuple[Text, str, str]]) -> list[tuple[str, str | None]]:
+        """``ask`` every job on ``concurrency`` threads; the first failure cancels what has not started."""
+        with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
+            futures = [pool.submit(self.ask, *job) for job in jobs]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+
+    def ask(self, prompt: Text, a: str, b: str) -> tuple[str, str | None]:
+        """One request: the judge's raw answer and the letter it picked (None if unclear)."""
+        messages = [
+            {"role": "system", "content": JUDGE_SYSTEM_PROMPT},
+            {"role": "user", "content": JUDGE_USER_TEMPLATE.format(prompt=plain_prompt(prompt), a=a, b=b)},
+        ]
+        payload = {"model": self.cfg.model, "messages": messages, "temperature": 0, "max_tokens": self.cfg.max_tokens}
+        body = self._post(payload)
+        try:
+            answer = body["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise JudgeError(f"judge=openai: {self.url} answered without choices[0].message.content") from None
+        usage = body.get("usage") or {}
+        choice = parse_choice(answer)
+        with self._lock:
+            self._usage["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
+            self._usage["completion_tokens"] += int(usage.get("completion_tokens") or 0)
+            self._usage["unparsed"] += choice is None
+        return answer, choice
+
+    def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST with retries: timeouts, connection errors, 429 and 5xx wait and retry; other errors fail."""
+        import httpx
+
+        delay = self.cfg.backoff_s
+        for attempt in range(self.cfg.max_retries + 1):
+            with self._lock:
+                self._usage["requests"] += 1
+            wait = delay
+            try:
+                response = self.client.post(self.url, json=payload)
+            except httpx.TimeoutException:
+                error = f"no answer within {self.cfg.timeout_s:g}s"
+            except httpx.TransportError as e:
+                error = f"connection failed ({type(e).__name__}: {e})"
+            else:
+                if response.status_code == 200:
+                    return _json_body(response, self.url)
+                error = f"HTTP {response.status_code}: {_error_message(response)}"
+                if response.status_code not in RETRY_STATUSES:
+                    raise JudgeError(f"judge=openai: {self.url}: {error}")
+                wait = max(wait, _retry_after(response))
+            if attempt == self.cfg.max_retries:
+                raise JudgeError(f"judge=openai: {self.url}: gave up after {attempt + 1} attempts; last: {error}")
+            with self._lock:
+                self._usage["retries"] += 1
+            log.warning("judge request failed (%s); retry %d/%d in %.1fs", error, attempt + 1, self.cfg.max_retries, wait)
+            time.sleep(wait)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def usage(self) -> dict[str, Any]:
+        with self._lock:
+            usage = dict(self._usage)
+        usage["cost_usd"] = (
+            usage["prompt_tokens"] * self.cfg.price_input_per_mtok
+            + usage["completion_tokens"] * self.cfg.price_output_per_mtok
+        ) / 1e6
+        return usage
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def api_key(cfg: JudgeConfig) -> str | None:
+    """The key from the environment variable named by ``api_key_env`` (None when that is null)."""
+    if not cfg.api_key_env:
+        return None
+    key = os.environ.get(cfg.api_key_env)
+    if not key:
+        raise JudgeError(
+            f"judge=openai: environment variable {cfg.api_key_env} is not set "
+            "(eval.judge.api_key_env names it; null for a server without keys)"
+        )
+    return key
+
+
+def _json_body(response, url: str) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        raise JudgeError(f"judge=openai: {url} answered 200 with a body that is not JSON") from None
+    if not isinstance(body, dict):
+        raise JudgeError(f"judge=openai: {url} answered 200 with JSON that is not an object")
+    return body
+
+
+def _error_message(response) -> str:
+    """The ``error.message`` of an OpenAI-style error body, else the start of the body."""
+    try:
+        error = response.json().get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        message = None
+    return " ".join(str(message or response.text).split())[:200]
+
+
+def _retry_after(response) -> float:
+    try:
+        return float(response.headers.get("retry-after", 0))
+    except ValueError:
+        return 0.0
+
+
+# ---- construction --------------------------------------------------------------------------------
+
+
+def preflight(cfg: JudgeConfig, prompts: Sequence[Text]) -> None:
+    """Cheap checks before any generation, so a misconfigured judge fails in seconds, not after hours."""
+    if cfg.name == "rule":
+        RuleJudge.check_prompts(prompts)
+    elif cfg.name == "reward_model":
+        if not (Path(cfg.reward_model_path) / "config.json").is_file():
+            raise JudgeError(f"eval.judge.reward_model_path={cfg.reward_model_path}: not a Hugging Face model directory")
+    elif cfg.name == "openai":
+        api_key(cfg)
+
+
+def build_judge(cfg: JudgeConfig, device=None) -> Judge:
+    """The judge ``cfg`` names, ready to ``compare``."""
+    if cfg.name == "rule":
+        return RuleJudge()
+    if cfg.name == "reward_model":
+        return RewardModelJudge(cfg.reward_model_path, batch_size=cfg.batch_size, tie_margin=cfg.tie_margin, device=device)
+    if cfg.name == "openai":
+        return OpenAIJudge(cfg)
+    raise JudgeError(f"unknown judge {cfg.name!r}")

@@ -1,0 +1,229 @@
+"""Win-rate of a trained policy against its reference (``dpo-eval winrate``).
+
+The policy (``eval.policy_path``: a Hugging Face directory or a checkpoint, resolved like
+``dpo-eval``) and the reference (``model.path``) each answer the held-out prompts of
+``data.eval_path`` (the first ``eval.max_prompts``; greedy by default). Rank ``r`` of ``W``
+generates prompts ``r, r+W, ...``; rank 0 gathers everything (``torch.distributed.gather_object``),
+asks the judge (``eval.judge``) to compare policy (``a``) and reference (``b``) on each prompt, and
+writes to ``eval.output`` (default ``output_dir``):
+
+- ``winrate.json``: counts and rates of win / tie / loss, the win score ``(wins + ties/2) / n``,
+  95% Wilson score intervals on the win rate and on the win score, generation and judge settings
+  and the judge's usage (requests, retries, tokens, estimated cost);
+- ``winrate_samples.jsonl``: per prompt, both responses, the winner and the judge's details.
+
+Intervals: Wilson's score interval for a binomial proportion (z = 1.96). For the win score, ties
+count as half a success; since a tie has less variance than a coin flip, the interval is slightly
+conservative there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dpo_dist import distributed as D
+from dpo_dist.config import DPOConfig
+from dpo_dist.generation import Completion, PromptItem, SamplingParams, generate_texts, load_causal_lm
+
+log = logging.getLogger("dpo_dist.winrate")
+
+Z_95 = 1.959963984540054
+WORK_SUBDIR = "winrate"
+"""Ranks of ``dpo-eval winrate`` run from ``output_dir/winrate/`` (their config.yaml, exports)."""
+OUTCOMES = {"a": "win", "b": "loss", "tie": "tie"}
+WINNER_NAMES = {"a": "policy", "b": "reference", "tie": "tie"}
+
+
+def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for ``successes / n`` (``successes`` may be fractional)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # Rounded: the bounds at 0 and 1 come out as +-1e-17 in floating point.
+    return (round(max(0.0, center - half), 6), round(min(1.0, center + half), 6))
+
+
+def summarize(outcomes: Sequence[str]) -> dict[str, Any]:
+    """Counts, rates and 95% intervals of a list of ``win`` / ``tie`` / ``loss``."""
+    n = len(outcomes)
+    wins, ties, losses = (sum(o == name for o in outcomes) for name in ("win", "tie", "loss"))
+    rate = (lambda k: k / n) if n else (lambda k: 0.0)
+    return {
+        "n": n,
+        "wins": wins,
+        "ties": ties,
+        "losses": losses,
+        "win_rate": rate(wins),
+        "tie_rate": rate(ties),
+        "loss_rate": rate(losses),
+        "score": rate(wins + ties / 2),
+        "score_ci95": list(wilson_interval(wins + ties / 2, n)),
+        "win_rate_ci95": list(wilson_interval(wins, n)),
+        "ci_method": "wilson score interval, z=1.96; score = (wins + ties/2) / n",
+    }
+
+
+def rank_config(cfg: DPOConfig) -> DPOConfig:
+    """The config the ranks get: resolved policy and output paths, and a private working directory.
+
+    Launchers write ``output_dir/config.yaml`` for the ranks; pointing ``output_dir`` at
+    ``<output_dir>/winrate`` keeps an evaluated run's own config.yaml intact, while the results
+    still land in the run directory (``eval.output``).
+    """
+    out = cfg.output_dir
+    evaluation = dataclasses.replace(
+        cfg.eval, policy_path=cfg.eval.resolved_policy_path(out), output=cfg.eval.resolved_output(out)
+    )
+    return dataclasses.replace(cfg, output_dir=str(Path(out) / WORK_SUBDIR), eval=evaluation)
+
+
+def eval_prompts(cfg: DPOConfig) -> list[PromptItem]:
+    """The held-out prompts: records of ``data.eval_path`` (bad ones per ``data.on_invalid``)."""
+    from dpo_dist.data import load_preferences
+    from dpo_dist.evaluation import EvalError
+
+    if not cfg.data.eval_path:
+        raise EvalError("data.eval_path is null: no held-out prompts for the win-rate")
+    records = load_preferences(cfg.data.eval_path, cfg.data.on_invalid, log)
+    if cfg.eval.max_prompts:
+        records = records[: cfg.eval.max_prompts]
+    return [PromptItem(r.example_id, r.prompt) for r in records]
+
+
+def sampling_params(cfg: DPOConfig) -> SamplingParams:
+    """Generation settings of ``eval.*`` (the same for policy and reference)."""
+    e = cfg.eval
+    return SamplingParams(max_new_tokens=e.max_new_tokens, do_sample=e.do_sample, temperature=e.temperature, top_p=e.top_p)
+
+
+def generate_with(model_dir: str, items: Sequence[PromptItem], cfg: DPOConfig, device) -> list[Completion]:
+    """Load ``model_dir``, answer ``items`` and free the model again (policy and reference take turns)."""
+    import torch
+
+    if not items:
+        return []
+    log.info("generating %d answers with %s", len(items), model_dir)
+    model, tokenizer = load_causal_lm(model_dir, device, cfg.model.dtype)
+    completions = generate_texts(
+        model,
+        tokenizer,
+        [item.prompt for item in items],
+        sampling_params(cfg),
+        batch_size=cfg.eval.batch_size,
+        seed=cfg.eval.seed,
+        seed_offsets=[item.example_id for item in items],
+    )
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return completions
+
+
+def gather_to_main(local: list, env: D.DistEnv) -> list | None:
+    """Every rank's list, concatenated on rank 0 (None elsewhere)."""
+    import torch.distributed as dist
+
+    if env.world_size == 1 or not dist.is_initialized():
+        return local
+    parts = [None] * env.world_size if env.is_main else None
+    dist.gather_object(local, parts, dst=0)
+    return [x for part in parts for x in part] if env.is_main else None
+
+
+def winrate_run(cfg: DPOConfig) -> dict[str, Any] | None:
+    """The ``winrate`` task, on every rank; rank 0 judges, writes the results and returns them."""
+    from dpo_dist.evaluation import policy_model_dir
+    from dpo_dist.judges import preflight
+
+    env = D.detect_env()
+    if env.world_size > 1:
+        D.init_distributed(env, cfg.deepspeed.comm_timeout_minutes)
+    device = D.device_for(env)
+    items = eval_prompts(cfg)
+    preflight(cfg.eval.judge, [item.prompt for item in items])
+    policy_dir = str(policy_model_dir(cfg, env))
+    mine = items[env.rank :: env.world_size]
+    started = time.perf_counter()
+    policy = generate_with(policy_dir, mine, cfg, device)
+    reference = generate_with(cfg.model.path, mine, cfg, device)
+    gathered = gather_to_main(list(zip(mine, policy, reference)), env)
+    generation_s = time.perf_counter() - started
+    result = None
+    if env.is_main:
+        rows = sorted(gathered, key=lambda row: row[0].example_id)
+        result = judge_and_write(cfg, policy_dir, rows, env.world_size, generation_s)
+    D.barrier()
+    return result
+
+
+def judge_and_write(cfg: DPOConfig, policy_dir: str, rows, world_size: int, generation_s: float) -> dict[str, Any]:
+    """Judge (policy, reference) on every prompt, write winrate.json + samples, print the summary."""
+    from dpo_dist.judges import Comparison, build_judge
+
+    started = time.perf_counter()
+    with build_judge(cfg.eval.judge) as judge:
+        verdicts = judge.compare([Comparison(item.prompt, pol.text, ref.text) for item, pol, ref in rows])
+        usage = judge.usage()
+    result = {
+        "policy": policy_dir,
+        "reference": cfg.model.path,
+        "judge": cfg.eval.judge.name,
+        **({"judge_model": cfg.eval.judge.model} if cfg.eval.judge.name == "openai" else {}),
+        "eval_path": cfg.data.eval_path,
+        **summarize([OUTCOMES[v.winner] for v in verdicts]),
+        "generation": {
+            **{k: v for k, v in dataclasses.asdict(sampling_params(cfg)).items() if k != "stop"},
+            "seed": cfg.eval.seed,
+            "batch_size": cfg.eval.batch_size,
+            "world_size": world_size,
+        },
+        "judge_usage": usage,
+        "seconds": {"generation": round(generation_s, 3), "judging": round(time.perf_counter() - started, 3)},
+    }
+    out = Path(cfg.eval.resolved_output(cfg.output_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "winrate_samples.jsonl", "w", encoding="utf-8") as f:
+        for (item, pol, ref), verdict in zip(rows, verdicts):
+            f.write(json.dumps(sample_row(item, pol, ref, verdict)) + "\n")
+    (out / "winrate.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(summary_line(result), flush=True)
+    print(f"wrote {out / 'winrate.json'} and {out / 'winrate_samples.jsonl'}", flush=True)
+    if usage:
+        log.info("judge usage: %s", usage)
+    return result
+
+
+def sample_row(item: PromptItem, policy: Completion, reference: Completion, verdict) -> dict[str, Any]:
+    """One line of ``winrate_samples.jsonl``."""
+    return {
+        "example_id": item.example_id,
+        "prompt": item.prompt,
+        "policy": policy.text,
+        "reference": reference.text,
+        "winner": WINNER_NAMES[verdict.winner],
+        "judge": verdict.details,
+        "policy_tokens": policy.completion_tokens,
+        "reference_tokens": reference.completion_tokens,
+        "policy_finish": policy.finish_reason,
+        "reference_finish": reference.finish_reason,
+    }
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    """The one line ``dpo-eval winrate`` prints."""
+    lo, hi = result["score_ci95"]
+    return (
+        f"winrate: policy vs reference on {result['n']} prompts (judge={result['judge']}): "
+        f"win {result['win_rate']:.3f} tie {result['tie_rate']:.3f} loss {result['loss_rate']:.3f}; "
+        f"score {result['score']:.3f} (95% CI {lo:.3f}-{hi:.3f})"
+    )

@@ -1,0 +1,123 @@
+"""``dpo-serve`` as a real HTTP server in a subprocess, driven by httpx (a bounded set of requests)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dpo_dist.distributed import free_port
+from tests.helpers import REPO, make_tiny_model_dir, run_cli
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+pytestmark = pytest.mark.integration
+
+NAME = "tiny-test"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = make_tiny_model_dir(tmp_path_factory.mktemp("serve") / "model", layers=1)
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "launch.serve", str(model), "--port", str(port), "--served-model-name", NAME,
+        "--max-tokens", "32", "--max-prompt-tokens", "64", "--max-body-bytes", "4096",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    try:
+        _wait_ready(client, proc)
+        yield client
+    finally:
+        client.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_ready(client, proc, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"dpo-serve exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
+        try:
+            if client.get("/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("dpo-serve did not become ready")
+
+
+def test_models(server):
+    body = server.get("/v1/models").json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == [NAME]
+
+
+def test_completions_greedy_usage_and_stop(server):
+    request = {"model": NAME, "prompt": "12+34=", "max_tokens": 8, "temperature": 0}
+    first = server.post("/v1/completions", json=request).json()
+    assert first["object"] == "text_completion" and first["model"] == NAME
+    choice = first["choices"][0]
+    assert first["usage"]["prompt_tokens"] == 7  # BOS + 6 characters
+    assert 1 <= first["usage"]["completion_tokens"] <= 8
+    assert first["usage"]["total_tokens"] == 7 + first["usage"]["completion_tokens"]
+    assert choice["finish_reason"] in ("stop", "length")
+    text = choice["text"]
+    assert len(text) >= 3, text  # a random model rarely ends within 3 tokens; keep the stop check meaningful
+    stop = text[2]
+    stopped = server.post("/v1/completions", json={**request, "stop": [stop]}).json()["choices"][0]
+    assert stopped == {**choice, "text": text[: text.index(stop)], "finish_reason": "stop"}
+
+
+def test_chat_sampling_is_repeatable_with_a_seed(server):
+    request = {
+        "model": NAME, "messages": [{"role": "user", "content": "reverse: abc"}], "max_tokens": 6,
+        "temperature": 1.0, "top_p": 0.9, "seed": 7, "n": 2,
+    }
+    first = server.post("/v1/chat/completions", json=request).json()
+    again = server.post("/v1/chat/completions", json=request).json()
+    assert first["object"] == "chat.completion" and len(first["choices"]) == 2
+    assert [c["message"] for c in first["choices"]] == [c["message"] for c in again["choices"]]
+    assert first["choices"][0]["message"]["role"] == "assistant"
+    assert first["usage"]["prompt_tokens"] > len("reverse: abc")  # the chat template adds role markers
+
+
+@pytest.mark.parametrize(
+    "path, payload, status, fragment",
+    [
+        ("/v1/completions", b'{"model": "tiny-test", "prompt": ', 400, "not valid JSON"),
+        ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model 'gpt-4' not found"),
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": 33}, 400, "over this server's limit of 32"),
+        ("/v1/completions", {"model": NAME, "prompt": "x" * 100}, 400, "accepts at most 64"),
+        ("/v1/completions", {"model": NAME, "prompt": "x" * 5000}, 413, "request body over 4096 bytes"),
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "temperature": -1}, 400, "temperature"),
+        ("/v1/chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "robot", "content": "x"}]}, 400, "unknown chat role"),
+        ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "stream": True}, 400, "stream"),
+    ],
+)
+def test_bad_requests_are_refused(server, path, payload, status, fragment):
+    if isinstance(payload, bytes):
+        response = server.post(path, content=payload, headers={"Content-Type": "application/json"})
+    else:
+        response = server.post(path, json=payload)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert fragment in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_bad_model_dir_is_one_line_exit_2(tmp_path):
+    result = run_cli("launch.serve", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"dpo-serve: error: {tmp_path}: not a Hugging Face model directory (no config.json)"

@@ -1,0 +1,115 @@
+"""``dpo-eval winrate`` end to end (2 CPU ranks) and ``dpo-data generate`` on tiny local models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dpo_dist.data import read_preferences
+from launch.data import main as data_main
+from tests.helpers import make_tiny_model_dir, run_cli
+from tests.unit.test_judges import make_tiny_reward_model_dir
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["12+34=", "reverse: abc", "sort: dcba", "91-46=", "47+38=", "reverse: hello", "sort: zyx"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("winrate")
+    evals = root / "eval.jsonl"
+    evals.write_text("".join(json.dumps({"prompt": p, "chosen": "x", "rejected": "y"}) + "\n" for p in PROMPTS))
+    return {
+        "reference": make_tiny_model_dir(root / "reference", seed=0, layers=1),
+        "policy": make_tiny_model_dir(root / "policy", seed=1, layers=1),
+        "rm": make_tiny_reward_model_dir(root / "rm"),
+        "eval": evals,
+    }
+
+
+def _winrate(models, out, *extra):
+    return run_cli(
+        "launch.eval",
+        "winrate",
+        f"output_dir={out}",
+        f"model.path={models['reference']}",
+        f"data.eval_path={models['eval']}",
+        "eval.max_new_tokens=4",
+        "eval.batch_size=2",
+        "wandb.mode=disabled",
+        *extra,
+    )
+
+
+def test_winrate_two_ranks_into_a_run_dir(models, tmp_path):
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text("the: training run's own config\n")
+    result = _winrate(
+        models, run, f"eval.policy_path={models['policy']}", "eval.max_prompts=6", "cluster.nproc_per_node=2",
+        "judge=reward_model", f"eval.judge.reward_model_path={models['rm']}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "winrate: policy vs reference on 6 prompts (judge=reward_model)" in result.stdout
+    summary = json.loads((run / "winrate.json").read_text())
+    assert summary["n"] == 6 and summary["wins"] + summary["ties"] + summary["losses"] == 6
+    assert summary["win_rate"] + summary["tie_rate"] + summary["loss_rate"] == pytest.approx(1.0)
+    lo, hi = summary["score_ci95"]
+    assert 0 <= lo <= summary["score"] <= hi <= 1 and summary["ci_method"].startswith("wilson")
+    assert summary["generation"]["world_size"] == 2 and summary["judge"] == "reward_model"
+    samples = [json.loads(line) for line in (run / "winrate_samples.jsonl").read_text().splitlines()]
+    assert [s["example_id"] for s in samples] == list(range(6)), "rank 0 gathered both shards, in order"
+    assert [s["prompt"] for s in samples] == PROMPTS[:6]
+    assert all(s["winner"] in ("policy", "reference", "tie") and 0 < s["policy_tokens"] <= 4 for s in samples)
+    assert (run / "config.yaml").read_text() == "the: training run's own config\n", "the run's config is untouched"
+    assert (run / "winrate" / "config.yaml").exists() and (run / "winrate" / ".hydra").is_dir()
+
+
+def test_winrate_rule_judge_fails_fast_on_foreign_prompts(models, tmp_path):
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text(json.dumps({"prompt": "What is DPO?", "chosen": "a", "rejected": "b"}) + "\n")
+    result = _winrate(models, tmp_path / "out", f"eval.policy_path={models['policy']}", f"data.eval_path={foreign}")
+    assert result.returncode == 2
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith(("dpo_dist: error", "dpo-eval: error"))]
+    assert errors == ["dpo_dist: error: judge=rule only checks bundled-task prompts; prompt 0 is not one: "
+                      "'What is DPO?' (use judge=reward_model or judge=openai)"], result.stderr[-2000:]
+    assert not (tmp_path / "out" / "winrate.json").exists()
+
+
+def test_generate_preference_pairs_with_a_reward_model(models, tmp_path, capsys):
+    out = tmp_path / "pairs.jsonl"
+    args = [
+        "generate", "--model", str(models["policy"]), "--prompts", str(models["eval"]), "--out", str(out),
+        "--num-samples", "3", "--judge", "reward_model", "--reward-model", str(models["rm"]),
+        "--max-new-tokens", "4", "--batch-size", "8",
+    ]
+    assert data_main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    counts = dict(line.split(": ") for line in lines[:-1])
+    assert lines[-1] == f"wrote {out}"
+    assert int(counts["prompts"]) == len(PROMPTS) and int(counts["samples"]) == 3 * len(PROMPTS)
+    pairs = int(counts["pairs"])
+    assert pairs + int(counts["ties_skipped"]) + int(counts["empty_skipped"]) == len(PROMPTS) and pairs > 0
+    written = read_preferences(out)
+    assert len(written.records) == pairs and not written.problems, "every pair passes dpo-data check"
+    for row in map(json.loads, out.read_text().splitlines()):
+        assert row["chosen_score"] > row["rejected_score"] and row["prompt"] in PROMPTS
+    # Same seed, same pairs.
+    again = tmp_path / "again.jsonl"
+    assert data_main([*args[:6], str(again), *args[7:]]) == 0
+    assert again.read_text() == out.read_text()
+
+
+def test_generate_usage_errors(models, tmp_path, capsys):
+    base = ["generate", "--model", str(models["policy"]), "--prompts", str(models["eval"])]
+    assert data_main([*base, "--out", str(tmp_path / "x.jsonl"), "--num-samples", "1"]) == 2
+    assert data_main([*base, "--out", str(tmp_path / "x.jsonl"), "--judge", "reward_model"]) == 2
+    assert data_main([*base[:4], "missing.jsonl", "--out", str(tmp_path / "x.jsonl")]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == [
+        "dpo-data: error: --num-samples must be at least 2, got 1",
+        "dpo-data: error: --judge reward_model needs --reward-model DIR (got None)",
+        "dpo-data: error: missing.jsonl: no such file",
+    ]

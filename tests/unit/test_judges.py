@@ -1,0 +1,267 @@
+"""Judges (rule, reward model, OpenAI-compatible endpoint), win-rate statistics and pair picking."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from dpo_dist.config import JudgeConfig
+from dpo_dist.generation import pick_pair
+from dpo_dist.judges import (
+    Comparison,
+    JudgeError,
+    OpenAIJudge,
+    RewardModelJudge,
+    RuleJudge,
+    combine_orders,
+    parse_choice,
+    preflight,
+)
+from dpo_dist.winrate import summarize, wilson_interval
+from tests.helpers import TOKENIZER_DIR
+
+
+def make_tiny_reward_model_dir(path: Path, *, seed: int = 0) -> Path:
+    """A random one-label Llama sequence classifier + the bundled tokenizer (a stand-in reward model)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        num_labels=1,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+# ---- rule ----------------------------------------------------------------------------------------
+
+
+def test_rule_judge_on_hand_made_pairs():
+    items = [
+        Comparison("47+38=", "85", "75"),  # policy right, reference wrong
+        Comparison("91-46=", "55", " 45\n"),  # whitespace around an answer is fine
+        Comparison("reverse: kqzmt", "tmzqk", "tmzqk"),  # both right
+        Comparison("sort: dbeca", "abdce", "abcdd"),  # both wrong
+        Comparison([{"role": "user", "content": "12+30="}], "42", "43"),  # chat: the last user turn
+        Comparison("47+38=", "085", "85."),  # near misses are wrong
+    ]
+    verdicts = RuleJudge().compare(items)
+    assert [v.winner for v in verdicts] == ["a", "b", "tie", "tie", "a", "tie"]
+    assert verdicts[0].details == {"score_a": 1.0, "score_b": 0.0}
+
+
+def test_rule_judge_refuses_prompts_outside_the_task():
+    with pytest.raises(JudgeError, match="prompt 1 is not one"):
+        RuleJudge().compare([Comparison("23+45=", "68", "67"), Comparison("What is DPO?", "x", "y")])
+    with pytest.raises(JudgeError, match="judge=rule only checks bundled-task prompts"):
+        preflight(JudgeConfig(name="rule"), ["23+45=", "  23+45="])
+
+
+# ---- reward model --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory):
+    return make_tiny_reward_model_dir(tmp_path_factory.mktemp("rm") / "rm")
+
+
+def test_reward_model_judge_prefers_the_higher_score(reward_model):
+    prompts = ["12+34=", "reverse: abc", [{"role": "user", "content": "hello"}]]
+    responses = ["46", "a much longer response", "hi there"]
+    judge = RewardModelJudge(reward_model, batch_size=2)
+    scores = judge.score(prompts, responses)
+    # Right padding and batching must not change a score.
+    one_by_one = RewardModelJudge(reward_model, batch_size=1).score(prompts, responses)
+    assert scores == pytest.approx(one_by_one, abs=1e-5)
+    assert len(set(scores)) == 3
+    items = [Comparison(prompts[0], responses[0], responses[1]), Comparison(prompts[0], responses[1], responses[0])]
+    first, swapped = judge.compare(items)
+    assert {first.winner, swapped.winner} == {"a", "b"}, "swapping the responses swaps the winner"
+    assert judge.compare([Comparison("12+34=", "46", "46")])[0].winner == "tie"
+    judge.tie_margin = 1e9
+    assert judge.compare(items[:1])[0].winner == "tie"
+
+
+def test_reward_model_judge_needs_a_model_directory(tmp_path):
+    with pytest.raises(JudgeError, match="not a Hugging Face model directory"):
+        RewardModelJudge(tmp_path)
+
+
+# ---- OpenAI-compatible endpoint against a local stub ---------------------------------------------
+
+_RESPONSES = re.compile(r"\[Response A\]\n(.*)\n\n\[Response B\]\n(.*)\n\nWhich", re.S)
+
+
+class _StubJudgeServer:
+    """An OpenAI-style /chat/completions on 127.0.0.1 that prefers responses containing "good".
+
+    Prompts steer failures: "slow" stalls the first request past the client's timeout, "busy"
+    answers the first request with 503, "biased" always answers "A", "refuse" answers 400.
+    """
+
+    def __init__(self):
+        self.asked: list[tuple[str, str, str]] = []
+        self.auth: set[str] = set()
+        self.first_seen: set[str] = set()
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def _first(self, prompt: str) -> bool:
+        with self.lock:
+            first = prompt not in self.first_seen
+            self.first_seen.add(prompt)
+            return first
+
+    def answer(self, body: dict) -> tuple[int, dict]:
+        text = body["messages"][-1]["content"]
+        prompt = text.split("\n")[1]
+        a, b = _RESPONSES.search(text).groups()
+        with self.lock:
+            self.asked.append((prompt, a, b))
+        if prompt == "slow" and self._first(prompt):
+            time.sleep(1.5)
+        if prompt == "busy" and self._first(prompt):
+            return 503, {"error": {"message": "overloaded"}}
+        if prompt == "refuse":
+            return 400, {"error": {"message": "bad request for sure"}}
+        verdict = "A" if prompt == "biased" or "good" in a else "B"
+        message = {"role": "assistant", "content": f"{verdict}"}
+        return 200, {"choices": [{"message": message}], "usage": {"prompt_tokens": 100, "completion_tokens": 1}}
+
+    def _handler(self):
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - the http.server API
+                stub.auth.add(self.headers.get("Authorization", ""))
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status, payload = stub.answer(body)
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (the timeout test)
+
+            def log_message(self, *args):
+                pass
+
+        return Handler
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _judge_config(base_url: str, **extra) -> JudgeConfig:
+    values = dict(
+        name="openai", base_url=base_url, model="stub-judge", api_key_env="DPO_TEST_JUDGE_KEY", timeout_s=0.5,
+        max_retries=2, backoff_s=0.01, concurrency=4, price_input_per_mtok=2.0, price_output_per_mtok=8.0,
+    )
+    return JudgeConfig(**{**values, **extra})
+
+
+def test_openai_judge_asks_both_orders_retries_and_counts_usage(monkeypatch):
+    monkeypatch.setenv("DPO_TEST_JUDGE_KEY", "sk-test")
+    items = [
+        Comparison("p1", "good answer", "bad answer"),
+        Comparison("p2", "meh", "a good one"),
+        Comparison("biased", "good", "bad"),  # says "A" in both orders: position bias -> tie
+        Comparison("slow", "good", "bad"),  # first request times out, the retry answers
+        Comparison("busy", "bad", "good"),  # first request gets 503, the retry answers
+    ]
+    with _StubJudgeServer() as stub, OpenAIJudge(_judge_config(stub.base_url)) as judge:
+        verdicts = judge.compare(items)
+        usage = judge.usage()
+    assert [v.winner for v in verdicts] == ["a", "b", "tie", "a", "b"]
+    assert verdicts[0].details == {"ab": "A", "ba": "B"}
+    for item in items:
+        assert (item.prompt, item.a, item.b) in stub.asked and (item.prompt, item.b, item.a) in stub.asked
+    assert stub.auth == {"Bearer sk-test"}
+    assert usage["retries"] == 2 and usage["requests"] == 12
+    assert usage["prompt_tokens"] == 1000 and usage["completion_tokens"] == 10
+    assert usage["cost_usd"] == pytest.approx((1000 * 2.0 + 10 * 8.0) / 1e6)
+
+
+def test_openai_judge_errors_are_one_line(monkeypatch):
+    monkeypatch.delenv("DPO_TEST_JUDGE_KEY", raising=False)
+    with pytest.raises(JudgeError, match="DPO_TEST_JUDGE_KEY is not set"):
+        preflight(_judge_config("http://127.0.0.1:9/v1"), ["p"])
+    monkeypatch.setenv("DPO_TEST_JUDGE_KEY", "sk-test")
+    with _StubJudgeServer() as stub, OpenAIJudge(_judge_config(stub.base_url)) as judge:
+        with pytest.raises(JudgeError, match="HTTP 400: bad request for sure") as err:
+            judge.compare([Comparison("refuse", "x", "y")])
+    assert "\n" not in str(err.value)
+    # Nothing listens on port 9 (discard): connection errors are retried, then reported.
+    with OpenAIJudge(_judge_config("http://127.0.0.1:9/v1", max_retries=1)) as judge:
+        with pytest.raises(JudgeError, match="gave up after 2 attempts; last: connection failed"):
+            judge.compare([Comparison("p", "x", "y")])
+
+
+@pytest.mark.parametrize(
+    "answer, letter",
+    [("A", "A"), (" b.", "B"), ("Response B", "B"), ("**A** is better", "A"), ("I prefer B", "B"), ("A or B", None), ("neither", None)],
+)
+def test_parse_choice(answer, letter):
+    assert parse_choice(answer) == letter
+
+
+def test_combine_orders_needs_agreement():
+    assert combine_orders("A", "B") == "a"
+    assert combine_orders("B", "A") == "b"
+    assert combine_orders("A", "A") == "tie"
+    assert combine_orders(None, "B") == "tie"
+
+
+# ---- statistics and pair picking -----------------------------------------------------------------
+
+
+def test_wilson_interval_and_summary():
+    lo, hi = wilson_interval(50, 100)
+    assert (lo, hi) == (pytest.approx(0.4038, abs=1e-4), pytest.approx(0.5962, abs=1e-4))
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    result = summarize(["win"] * 6 + ["tie"] * 2 + ["loss"] * 2)
+    assert (result["n"], result["wins"], result["ties"], result["losses"]) == (10, 6, 2, 2)
+    assert result["score"] == pytest.approx(0.7) and result["win_rate"] == pytest.approx(0.6)
+    assert result["score_ci95"] == list(wilson_interval(7, 10))
+
+
+def test_pick_pair_takes_best_and_worst_and_skips_ties():
+    assert pick_pair(["a", "b", "c"], [0.1, 0.9, -0.5]) == (1, 2)
+    assert pick_pair(["a", " ", "c"], [0.1, 9.0, 0.0]) == (0, 2), "empty responses never become pairs"
+    assert pick_pair(["a", ""], [1.0, 0.0]) == "empty"
+    assert pick_pair(["85", "75"], [1.0, 1.0]) == "tie"
+    assert pick_pair(["x", "x "], [1.0, 0.0]) == "tie", "the same text twice is no preference"
+    assert pick_pair(["a", "b"], [0.3, 0.2], tie_margin=0.5) == "tie"
