@@ -50,11 +50,21 @@ class LoraConfig:
     """Module name suffixes that get adapters (PEFT ``target_modules``)."""
     merge_on_export: bool = True
     """Export a merged full model (True) or only the adapter weights (False)."""
+    quantize: str = "none"
+    """Base-weight quantization (QLoRA). Only ``none``: bitsandbytes 4/8-bit weights are CUDA-only and
+    ZeRO-3 cannot partition them, so QLoRA is refused rather than silently trained unquantized."""
 
     def __post_init__(self) -> None:
         _check(self.r >= 0, "model.lora.r", f"must be >= 0, got {self.r}")
+        _check(self.alpha > 0, "model.lora.alpha", f"must be > 0, got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(self.r == 0 or len(self.target_modules) > 0, "model.lora.target_modules", "must not be empty")
+        _check(
+            self.quantize == "none",
+            "model.lora.quantize",
+            f"{self.quantize!r} (QLoRA) is not supported: bitsandbytes-quantized weights are CUDA-only and "
+            "ZeRO-3 cannot partition them; use LoRA on bf16 weights (model.lora.quantize=none)",
+        )
 
     @property
     def enabled(self) -> bool:
@@ -361,16 +371,105 @@ class WandbConfig:
         _one_of(self.mode, "wandb.mode", ("offline", "online", "disabled"))
 
 
+JUDGE_NAMES = ("rule", "reward_model", "openai")
+
+
+@dataclass
+class JudgeConfig:
+    """Who decides which of two responses is better (``judge=<name>`` picks a preset from conf/judge/)."""
+
+    name: str = "rule"
+    """rule: the bundled task's verifier (dpo_dist.tasks) | reward_model: a local sequence-classification
+    model, higher score wins | openai: an OpenAI-compatible chat endpoint asked in both orders."""
+    reward_model_path: str | None = None
+    """judge=reward_model: local Hugging Face ``AutoModelForSequenceClassification`` directory (one label)."""
+    tie_margin: float = 0.0
+    """judge=reward_model: score differences at or below this are ties."""
+    batch_size: int = 16
+    """judge=reward_model: responses scored per forward pass."""
+    base_url: str = "https://api.openai.com/v1"
+    """judge=openai: API root; ``/chat/completions`` is appended (any OpenAI-compatible server)."""
+    model: str | None = None
+    """judge=openai: the judge model name sent with each request (required for judge=openai)."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """judge=openai: name of the environment variable holding the API key; null sends no key
+    (local servers). The key itself never goes into a config file."""
+    timeout_s: float = 60.0
+    """judge=openai: seconds before one HTTP request is abandoned (then retried)."""
+    max_retries: int = 4
+    """judge=openai: retries of a request after a timeout, connection error, 429 or 5xx."""
+    backoff_s: float = 1.0
+    """judge=openai: wait before the first retry; doubles on each further retry."""
+    concurrency: int = 4
+    """judge=openai: requests in flight at once."""
+    max_tokens: int = 16
+    """judge=openai: completion tokens allowed for a verdict (it should answer "A" or "B")."""
+    price_input_per_mtok: float = 0.0
+    """judge=openai: USD per million prompt tokens, for the logged cost estimate (0: not priced)."""
+    price_output_per_mtok: float = 0.0
+    """judge=openai: USD per million completion tokens, for the logged cost estimate."""
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, "eval.judge.name", JUDGE_NAMES)
+        _check(
+            self.name != "reward_model" or bool(self.reward_model_path),
+            "eval.judge.reward_model_path",
+            "required for judge=reward_model (a local sequence-classification model directory)",
+        )
+        _check(self.name != "openai" or bool(self.model), "eval.judge.model", "required for judge=openai")
+        _check(self.tie_margin >= 0, "eval.judge.tie_margin", "must be >= 0")
+        for key in ("batch_size", "concurrency", "max_tokens"):
+            _check(getattr(self, key) >= 1, f"eval.judge.{key}", "must be >= 1")
+        _check(self.timeout_s > 0, "eval.judge.timeout_s", "must be > 0")
+        _check(self.max_retries >= 0, "eval.judge.max_retries", "must be >= 0")
+        _check(self.backoff_s >= 0, "eval.judge.backoff_s", "must be >= 0")
+        _check(
+            self.base_url.startswith(("http://", "https://")),
+            "eval.judge.base_url",
+            f"must start with http:// or https://, got {self.base_url!r}",
+        )
+
+
 @dataclass
 class EvalConfig:
-    """Standalone evaluation (``dpo-eval``) of a trained policy."""
+    """Standalone evaluation (``dpo-eval``, ``dpo-eval winrate``) of a trained policy."""
 
     policy_path: str | None = None
     """Model to evaluate: a Hugging Face directory (e.g. a run's ``final/``) or a checkpoint
     directory (``checkpoints/step_N``, exported first); defaults to ``output_dir/final``."""
+    output: str | None = None
+    """Directory for ``winrate.json`` and ``winrate_samples.jsonl``; defaults to ``output_dir``.
+    ``dpo-eval winrate`` runs its ranks from ``<output_dir>/winrate/`` so a run's own
+    ``config.yaml`` is never overwritten."""
+    max_prompts: int = 0
+    """Win-rate: evaluate the first N held-out prompts (0: all of ``data.eval_path``)."""
+    max_new_tokens: int = 64
+    """Win-rate: generation length limit, in tokens, for policy and reference alike."""
+    do_sample: bool = False
+    """Win-rate: sample (True) or decode greedily (False, the default: deterministic)."""
+    temperature: float = 1.0
+    """Win-rate: sampling temperature (do_sample=true only)."""
+    top_p: float = 1.0
+    """Win-rate: nucleus sampling mass (do_sample=true only)."""
+    seed: int = 0
+    """Win-rate: sampling seed; a run is repeatable for the same seed, world size and batch size."""
+    batch_size: int = 16
+    """Win-rate: prompts generated together on one rank (left-padded)."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """Win-rate judge (``judge=rule|reward_model|openai``, then ``eval.judge.*``)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_prompts >= 0, "eval.max_prompts", "must be >= 0")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+        _check(self.temperature > 0, "eval.temperature", f"must be > 0, got {self.temperature}")
+        _check(0.0 < self.top_p <= 1.0, "eval.top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
 
     def resolved_policy_path(self, output_dir: str) -> str:
         return self.policy_path or str(Path(output_dir) / "final")
+
+    def resolved_output(self, output_dir: str) -> str:
+        return self.output or output_dir
 
 
 @dataclass
@@ -434,6 +533,7 @@ _SUBCONFIGS = {
     (DPOConfig, "wandb"): WandbConfig,
     (DPOConfig, "eval"): EvalConfig,
     (ModelConfig, "lora"): LoraConfig,
+    (EvalConfig, "judge"): JudgeConfig,
 }
 
 

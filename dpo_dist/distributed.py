@@ -1,8 +1,10 @@
 """Ranks, process groups and preemption: the small helpers every rank calls.
 
 Rank and world come from torchrun-style variables (``RANK``, ``WORLD_SIZE``, ...), which both
-``cluster=local`` and ``cluster=slurm`` set before dpo_dist code runs; plain Slurm variables
-(``SLURM_PROCID``, ...) are accepted too, for users who ``srun`` the worker themselves.
+``cluster=local`` and ``cluster=slurm`` set before dpo_dist code runs. Inside an ``srun`` task
+without them (a hand-written sbatch script), :func:`slurm_env` derives them from Slurm's
+variables: rank ``SLURM_PROCID``, world ``SLURM_NTASKS``, master = the job's first node, port
+= a base port + ``SLURM_JOB_ID % 1000`` so that jobs sharing a node do not collide.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import signal
 import socket
 from dataclasses import dataclass
@@ -43,19 +46,116 @@ def _first_int(*names: str, default: int) -> int:
     return default
 
 
+def slurm_job_id() -> str | None:
+    """This job's id as Slurm shows it (``ARRAYJOB_TASK`` for an array element), or None."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return job
+
+
+def in_slurm_step() -> bool:
+    """True inside an ``srun`` task: one rank of a Slurm job step.
+
+    The batch script of a job also has ``SLURM_JOB_ID`` and ``SLURM_PROCID=0`` but no step id,
+    and must not be mistaken for rank 0 of ``SLURM_NTASKS`` ranks (it would wait for peers).
+    """
+    step = os.environ.get("SLURM_STEP_ID") or os.environ.get("SLURM_STEPID")
+    return bool(os.environ.get("SLURM_JOB_ID")) and bool(step)
+
+
 def detect_env() -> DistEnv:
-    """Rank/world from torchrun variables, else from Slurm's, else a single process."""
-    slurm_job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    if slurm_job and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        slurm_job = f"{slurm_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    """Rank/world from torchrun variables, else from an srun task's Slurm variables, else one process."""
+    if os.environ.get("RANK", "") == "" and in_slurm_step():
+        return slurm_env()
     return DistEnv(
-        rank=_first_int("RANK", "SLURM_PROCID", default=0),
-        local_rank=_first_int("LOCAL_RANK", "SLURM_LOCALID", default=0),
-        world_size=_first_int("WORLD_SIZE", "SLURM_NTASKS", default=1),
+        rank=_first_int("RANK", default=0),
+        local_rank=_first_int("LOCAL_RANK", default=0),
+        world_size=_first_int("WORLD_SIZE", default=1),
         master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
         master_port=_first_int("MASTER_PORT", default=29500),
-        slurm_job_id=slurm_job,
+        slurm_job_id=slurm_job_id(),
     )
+
+
+def slurm_env(base_port: int = 29500) -> DistEnv:
+    """Where this srun task sits, from Slurm's variables (``MASTER_ADDR``/``MASTER_PORT`` win if set)."""
+    job = os.environ["SLURM_JOB_ID"]
+    port = os.environ.get("MASTER_PORT") or base_port + int(job) % 1000
+    return DistEnv(
+        rank=int(os.environ["SLURM_PROCID"]),
+        local_rank=int(os.environ.get("SLURM_LOCALID", "0")),
+        world_size=int(os.environ["SLURM_NTASKS"]),
+        master_addr=os.environ.get("MASTER_ADDR") or slurm_master_addr(),
+        master_port=int(port),
+        slurm_job_id=slurm_job_id(),
+    )
+
+
+def first_node(nodelist: str) -> str:
+    """The first host of a Slurm node list: ``gpu[003-010,12],cpu1`` -> ``gpu003``."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            end = i
+            break
+    first = nodelist[:end]
+    # Each bracket holds ranges like 003-010,12: the first host takes the start of the first range.
+    return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", first)
+
+
+def slurm_master_addr() -> str:
+    """Address of the job's first node, where rank 0 runs.
+
+    Node names usually resolve through DNS. When one does not (test clusters where nodes are
+    aliases of one host), Slurm's own ``NodeAddr`` for it is used, and the choice is logged.
+    """
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        raise RuntimeError("inside a Slurm step but SLURM_JOB_NODELIST is not set: set MASTER_ADDR yourself")
+    node = first_node(nodelist)
+    try:
+        socket.getaddrinfo(node, None)
+        return node
+    except socket.gaierror:
+        pass
+    addr = _slurm_node_addr(node)
+    log.warning("MASTER_ADDR: node name %r does not resolve; using its Slurm NodeAddr %s", node, addr)
+    return addr
+
+
+def _slurm_node_addr(node: str) -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "node", "-o", node], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(
+            f"MASTER_ADDR: node {node!r} does not resolve and `scontrol show node` failed ({exc}); set MASTER_ADDR"
+        ) from None
+    match = re.search(r"\bNodeAddr=(\S+)", out)
+    if not match:
+        raise RuntimeError(f"MASTER_ADDR: node {node!r} does not resolve and Slurm reports no NodeAddr; set MASTER_ADDR")
+    return match.group(1)
+
+
+def export_slurm_env(base_port: int) -> DistEnv | None:
+    """In an srun task without torchrun variables, derive and export them; otherwise do nothing.
+
+    ``base_port`` is ``cluster.master_port``; see :func:`slurm_env` for the port rule.
+    """
+    if os.environ.get("RANK", "") != "" or not in_slurm_step():
+        return None
+    env = slurm_env(base_port)
+    export_env(env)
+    if env.is_main:
+        log.info(
+            "Slurm job %s: rank 0 of %d, rendezvous %s:%d", env.slurm_job_id, env.world_size, env.master_addr, env.master_port
+        )
+    return env
 
 
 def export_env(env: DistEnv) -> None:

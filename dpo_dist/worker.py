@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 
-TASKS = ("train", "precompute", "eval")
+TASKS = ("train", "precompute", "eval", "winrate")
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -22,9 +22,14 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from dpo_dist.data import DataError
     from dpo_dist.evaluation import EvalError
     from dpo_dist.export import ExportError
+    from dpo_dist.generation import GenerationError
+    from dpo_dist.judges import JudgeError
     from dpo_dist.reference import ReferenceCacheError
 
-    return (AttentionBackendError, ConfigError, DataError, EvalError, ExportError, ReferenceCacheError, FileNotFoundError)
+    return (
+        AttentionBackendError, ConfigError, DataError, EvalError, ExportError, GenerationError, JudgeError,
+        ReferenceCacheError, FileNotFoundError,
+    )
 
 
 def run_task(cfg, task: str):
@@ -41,7 +46,21 @@ def run_task(cfg, task: str):
         from dpo_dist.evaluation import evaluate_run
 
         return evaluate_run(cfg)
+    if task == "winrate":
+        from dpo_dist.winrate import winrate_run
+
+        return winrate_run(cfg)
     raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+
+
+def setup_rank_logging(rank: str) -> None:
+    """INFO from rank 0, warnings and errors from the others, each line tagged with its rank."""
+    logging.basicConfig(
+        level=logging.INFO if rank == "0" else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(name)s %(levelname)s %(message)s",
+    )
+    # torch's collectives warn on every call that DeepSpeed uses their old names.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,18 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 2 or argv[1] not in TASKS:
         print(f"usage: python -m dpo_dist.worker CONFIG_YAML {{{'|'.join(TASKS)}}}", file=sys.stderr)
         return 2
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(
-        level=logging.INFO if rank == "0" else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(name)s %(levelname)s %(message)s",
-    )
-    # torch's collectives warn on every call that DeepSpeed uses their old names.
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+    from dpo_dist import distributed as D
+
+    # An srun task of a hand-written sbatch script has Slurm's variables, not torchrun's.
+    setup_rank_logging(os.environ.get("RANK") or (os.environ.get("SLURM_PROCID") if D.in_slurm_step() else None) or "0")
     from dpo_dist.engine import PREEMPTED_EXIT_CODE, Preempted
     from dpo_dist.runinfo import read_config
 
     try:
         cfg = read_config(argv[0])
+        D.export_slurm_env(cfg.cluster.master_port)
         run_task(cfg, argv[1])
     except Preempted:
         return PREEMPTED_EXIT_CODE

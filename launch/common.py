@@ -46,8 +46,11 @@ def _config_overrides(argv: list[str]) -> tuple[list[str], bool]:
     return overrides, multirun
 
 
-def check_overrides(prog: str, overrides: list[str], config_name: str = "config") -> None:
-    """Compose the config for every sweep combination and validate it; exit 2 with one line on error."""
+def check_overrides(prog: str, overrides: list[str], config_name: str = "config") -> list:
+    """Compose the config for every sweep combination and validate it; exit 2 with one line on error.
+
+    Returns the ``ClusterConfig`` of every combination (a sweep's launcher depends on them).
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -66,17 +69,44 @@ def check_overrides(prog: str, overrides: list[str], config_name: str = "config"
             choices.append([f"{key}={v}" for v in override.sweep_string_iterator()])
         else:
             choices.append([raw])
+    clusters = []
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         for combo in itertools.product(*choices):
             try:
                 cfg = compose(config_name=config_name, overrides=list(combo) + ["output_dir=_check_"])
-                config_from_dict(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+                checked = config_from_dict(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+                clusters.append(checked.cluster)
             except ConfigError as exc:
                 fail(prog, str(exc))
             except Exception as exc:  # noqa: BLE001 - composition errors from Hydra/OmegaConf
                 fail(prog, _short_hydra_error(exc))
     GlobalHydra.instance().clear()
+    return clusters
+
+
+def slurm_sweep_arguments(prog: str, overrides: list[str], clusters: list) -> list[str]:
+    """Extra Hydra arguments for a ``-m`` sweep on Slurm: hydra-submitit-launcher (one job array),
+    with each job's resources from ``cluster.*`` exactly as for a single ``cluster=slurm`` job.
+
+    ``cluster`` is an ordinary config group, and a group cannot select Hydra's launcher, so the
+    choice is made here, from the composed configs (see slurm/submit.py).
+    """
+    names = {cluster.name for cluster in clusters}
+    if "slurm" not in names:
+        return []
+    if len(names) > 1:
+        fail(prog, "a sweep runs on one cluster: it cannot mix cluster=local and cluster=slurm")
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.get_key_element()
+        if override.is_sweep_override() and key.split(".")[0] == "cluster":
+            fail(prog, f"{key} is swept, but one Slurm job array has one resource shape: run one sweep per value")
+    from slurm.submit import launcher_overrides
+
+    chosen = any(o.split("=", 1)[0].lstrip("+~") == "hydra/launcher" for o in overrides)
+    return ([] if chosen else ["hydra/launcher=dpo_slurm"]) + launcher_overrides(clusters[0])
 
 
 def _short_hydra_error(exc: Exception) -> str:
@@ -94,15 +124,20 @@ def hydra_main(prog: str, task: Callable, config_name: str = "config") -> None:
     register_schema()
     argv = sys.argv[1:]
     overrides, multirun = _config_overrides(argv)
+    clusters: list = []
     if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") for a in argv):
-        check_overrides(prog, overrides, config_name)
+        clusters = check_overrides(prog, overrides, config_name)
     # A single run's Hydra directory is its output_dir, so re-running a command resumes in place.
     extra = [f"hydra.job.name={prog}"]
+    if multirun:
+        extra += slurm_sweep_arguments(prog, overrides, clusters)
     explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")]
     if explicit and not multirun:
         extra.append(f"hydra.run.dir={explicit[-1]}")
-    # Before the user's arguments: after an option like `--cfg job` argparse would reject them.
-    sys.argv[:] = [prog, *extra, *argv]
+    # argparse takes one run of positional overrides: ours and the user's together, and the
+    # user's flags (with their values, e.g. `-m`, `--cfg job`) after them, never in between.
+    flags = [a for a in argv if a not in overrides]
+    sys.argv[:] = [prog, *extra, *overrides, *flags]
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)
     def _app(cfg):

@@ -7,6 +7,14 @@
 ``dpo-data stats PATH [--tokenizer DIR] [--max-length N]`` prints record counts, token-length
 percentiles and how many pairs ``data.max_length=N`` would truncate.
 
+``dpo-data audit PATH [--eval PATH] [--out DIR] [--tokenizer DIR] [--max-length N]`` prints one
+``name: count`` line per check (``dpo_dist.audit.CHECKS``), then the paths of ``DIR/audit.md``
+and ``DIR/audit.png``; exit 0.
+
+``dpo-data generate --model DIR --prompts FILE --out FILE.jsonl [--num-samples N] [--judge
+rule|reward_model]`` samples N responses per prompt and writes the judge's best and worst as a
+pair; prompts whose samples tie (or are empty) are skipped and counted.
+
 Subcommands live in ``SUBCOMMANDS``: adding one is a function that declares its arguments, a
 function that runs it and returns the exit code, and one entry in that list.
 """
@@ -164,12 +172,125 @@ def run_shards(args: argparse.Namespace) -> int:
     return EXIT_BAD_DATA if problems else EXIT_OK
 
 
+# ---- audit ---------------------------------------------------------------------------------------
+
+
+def _audit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="PATH", help="preference data to audit (.jsonl, .json, .parquet, datasets dir)")
+    parser.add_argument("--eval", metavar="PATH", default=None, help="held-out data: count prompts leaked from PATH")
+    parser.add_argument("--out", metavar="DIR", default="audit", help="where audit.md and audit.png go (default: ./audit)")
+    parser.add_argument(
+        "--tokenizer", metavar="DIR", default=None, help="local tokenizer folder (default: the bundled one)"
+    )
+    parser.add_argument("--max-length", type=int, default=512, metavar="N", help="data.max_length for the truncation count")
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    """``name: count`` per check, then the paths of the markdown report and the histogram."""
+    from dpo_dist.audit import audit, write_report
+
+    if args.max_length < 1:
+        raise UsageError(f"--max-length must be positive, got {args.max_length}")
+    tokenizer_dir = args.tokenizer or bundled_tokenizer_path()
+    tokenizer = _load_tokenizer(tokenizer_dir)
+    result = audit(args.path, tokenizer, eval_path=args.eval, max_length=args.max_length)
+    for line in result.summary_lines():
+        print(line)
+    report, png = write_report(result, args.out, tokenizer_dir)
+    print(f"report: {report}")
+    print(f"histogram: {png}")
+    return EXIT_OK
+
+
+# ---- generate ------------------------------------------------------------------------------------
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="DIR", required=True, help="local Hugging Face causal LM to sample from")
+    parser.add_argument("--prompts", metavar="FILE", required=True, help=".jsonl/.json with a 'prompt' per record, or .txt")
+    parser.add_argument("--out", metavar="FILE.jsonl", required=True, help="prompt/chosen/rejected records to write")
+    parser.add_argument("--num-samples", type=int, default=2, metavar="N", help="responses per prompt (>= 2)")
+    parser.add_argument("--judge", choices=("rule", "reward_model"), default="rule", help="who ranks the samples")
+    parser.add_argument("--reward-model", metavar="DIR", default=None, help="--judge reward_model: its directory")
+    parser.add_argument("--tie-margin", type=float, default=0.0, help="score gap at or below which a prompt is a tie")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="rows generated together")
+    parser.add_argument("--max-prompts", type=int, default=0, metavar="N", help="use the first N prompts (0: all)")
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    if args.num_samples < 2:
+        raise UsageError(f"--num-samples must be at least 2, got {args.num_samples}")
+    for name in ("max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.tie_margin < 0 or args.max_prompts < 0:
+        raise UsageError("need --temperature > 0, 0 < --top-p <= 1, --tie-margin >= 0 and --max-prompts >= 0")
+    if not args.out.endswith(".jsonl"):
+        raise UsageError(f"--out {args.out}: must be a .jsonl file")
+    if not os.path.isdir(args.model):
+        raise UsageError(f"--model {args.model}: not a directory")
+    if args.judge == "reward_model" and not (args.reward_model and os.path.isdir(args.reward_model)):
+        raise UsageError(f"--judge reward_model needs --reward-model DIR (got {args.reward_model})")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Sample responses, rank them with the judge, write the best/worst of each prompt as a pair."""
+    import json
+
+    from dpo_dist.generation import (
+        GenerationError,
+        SamplingParams,
+        generate_preferences,
+        load_causal_lm,
+        read_prompts,
+    )
+    from dpo_dist.judges import JudgeError, RewardModelJudge, RuleJudge
+
+    _check_generate_args(args)
+    try:
+        items = read_prompts(args.prompts)
+        items = items[: args.max_prompts] if args.max_prompts else items
+        if args.judge == "rule":
+            judge = RuleJudge()
+            judge.check_prompts([item.prompt for item in items])
+        else:
+            judge = RewardModelJudge(args.reward_model, batch_size=args.batch_size, tie_margin=args.tie_margin)
+        model, tokenizer = load_causal_lm(args.model)
+        params = SamplingParams(args.max_new_tokens, True, args.temperature, args.top_p)
+        records, stats = generate_preferences(
+            model, tokenizer, items, judge, num_samples=args.num_samples, params=params,
+            batch_size=args.batch_size, seed=args.seed,
+        )
+    except (GenerationError, JudgeError) as e:
+        raise UsageError(str(e)) from None
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, out)
+    for line in stats.lines():
+        print(line)
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
 SUBCOMMANDS = [
     Subcommand(
         "check", "validate records; one PATH:LINE: reason line per bad record", _check_arguments, run_check
     ),
     Subcommand("stats", "record counts and token-length percentiles", _stats_arguments, run_stats),
     Subcommand("shards", "summarize a reference cache and verify every shard's sha256", _shards_arguments, run_shards),
+    Subcommand(
+        "audit", "duplicates, near duplicates, leakage, length bias, truncation: counts + report", _audit_arguments, run_audit
+    ),
+    Subcommand(
+        "generate", "sample responses from a local model and label them into preference pairs", _generate_arguments,
+        run_generate,
+    ),
 ]
 
 

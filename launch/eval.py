@@ -1,23 +1,57 @@
-"""``dpo-eval``: reward accuracy and margins of a trained policy on held-out pairs.
+"""``dpo-eval``: evaluate a trained policy on held-out data.
 
     dpo-eval eval.policy_path=outputs/RUN/final [same model/data overrides as the training run]
+    dpo-eval winrate output_dir=outputs/RUN [judge=rule|reward_model|openai] [eval.max_prompts=200]
 
-The reference is ``model.path`` (its cached log-probs are reused); results land in
-``output_dir/eval.json`` and are logged.
+Without a mode: reward accuracy and margins against the reference ``model.path`` (its cached
+log-probs are reused); results land in ``output_dir/eval.json``.
+
+``winrate`` (the first argument; it is removed before Hydra reads the overrides): generations of
+the policy and of the reference on ``data.eval_path`` prompts, compared by a judge; results land in
+``eval.output`` (default ``output_dir``) as ``winrate.json`` and ``winrate_samples.jsonl``. The
+policy defaults to ``output_dir/final``, so ``output_dir=RUN`` evaluates a finished run in place:
+the ranks, their config.yaml and Hydra's ``.hydra/`` live in ``RUN/winrate/`` and never overwrite
+the run's own files.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from launch.common import hydra_main, to_config
 from launch.run import launch
+
+WINRATE = "winrate"
 
 
 def _task(cfg) -> None:
     launch("dpo-eval", to_config(cfg), "eval")
 
 
+def _winrate_task(cfg) -> None:
+    from dpo_dist.winrate import rank_config
+
+    launch("dpo-eval", rank_config(to_config(cfg)), "winrate")
+
+
+def _winrate_argv(argv: list[str]) -> list[str]:
+    """Hydra's own files (``.hydra/``, the job log) go to ``OUTPUT_DIR/winrate`` rather than the run dir."""
+    from dpo_dist.winrate import WORK_SUBDIR
+
+    explicit = [a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")]
+    if explicit and not any(a in ("-m", "--multirun") for a in argv):
+        # A later override of the same key wins, so this replaces hydra_main's hydra.run.dir=OUTPUT_DIR.
+        return [*argv, f"hydra.run.dir={Path(explicit[-1]) / WORK_SUBDIR}"]
+    return argv
+
+
 def main() -> None:
-    hydra_main("dpo-eval", _task)
+    if sys.argv[1:2] == [WINRATE]:
+        sys.argv[1:] = _winrate_argv(sys.argv[2:])
+        hydra_main("dpo-eval", _winrate_task)
+    else:
+        hydra_main("dpo-eval", _task)
 
 
 if __name__ == "__main__":

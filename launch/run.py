@@ -10,9 +10,13 @@ from launch.common import UserError
 def launch(prog: str, cfg, task: str) -> None:
     """Run ``task`` for ``cfg`` on the configured cluster; exits non-zero if any rank failed."""
     if cfg.cluster.name == "slurm":
-        from slurm.submit import submit_and_wait
+        from launch.common import fail
+        from slurm.submit import SlurmJobFailed, submit_and_wait
 
-        submit_and_wait(cfg, task)
+        try:
+            submit_and_wait(cfg, task)
+        except SlurmJobFailed as exc:  # the job ran and failed: status 1, not the usage-error 2
+            fail(prog, str(exc), status=1)
         return
     from dpo_dist.launcher import LaunchError, run_local
 

@@ -1,0 +1,289 @@
+"""``cluster=slurm``: submit through submitit, wait, report; and how preemption becomes a requeue.
+
+Design
+------
+Submission (``dpo-train ... cluster=slurm``). The submitting process writes the resolved
+``OUTPUT_DIR/config.yaml`` and submits one sbatch job (``cluster.nodes`` x ``cluster.tasks_per_node``
+tasks, one rank each) whose tasks run ``slurm.runtime.SlurmTask``: torchrun variables from
+Slurm's (master = the first node, resolved through Slurm when its name does not resolve; port =
+``cluster.master_port + SLURM_JOB_ID % 1000``), then ``dpo_dist.worker.run_task(cfg, task)``.
+Every ``srun`` runs with ``SLURM_KILL_BAD_EXIT=1`` (``--kill-on-bad-exit``): one failed rank
+ends the job at once. The submitting process then waits
+(polling ``scontrol``/``sacct``: submitit's own watcher can take minutes to notice a failure),
+prints the job id and its log folder ``OUTPUT_DIR/slurm/JOBID/``, and exits non-zero with one
+line (from ``OUTPUT_DIR/status.json``) if the job failed.
+
+In-allocation detection. Code that runs inside an ``srun`` step (``SLURM_JOB_ID`` and
+``SLURM_STEP_ID`` set; the batch script has no step id) never submits: :func:`submit_and_wait`
+runs the rank right there. That is what makes sweeps work (below), and also a hand-written
+``srun dpo-train cluster=slurm ...``.
+
+Sweeps (``dpo-train -m loss.beta=0.05,0.1 optim.lr=1e-6,5e-6 cluster=slurm``). ``cluster`` is a
+config group and cannot select Hydra's launcher, so ``launch.common.hydra_main`` does: when the
+sweep's composed configs say ``cluster.name=slurm`` it adds ``hydra/launcher=dpo_slurm``
+(``conf/hydra/launcher/dpo_slurm.yaml``: hydra-submitit-launcher's ``submitit_slurm``, logs in
+``SWEEP_DIR/slurm/``) and ``hydra.launcher.*`` overrides from :func:`launcher_overrides`, the same
+:func:`executor_parameters` a single job uses. (A subclass of the launcher would be neater, but
+Hydra only instantiates launchers from the ``hydra_plugins`` namespace package.) All points go out
+as one job array; on every task of an array element Hydra runs the usual task function, which
+reaches :func:`submit_and_wait` inside the allocation and runs the rank. Sweeping a ``cluster.*``
+key is refused (one array, one resource shape). The points share one reference cache (its
+directory derives from the model/data fingerprint, not from beta or lr) and its lock: one job
+computes, the others wait and reuse it; each ``run_info.json`` says which.
+
+Preemption and requeue. The engine owns the preemption signal: its handler (SIGUSR1/USR2/TERM)
+only sets a flag, the ranks agree on it at the end of the step, save a complete checkpoint and
+raise ``Preempted``. submitit's own USR2 handler would instead call ``checkpoint()`` and requeue
+*immediately*, mid-step, without the engine's checkpoint; so ``SlurmTask`` has no ``checkpoint()``
+method and the engine's handler, installed later, replaces submitit's. After ``Preempted``, rank 0
+runs ``scontrol requeue`` itself (``slurm.runtime``), if the job has been requeued fewer than
+``cluster.max_requeues`` times (``SLURM_RESTART_COUNT``) and Slurm still reports it RUNNING. That
+last check matters: a warning signal (``#SBATCH --signal=USR2@<delay>`` before the time limit, or
+``scancel --signal=USR2``) leaves the job RUNNING, whereas ``scancel`` marks it CANCELLED before
+its SIGTERM arrives, and ``scontrol requeue`` would bring even a cancelled job back. The other
+ranks wait at a barrier until the requeue has been requested (otherwise the first rank to exit
+would make srun kill rank 0 before it asks), then all exit with status 75 and no submitit
+result, so the waiting client keeps waiting. A failed sweep point shows up in the sweep's
+output as submitit's error, which quotes the failing task's stderr (our one-line error). The requeued job (same id, same pickled
+task) resumes from the newest complete checkpoint in ``output_dir``: same data position, RNG and
+optimizer state, so its losses equal an uninterrupted run's. A warning that arrives before the
+engine's handler exists (start-up) requeues at once, under the same bound: nothing is lost yet.
+Jobs carry ``--requeue`` so a cluster with ``JobRequeue=0`` still allows it.
+
+Failures. A rank that fails writes ``status.json`` (``failed`` + its error) and exits non-zero;
+``--kill-on-bad-exit`` stops the others; collectives also time out
+(``deepspeed.comm_timeout_minutes``), so nothing hangs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from slurm.runtime import read_status
+from slurm.scheduler import SchedulerError, is_terminal, job_state
+
+# Seconds of warning before the time limit: enough for a ZeRO-3 checkpoint of a large model,
+# and at most a quarter of a short job's time.
+MAX_SIGNAL_DELAY_S = 120
+POLL_S = 1.0
+STATE_POLL_S = 5.0
+
+
+class SlurmJobFailed(RuntimeError):
+    """A Slurm job (or sweep point) ended without finishing; the message is one line."""
+
+
+def inside_allocation() -> bool:
+    """True in a task of an ``srun`` step: this process is a rank and must not submit again."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return False
+    from dpo_dist.distributed import in_slurm_step  # imports torch: only inside a job
+
+    return in_slurm_step()
+
+
+def executor_parameters(cluster, name: str) -> dict[str, Any]:
+    """``submitit.SlurmExecutor.update_parameters`` arguments for a ``ClusterConfig``."""
+    params: dict[str, Any] = {
+        "job_name": name,
+        "nodes": cluster.nodes,
+        "ntasks_per_node": cluster.tasks_per_node,
+        "cpus_per_task": cluster.cpus_per_task,
+        "time": cluster.time,
+        "signal_delay_s": min(MAX_SIGNAL_DELAY_S, cluster.time * 60 // 4),
+        # srun's --kill-on-bad-exit: one failed rank ends the step instead of leaving its peers
+        # blocked in a collective (an environment variable, so sweeps can set it too).
+        "setup": ["export SLURM_KILL_BAD_EXIT=1"],
+        # Later keys win: cluster.additional_parameters can override even these (e.g. signal).
+        "additional_parameters": {"requeue": True, **dict(cluster.additional_parameters)},
+    }
+    if cluster.gpus_per_node:
+        params["gpus_per_node"] = cluster.gpus_per_node
+    if cluster.mem_gb:
+        params["mem"] = f"{math.ceil(cluster.mem_gb * 1024)}M"  # 0 = partition default; --mem=0 means all
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(cluster, key):
+            params[key] = getattr(cluster, key)
+    return params
+
+
+# executor_parameters() key -> hydra-submitit-launcher key (hydra/launcher=submitit_slurm).
+_LAUNCHER_KEYS = {
+    "nodes": "nodes",
+    "ntasks_per_node": "tasks_per_node",
+    "cpus_per_task": "cpus_per_task",
+    "time": "timeout_min",
+    "signal_delay_s": "signal_delay_s",
+    "setup": "setup",
+    "additional_parameters": "additional_parameters",
+    "gpus_per_node": "gpus_per_node",
+    "partition": "partition",
+    "account": "account",
+    "qos": "qos",
+    "constraint": "constraint",
+}
+
+
+def launcher_overrides(cluster) -> list[str]:
+    """``hydra.launcher.*`` overrides that give a sweep's job array the resources a single
+    ``cluster=slurm`` job would get (the same :func:`executor_parameters`)."""
+    params = executor_parameters(cluster, name="")
+    params.pop("job_name")  # Hydra names the array after hydra.job.name
+    if "mem" in params:  # the launcher only knows whole GB; sbatch takes the exact value
+        params["additional_parameters"] = {"mem": params.pop("mem"), **params["additional_parameters"]}
+    # `++` sets the key whether or not the launcher's schema already holds it (additional_parameters
+    # is a struct dict: a plain override could not add keys to it).
+    overrides = [f"++hydra.launcher.{_LAUNCHER_KEYS[k]}={_override_literal(v)}" for k, v in params.items()]
+    overrides.append(f"++hydra.launcher.max_num_timeout={cluster.max_requeues}")
+    return overrides
+
+
+def _override_literal(value: Any) -> str:
+    """``value`` in Hydra's override grammar (strings quoted, so any text survives)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_override_literal(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as a Hydra override")
+
+
+def make_executor(folder: str | os.PathLike, cluster, name: str, **extra: Any):
+    """A submitit Slurm executor writing its pickles and logs under ``folder`` (``%j`` = job id)."""
+    import submitit
+
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cluster.max_requeues)
+    executor.update_parameters(**executor_parameters(cluster, name), **extra)
+    return executor
+
+
+def submit_and_wait(cfg, task: str) -> Any:
+    """Run ``task`` for ``cfg`` on Slurm and wait; inside an allocation, run this rank instead.
+
+    Raises :class:`SlurmJobFailed` (one line) if the job ends without finishing.
+    """
+    if inside_allocation():
+        from slurm.runtime import run_in_allocation
+
+        if os.environ.get("SLURM_PROCID") == "0":
+            print(
+                f"inside Slurm job {os.environ['SLURM_JOB_ID']} (an srun step of {os.environ.get('SLURM_NTASKS')} "
+                "task(s)): each task runs as one rank here instead of submitting a new job",
+                flush=True,
+            )
+        return run_in_allocation(cfg, task)
+    from dpo_dist.runinfo import write_config
+    from slurm.runtime import SlurmTask
+
+    config_path = write_config(cfg).resolve()
+    folder = config_path.parent / "slurm" / "%j"
+    cluster = cfg.cluster
+    job = make_executor(folder, cluster, f"dpo-{task}").submit(SlurmTask(str(config_path), task))
+    print(
+        f"submitted Slurm job {job.job_id} ({cluster.nodes} node(s) x {cluster.tasks_per_node} task(s)); "
+        f"logs: {job.paths.folder}/",
+        flush=True,
+    )
+    try:
+        wait_for_jobs([job])
+    except KeyboardInterrupt:
+        print(f"\nSlurm job {job.job_id} keeps running (scancel {job.job_id} stops it)", file=sys.stderr)
+        sys.exit(130)
+    outcome = job_outcome(job, cfg.output_dir)
+    if not outcome.ok:
+        raise SlurmJobFailed(outcome.message)
+    print(f"Slurm job {job.job_id} done: {cfg.output_dir}", flush=True)
+    return outcome.results[0]
+
+
+# ----------------------------------------------------------------------------- waiting
+
+
+def _task_jobs(job) -> list:
+    return [job.task(i) for i in range(job.num_tasks)]
+
+
+def wait_for_jobs(jobs: list, poll_s: float = POLL_S, state_poll_s: float = STATE_POLL_S) -> None:
+    """Block until every job has a result from each task or has ended in Slurm.
+
+    A result file is checked every ``poll_s``; the scheduler, every ``state_poll_s``. Requeued
+    jobs are PENDING/RUNNING again, so waiting continues across requeues.
+    """
+    pending = list(jobs)
+    last_state_poll = 0.0
+    while pending:
+        poll_states = time.monotonic() - last_state_poll >= state_poll_s
+        if poll_states:
+            last_state_poll = time.monotonic()
+        pending = [job for job in pending if not _finished(job, poll_states)]
+        if pending:
+            time.sleep(poll_s)
+
+
+def _finished(job, poll_state: bool) -> bool:
+    if all(t.paths.result_pickle.exists() for t in _task_jobs(job)):
+        return True
+    if not poll_state:
+        return False
+    try:
+        return is_terminal(job_state(job.job_id))
+    except SchedulerError as exc:
+        print(f"warning: {exc}; retrying", file=sys.stderr)
+        return False
+
+
+# ----------------------------------------------------------------------------- outcome
+
+
+@dataclass
+class Outcome:
+    """How a finished job ended: ``ok`` with every task's result, or a one-line ``message``."""
+
+    ok: bool
+    results: list
+    message: str = ""
+
+
+def job_outcome(job, output_dir: str | os.PathLike) -> Outcome:
+    """Results of every task if all succeeded, else why not (status.json, submitit error, Slurm state)."""
+    from submitit.core.utils import pickle_load
+
+    results, errors = [], []
+    for rank, task_job in enumerate(_task_jobs(job)):
+        path = task_job.paths.result_pickle
+        if not path.exists():
+            results.append(None)
+            continue
+        kind, value = pickle_load(path)
+        results.append(value if kind == "success" else None)
+        if kind != "success":
+            errors.append((rank, str(value).strip().splitlines()[-1]))
+    if all(r is not None for r in results) and not errors:
+        return Outcome(True, results)
+    return Outcome(False, results, _failure_message(job, output_dir, errors))
+
+
+def _failure_message(job, output_dir, errors: list[tuple[int, str]]) -> str:
+    try:
+        state = job_state(job.job_id) or "UNKNOWN"
+    except SchedulerError:
+        state = "UNKNOWN"
+    status = read_status(output_dir)
+    if status and str(status.get("job_id")) == str(job.job_id) and status.get("state") in ("failed", "preempted"):
+        detail, rank = status.get("message") or status["state"], int(status.get("rank") or 0)
+    elif errors:
+        rank, detail = errors[0][0], f"rank {errors[0][0]}: {errors[0][1]}"
+    else:
+        rank, detail = 0, "ended without a result"
+    log = _task_jobs(job)[min(rank, job.num_tasks - 1)].paths.stderr
+    return f"Slurm job {job.job_id} {state}: {detail} (log: {log})"

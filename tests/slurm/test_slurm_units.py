@@ -1,0 +1,218 @@
+"""The Slurm pieces that need no cluster: rank setup from Slurm variables, the submitit/Hydra
+parameter mapping, the requeue decision, status.json, and the sweep report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpo_dist import distributed as D
+from dpo_dist.config import ClusterConfig
+from dpo_dist.report import describe_runs, format_table, heatmap_grid, load_run, load_sweep, plot, table
+from slurm import runtime
+from slurm.submit import executor_parameters, launcher_overrides
+
+SLURM_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_STEP_ID",
+              "SLURM_STEPID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_JOB_NODELIST",
+              "SLURM_NODELIST", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
+
+
+@pytest.fixture
+def slurm_task(monkeypatch):
+    """The variables of task 1 (node 2, local 0) of a 2-task srun step of job 1234."""
+    for name in SLURM_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "localhost,other")
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    "nodelist, first",
+    [("n1", "n1"), ("n[1-2]", "n1"), ("gpu[003-010,12],cpu1", "gpu003"), ("a1,b[2-3]", "a1"),
+     ("rack[4,7]-node[01-04]", "rack4-node01")],
+)
+def test_first_node(nodelist, first):
+    assert D.first_node(nodelist) == first
+
+
+def test_slurm_env_from_srun_task(slurm_task):
+    env = D.detect_env()
+    assert (env.rank, env.local_rank, env.world_size) == (1, 0, 2)
+    assert env.master_addr == "localhost"  # the first node, which resolves
+    assert env.master_port == 29500 + 1234 % 1000
+    assert env.slurm_job_id == "1234"
+    assert D.slurm_env(base_port=40000).master_port == 40234
+
+
+def test_exported_torchrun_variables_win(slurm_task):
+    slurm_task.setenv("MASTER_ADDR", "10.0.0.7")
+    slurm_task.setenv("MASTER_PORT", "1111")
+    env = D.export_slurm_env(29500)
+    assert (env.master_addr, env.master_port) == ("10.0.0.7", 1111)
+    assert (D.detect_env().rank, D.detect_env().world_size) == (1, 2)  # now read from RANK/WORLD_SIZE
+
+
+def test_batch_script_is_not_a_rank(slurm_task):
+    slurm_task.delenv("SLURM_STEP_ID")
+    assert not D.in_slurm_step()
+    env = D.detect_env()
+    assert (env.rank, env.world_size) == (0, 1)
+    assert D.export_slurm_env(29500) is None
+
+
+def test_unresolvable_node_uses_slurm_node_addr(slurm_task, caplog):
+    slurm_task.setenv("SLURM_JOB_NODELIST", "nosuchnode-dpo[1-2]")
+    slurm_task.setattr(D, "_slurm_node_addr", lambda node: {"nosuchnode-dpo1": "127.0.0.1"}[node])
+    with caplog.at_level("WARNING"):
+        assert D.slurm_master_addr() == "127.0.0.1"
+    assert "does not resolve" in caplog.text
+
+
+def test_array_job_id(slurm_task):
+    slurm_task.setenv("SLURM_ARRAY_JOB_ID", "77")
+    slurm_task.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert D.detect_env().slurm_job_id == "77_3"
+
+
+def test_executor_parameters():
+    cluster = ClusterConfig(name="slurm", nodes=2, tasks_per_node=8, gpus_per_node=8, cpus_per_task=4, time=600,
+                            partition="gpu", mem_gb=0, additional_parameters={"exclusive": True})
+    params = executor_parameters(cluster, "dpo-train")
+    assert (params["nodes"], params["ntasks_per_node"], params["cpus_per_task"]) == (2, 8, 4)
+    assert params["gpus_per_node"] == 8 and params["partition"] == "gpu" and params["time"] == 600
+    assert "mem" not in params  # 0 = partition default; sbatch --mem=0 would mean "all of it"
+    assert params["signal_delay_s"] == 120
+    assert params["additional_parameters"] == {"requeue": True, "exclusive": True}
+    assert "export SLURM_KILL_BAD_EXIT=1" in params["setup"]
+    short = executor_parameters(ClusterConfig(name="slurm", time=2, mem_gb=1.5), "x")
+    assert short["signal_delay_s"] == 30 and short["mem"] == "1536M" and "gpus_per_node" not in short
+    assert "partition" not in short
+
+
+def test_launcher_overrides_parse_back():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cluster = ClusterConfig(name="slurm", nodes=2, constraint="a100&ib", max_requeues=5,
+                            additional_parameters={"mail-user": "me@lab.org"})
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(launcher_overrides(cluster))}
+    assert parsed["hydra.launcher.nodes"] == 2
+    assert parsed["hydra.launcher.timeout_min"] == 60
+    assert parsed["hydra.launcher.constraint"] == "a100&ib"
+    assert parsed["hydra.launcher.max_num_timeout"] == 5
+    assert parsed["hydra.launcher.additional_parameters"] == {"requeue": True, "mail-user": "me@lab.org"}
+    assert parsed["hydra.launcher.setup"] == ["export SLURM_KILL_BAD_EXIT=1"]
+
+
+def test_requeue_budget_and_state(monkeypatch):
+    calls = []
+    monkeypatch.setenv("SLURM_JOB_ID", "9")
+    monkeypatch.setattr(runtime, "requeue", lambda job: calls.append(job))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    monkeypatch.setattr(runtime, "job_state", lambda job: pytest.fail("budget spent: no need to ask"))
+    requeued, why = runtime.request_requeue(3)
+    assert not requeued and "cluster.max_requeues=3" in why and calls == []
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    monkeypatch.setattr(runtime, "job_state", lambda job: "CANCELLED")
+    requeued, why = runtime.request_requeue(3)
+    assert not requeued and "CANCELLED" in why and calls == []
+    monkeypatch.setattr(runtime, "job_state", lambda job: "RUNNING")
+    assert runtime.request_requeue(3) == (True, "requeued (restart 2 of at most 3)") and calls == ["9"]
+
+
+def test_status_keeps_the_first_failure(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    runtime.RunStatus(tmp_path, 0, "5").write("running")
+    runtime.RunStatus(tmp_path, 1, "5").write("failed", "rank 1: the cause")
+    runtime.RunStatus(tmp_path, 0, "5").write("failed", "rank 0: connection closed by peer")
+    record = runtime.read_status(tmp_path)
+    assert (record["state"], record["message"], record["rank"]) == ("failed", "rank 1: the cause", 1)
+    runtime.RunStatus(tmp_path, 0, "6").write("running")  # a new job in the same directory
+    assert runtime.read_status(tmp_path)["state"] == "running"
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def make_run(root: Path, name: str, beta: float, lr: float, *, steps: int, max_steps: int = 4, status=None,
+             final: bool = False, winrate=None) -> Path:
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"loss.beta={beta}", f"optim.lr={lr}", "cluster=slurm"]))
+    (run / "config.yaml").write_text(yaml.safe_dump({"loss": {"beta": beta}, "optim": {"lr": lr},
+                                                     "train": {"max_steps": max_steps}}))
+    rows = [{"step": s, "loss": 0.7 - 0.01 * s * beta, "tokens_per_s": 100.0 * s} for s in range(1, steps + 1)]
+    if steps:
+        rows[-1].update({"eval/reward_accuracy": 0.5 + beta, "eval/reward_margin": beta / 10})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "lo')
+    (run / "run_info.json").write_text("{}")
+    if status:
+        (run / "status.json").write_text(json.dumps(status))
+    if final:
+        (run / "final").mkdir()
+        (run / "final" / "config.json").write_text("{}")
+    if winrate:
+        (run / "winrate.json").write_text(json.dumps(winrate))
+    return run
+
+
+def test_report_table_statuses_and_heatmap(tmp_path):
+    make_run(tmp_path, "0", 0.1, 1e-6, steps=4, final=True, winrate={"win_rate": 0.25, "score": 0.5, "n": 8})
+    make_run(tmp_path, "1", 0.1, 5e-6, steps=2, status={"state": "failed", "job_id": "7_1", "message": "rank 1: boom"})
+    make_run(tmp_path, "2", 0.5, 1e-6, steps=3, status={"state": "running", "job_id": "7_2"})
+    make_run(tmp_path, "10", 0.5, 5e-6, steps=0, status={"state": "requeued", "job_id": "7_3"})
+    (tmp_path / "slurm").mkdir()  # submitit's folder is not a run
+    states = {"7_2": "RUNNING", "7_3": "TIMEOUT"}
+    runs = load_sweep(tmp_path, scheduler_state=states.get)
+    assert [r.name for r in runs] == ["0", "1", "2", "10"]
+    headers, rows = table(runs)
+    assert headers == ["run", "overrides", "step", "loss", "eval_acc", "eval_margin", "tokens/s", "status",
+                       "win_rate", "win_score"]
+    by_name = {row[0]: dict(zip(headers, row)) for row in rows}
+    assert by_name["0"]["overrides"] == "loss.beta=0.1 optim.lr=1e-06"  # cluster=slurm is common to all
+    assert by_name["0"]["status"] == "done" and by_name["0"]["step"] == "4/4"
+    assert by_name["0"]["eval_acc"] == "0.600" and by_name["0"]["win_rate"] == "0.250"
+    assert by_name["0"]["tokens/s"] == "250"  # median
+    assert by_name["1"]["status"] == "failed" and by_name["1"]["win_rate"] == "-"
+    assert by_name["2"]["status"] == "running"
+    assert by_name["10"]["status"] == "timeout" and by_name["10"]["loss"] == "-"
+    assert runs[1].notes == ["1: failed: rank 1: boom"]
+    betas, lrs, grid = heatmap_grid(runs)
+    assert (betas, lrs) == ([0.1, 0.5], [1e-6, 5e-6])
+    assert grid[0][0] == pytest.approx(0.6) and grid[1][0] == pytest.approx(1.0) and math.isnan(grid[1][1])
+    assert len(format_table(headers, rows).splitlines()) == 5
+    png = plot(runs, tmp_path / "report.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_without_hydra_uses_config_diff(tmp_path):
+    for name, beta in (("a", 0.1), ("b", 0.2)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump({"output_dir": str(run), "loss": {"beta": beta}, "seed": 0}))
+    runs = [load_run(tmp_path / n) for n in ("a", "b")]
+    describe_runs(runs)
+    assert [r.label for r in runs] == ["loss.beta=0.1", "loss.beta=0.2"]
+    assert [r.status for r in runs] == ["pending", "pending"]
+    png = plot(runs, tmp_path / "empty.png")  # no metrics yet: still a valid figure
+    assert png.stat().st_size > 0
+
+
+def test_dpo_report_cli(tmp_path, capsys):
+    from launch.report import main
+
+    assert main([str(tmp_path / "missing")]) == 2
+    assert main([str(tmp_path)]) == 2
+    make_run(tmp_path, "0", 0.1, 1e-6, steps=4, final=True)
+    make_run(tmp_path, "1", 0.5, 1e-6, steps=4, final=True)
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.png")]) == 0
+    out = capsys.readouterr().out
+    assert "loss.beta=0.1" in out and (tmp_path / "r.png").exists()
