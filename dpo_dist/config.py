@@ -274,7 +274,9 @@ class ClusterConfig:
     gpus_per_node: int = 0
     """GPUs requested per node (0 on CPU clusters)."""
     gpu_memory_gb: float = 80.0
-    """Memory of one GPU, for the memory planner."""
+    """Memory of one GPU in GiB: the per-GPU budget of the memory planner (``dpo-plan`` and the check
+    ``dpo-train`` runs before launching on GPUs). An "80GB" H100 reports ~79.6 GiB; the plan's
+    fragmentation margin and 2 GiB non-PyTorch allowance absorb the difference."""
     cpus_per_task: int = 1
     """CPU cores per rank."""
     mem_gb: float = 0.0

@@ -18,6 +18,7 @@ Metrics are summed on device and reduced once per optimizer step (one host sync 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -34,8 +35,8 @@ import torch
 from torch import nn
 
 from dpo_dist import distributed as D
-from dpo_dist.attention import enable_packed_attention, resolve_attn_backend
-from dpo_dist.config import DPOConfig
+from dpo_dist.attention import enable_packed_attention, resolve_attn_backend, unwrap_model
+from dpo_dist.config import ConfigError, DPOConfig, LoraConfig
 from dpo_dist.data import collate_packed, load_tokenized, pack_pairs
 from dpo_dist.data.batch import PackedBatch
 from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
@@ -150,14 +151,59 @@ def load_causal_lm(path: str, dtype: torch.dtype, ds_cfg: dict[str, Any]) -> nn.
 
     ``HfDeepSpeedConfig`` must be alive during ``from_pretrained``: transformers then builds the
     model inside ``deepspeed.zero.Init``, so no rank ever holds the full weights.
+
+    A PEFT adapter directory (``adapter_config.json``, e.g. a LoRA run's ``final/`` exported with
+    ``model.lora.merge_on_export=false``) loads its base model the same way, then the adapter.
     """
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
+    adapter_config = Path(path) / "adapter_config.json"
+    is_adapter = adapter_config.is_file()
+    base = json.loads(adapter_config.read_text())["base_model_name_or_path"] if is_adapter else path
     keep_alive = HfDeepSpeedConfig(ds_cfg) if ds_cfg["zero_optimization"]["stage"] == 3 else None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     model._dpo_hf_ds_config = keep_alive  # transformers holds it weakly
+    if is_adapter:
+        from peft import PeftModel
+
+        # The adapter weights are ordinary tensors here; deepspeed.initialize partitions them.
+        model = PeftModel.from_pretrained(model, path)
     return model
+
+
+def apply_lora(model: nn.Module, lora: LoraConfig, seed: int) -> nn.Module:
+    """Wrap ``model`` with PEFT LoRA adapters on ``lora.target_modules``; only the adapters train.
+
+    Under ZeRO-3 the base weights are already partitioned; the new adapter weights are ordinary
+    tensors until ``deepspeed.initialize`` partitions them from rank 0's values.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    # The adapter initialisation depends on the seed alone, not on how much RNG loading consumed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            wrapped = get_peft_model(model, peft_config)
+        except ValueError as exc:  # PEFT: "Target modules {...} not found in the base model..."
+            raise ConfigError(f"model.lora.target_modules: {str(exc).splitlines()[0]}") from None
+    trainable = sum(_numel(p) for p in wrapped.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in wrapped.parameters())
+    log.info("LoRA r=%d alpha=%g on %s: %d trainable of %d parameters", lora.r, lora.alpha, ",".join(lora.target_modules), trainable, total)
+    return wrapped
+
+
+def _numel(param: torch.Tensor) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it (its local tensor is then empty)."""
+    return getattr(param, "ds_numel", param.numel())
 
 
 def lr_lambda(cfg: DPOConfig):
@@ -185,6 +231,8 @@ def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
     enable_packed_attention(model, backend)
     if cfg.model.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.model.lora.enabled:
+        model = apply_lora(model, cfg.model.lora, cfg.train.seed)
     normalize = "sum" if cfg.stage == "sft" else cfg.loss.logp_normalization
     policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, normalize, cfg.train.micro_batch_tokens)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -222,20 +270,38 @@ def build_inference_engine(cfg: DPOConfig, path: str, device: torch.device, back
 
 
 class OnlineReference:
-    """Reference log-probs from a frozen copy of the initial model, run every step (no cache)."""
+    """Reference log-probs run every step (no cache): a frozen copy of the initial model, or with
+    LoRA the policy itself with its adapters disabled, since its base weights are the initial
+    model (no second copy; ``attach_policy`` hands it the policy engine once that exists)."""
 
     def __init__(self, cfg: DPOConfig, device: torch.device, backend: str):
-        self.engine = build_inference_engine(cfg, cfg.model.path, device, backend)
+        self.uses_policy = cfg.model.lora.enabled
+        self.engine = None if self.uses_policy else build_inference_engine(cfg, cfg.model.path, device, backend)
+
+    def attach_policy(self, policy_engine) -> None:
+        """LoRA: score with ``policy_engine`` (adapters disabled); a frozen copy needs nothing."""
+        if self.uses_policy:
+            self.engine = policy_engine
 
     @torch.no_grad()
     def logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed reference log-probs of (chosen, rejected) for every pair of ``batch``."""
-        return split_pairs(run_packed(self.engine, batch).logps)
+        if self.engine is None:
+            raise RuntimeError("OnlineReference with LoRA scores with the policy: call attach_policy(engine) first")
+        with adapters_disabled(self.engine) if self.uses_policy else nullcontext():
+            # sum_logps: the policy engine may normalise logps per token; the caller normalises.
+            return split_pairs(run_packed(self.engine, batch).sum_logps)
 
     eval_logps = logps
 
     def run_info(self) -> dict[str, Any]:
         return {"cache_dir": None, "computed": False, "mode": "online"}
+
+
+def adapters_disabled(engine):
+    """Context in which the PEFT model inside ``engine`` (a DeepSpeed engine of PackedPolicy) runs
+    as its base model."""
+    return engine.module.model.disable_adapter()
 
 
 def packed_lengths(dataset, stage: str) -> np.ndarray:
@@ -444,27 +510,102 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------- export
 
 
-def export_hf(engine, tokenizer, out_dir: Path, env: D.DistEnv) -> None:
+def export_hf(engine, tokenizer, out_dir: Path, env: D.DistEnv, merge_lora: bool = True) -> None:
     """Consolidated Hugging Face checkpoint (safetensors + config + tokenizer) on rank 0.
 
     Under ZeRO-3 DeepSpeed gathers the partitions layer by layer onto rank 0, so no rank ever
-    needs more than the full model once, in host memory.
+    needs more than the full model once, in host memory. A LoRA policy is exported merged
+    (``W + scale * B @ A``: a plain model) or, with ``merge_lora=False``, as its adapter alone
+    (``adapter_config.json`` + ``adapter_model.safetensors``, loaded onto the base with PEFT).
     """
+    lora = _is_peft(engine.module.model)
+    if lora and not merge_lora:
+        _export_adapter(engine, tokenizer, out_dir, env)
+        return
     if engine.zero_optimization_partition_weights():
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
         state = engine.module.state_dict()
     if env.is_main:
-        hf_model = engine.module.model
         prefix = "model."
         weights = {k[len(prefix) :]: v.detach().cpu() for k, v in state.items() if k.startswith(prefix)}
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        hf_model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-        log.info("exported Hugging Face model to %s", out_dir)
+        del state  # the merge replaces tensors in ``weights`` one by one: no second full copy
+        if lora:
+            merge_lora_state_dict(weights, engine.module.model)
+        hf_model = unwrap_model(engine.module.model)
+
+        def write(tmp: Path) -> None:
+            hf_model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+
+        _write_atomically(out_dir, write)
+        log.info("exported Hugging Face model%s to %s", " (LoRA merged)" if lora else "", out_dir)
+    D.barrier()
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def _write_atomically(out_dir: Path, write) -> None:
+    """``write(tmp)`` into a sibling temp directory, then swap it in: readers never see half an export."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def merge_lora_state_dict(state: dict[str, torch.Tensor], peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    """Turn the full (gathered) state dict of a PEFT LoRA model, in place, into a plain one.
+
+    Each adapted linear layer's ``base_layer.weight`` becomes ``weight + scaling * B @ A`` (summed
+    in fp32, stored in the weight's dtype), adapter tensors are dropped and PEFT's name prefix
+    ``base_model.model.`` removed. In place, one layer at a time, so a 70B merge never holds two
+    copies of the weights. Adapter kinds other than LoRA on linear layers are refused.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    prefix, adapter = "base_model.model.", peft_model.active_adapter
+    merged: dict[str, torch.Tensor] = {}
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
+            continue
+        weight = state.pop(f"{name}.base_layer.weight")
+        a = state.pop(f"{name}.lora_A.{adapter}.weight").float()
+        b = state.pop(f"{name}.lora_B.{adapter}.weight").float()
+        delta = (b @ a) * module.scaling[adapter]
+        if getattr(module, "fan_in_fan_out", False):
+            delta = delta.T
+        merged[f"{name.removeprefix(prefix)}.weight"] = (weight.float() + delta).to(weight.dtype)
+        bias = state.pop(f"{name}.base_layer.bias", None)
+        if bias is not None:
+            merged[f"{name.removeprefix(prefix)}.bias"] = bias
+    leftover = [k for k in state if "lora_" in k]
+    if leftover:
+        raise ValueError(f"cannot merge adapter weights {leftover[0]} (only LoRA on linear layers is supported)")
+    for key in list(state):
+        merged[key.removeprefix(prefix)] = state.pop(key)
+    state.update(merged)
+    return state
+
+
+def _export_adapter(engine, tokenizer, out_dir: Path, env: D.DistEnv) -> None:
+    """Save only the trainable (adapter) weights, gathered from their ZeRO-3 partitions, with PEFT."""
+    import deepspeed
+
+    peft_model = engine.module.model
+    trainable = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in trainable]):
+        state = {n: p.detach().cpu().clone() for n, p in trainable} if env.is_main else {}
+    if env.is_main:
+
+        def write(tmp: Path) -> None:
+            peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+
+        _write_atomically(out_dir, write)
+        log.info("exported LoRA adapter (base: %s) to %s", peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path, out_dir)
     D.barrier()
 
 
@@ -519,6 +660,8 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     backend = resolve_attn_backend(cfg.model.attn_backend, device, training_dtype(cfg, device))
     reference = prepare_reference(cfg, env, device, backend, train_data, eval_data)
     engine = build_engine(cfg, device, backend)
+    if isinstance(reference, OnlineReference):
+        reference.attach_policy(engine)
     ctx = StepContext(engine, reference, cfg, device, env.world_size)
     start = load_latest_checkpoint(engine, cfg, env)
 
@@ -556,7 +699,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
             log.warning("preempted at step %d: checkpoint saved, exiting for requeue", done)
             raise Preempted(done)
     bar.close()
-    export_hf(engine, tokenizer, Path(cfg.output_dir) / "final", env)
+    export_hf(engine, tokenizer, Path(cfg.output_dir) / "final", env, merge_lora=cfg.model.lora.merge_on_export)
     if wandb_run is not None:
         wandb_run.finish()
     return last_eval

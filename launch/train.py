@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from launch.common import hydra_main, to_config
+from launch.plan import check_memory_plan
 from launch.run import launch
 
 
 def _task(cfg) -> None:
-    launch("dpo-train", to_config(cfg), "train")
+    config = to_config(cfg)
+    check_memory_plan(config)  # a GPU plan that cannot fit is refused before anything starts
+    launch("dpo-train", config, "train")
 
 
 def main() -> None:

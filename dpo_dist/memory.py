@@ -1,0 +1,662 @@
+"""Per-GPU memory plan and step-time projection for DeepSpeed ZeRO-3 DPO (``dpo-plan``).
+
+Pure arithmetic on a model's *shape* (a Hugging Face ``config.json``; no weights needed) and the
+run config; nothing here touches a GPU. ``dpo-train`` runs ``plan_memory`` before launching a GPU
+job and refuses a plan whose per-GPU peak exceeds ``cluster.gpu_memory_gb``.
+
+Memory model (bytes per GPU; N = ranks, P = parameters, Pt = trainable parameters, b = 2 for bf16)
+----------------------------------------------------------------------------------------------
+- parameters ``b*P/N``, gradients ``b*Pt/N`` (DeepSpeed keeps bf16 gradient partitions),
+  optimizer states ``12*Pt/N`` (fp32 master weights + Adam m and v): 16 bytes/param in all.
+- optimizer-step transient: DeepSpeed upcasts the gradients of one optimizer sub-group
+  (``sub_group_size``, default 1e9 elements) to fp32 right before the Adam step: ``4*min(1e9, Pt/N)``.
+  It is alive only after the backward has freed the activations, so it is a second peak.
+- activations for ``train.micro_batch_tokens`` tokens (T): with activation checkpointing every
+  decoder layer keeps its input (``b*T*H`` per layer) and one layer at a time is recomputed and
+  back-propagated (its full activations plus a backward working set); without checkpointing every
+  layer keeps its full activations. Per token and layer the saved activations of a Llama block are
+  ``(4+b)*H`` per RMSNorm (fp32 upcast + normalized bf16), ``b*(5*Hq + 4*Hkv)`` for attention
+  (q, k, v before and after RoPE, output; FlashAttention keeps no T x T matrix) and ``4*b*I`` for
+  the SwiGLU MLP (gate, up, silu(gate), product).
+- logits: one chunk of ``model.logits_chunk_tokens`` positions x vocab at a time, forward and
+  recomputed in backward: bf16 logits, fp32 upcast, fp32 log-softmax, fp32 and bf16 gradients:
+  ``(2b + 12)*chunk*V``.
+- ZeRO-3 buffers: the largest module gathered in full plus its full gradient before the
+  reduce-scatter (DeepSpeed's own estimate counts the same ``4*largest_layer``), the prefetch bucket
+  and two reduce buckets.
+- reference: none when precomputed; with ``reference.mode=online`` a second partitioned copy of the
+  weights plus its own gathered module (LoRA runs the reference as the policy with adapters
+  disabled, so no copy).
+- a fragmentation margin (a fraction of everything the caching allocator holds) and a fixed
+  allowance for memory outside PyTorch's allocator (CUDA context, NCCL buffers, cuBLAS workspace).
+Items are added as if all were alive at once (conservative), except that the optimizer-step
+transient replaces the activations, logits and gathered buffers of the forward/backward peak.
+
+Throughput model: see ``project_step``. All assumptions are fields of ``PlanAssumptions`` and
+``ThroughputAssumptions`` with their defaults documented there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dpo_dist.config import ASSETS_DIR
+
+if TYPE_CHECKING:
+    from dpo_dist.config import DPOConfig
+
+GIB = 2**30
+SHAPES_DIR = ASSETS_DIR / "model_shapes"
+"""Hand-written ``config.json`` shapes of the presets (public architecture numbers, no weights)."""
+ADAM_STATE_BYTES = 12
+"""fp32 master weights + Adam m + Adam v, per trainable parameter."""
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class PlanError(ValueError):
+    """The planner cannot model this input (one line saying why)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model shape
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a dense Llama-style decoder that memory and FLOPs depend on."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tie_embeddings: bool
+    head_dim: int
+    source: str = ""
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any], source: str = "") -> ModelShape:
+        """From a Hugging Face ``config.json`` dict of a dense Llama-style model."""
+        for moe_key in ("num_local_experts", "num_experts", "n_routed_experts"):
+            if config.get(moe_key):
+                raise PlanError(f"{source or 'config'}: mixture-of-experts models ({moe_key}) are not modelled")
+        try:
+            hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+            return cls(
+                hidden=hidden,
+                layers=int(config["num_hidden_layers"]),
+                heads=heads,
+                kv_heads=int(config.get("num_key_value_heads") or heads),
+                intermediate=int(config["intermediate_size"]),
+                vocab=int(config["vocab_size"]),
+                tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+                head_dim=int(config.get("head_dim") or hidden // heads),
+                source=source,
+            )
+        except KeyError as missing:
+            raise PlanError(f"{source or 'config'}: no {missing.args[0]} (needs a Llama-style config.json)") from None
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> ModelShape:
+        """From a model directory holding ``config.json`` (weights optional) or a JSON file."""
+        path = Path(path).expanduser()
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise PlanError(f"{path}: no config.json to take the model shape from")
+        return cls.from_hf_config(json.loads(file.read_text()), source=str(file))
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer of one decoder block, by module name."""
+        h, i = self.hidden, self.intermediate
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    def layer_params(self) -> int:
+        return sum(a * b for a, b in self.linear_shapes().values()) + 2 * self.hidden  # + two RMSNorm weights
+
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    def num_params(self) -> int:
+        heads = 1 if self.tie_embeddings else 2  # input embedding and LM head
+        return self.layers * self.layer_params() + heads * self.embedding_params() + self.hidden
+
+    def matmul_params(self) -> int:
+        """Parameters used in a matmul per token (the embedding lookup is not one; the LM head is)."""
+        return self.layers * (self.layer_params() - 2 * self.hidden) + self.embedding_params()
+
+    def largest_module_params(self) -> int:
+        """Parameters of the largest single module: what ZeRO-3 gathers in one piece."""
+        return max([self.embedding_params(), *(a * b for a, b in self.linear_shapes().values())])
+
+    def lora_params(self, r: int, targets: Iterable[str]) -> int:
+        """Adapter parameters of rank ``r`` on the named linear layers of every block."""
+        shapes = self.linear_shapes()
+        unknown = sorted(set(targets) - set(shapes))
+        if unknown:
+            raise PlanError(f"model.lora.target_modules: {', '.join(unknown)} not in a Llama block ({', '.join(shapes)})")
+        return self.layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in set(targets))
+
+    def describe(self) -> str:
+        return (
+            f"{self.num_params() / 1e9:.2f}B params: hidden {self.hidden}, {self.layers} layers, "
+            f"{self.heads} heads / {self.kv_heads} kv, intermediate {self.intermediate}, vocab {self.vocab}"
+        )
+
+
+def preset_shape_path(name: str) -> Path | None:
+    """The shipped ``config.json`` shape of preset ``name`` (llama3_1b/8b/70b), if there is one."""
+    path = SHAPES_DIR / f"{name}.json"
+    return path if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan inputs
+
+
+@dataclass(frozen=True)
+class PlanAssumptions:
+    """Numbers the memory plan assumes rather than derives."""
+
+    fragmentation: float = 0.10
+    """Margin for caching-allocator fragmentation, as a fraction of the allocator-held bytes
+    (ZeRO-3 gathers and frees tensors of many sizes every layer)."""
+    non_torch_gib: float = 2.0
+    """Memory outside PyTorch's allocator: CUDA context (~0.5 GiB), NCCL buffers, cuBLAS workspace."""
+    sub_group_size: int = 1_000_000_000
+    """DeepSpeed's ``sub_group_size`` default (dpo_dist does not override it)."""
+    backward_working_factor: float = 1.0
+    """Backward working set of one decoder layer, as a multiple of its saved activations."""
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """What the plan needs from the run config (``from_config``), in planner terms."""
+
+    gpus: int
+    gpus_per_node: int
+    gpu_memory_gib: float
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    dtype_bytes: int = 2
+    micro_batch_tokens: int = 8192
+    activation_checkpointing: bool = True
+    logits_chunk_tokens: int = 2048
+    reference: str = "none"
+    """none (precomputed or reference-free) | copy (online, a second model) | adapters (online, LoRA disabled)."""
+    lora_r: int = 0
+    lora_targets: tuple[str, ...] = LORA_MODULES
+    dense_mask: bool = False
+    """Packed attention through the masked-SDPA backend (a T x T boolean mask)."""
+    prefetch_bucket: int = 50_000_000
+    reduce_bucket: int = 50_000_000
+    max_live_parameters: int = 1_000_000_000
+    host_memory_gb: float = 0.0
+    """Host memory per node for the offload check; 0 = unknown (not checked)."""
+
+    @classmethod
+    def from_config(cls, cfg: DPOConfig, gpus: int | None = None) -> PlanSettings:
+        """Settings of a GPU run of ``cfg`` (every rank one GPU); ``gpus`` overrides the world size."""
+        cluster = cfg.cluster
+        per_node = cluster.gpus_per_node or (cluster.nproc_per_node if cluster.name == "local" else cluster.tasks_per_node)
+        uses_reference = cfg.stage == "dpo" and cfg.loss.uses_reference() and cfg.reference.mode == "online"
+        reference = "none" if not uses_reference else ("adapters" if cfg.model.lora.enabled else "copy")
+        ds = cfg.deepspeed
+        return cls(
+            gpus=gpus or cluster.world_size(),
+            gpus_per_node=per_node,
+            gpu_memory_gib=cluster.gpu_memory_gb,
+            zero_stage=ds.stage,
+            offload_optimizer=ds.offload_optimizer != "none",
+            offload_param=ds.offload_param != "none",
+            dtype_bytes=4 if cfg.model.dtype == "fp32" else 2,  # auto is bf16 on GPUs
+            micro_batch_tokens=cfg.train.micro_batch_tokens,
+            activation_checkpointing=cfg.model.activation_checkpointing,
+            logits_chunk_tokens=cfg.model.logits_chunk_tokens,
+            reference=reference,
+            lora_r=cfg.model.lora.r,
+            lora_targets=tuple(cfg.model.lora.target_modules),
+            dense_mask=cfg.model.attn_backend == "sdpa",
+            prefetch_bucket=ds.prefetch_bucket_size,
+            reduce_bucket=ds.reduce_bucket_size,
+            max_live_parameters=ds.max_live_parameters,
+            host_memory_gb=cluster.mem_gb,
+        )
+
+    def describe(self) -> str:
+        offload = [k for k, on in (("optimizer", self.offload_optimizer), ("params", self.offload_param)) if on]
+        nodes = math.ceil(self.gpus / self.gpus_per_node) if self.gpus_per_node else 1
+        return (
+            f"{self.gpus} GPUs ({nodes} node(s) x {self.gpus_per_node}) of {self.gpu_memory_gib:g} GiB; "
+            f"ZeRO-{self.zero_stage}, offload: {', '.join(offload) or 'none'}; "
+            f"{'bf16' if self.dtype_bytes == 2 else 'fp32'}; {self.micro_batch_tokens} tokens/micro-batch; "
+            f"activation checkpointing {'on' if self.activation_checkpointing else 'off'}; "
+            f"logits chunk {self.logits_chunk_tokens}; reference model on GPU: {_REFERENCE_TEXT[self.reference]}; "
+            f"LoRA {'r=' + str(self.lora_r) if self.lora_r else 'off'}"
+        )
+
+
+_REFERENCE_TEXT = {"none": "no (precomputed or reference-free)", "copy": "online copy", "adapters": "policy, adapters disabled"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory plan
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    name: str
+    bytes: float
+    detail: str
+    phase: str
+    """static (always alive) | fwd_bwd (forward/backward only) | step (optimizer step only) | extra (margins)."""
+
+
+@dataclass
+class MemoryPlan:
+    """Per-GPU memory of one configuration and whether it fits."""
+
+    shape: ModelShape
+    settings: PlanSettings
+    items: list[MemoryItem]
+    fwd_bwd_peak: float
+    step_peak: float
+    host_per_node: float
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> float:
+        return max(self.fwd_bwd_peak, self.step_peak)
+
+    @property
+    def budget(self) -> float:
+        return self.settings.gpu_memory_gib * GIB
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    def item(self, name: str) -> float:
+        return next(i.bytes for i in self.items if i.name == name)
+
+    def model_state_bytes(self) -> float:
+        """Parameters, gradients, optimizer states, the step transient and the gathered largest
+        module: the quantities DeepSpeed's ``estimate_zero3_model_states_mem_needs`` covers."""
+        names = ("parameters", "gradients", "optimizer states", "optimizer-step fp32 gradients")
+        largest = self.settings.dtype_bytes * 2 * self.shape.largest_module_params()
+        return sum(self.item(n) for n in names) + largest
+
+    def report(self) -> str:
+        """The breakdown as aligned text lines (GiB)."""
+        width = max(len(i.name) for i in self.items) + 2
+        lines = [f"model: {self.shape.describe()}", f"plan:  {self.settings.describe()}", ""]
+        lines.append(f"{'per-GPU memory':<{width}}{'GiB':>8}   detail")
+        for item in self.items:
+            lines.append(f"  {item.name:<{width - 2}}{item.bytes / GIB:>8.2f}   {item.detail}")
+        lines.append(f"  {'peak, forward/backward':<{width - 2}}{self.fwd_bwd_peak / GIB:>8.2f}")
+        lines.append(f"  {'peak, optimizer step':<{width - 2}}{self.step_peak / GIB:>8.2f}")
+        lines.append(f"  {'GPU memory (cluster.gpu_memory_gb)':<{width - 2}}{self.budget / GIB:>8.2f}")
+        if self.host_per_node:
+            lines.append(f"host memory per node (offloaded states, pinned): {self.host_per_node / GIB:.1f} GiB")
+        lines.append(self.verdict())
+        return "\n".join(lines)
+
+    def verdict(self) -> str:
+        if self.fits:
+            return f"fits: peak {self.peak / GIB:.1f} of {self.budget / GIB:.0f} GiB per GPU ({(self.budget - self.peak) / GIB:.1f} GiB headroom)"
+        return "does not fit: " + "; ".join(self.problems)
+
+
+def activation_bytes_per_token_layer(shape: ModelShape, dtype_bytes: int) -> float:
+    """Saved activations of one Llama decoder block per token (see the module docstring)."""
+    b, h = dtype_bytes, shape.hidden
+    norms = 2 * (4 + b) * h
+    attention = b * (5 * shape.q_dim + 4 * shape.kv_dim)
+    mlp = 4 * b * shape.intermediate
+    return norms + attention + mlp
+
+
+def activation_items(shape: ModelShape, s: PlanSettings, a: PlanAssumptions) -> list[MemoryItem]:
+    """Saved activations, the one-layer working set, the mask and the logits chunk for one micro-batch."""
+    t, b = s.micro_batch_tokens, s.dtype_bytes
+    layer = activation_bytes_per_token_layer(shape, b) * t
+    # Embedding output, final-norm output (kept for the checkpointed logits chunks) and its gradient.
+    around = 3 * b * t * shape.hidden
+    if s.activation_checkpointing:
+        saved = shape.layers * b * t * shape.hidden + around
+        saved_detail = f"{shape.layers} layer inputs x {t} tokens (checkpointed)"
+    else:
+        saved = shape.layers * layer + around
+        saved_detail = f"{shape.layers} layers x {t} tokens, all activations kept"
+    working = layer * (1 + a.backward_working_factor) if s.activation_checkpointing else layer * a.backward_working_factor
+    chunk = min(s.logits_chunk_tokens, t)
+    items = [
+        MemoryItem("activations (saved)", saved, saved_detail, "fwd_bwd"),
+        MemoryItem("activations (one layer, backward)", working, "recomputed layer + its backward working set", "fwd_bwd"),
+        MemoryItem("logits chunk", (2 * b + 12) * chunk * shape.vocab, f"{chunk} positions x vocab {shape.vocab}", "fwd_bwd"),
+    ]
+    if s.dense_mask:
+        items.append(MemoryItem("packed attention mask (sdpa)", t * t, f"{t} x {t} bool", "fwd_bwd"))
+    return items
+
+
+def state_items(shape: ModelShape, s: PlanSettings, a: PlanAssumptions) -> list[MemoryItem]:
+    """Partitioned parameters, gradients and optimizer states (static) and the step transient."""
+    n, b = s.gpus, s.dtype_bytes
+    total = shape.num_params()
+    trainable = shape.lora_params(s.lora_r, s.lora_targets) if s.lora_r else total
+    what = f"{trainable / 1e6:.1f}M LoRA params" if s.lora_r else "all params"
+    params = 0.0 if s.offload_param else b * total / n
+    grads = 0.0 if s.offload_optimizer else b * trainable / n
+    optim = 0.0 if s.offload_optimizer else ADAM_STATE_BYTES * trainable / n
+    transient = 0.0 if s.offload_optimizer else 4 * min(a.sub_group_size, trainable / n)
+    where = "on host" if s.offload_optimizer else f"1/{n} each"
+    return [
+        MemoryItem("parameters", params, "on host" if s.offload_param else f"{b} B x {total / 1e9:.2f}B / {n}", "static"),
+        MemoryItem("gradients", grads, f"{b} B x {what}, {where}", "static"),
+        MemoryItem("optimizer states", optim, f"12 B (fp32 master, m, v) x {what}, {where}", "static"),
+        MemoryItem(
+            "optimizer-step fp32 gradients",
+            transient,
+            "on host (offloaded optimizer)" if s.offload_optimizer else "one sub-group upcast for the Adam step",
+            "step",
+        ),
+    ]
+
+
+def zero3_buffer_items(shape: ModelShape, s: PlanSettings) -> list[MemoryItem]:
+    """Gathered parameters and gradient buckets of ZeRO-3, and an online reference's share."""
+    b, largest = s.dtype_bytes, shape.largest_module_params()
+    prefetch = min(s.prefetch_bucket, s.max_live_parameters)
+    gathered = b * (2 * largest + prefetch) + 2 * b * s.reduce_bucket
+    items = [
+        MemoryItem(
+            "ZeRO-3 gathered params + buckets",
+            gathered,
+            f"largest module {largest / 1e6:.0f}M params + its full grad, prefetch, 2 reduce buckets",
+            "fwd_bwd",
+        )
+    ]
+    if s.reference == "copy":
+        ref = b * shape.num_params() / s.gpus + b * (largest + prefetch)
+        items.append(MemoryItem("reference model (online copy)", ref, "partitioned bf16 copy + its gathered module", "fwd_bwd"))
+    else:
+        detail = "policy with adapters disabled, no copy" if s.reference == "adapters" else "precomputed log-probs"
+        items.append(MemoryItem("reference model", 0.0, detail, "fwd_bwd"))
+    return items
+
+
+def host_bytes_per_node(shape: ModelShape, s: PlanSettings) -> float:
+    """Pinned host memory of offloaded states on one node: fp32 states and gradients of its ranks."""
+    per_rank = 0.0
+    trainable = shape.lora_params(s.lora_r, s.lora_targets) if s.lora_r else shape.num_params()
+    if s.offload_optimizer:
+        # fp32 master + m + v, fp32 gradient buffer, bf16 gradient partitions.
+        per_rank += (ADAM_STATE_BYTES + 4 + s.dtype_bytes) * trainable / s.gpus
+    if s.offload_param:
+        per_rank += s.dtype_bytes * shape.num_params() / s.gpus
+    return per_rank * min(s.gpus_per_node or 1, s.gpus)
+
+
+def plan_memory(shape: ModelShape, settings: PlanSettings, assumptions: PlanAssumptions | None = None) -> MemoryPlan:
+    """The per-GPU memory breakdown of ``settings`` for ``shape`` and whether it fits."""
+    a = assumptions or PlanAssumptions()
+    if settings.zero_stage != 3:
+        raise PlanError(f"deepspeed.stage={settings.zero_stage}: the planner models ZeRO stage 3 only")
+    if settings.gpus < 1:
+        raise PlanError("the plan needs at least one GPU")
+    items = state_items(shape, settings, a) + activation_items(shape, settings, a) + zero3_buffer_items(shape, settings)
+    static = sum(i.bytes for i in items if i.phase == "static")
+    fwd_bwd = static + sum(i.bytes for i in items if i.phase == "fwd_bwd")
+    step = static + sum(i.bytes for i in items if i.phase == "step")
+    margin = a.fragmentation * max(fwd_bwd, step)
+    items.append(MemoryItem("fragmentation margin", margin, f"{a.fragmentation:.0%} of allocator-held memory", "extra"))
+    outside = a.non_torch_gib * GIB
+    items.append(MemoryItem("CUDA context + NCCL", outside, "outside the PyTorch allocator", "extra"))
+    plan = MemoryPlan(
+        shape,
+        settings,
+        items,
+        fwd_bwd_peak=fwd_bwd * (1 + a.fragmentation) + outside,
+        step_peak=step * (1 + a.fragmentation) + outside,
+        host_per_node=host_bytes_per_node(shape, settings),
+    )
+    plan.problems = _problems(plan)
+    return plan
+
+
+def _problems(plan: MemoryPlan) -> list[str]:
+    s, problems = plan.settings, []
+    if plan.peak > plan.budget:
+        phase = "forward/backward" if plan.fwd_bwd_peak >= plan.step_peak else "optimizer step"
+        biggest = sorted((i for i in plan.items if i.phase in ("static", "fwd_bwd")), key=lambda i: -i.bytes)[:3]
+        parts = ", ".join(f"{i.name} {i.bytes / GIB:.1f}" for i in biggest)
+        problems.append(
+            f"per-GPU peak {plan.peak / GIB:.1f} GiB ({phase}) exceeds cluster.gpu_memory_gb={s.gpu_memory_gib:g} "
+            f"on {s.gpus} GPUs (largest: {parts} GiB)"
+        )
+    if s.host_memory_gb and plan.host_per_node > s.host_memory_gb * 1e9:
+        problems.append(
+            f"offloaded states need {plan.host_per_node / 1e9:.0f} GB of host memory per node, "
+            f"cluster.mem_gb={s.host_memory_gb:g}"
+        )
+    return problems
+
+
+def min_gpus_that_fit(
+    shape: ModelShape, settings: PlanSettings, assumptions: PlanAssumptions | None = None, limit: int = 4096
+) -> int | None:
+    """The smallest GPU count (whole nodes) at which ``settings`` fits, or None up to ``limit``."""
+    step = settings.gpus_per_node or 1
+    for gpus in range(step, limit + 1, step):
+        if plan_memory(shape, replace(settings, gpus=gpus), assumptions).fits:
+            return gpus
+    return None
+
+
+def suggestions(shape: ModelShape, settings: PlanSettings, assumptions: PlanAssumptions | None = None) -> list[str]:
+    """Changes that would make a plan that does not fit fit (each checked with the planner)."""
+    options = []
+    gpus = min_gpus_that_fit(shape, settings, assumptions)
+    if gpus is not None and gpus != settings.gpus:
+        options.append(f"{gpus} GPUs")
+    changes = [
+        ("deepspeed=zero3_offload", dict(offload_optimizer=True)),
+        ("model.activation_checkpointing=true", dict(activation_checkpointing=True)),
+        (f"train.micro_batch_tokens={settings.micro_batch_tokens // 2}", dict(micro_batch_tokens=settings.micro_batch_tokens // 2)),
+    ]
+    for text, change in changes:
+        candidate = replace(settings, **change)
+        plan = plan_memory(shape, candidate, assumptions)
+        if candidate != settings and plan.fits:
+            host = f" (needs {plan.host_per_node / 1e9:,.0f} GB host memory per node)" if plan.host_per_node else ""
+            options.append(text + host)
+    return options
+
+
+# ---------------------------------------------------------------------------------------------
+# Throughput and communication model
+
+
+@dataclass(frozen=True)
+class ThroughputAssumptions:
+    """Hardware numbers and one single-GPU measurement the step-time projection starts from."""
+
+    peak_tflops: float = 780.0
+    """Dense bf16 matmul peak of one H100, as measured (765-783 TFLOP/s; the data sheet says 989)."""
+    measured_tokens_per_s: float = 53_900.0
+    """Single-GPU training throughput that calibrates compute efficiency: plain PyTorch, packed rows,
+    varlen attention, fwd+bwd of the Llama-3.2-1B shape on one H100 (shared/notes/performance-anchors.md)."""
+    measured_shape: str = "llama3_1b"
+    """Shape of that measurement: a preset name or a config.json path."""
+    measured_seq_len: float = 555.0
+    """Mean sequence length of that measurement (8,877 tokens in 16 sequences)."""
+    inter_node_gbit: float = 400.0
+    """Network bandwidth per GPU between nodes, Gbit/s (one 400G InfiniBand NDR NIC per GPU)."""
+    intra_node_gbyte: float = 360.0
+    """NCCL bus bandwidth inside a node, GB/s (NVLink 4; ~450 GB/s raw per direction)."""
+    comm_efficiency: float = 0.8
+    """Fraction of the link rate a large ring all-gather / reduce-scatter achieves."""
+    overlap: float = 0.8
+    """Fraction of the shorter of (compute, communication) hidden behind the other (ZeRO-3
+    prefetches the next layer's all-gather and overlaps the reduce-scatter with backward)."""
+    packing_fill: float = 0.9
+    """Real tokens per micro-batch token budget after packing whole pairs."""
+    hbm_gbyte: float = 2000.0
+    """Effective HBM bandwidth for the (memory-bound) Adam step, GB/s."""
+    pcie_gbyte: float = 25.0
+    """Host<->GPU bandwidth per GPU for offloaded optimizer steps, GB/s."""
+    cpu_adam_params_per_s: float = 1e9
+    """DeepSpeed CPU Adam rate per rank with offload (rough: AVX-512, ~12 cores per rank)."""
+
+    def achieved_flops(self) -> float:
+        """FLOP/s one GPU sustains on training matmuls, from the single-GPU measurement."""
+        shape = ModelShape.from_path(preset_shape_path(self.measured_shape) or self.measured_shape)
+        flops = train_flops_per_token(shape, self.measured_seq_len, lora=False, recompute=False, reference_forward=False)
+        return self.measured_tokens_per_s * flops
+
+    def efficiency(self) -> float:
+        return self.achieved_flops() / (self.peak_tflops * 1e12)
+
+
+def forward_flops_per_token(shape: ModelShape, seq_len: float) -> tuple[float, float]:
+    """(matmul, attention) forward FLOPs per token; causal attention over ``seq_len`` tokens."""
+    matmul = 2 * shape.matmul_params()
+    attention = 2 * shape.layers * seq_len * shape.q_dim  # QK^T and AV over ~seq_len/2 keys
+    return matmul, attention
+
+
+def train_flops_per_token(shape: ModelShape, seq_len: float, *, lora: bool, recompute: bool, reference_forward: bool) -> float:
+    """FLOPs per token of one training micro-batch: forward, backward, recompute, reference forward.
+
+    Backward is twice the forward (input and weight gradients); with LoRA the frozen weights need
+    input gradients only, so its matmul backward is one forward's worth (adapters are negligible).
+    """
+    matmul, attention = forward_flops_per_token(shape, seq_len)
+    forward = matmul + attention
+    backward = (matmul if lora else 2 * matmul) + 2 * attention
+    return forward + backward + (forward if recompute else 0.0) + (forward if reference_forward else 0.0)
+
+
+@dataclass(frozen=True)
+class StepProjection:
+    gpus: int
+    micro_batches: int
+    compute_s: float
+    comm_s: float
+    optimizer_s: float
+    step_s: float
+    tokens_per_s: float
+    mfu: float
+    comm_gb_per_gpu: float
+
+
+def project_step(
+    shape: ModelShape,
+    settings: PlanSettings,
+    tokens_per_step: float,
+    seq_len: float,
+    assumptions: ThroughputAssumptions | None = None,
+) -> StepProjection:
+    """Projected optimizer-step time on ``settings.gpus`` GPUs for ``tokens_per_step`` real tokens.
+
+    Compute: FLOPs of this rank's tokens at the measured single-GPU efficiency. Communication, per
+    micro-batch: ZeRO-3 all-gathers all bf16 parameters for the forward and again for the backward
+    (plus once more for an online reference forward) and reduce-scatters the trainable gradients;
+    a ring moves ``(n-1)/n`` of the tensor through every GPU's link, inside a node over NVLink,
+    across nodes over each GPU's NIC. Every rank runs at least one micro-batch, so beyond
+    ``tokens_per_step / micro_batch_tokens`` GPUs more GPUs no longer shorten the step.
+    """
+    a = assumptions or ThroughputAssumptions()
+    n, b = settings.gpus, settings.dtype_bytes
+    lora = settings.lora_r > 0
+    tokens_per_rank = tokens_per_step / n
+    micro_batches = max(1, math.ceil(tokens_per_rank / (settings.micro_batch_tokens * a.packing_fill)))
+    flops = train_flops_per_token(
+        shape,
+        seq_len,
+        lora=lora,
+        recompute=settings.activation_checkpointing,
+        reference_forward=settings.reference != "none",
+    )
+    compute = tokens_per_rank * flops / a.achieved_flops()
+
+    gathers = 2 + (settings.reference != "none")
+    trainable = shape.lora_params(settings.lora_r, settings.lora_targets) if lora else shape.num_params()
+    ring = (n - 1) / n
+    per_micro = (gathers * b * shape.num_params() + b * trainable) * ring
+    bandwidth = (a.intra_node_gbyte if n <= max(settings.gpus_per_node, 1) else a.inter_node_gbit / 8) * 1e9
+    comm = micro_batches * per_micro / (bandwidth * a.comm_efficiency)
+
+    optimizer = _optimizer_seconds(trainable / n, settings, a)
+    step = compute + comm - a.overlap * min(compute, comm) + optimizer
+    useful = 6 * shape.num_params() * tokens_per_step
+    return StepProjection(
+        gpus=n,
+        micro_batches=micro_batches,
+        compute_s=compute,
+        comm_s=comm,
+        optimizer_s=optimizer,
+        step_s=step,
+        tokens_per_s=tokens_per_step / step,
+        mfu=useful / (step * n * a.peak_tflops * 1e12),
+        comm_gb_per_gpu=micro_batches * per_micro / 1e9,
+    )
+
+
+def _optimizer_seconds(params_per_rank: float, settings: PlanSettings, a: ThroughputAssumptions) -> float:
+    """Adam step time: HBM-bound on the GPU, or PCIe transfers plus CPU Adam with offload."""
+    if settings.offload_optimizer:
+        transfer = (4 + settings.dtype_bytes) * params_per_rank / (a.pcie_gbyte * 1e9)  # fp32 grads down, params up
+        return transfer + params_per_rank / a.cpu_adam_params_per_s
+    # Read params, grads, master, m, v; write params, master, m, v: ~32 bytes per parameter.
+    return 32 * params_per_rank / (a.hbm_gbyte * 1e9)
+
+
+def throughput_table(
+    shape: ModelShape,
+    settings: PlanSettings,
+    gpu_counts: Iterable[int],
+    tokens_per_step: float,
+    seq_len: float,
+    assumptions: ThroughputAssumptions | None = None,
+    memory_assumptions: PlanAssumptions | None = None,
+) -> str:
+    """A markdown table of ``project_step`` (and whether memory fits) for each GPU count."""
+    rows = [
+        "| GPUs | nodes | micro-batches/rank | compute s | comm s | optimizer s | step s | tokens/s | MFU (6N) | comm GB/GPU/step | fits (peak GiB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for gpus in gpu_counts:
+        s = replace(settings, gpus=gpus)
+        p = project_step(shape, s, tokens_per_step, seq_len, assumptions)
+        plan = plan_memory(shape, s, memory_assumptions)
+        nodes = math.ceil(gpus / max(s.gpus_per_node, 1))
+        rows.append(
+            f"| {gpus} | {nodes} | {p.micro_batches} | {p.compute_s:.2f} | {p.comm_s:.2f} | {p.optimizer_s:.2f} | "
+            f"{p.step_s:.2f} | {p.tokens_per_s:,.0f} | {p.mfu:.2f} | {p.comm_gb_per_gpu:,.0f} | "
+            f"{'yes' if plan.fits else 'no'} ({plan.peak / GIB:.1f}) |"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,162 @@
+"""LoRA DPO through `dpo-train` on CPU (PEFT under DeepSpeed ZeRO-3, gloo): learning, frozen base,
+reference = base with adapters disabled, merged and adapter-only exports, checkpoint/resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from dpo_dist.config import ConfigError, config_from_dict
+from tests.helpers import make_pairs_jsonl, make_tiny_model_dir, run_cli
+
+pytestmark = pytest.mark.integration
+
+LORA = {"model.lora.r": 8, "model.lora.alpha": 16, "model.lora.target_modules": "[q_proj,v_proj,up_proj,down_proj]"}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    return {
+        "model": make_tiny_model_dir(root / "model"),
+        "train": make_pairs_jsonl(root / "train.jsonl", 64, seed=1),
+        # pairs_per_step of them: every step sees the same batch, so the loss must go down.
+        "one_batch": make_pairs_jsonl(root / "one_batch.jsonl", 8, seed=3),
+        "eval": make_pairs_jsonl(root / "eval.jsonl", 8, seed=2),
+    }
+
+
+def train(assets, out, **extra) -> list[dict]:
+    values = {
+        "output_dir": out,
+        "model.path": assets["model"],
+        "data.train_path": assets["train"],
+        "data.eval_path": assets["eval"],
+        "data.max_length": 64,
+        "train.micro_batch_tokens": 128,
+        "train.pairs_per_step": 8,
+        "train.checkpoint_every": 0,
+        "train.eval_every": 0,
+        "optim.lr": 1e-2,
+        "optim.warmup_steps": 0,
+        "optim.schedule": "constant",
+        "reference.cache_dir": out.parent / f"{out.name}_ref",
+        "cluster.nproc_per_node": 2,
+        "wandb.mode": "disabled",
+        **LORA,
+        **extra,
+    }
+    result = run_cli("launch.train", *(f"{k}={v}" for k, v in values.items()), env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, rows) if "loss" in row]
+
+
+def checkpoint_state(out, step: int) -> dict[str, torch.Tensor]:
+    """fp32 weights of a run's DeepSpeed checkpoint, keyed like the PEFT model (``model.`` dropped)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=f"step_{step:08d}")
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def peft_policy(model_dir, lora_state: dict[str, torch.Tensor]):
+    """The trained policy rebuilt on CPU: the base model with the checkpoint's adapter weights, unmerged."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    targets = LORA["model.lora.target_modules"].strip("[]").split(",")
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    missing = model.load_state_dict(lora_state, strict=False)
+    assert not [k for k in missing.missing_keys if "lora_" in k]
+    return model.eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def online_run(assets, tmp_path_factory):
+    """LoRA DPO with the online reference (the policy with adapters disabled) on one repeated batch."""
+    out = tmp_path_factory.mktemp("online") / "run"
+    run = {"train.max_steps": STEPS, "train.checkpoint_every": STEPS // 2, "reference.mode": "online"}
+    return out, train(assets, out, **run, **{"data.train_path": assets["one_batch"]})
+
+
+def test_lora_dpo_learns_only_adapters_and_merged_export_matches(assets, online_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, rows = online_run
+    losses = [r["loss"] for r in rows]
+    # Step 0: B = 0, so the policy is the base model, which is the online reference: loss = ln 2.
+    assert abs(losses[0] - math.log(2)) < 1e-5, losses[0]
+    assert sum(losses[-3:]) / 3 < 0.85 * math.log(2), losses  # measured: 0.53
+    assert rows[-1]["reward_accuracy"] == 1.0, rows[-1]
+
+    base = AutoModelForCausalLM.from_pretrained(assets["model"])
+    base_state = base.state_dict()
+    trained = checkpoint_state(out, STEPS)
+    lora = {k: v for k, v in trained.items() if "lora_" in k}
+    assert lora and any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # adapters moved
+    for key, value in trained.items():  # frozen base weights, as saved in the checkpoint, are untouched
+        if "lora_" not in key:
+            plain = key.removeprefix("base_model.model.").replace(".base_layer", "")
+            torch.testing.assert_close(value, base_state[plain], rtol=0, atol=0)
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert not any("lora" in k for k in merged.state_dict())
+    for key in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.k_proj.weight"):
+        torch.testing.assert_close(merged.state_dict()[key], base_state[key], rtol=0, atol=0)  # not adapted
+    ids = AutoTokenizer.from_pretrained(out / "final")("12+34=46", return_tensors="pt").input_ids
+    want = logits(peft_policy(assets["model"], lora), ids)
+    torch.testing.assert_close(logits(merged, ids), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want, logits(base, ids), atol=1e-3)  # the export holds the trained policy
+
+
+def test_lora_resume_with_precomputed_reference_and_adapter_export(assets, online_run, tmp_path):
+    """Resume the online run from its step-8 checkpoint with the precomputed reference (the base
+    model's log-probs, which must equal the adapters-disabled policy's) and export the adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_dist.engine import load_causal_lm
+
+    source, online_rows = online_run
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    shutil.rmtree(out / "checkpoints" / f"step_{STEPS:08d}")
+    shutil.rmtree(out / "final")
+    run = {"train.max_steps": STEPS, "train.checkpoint_every": STEPS // 2, "model.lora.merge_on_export": "false"}
+    resumed = train(assets, out, **run, **{"data.train_path": assets["one_batch"]})
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["resumed_from_step"] == STEPS // 2 and info["reference"]["computed"] is True
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for a, b in zip(online_rows, resumed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+
+    final = out / "final"
+    assert (final / "adapter_config.json").exists() and (final / "adapter_model.safetensors").exists()
+    assert not (final / "model.safetensors").exists() and (final / "tokenizer.json").exists()
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), final).eval()
+    ids = AutoTokenizer.from_pretrained(final)("7+8=15", return_tensors="pt").input_ids
+    want = logits(policy, ids)
+    merged_online = AutoModelForCausalLM.from_pretrained(source / "final")  # the same 16 steps, merged
+    torch.testing.assert_close(logits(merged_online, ids), want, rtol=1e-5, atol=1e-5)
+    # load_causal_lm takes an adapter directory too (dpo-eval of a run's final/): the same model.
+    loaded = load_causal_lm(str(final), torch.float32, {"zero_optimization": {"stage": 0}}).eval()
+    torch.testing.assert_close(logits(loaded, ids), want, rtol=0, atol=0)
+
+
+def test_qlora_is_refused_with_a_config_error():
+    with pytest.raises(ConfigError, match="model.lora.quantize: '4bit' \\(QLoRA\\) is not supported"):
+        config_from_dict({"model": {"lora": {"r": 8, "quantize": "4bit"}}})

@@ -1,0 +1,242 @@
+"""The memory planner and step-time model (dpo_dist.memory), dpo-plan, the 70B presets, and
+dpo-train's pre-launch memory check."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from dpo_dist.config import config_from_dict
+from dpo_dist.memory import (
+    GIB,
+    LORA_MODULES,
+    ModelShape,
+    PlanError,
+    PlanSettings,
+    ThroughputAssumptions,
+    min_gpus_that_fit,
+    plan_memory,
+    preset_shape_path,
+    project_step,
+    suggestions,
+)
+from tests.helpers import REPO, run_cli
+
+PRESETS = ("llama3_1b", "llama3_8b", "llama3_70b")
+# Public parameter counts of Llama 3.2 1B, Llama 3.1 8B and 70B.
+PARAMS = {"llama3_1b": 1_235_814_400, "llama3_8b": 8_030_261_248, "llama3_70b": 70_553_706_496}
+DS_TOLERANCE = 0.15  # see test_model_states_agree_with_deepspeeds_estimate
+
+
+def shape(name: str) -> ModelShape:
+    return ModelShape.from_path(preset_shape_path(name))
+
+
+def settings(gpus: int, **changes) -> PlanSettings:
+    return PlanSettings(gpus=gpus, gpus_per_node=8, gpu_memory_gib=80, **changes)
+
+
+def hf_config(name: str) -> dict:
+    values = json.loads(preset_shape_path(name).read_text())
+    values.pop("_comment")
+    return values
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_shapes_count_what_transformers_builds(name):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**hf_config(name)))
+    s = shape(name)
+    assert s.num_params() == sum(p.numel() for p in model.parameters()) == PARAMS[name]
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    assert s.largest_module_params() == largest
+
+
+def test_lora_param_count_matches_peft():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = get_peft_model(LlamaForCausalLM(LlamaConfig(**hf_config("llama3_8b"))), LoraConfig(r=16, target_modules=list(LORA_MODULES)))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert shape("llama3_8b").lora_params(16, LORA_MODULES) == trainable
+    with pytest.raises(PlanError, match="model.lora.target_modules: lm_head"):
+        shape("llama3_8b").lora_params(16, ["q_proj", "lm_head"])
+
+
+def test_shape_from_config_json_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(hf_config("llama3_8b")))
+    assert ModelShape.from_path(tmp_path).num_params() == PARAMS["llama3_8b"]
+    with pytest.raises(PlanError, match="no config.json"):
+        ModelShape.from_path(tmp_path / "missing")
+    with pytest.raises(PlanError, match="mixture-of-experts"):
+        ModelShape.from_hf_config({**hf_config("llama3_8b"), "num_local_experts": 8})
+    with pytest.raises(PlanError, match="no intermediate_size"):
+        ModelShape.from_hf_config({k: v for k, v in hf_config("llama3_8b").items() if k != "intermediate_size"})
+
+
+def deepspeed_live_estimate_gib(model, gpus: int) -> float:
+    """Per-GPU GiB that ``estimate_zero3_model_states_mem_needs_all_live`` prints for no offload."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_live
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        estimate_zero3_model_states_mem_needs_all_live(model, num_gpus_per_node=gpus, num_nodes=1)
+    row = next(line for line in out.getvalue().splitlines() if "offload_param=none, offload_optimizer=none, zero_init=1" in line)
+    return float(re.findall(r"([\d.]+)GB", row)[1])
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_model_states_agree_with_deepspeeds_live_estimate(gpus):
+    """DeepSpeed's estimate from a live model (20M params) vs the planner's model states for its shape."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    ours = plan_memory(ModelShape.from_hf_config(cfg.to_dict()), settings(gpus, dtype_bytes=2)).model_state_bytes() / GIB
+    theirs = deepspeed_live_estimate_gib(model, gpus)
+    assert abs(ours / theirs - 1) <= DS_TOLERANCE, (ours, theirs)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_model_states_agree_with_deepspeeds_estimate(name):
+    """Within 15%: DeepSpeed assumes fp32 gradients for the whole partition (18 B/param); the planner
+    counts bf16 gradient partitions plus an fp32 copy of one 1e9-element sub-group (16 B + <= 4 B).
+    With optimizer offload both are b*P/N + 4*largest exactly; host memory within 15% (DeepSpeed 16
+    B/param without its 1.5 buffer factor, the planner 18: it adds the bf16 gradient partitions)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    s = shape(name)
+    for gpus in (8, 32, 64, 128, 512):
+        for offload in (False, True):
+            plan = plan_memory(s, settings(gpus, offload_optimizer=offload))
+            cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+                s.num_params(), s.largest_module_params(), num_gpus_per_node=8, num_nodes=gpus // 8,
+                cpu_offload=offload, cpu_offload_params=False, zero_init=True, additional_buffer_factor=1.0,
+            )
+            assert abs(plan.model_state_bytes() / gpu - 1) <= (1e-6 if offload else DS_TOLERANCE), (name, gpus, offload)
+            if offload:
+                assert abs(plan.host_per_node / cpu - 1) <= DS_TOLERANCE, (name, gpus)
+
+
+def test_70b_fits_from_about_24_gpus_and_states_are_16_bytes_per_param():
+    s = shape("llama3_70b")
+    at64 = plan_memory(s, settings(64))
+    states = sum(at64.item(n) for n in ("parameters", "gradients", "optimizer states"))
+    assert states == pytest.approx(16 * PARAMS["llama3_70b"] / 64)
+    assert at64.fits and 40 * GIB < at64.peak < 55 * GIB
+    at8 = plan_memory(s, settings(8))
+    assert not at8.fits and "exceeds cluster.gpu_memory_gb=80 on 8 GPUs" in at8.verdict()
+    assert min_gpus_that_fit(s, settings(8)) == 24
+    assert "24 GPUs" in suggestions(s, settings(8))
+
+
+def test_offload_checkpointing_lora_and_reference_move_the_right_items():
+    s, n = shape("llama3_70b"), 64
+    base = plan_memory(s, settings(n))
+    offload = plan_memory(s, settings(n, offload_optimizer=True))
+    assert offload.item("optimizer states") == offload.item("gradients") == 0
+    assert offload.host_per_node == pytest.approx(8 * 18 * PARAMS["llama3_70b"] / n)
+    assert not plan_memory(s, settings(n, activation_checkpointing=False)).fits  # 80 layers of 8k tokens
+    assert plan_memory(s, settings(n, micro_batch_tokens=16384)).item("activations (saved)") > 1.9 * base.item("activations (saved)")
+
+    copy = plan_memory(s, settings(n, reference="copy"))
+    assert copy.item("reference model (online copy)") > 2 * PARAMS["llama3_70b"] / n
+    lora = plan_memory(s, settings(n, lora_r=16, reference="adapters"))
+    assert lora.item("reference model") == 0 and lora.item("optimizer states") < 0.01 * base.item("optimizer states")
+    assert lora.item("parameters") == base.item("parameters")  # the frozen base is still partitioned
+    host_limited = plan_memory(s, settings(32, offload_optimizer=True, host_memory_gb=256))
+    assert not host_limited.fits and "cluster.mem_gb=256" in host_limited.verdict()
+    with pytest.raises(PlanError, match="ZeRO stage 3 only"):
+        plan_memory(s, settings(n, zero_stage=2))
+
+
+def test_settings_from_config():
+    cfg = config_from_dict({
+        "model": {"path": "/m", "lora": {"r": 8}, "attn_backend": "sdpa"},
+        "reference": {"mode": "online"},
+        "cluster": {"name": "slurm", "nodes": 4, "tasks_per_node": 8, "gpus_per_node": 8, "gpu_memory_gb": 141},
+        "deepspeed": {"offload_optimizer": "cpu"},
+    })
+    s = PlanSettings.from_config(cfg)
+    assert (s.gpus, s.gpus_per_node, s.gpu_memory_gib, s.dtype_bytes) == (32, 8, 141, 2)
+    assert (s.reference, s.lora_r, s.offload_optimizer, s.dense_mask) == ("adapters", 8, True, True)
+    assert PlanSettings.from_config(config_from_dict({"reference": {"mode": "online"}})).reference == "copy"
+    assert PlanSettings.from_config(config_from_dict({"loss": {"name": "simpo", "logp_normalization": "mean"}, "reference": {"mode": "online"}})).reference == "none"
+
+
+def test_step_projection_is_communication_bound_for_70b():
+    s, a = shape("llama3_70b"), ThroughputAssumptions()
+    assert 0.45 < a.efficiency() < 0.6  # the H100 anchor: MFU 0.51 by 6N
+    tokens = 512 * 2048
+    steps = [project_step(s, settings(g), tokens, 1024, a) for g in (32, 64, 128, 256, 512)]
+    assert all(x.step_s >= y.step_s for x, y in zip(steps, steps[1:]))
+    # Per micro-batch every GPU moves ~3 x 2 B x P of weights and gradients, whatever the GPU count.
+    per_micro = [p.comm_gb_per_gpu / p.micro_batches for p in steps]
+    assert all(abs(v - 3 * 2 * PARAMS["llama3_70b"] / 1e9) < 0.1 * v for v in per_micro)
+    assert steps[-1].step_s > 10  # never faster than one micro-batch of weight traffic at 400 Gbit/s
+    one = steps[0]
+    assert one.mfu == pytest.approx(6 * PARAMS["llama3_70b"] * tokens / (one.step_s * 32 * a.peak_tflops * 1e12))
+    lora = project_step(s, settings(64, lora_r=16), tokens, 1024, a)
+    online = project_step(s, settings(64, reference="copy"), tokens, 1024, a)
+    full = project_step(s, settings(64), tokens, 1024, a)
+    assert lora.compute_s < full.compute_s < online.compute_s and lora.comm_s < full.comm_s < online.comm_s
+
+
+def test_docs_hold_the_current_generated_tables():
+    from tools.plan import generated
+
+    assert generated() in (REPO / "docs" / "scaling.md").read_text(), "run: python tools/plan.py --update"
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_dpo_plan_exit_status_and_report(tmp_path):
+    fits = run_cli("launch.plan", "experiment=llama3_70b_64gpu")
+    assert fits.returncode == 0, fits.stderr
+    assert "llama3_70b.json" in fits.stdout and "fits: peak 47.4 of 80 GiB" in fits.stdout
+    for item in ("parameters", "gradients", "optimizer states", "activations (saved)", "logits chunk",
+                 "ZeRO-3 gathered params + buckets", "reference model", "fragmentation margin"):
+        assert f"  {item} " in fits.stdout, item
+
+    (tmp_path / "config.json").write_text(json.dumps(hf_config("llama3_70b")))  # a shape, no weights
+    too_small = run_cli("launch.plan", "model=llama3_70b", f"model.path={tmp_path}", "cluster=slurm",
+                        "cluster.nodes=1", "cluster.tasks_per_node=8", "cluster.gpus_per_node=8", "--throughput", "--gpus", "8,64")
+    assert too_small.returncode == 1
+    assert "dpo-plan: does not fit: per-GPU peak" in too_small.stderr
+    assert "fits with: 24 GPUs" in too_small.stdout and "| 64 | 8 |" in too_small.stdout
+
+    bad = run_cli("launch.plan", "loss.beta=-1")
+    assert bad.returncode == 2 and bad.stderr.strip() == "dpo-plan: error: loss.beta: must be > 0, got -1.0"
+
+
+@pytest.mark.parametrize("gpus", [32, 64, 128])
+def test_70b_experiment_presets_compose(gpus):
+    result = run_cli("launch.train", f"experiment=llama3_70b_{gpus}gpu", "model.path=/x", "--cfg", "job")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "name: llama3_70b" in result.stdout and "activation_checkpointing: true" in result.stdout
+    assert f"nodes: {gpus // 8}" in result.stdout and "gpus_per_node: 8" in result.stdout
+    assert ("offload_optimizer: cpu" in result.stdout) == (gpus == 32)
+    plan = run_cli("launch.plan", f"experiment=llama3_70b_{gpus}gpu")
+    assert plan.returncode == 0 and "of 80 GiB; ZeRO-3" in plan.stdout, plan.stdout[-2000:]
+
+
+def test_dpo_train_refuses_a_gpu_plan_that_cannot_fit(tmp_path):
+    shutil.copy(preset_shape_path("llama3_70b"), tmp_path / "config.json")
+    result = run_cli("launch.train", "model=llama3_70b", f"model.path={tmp_path}", "cluster=slurm",
+                     "cluster.nodes=1", "cluster.tasks_per_node=8", "cluster.gpus_per_node=8")
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dpo-train: error: memory plan: does not fit"), result.stderr
+    assert "deepspeed=zero3_offload" in lines[0]
+
