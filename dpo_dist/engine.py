@@ -456,7 +456,15 @@ def latest_complete_checkpoint(root: Path) -> tuple[str, int] | None:
 def save_checkpoint(engine, cfg: DPOConfig, env: D.DistEnv, step: int) -> None:
     root = checkpoint_root(cfg)
     tag = _tag(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    # With LoRA the frozen base is model.path itself: saving its partitions again would cost the
+    # whole model (141 GB for 70B) per checkpoint.
+    engine.save_checkpoint(
+        str(root),
+        tag=tag,
+        client_state={"step": step},
+        save_latest=False,
+        exclude_frozen_parameters=cfg.model.lora.enabled,
+    )
     torch.save(_rng_state(), root / tag / f"rng_rank{env.rank:05d}.pt")
     D.barrier()
     if env.is_main:
@@ -478,7 +486,7 @@ def load_latest_checkpoint(engine, cfg: DPOConfig, env: D.DistEnv) -> int:
     if found is None:
         return 0
     tag, step = found
-    engine.load_checkpoint(str(checkpoint_root(cfg)), tag=tag)
+    engine.load_checkpoint(str(checkpoint_root(cfg)), tag=tag, load_module_strict=not cfg.model.lora.enabled)
     rng_file = checkpoint_root(cfg) / tag / f"rng_rank{env.rank:05d}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
