@@ -50,9 +50,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
     weights = {k.removeprefix("model."): v for k, v in state.items()}
     hf_config = AutoConfig.from_pretrained(cfg.model.path)
     target = _dtype(dtype, hf_config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
-    model.load_state_dict({k: v.to(target) for k, v in weights.items()}, strict=True, assign=True)
+    if cfg.model.lora.enabled:
+        model = _lora_model(cfg, weights, target)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config)
+        model.load_state_dict({k: v.to(target) for k, v in weights.items()}, strict=True, assign=True)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -62,6 +65,28 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
     os.replace(tmp, out_dir)
     log.info("exported %s/%s to %s (%s)", root, tag, out_dir, target)
     return out_dir
+
+
+def _lora_model(cfg, adapter_weights: dict[str, torch.Tensor], dtype: torch.dtype):
+    """Base model + the checkpoint's adapters; merged when ``model.lora.merge_on_export``.
+
+    LoRA checkpoints hold only the adapters (the frozen base is ``model.path``), so the base is
+    loaded from there and every checkpoint tensor must land on an adapter parameter.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from dpo_dist.engine import apply_lora
+
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
+    model = apply_lora(base, cfg.model.lora, cfg.train.seed)
+    result = model.load_state_dict({k: v.to(dtype) for k, v in adapter_weights.items()}, strict=False)
+    missing_adapters = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing_adapters:
+        raise ExportError(
+            f"checkpoint does not match model.lora of its run: unexpected {result.unexpected_keys[:3]}, "
+            f"missing adapters {missing_adapters[:3]}"
+        )
+    return model.merge_and_unload() if cfg.model.lora.merge_on_export else model
 
 
 def _dtype(name: str, hf_config) -> torch.dtype:

@@ -108,10 +108,8 @@ def test_lora_dpo_learns_only_adapters_and_merged_export_matches(assets, online_
     trained = checkpoint_state(out, STEPS)
     lora = {k: v for k, v in trained.items() if "lora_" in k}
     assert lora and any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # adapters moved
-    for key, value in trained.items():  # frozen base weights, as saved in the checkpoint, are untouched
-        if "lora_" not in key:
-            plain = key.removeprefix("base_model.model.").replace(".base_layer", "")
-            torch.testing.assert_close(value, base_state[plain], rtol=0, atol=0)
+    # The frozen base is model.path itself: checkpoints hold only the adapters.
+    assert all("lora_" in key for key in trained), [k for k in trained if "lora_" not in k][:3]
 
     merged = AutoModelForCausalLM.from_pretrained(out / "final")
     assert not any("lora" in k for k in merged.state_dict())
@@ -121,6 +119,12 @@ def test_lora_dpo_learns_only_adapters_and_merged_export_matches(assets, online_
     want = logits(peft_policy(assets["model"], lora), ids)
     torch.testing.assert_close(logits(merged, ids), want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(want, logits(base, ids), atol=1e-3)  # the export holds the trained policy
+
+    # dpo-export of the last checkpoint (adapters only) rebuilds the same merged model.
+    exported = out.parent / "exported"
+    result = run_cli("launch.export", str(out / "checkpoints" / f"step_{STEPS:08d}"), "--out", str(exported))
+    assert result.returncode == 0, result.stderr[-2000:]
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(exported), ids), want, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_resume_with_precomputed_reference_and_adapter_export(assets, online_run, tmp_path):
