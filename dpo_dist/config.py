@@ -475,6 +475,20 @@ class EvalConfig:
 
 
 @dataclass
+class SFTFirstConfig:
+    """Chain SFT -> DPO in one command: the SFT result is both the DPO policy init and its reference."""
+
+    max_steps: int = 0
+    """SFT optimizer steps before DPO (on the chosen responses of data.train_path); 0: no SFT stage."""
+    lr: float | None = None
+    """SFT learning rate; defaults to optim.lr."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 0, "sft_first.max_steps", "must be >= 0")
+        _check(self.lr is None or self.lr > 0, "sft_first.lr", "must be > 0")
+
+
+@dataclass
 class DPOConfig:
     """The whole config tree (``conf/config.yaml``)."""
 
@@ -492,6 +506,7 @@ class DPOConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sft_first: SFTFirstConfig = field(default_factory=SFTFirstConfig)
 
     def __post_init__(self) -> None:
         _one_of(self.stage, "stage", ("sft", "dpo"))
@@ -503,6 +518,26 @@ class DPOConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def stages(self) -> list[DPOConfig]:
+        """The runs this config stands for: itself, or with ``sft_first.max_steps > 0`` an SFT run
+        into ``output_dir/sft`` followed by DPO from (and against) its exported model."""
+        if self.stage == "sft" or self.sft_first.max_steps == 0:
+            return [self]
+        sft_dir = str(Path(self.output_dir) / "sft")
+        sft = dataclasses.replace(
+            self,
+            stage="sft",
+            output_dir=sft_dir,
+            sft_first=SFTFirstConfig(),
+            train=dataclasses.replace(self.train, max_steps=self.sft_first.max_steps),
+            optim=dataclasses.replace(self.optim, lr=self.sft_first.lr or self.optim.lr),
+        )
+        final = str(Path(sft_dir) / "final")
+        dpo = dataclasses.replace(
+            self, sft_first=SFTFirstConfig(), model=dataclasses.replace(self.model, path=final, tokenizer_path=final)
+        )
+        return [sft, dpo]
 
 
 def _user_cache() -> Path:
@@ -534,6 +569,7 @@ _SUBCONFIGS = {
     (DPOConfig, "reference"): ReferenceConfig,
     (DPOConfig, "wandb"): WandbConfig,
     (DPOConfig, "eval"): EvalConfig,
+    (DPOConfig, "sft_first"): SFTFirstConfig,
     (ModelConfig, "lora"): LoraConfig,
     (EvalConfig, "judge"): JudgeConfig,
 }

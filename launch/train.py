@@ -1,4 +1,5 @@
-"""``dpo-train``: DPO (or SFT with stage=sft) with Hydra overrides; ``-m`` runs sweeps."""
+"""``dpo-train``: DPO (or SFT with stage=sft, or SFT then DPO with sft_first.max_steps=N) with
+Hydra overrides; ``-m`` runs sweeps."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from launch.run import launch
 
 
 def _task(cfg) -> None:
-    config = to_config(cfg)
-    check_memory_plan(config)  # a GPU plan that cannot fit is refused before anything starts
-    launch("dpo-train", config, "train")
+    stages = to_config(cfg).stages()  # [run] or, with sft_first.max_steps > 0, [sft run, dpo run]
+    for config in stages:
+        check_memory_plan(config)  # a GPU plan that cannot fit is refused before anything starts
+    for config in stages:
+        launch("dpo-train", config, "train")
 
 
 def main() -> None:
