@@ -323,13 +323,13 @@ class TrainConfig:
     micro_batch_tokens: int = 4096
     """Token budget of one packed micro-batch (chosen + rejected of every pair in it)."""
     checkpoint_every: int = 50
-    """Save a resumable checkpoint every N steps (0: only at the end)."""
+    """Save a resumable checkpoint every N steps (0: never; ``final/`` is exported at the end either way)."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept on disk (older ones are deleted)."""
     eval_every: int = 50
     """Evaluate on data.eval_path every N steps (0: only at the end)."""
     log_every: int = 1
-    """Write a metrics row every N steps."""
+    """Write a train metrics row every N steps (eval steps and the last step are always written)."""
     seed: int = 0
     """Seeds data order, initialisation of new weights and dropout."""
 

@@ -695,7 +695,8 @@ def train(cfg: DPOConfig) -> dict[str, float]:
             last_eval = evaluate(ctx, eval_data, env)
             row.update(last_eval)
         if env.is_main:
-            metrics.write(row)
+            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps or "eval/loss" in row:
+                metrics.write(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('reward_accuracy', float('nan')):.2f}")
         if wandb_run is not None:

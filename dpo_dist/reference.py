@@ -267,22 +267,17 @@ def ensure_reference(
     cache_dir: str | os.PathLike,
     *,
     fingerprints: dict[str, Any],
-    model_path: str | os.PathLike,
-    tokenizer_path: str | os.PathLike,
     rank: int = 0,
     world_size: int = 1,
-    micro_batch_tokens: int,
-    chunk_tokens: int = 1024,
-    device: torch.device | str = "cpu",
-    pairs_per_shard: int = DEFAULT_PAIRS_PER_SHARD,
-    progress: bool = True,
     lock_poll_s: float = 1.0,
+    **pass_options: Any,
 ) -> ReferenceSummary:
     """Make ``cache_dir`` a complete reference cache for ``fingerprints``; call on every rank.
 
     Reuses a complete valid cache, computes only what is missing otherwise, and raises
-    ``ReferenceCacheError`` (on every rank) for a cache of other inputs or a corrupted shard.
-    See ``precompute_reference`` for the arguments.
+    ``ReferenceCacheError`` (on every rank) for a cache of other inputs or a corrupted one.
+    ``pass_options`` are ``precompute_reference``'s keyword arguments (model_path,
+    tokenizer_path, micro_batch_tokens, chunk_tokens, device, pairs_per_shard, progress).
     """
     start = time.perf_counter()
     cache_dir = Path(cache_dir).expanduser().absolute()
@@ -302,19 +297,7 @@ def ensure_reference(
                 seconds=time.perf_counter() - start,
             )
         return precompute_reference(
-            model,
-            dataset,
-            cache_dir,
-            fingerprints=fingerprints,
-            model_path=model_path,
-            tokenizer_path=tokenizer_path,
-            rank=rank,
-            world_size=world_size,
-            micro_batch_tokens=micro_batch_tokens,
-            chunk_tokens=chunk_tokens,
-            device=device,
-            pairs_per_shard=pairs_per_shard,
-            progress=progress,
+            model, dataset, cache_dir, fingerprints=fingerprints, rank=rank, world_size=world_size, **pass_options
         )
 
 
