@@ -191,10 +191,21 @@ def test_default_config_on_bundled_task_learns(tmp_path):
     assert rows[-1]["eval/reward_accuracy"] > 0.7, rows[-1]  # measured 0.80 at step 40, 0.875 at 120
     assert rows[-1]["eval/reward_margin"] > 0
 
+    # The workflow's next steps on the same run: win-rate with the task's verifier, then the report.
+    winrate = run_cli("launch.eval", "winrate", f"output_dir={tmp_path / 'run'}", "eval.max_prompts=40")
+    assert winrate.returncode == 0, winrate.stderr[-3000:]
+    result = json.loads((tmp_path / "run" / "winrate.json").read_text())
+    assert result["n"] == 40 and result["wins"] + result["ties"] + result["losses"] == 40
+    report = run_cli("launch.report", str(tmp_path))
+    assert report.returncode == 0, report.stderr[-2000:]
+
 
 def test_sft_then_dpo_chain_uses_the_sft_model_as_policy_and_reference(assets, tmp_path):
     out = tmp_path / "chain"
-    rows = train(assets, out, **{"experiment": "sft_then_dpo", "sft_first.max_steps": 3, "cluster.nproc_per_node": 2})
+    chain = {"experiment": "sft_then_dpo", "sft_first.max_steps": 3, "cluster.nproc_per_node": 2}
+    # Its own cache: the shared one holds the base model's log-probs, which DPO on the SFT model
+    # must refuse (see test_precompute_then_train_reuses_cache_and_eval_matches).
+    rows = train(assets, out, **chain, **{"reference.cache_dir": tmp_path / "ref"})
     sft_rows = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert len(sft_rows) == 3 and "reward_accuracy" not in sft_rows[0]
     info = json.loads((out / "run_info.json").read_text())
