@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+from pathlib import Path
 
 from launch.common import UserError
 
 
 def launch(prog: str, cfg, task: str) -> None:
     """Run ``task`` for ``cfg`` on the configured cluster; exits non-zero if any rank failed."""
+    logging.getLogger("dpo_dist").info("%s %s: run directory %s", prog, task, Path(cfg.output_dir).resolve())
     if cfg.cluster.name == "slurm":
         from launch.common import fail
         from slurm.submit import SlurmJobFailed, submit_and_wait
