@@ -2,11 +2,13 @@
 
 The numbers are the ones training logs as ``eval/*`` (the same ``engine.evaluate``), for any
 exported model or checkpoint, against the reference of the run config (``model.path``, its
-cached log-probs reused or computed). Results go to ``OUTPUT_DIR/eval.json``.
+cached log-probs reused or computed). Results go to ``eval.output`` (default ``output_dir``) as
+``eval.json``; the ranks work in ``output_dir/eval`` (see ``rank_config``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -19,6 +21,20 @@ log = logging.getLogger("dpo_dist.evaluation")
 
 class EvalError(ValueError):
     """Nothing to evaluate (one line saying why)."""
+
+
+def rank_config(cfg: DPOConfig, work_subdir: str) -> DPOConfig:
+    """The config the ranks get: resolved policy and output paths, and a private working directory.
+
+    Launchers write ``output_dir/config.yaml`` for the ranks; pointing ``output_dir`` at
+    ``<output_dir>/<work_subdir>`` keeps an evaluated run's own config.yaml intact, while the
+    results still land in the run directory (``eval.output``).
+    """
+    out = cfg.output_dir
+    evaluation = dataclasses.replace(
+        cfg.eval, policy_path=cfg.eval.resolved_policy_path(out), output=cfg.eval.resolved_output(out)
+    )
+    return dataclasses.replace(cfg, output_dir=str(Path(out) / work_subdir), eval=evaluation)
 
 
 def policy_model_dir(cfg: DPOConfig, env: D.DistEnv) -> Path:
@@ -66,7 +82,9 @@ def evaluate_run(cfg: DPOConfig) -> dict[str, float]:
     metrics = evaluate(StepContext(policy, reference, cfg, device, env.world_size), eval_data, env)
     result = {"policy": str(policy_dir), "reference": cfg.model.path, "eval_pairs": len(eval_data), **metrics}
     if env.is_main:
-        Path(cfg.output_dir, "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        out = Path(cfg.eval.resolved_output(cfg.output_dir))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         for key, value in result.items():
             log.info("%s: %s", key, value)
     return result

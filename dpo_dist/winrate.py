@@ -30,6 +30,7 @@ from typing import Any
 
 from dpo_dist import distributed as D
 from dpo_dist.config import DPOConfig
+from dpo_dist.evaluation import rank_config as evaluation_rank_config
 from dpo_dist.generation import Completion, PromptItem, SamplingParams, generate_texts, load_causal_lm
 
 log = logging.getLogger("dpo_dist.winrate")
@@ -74,17 +75,8 @@ def summarize(outcomes: Sequence[str]) -> dict[str, Any]:
 
 
 def rank_config(cfg: DPOConfig) -> DPOConfig:
-    """The config the ranks get: resolved policy and output paths, and a private working directory.
-
-    Launchers write ``output_dir/config.yaml`` for the ranks; pointing ``output_dir`` at
-    ``<output_dir>/winrate`` keeps an evaluated run's own config.yaml intact, while the results
-    still land in the run directory (``eval.output``).
-    """
-    out = cfg.output_dir
-    evaluation = dataclasses.replace(
-        cfg.eval, policy_path=cfg.eval.resolved_policy_path(out), output=cfg.eval.resolved_output(out)
-    )
-    return dataclasses.replace(cfg, output_dir=str(Path(out) / WORK_SUBDIR), eval=evaluation)
+    """The config the ranks get (see ``evaluation.rank_config``), working in ``<output_dir>/winrate``."""
+    return evaluation_rank_config(cfg, WORK_SUBDIR)
 
 
 def eval_prompts(cfg: DPOConfig) -> list[PromptItem]:

@@ -4,7 +4,8 @@
     dpo-eval winrate output_dir=outputs/RUN [judge=rule|reward_model|openai] [eval.max_prompts=200]
 
 Without a mode: reward accuracy and margins against the reference ``model.path`` (its cached
-log-probs are reused); results land in ``output_dir/eval.json``.
+log-probs are reused); results land in ``eval.output`` (default ``output_dir``) as ``eval.json``,
+while the ranks work in ``OUTPUT_DIR/eval`` (so ``output_dir=RUN`` never touches the run's files).
 
 ``winrate`` (the first argument; it is removed before Hydra reads the overrides): generations of
 the policy and of the reference on ``data.eval_path`` prompts, compared by a judge; results land in
@@ -23,10 +24,13 @@ from launch.common import hydra_main, to_config
 from launch.run import launch
 
 WINRATE = "winrate"
+EVAL_SUBDIR = "eval"
 
 
 def _task(cfg) -> None:
-    launch("dpo-eval", to_config(cfg), "eval")
+    from dpo_dist.evaluation import rank_config
+
+    launch("dpo-eval", rank_config(to_config(cfg), EVAL_SUBDIR), "eval")
 
 
 def _winrate_task(cfg) -> None:
@@ -35,22 +39,23 @@ def _winrate_task(cfg) -> None:
     launch("dpo-eval", rank_config(to_config(cfg)), "winrate")
 
 
-def _winrate_argv(argv: list[str]) -> list[str]:
-    """Hydra's own files (``.hydra/``, the job log) go to ``OUTPUT_DIR/winrate`` rather than the run dir."""
-    from dpo_dist.winrate import WORK_SUBDIR
-
+def _work_dir_argv(argv: list[str], subdir: str) -> list[str]:
+    """Hydra's own files (``.hydra/``, the job log) go to ``OUTPUT_DIR/<subdir>`` rather than the run dir."""
     explicit = [a.split("=", 1)[1] for a in argv if a.startswith("output_dir=")]
     if explicit and not any(a in ("-m", "--multirun") for a in argv):
         # A later override of the same key wins, so this replaces hydra_main's hydra.run.dir=OUTPUT_DIR.
-        return [*argv, f"hydra.run.dir={Path(explicit[-1]) / WORK_SUBDIR}"]
+        return [*argv, f"hydra.run.dir={Path(explicit[-1]) / subdir}"]
     return argv
 
 
 def main() -> None:
+    from dpo_dist.winrate import WORK_SUBDIR
+
     if sys.argv[1:2] == [WINRATE]:
-        sys.argv[1:] = _winrate_argv(sys.argv[2:])
+        sys.argv[1:] = _work_dir_argv(sys.argv[2:], WORK_SUBDIR)
         hydra_main("dpo-eval", _winrate_task)
     else:
+        sys.argv[1:] = _work_dir_argv(sys.argv[1:], EVAL_SUBDIR)
         hydra_main("dpo-eval", _task)
 
 

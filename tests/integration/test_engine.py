@@ -191,7 +191,14 @@ def test_default_config_on_bundled_task_learns(tmp_path):
     assert rows[-1]["eval/reward_accuracy"] > 0.7, rows[-1]  # measured 0.80 at step 40, 0.875 at 120
     assert rows[-1]["eval/reward_margin"] > 0
 
-    # The workflow's next steps on the same run: win-rate with the task's verifier, then the report.
+    # The workflow's next steps on the same run: standalone eval (same numbers, the run's own
+    # config.yaml untouched), win-rate with the task's verifier, then the report.
+    config_before = (tmp_path / "run" / "config.yaml").read_bytes()
+    standalone = run_cli("launch.eval", f"output_dir={tmp_path / 'run'}", f"reference.cache_dir={tmp_path / 'ref'}")
+    assert standalone.returncode == 0, standalone.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert abs(evaluated["eval/reward_accuracy"] - rows[-1]["eval/reward_accuracy"]) < 1e-9
+    assert (tmp_path / "run" / "config.yaml").read_bytes() == config_before
     winrate = run_cli("launch.eval", "winrate", f"output_dir={tmp_path / 'run'}", "eval.max_prompts=40")
     assert winrate.returncode == 0, winrate.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "winrate.json").read_text())
