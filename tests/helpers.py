@@ -62,3 +62,38 @@ def run_cli(module: str, *args: str, env: dict | None = None, timeout: int = 600
         text=True,
         timeout=timeout,
     )
+
+
+def make_tiny_assets(root: Path, *, eval_pairs: int = 16) -> dict[str, Path]:
+    """A tiny random model plus train (64) and eval pairs under ``root``."""
+    return {
+        "model": make_tiny_model_dir(root / "model"),
+        "train": make_pairs_jsonl(root / "train.jsonl", 64, seed=1),
+        "eval": make_pairs_jsonl(root / "eval.jsonl", eval_pairs, seed=2),
+    }
+
+
+# A training run that takes seconds on CPU: a pair fits one 128-token micro-batch, 8 pairs a step.
+TINY_RUN = {
+    "data.max_length": 64,
+    "train.micro_batch_tokens": 128,
+    "train.pairs_per_step": 8,
+    "train.max_steps": 3,
+    "train.checkpoint_every": 0,
+    "train.eval_every": 0,
+    "optim.lr": 1e-3,
+    "optim.warmup_steps": 0,
+    "wandb.mode": "disabled",
+}
+
+
+def tiny_run_overrides(assets: dict, settings: dict) -> list[str]:
+    """``key=value`` overrides for ``assets`` with ``TINY_RUN`` defaults, ``settings`` winning."""
+    values = {
+        "model.path": assets["model"],
+        "data.train_path": assets["train"],
+        "data.eval_path": assets["eval"],
+        **TINY_RUN,
+        **settings,
+    }
+    return [f"{k}={v}" for k, v in values.items()]

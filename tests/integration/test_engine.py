@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import REPO, make_pairs_jsonl, make_tiny_model_dir, run_cli
+from tests.helpers import REPO, make_tiny_assets, run_cli, tiny_run_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -21,33 +21,11 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
-    return {
-        "model": make_tiny_model_dir(root / "model"),
-        "train": make_pairs_jsonl(root / "train.jsonl", 64, seed=1),
-        "eval": make_pairs_jsonl(root / "eval.jsonl", 16, seed=2),
-        "cache": root / "refcache",
-    }
+    return {**make_tiny_assets(root), "cache": root / "refcache"}
 
 
 def overrides(assets, out, **extra) -> list[str]:
-    base = {
-        "output_dir": out,
-        "model.path": assets["model"],
-        "data.train_path": assets["train"],
-        "data.eval_path": assets["eval"],
-        "data.max_length": 64,
-        "train.micro_batch_tokens": 128,
-        "train.pairs_per_step": 8,
-        "train.max_steps": 3,
-        "train.checkpoint_every": 0,
-        "train.eval_every": 0,
-        "optim.lr": 1e-3,
-        "optim.warmup_steps": 0,
-        "reference.cache_dir": assets["cache"],
-        "wandb.mode": "disabled",
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_run_overrides(assets, {"output_dir": out, "reference.cache_dir": assets["cache"], **extra})
 
 
 def train(assets, out, **extra) -> list[dict]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dpo_dist.config import ConfigError, config_from_dict
-from tests.helpers import make_pairs_jsonl, make_tiny_model_dir, run_cli
+from tests.helpers import make_pairs_jsonl, make_tiny_model_dir, run_cli, tiny_run_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -31,26 +31,16 @@ def assets(tmp_path_factory):
 
 
 def train(assets, out, **extra) -> list[dict]:
-    values = {
+    settings = {
         "output_dir": out,
-        "model.path": assets["model"],
-        "data.train_path": assets["train"],
-        "data.eval_path": assets["eval"],
-        "data.max_length": 64,
-        "train.micro_batch_tokens": 128,
-        "train.pairs_per_step": 8,
-        "train.checkpoint_every": 0,
-        "train.eval_every": 0,
         "optim.lr": 1e-2,
-        "optim.warmup_steps": 0,
         "optim.schedule": "constant",
         "reference.cache_dir": out.parent / f"{out.name}_ref",
         "cluster.nproc_per_node": 2,
-        "wandb.mode": "disabled",
         **LORA,
         **extra,
     }
-    result = run_cli("launch.train", *(f"{k}={v}" for k, v in values.items()), env={"HF_HUB_OFFLINE": "1"})
+    result = run_cli("launch.train", *tiny_run_overrides(assets, settings), env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = (out / "metrics.jsonl").read_text().splitlines()
     return [row for row in map(json.loads, rows) if "loss" in row]

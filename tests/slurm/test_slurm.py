@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO, make_pairs_jsonl, make_tiny_model_dir, run_cli
+from tests.helpers import REPO, make_tiny_assets, run_cli, tiny_run_overrides
 
 pytestmark = pytest.mark.slurm
 
@@ -26,31 +26,11 @@ TIMEOUT_S = 300
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slurm_assets")
-    return {
-        "model": make_tiny_model_dir(root / "model"),
-        "train": make_pairs_jsonl(root / "train.jsonl", 64, seed=1),
-        "eval": make_pairs_jsonl(root / "eval.jsonl", 16, seed=2),
-    }
+    return make_tiny_assets(tmp_path_factory.mktemp("slurm_assets"))
 
 
 def overrides(assets, **extra) -> list[str]:
-    base = {
-        "model.path": assets["model"],
-        "data.train_path": assets["train"],
-        "data.eval_path": assets["eval"],
-        "data.max_length": 64,
-        "train.micro_batch_tokens": 128,
-        "train.pairs_per_step": 8,
-        "train.max_steps": 3,
-        "train.checkpoint_every": 0,
-        "train.eval_every": 0,
-        "optim.lr": 1e-3,
-        "optim.warmup_steps": 0,
-        "wandb.mode": "disabled",
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_run_overrides(assets, extra)
 
 
 def read_json(path: Path) -> dict:
