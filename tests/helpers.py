@@ -97,3 +97,48 @@ def tiny_run_overrides(assets: dict, settings: dict) -> list[str]:
         **settings,
     }
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_ranks(argv: list[str], world: int, *, env: dict | None = None, timeout: float = 240, label: str = "") -> None:
+    """Run ``python argv...`` as ``world`` gloo ranks on 127.0.0.1 and assert every rank exits 0.
+
+    A rank that fails leaves the others waiting in a collective, so the first failure (or the
+    timeout) stops them all; the failing rank's output is in the assertion message.
+    """
+    import time
+
+    from dpo_dist.distributed import free_port
+
+    base = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(world),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *argv],
+            cwd=REPO,
+            env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        outputs = [p.communicate()[0] for p in procs]
+    for rank, (p, output) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"{label}rank {rank} exited with {p.returncode}:\n{output[-4000:]}"

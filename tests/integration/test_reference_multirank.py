@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +14,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from dpo_dist import reference as ref
 from dpo_dist.attention import enable_packed_attention
 from dpo_dist.data import load_tokenized
-from dpo_dist.distributed import free_port
-from tests.helpers import REPO, TOKENIZER_DIR, make_pairs_jsonl, make_tiny_model_dir
+from tests.helpers import TOKENIZER_DIR, make_pairs_jsonl, make_tiny_model_dir, run_ranks
 
 pytestmark = pytest.mark.integration
 
@@ -44,39 +39,7 @@ def launch(spec: dict, tmp_path: Path, world_size: int = 2, timeout: float = 180
     """Run the worker on ``world_size`` gloo ranks and wait for all of them."""
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "WORLD_SIZE": str(world_size),
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(spec_path)],
-            cwd=REPO,
-            env={**env, "RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(world_size)
-    ]
-    deadline = time.monotonic() + timeout
-    try:
-        # A rank that fails leaves the others waiting in a collective: stop at the first failure.
-        while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        outputs = [p.communicate()[0] for p in procs]
-    for rank, (p, output) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{output[-4000:]}"
+    run_ranks([str(WORKER), str(spec_path)], world_size, timeout=timeout)
 
 
 def test_two_ranks_write_the_rows_of_one_rank_and_resume_a_killed_pass(tmp_path, monkeypatch):

@@ -24,17 +24,12 @@ tensors (a real model's tensors are mostly above 32 MiB and are unmapped when fr
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from dpo_dist.distributed import free_port
-from tests.helpers import REPO, TOKENIZER_DIR, make_tiny_model_dir
+from tests.helpers import TOKENIZER_DIR, make_tiny_model_dir, run_ranks
 
 pytestmark = pytest.mark.integration
 
@@ -67,39 +62,10 @@ def make_sharded_model(path: Path) -> Path:
 
 
 def run_workers(mode: str, model: Path, warmup: Path, out: Path, world: int, timeout: float = 240) -> None:
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "WORLD_SIZE": str(world),
-        "OMP_NUM_THREADS": "1",
-        "MALLOC_MMAP_THRESHOLD_": "65536",
-        "DS_ACCELERATOR": "cpu",
-    }
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), mode, str(model), str(warmup), str(out)],
-            cwd=REPO,
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(world)
-    ]
-    deadline = time.monotonic() + timeout
-    try:
-        while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        outputs = [p.communicate()[0] for p in procs]
-    for rank, (p, output) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"{mode} rank {rank} exited with {p.returncode}:\n{output[-4000:]}"
+    # Freed blocks go back to the OS at once, so RSS measures live tensors, not allocator history.
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536", "DS_ACCELERATOR": "cpu"}
+    argv = [str(WORKER), mode, str(model), str(warmup), str(out)]
+    run_ranks(argv, world, env=env, timeout=timeout, label=f"{mode} ")
 
 
 def test_zero3_sharded_load_matches_and_stays_within_partition_memory(tmp_path):
