@@ -218,6 +218,29 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(all_reduce_sum(t).item() > 0)
 
 
+def rank0_first(fn):
+    """``fn()`` on rank 0 first (it fills caches), then on the other ranks (they read them).
+
+    If rank 0 fails, every rank raises its exception: the others would otherwise wait in a
+    collective for a peer that is gone and die with a connection error instead of the reason.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    outcome: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as exc:
+            dist.broadcast_object_list([exc], src=0)
+            raise
+        dist.broadcast_object_list(outcome, src=0)
+        return result
+    dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return fn()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

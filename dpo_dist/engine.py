@@ -620,7 +620,7 @@ def _export_adapter(engine, tokenizer, out_dir: Path, env: D.DistEnv) -> None:
 # ----------------------------------------------------------------------------- run
 
 
-def load_splits(cfg: DPOConfig, tokenizer, env: D.DistEnv):
+def load_splits(cfg: DPOConfig, tokenizer):
     """Tokenized train and eval data; rank 0 fills the tokenization cache, the others then read it."""
 
     def load(path):
@@ -633,12 +633,9 @@ def load_splits(cfg: DPOConfig, tokenizer, env: D.DistEnv):
             cache_dir=cfg.data.resolved_cache_dir(),
         )
 
-    splits = None
-    for turn in (True, False):
-        if env.is_main == turn:
-            splits = (load(cfg.data.train_path), load(cfg.data.eval_path) if cfg.data.eval_path else None)
-        D.barrier()
-    return splits
+    return D.rank0_first(
+        lambda: (load(cfg.data.train_path), load(cfg.data.eval_path) if cfg.data.eval_path else None)
+    )
 
 
 def prepare_reference(cfg: DPOConfig, env: D.DistEnv, device, backend, train_data, eval_data):
@@ -664,7 +661,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     preempt = D.PreemptionFlag().install()
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
-    train_data, eval_data = load_splits(cfg, tokenizer, env)
+    train_data, eval_data = load_splits(cfg, tokenizer)
     backend = resolve_attn_backend(cfg.model.attn_backend, device, training_dtype(cfg, device))
     reference = prepare_reference(cfg, env, device, backend, train_data, eval_data)
     engine = build_engine(cfg, device, backend)

@@ -74,7 +74,7 @@ def evaluate_run(cfg: DPOConfig) -> dict[str, float]:
     device = D.device_for(env)
     policy_dir = policy_model_dir(cfg, env)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
-    train_data, eval_data = load_splits(cfg, tokenizer, env)
+    train_data, eval_data = load_splits(cfg, tokenizer)
     backend = resolve_attn_backend(cfg.model.attn_backend, device, training_dtype(cfg, device))
     reference = prepare_reference(cfg, env, device, backend, train_data, eval_data)
     normalize = "sum" if cfg.stage == "sft" else cfg.loss.logp_normalization

@@ -10,14 +10,17 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from dpo_dist.config import DPOConfig
 from dpo_dist.distributed import DistEnv, free_port
 from dpo_dist.runinfo import write_config
+from dpo_dist.worker import ERROR_DIR_ENV
 
 log = logging.getLogger("dpo_dist.launcher")
 
@@ -54,14 +57,33 @@ def rank_environment(env: DistEnv) -> dict[str, str]:
 def run_local(cfg: DPOConfig, task: str) -> None:
     """Run ``task`` on ``cluster.nproc_per_node`` ranks of this machine and wait for them."""
     config_path = write_config(cfg)
+    errors = Path(cfg.output_dir) / ".rank_errors"
+    shutil.rmtree(errors, ignore_errors=True)
+    errors.mkdir(parents=True)
     nproc = cfg.cluster.nproc_per_node
     port = free_port()
     procs = []
     for rank in range(nproc):
         env = DistEnv(rank, rank, nproc, "127.0.0.1", port, None)
         cmd = [sys.executable, "-m", "dpo_dist.worker", str(config_path), task]
-        procs.append(subprocess.Popen(cmd, env=rank_environment(env), preexec_fn=_die_with_parent))
-    _wait_all(procs)
+        variables = {**rank_environment(env), ERROR_DIR_ENV: str(errors)}
+        procs.append(subprocess.Popen(cmd, env=variables, preexec_fn=_die_with_parent))
+    try:
+        _wait_all(procs)
+    except LaunchError as exc:
+        messages = _user_errors(errors)
+        if exc.status == 2 and messages:
+            # Usually every rank hits the same bad input: say it once.
+            raise LaunchError("; ".join(messages), 2) from None
+        raise
+    finally:
+        shutil.rmtree(errors, ignore_errors=True)
+
+
+def _user_errors(folder: Path) -> list[str]:
+    """Distinct one-line user errors the ranks reported, in rank order."""
+    files = sorted(folder.glob("rank*.txt"), key=lambda p: int(p.stem[4:]))
+    return list(dict.fromkeys(p.read_text().strip() for p in files))
 
 
 def _wait_all(procs: list[subprocess.Popen]) -> None:

@@ -839,7 +839,7 @@ def precompute_for_run(cfg: DPOConfig) -> dict[str, ReferenceSummary]:
     D.init_distributed(env, cfg.deepspeed.comm_timeout_minutes)
     device = D.device_for(env)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
-    train_data, eval_data = load_splits(cfg, tokenizer, env)
+    train_data, eval_data = load_splits(cfg, tokenizer)
     backend = resolve_attn_backend(cfg.model.attn_backend, device, training_dtype(cfg, device))
     summaries, _, _ = _ensure_run_splits(cfg, env, device, backend, train_data, eval_data, tokenizer)
     return summaries

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 TASKS = ("train", "precompute", "eval", "winrate")
 
@@ -30,6 +31,19 @@ def user_error_types() -> tuple[type[BaseException], ...]:
         AttentionBackendError, ConfigError, DataError, EvalError, ExportError, GenerationError, JudgeError,
         ReferenceCacheError, FileNotFoundError,
     )
+
+
+ERROR_DIR_ENV = "DPO_DIST_ERROR_DIR"
+
+
+def report_user_error(message: str) -> None:
+    """One line for the user: to the launcher's error folder when it gave one (it prints each
+    distinct message once, however many ranks hit it), else to stderr."""
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if folder:
+        Path(folder, f"rank{os.environ.get('RANK', '0')}.txt").write_text(message + "\n")
+    else:
+        print(f"dpo_dist: error: {message}", file=sys.stderr)
 
 
 def run_task(cfg, task: str):
@@ -82,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted:
         return PREEMPTED_EXIT_CODE
     except user_error_types() as exc:
-        print(f"dpo_dist: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        report_user_error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return 2
     finally:
         from dpo_dist.distributed import destroy

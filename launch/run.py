@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 from launch.common import UserError
@@ -26,6 +25,4 @@ def launch(prog: str, cfg, task: str) -> None:
     try:
         run_local(cfg, task)
     except LaunchError as exc:
-        if exc.status == 2:  # the rank already printed its one-line user error
-            sys.exit(2)
-        raise UserError(str(exc)) from None
+        raise UserError(str(exc)) from None  # a user error's own line, or which rank died how

@@ -198,3 +198,16 @@ def test_sft_then_dpo_chain_uses_the_sft_model_as_policy_and_reference(assets, t
     assert dpo_cfg["model"]["path"] == str(out / "sft" / "final") and dpo_cfg["stage"] == "dpo"
     assert info["reference"]["computed"] is True  # a fresh reference pass over the SFT model
     assert abs(train_rows(rows)[0]["loss"] - math.log(2)) < 1e-6  # policy == reference at step 0
+
+
+def test_bad_data_on_two_ranks_is_one_line_exit_2(assets, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "chosen": "2"}\n')
+    result = run_cli("launch.train", *overrides(assets, tmp_path / "run", **{"data.train_path": bad, "cluster.nproc_per_node": 2}))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [
+        f"dpo-train: error: {bad}: 1 invalid record (first: {bad}:1: missing key 'rejected'); "
+        "fix them or set data.on_invalid=skip"
+    ], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
