@@ -72,8 +72,8 @@ def test_winrate_rule_judge_fails_fast_on_foreign_prompts(models, tmp_path):
     foreign.write_text(json.dumps({"prompt": "What is DPO?", "chosen": "a", "rejected": "b"}) + "\n")
     result = _winrate(models, tmp_path / "out", f"eval.policy_path={models['policy']}", f"data.eval_path={foreign}")
     assert result.returncode == 2
-    errors = [ln for ln in result.stderr.splitlines() if ln.startswith(("dpo_dist: error", "dpo-eval: error"))]
-    assert errors == ["dpo_dist: error: judge=rule only checks bundled-task prompts; prompt 0 is not one: "
+    errors = [ln for ln in result.stderr.splitlines() if "error" in ln.lower()]
+    assert errors == ["dpo-eval: error: judge=rule only checks bundled-task prompts; prompt 0 is not one: "
                       "'What is DPO?' (use judge=reward_model or judge=openai)"], result.stderr[-2000:]
     assert not (tmp_path / "out" / "winrate.json").exists()
 
