@@ -19,7 +19,14 @@ from dpo_dist.attention import (
     packed_forward_kwargs,
     resolve_attn_backend,
 )
-from tests.unit.tiny_models import backend_params, packed_batch, random_sequences, seeded, tiny_llama
+from tests.unit.tiny_models import (
+    backend_params,
+    packed_batch,
+    random_sequences,
+    seeded,
+    tiny_config,
+    tiny_llama,
+)
 
 CPU = torch.device("cpu")
 
@@ -134,16 +141,7 @@ def test_packed_forward_matches_one_sequence_per_forward(backend, kv_heads):
 @pytest.mark.parametrize("backend", backend_params())
 def test_sliding_window_model_matches_unpacked(backend):
     """Mistral passes sliding_window to attention; the window must apply inside each sequence."""
-    config = MistralConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=4,
-        max_position_embeddings=256,
-    )
+    config = tiny_config(MistralConfig, sliding_window=4)
     stock = seeded(MistralForCausalLM, config)
     packed = copy.deepcopy(stock)
     enable_packed_attention(packed, backend)

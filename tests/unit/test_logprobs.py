@@ -27,6 +27,7 @@ from tests.unit.tiny_models import (
     random_sequences,
     reference_sequence_logps,
     seeded,
+    tiny_config,
     tiny_llama,
 )
 
@@ -220,28 +221,15 @@ def test_peft_wrapped_model_scores_and_trains_adapters():
     assert adapter_grads and all(g is not None and g.abs().sum() > 0 for g in adapter_grads)
 
 
-def small(config_class, **settings):
-    shape = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return config_class(**(shape | settings))
-
-
 @pytest.mark.parametrize(
     "model_class, config",
     [
-        (GraniteForCausalLM, small(GraniteConfig, logits_scaling=4.0)),
-        (CohereForCausalLM, small(CohereConfig, logit_scale=0.5)),
+        (GraniteForCausalLM, tiny_config(GraniteConfig, logits_scaling=4.0)),
+        (CohereForCausalLM, tiny_config(CohereConfig, logit_scale=0.5)),
         # Gemma 2 also alternates sliding-window and full layers and scales queries by its own rule.
         (
             Gemma2ForCausalLM,
-            small(
+            tiny_config(
                 Gemma2Config,
                 head_dim=16,
                 final_logit_softcapping=2.0,

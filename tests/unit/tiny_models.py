@@ -22,21 +22,25 @@ def backend_params() -> list:
     ]
 
 
+# Grouped-query attention: 4 query heads share 2 key/value heads.
+TINY_SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+def tiny_config(config_class, **settings):
+    """``config_class`` (any HF causal-LM config) in the tiny GQA shape, ``settings`` winning."""
+    return config_class(**(TINY_SHAPE | settings))
+
+
 def tiny_llama_config(**overrides) -> LlamaConfig:
-    """Llama shape with grouped-query attention: 4 query heads share 2 key/value heads."""
-    settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=PAD_ID,
-        tie_word_embeddings=False,
-    )
-    settings.update(overrides)
-    return LlamaConfig(**settings)
+    return tiny_config(LlamaConfig, **{"pad_token_id": PAD_ID, "tie_word_embeddings": False, **overrides})
 
 
 def seeded(model_class, config, seed: int = 0):
