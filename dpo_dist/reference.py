@@ -938,13 +938,9 @@ def _release_memory(device: torch.device) -> None:
 
 def describe_cache(cache_dir: str | os.PathLike) -> list[str]:
     """Human-readable summary of a cache's manifest: paths, fingerprints, examples, shards."""
-    cache_dir = Path(cache_dir).expanduser().absolute()
-    try:
-        manifest = _read_manifest(cache_dir)
-    except ReferenceCacheError as err:
-        return [str(err)]
-    if manifest is None:
-        return [f"{cache_dir}: no manifest.json (not a reference cache, or never started)"]
+    cache_dir, manifest, problem = _inspect(cache_dir, "no manifest.json (not a reference cache, or never started)")
+    if problem:
+        return [problem]
     shards = manifest.get("shards", {})
     if manifest.get("complete"):
         status = "complete"
@@ -971,19 +967,25 @@ def describe_cache(cache_dir: str | os.PathLike) -> list[str]:
     return lines
 
 
+def _inspect(cache_dir: str | os.PathLike, missing: str) -> tuple[Path, dict[str, Any] | None, str | None]:
+    """(absolute dir, manifest, None), or the one-line problem when there is no readable manifest."""
+    cache_dir = Path(cache_dir).expanduser().absolute()
+    try:
+        manifest = _read_manifest(cache_dir)
+    except ReferenceCacheError as err:
+        return cache_dir, None, str(err)
+    return cache_dir, manifest, None if manifest is not None else f"{cache_dir}: {missing}"
+
+
 def verify_cache(cache_dir: str | os.PathLike) -> list[str]:
     """Problems of a cache, each one line (empty if it is complete and every shard checks out).
 
     Re-hashes every shard and re-reads its rows; fingerprints are not compared (that needs the
     inputs: ``ReferenceStore.open`` does it).
     """
-    cache_dir = Path(cache_dir).expanduser().absolute()
-    try:
-        manifest = _read_manifest(cache_dir)
-    except ReferenceCacheError as err:
-        return [str(err)]
-    if manifest is None:
-        return [f"{cache_dir}: manifest.json missing"]
+    cache_dir, manifest, problem = _inspect(cache_dir, "manifest.json missing")
+    if problem:
+        return [problem]
     problems = []
     if not manifest.get("complete"):
         problems.append(f"{cache_dir}: incomplete (complete=false in manifest.json)")
