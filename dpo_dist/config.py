@@ -12,10 +12,11 @@ This module imports neither hydra nor omegaconf: the library takes plain datacla
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dpo_dist.fingerprint import cache_root
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = _PACKAGE_DIR / "assets"
@@ -127,7 +128,7 @@ class DataConfig:
         _one_of(self.on_invalid, "data.on_invalid", ("error", "skip"))
 
     def resolved_cache_dir(self) -> Path:
-        return Path(self.cache_dir).expanduser() if self.cache_dir else _user_cache() / "tokenized"
+        return Path(self.cache_dir).expanduser() if self.cache_dir else cache_root() / "tokenized"
 
 
 LOSS_NAMES = ("sigmoid", "robust", "hinge", "ipo", "kto_pair", "simpo", "rpo")
@@ -538,11 +539,6 @@ class DPOConfig:
             self, sft_first=SFTFirstConfig(), model=dataclasses.replace(self.model, path=final, tokenizer_path=final)
         )
         return [sft, dpo]
-
-
-def _user_cache() -> Path:
-    """dpo_dist's cache root: ``$DPO_DIST_CACHE`` or ``~/.cache/dpo_dist``."""
-    return Path(os.environ.get("DPO_DIST_CACHE") or Path.home() / ".cache" / "dpo_dist").expanduser()
 
 
 def _build(cls, values: dict[str, Any], prefix: str):
