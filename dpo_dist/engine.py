@@ -391,9 +391,14 @@ def loss_options(cfg: DPOConfig) -> dict[str, float]:
     return {}
 
 
+def metric_sums(device: torch.device) -> torch.Tensor:
+    """Zeroed on-device accumulators, one per ``_SUMS`` entry (fp64 where it is free: on CPU)."""
+    return torch.zeros(len(_SUMS), device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
+
+
 def train_step(ctx: StepContext, dataset, plans: list[MicroBatchPlan]) -> torch.Tensor:
     """All micro-batches of one optimizer step; returns the on-device metric sums of this rank."""
-    sums = torch.zeros(len(_SUMS), device=ctx.device, dtype=torch.float64 if ctx.device.type == "cpu" else torch.float32)
+    sums = metric_sums(ctx.device)
     for i, plan in enumerate(plans):
         ctx.engine.set_gradient_accumulation_boundary(i == len(plans) - 1)
         batch = collate_packed([dataset[p] for p in plan.positions], ctx.cfg.stage == "sft").to(ctx.device)
@@ -410,7 +415,7 @@ def evaluate(ctx: StepContext, dataset, env: D.DistEnv) -> dict[str, float]:
     plans = plan_micro_batches(
         positions, packed_lengths(dataset, ctx.cfg.stage), env.rank, env.world_size, ctx.cfg.train.micro_batch_tokens
     )
-    sums = torch.zeros(len(_SUMS), device=ctx.device, dtype=torch.float64 if ctx.device.type == "cpu" else torch.float32)
+    sums = metric_sums(ctx.device)
     for plan in plans:
         batch = collate_packed([dataset[p] for p in plan.positions], ctx.cfg.stage == "sft").to(ctx.device)
         forward_backward(ctx, batch, plan.weight, sums, train=False)
