@@ -206,6 +206,18 @@ def _numel(param: torch.Tensor) -> int:
     return getattr(param, "ds_numel", param.numel())
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant, so it composes with ZeRO-3 hooks).
+
+    transformers renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    (the old name warns and goes in v6); older releases, like the 5.17 of our GPU image, have only
+    the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def lr_lambda(cfg: DPOConfig):
     """Linear warmup to lr, then cosine/linear decay to ``min_lr_ratio * lr`` at ``max_steps``."""
     warmup, total, floor = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio
@@ -230,7 +242,7 @@ def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
     model = load_causal_lm(cfg.model.path, dtype, dsc)
     enable_packed_attention(model, backend)
     if cfg.model.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora, cfg.train.seed)
     normalize = "sum" if cfg.stage == "sft" else cfg.loss.logp_normalization
@@ -249,6 +261,41 @@ def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
         model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=dsc
     )
     return engine
+
+
+def release_engine(engine) -> None:
+    """Let a DeepSpeed engine's memory be freed while the process goes on (the reference pass
+    before the policy is built, one bench system before the next).
+
+    Dropping the last reference is not enough under ZeRO-3, which keeps every engine alive from
+    module level (measured: every discarded engine kept its partitions, Adam states and reduce
+    buckets until exit): ``parameter_offload.FWD_MODULE_STACK`` keeps the engine's top module,
+    whose hooks hold the engine, and an unbounded ``lru_cache`` on a method of the parameter
+    coordinator keys its entries by submodule. After this call, drop your references to the
+    engine and call ``free_memory``."""
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    engine.destroy()
+    owned = {id(m) for m in engine.module.modules()}
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if id(m) not in owned]
+    # The cached method sits under DeepSpeed's NVTX wrapper, so look inside closures too. Clearing
+    # also drops other live engines' entries, which they recompute on their next step.
+    for attribute in vars(PartitionedParameterCoordinator).values():
+        cells = getattr(attribute, "__closure__", None) or ()
+        for candidate in (attribute, *(cell.cell_contents for cell in cells)):
+            if hasattr(candidate, "cache_clear"):
+                candidate.cache_clear()
+
+
+def free_memory() -> None:
+    """Collect unreachable objects now (DeepSpeed engines are reference cycles) and hand the
+    freed CUDA blocks back, so the next model's peak does not include the last one's."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- reference

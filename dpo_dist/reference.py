@@ -893,8 +893,10 @@ def _ensure_run_splits(cfg, env, device, backend, train_data, eval_data, tokeniz
             device=device,
         )
     if built:
-        built.clear()
-        _release_memory(device)
+        from dpo_dist.engine import free_memory, release_engine
+
+        release_engine(built.pop().engine)
+        free_memory()
     return summaries, cache_dir, fingerprints
 
 
@@ -921,15 +923,6 @@ class _EngineScorer(torch.nn.Module):
         from dpo_dist.engine import run_packed
 
         return run_packed(self.engine, batch)
-
-
-def _release_memory(device: torch.device) -> None:
-    """Drop the reference model before the policy is built (DeepSpeed objects hold cycles)."""
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------

@@ -103,8 +103,9 @@ def slurm_sweep_arguments(prog: str, overrides: list[str], clusters: list) -> li
         key = override.get_key_element()
         if override.is_sweep_override() and key.split(".")[0] == "cluster":
             fail(prog, f"{key} is swept, but one Slurm job array has one resource shape: run one sweep per value")
-    from slurm.submit import launcher_overrides
+    from slurm.submit import launcher_overrides, report_sweep_failures
 
+    report_sweep_failures(lambda message: fail(prog, message, status=1))
     chosen = any(o.split("=", 1)[0].lstrip("+~") == "hydra/launcher" for o in overrides)
     return ([] if chosen else ["hydra/launcher=dpo_slurm"]) + launcher_overrides(clusters[0])
 

@@ -43,8 +43,9 @@ last check matters: a warning signal (``#SBATCH --signal=USR2@<delay>`` before t
 its SIGTERM arrives, and ``scontrol requeue`` would bring even a cancelled job back. The other
 ranks wait at a barrier until the requeue has been requested (otherwise the first rank to exit
 would make srun kill rank 0 before it asks), then all exit with status 75 and no submitit
-result, so the waiting client keeps waiting. A failed sweep point shows up in the sweep's
-output as submitit's error, which quotes the failing task's stderr (our one-line error). The requeued job (same id, same pickled
+result, so the waiting client keeps waiting. A sweep waits for all its points the same way
+(:func:`report_sweep_failures`) and, if any failed, exits 1 with one line naming each failed point,
+why (as for a single job) and its log. The requeued job (same id, same pickled
 task) resumes from the newest complete checkpoint in ``output_dir``: same data position, RNG and
 optimizer state, so its losses equal an uninterrupted run's. A warning that arrives before the
 engine's handler exists (start-up) requeues at once, under the same bound: nothing is lost yet.
@@ -61,7 +62,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from slurm.runtime import read_status
@@ -204,6 +207,60 @@ def submit_and_wait(cfg, task: str) -> Any:
         raise SlurmJobFailed(outcome.message)
     print(f"Slurm job {job.job_id} done: {cfg.output_dir}", flush=True)
     return outcome.results[0]
+
+
+def report_sweep_failures(on_failure: Callable[[str], None]) -> None:
+    """Make a Slurm sweep wait like a single job and end failed points with one line.
+
+    hydra-submitit-launcher submits the array with ``AutoExecutor.map_array``, then reads each
+    point's result through submitit's watcher (minutes to notice a failure) and raises submitit's
+    multi-line error at the first failed point, which Hydra prints as a traceback. It is a Hydra
+    plugin, so it cannot be subclassed from here; instead ``map_array`` is wrapped while its
+    ``launch`` runs: after submitting, every point is awaited with :func:`wait_for_jobs` (Slurm
+    polling), and if any failed, ``on_failure`` gets one line naming each failed point (its swept
+    values, why, and its log) and must not return (``launch.common.fail``)."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
+
+    launch = BaseSubmititLauncher.launch
+    if getattr(launch, "reports_failures", False):
+        return
+
+    def launch_and_report(self, job_overrides, initial_job_idx):
+        submit = submitit.AutoExecutor.map_array
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+
+        def map_array_and_wait(executor, fn, *iterables):
+            jobs = submit(executor, fn, *iterables)
+            array = str(jobs[0].job_id).split("_")[0]
+            print(f"submitted Slurm job array {array} ({len(jobs)} sweep points); logs: {jobs[0].paths.folder.parent}/", flush=True)
+            wait_for_jobs(jobs)
+            swept = _swept_values(job_overrides)
+            failed = []
+            for offset, job in enumerate(jobs):
+                outcome = job_outcome(job, sweep_dir / str(initial_job_idx + offset))
+                if not outcome.ok:
+                    failed.append(f"point {initial_job_idx + offset} ({swept[offset]}): {outcome.message}")
+            if failed:
+                on_failure(f"{len(failed)} of {len(jobs)} sweep points failed: " + "; ".join(failed))
+            return jobs
+
+        original = submitit.AutoExecutor.map_array
+        submitit.AutoExecutor.map_array = map_array_and_wait
+        try:
+            return launch(self, job_overrides, initial_job_idx)
+        finally:
+            submitit.AutoExecutor.map_array = original
+
+    launch_and_report.reports_failures = True
+    BaseSubmititLauncher.launch = launch_and_report
+
+
+def _swept_values(job_overrides) -> list[str]:
+    """Per sweep point, the ``key=value`` overrides that differ between points."""
+    points = [dict(o.split("=", 1) for o in overrides if "=" in o) for overrides in job_overrides]
+    keys = [k for k in points[0] if len({p.get(k) for p in points}) > 1] if len(points) > 1 else []
+    return [" ".join(f"{k}={p[k]}" for k in keys) or "the only point" for p in points]
 
 
 # ----------------------------------------------------------------------------- waiting

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import platform
@@ -31,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -193,10 +193,11 @@ def _sync(device) -> None:
 # ----------------------------------------------------------------------------- ours
 
 
-def our_config(preset: Preset, model_dir: Path, data: Path, out: Path, micro_batch_tokens: int, stage: int):
+def our_config(preset: Preset, model_dir: Path, data: Path, out: Path, micro_batch_tokens: int, stage: int,
+               overrides: dict | None = None):
     from dpo_dist.config import config_from_dict
 
-    return config_from_dict({
+    values = {
         "output_dir": str(out),
         "model": {"path": str(model_dir), "dtype": preset.dtype},
         "data": {"train_path": str(data), "eval_path": None, "max_length": preset.max_length,
@@ -206,7 +207,32 @@ def our_config(preset: Preset, model_dir: Path, data: Path, out: Path, micro_bat
         "optim": {"lr": 1e-6, "warmup_steps": 0},
         "deepspeed": {"stage": stage},
         "wandb": {"mode": "disabled"},
-    })
+    }
+    return config_from_dict(_merge(values, overrides or {}))
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["deepspeed.param_persistence_threshold=1e9", ...]`` -> nested dict (values parsed as YAML)."""
+    import yaml
+
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"dpo-bench: error: --set expects KEY=VALUE, got {item!r}")
+        *parents, leaf = key.split(".")
+        node = out
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = yaml.safe_load(raw)
+    return out
 
 
 class TensorReference:
@@ -227,7 +253,7 @@ def reference_pass(cfg, dataset, device, backend, preset, n_params):
     import torch
 
     from dpo_dist.data import collate_packed, pack_pairs
-    from dpo_dist.engine import build_inference_engine, run_packed
+    from dpo_dist.engine import build_inference_engine, release_engine, run_packed
     from dpo_dist.logprobs import split_pairs
 
     engine = build_inference_engine(cfg, cfg.model.path, device, backend)
@@ -247,7 +273,7 @@ def reference_pass(cfg, dataset, device, backend, preset, n_params):
                 lens = np.diff(batch.cu_seqlens.cpu().numpy())
                 timing.tokens += batch.num_tokens
                 timing.seq_sq += float((lens.astype(np.float64) ** 2).sum())
-    del engine
+    release_engine(engine)
     return result(timing, mem, preset, n_params, train=False), table
 
 
@@ -279,11 +305,25 @@ def ours_train(cfg, dataset, device, backend, reference, preset, n_params):
                 timing.tokens += totals["tokens"]
                 seq = [dataset[p] for p in positions]
                 timing.seq_sq += float(sum(np.float64(p.chosen_seq_len) ** 2 + np.float64(p.rejected_seq_len) ** 2 for p in seq))
+    E.release_engine(engine)
+    if isinstance(reference, E.OnlineReference):
+        E.release_engine(reference.engine)
     return result(timing, mem, preset, n_params, train=True)
 
 
-def run_ours(preset: Preset, model_dir: Path, data: Path, work: Path, stage: int) -> tuple[dict, dict]:
-    import torch
+@dataclass
+class OurSetup:
+    """What every one of our systems shares: config, tokenized pairs, device, attention backend."""
+
+    cfg: object
+    dataset: object
+    device: object
+    backend: str
+    n_params: int
+
+
+def setup_ours(preset: Preset, model_dir: Path, data: Path, work: Path, stage: int, attn_backend: str,
+               overrides: dict) -> OurSetup:
     from transformers import AutoTokenizer
 
     from dpo_dist import distributed as D
@@ -294,21 +334,11 @@ def run_ours(preset: Preset, model_dir: Path, data: Path, work: Path, stage: int
     env = D.DistEnv(0, 0, 1, "127.0.0.1", D.free_port(), None)
     D.init_distributed(env, 30)
     device = D.device_for(env)
-    cfg = our_config(preset, model_dir, data, work / "ours", preset.micro_batch_tokens, stage)
+    cfg = our_config(preset, model_dir, data, work / "ours", preset.micro_batch_tokens, stage, overrides)
     tok = AutoTokenizer.from_pretrained(model_dir)
     dataset = load_tokenized(data, tok, preset.max_length, cfg.data.truncation, "error", cfg.data.resolved_cache_dir())
-    backend = resolve_attn_backend("auto", device, training_dtype(cfg, device))
-    n_params = _non_embedding_params(model_dir)
-    systems = {}
-    systems["ours_reference_pass"], table = reference_pass(cfg, dataset, device, backend, preset, n_params)
-    systems["ours_precomputed"] = ours_train(cfg, dataset, device, backend, TensorReference(table), preset, n_params)
-    systems["ours_online"] = ours_train(cfg, dataset, device, backend, None, preset, n_params)
-    scaling = {}
-    for tokens in preset.scaling_tokens:
-        scaled = replace(cfg, train=replace(cfg.train, micro_batch_tokens=tokens))
-        scaling[str(tokens)] = ours_train(scaled, dataset, device, backend, TensorReference(table), preset, n_params)
-    torch.cuda.empty_cache() if device.type == "cuda" else None
-    return systems, {"backend": backend, "scaling_micro_batch_tokens": scaling}
+    backend = resolve_attn_backend(attn_backend, device, training_dtype(cfg, device))
+    return OurSetup(cfg, dataset, device, backend, _non_embedding_params(model_dir))
 
 
 def _non_embedding_params(model_dir: Path) -> int:
@@ -328,20 +358,20 @@ def run_trl(preset: Preset, model_dir: Path, data: Path, work: Path, precompute:
 
     # Our engines registered a ZeRO-3 config with transformers; TRL must load a plain model.
     unset_hf_deepspeed_config()
-    gc.collect()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = AutoTokenizer.from_pretrained(model_dir)
     records = [json.loads(line) for line in open(data)]
     train_ds = datasets.Dataset.from_list(records)
     timing = Timing()
-    state = {"t0": 0.0, "step": 0, "tokens": torch.zeros((), dtype=torch.float64), "seq_sq": torch.zeros((), dtype=torch.float64)}
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    state = {"t0": 0.0, "step": 0, "tokens": zero.clone(), "seq_sq": zero.clone()}
 
     class Counting(DPOTrainer):
         def _compute_loss(self, model, inputs, return_outputs):
             # Real (non-pad) tokens, counted on device: no extra host sync in TRL's step.
             mask = inputs["attention_mask"]
-            state["tokens"] += mask.sum().to(state["tokens"].device, torch.float64)
-            state["seq_sq"] += (mask.sum(1).to(torch.float64) ** 2).sum().to(state["seq_sq"].device)
+            state["tokens"] += mask.sum().to(torch.float64)
+            state["seq_sq"] += (mask.sum(1).to(torch.float64) ** 2).sum()
             return super()._compute_loss(model, inputs, return_outputs)
 
     class Timer(TrainerCallback):
@@ -421,39 +451,85 @@ def device_name() -> str:
     return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
-def run(preset_name: str, steps: int | None, warmup: int | None, skip_trl: bool, zero_stage: int) -> dict:
-    preset = PRESETS[preset_name]
-    preset = replace(preset, steps=steps or preset.steps, warmup=preset.warmup if warmup is None else warmup)
+SYSTEMS = ("ours_reference_pass", "ours_precomputed", "ours_online", "trl_online", "trl_precomputed")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Every selected system in turn; the report is rewritten to ``args.out`` after each one, so a
+    run cut short (or one system failing) still leaves every number measured so far."""
+    from dpo_dist.engine import free_memory
+
+    preset = PRESETS[args.preset]
+    preset = replace(preset, steps=args.steps or preset.steps, warmup=preset.warmup if args.warmup is None else args.warmup)
+    scaling_tokens = preset.scaling_tokens if args.scaling is None else args.scaling
+    overrides = parse_overrides(args.set)
+    report: dict = {"device": device_name(), "preset": args.preset, "versions": versions(), "config": {},
+                    "systems": {}, "scaling_micro_batch_tokens": {}, "ratios": {}}
+
+    def measure(section: dict, name: str, fn) -> object:
+        """Run one system; a failure is recorded as its result instead of ending the bench."""
+        value = None
+        try:
+            value = fn()
+        except Exception as error:  # noqa: BLE001 - reported in the JSON and on stderr
+            traceback.print_exc()
+            section[name] = f"error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        free_memory()
+        if name not in section:
+            section[name] = value[0] if isinstance(value, tuple) else value
+        report["ratios"] = ratios(report["systems"])
+        write_report(args.out, report)
+        return value
+
     with tempfile.TemporaryDirectory(prefix="dpo_bench_") as tmp:
         work = Path(tmp)
         model_dir, data = work / "model", work / "pairs.jsonl"
         n_params = build_model_dir(model_dir, preset)
         (model_dir / "bench_params.json").write_text(json.dumps({"non_embedding": n_params}))
         write_pairs(data, preset)
-        systems, extra = run_ours(preset, model_dir, data, work, zero_stage)
-        trl_available = _has_trl()
-        if trl_available and not skip_trl:
-            systems["trl_online"] = run_trl(preset, model_dir, data, work, precompute=False)
-            systems["trl_precomputed"] = run_trl(preset, model_dir, data, work, precompute=True)
-        else:
-            reason = "skipped (--skip-trl)" if skip_trl else "skipped (trl not installed: pip install -e .[bench])"
-            systems["trl_online"] = systems["trl_precomputed"] = reason
-    report = {
-        "device": device_name(),
-        "preset": preset_name,
-        "versions": versions(),
-        "config": {
+        ours = setup_ours(preset, model_dir, data, work, args.zero_stage, args.attn_backend, overrides)
+        report["config"] = {
             "model": preset.model, "non_embedding_params": n_params, "dtype": preset.dtype,
             "prompt_len": preset.prompt_len, "response_len": preset.response_len, "pairs": preset.pairs,
-            "pairs_per_step": preset.pairs_per_step, "micro_batch_tokens": preset.micro_batch_tokens,
-            "steps_timed": preset.steps, "warmup_steps": preset.warmup, "zero_stage": zero_stage,
-            "attention_backend": extra["backend"], "peak_tflops": preset.peak_tflops,
-        },
-        "systems": systems,
-        "scaling_micro_batch_tokens": extra["scaling_micro_batch_tokens"],
-    }
-    report["ratios"] = ratios(systems)
+            "pairs_per_step": preset.pairs_per_step, "micro_batch_tokens": ours.cfg.train.micro_batch_tokens,
+            "steps_timed": preset.steps, "warmup_steps": preset.warmup, "zero_stage": args.zero_stage,
+            "attention_backend": ours.backend, "peak_tflops": preset.peak_tflops, "overrides": overrides,
+        }
+        common = (ours.dataset, ours.device, ours.backend, preset, ours.n_params)
+        systems, selected = report["systems"], set(args.systems)
+        table = None
+        if selected & {"ours_reference_pass", "ours_precomputed"} or scaling_tokens:
+            measured = measure(systems, "ours_reference_pass", lambda: reference_pass(ours.cfg, *common))
+            table = measured[1] if isinstance(measured, tuple) else None
+            if "ours_reference_pass" not in selected:
+                del systems["ours_reference_pass"]
+        if table is not None and "ours_precomputed" in selected:
+            measure(systems, "ours_precomputed", lambda: ours_train(ours.cfg, ours.dataset, ours.device, ours.backend,
+                                                                    TensorReference(table), preset, ours.n_params))
+        if "ours_online" in selected:
+            measure(systems, "ours_online", lambda: ours_train(ours.cfg, ours.dataset, ours.device, ours.backend,
+                                                               None, preset, ours.n_params))
+        for tokens in scaling_tokens if table is not None else []:
+            scaled = replace(ours.cfg, train=replace(ours.cfg.train, micro_batch_tokens=tokens))
+            measure(report["scaling_micro_batch_tokens"], str(tokens),
+                    lambda scaled=scaled: ours_train(scaled, ours.dataset, ours.device, ours.backend,
+                                                     TensorReference(table), preset, ours.n_params))
+        table = None  # TRL gets the device to itself
+        for name, precompute in (("trl_online", False), ("trl_precomputed", True)):
+            if name not in selected:
+                continue
+            if args.skip_trl or not _has_trl():
+                reason = "skipped (--skip-trl)" if args.skip_trl else "skipped (trl not installed: pip install -e .[bench])"
+                systems[name] = reason
+                write_report(args.out, report)
+                continue
+            measure(systems, name, lambda precompute=precompute: run_trl(preset, model_dir, data, work, precompute))
     return report
+
+
+def write_report(path: str, report: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def ratios(systems: dict) -> dict:
@@ -476,21 +552,37 @@ def _has_trl() -> bool:
     return True
 
 
+def _csv_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _csv_systems(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = sorted(set(names) - set(SYSTEMS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpo-bench", description="dpo_dist vs TRL DPO throughput")
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
     parser.add_argument("--steps", type=int, help="timed optimizer steps per system")
     parser.add_argument("--warmup", type=int, help="untimed steps before timing")
-    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--out", required=True, help="JSON file to write (rewritten after every system)")
+    parser.add_argument("--systems", type=_csv_systems, default=list(SYSTEMS),
+                        help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    parser.add_argument("--scaling", type=_csv_ints, help="micro-batch token budgets to sweep (default: the preset's; '' for none)")
+    parser.add_argument("--attn-backend", default="auto", choices=("auto", "flash", "varlen", "sdpa"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override of our run config, e.g. deepspeed.param_persistence_threshold=1e9")
     parser.add_argument("--skip-trl", action="store_true", help="only our systems (smoke tests)")
     parser.add_argument("--zero-stage", type=int, default=3, choices=(0, 1, 2, 3))
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
-    report = run(args.preset, args.steps, args.warmup, args.skip_trl, args.zero_stage)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    for name, s in report["systems"].items():
-        line = s if isinstance(s, str) else f"{s['tokens_per_s']:10.1f} tok/s  peak {s['peak_mem_gb']:.2f} GB  step0 loss {s['step0_loss']}"
+    report = run(args)
+    for name, s in {**report["systems"], **{f"scaling {k}": v for k, v in report["scaling_micro_batch_tokens"].items()}}.items():
+        line = s if isinstance(s, str) else f"{s['tokens_per_s']:10.1f} tok/s  mfu {s['mfu']}  peak {s['peak_mem_gb']:.2f} GB  step0 loss {s['step0_loss']}"
         print(f"{name:22s} {line}")
     for name, value in report["ratios"].items():
         print(f"{name}: {value:.2f}x")

@@ -1,22 +1,65 @@
 #!/usr/bin/env bash
-# The GPU measurements the CPU test suite cannot make, in one command for a lent GPU machine
-# (the `device` tool runs it in the repository root; $OUT comes back):
-#   1. tests/gpu (flash / varlen packed attention in bf16 vs masked SDPA),
-#   2. dpo-bench --preset gpu-1b (ours vs TRL)              -> $OUT/h100-1b.json,
-#   3. tools/plan_check.py (planner vs measured peak memory) -> $OUT/planner_check.json.
-# Prepare on the CPU machine first: ../shared/device/wheels.sh trl==1.16.0 flash-attn-4 (into .whl/),
-# then call the device with carry: [".whl"] and command: bash tools/gpu_checks.sh
+# The GPU measurements the CPU test suite cannot make, for a lent GPU machine (the `device` tool
+# runs this in the repository root; what is written under $OUT comes back). Two calls, back to
+# back (a machine stays warm ~30 s between calls; what the first installs, the second reuses):
+#
+#   bash tools/gpu_wheels.sh                     # on the CPU machine, once: .whl/ and .whl_fa4/
+#   call A, carry [".whl"]:      bash tools/gpu_checks.sh core
+#       CUDA tests (varlen / flash packed attention in bf16 vs masked SDPA) -> $OUT/gpu_tests.txt
+#       dpo-bench --preset gpu-1b (auto attention: torch varlen)           -> $OUT/h100-1b.json
+#   call B, carry [".whl_fa4"]:  bash tools/gpu_checks.sh fa4
+#       tools/plan_check.py (planner vs measured peak memory)             -> $OUT/planner_check.json
+#       FA4 installed: CUDA tests again, our systems with attn_backend=flash -> $OUT/h100-1b-fa4.json
+#
+# Every step has its own time limit and writes its whole log under $OUT, so one that fails or
+# runs long leaves the others' results; the bench rewrites its JSON after every system.
 set -uo pipefail
-OUT=${OUT:-benchmarks}
+stage=${1:?usage: gpu_checks.sh core|fa4}
+OUT=${OUT:-/tmp/gpu_checks_out}
+SITE=/tmp/site
 mkdir -p "$OUT"
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:.:${PYTHONPATH:-}
-else
-    export PYTHONPATH=.:${PYTHONPATH:-}
-fi
-export DS_ACCELERATOR=cuda
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -m pytest -q tests/gpu -p no:cacheprovider 2>&1 | tail -20 | tee "$OUT/gpu_tests.txt"
-python3 tools/bench.py --preset gpu-1b --out "$OUT/h100-1b.json" 2>&1 | tail -20 | tee "$OUT/bench.txt"
-python3 tools/plan_check.py --out "$OUT/planner_check.json" 2>&1 | tail -20 | tee "$OUT/plan_check.txt"
+export DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages:.:${PYTHONPATH:-}
+log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.txt"; }
+step() {  # step SECONDS NAME COMMAND...: run with a limit, whole output to $OUT/NAME.txt
+    local limit=$1 name=$2
+    shift 2
+    log "$name (limit ${limit}s)"
+    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    log "$name exit $?"
+    tail -5 "$OUT/$name.txt"
+}
+cuda_tests=(tests/gpu tests/unit/test_attention.py tests/unit/test_logprobs.py)
+
+case $stage in
+core)
+    # One pip call for everything (pip --target replaces shared top-level folders between calls).
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl || exit 1
+    mkdir -p /tmp/fa4_parts && cp .whl/cutlass-cu13.part-* /tmp/fa4_parts/ 2>/dev/null
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+    python3 -c "import torch, transformers, deepspeed, trl; print(torch.__version__, transformers.__version__, deepspeed.__version__, trl.__version__)" | tee -a "$OUT/gpu.txt"
+    step 120 gpu_tests python3 -m pytest -q -p no:cacheprovider -rs "${cuda_tests[@]}"
+    step 420 bench python3 tools/bench.py --preset gpu-1b --out "$OUT/h100-1b.json"  # auto: varlen (no FA yet)
+    ;;
+fa4)
+    [ -d "$SITE/deepspeed" ] || { echo "no $SITE/deepspeed: the machine was not warm from stage core; run core first"; exit 1; }
+    step 240 plan_check python3 tools/plan_check.py --out "$OUT/planner_check.json"
+    if [ -f /tmp/fa4_parts/cutlass-cu13.part-aa ]; then
+        wheel=/tmp/fa4_parts/$(cat .whl_fa4/cutlass-cu13.name)
+        cat /tmp/fa4_parts/cutlass-cu13.part-aa .whl_fa4/cutlass-cu13.part-a[b-z] > "$wheel"
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_fa4 .whl_fa4/*.whl "$wheel" \
+            && cp -r /tmp/site_fa4/* "$SITE"/
+        python3 -c "from dpo_dist.attention import _flash_kernel; print(_flash_kernel())" 2>&1 | tee "$OUT/fa4_import.txt"
+        step 150 gpu_tests_fa4 python3 -m pytest -q -p no:cacheprovider -rs "${cuda_tests[@]}"
+        step 180 bench_fa4 python3 tools/bench.py --preset gpu-1b --attn-backend flash \
+            --systems ours_precomputed,ours_online --scaling "" --out "$OUT/h100-1b-fa4.json"
+    else
+        log "no /tmp/fa4_parts (stage core did not run on this machine): FA4 skipped"
+    fi
+    ;;
+*)
+    echo "unknown stage $stage (core|fa4)"
+    exit 2
+    ;;
+esac
+log done

@@ -93,7 +93,14 @@ def synthetic_pairs(count: int, vocab: int):
 
 def measure(cfg, steps: int, backend: str) -> dict:
     """Peak allocated/reserved GiB over ``steps`` optimizer steps of one micro-batch each."""
-    from dpo_dist.engine import MicroBatchPlan, StepContext, build_engine, train_step
+    from dpo_dist.engine import (
+        MicroBatchPlan,
+        StepContext,
+        build_engine,
+        free_memory,
+        release_engine,
+        train_step,
+    )
 
     device = torch.device("cuda", 0)
     engine = build_engine(cfg, device, backend)
@@ -111,9 +118,9 @@ def measure(cfg, steps: int, backend: str) -> dict:
         "reserved_gib": torch.cuda.max_memory_reserved() / GIB,
         "step_s": (time.perf_counter() - start) / steps,
     }
-    engine.destroy()
+    release_engine(engine)
     del engine, ctx
-    torch.cuda.empty_cache()
+    free_memory()
     return result
 
 

@@ -211,3 +211,30 @@ def test_bad_data_on_two_ranks_is_one_line_exit_2(assets, tmp_path):
         "fix them or set data.on_invalid=skip"
     ], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_discarded_engines_free_their_memory(assets, tmp_path):
+    """The reference pass's model is gone before the policy is built, and a released policy engine
+    leaves nothing behind (ZeRO-3 otherwise keeps every engine alive through a module-level stack)."""
+    from tests.helpers import TINY_RUN, run_ranks
+
+    nested: dict = {}
+    for key, value in {**TINY_RUN, "model.path": str(assets["model"]), "data.train_path": str(assets["train"]),
+                       "data.eval_path": None, "reference.cache_dir": str(tmp_path / "cache"),
+                       "output_dir": str(tmp_path / "run")}.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"config": nested, "out": str(tmp_path)}))
+    run_ranks(["tests/integration/release_worker.py", str(spec)], 2, label="release")
+    for rank in range(2):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["policy_built"]["engines"] == 1, report  # the measurement sees a live engine
+        assert report["after_reference_pass"]["engines"] == 0, report
+        assert report["after_release"]["engines"] == 0, report
+        assert not report["parameter_alive"], report
+        # What stays is the tokenized data and the cached reference log-probs, not model state.
+        assert report["after_release"]["tensor_bytes"] <= report["after_reference_pass"]["tensor_bytes"] + 4096, report

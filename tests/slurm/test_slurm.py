@@ -117,6 +117,31 @@ def test_report_on_sweep(sweep):
         image.verify()
 
 
+def test_failed_sweep_point_is_one_line_after_every_point_ends(slurm_cluster, assets, tmp_path):
+    """A point that fails at run time (bad data: the config itself is valid) fails the sweep with
+    one line naming that point, its error and log, after the good point has finished."""
+    bad = tmp_path / "bad.jsonl"
+    good_lines = assets["train"].read_text().splitlines()
+    bad.write_text("\n".join(good_lines[:5] + ['{"prompt": "1+1=", "chosen": "2"}'] + good_lines[5:]) + "\n")
+    sweep_dir = tmp_path / "multirun"
+    result = run_cli(
+        "launch.train", "-m", "cluster=slurm", f"hydra.sweep.dir={sweep_dir}",
+        *overrides(assets, **{"data.train_path": f"{assets['train']},{bad}", "data.eval_path": "null"}),
+        env={"DPO_DIST_CACHE": str(tmp_path / "cache")}, timeout=TIMEOUT_S,
+    )
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("dpo-train: error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    line = errors[0]
+    assert line.startswith("dpo-train: error: 1 of 2 sweep points failed: point 1 (data.train_path="), line
+    assert f"{bad}:6" in line and "rejected" in line, line  # the bad record's place and what is missing
+    assert f"log: {sweep_dir}/slurm/" in line, line
+    assert "submitted Slurm job array" in result.stdout
+    assert sorted(train_losses(sweep_dir / "0")) == [1, 2, 3]  # the good point ran to the end
+    assert read_json(sweep_dir / "1" / "status.json")["state"] == "failed"
+
+
 def test_preempted_job_requeues_and_resumes_exactly(slurm_cluster, assets, tmp_path):
     # Enough steps that the signal lands mid-training; no periodic checkpoints: the only one is
     # the preemption checkpoint.

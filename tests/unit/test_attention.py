@@ -19,6 +19,7 @@ from dpo_dist.attention import (
     packed_forward_kwargs,
     resolve_attn_backend,
 )
+from dpo_dist.engine import enable_activation_checkpointing
 from tests.unit.tiny_models import (
     backend_params,
     packed_batch,
@@ -164,7 +165,7 @@ def test_mask_is_built_once_per_forward_and_the_cache_stays_bounded(monkeypatch)
     )
     model = tiny_llama(num_hidden_layers=3)
     enable_packed_attention(model, "sdpa")
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model.train()
     for lengths in ([6, 10], [4, 4, 9], [12]):
         builds.clear()

@@ -19,6 +19,7 @@ from transformers import (
 
 from dpo_dist.attention import enable_packed_attention, packed_forward_kwargs
 from dpo_dist.data.batch import IGNORE_INDEX
+from dpo_dist.engine import enable_activation_checkpointing
 from dpo_dist.logprobs import padded_sequence_logps, sequence_logps, split_pairs
 from tests.unit.tiny_models import (
     backend_params,
@@ -128,7 +129,7 @@ def test_activation_checkpointed_decoder_gives_the_same_gradients():
     plain = tiny_llama()
     enable_packed_attention(plain, "sdpa")
     checkpointed = copy.deepcopy(plain)
-    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(checkpointed)
     batch = packed_batch(random_sequences(LENGTHS))
     for model in (plain, checkpointed):
         model.train()
