@@ -416,10 +416,11 @@ def run_trl(preset: Preset, model_dir: Path, data: Path, work: Path, precompute:
     with PeakMemory(device) as mem:
         trainer.train()
     timing.tokens, timing.seq_sq = float(state["tokens"]), float(state["seq_sq"])
+    setup = {"distributed_type": str(trainer.accelerator.distributed_type), "padding_free": bool(args.padding_free)}
     del trainer, model
     n_params = _non_embedding_params(model_dir)
     np.random.seed(0)
-    return result(timing, mem, preset, n_params, train=True)
+    return {**result(timing, mem, preset, n_params, train=True), **setup}
 
 
 # ----------------------------------------------------------------------------- main
@@ -515,6 +516,7 @@ def run(args: argparse.Namespace) -> dict:
                     lambda scaled=scaled: ours_train(scaled, ours.dataset, ours.device, ours.backend,
                                                      TensorReference(table), preset, ours.n_params))
         table = None  # TRL gets the device to itself
+        leave_distributed()
         for name, precompute in (("trl_online", False), ("trl_precomputed", True)):
             if name not in selected:
                 continue
@@ -525,6 +527,16 @@ def run(args: argparse.Namespace) -> dict:
                 continue
             measure(systems, name, lambda precompute=precompute: run_trl(preset, model_dir, data, work, precompute))
     return report
+
+
+def leave_distributed() -> None:
+    """TRL runs as a user starts it: one plain process, without our process group or torchrun
+    variables (with them, accelerate would wrap its model in DDP over a single rank)."""
+    from dpo_dist import distributed as D
+
+    D.destroy()
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
 
 
 def write_report(path: str, report: dict) -> None:
@@ -580,7 +592,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zero-stage", type=int, default=3, choices=(0, 1, 2, 3))
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
-    report = run(args)
+    from dpo_dist.attention import AttentionBackendError
+    from dpo_dist.config import ConfigError
+
+    try:
+        report = run(args)
+    except (ConfigError, AttentionBackendError) as error:  # a bad --set or --attn-backend for this machine
+        print(f"dpo-bench: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 2
     for name, s in {**report["systems"], **{f"scaling {k}": v for k, v in report["scaling_micro_batch_tokens"].items()}}.items():
         line = s if isinstance(s, str) else f"{s['tokens_per_s']:10.1f} tok/s  mfu {s['mfu']}  peak {s['peak_mem_gb']:.2f} GB  step0 loss {s['step0_loss']}"
         print(f"{name:22s} {line}")

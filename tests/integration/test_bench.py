@@ -29,8 +29,40 @@ def test_bench_smoke_writes_the_schema(tmp_path):
         if name.startswith("trl") and not has_trl:
             assert system.startswith("skipped")
             continue
+        if name.startswith("trl"):  # TRL as a user runs it: one plain process, no DDP wrapper
+            assert system["distributed_type"] == "DistributedType.NO", system
         assert system["tokens_per_s"] > 0 and system["peak_mem_gb"] > 0
         assert system["mfu"] is None  # no stated peak on CPU
         if name != "ours_reference_pass":
             assert math.isclose(system["step0_loss"], math.log(2), rel_tol=1e-5)
     assert set(report["scaling_micro_batch_tokens"]) == {"128"}
+
+
+def test_bench_subset_with_config_overrides(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli(
+        "tools.bench", "--preset", "cpu-smoke", "--steps", "1", "--systems", "ours_precomputed", "--scaling", "",
+        "--set", "model.logits_chunk_tokens=16", "--out", str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["systems"]) == {"ours_precomputed"}  # its reference pass ran, untimed and unreported
+    assert report["systems"]["ours_precomputed"]["tokens_per_s"] > 0
+    assert report["scaling_micro_batch_tokens"] == {}
+    assert report["config"]["overrides"] == {"model": {"logits_chunk_tokens": 16}}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "model.nope=1"], "dpo-bench: error: model.nope: unknown config key"),
+        (["--attn-backend", "varlen"], "dpo-bench: error: model.attn_backend=varlen needs"),
+    ],
+)
+def test_bench_user_errors_are_one_line(tmp_path, args, message):
+    if "varlen" in args and importlib.util.find_spec("torch") and __import__("torch").cuda.is_available():
+        pytest.skip("varlen can run on this CUDA machine")
+    result = run_cli("tools.bench", "--preset", "cpu-smoke", *args, "--out", str(tmp_path / "b.json"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("dpo-bench:")][0].startswith(message)
