@@ -510,13 +510,6 @@ def run(args: argparse.Namespace) -> dict:
         if "ours_online" in selected:
             measure(systems, "ours_online", lambda: ours_train(ours.cfg, ours.dataset, ours.device, ours.backend,
                                                                None, preset, ours.n_params))
-        for tokens in scaling_tokens if table is not None else []:
-            scaled = replace(ours.cfg, train=replace(ours.cfg.train, micro_batch_tokens=tokens))
-            measure(report["scaling_micro_batch_tokens"], str(tokens),
-                    lambda scaled=scaled: ours_train(scaled, ours.dataset, ours.device, ours.backend,
-                                                     TensorReference(table), preset, ours.n_params))
-        table = None  # TRL gets the device to itself
-        leave_distributed()
         for name, precompute in (("trl_online", False), ("trl_precomputed", True)):
             if name not in selected:
                 continue
@@ -525,18 +518,28 @@ def run(args: argparse.Namespace) -> dict:
                 systems[name] = reason
                 write_report(args.out, report)
                 continue
-            measure(systems, name, lambda precompute=precompute: run_trl(preset, model_dir, data, work, precompute))
+            with without_torchrun_variables():
+                measure(systems, name, lambda precompute=precompute: run_trl(preset, model_dir, data, work, precompute))
+        # Scaling last: a run cut short by a time limit still has every system above.
+        for tokens in scaling_tokens if table is not None else []:
+            scaled = replace(ours.cfg, train=replace(ours.cfg.train, micro_batch_tokens=tokens))
+            measure(report["scaling_micro_batch_tokens"], str(tokens),
+                    lambda scaled=scaled: ours_train(scaled, ours.dataset, ours.device, ours.backend,
+                                                     TensorReference(table), preset, ours.n_params))
     return report
 
 
-def leave_distributed() -> None:
-    """TRL runs as a user starts it: one plain process, without our process group or torchrun
-    variables (with them, accelerate would wrap its model in DDP over a single rank)."""
-    from dpo_dist import distributed as D
-
-    D.destroy()
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)
+@contextlib.contextmanager
+def without_torchrun_variables():
+    """TRL runs as a user starts it, as one plain process: without the torchrun variables our
+    engines set, accelerate would treat it as a distributed run and wrap the model in DDP over
+    one rank. Our process group stays up for the scaling runs after it."""
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {key: os.environ.pop(key) for key in keys if key in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def write_report(path: str, report: dict) -> None:
