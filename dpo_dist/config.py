@@ -458,6 +458,9 @@ class EvalConfig:
     """Win-rate: sampling seed; a run is repeatable for the same seed, world size and batch size."""
     batch_size: int = 16
     """Win-rate: prompts generated together on one rank (left-padded)."""
+    shard_generation: bool = False
+    """Win-rate: generate with the model partitioned over the ranks (ZeRO-3, ranks step together)
+    instead of a full copy per rank: slower, but what a model too big for one device (70B) needs."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     """Win-rate judge (``judge=rule|reward_model|openai``, then ``eval.judge.*``)."""
 

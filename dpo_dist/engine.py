@@ -316,6 +316,22 @@ def build_inference_engine(cfg: DPOConfig, path: str, device: torch.device, back
     return engine
 
 
+def build_generation_engine(cfg: DPOConfig, path: str, device: torch.device):
+    """A frozen causal LM for ``generate``, partitioned over the ranks like the policy (ZeRO-3):
+    no rank ever holds the whole model, each forward gathers one layer at a time. Its forwards
+    are collectives, so every rank must make the same ``generate`` calls, with ``synced_gpus``
+    (``dpo_dist.generation.generate_texts(synced_batches=...)``). Call ``engine.module.generate``."""
+    import deepspeed
+
+    dtype = training_dtype(cfg, device)
+    dsc = ds_config(cfg, dtype)
+    model = load_causal_lm(path, dtype, dsc)
+    model.requires_grad_(False)
+    engine = deepspeed.initialize(model=model, config=dsc)[0]
+    engine.eval()
+    return engine
+
+
 class OnlineReference:
     """Reference log-probs run every step (no cache): a frozen copy of the initial model, or with
     LoRA the policy itself with its adapters disabled, since its base weights are the initial

@@ -67,18 +67,25 @@ def load_causal_lm(path: str | Path, device=None, dtype: str = "auto"):
     that is not a model directory is a ``GenerationError``.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise GenerationError(f"{path}: not a Hugging Face model directory (no config.json)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype == "auto":
         dtype = "bf16" if device.type == "cuda" else "fp32"
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
     return model.to(device).eval(), tokenizer
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a local model directory; a path that is not one is a ``GenerationError``."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise GenerationError(f"{path}: not a Hugging Face model directory (no config.json)")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def render_prompt(prompt: Text, tokenizer) -> str:
@@ -106,8 +113,13 @@ def plain_prompt(prompt: Text) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
-def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
-    """Continue every prompt of one batch (left-padded to the longest); uses torch's global RNG."""
+def generate_batch(
+    model, tokenizer, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, synced_gpus: bool = False
+) -> list[Completion]:
+    """Continue every prompt of one batch (left-padded to the longest); uses torch's global RNG.
+
+    ``synced_gpus``: the model is partitioned over the ranks (ZeRO-3), so every forward is a
+    collective; a rank whose rows are finished keeps stepping until every rank's are."""
     import torch
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -126,6 +138,7 @@ def generate_batch(model, tokenizer, prompt_ids: Sequence[Sequence[int]], params
             generation_config=config,
             # The tokenizer is only needed to match stop strings.
             tokenizer=tokenizer if params.stop else None,
+            synced_gpus=synced_gpus,
         )
     new_tokens = out[:, width:].tolist()
     return [_completion(tokens, len(ids), tokenizer, pad_id, params.stop) for tokens, ids in zip(new_tokens, prompt_ids)]
@@ -166,22 +179,40 @@ def _completion(tokens: list[int], prompt_len: int, tokenizer, pad_id: int, stop
 
 def generate_texts(
     model, tokenizer, prompts: Sequence[Text], params: SamplingParams, *, batch_size: int, seed: int = 0,
-    seed_offsets: Sequence[int] | None = None,
+    seed_offsets: Sequence[int] | None = None, synced_batches: int | None = None,
 ) -> list[Completion]:
     """Completions of ``prompts`` in order, ``batch_size`` at a time.
 
     Before each batch torch is seeded with ``seed`` plus the ``seed_offsets`` entry of its first
     prompt (default: its position), so sampled outputs repeat for the same seed and batching.
+
+    ``synced_batches``: the model is partitioned over the ranks (ZeRO-3) and every rank must make
+    exactly this many ``generate`` calls, all with ``synced_gpus``; a rank with fewer prompts
+    fills up with one-token batches whose output is dropped.
     """
     import torch
 
     encoded = [encode_prompt(render_prompt(p, tokenizer), tokenizer) for p in prompts]
     offsets = list(seed_offsets) if seed_offsets is not None else list(range(len(prompts)))
+    synced = synced_batches is not None
     out: list[Completion] = []
     for start in range(0, len(encoded), batch_size):
         torch.manual_seed(seed + offsets[start])
-        out.extend(generate_batch(model, tokenizer, encoded[start : start + batch_size], params))
+        out.extend(generate_batch(model, tokenizer, encoded[start : start + batch_size], params, synced))
+    calls = -(-len(encoded) // batch_size)
+    if synced and calls > synced_batches:
+        raise ValueError(f"{len(encoded)} prompts need {calls} batches of {batch_size}, more than synced_batches={synced_batches}")
+    filler = [[_filler_token(tokenizer)]]
+    for _ in range(calls, synced_batches or 0):
+        generate_batch(model, tokenizer, filler, params, synced_gpus=True)
     return out
+
+
+def _filler_token(tokenizer) -> int:
+    for token in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id):
+        if token is not None:
+            return token
+    return 0
 
 
 def read_prompts(path: str | Path) -> list[PromptItem]:

@@ -31,7 +31,14 @@ from typing import Any
 from dpo_dist import distributed as D
 from dpo_dist.config import DPOConfig
 from dpo_dist.evaluation import rank_config as evaluation_rank_config
-from dpo_dist.generation import Completion, PromptItem, SamplingParams, generate_texts, load_causal_lm
+from dpo_dist.generation import (
+    Completion,
+    PromptItem,
+    SamplingParams,
+    generate_texts,
+    load_causal_lm,
+    load_tokenizer,
+)
 
 log = logging.getLogger("dpo_dist.winrate")
 
@@ -98,23 +105,36 @@ def sampling_params(cfg: DPOConfig) -> SamplingParams:
     return SamplingParams(max_new_tokens=e.max_new_tokens, do_sample=e.do_sample, temperature=e.temperature, top_p=e.top_p)
 
 
-def generate_with(model_dir: str, items: Sequence[PromptItem], cfg: DPOConfig, device) -> list[Completion]:
-    """Load ``model_dir``, answer ``items`` and free the model again (policy and reference take turns)."""
+def generate_with(model_dir: str, items: Sequence[PromptItem], cfg: DPOConfig, device, env: D.DistEnv,
+                  total: int) -> list[Completion]:
+    """Load ``model_dir``, answer this rank's ``items`` (of ``total`` over all ranks) and free the
+    model again (policy and reference take turns). With ``eval.shard_generation`` on several
+    ranks the model is partitioned over them and every rank makes the same number of calls."""
     import torch
 
+    options = {"batch_size": cfg.eval.batch_size, "seed": cfg.eval.seed, "seed_offsets": [i.example_id for i in items]}
+    prompts = [item.prompt for item in items]
+    if cfg.eval.shard_generation and env.world_size > 1:
+        from dpo_dist.engine import build_generation_engine, free_memory, release_engine
+
+        tokenizer = load_tokenizer(model_dir)
+        engine = build_generation_engine(cfg, model_dir, device)
+        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
+        full = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+        log.info("generating %d answers with %s, partitioned over %d ranks (rank 0 holds %d of %d parameters)",
+                 total, model_dir, env.world_size, held, full)
+        per_rank = -(-total // env.world_size)
+        completions = generate_texts(engine.module, tokenizer, prompts, sampling_params(cfg), **options,
+                                     synced_batches=-(-per_rank // cfg.eval.batch_size))
+        release_engine(engine)
+        del engine
+        free_memory()
+        return completions
     if not items:
         return []
     log.info("generating %d answers with %s", len(items), model_dir)
     model, tokenizer = load_causal_lm(model_dir, device, cfg.model.dtype)
-    completions = generate_texts(
-        model,
-        tokenizer,
-        [item.prompt for item in items],
-        sampling_params(cfg),
-        batch_size=cfg.eval.batch_size,
-        seed=cfg.eval.seed,
-        seed_offsets=[item.example_id for item in items],
-    )
+    completions = generate_texts(model, tokenizer, prompts, sampling_params(cfg), **options)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -146,8 +166,8 @@ def winrate_run(cfg: DPOConfig) -> dict[str, Any] | None:
     policy_dir = str(policy_model_dir(cfg, env))
     mine = items[env.rank :: env.world_size]
     started = time.perf_counter()
-    policy = generate_with(policy_dir, mine, cfg, device)
-    reference = generate_with(cfg.model.path, mine, cfg, device)
+    policy = generate_with(policy_dir, mine, cfg, device, env, len(items))
+    reference = generate_with(cfg.model.path, mine, cfg, device, env, len(items))
     gathered = gather_to_main(list(zip(mine, policy, reference)), env)
     generation_s = time.perf_counter() - started
     result = None
@@ -178,6 +198,7 @@ def judge_and_write(cfg: DPOConfig, policy_dir: str, rows, world_size: int, gene
             "seed": cfg.eval.seed,
             "batch_size": cfg.eval.batch_size,
             "world_size": world_size,
+            "sharded": cfg.eval.shard_generation and world_size > 1,
         },
         "judge_usage": usage,
         "seconds": {"generation": round(generation_s, 3), "judging": round(time.perf_counter() - started, 3)},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -65,6 +66,30 @@ def test_winrate_two_ranks_into_a_run_dir(models, tmp_path):
     assert all(s["winner"] in ("policy", "reference", "tie") and 0 < s["policy_tokens"] <= 4 for s in samples)
     assert (run / "config.yaml").read_text() == "the: training run's own config\n", "the run's config is untouched"
     assert (run / "winrate" / "config.yaml").exists() and (run / "winrate" / ".hydra").is_dir()
+
+
+def test_sharded_generation_matches_a_full_copy_per_rank(models, tmp_path):
+    """eval.shard_generation: the models are partitioned over 2 ranks (ZeRO-3) and generate with
+    synced ranks; greedy answers equal those of a full model per rank, also with an odd number of
+    prompts (one rank makes a filler call) and batches that end early."""
+    answers = {}
+    for sharded in (False, True):
+        out = tmp_path / f"sharded_{sharded}"
+        result = _winrate(
+            models, out, f"eval.policy_path={models['policy']}", "eval.max_prompts=5", "cluster.nproc_per_node=2",
+            "judge=reward_model", f"eval.judge.reward_model_path={models['rm']}", f"eval.shard_generation={sharded}",
+            "eval.max_new_tokens=6",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = json.loads((out / "winrate.json").read_text())
+        assert summary["generation"]["sharded"] is sharded
+        samples = [json.loads(line) for line in (out / "winrate_samples.jsonl").read_text().splitlines()]
+        answers[sharded] = [(s["example_id"], s["policy"], s["reference"]) for s in samples]
+        if sharded:
+            held, full = map(int, re.search(r"partitioned over 2 ranks \(rank 0 holds (\d+) of (\d+) parameters", result.stderr + result.stdout).groups())
+            assert 0 < held <= full // 2 + 64, (held, full)  # its half of every parameter (+ alignment padding)
+    assert answers[True] == answers[False]
+    assert len(answers[True]) == 5 and len({a[1] for a in answers[True]} | {a[2] for a in answers[True]}) > 1
 
 
 def test_winrate_rule_judge_fails_fast_on_foreign_prompts(models, tmp_path):
