@@ -108,28 +108,14 @@ def sampling_params(cfg: DPOConfig) -> SamplingParams:
 def generate_with(model_dir: str, items: Sequence[PromptItem], cfg: DPOConfig, device, env: D.DistEnv,
                   total: int) -> list[Completion]:
     """Load ``model_dir``, answer this rank's ``items`` (of ``total`` over all ranks) and free the
-    model again (policy and reference take turns). With ``eval.shard_generation`` on several
-    ranks the model is partitioned over them and every rank makes the same number of calls."""
+    model again (policy and reference take turns): a full copy per rank, or with
+    ``eval.shard_generation`` on several ranks one model partitioned over them."""
     import torch
 
-    options = {"batch_size": cfg.eval.batch_size, "seed": cfg.eval.seed, "seed_offsets": [i.example_id for i in items]}
     prompts = [item.prompt for item in items]
+    options = {"batch_size": cfg.eval.batch_size, "seed": cfg.eval.seed, "seed_offsets": [i.example_id for i in items]}
     if cfg.eval.shard_generation and env.world_size > 1:
-        from dpo_dist.engine import build_generation_engine, free_memory, release_engine
-
-        tokenizer = load_tokenizer(model_dir)
-        engine = build_generation_engine(cfg, model_dir, device)
-        held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
-        full = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-        log.info("generating %d answers with %s, partitioned over %d ranks (rank 0 holds %d of %d parameters)",
-                 total, model_dir, env.world_size, held, full)
-        per_rank = -(-total // env.world_size)
-        completions = generate_texts(engine.module, tokenizer, prompts, sampling_params(cfg), **options,
-                                     synced_batches=-(-per_rank // cfg.eval.batch_size))
-        release_engine(engine)
-        del engine
-        free_memory()
-        return completions
+        return _generate_sharded(model_dir, prompts, cfg, device, env, total, options)
     if not items:
         return []
     log.info("generating %d answers with %s", len(items), model_dir)
@@ -138,6 +124,27 @@ def generate_with(model_dir: str, items: Sequence[PromptItem], cfg: DPOConfig, d
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return completions
+
+
+def _generate_sharded(model_dir, prompts, cfg: DPOConfig, device, env: D.DistEnv, total: int, options: dict):
+    """ZeRO-3 generation: every forward is a collective, so every rank makes as many ``generate``
+    calls as the rank with the most prompts (``synced_batches``), each with ``synced_gpus``."""
+    from dpo_dist.engine import build_generation_engine, free_memory, release_engine
+
+    tokenizer = load_tokenizer(model_dir)
+    engine = build_generation_engine(cfg, model_dir, device)
+    params = list(engine.module.parameters())
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    log.info("generating %d answers with %s, partitioned over %d ranks (this rank holds %d of %d parameters)",
+             total, model_dir, env.world_size, held, full)
+    most_prompts = -(-total // env.world_size)
+    completions = generate_texts(engine.module, tokenizer, prompts, sampling_params(cfg), **options,
+                                 synced_batches=-(-most_prompts // cfg.eval.batch_size))
+    release_engine(engine)
+    del engine, params
+    free_memory()
     return completions
 
 
