@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -238,3 +239,16 @@ def test_discarded_engines_free_their_memory(assets, tmp_path):
         assert not report["parameter_alive"], report
         # What stays is the tokenized data and the cached reference log-probs, not model state.
         assert report["after_release"]["tensor_bytes"] <= report["after_reference_pass"]["tensor_bytes"] + 4096, report
+
+
+def test_gpu_engine_smoke_script_runs_on_cpu(tmp_path):
+    """tests/gpu/engine_smoke.py (what the GPU test runs) works here too, so it cannot rot unseen."""
+    out = tmp_path / "smoke.json"
+    result = subprocess.run([sys.executable, "tests/gpu/engine_smoke.py", "cpu", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["backend"] == "sdpa" and report["dtype"] == "torch.float32"
+    assert abs(report["losses"][0] - math.log(2)) < 1e-6
+    memory = report["allocated"]
+    assert memory["during"] > 0 and memory["after"] == memory["before"], memory
