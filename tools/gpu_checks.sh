@@ -5,7 +5,7 @@
 #
 #   bash tools/gpu_wheels.sh                     # on the CPU machine, once: .whl/ and .whl_fa4/
 #   call A, carry [".whl"]:      bash tools/gpu_checks.sh core
-#       CUDA tests (varlen / flash packed attention in bf16 vs masked SDPA) -> $OUT/gpu_tests.txt
+#       CUDA tests (packed attention in bf16 vs masked SDPA, engine smoke)  -> $OUT/gpu_tests.txt
 #       dpo-bench --preset gpu-1b (auto attention: torch varlen)           -> $OUT/h100-1b.json
 #   call B, carry [".whl_fa4"]:  bash tools/gpu_checks.sh fa4
 #       tools/plan_check.py (planner vs measured peak memory)             -> $OUT/planner_check.json
@@ -38,8 +38,8 @@ core)
     mkdir -p /tmp/fa4_parts && cp .whl/cutlass-cu13.part-* /tmp/fa4_parts/ 2>/dev/null
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
     python3 -c "import torch, transformers, deepspeed, trl; print(torch.__version__, transformers.__version__, deepspeed.__version__, trl.__version__)" | tee -a "$OUT/gpu.txt"
-    step 120 gpu_tests python3 -m pytest -q -p no:cacheprovider -rs "${cuda_tests[@]}"
-    step 420 bench python3 tools/bench.py --preset gpu-1b --out "$OUT/h100-1b.json"  # auto: varlen (no FA yet)
+    step 150 gpu_tests python3 -m pytest -q -p no:cacheprovider -rs "${cuda_tests[@]}"
+    step 400 bench python3 tools/bench.py --preset gpu-1b --out "$OUT/h100-1b.json"  # auto: varlen (no FA yet)
     ;;
 fa4)
     [ -d "$SITE/deepspeed" ] || { echo "no $SITE/deepspeed: the machine was not warm from stage core; run core first"; exit 1; }
@@ -50,7 +50,7 @@ fa4)
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_fa4 .whl_fa4/*.whl "$wheel" \
             && cp -r /tmp/site_fa4/* "$SITE"/
         python3 -c "from dpo_dist.attention import _flash_kernel; print(_flash_kernel())" 2>&1 | tee "$OUT/fa4_import.txt"
-        step 150 gpu_tests_fa4 python3 -m pytest -q -p no:cacheprovider -rs "${cuda_tests[@]}"
+        step 120 gpu_tests_fa4 python3 -m pytest -q -p no:cacheprovider -rs "${cuda_tests[@]}"
         step 180 bench_fa4 python3 tools/bench.py --preset gpu-1b --attn-backend flash \
             --systems ours_precomputed,ours_online --scaling "" --out "$OUT/h100-1b-fa4.json"
     else
