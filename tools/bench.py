@@ -113,11 +113,17 @@ def build_model_dir(path: Path, preset: Preset) -> int:
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
+    # On a GPU: initialise there (a 1B init is slow on host cores) and save in the run's dtype.
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg)
+    if preset.dtype == "bf16":
+        model = model.to(torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     embeddings = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" in n or "lm_head" in n)
-    return sum(p.numel() for p in model.parameters()) - embeddings
+    non_embedding = sum(p.numel() for p in model.parameters()) - embeddings
+    del model
+    return non_embedding
 
 
 class PeakMemory:
