@@ -354,7 +354,7 @@ def _non_embedding_params(model_dir: Path) -> int:
 # ----------------------------------------------------------------------------- TRL
 
 
-def run_trl(preset: Preset, model_dir: Path, data: Path, work: Path, precompute: bool) -> dict:
+def run_trl(preset: Preset, model_dir: Path, data: Path, work: Path, precompute: bool, overrides: dict) -> dict:
     import datasets
     import numpy as np
     import torch
@@ -415,6 +415,7 @@ def run_trl(preset: Preset, model_dir: Path, data: Path, work: Path, precompute:
         dataloader_num_workers=0,
         seed=0,
         use_cpu=device.type == "cpu",
+        **overrides,
     )
     dtype = torch.bfloat16 if preset.dtype == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
@@ -422,7 +423,8 @@ def run_trl(preset: Preset, model_dir: Path, data: Path, work: Path, precompute:
     with PeakMemory(device) as mem:
         trainer.train()
     timing.tokens, timing.seq_sq = float(state["tokens"]), float(state["seq_sq"])
-    setup = {"distributed_type": str(trainer.accelerator.distributed_type), "padding_free": bool(args.padding_free)}
+    setup = {"distributed_type": str(trainer.accelerator.distributed_type), "padding_free": bool(args.padding_free),
+             "gradient_checkpointing": bool(args.gradient_checkpointing)}
     del trainer, model
     n_params = _non_embedding_params(model_dir)
     np.random.seed(0)
@@ -470,6 +472,7 @@ def run(args: argparse.Namespace) -> dict:
     preset = replace(preset, steps=args.steps or preset.steps, warmup=preset.warmup if args.warmup is None else args.warmup)
     scaling_tokens = preset.scaling_tokens if args.scaling is None else args.scaling
     overrides = parse_overrides(args.set)
+    trl_overrides = parse_overrides(args.trl_set)
     report: dict = {"device": device_name(), "preset": args.preset, "versions": versions(), "config": {},
                     "systems": {}, "scaling_micro_batch_tokens": {}, "ratios": {}}
 
@@ -501,6 +504,7 @@ def run(args: argparse.Namespace) -> dict:
             "pairs_per_step": preset.pairs_per_step, "micro_batch_tokens": ours.cfg.train.micro_batch_tokens,
             "steps_timed": preset.steps, "warmup_steps": preset.warmup, "zero_stage": args.zero_stage,
             "attention_backend": ours.backend, "peak_tflops": preset.peak_tflops, "overrides": overrides,
+            "trl_overrides": trl_overrides,
         }
         common = (ours.dataset, ours.device, ours.backend, preset, ours.n_params)
         systems, selected = report["systems"], set(args.systems)
@@ -525,7 +529,7 @@ def run(args: argparse.Namespace) -> dict:
                 write_report(args.out, report)
                 continue
             with without_torchrun_variables():
-                measure(systems, name, lambda precompute=precompute: run_trl(preset, model_dir, data, work, precompute))
+                measure(systems, name, lambda precompute=precompute: run_trl(preset, model_dir, data, work, precompute, trl_overrides))
         # Scaling last: a run cut short by a time limit still has every system above.
         for tokens in scaling_tokens if table is not None else []:
             scaled = replace(ours.cfg, train=replace(ours.cfg.train, micro_batch_tokens=tokens))
@@ -597,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attn-backend", default="auto", choices=("auto", "flash", "varlen", "sdpa"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override of our run config, e.g. deepspeed.param_persistence_threshold=1e9")
+    parser.add_argument("--trl-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override of TRL's DPOConfig, e.g. gradient_checkpointing=false")
     parser.add_argument("--skip-trl", action="store_true", help="only our systems (smoke tests)")
     parser.add_argument("--zero-stage", type=int, default=3, choices=(0, 1, 2, 3))
     args = parser.parse_args(argv)

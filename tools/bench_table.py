@@ -36,7 +36,12 @@ def systems_table(report: dict) -> list[str]:
     systems = report["systems"]
     memory = "peak GPU memory (GB)" if "cpu" not in report["device"] else "peak RSS (GB)"
     lines = [f"| system | real tokens/s | vs TRL | MFU | {memory} | step-0 loss |", "|---|---:|---:|---:|---:|---:|"]
-    for name, label in LABELS.items():
+    trl_changes = ", ".join(f"{k}={v}" for k, v in report.get("config", {}).get("trl_overrides", {}).items())
+    labels = dict(LABELS)
+    if trl_changes:
+        labels["trl_online"] = f"TRL `DPOTrainer`, {trl_changes} (online, padded)"
+        labels["trl_precomputed"] = f"TRL `precompute_ref_log_probs=True`, {trl_changes}"
+    for name, label in labels.items():
         system = systems.get(name)
         if system is None:
             continue
