@@ -10,11 +10,13 @@
 #   call B, carry [".whl_fa4"]:  bash tools/gpu_checks.sh fa4
 #       tools/plan_check.py (planner vs measured peak memory)             -> $OUT/planner_check.json
 #       FA4 installed: CUDA tests again, our systems with attn_backend=flash -> $OUT/h100-1b-fa4.json
+#   call C (optional):           bash tools/gpu_checks.sh equal
+#       stage 0 at world size 1 vs TRL without activation checkpointing  -> $OUT/h100-1b-equal.json
 #
 # Every step has its own time limit and writes its whole log under $OUT, so one that fails or
 # runs long leaves the others' results; the bench rewrites its JSON after every system.
 set -uo pipefail
-stage=${1:?usage: gpu_checks.sh core|fa4}
+stage=${1:?usage: gpu_checks.sh core|fa4|equal}
 OUT=${OUT:-/tmp/gpu_checks_out}
 SITE=/tmp/site
 mkdir -p "$OUT"
@@ -57,8 +59,15 @@ fa4)
         log "no /tmp/fa4_parts (stage core did not run on this machine): FA4 skipped"
     fi
     ;;
+equal)
+    # Optional call C (no carry needed on a warm machine): the equal-footing comparison of
+    # benchmarks/README.md, ZeRO stage 0 at world size 1 against TRL without activation checkpointing.
+    [ -d "$SITE/deepspeed" ] || { echo "no $SITE/deepspeed: run stage core first on this machine"; exit 1; }
+    step 420 bench_equal python3 tools/bench.py --preset gpu-1b --scaling "" --zero-stage 0 \
+        --trl-set gradient_checkpointing=false --out "$OUT/h100-1b-equal.json"
+    ;;
 *)
-    echo "unknown stage $stage (core|fa4)"
+    echo "unknown stage $stage (core|fa4|equal)"
     exit 2
     ;;
 esac
