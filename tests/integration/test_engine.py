@@ -67,6 +67,17 @@ def test_world_size_invariance(assets, tmp_path):
     assert one[-1]["loss"] != one[0]["loss"]  # it trained
 
 
+def test_single_rank_without_zero3_is_the_same_training(assets, tmp_path):
+    """deepspeed.stage=0 on one rank (ZeRO-3 has nothing to partition there; see benchmarks/README.md)
+    trains the same: same losses as ZeRO-3, and it exports a final model."""
+    zero3 = train_rows(train(assets, tmp_path / "z3"))
+    zero0 = train_rows(train(assets, tmp_path / "z0", **{"deepspeed.stage": 0}))
+    for a, b in zip(zero3, zero0):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (a["loss"], b["loss"])
+    assert zero0[-1]["loss"] != zero0[0]["loss"]
+    assert (tmp_path / "z0" / "final" / "model.safetensors").exists()
+
+
 def test_kill9_resume_matches_uninterrupted(assets, tmp_path):
     steps = {"train.max_steps": 6, "train.checkpoint_every": 2, "cluster.nproc_per_node": 2}
     reference = train_rows(train(assets, tmp_path / "full", **steps))
