@@ -206,7 +206,8 @@ class DeepSpeedConfig:
     """DeepSpeed ZeRO settings; ``to_dict`` renders the JSON DeepSpeed reads."""
 
     stage: int = 3
-    """ZeRO stage. dpo_dist trains with 3; lower stages are for debugging."""
+    """ZeRO stage: 3 partitions weights, gradients and Adam states over the ranks. A single rank
+    has nothing to partition; there 0 trains the same, faster (benchmarks/README.md)."""
     offload_optimizer: str = "none"
     """none | cpu: keep Adam states in host memory (pinned)."""
     offload_param: str = "none"
