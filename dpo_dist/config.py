@@ -575,6 +575,18 @@ _SUBCONFIGS = {
 }
 
 
+def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"train.max_steps": 3, "output_dir": "x"}`` -> ``{"train": {"max_steps": 3}, "output_dir": "x"}``."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return nested
+
+
 def config_from_dict(values: dict[str, Any]) -> DPOConfig:
     """A validated ``DPOConfig`` from plain nested dicts (a resolved Hydra config or a saved config.yaml)."""
     return _build(DPOConfig, values, "")

@@ -228,17 +228,15 @@ def parse_overrides(items: list[str]) -> dict:
     """``["deepspeed.param_persistence_threshold=1e9", ...]`` -> nested dict (values parsed as YAML)."""
     import yaml
 
-    out: dict = {}
+    from dpo_dist.config import nest_dotted
+
+    flat = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"dpo-bench: error: --set expects KEY=VALUE, got {item!r}")
-        *parents, leaf = key.split(".")
-        node = out
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = yaml.safe_load(raw)
-    return out
+        flat[key] = yaml.safe_load(raw)
+    return nest_dotted(flat)
 
 
 class TensorReference:

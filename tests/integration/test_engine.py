@@ -228,17 +228,12 @@ def test_bad_data_on_two_ranks_is_one_line_exit_2(assets, tmp_path):
 def test_discarded_engines_free_their_memory(assets, tmp_path):
     """The reference pass's model is gone before the policy is built, and a released policy engine
     leaves nothing behind (ZeRO-3 otherwise keeps every engine alive through a module-level stack)."""
+    from dpo_dist.config import nest_dotted
     from tests.helpers import TINY_RUN, run_ranks
 
-    nested: dict = {}
-    for key, value in {**TINY_RUN, "model.path": str(assets["model"]), "data.train_path": str(assets["train"]),
-                       "data.eval_path": None, "reference.cache_dir": str(tmp_path / "cache"),
-                       "output_dir": str(tmp_path / "run")}.items():
-        *parents, leaf = key.split(".")
-        node = nested
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
+    nested = nest_dotted({**TINY_RUN, "model.path": str(assets["model"]), "data.train_path": str(assets["train"]),
+                          "data.eval_path": None, "reference.cache_dir": str(tmp_path / "cache"),
+                          "output_dir": str(tmp_path / "run")})
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"config": nested, "out": str(tmp_path)}))
     run_ranks(["tests/integration/release_worker.py", str(spec)], 2, label="release")
