@@ -142,3 +142,18 @@ def run_ranks(argv: list[str], world: int, *, env: dict | None = None, timeout: 
         outputs = [p.communicate()[0] for p in procs]
     for rank, (p, output) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"{label}rank {rank} exited with {p.returncode}:\n{output[-4000:]}"
+
+
+def live_tensor_bytes() -> int:
+    """Bytes held by every live (non-meta) torch tensor of this process, after a full collection;
+    the CPU stand-in for ``torch.cuda.memory_allocated`` in the engine-release checks."""
+    import gc
+    import warnings
+
+    import torch
+
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance() on torch's deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta]
+    return sum(t.untyped_storage().nbytes() for t in tensors)

@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from a checkout
@@ -26,14 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 def allocated(device) -> int:
     import torch
 
-    gc.collect()
+    from tests.helpers import live_tensor_bytes
+
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.synchronize()
         return torch.cuda.memory_allocated()
-    with warnings.catch_warnings():  # isinstance() on torch's deprecated module attributes warns
-        warnings.simplefilter("ignore")
-        tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta]
-    return sum(t.untyped_storage().nbytes() for t in tensors)
+    return live_tensor_bytes()
 
 
 def main(device_name: str, out: str) -> None:

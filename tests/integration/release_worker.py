@@ -18,7 +18,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from a checkout
 
-import torch  # noqa: E402
 from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -26,17 +25,13 @@ from dpo_dist import distributed as D  # noqa: E402
 from dpo_dist import engine as E  # noqa: E402
 from dpo_dist.attention import resolve_attn_backend  # noqa: E402
 from dpo_dist.config import config_from_dict  # noqa: E402
+from tests.helpers import live_tensor_bytes  # noqa: E402
 
 
 def alive() -> dict:
     """Live DeepSpeed engines and bytes held by live tensors, after a full collection."""
-    gc.collect()
-    engines = sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects())
-    tensor_bytes = 0
-    for o in gc.get_objects():
-        if isinstance(o, torch.Tensor) and not o.is_meta:
-            tensor_bytes += o.untyped_storage().nbytes()
-    return {"engines": engines, "tensor_bytes": tensor_bytes}
+    tensor_bytes = live_tensor_bytes()
+    return {"engines": sum(isinstance(o, DeepSpeedEngine) for o in gc.get_objects()), "tensor_bytes": tensor_bytes}
 
 
 def main(spec_path: str) -> None:
