@@ -13,14 +13,22 @@ REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_DIR = REPO / "dpo_dist" / "assets" / "tokenizer"
 
 
+def bundled_llama_config(**shape):
+    """``(tokenizer, LlamaConfig)``: the bundled tokenizer and a Llama config of ``shape`` whose
+    vocabulary and special token ids are that tokenizer's."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    return tok, LlamaConfig(vocab_size=len(tok), **ids, **shape)
+
+
 def make_tiny_model_dir(path: Path, *, seed: int = 0, layers: int = 2, shards: str | None = None) -> Path:
     """A random-init tiny Llama (GQA) + the bundled tokenizer, saved like a hub checkpoint."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
+    tok, cfg = bundled_llama_config(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=layers,
@@ -28,9 +36,6 @@ def make_tiny_model_dir(path: Path, *, seed: int = 0, layers: int = 2, shards: s
         num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import TOKENIZER_DIR, make_tiny_model_dir, run_ranks
+from tests.helpers import bundled_llama_config, make_tiny_model_dir, run_ranks
 
 pytestmark = pytest.mark.integration
 
@@ -40,20 +40,15 @@ SLACK = 0.15  # of the model's bytes, for the transients described in the module
 
 def make_sharded_model(path: Path) -> Path:
     """A random Llama of ~101 MB fp32 saved in 16 MB safetensors shards (7 files)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
+    tok, cfg = bundled_llama_config(
         hidden_size=512,
         intermediate_size=1536,
         num_hidden_layers=8,
         num_attention_heads=8,
         num_key_value_heads=4,
         tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True, max_shard_size="16MB")

@@ -24,17 +24,15 @@ from dpo_dist.judges import (
     preflight,
 )
 from dpo_dist.winrate import summarize, wilson_interval
-from tests.helpers import TOKENIZER_DIR
+from tests.helpers import bundled_llama_config
 
 
 def make_tiny_reward_model_dir(path: Path, *, seed: int = 0) -> Path:
     """A random one-label Llama sequence classifier + the bundled tokenizer (a stand-in reward model)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
-    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
+    tok, cfg = bundled_llama_config(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
@@ -42,9 +40,6 @@ def make_tiny_reward_model_dir(path: Path, *, seed: int = 0) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=256,
         num_labels=1,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)
     LlamaForSequenceClassification(cfg).save_pretrained(path)
