@@ -207,7 +207,13 @@ class DeepSpeedConfig:
 
     stage: int = 3
     """ZeRO stage: 3 partitions weights, gradients and Adam states over the ranks. A single rank
-    has nothing to partition; there 0 trains the same, faster (benchmarks/README.md)."""
+    has nothing to partition; there 0 trains the same, faster (benchmarks/README.md), but
+    DeepSpeed's stage 0 can sum bf16 gradients only in bf16 (see ``grad_accum_dtype``)."""
+    grad_accum_dtype: str = "fp32"
+    """fp32 | bf16: what a bf16 run sums its gradients in over the micro-batches of a step (DeepSpeed
+    ``data_types.grad_accum_dtype``; fp32 runs always use fp32). bf16 keeps 8 significant bits, so
+    as the sum grows the later micro-batches' contributions are rounded off; fp32 costs 2 more bytes
+    per trainable parameter, divided over the ranks. Stage 0 supports only bf16."""
     offload_optimizer: str = "none"
     """none | cpu: keep Adam states in host memory (pinned)."""
     offload_param: str = "none"
@@ -227,6 +233,7 @@ class DeepSpeedConfig:
 
     def __post_init__(self) -> None:
         _check(self.stage in (0, 1, 2, 3), "deepspeed.stage", f"must be 0..3, got {self.stage}")
+        _one_of(self.grad_accum_dtype, "deepspeed.grad_accum_dtype", ("fp32", "bf16"))
         _one_of(self.offload_optimizer, "deepspeed.offload_optimizer", ("none", "cpu"))
         _one_of(self.offload_param, "deepspeed.offload_param", ("none", "cpu"))
         _check(self.comm_timeout_minutes > 0, "deepspeed.comm_timeout_minutes", "must be > 0")
@@ -234,6 +241,11 @@ class DeepSpeedConfig:
     def to_dict(self, *, bf16: bool, grad_clip: float) -> dict[str, Any]:
         """DeepSpeed config. Batch sizes are 1/1 because the engine forms its own packed
         micro-batches and marks accumulation boundaries itself."""
+        if bf16 and self.stage == 0 and self.grad_accum_dtype == "fp32":
+            raise ConfigError(
+                "deepspeed.grad_accum_dtype: DeepSpeed's stage 0 sums bf16 gradients in bf16 only; "
+                "set deepspeed.grad_accum_dtype=bf16 or use deepspeed.stage=1 (fp32 sums; it partitions only the optimizer states)"
+            )
         zero: dict[str, Any] = {
             "stage": self.stage,
             "overlap_comm": self.overlap_comm,
@@ -255,6 +267,7 @@ class DeepSpeedConfig:
             "gradient_accumulation_steps": 1,
             "gradient_clipping": grad_clip,
             "bf16": {"enabled": bf16},
+            **({"data_types": {"grad_accum_dtype": self.grad_accum_dtype}} if bf16 else {}),
             "zero_optimization": zero,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,

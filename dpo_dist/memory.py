@@ -6,8 +6,9 @@ job and refuses a plan whose per-GPU peak exceeds ``cluster.gpu_memory_gb``.
 
 Memory model (bytes per GPU; N = ranks, P = parameters, Pt = trainable parameters, b = 2 for bf16)
 ----------------------------------------------------------------------------------------------
-- parameters ``b*P/N``, gradients ``b*Pt/N`` (DeepSpeed keeps bf16 gradient partitions),
-  optimizer states ``12*Pt/N`` (fp32 master weights + Adam m and v): 16 bytes/param in all.
+- parameters ``b*P/N``, gradients ``g*Pt/N`` (the partitions DeepSpeed sums micro-batch gradients
+  in: g = 4 with ``deepspeed.grad_accum_dtype=fp32``, the default, g = b with bf16 sums),
+  optimizer states ``12*Pt/N`` (fp32 master weights + Adam m and v): 18 bytes/param in all (16).
 - optimizer-step transient: DeepSpeed upcasts the gradients of one optimizer sub-group
   (``sub_group_size``, default 1e9 elements) to fp32 right before the Adam step: ``4*min(1e9, Pt/N)``.
   It is alive only after the backward has freed the activations, so it is a second peak.
@@ -201,6 +202,8 @@ class PlanSettings:
     offload_optimizer: bool = False
     offload_param: bool = False
     dtype_bytes: int = 2
+    grad_accum_bytes: int = 4
+    """Bytes per element of the gradient partitions: 4 when micro-batch gradients are summed in fp32."""
     micro_batch_tokens: int = 8192
     activation_checkpointing: bool = True
     logits_chunk_tokens: int = 2048
@@ -232,6 +235,7 @@ class PlanSettings:
             offload_optimizer=ds.offload_optimizer != "none",
             offload_param=ds.offload_param != "none",
             dtype_bytes=4 if cfg.model.dtype == "fp32" else 2,  # auto is bf16 on GPUs
+            grad_accum_bytes=4 if cfg.model.dtype == "fp32" or ds.grad_accum_dtype == "fp32" else 2,
             micro_batch_tokens=cfg.train.micro_batch_tokens,
             activation_checkpointing=cfg.model.activation_checkpointing,
             logits_chunk_tokens=cfg.model.logits_chunk_tokens,
@@ -251,7 +255,8 @@ class PlanSettings:
         return (
             f"{self.gpus} GPUs ({nodes} node(s) x {self.gpus_per_node}) of {self.gpu_memory_gib:g} GiB; "
             f"ZeRO-{self.zero_stage}, offload: {', '.join(offload) or 'none'}; "
-            f"{'bf16' if self.dtype_bytes == 2 else 'fp32'}; {self.micro_batch_tokens} tokens/micro-batch; "
+            f"{'bf16' if self.dtype_bytes == 2 else 'fp32'} (gradient sums {'fp32' if self.grad_accum_bytes == 4 else 'bf16'}); "
+            f"{self.micro_batch_tokens} tokens/micro-batch; "
             f"activation checkpointing {'on' if self.activation_checkpointing else 'off'}; "
             f"logits chunk {self.logits_chunk_tokens}; reference model on GPU: {_REFERENCE_TEXT[self.reference]}; "
             f"LoRA {'r=' + str(self.lora_r) if self.lora_r else 'off'}"
@@ -369,13 +374,13 @@ def state_items(shape: ModelShape, s: PlanSettings, a: PlanAssumptions) -> list[
     trainable = shape.lora_params(s.lora_r, s.lora_targets) if s.lora_r else total
     what = f"{trainable / 1e6:.1f}M LoRA params" if s.lora_r else "all params"
     params = 0.0 if s.offload_param else b * total / n
-    grads = 0.0 if s.offload_optimizer else b * trainable / n
+    grads = 0.0 if s.offload_optimizer else s.grad_accum_bytes * trainable / n
     optim = 0.0 if s.offload_optimizer else ADAM_STATE_BYTES * trainable / n
     transient = 0.0 if s.offload_optimizer else 4 * min(a.sub_group_size, trainable / n)
     where = "on host" if s.offload_optimizer else f"1/{n} each"
     return [
         MemoryItem("parameters", params, "on host" if s.offload_param else f"{b} B x {total / 1e9:.2f}B / {n}", "static"),
-        MemoryItem("gradients", grads, f"{b} B x {what}, {where}", "static"),
+        MemoryItem("gradients", grads, f"{s.grad_accum_bytes} B x {what}, {where}", "static"),
         MemoryItem("optimizer states", optim, f"12 B (fp32 master, m, v) x {what}, {where}", "static"),
         MemoryItem(
             "optimizer-step fp32 gradients",
@@ -413,8 +418,8 @@ def host_bytes_per_node(shape: ModelShape, s: PlanSettings) -> float:
     per_rank = 0.0
     trainable = shape.lora_params(s.lora_r, s.lora_targets) if s.lora_r else shape.num_params()
     if s.offload_optimizer:
-        # fp32 master + m + v, fp32 gradient buffer, bf16 gradient partitions.
-        per_rank += (ADAM_STATE_BYTES + 4 + s.dtype_bytes) * trainable / s.gpus
+        # fp32 master + m + v, fp32 gradient buffer, gradient partitions (summed in grad_accum_bytes).
+        per_rank += (ADAM_STATE_BYTES + 4 + s.grad_accum_bytes) * trainable / s.gpus
     if s.offload_param:
         per_rank += s.dtype_bytes * shape.num_params() / s.gpus
     return per_rank * min(s.gpus_per_node or 1, s.gpus)
@@ -485,6 +490,7 @@ def suggestions(shape: ModelShape, settings: PlanSettings, assumptions: PlanAssu
     changes = [
         ("deepspeed=zero3_offload", dict(offload_optimizer=True)),
         ("model.activation_checkpointing=true", dict(activation_checkpointing=True)),
+        ("deepspeed.grad_accum_dtype=bf16", dict(grad_accum_bytes=settings.dtype_bytes)),
         (f"train.micro_batch_tokens={settings.micro_batch_tokens // 2}", dict(micro_batch_tokens=settings.micro_batch_tokens // 2)),
     ]
     for text, change in changes:

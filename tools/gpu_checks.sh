@@ -62,8 +62,11 @@ fa4)
 equal)
     # Optional call C (no carry needed on a warm machine): the equal-footing comparison of
     # benchmarks/README.md, ZeRO stage 0 at world size 1 against TRL without activation checkpointing.
+    # DeepSpeed's stage 0 sums bf16 gradients only in bf16; gpu-1b has one micro-batch per step, so
+    # nothing is summed and the updates are those of fp32 sums.
     [ -d "$SITE/deepspeed" ] || { echo "no $SITE/deepspeed: run stage core first on this machine"; exit 1; }
     step 420 bench_equal python3 tools/bench.py --preset gpu-1b --scaling "" --zero-stage 0 \
+        --set deepspeed.grad_accum_dtype=bf16 \
         --trl-set gradient_checkpointing=false --out "$OUT/h100-1b-equal.json"
     ;;
 *)

@@ -1,12 +1,12 @@
 """The training engine on one device, in one process: what ``tools/bench.py`` does per system.
 
-    python tests/gpu/engine_smoke.py cuda|cpu OUT.json
+    python tests/gpu/engine_smoke.py cuda|cpu OUT.json [auto|bf16|fp32]
 
 Builds the policy engine and an online reference (DeepSpeed ZeRO-3, packed attention picked by
 ``auto``, bf16 on CUDA), runs two optimizer steps on a tiny random Llama, releases both engines
-and writes: the attention backend, the step losses, and the device memory in use before, while
-and after (CUDA: ``torch.cuda.memory_allocated``; CPU: bytes of live tensors). Run in its own
-process by ``test_cuda_engine.py`` (GPU machines) and by a CPU twin in
+and writes: the attention backend, the dtype DeepSpeed sums gradients in over the micro-batches,
+the step losses, and the device memory in use before, while and after (CUDA:
+``torch.cuda.memory_allocated``; CPU: bytes of live tensors). Run in its own process by ``test_cuda_engine.py`` (GPU machines) and by a CPU twin in
 ``tests/integration/test_engine.py``, so DeepSpeed's state never enters the test process.
 """
 
@@ -34,7 +34,7 @@ def allocated(device) -> int:
     return live_tensor_bytes()
 
 
-def main(device_name: str, out: str) -> None:
+def main(device_name: str, out: str, dtype_name: str = "auto") -> None:
     os.environ.setdefault("DS_ACCELERATOR", device_name)
     from transformers import AutoTokenizer
 
@@ -50,7 +50,7 @@ def main(device_name: str, out: str) -> None:
     data = make_pairs_jsonl(work / "pairs.jsonl", 16)
     cfg = config_from_dict({
         "output_dir": str(work / "run"),
-        "model": {"path": str(model_dir)},
+        "model": {"path": str(model_dir), "dtype": dtype_name},
         "data": {"train_path": str(data), "eval_path": None, "max_length": 64, "cache_dir": str(work / "tok")},
         "train": {"pairs_per_step": 8, "micro_batch_tokens": 256, "max_steps": 2},
         "optim": {"lr": 1e-3, "warmup_steps": 0},
@@ -74,16 +74,17 @@ def main(device_name: str, out: str) -> None:
         totals = dict(zip(E._SUMS, E.train_step(ctx, dataset, plans).tolist()))
         losses.append(totals["loss"] / totals["pairs"])
     during = allocated(device)
+    grad_accum_dtype = policy.optimizer.grad_partitions_flat_buffer.dtype  # ZeRO-3's gradient sums
     E.release_engine(policy)
     E.release_engine(reference.engine)
     del policy, reference, ctx
     E.free_memory()
     after = allocated(device)
     Path(out).write_text(json.dumps({
-        "backend": backend, "dtype": str(dtype), "losses": losses,
+        "backend": backend, "dtype": str(dtype), "grad_accum_dtype": str(grad_accum_dtype), "losses": losses,
         "allocated": {"before": before, "during": during, "after": after},
     }))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -24,7 +24,7 @@ def test_bf16_engine_steps_and_releases_its_memory(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["backend"] in ("flash", "varlen"), report
-    assert report["dtype"] == "torch.bfloat16"
+    assert report["dtype"] == "torch.bfloat16" and report["grad_accum_dtype"] == "torch.float32"
     assert abs(report["losses"][0] - math.log(2)) < 1e-2, report  # policy = reference at step 0 (bf16)
     assert all(math.isfinite(loss) for loss in report["losses"]), report
     memory = report["allocated"]

@@ -247,14 +247,18 @@ def test_discarded_engines_free_their_memory(assets, tmp_path):
         assert report["after_release"]["tensor_bytes"] <= report["after_reference_pass"]["tensor_bytes"] + 4096, report
 
 
-def test_gpu_engine_smoke_script_runs_on_cpu(tmp_path):
-    """tests/gpu/engine_smoke.py (what the GPU test runs) works here too, so it cannot rot unseen."""
+@pytest.mark.parametrize("dtype", ["auto", "bf16"])
+def test_gpu_engine_smoke_script_runs_on_cpu(tmp_path, dtype):
+    """tests/gpu/engine_smoke.py (what the GPU test runs) works here too, so it cannot rot unseen; in
+    bf16 DeepSpeed sums the gradients of the step's micro-batches in fp32 (deepspeed.grad_accum_dtype)."""
     out = tmp_path / "smoke.json"
-    result = subprocess.run([sys.executable, "tests/gpu/engine_smoke.py", "cpu", str(out)], cwd=REPO,
+    result = subprocess.run([sys.executable, "tests/gpu/engine_smoke.py", "cpu", str(out), dtype], cwd=REPO,
                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(out.read_text())
-    assert report["backend"] == "sdpa" and report["dtype"] == "torch.float32"
-    assert abs(report["losses"][0] - math.log(2)) < 1e-6
+    assert report["backend"] == "sdpa"
+    assert report["dtype"] == ("torch.bfloat16" if dtype == "bf16" else "torch.float32")
+    assert report["grad_accum_dtype"] == "torch.float32"
+    assert abs(report["losses"][0] - math.log(2)) < 1e-6  # policy = reference at step 0, exactly
     memory = report["allocated"]
     assert memory["during"] > 0 and memory["after"] == memory["before"], memory

@@ -31,6 +31,7 @@ def test_defaults_are_valid_and_round_trip():
         ({"cluster": {"nproc_per_node": 0}}, "cluster.nproc_per_node"),
         ({"model": {"nonsense": 1}}, "model.nonsense: unknown config key"),
         ({"stage": "rl"}, "stage: got 'rl'"),
+        ({"deepspeed": {"grad_accum_dtype": "fp16"}}, "deepspeed.grad_accum_dtype: got 'fp16'"),
     ],
 )
 def test_invalid_values_name_the_key(values, message):
@@ -38,6 +39,18 @@ def test_invalid_values_name_the_key(values, message):
         config_from_dict(values)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_bf16_runs_sum_gradients_in_fp32_where_deepspeed_can():
+    ds = DPOConfig().deepspeed
+    assert ds.to_dict(bf16=True, grad_clip=1.0)["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in ds.to_dict(bf16=False, grad_clip=1.0)  # an fp32 model sums in fp32 anyway
+    bf16_sums = config_from_dict({"deepspeed": {"stage": 0, "grad_accum_dtype": "bf16"}}).deepspeed
+    assert bf16_sums.to_dict(bf16=True, grad_clip=1.0)["data_types"] == {"grad_accum_dtype": "bf16"}
+    stage0 = config_from_dict({"deepspeed": {"stage": 0}}).deepspeed
+    assert stage0.to_dict(bf16=False, grad_clip=1.0)["zero_optimization"]["stage"] == 0
+    with pytest.raises(ConfigError, match="stage 0 sums bf16 gradients in bf16 only"):
+        stage0.to_dict(bf16=True, grad_clip=1.0)
 
 
 def test_rpo_is_sigmoid_plus_nll():
