@@ -131,7 +131,12 @@ class DataConfig:
         return Path(self.cache_dir).expanduser() if self.cache_dir else cache_root() / "tokenized"
 
 
-LOSS_NAMES = ("sigmoid", "robust", "hinge", "ipo", "kto_pair", "simpo", "rpo")
+LOSS_NAMES = (
+    "sigmoid", "robust", "hinge", "ipo", "kto_pair", "simpo", "rpo",
+    "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop",
+)
+SMOOTHED_LOSSES = ("sigmoid", "robust", "simpo", "rpo", "exo_pair")
+"""The losses that read ``loss.label_smoothing`` (a test keeps this in step with dpo_dist.losses)."""
 
 
 @dataclass
@@ -139,17 +144,20 @@ class LossConfig:
     """Preference objective (``loss=<name>`` picks a preset from conf/loss/)."""
 
     name: str = "sigmoid"
-    """sigmoid (DPO) | robust | hinge | ipo | kto_pair | simpo | rpo (sigmoid + alpha * NLL of chosen)."""
+    """sigmoid (DPO) | robust | hinge | ipo | kto_pair | simpo | rpo (sigmoid + alpha * NLL of chosen) |
+    exo_pair | nca_pair | sppo_hard | apo_zero | apo_down | discopop (papers: dpo_dist/losses.py)."""
     beta: float = 0.1
     """Inverse temperature of the implicit reward (KL strength)."""
     label_smoothing: float = 0.0
-    """Assumed label-noise rate epsilon (cDPO for sigmoid, rDPO for robust)."""
+    """Assumed label-noise rate epsilon (cDPO for sigmoid, rDPO for robust; EXO's target (1 - eps, eps))."""
     logp_normalization: str = "sum"
     """sum: summed response log-probs (DPO) | mean: per-token average (IPO, SimPO)."""
     gamma: float = 0.5
     """SimPO target reward margin."""
     alpha: float = 0.0
     """Weight of the NLL-of-chosen term added to the loss (RPO / DPO+SFT); 0 disables it."""
+    discopop_tau: float = 0.05
+    """DiscoPOP temperature: how sharply its logistic/exponential mix switches with the margin."""
 
     def __post_init__(self) -> None:
         _one_of(self.name, "loss.name", LOSS_NAMES)
@@ -157,6 +165,17 @@ class LossConfig:
         _check(0.0 <= self.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)")
         _one_of(self.logp_normalization, "loss.logp_normalization", ("sum", "mean"))
         _check(self.alpha >= 0, "loss.alpha", "must be >= 0")
+        _check(self.discopop_tau > 0, "loss.discopop_tau", "must be > 0")
+        _check(
+            self.label_smoothing == 0 or self.name in SMOOTHED_LOSSES,
+            "loss.label_smoothing",
+            f"{self.name} has no label smoothing (losses with it: {', '.join(SMOOTHED_LOSSES)})",
+        )
+        _check(
+            self.name != "exo_pair" or self.label_smoothing > 0,
+            "loss.label_smoothing",
+            "exo_pair needs eps > 0 (its target distribution is (1 - eps, eps)); conf/loss/exo_pair.yaml uses 0.001",
+        )
         _check(
             self.name != "simpo" or self.logp_normalization == "mean",
             "loss.logp_normalization",

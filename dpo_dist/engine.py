@@ -40,7 +40,7 @@ from dpo_dist.config import ConfigError, DPOConfig, LoraConfig
 from dpo_dist.data import collate_packed, load_tokenized, pack_pairs
 from dpo_dist.data.batch import PackedBatch
 from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
-from dpo_dist.losses import preference_loss, sft_nll
+from dpo_dist.losses import LOSS_OPTIONS, preference_loss, sft_nll
 from dpo_dist.runinfo import MetricsLog, write_run_info
 
 log = logging.getLogger("dpo_dist.engine")
@@ -446,12 +446,8 @@ def reference_logps(ctx: StepContext, batch: PackedBatch, train: bool) -> tuple[
 
 
 def loss_options(cfg: DPOConfig) -> dict[str, float]:
-    name = cfg.loss.kernel_name()
-    if name in ("sigmoid", "robust"):
-        return {"label_smoothing": cfg.loss.label_smoothing}
-    if name == "simpo":
-        return {"gamma": cfg.loss.gamma}
-    return {}
+    """The ``loss.*`` fields the chosen loss takes (its options are named as those fields)."""
+    return {key: getattr(cfg.loss, key) for key in LOSS_OPTIONS[cfg.loss.kernel_name()]}
 
 
 def metric_sums(device: torch.device) -> torch.Tensor:

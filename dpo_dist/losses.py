@@ -6,7 +6,8 @@ Public API:
   ref_rejected_logps, *, beta, **options) -> (losses, chosen_rewards, rejected_rewards)``,
   all tensors of shape [pairs]. ``losses`` are per pair (the engine reduces them); rewards are
   ``beta * (policy - reference)`` per side (``beta * policy`` for reference-free losses), detached.
-- ``LOSS_NAMES``: the valid ``name`` values: sigmoid, robust, hinge, ipo, kto_pair, simpo.
+- ``LOSS_NAMES``: the valid ``name`` values: sigmoid, robust, hinge, ipo, kto_pair, simpo, exo_pair,
+  nca_pair, sppo_hard, apo_zero, apo_down, discopop (the names TRL's ``loss_type`` uses).
 - ``LOSS_OPTIONS``: name -> the ``options`` that loss accepts (with their defaults).
 - ``REFERENCE_FREE_LOSSES``: losses that ignore the reference (the ref arguments may be None).
 - ``MEAN_LOGP_LOSSES``: losses defined on length-normalized (mean per-token) log-probs; the config
@@ -16,10 +17,12 @@ Public API:
   loss, Sec. 2); the engine adds ``alpha * sft_nll(...)`` to the preference losses.
 
 Notation: with summed response log-probs pi_c, pi_r (policy) and ref_c, ref_r (reference),
-``logits = (pi_c - pi_r) - (ref_c - ref_r)``. Options: ``label_smoothing`` (eps, the assumed
-label-flip rate) for sigmoid, robust and simpo; ``gamma`` (the absolute target reward margin,
-default 0.5 like ``loss.gamma``; TRL's ``gamma_beta_ratio`` is ``gamma / beta``) for simpo. A
-``label_smoothing`` of 0 is accepted by every loss so that one config can drive them all.
+``logits = (pi_c - pi_r) - (ref_c - ref_r)`` and the per-side log-ratios ``pi_c - ref_c``,
+``pi_r - ref_r``. Options, named as the ``loss.*`` config fields that feed them: ``label_smoothing``
+(eps, the assumed label-flip rate) for sigmoid, robust and simpo, and EXO's target (1 - eps, eps),
+which needs eps > 0; ``gamma`` (the absolute target reward margin, default 0.5 like ``loss.gamma``;
+TRL's ``gamma_beta_ratio`` is ``gamma / beta``) for simpo; ``discopop_tau`` for discopop. A
+``label_smoothing`` of 0 is accepted by every other loss so that one config can drive them all.
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ class _Pairs(NamedTuple):
 
     def logits(self) -> torch.Tensor:
         return (self.policy_chosen - self.policy_rejected) - (self.ref_chosen - self.ref_rejected)
+
+    def chosen_ratio(self) -> torch.Tensor:
+        return self.policy_chosen - self.ref_chosen
+
+    def rejected_ratio(self) -> torch.Tensor:
+        return self.policy_rejected - self.ref_rejected
 
 
 def _smoothed_logistic(margin: torch.Tensor, eps: float) -> torch.Tensor:
@@ -70,8 +79,7 @@ def _ipo(pairs: _Pairs, beta: float) -> torch.Tensor:
 
 def _kto_pair(pairs: _Pairs, beta: float) -> torch.Tensor:
     """KTO, Ethayarajh et al. 2024 (arXiv 2402.01306), paired form with batch KL baselines as TRL's kto_pair."""
-    chosen_ratio = pairs.policy_chosen - pairs.ref_chosen
-    rejected_ratio = pairs.policy_rejected - pairs.ref_rejected
+    chosen_ratio, rejected_ratio = pairs.chosen_ratio(), pairs.rejected_ratio()
     # The KL reference points are batch statistics, not paths for the gradient (as in TRL's KTO).
     chosen_kl = chosen_ratio.detach().mean().clamp(min=0)
     rejected_kl = rejected_ratio.detach().mean().clamp(min=0)
@@ -86,6 +94,46 @@ def _simpo(pairs: _Pairs, beta: float, *, gamma: float = 0.5, label_smoothing: f
     return _smoothed_logistic(margin, label_smoothing)
 
 
+def _exo_pair(pairs: _Pairs, beta: float, *, label_smoothing: float = 1e-3) -> torch.Tensor:
+    """EXO, Ji et al. 2024 (arXiv 2402.00856) eq. 16 for a pair: KL(sigmoid(beta * logits) || (1 - eps, eps))."""
+    margin, eps = beta * pairs.logits(), label_smoothing
+    return torch.sigmoid(margin) * (F.logsigmoid(margin) - math.log(1 - eps)) + torch.sigmoid(-margin) * (
+        F.logsigmoid(-margin) - math.log(eps)
+    )
+
+
+def _nca_pair(pairs: _Pairs, beta: float) -> torch.Tensor:
+    """NCA, Chen et al. 2024 (arXiv 2402.05369), the pairwise NCA loss on rewards beta * (pi - ref) per side."""
+    chosen, rejected = beta * pairs.chosen_ratio(), beta * pairs.rejected_ratio()
+    return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
+
+
+def _sppo_hard(pairs: _Pairs, beta: float) -> torch.Tensor:
+    """SPPO, Wu et al. 2024 (arXiv 2405.00675) eq. 4.7 with hard win probabilities (chosen 1, rejected 0)."""
+    return (pairs.chosen_ratio() - 0.5 / beta) ** 2 + (pairs.rejected_ratio() + 0.5 / beta) ** 2
+
+
+def _apo_zero(pairs: _Pairs, beta: float) -> torch.Tensor:
+    """APO-zero, D'Oosterlinck et al. 2024 (arXiv 2408.06266) eq. 7: raise chosen, lower rejected likelihood."""
+    return 1 - torch.sigmoid(beta * pairs.chosen_ratio()) + torch.sigmoid(beta * pairs.rejected_ratio())
+
+
+def _apo_down(pairs: _Pairs, beta: float) -> torch.Tensor:
+    """APO-down, ibid. eq. 8: lower both likelihoods, the rejected more (chosen answers worse than the model's)."""
+    chosen = pairs.chosen_ratio()
+    return torch.sigmoid(beta * chosen) + 1 - torch.sigmoid(beta * (chosen - pairs.rejected_ratio()))
+
+
+def _discopop(pairs: _Pairs, beta: float, *, discopop_tau: float = 0.05) -> torch.Tensor:
+    """DiscoPOP, Lu et al. 2024 (arXiv 2406.08414) eq. 5: logistic and exponential losses mixed by sigmoid(margin / tau)."""
+    margin = beta * pairs.logits()
+    mix = torch.sigmoid(margin / discopop_tau)
+    # exp(-margin) * mix in log space: exp(-margin) alone overflows for very negative margins, where mix
+    # is 0 and the product would be inf * 0 = nan.
+    exponential = torch.exp(F.logsigmoid(margin / discopop_tau) - margin)
+    return -F.logsigmoid(margin) * (1 - mix) + exponential
+
+
 _LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "sigmoid": _sigmoid,
     "robust": _robust,
@@ -93,6 +141,12 @@ _LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "ipo": _ipo,
     "kto_pair": _kto_pair,
     "simpo": _simpo,
+    "exo_pair": _exo_pair,
+    "nca_pair": _nca_pair,
+    "sppo_hard": _sppo_hard,
+    "apo_zero": _apo_zero,
+    "apo_down": _apo_down,
+    "discopop": _discopop,
 }
 LOSS_NAMES = tuple(_LOSSES)
 LOSS_OPTIONS = {
@@ -153,11 +207,16 @@ def _checked_options(name: str, options: dict) -> dict:
             valid = ", ".join(accepted) or "none"
             raise ValueError(f"loss {name!r} does not take option {key}={value!r}; its options: {valid}")
         checked[key] = value
-    eps = checked.get("label_smoothing", 0.0)
-    upper_ok = eps < 0.5 if name == "robust" else eps <= 0.5
-    if not (isinstance(eps, (int, float)) and 0 <= eps and upper_ok):
-        bound = "[0, 0.5)" if name == "robust" else "[0, 0.5]"
+    eps = checked.get("label_smoothing", accepted.get("label_smoothing", 0.0))
+    # rDPO divides by 1 - 2 eps and EXO takes log(eps): each needs eps strictly inside at that end.
+    open_low, open_high = name == "exo_pair", name in ("robust", "exo_pair")
+    in_range = isinstance(eps, (int, float)) and (0 < eps if open_low else 0 <= eps) and (eps < 0.5 if open_high else eps <= 0.5)
+    if not in_range:
+        bound = f"{'(' if open_low else '['}0, 0.5{')' if open_high else ']'}"
         raise ValueError(f"label_smoothing for loss {name!r} must be in {bound}, got {eps!r}")
+    tau = checked.get("discopop_tau", 1.0)
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"discopop_tau for loss {name!r} must be a finite number > 0, got {tau!r}")
     gamma = checked.get("gamma", 0.0)
     if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
         raise ValueError(f"gamma for loss {name!r} must be a finite number >= 0, got {gamma!r}")

@@ -57,6 +57,15 @@ def test_step0_loss_is_ln2_and_run_dir_contract(assets, tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
 
 
+def test_a_loss_preset_trains_with_its_options(assets, tmp_path):
+    """loss=exo_pair reaches the step with the preset's eps = 1e-3: at step 1 policy = reference, so
+    the loss is EXO's value at margin 0, KL((1/2, 1/2) || (1 - eps, eps))."""
+    rows = train_rows(train(assets, tmp_path / "exo", **{"loss": "exo_pair", "train.max_steps": 2}))
+    eps = 1e-3
+    assert abs(rows[0]["loss"] - (0.5 * math.log(0.5 / (1 - eps)) + 0.5 * math.log(0.5 / eps))) < 1e-6
+    assert rows[1]["loss"] != rows[0]["loss"]  # it trained
+
+
 def test_world_size_invariance(assets, tmp_path):
     one = train_rows(train(assets, tmp_path / "w1", **{"cluster.nproc_per_node": 1}))
     two = train_rows(train(assets, tmp_path / "w2", **{"cluster.nproc_per_node": 2}))

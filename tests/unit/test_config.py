@@ -32,6 +32,9 @@ def test_defaults_are_valid_and_round_trip():
         ({"model": {"nonsense": 1}}, "model.nonsense: unknown config key"),
         ({"stage": "rl"}, "stage: got 'rl'"),
         ({"deepspeed": {"grad_accum_dtype": "fp16"}}, "deepspeed.grad_accum_dtype: got 'fp16'"),
+        ({"loss": {"name": "exo_pair"}}, "loss.label_smoothing: exo_pair needs eps > 0"),
+        ({"loss": {"name": "hinge", "label_smoothing": 0.1}}, "loss.label_smoothing: hinge has no label smoothing"),
+        ({"loss": {"name": "discopop", "discopop_tau": 0}}, "loss.discopop_tau: must be > 0"),
     ],
 )
 def test_invalid_values_name_the_key(values, message):
@@ -76,6 +79,28 @@ def test_cli_config_errors_are_one_line_exit_2(override, expected):
     assert len(lines) == 1 and lines[0].startswith("dpo-train: error: "), result.stderr
     assert expected in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_every_loss_preset_feeds_exactly_its_options_to_the_loss():
+    """conf/loss/<name>.yaml selects a dpo_dist.losses function and the engine hands it the loss.*
+    fields it takes, named alike; the config's list of smoothed losses is the functions' own."""
+    import yaml
+
+    from dpo_dist.config import LOSS_NAMES as CONFIG_LOSS_NAMES
+    from dpo_dist.config import SMOOTHED_LOSSES
+    from dpo_dist.engine import loss_options
+    from dpo_dist.losses import LOSS_NAMES, LOSS_OPTIONS
+
+    presets = {p.stem: yaml.safe_load(p.read_text()) for p in (REPO / "conf" / "loss").glob("*.yaml")}
+    assert set(presets) == set(CONFIG_LOSS_NAMES) == set(LOSS_NAMES) | {"rpo"}
+    for name, values in presets.items():
+        cfg = config_from_dict({"loss": values})
+        options = loss_options(cfg)
+        assert set(options) == set(LOSS_OPTIONS[cfg.loss.kernel_name()]), name
+        assert all(options[key] == getattr(cfg.loss, key) for key in options)
+        assert ("label_smoothing" in options) == (name in SMOOTHED_LOSSES), name
+    assert loss_options(config_from_dict({"loss": presets["exo_pair"]})) == {"label_smoothing": 0.001}
+    assert loss_options(config_from_dict({"loss": {**presets["discopop"], "discopop_tau": 0.2}})) == {"discopop_tau": 0.2}
 
 
 def test_sweep_values_are_each_validated():

@@ -32,9 +32,10 @@ def sigmoid(x: torch.Tensor) -> torch.Tensor:
     return 1 / (1 + torch.exp(-x))
 
 
-def expected_loss(name, pc, pr, rc, rr, beta, eps=0.0, gamma=0.5):
+def expected_loss(name, pc, pr, rc, rr, beta, eps=0.0, gamma=0.5, tau=0.05):
     """Each paper's per-pair loss, from the brief's formulas, in float64."""
     h = (pc - pr) - (rc - rr)
+    a, b = pc - rc, pr - rr  # per-side log-ratios
     if name == "sigmoid":
         return -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h)
     if name == "robust":
@@ -52,6 +53,20 @@ def expected_loss(name, pc, pr, rc, rr, beta, eps=0.0, gamma=0.5):
     if name == "simpo":
         margin = beta * pc - beta * pr - gamma
         return -(1 - eps) * log_sigmoid(margin) - eps * log_sigmoid(-margin)
+    if name == "exo_pair":  # KL(p || q) of the two-outcome distributions p = (s, 1 - s), q = (1 - eps, eps)
+        s = sigmoid(beta * h)
+        return s * torch.log(s / (1 - eps)) + (1 - s) * torch.log((1 - s) / eps)
+    if name == "nca_pair":
+        return -log_sigmoid(beta * a) - 0.5 * log_sigmoid(-beta * a) - 0.5 * log_sigmoid(-beta * b)
+    if name == "sppo_hard":
+        return (a - 1 / (2 * beta)) ** 2 + (b + 1 / (2 * beta)) ** 2
+    if name == "apo_zero":
+        return (1 - sigmoid(beta * a)) + sigmoid(beta * b)
+    if name == "apo_down":
+        return sigmoid(beta * a) + (1 - sigmoid(beta * (a - b)))
+    if name == "discopop":
+        mix = sigmoid(beta * h / tau)
+        return -log_sigmoid(beta * h) * (1 - mix) + torch.exp(-beta * h) * mix
     raise AssertionError(name)
 
 
@@ -68,6 +83,8 @@ def random_logps(seed: int, pairs: int = 16, scale: float = 20.0) -> list[torch.
 def cases():
     for name in LOSS_NAMES:
         epsilons = EPSILONS if "label_smoothing" in LOSS_OPTIONS[name] else [0.0]
+        if name == "exo_pair":  # its target (1 - eps, eps) needs eps > 0
+            epsilons = [1e-3, 0.1, 0.3]
         for beta in BETAS:
             for eps in epsilons:
                 yield pytest.param(name, beta, eps, id=f"{name}-beta{beta}-eps{eps}")
@@ -80,8 +97,12 @@ def test_loss_matches_formula_in_value_and_gradient(name, beta, eps, seed):
     options = {"label_smoothing": eps} if "label_smoothing" in LOSS_OPTIONS[name] else {}
     if name == "simpo":
         options["gamma"] = 0.3 + seed * 0.4
+    if name == "discopop":
+        options["discopop_tau"] = 0.05 * (1 + seed)
     losses, chosen_rewards, rejected_rewards = preference_loss(name, *inputs, beta=beta, **options)
-    expected = expected_loss(name, *inputs, beta=beta, eps=eps, gamma=options.get("gamma", 0.5))
+    expected = expected_loss(
+        name, *inputs, beta=beta, eps=eps, gamma=options.get("gamma", 0.5), tau=options.get("discopop_tau", 0.05)
+    )
 
     assert losses.shape == (16,)
     torch.testing.assert_close(losses, expected, rtol=1e-10, atol=1e-12)
@@ -113,10 +134,70 @@ def test_defaults_and_special_values():
         preference_loss("simpo", pc, pr, None, None, beta=2.0)[0],
         expected_loss("simpo", pc, pr, rc, rr, beta=2.0, gamma=0.5),
     )
-    # A zero label_smoothing is accepted everywhere, so one config can drive every loss.
-    for name in LOSS_NAMES:
+    # A zero label_smoothing is accepted everywhere (but by EXO, whose target needs eps > 0), so
+    # one config can drive every other loss.
+    for name in set(LOSS_NAMES) - {"exo_pair"}:
         preference_loss(name, pc, pr, rc, rr, beta=0.1, label_smoothing=0.0)
     assert REFERENCE_FREE_LOSSES == MEAN_LOGP_LOSSES == {"simpo"}
+
+
+def test_values_where_policy_equals_reference():
+    """logits = 0 and both log-ratios 0: each loss's value there follows from its formula by hand."""
+    zero = torch.zeros(3, dtype=torch.float64)
+    beta, eps, ln2 = 0.1, 1e-3, math.log(2)
+    at_zero = {
+        "exo_pair": 0.5 * math.log(0.5 / (1 - eps)) + 0.5 * math.log(0.5 / eps),
+        "nca_pair": 2 * ln2,
+        "sppo_hard": 2 * (1 / (2 * beta)) ** 2,
+        "apo_zero": 1.0,
+        "apo_down": 1.0,
+        "discopop": 0.5 * ln2 + 0.5,
+    }
+    for name, value in at_zero.items():
+        losses = preference_loss(name, zero, zero, zero, zero, beta=beta)[0]
+        torch.testing.assert_close(losses, torch.full_like(losses, value), msg=name)
+
+
+def grads(name, chosen_ratio, rejected_ratio):
+    """d loss / d policy_chosen and d policy_rejected at the given log-ratios (reference at 0)."""
+    pc = torch.tensor([chosen_ratio], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([rejected_ratio], dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros(1, dtype=torch.float64)
+    losses = preference_loss(name, pc, pr, zero, zero, beta=0.1)[0]
+    return [g.item() for g in torch.autograd.grad(losses.sum(), (pc, pr))]
+
+
+def test_losses_point_the_gradient_the_way_their_papers_say():
+    """Gradient descent at policy = reference raises the chosen log-prob and lowers the rejected one,
+    except APO-down: its two chosen terms cancel there; once the rejected answer is well below
+    (margin 50, beta 0.1) it lowers the chosen log-prob too, for answers worse than the model's.
+    DiscoPOP is non-convex where its mix switches: within a few tau of margin 0 its exponential part
+    (1 at 0, above the logistic ln 2) takes over as the margin grows, so there it pushes the margin
+    down; from beta * margin = +-1 on it pushes the margin up like the others."""
+    for name in set(LOSS_NAMES) - {"apo_down", "discopop"}:
+        grad_chosen, grad_rejected = grads(name, 0.0, 0.0)
+        assert grad_chosen < 0 < grad_rejected, name
+    for margin in (-10.0, 10.0):
+        grad_chosen, grad_rejected = grads("discopop", margin / 2, -margin / 2)
+        assert grad_chosen < 0 < grad_rejected, margin
+    grad_chosen, grad_rejected = grads("discopop", 0.0, 0.0)
+    assert grad_chosen > 0 > grad_rejected
+    assert grads("apo_down", 0.0, 0.0)[0] == 0 < grads("apo_down", 0.0, 0.0)[1]
+    grad_chosen, grad_rejected = grads("apo_down", 0.0, -50.0)
+    assert grad_chosen > 0 and grad_rejected > 0
+    grad_chosen, grad_rejected = grads("apo_zero", 0.0, -50.0)
+    assert grad_chosen < 0 < grad_rejected
+
+
+def test_discopop_stays_finite_where_its_exponential_overflows():
+    """At a margin of -500 exp(-margin) is inf in float32; the mix weight there is 0, so the loss is
+    the logistic part (500) and its gradient that of -logsigmoid."""
+    pc = torch.tensor([-5000.0], requires_grad=True)
+    zero = torch.zeros(1)
+    loss = preference_loss("discopop", pc, zero, zero, zero, beta=0.1)[0]
+    (grad,) = torch.autograd.grad(loss.sum(), pc)
+    torch.testing.assert_close(loss, torch.tensor([500.0]))
+    torch.testing.assert_close(grad, torch.tensor([-0.1]))
 
 
 def test_sft_nll_is_mean_token_nll_of_chosen():
@@ -135,7 +216,8 @@ def test_sft_nll_is_mean_token_nll_of_chosen():
         (
             "dpo",
             {"beta": 0.1},
-            "unknown preference loss 'dpo'; valid names: sigmoid, robust, hinge, ipo, kto_pair, simpo",
+            "unknown preference loss 'dpo'; valid names: sigmoid, robust, hinge, ipo, kto_pair, simpo, exo_pair, "
+            "nca_pair, sppo_hard, apo_zero, apo_down, discopop",
         ),
         ("sigmoid", {"beta": 0.0}, "beta must be a finite number > 0, got 0.0"),
         ("ipo", {"beta": -0.1}, "beta must be a finite number > 0"),
@@ -155,6 +237,8 @@ def test_sft_nll_is_mean_token_nll_of_chosen():
         ),
         ("ipo", {"beta": 0.1, "gamma": 1.0}, "loss 'ipo' does not take option gamma=1.0; its options: none"),
         ("simpo", {"beta": 2.0, "gamma": -1.0}, "gamma for loss 'simpo' must be a finite number >= 0"),
+        ("exo_pair", {"beta": 0.1, "label_smoothing": 0.0}, r"label_smoothing for loss 'exo_pair' must be in \(0, 0.5\)"),
+        ("discopop", {"beta": 0.1, "discopop_tau": 0.0}, "discopop_tau for loss 'discopop' must be a finite number > 0"),
     ],
 )
 def test_invalid_names_and_options_raise(name, kwargs, message):
