@@ -247,6 +247,12 @@ class DeepSpeedConfig:
     """Parameters smaller than this stay gathered (stage3_param_persistence_threshold)."""
     max_live_parameters: int = 1_000_000_000
     """Upper bound on gathered parameters at once (stage3_max_live_parameters)."""
+    leaf_modules: str = "auto"
+    """ZeRO-3 fetch units. auto: every transformer block (the model's ``_no_split_modules`` classes,
+    e.g. LlamaDecoderLayer) is gathered whole, one hook and one all-gather per block instead of one
+    per linear and norm, whose host overhead dominates small steps (benchmarks/README.md); none:
+    DeepSpeed's per-module hooks; or comma-separated module class names. LoRA runs keep per-module
+    hooks (DeepSpeed cannot gather a block holding PEFT adapters whole)."""
     comm_timeout_minutes: int = 30
     """Collective timeout: a dead rank fails the job instead of hanging it."""
 

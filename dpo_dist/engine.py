@@ -36,7 +36,7 @@ from torch import nn
 
 from dpo_dist import distributed as D
 from dpo_dist.attention import enable_packed_attention, resolve_attn_backend, unwrap_model
-from dpo_dist.config import ConfigError, DPOConfig, LoraConfig
+from dpo_dist.config import ConfigError, DeepSpeedConfig, DPOConfig, LoraConfig
 from dpo_dist.data import collate_packed, load_tokenized, pack_pairs
 from dpo_dist.data.batch import PackedBatch
 from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
@@ -146,6 +146,45 @@ def ds_config(cfg: DPOConfig, dtype: torch.dtype) -> dict[str, Any]:
     return cfg.deepspeed.to_dict(bf16=dtype == torch.bfloat16, grad_clip=cfg.optim.grad_clip)
 
 
+def load_for_deepspeed(cfg: DPOConfig, path: str, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The causal LM at ``path`` loaded for ``deepspeed.initialize`` in the run's dtype (partitioned
+    at load under ZeRO-3), and the DeepSpeed config to initialize it with."""
+    dtype = training_dtype(cfg, device)
+    dsc = ds_config(cfg, dtype)
+    model = load_causal_lm(path, dtype, dsc)
+    return model, dsc
+
+
+def mark_fetch_units(model: nn.Module, ds: DeepSpeedConfig) -> list[str]:
+    """Under ZeRO-3 make each module of the ``deepspeed.leaf_modules`` classes a leaf: DeepSpeed then
+    hooks and gathers it as one unit. Must run before ``deepspeed.initialize`` (it sets the hooks).
+    Returns the class names marked."""
+    import deepspeed
+    from deepspeed.utils import set_z3_leaf_modules
+
+    leaf_modules = ds.leaf_modules
+    if ds.stage != 3 or leaf_modules == "none":
+        return []
+    if _is_peft(model):
+        # DeepSpeed 0.19 releases an adapter weight inside a leaf block before its backward uses it
+        # (size-0 tensor in LoRA's matmul backward); per-module hooks handle adapters correctly.
+        log.info("ZeRO-3 fetch units: per module (DeepSpeed %s cannot gather a block holding PEFT adapters whole)", deepspeed.__version__)
+        return []
+    if leaf_modules == "auto":
+        names = list(getattr(model, "_no_split_modules", None) or [])
+    else:
+        names = [name.strip() for name in leaf_modules.split(",") if name.strip()]
+    present = {type(m).__name__ for m in model.modules()}
+    missing = [name for name in names if name not in present]
+    if missing and leaf_modules != "auto":
+        raise ConfigError(f"deepspeed.leaf_modules: no module of class {', '.join(missing)} in this model")
+    names = [name for name in names if name in present]
+    if names:
+        marked = set_z3_leaf_modules(model, names)
+        log.info("ZeRO-3 fetch units: %d %s modules, each gathered whole", len(marked), "/".join(names))
+    return names
+
+
 def load_causal_lm(path: str, dtype: torch.dtype, ds_cfg: dict[str, Any]) -> nn.Module:
     """Load a Hugging Face causal LM partitioned at load time under ZeRO-3.
 
@@ -237,14 +276,13 @@ def lr_lambda(cfg: DPOConfig):
 def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
     import deepspeed
 
-    dtype = training_dtype(cfg, device)
-    dsc = ds_config(cfg, dtype)
-    model = load_causal_lm(cfg.model.path, dtype, dsc)
+    model, dsc = load_for_deepspeed(cfg, cfg.model.path, device)
     enable_packed_attention(model, backend)
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora, cfg.train.seed)
+    mark_fetch_units(model, cfg.deepspeed)
     normalize = "sum" if cfg.stage == "sft" else cfg.loss.logp_normalization
     policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, normalize, cfg.train.micro_batch_tokens)
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -305,9 +343,8 @@ def build_inference_engine(cfg: DPOConfig, path: str, device: torch.device, back
     """A frozen model as a ZeRO-3 inference engine of ``PackedPolicy`` (partitioned like the policy)."""
     import deepspeed
 
-    dtype = training_dtype(cfg, device)
-    dsc = ds_config(cfg, dtype)
-    model = load_causal_lm(path, dtype, dsc)
+    model, dsc = load_for_deepspeed(cfg, path, device)
+    mark_fetch_units(model, cfg.deepspeed)
     enable_packed_attention(model, backend)
     model.requires_grad_(False)
     policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, normalize, cfg.train.micro_batch_tokens)
@@ -323,9 +360,8 @@ def build_generation_engine(cfg: DPOConfig, path: str, device: torch.device):
     (``dpo_dist.generation.generate_texts(synced_batches=...)``). Call ``engine.module.generate``."""
     import deepspeed
 
-    dtype = training_dtype(cfg, device)
-    dsc = ds_config(cfg, dtype)
-    model = load_causal_lm(path, dtype, dsc)
+    model, dsc = load_for_deepspeed(cfg, path, device)
+    mark_fetch_units(model, cfg.deepspeed)
     model.requires_grad_(False)
     engine = deepspeed.initialize(model=model, config=dsc)[0]
     engine.eval()

@@ -22,9 +22,11 @@ Memory model (bytes per GPU; N = ranks, P = parameters, Pt = trainable parameter
 - logits: one chunk of ``model.logits_chunk_tokens`` positions x vocab at a time, forward and
   recomputed in backward: bf16 logits, fp32 upcast, fp32 log-softmax, fp32 and bf16 gradients:
   ``(2b + 12)*chunk*V``.
-- ZeRO-3 buffers: the largest module gathered in full plus its full gradient before the
+- ZeRO-3 buffers: the largest fetch unit gathered in full plus its full gradient before the
   reduce-scatter (DeepSpeed's own estimate counts the same ``4*largest_layer``), the prefetch bucket
-  and two reduce buckets.
+  and two reduce buckets. A fetch unit is one module, or a whole transformer block when blocks are
+  gathered whole (``deepspeed.leaf_modules``, default); for Llama 3 the LM head is larger than a
+  block either way.
 - reference: none when precomputed; with ``reference.mode=online`` a second partitioned copy of the
   weights plus its own gathered module (LoRA runs the reference as the policy with adapters
   disabled, so no copy).
@@ -148,8 +150,13 @@ class ModelShape:
         return self.layers * (self.layer_params() - 2 * self.hidden) + self.embedding_params()
 
     def largest_module_params(self) -> int:
-        """Parameters of the largest single module: what ZeRO-3 gathers in one piece."""
+        """Parameters of the largest single module (embedding, LM head or one linear layer)."""
         return max([self.embedding_params(), *(a * b for a, b in self.linear_shapes().values())])
+
+    def largest_fetch_params(self, whole_blocks: bool) -> int:
+        """Parameters ZeRO-3 gathers in one piece: the largest module, or a whole transformer block
+        if that is larger and blocks are fetch units (``deepspeed.leaf_modules``)."""
+        return max(self.largest_module_params(), self.layer_params() if whole_blocks else 0)
 
     def lora_params(self, r: int, targets: Iterable[str]) -> int:
         """Adapter parameters of rank ``r`` on the named linear layers of every block."""
@@ -216,6 +223,8 @@ class PlanSettings:
     prefetch_bucket: int = 50_000_000
     reduce_bucket: int = 50_000_000
     max_live_parameters: int = 1_000_000_000
+    whole_blocks: bool = True
+    """ZeRO-3 gathers each transformer block whole (``deepspeed.leaf_modules`` other than none)."""
     host_memory_gb: float = 0.0
     """Host memory per node for the offload check; 0 = unknown (not checked)."""
 
@@ -246,6 +255,7 @@ class PlanSettings:
             prefetch_bucket=ds.prefetch_bucket_size,
             reduce_bucket=ds.reduce_bucket_size,
             max_live_parameters=ds.max_live_parameters,
+            whole_blocks=ds.leaf_modules != "none" and not cfg.model.lora.enabled,  # see engine.mark_fetch_units
             host_memory_gb=cluster.mem_gb,
         )
 
@@ -310,7 +320,7 @@ class MemoryPlan:
         """Parameters, gradients, optimizer states, the step transient and the gathered largest
         module: the quantities DeepSpeed's ``estimate_zero3_model_states_mem_needs`` covers."""
         names = ("parameters", "gradients", "optimizer states", "optimizer-step fp32 gradients")
-        largest = self.settings.dtype_bytes * 2 * self.shape.largest_module_params()
+        largest = self.settings.dtype_bytes * 2 * self.shape.largest_fetch_params(self.settings.whole_blocks)
         return sum(self.item(n) for n in names) + largest
 
     def report(self) -> str:
@@ -393,14 +403,14 @@ def state_items(shape: ModelShape, s: PlanSettings, a: PlanAssumptions) -> list[
 
 def zero3_buffer_items(shape: ModelShape, s: PlanSettings) -> list[MemoryItem]:
     """Gathered parameters and gradient buckets of ZeRO-3, and an online reference's share."""
-    b, largest = s.dtype_bytes, shape.largest_module_params()
+    b, largest = s.dtype_bytes, shape.largest_fetch_params(s.whole_blocks)
     prefetch = min(s.prefetch_bucket, s.max_live_parameters)
     gathered = b * (2 * largest + prefetch) + 2 * b * s.reduce_bucket
     items = [
         MemoryItem(
             "ZeRO-3 gathered params + buckets",
             gathered,
-            f"largest module {largest / 1e6:.0f}M params + its full grad, prefetch, 2 reduce buckets",
+            f"largest fetch unit {largest / 1e6:.0f}M params + its full grad, prefetch, 2 reduce buckets",
             "fwd_bwd",
         )
     ]

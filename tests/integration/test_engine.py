@@ -87,6 +87,24 @@ def test_single_rank_without_zero3_is_the_same_training(assets, tmp_path):
     assert (tmp_path / "z0" / "final" / "model.safetensors").exists()
 
 
+def test_block_fetch_units_and_activation_checkpointing_train_the_same(assets, tmp_path):
+    """ZeRO-3 on 2 ranks gathering each decoder layer whole (deepspeed.leaf_modules=auto, the
+    default) trains as DeepSpeed's per-module hooks do, and so does it with every layer recomputed
+    in backward (model.activation_checkpointing)."""
+    two = {"cluster.nproc_per_node": 2}
+    per_module = train_rows(train(assets, tmp_path / "none", **two, **{"deepspeed.leaf_modules": "none"}))
+    result = run_cli("launch.train", *overrides(assets, tmp_path / "auto", **two))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ZeRO-3 fetch units: 2 LlamaDecoderLayer modules, each gathered whole" in result.stderr
+    blocks = train_rows([json.loads(line) for line in (tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()])
+    recomputed = train_rows(train(assets, tmp_path / "ckpt", **two, **{"model.activation_checkpointing": True}))
+    for rows in (blocks, recomputed):
+        assert [r["step"] for r in rows] == [r["step"] for r in per_module]
+        for a, b in zip(per_module, rows):
+            assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["loss"], b["loss"])
+    assert per_module[-1]["loss"] != per_module[0]["loss"]
+
+
 def test_kill9_resume_matches_uninterrupted(assets, tmp_path):
     steps = {"train.max_steps": 6, "train.checkpoint_every": 2, "cluster.nproc_per_node": 2}
     reference = train_rows(train(assets, tmp_path / "full", **steps))

@@ -148,6 +148,20 @@ def test_70b_fits_from_32_gpus_and_states_are_18_bytes_per_param():
     assert min_gpus_that_fit(s, settings(8, grad_accum_bytes=2)) == 24  # 2 B/param less
 
 
+def test_whole_block_fetch_units_count_a_block_where_it_is_the_largest_piece():
+    """With deepspeed.leaf_modules (default) ZeRO-3 gathers a whole block at once: for Llama 3 the LM
+    head is still the largest piece, for a small-vocabulary model the block is."""
+    s = shape("llama3_70b")
+    assert s.largest_fetch_params(True) == s.largest_fetch_params(False) == s.largest_module_params() == 128256 * 8192
+    small_vocab = ModelShape.from_hf_config({**hf_config("llama3_1b"), "vocab_size": 512})
+    assert small_vocab.largest_fetch_params(True) == small_vocab.layer_params() > small_vocab.largest_module_params()
+    per_module = plan_memory(small_vocab, settings(8, whole_blocks=False)).item("ZeRO-3 gathered params + buckets")
+    blocks = plan_memory(small_vocab, settings(8)).item("ZeRO-3 gathered params + buckets")
+    assert blocks - per_module == 2 * 2 * (small_vocab.layer_params() - small_vocab.largest_module_params())
+    cfg = config_from_dict({"deepspeed": {"leaf_modules": "none"}})
+    assert PlanSettings.from_config(cfg).whole_blocks is False and PlanSettings.from_config(config_from_dict({})).whole_blocks
+
+
 def test_offload_checkpointing_lora_and_reference_move_the_right_items():
     s, n = shape("llama3_70b"), 64
     base = plan_memory(s, settings(n))
