@@ -263,21 +263,24 @@ class DeepSpeedConfig:
         _one_of(self.offload_param, "deepspeed.offload_param", ("none", "cpu"))
         _check(self.comm_timeout_minutes > 0, "deepspeed.comm_timeout_minutes", "must be > 0")
 
-    def to_dict(self, *, bf16: bool, grad_clip: float) -> dict[str, Any]:
+    def to_dict(self, *, bf16: bool, grad_clip: float, frozen: bool = False) -> dict[str, Any]:
         """DeepSpeed config. Batch sizes are 1/1 because the engine forms its own packed
-        micro-batches and marks accumulation boundaries itself."""
-        if bf16 and self.stage == 0 and self.grad_accum_dtype == "fp32":
+        micro-batches and marks accumulation boundaries itself. A ``frozen`` model (reference,
+        generation) runs stages 1 and 2 as 0: they partition only gradients and optimizer states,
+        which it has none of (and DeepSpeed refuses them without an optimizer)."""
+        stage = 0 if frozen and self.stage in (1, 2) else self.stage
+        if bf16 and stage == 0 and self.grad_accum_dtype == "fp32" and not frozen:
             raise ConfigError(
                 "deepspeed.grad_accum_dtype: DeepSpeed's stage 0 sums bf16 gradients in bf16 only; "
                 "set deepspeed.grad_accum_dtype=bf16 or use deepspeed.stage=1 (fp32 sums; it partitions only the optimizer states)"
             )
         zero: dict[str, Any] = {
-            "stage": self.stage,
+            "stage": stage,
             "overlap_comm": self.overlap_comm,
             "contiguous_gradients": True,
             "reduce_bucket_size": self.reduce_bucket_size,
         }
-        if self.stage == 3:
+        if stage == 3:
             zero.update(
                 stage3_prefetch_bucket_size=self.prefetch_bucket_size,
                 stage3_param_persistence_threshold=self.param_persistence_threshold,
@@ -292,7 +295,7 @@ class DeepSpeedConfig:
             "gradient_accumulation_steps": 1,
             "gradient_clipping": grad_clip,
             "bf16": {"enabled": bf16},
-            **({"data_types": {"grad_accum_dtype": self.grad_accum_dtype}} if bf16 else {}),
+            **({"data_types": {"grad_accum_dtype": self.grad_accum_dtype}} if bf16 and not frozen else {}),
             "zero_optimization": zero,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,

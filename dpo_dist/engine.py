@@ -142,15 +142,17 @@ def training_dtype(cfg: DPOConfig, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.dtype]
 
 
-def ds_config(cfg: DPOConfig, dtype: torch.dtype) -> dict[str, Any]:
-    return cfg.deepspeed.to_dict(bf16=dtype == torch.bfloat16, grad_clip=cfg.optim.grad_clip)
+def ds_config(cfg: DPOConfig, dtype: torch.dtype, frozen: bool = False) -> dict[str, Any]:
+    return cfg.deepspeed.to_dict(bf16=dtype == torch.bfloat16, grad_clip=cfg.optim.grad_clip, frozen=frozen)
 
 
-def load_for_deepspeed(cfg: DPOConfig, path: str, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+def load_for_deepspeed(
+    cfg: DPOConfig, path: str, device: torch.device, *, frozen: bool
+) -> tuple[nn.Module, dict[str, Any]]:
     """The causal LM at ``path`` loaded for ``deepspeed.initialize`` in the run's dtype (partitioned
-    at load under ZeRO-3), and the DeepSpeed config to initialize it with."""
+    at load under ZeRO-3), and the DeepSpeed config to initialize it with (``frozen``: no optimizer)."""
     dtype = training_dtype(cfg, device)
-    dsc = ds_config(cfg, dtype)
+    dsc = ds_config(cfg, dtype, frozen)
     model = load_causal_lm(path, dtype, dsc)
     return model, dsc
 
@@ -276,7 +278,7 @@ def lr_lambda(cfg: DPOConfig):
 def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
     import deepspeed
 
-    model, dsc = load_for_deepspeed(cfg, cfg.model.path, device)
+    model, dsc = load_for_deepspeed(cfg, cfg.model.path, device, frozen=False)
     enable_packed_attention(model, backend)
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -343,7 +345,7 @@ def build_inference_engine(cfg: DPOConfig, path: str, device: torch.device, back
     """A frozen model as a ZeRO-3 inference engine of ``PackedPolicy`` (partitioned like the policy)."""
     import deepspeed
 
-    model, dsc = load_for_deepspeed(cfg, path, device)
+    model, dsc = load_for_deepspeed(cfg, path, device, frozen=True)
     mark_fetch_units(model, cfg.deepspeed)
     enable_packed_attention(model, backend)
     model.requires_grad_(False)
@@ -360,7 +362,7 @@ def build_generation_engine(cfg: DPOConfig, path: str, device: torch.device):
     (``dpo_dist.generation.generate_texts(synced_batches=...)``). Call ``engine.module.generate``."""
     import deepspeed
 
-    model, dsc = load_for_deepspeed(cfg, path, device)
+    model, dsc = load_for_deepspeed(cfg, path, device, frozen=True)
     mark_fetch_units(model, cfg.deepspeed)
     model.requires_grad_(False)
     engine = deepspeed.initialize(model=model, config=dsc)[0]

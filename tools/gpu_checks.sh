@@ -12,6 +12,7 @@
 #       FA4 installed: CUDA tests again, our systems with attn_backend=flash -> $OUT/h100-1b-fa4.json
 #   call C (optional):           bash tools/gpu_checks.sh equal
 #       stage 0 at world size 1 vs TRL without activation checkpointing  -> $OUT/h100-1b-equal.json
+#       and stage 1 (ours only)                                          -> $OUT/h100-1b-zero1.json
 #
 # Every step has its own time limit and writes its whole log under $OUT, so one that fails or
 # runs long leaves the others' results; the bench rewrites its JSON after every system.
@@ -65,9 +66,13 @@ equal)
     # DeepSpeed's stage 0 sums bf16 gradients only in bf16; gpu-1b has one micro-batch per step, so
     # nothing is summed and the updates are those of fp32 sums.
     [ -d "$SITE/deepspeed" ] || { echo "no $SITE/deepspeed: run stage core first on this machine"; exit 1; }
-    step 420 bench_equal python3 tools/bench.py --preset gpu-1b --scaling "" --zero-stage 0 \
+    step 400 bench_equal python3 tools/bench.py --preset gpu-1b --scaling "" --zero-stage 0 \
         --set deepspeed.grad_accum_dtype=bf16 \
         --trl-set gradient_checkpointing=false --out "$OUT/h100-1b-equal.json"
+    # Stage 1 keeps fp32 gradient sums (BF16_Optimizer) and partitions nothing else: the other
+    # single-device candidate (benchmarks/README.md, "Equal footing"). TRL's numbers are above.
+    step 170 bench_zero1 python3 tools/bench.py --preset gpu-1b --scaling "" --zero-stage 1 --skip-trl \
+        --systems ours_precomputed,ours_online --out "$OUT/h100-1b-zero1.json"
     ;;
 *)
     echo "unknown stage $stage (core|fa4|equal)"

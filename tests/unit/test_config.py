@@ -54,6 +54,16 @@ def test_bf16_runs_sum_gradients_in_fp32_where_deepspeed_can():
     assert stage0.to_dict(bf16=False, grad_clip=1.0)["zero_optimization"]["stage"] == 0
     with pytest.raises(ConfigError, match="stage 0 sums bf16 gradients in bf16 only"):
         stage0.to_dict(bf16=True, grad_clip=1.0)
+    frozen = stage0.to_dict(bf16=True, grad_clip=1.0, frozen=True)  # a reference model sums nothing
+    assert frozen["zero_optimization"]["stage"] == 0 and "data_types" not in frozen
+
+
+def test_a_frozen_model_runs_stages_1_and_2_as_0():
+    """They partition only gradients and optimizer states; DeepSpeed refuses them without an optimizer."""
+    for stage, frozen_stage in ((0, 0), (1, 0), (2, 0), (3, 3)):
+        ds = config_from_dict({"deepspeed": {"stage": stage}}).deepspeed
+        assert ds.to_dict(bf16=False, grad_clip=1.0, frozen=True)["zero_optimization"]["stage"] == frozen_stage
+        assert ds.to_dict(bf16=False, grad_clip=1.0)["zero_optimization"]["stage"] == stage
 
 
 def test_rpo_is_sigmoid_plus_nll():
