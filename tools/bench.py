@@ -352,7 +352,9 @@ def _non_embedding_params(model_dir: Path) -> int:
 # ----------------------------------------------------------------------------- TRL
 
 
-def run_trl(preset: Preset, model_dir: Path, data: Path, work: Path, precompute: bool, overrides: dict) -> dict:
+def run_trl(
+    preset: Preset, model_dir: Path, data: Path, work: Path, precompute: bool, overrides: dict, fp32_weights: bool = False
+) -> dict:
     import datasets
     import numpy as np
     import torch
@@ -415,14 +417,16 @@ def run_trl(preset: Preset, model_dir: Path, data: Path, work: Path, precompute:
         use_cpu=device.type == "cpu",
         **overrides,
     )
-    dtype = torch.bfloat16 if preset.dtype == "bf16" else torch.float32
+    # A bf16 checkpoint loads as bf16 weights, and TRL then trains in pure bf16 (AdamW states in bf16,
+    # no fp32 master copy); fp32_weights gives it our engine's precision (bf16 autocast over fp32).
+    dtype = torch.bfloat16 if preset.dtype == "bf16" and not fp32_weights else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     trainer = Counting(model=model, args=args, train_dataset=train_ds, processing_class=tok, callbacks=[Timer()])
     with PeakMemory(device) as mem:
         trainer.train()
     timing.tokens, timing.seq_sq = float(state["tokens"]), float(state["seq_sq"])
     setup = {"distributed_type": str(trainer.accelerator.distributed_type), "padding_free": bool(args.padding_free),
-             "gradient_checkpointing": bool(args.gradient_checkpointing)}
+             "gradient_checkpointing": bool(args.gradient_checkpointing), "weights_dtype": str(dtype).removeprefix("torch.")}
     del trainer, model
     n_params = _non_embedding_params(model_dir)
     np.random.seed(0)
@@ -503,6 +507,7 @@ def run(args: argparse.Namespace) -> dict:
             "steps_timed": preset.steps, "warmup_steps": preset.warmup, "zero_stage": args.zero_stage,
             "attention_backend": ours.backend, "peak_tflops": preset.peak_tflops, "overrides": overrides,
             "trl_overrides": trl_overrides,
+            "trl_fp32_weights": args.trl_fp32_weights,
         }
         common = (ours.dataset, ours.device, ours.backend, preset, ours.n_params)
         systems, selected = report["systems"], set(args.systems)
@@ -527,7 +532,7 @@ def run(args: argparse.Namespace) -> dict:
                 write_report(args.out, report)
                 continue
             with without_torchrun_variables():
-                measure(systems, name, lambda precompute=precompute: run_trl(preset, model_dir, data, work, precompute, trl_overrides))
+                measure(systems, name, lambda precompute=precompute: run_trl(preset, model_dir, data, work, precompute, trl_overrides, args.trl_fp32_weights))
         # Scaling last: a run cut short by a time limit still has every system above.
         for tokens in scaling_tokens if table is not None else []:
             scaled = replace(ours.cfg, train=replace(ours.cfg.train, micro_batch_tokens=tokens))
@@ -601,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="override of our run config, e.g. deepspeed.param_persistence_threshold=1e9")
     parser.add_argument("--trl-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override of TRL's DPOConfig, e.g. gradient_checkpointing=false")
+    parser.add_argument("--trl-fp32-weights", action="store_true",
+                        help="load TRL's model in fp32 (bf16 autocast, fp32 AdamW: our engine's precision) "
+                             "instead of the preset's dtype (bf16: pure-bf16 training)")
     parser.add_argument("--skip-trl", action="store_true", help="only our systems (smoke tests)")
     parser.add_argument("--zero-stage", type=int, default=3, choices=(0, 1, 2, 3))
     args = parser.parse_args(argv)

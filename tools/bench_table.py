@@ -36,7 +36,11 @@ def systems_table(report: dict) -> list[str]:
     systems = report["systems"]
     memory = "peak GPU memory (GB)" if "cpu" not in report["device"] else "peak RSS (GB)"
     lines = [f"| system | real tokens/s | vs TRL | MFU | {memory} | step-0 loss |", "|---|---:|---:|---:|---:|---:|"]
-    trl_changes = ", ".join(f"{k}={v}" for k, v in report.get("config", {}).get("trl_overrides", {}).items())
+    config = report.get("config", {})
+    trl_changes = ", ".join(
+        [f"{k}={v}" for k, v in config.get("trl_overrides", {}).items()]
+        + (["fp32 weights"] if config.get("trl_fp32_weights") else [])
+    )
     labels = dict(LABELS)
     if trl_changes:
         labels["trl_online"] = f"TRL `DPOTrainer`, {trl_changes} (online, padded)"

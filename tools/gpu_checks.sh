@@ -13,11 +13,13 @@
 #   call C (optional):           bash tools/gpu_checks.sh equal
 #       stage 0 at world size 1 vs TRL without activation checkpointing  -> $OUT/h100-1b-equal.json
 #       and stage 1 (ours only)                                          -> $OUT/h100-1b-zero1.json
+#   call D (optional):           bash tools/gpu_checks.sh precision
+#       TRL with fp32 master weights (our engine's precision)            -> $OUT/h100-1b-trl-fp32.json
 #
 # Every step has its own time limit and writes its whole log under $OUT, so one that fails or
 # runs long leaves the others' results; the bench rewrites its JSON after every system.
 set -uo pipefail
-stage=${1:?usage: gpu_checks.sh core|fa4|equal}
+stage=${1:?usage: gpu_checks.sh core|fa4|equal|precision}
 OUT=${OUT:-/tmp/gpu_checks_out}
 SITE=/tmp/site
 mkdir -p "$OUT"
@@ -74,8 +76,16 @@ equal)
     step 170 bench_zero1 python3 tools/bench.py --preset gpu-1b --scaling "" --zero-stage 1 --skip-trl \
         --systems ours_precomputed,ours_online --out "$OUT/h100-1b-zero1.json"
     ;;
+precision)
+    # Optional call D: TRL given a bf16 checkpoint trains in pure bf16 (AdamW states in bf16, no fp32
+    # master weights: at DPO learning rates most updates round away); this runs TRL at our precision
+    # (fp32 weights, bf16 autocast), so speed and memory compare like with like.
+    [ -d "$SITE/deepspeed" ] || { echo "no $SITE/deepspeed: run stage core first on this machine"; exit 1; }
+    step 500 bench_trl_fp32 python3 tools/bench.py --preset gpu-1b --scaling "" --trl-fp32-weights \
+        --systems trl_online,trl_precomputed --out "$OUT/h100-1b-trl-fp32.json"
+    ;;
 *)
-    echo "unknown stage $stage (core|fa4|equal)"
+    echo "unknown stage $stage (core|fa4|equal|precision)"
     exit 2
     ;;
 esac

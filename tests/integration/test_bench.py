@@ -33,6 +33,7 @@ def test_bench_smoke_writes_the_schema(tmp_path):
         if name.startswith("trl"):  # TRL as a user runs it: one plain process, no DDP wrapper, its defaults
             assert system["distributed_type"] == "DistributedType.NO", system
             assert system["gradient_checkpointing"] is True and system["padding_free"] is False, system
+            assert system["weights_dtype"] == "float32", system  # the preset's dtype (fp32 on CPU)
         assert system["tokens_per_s"] > 0 and system["peak_mem_gb"] > 0
         assert system["mfu"] is None  # no stated peak on CPU
         if name != "ours_reference_pass":
@@ -44,7 +45,8 @@ def test_bench_subset_with_config_overrides(tmp_path):
     out = tmp_path / "bench.json"
     result = run_cli(
         "tools.bench", "--preset", "cpu-smoke", "--steps", "1", "--systems", "ours_precomputed", "--scaling", "",
-        "--set", "model.logits_chunk_tokens=16", "--trl-set", "gradient_checkpointing=false", "--out", str(out),
+        "--set", "model.logits_chunk_tokens=16", "--trl-set", "gradient_checkpointing=false", "--trl-fp32-weights",
+        "--out", str(out),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -53,6 +55,7 @@ def test_bench_subset_with_config_overrides(tmp_path):
     assert report["scaling_micro_batch_tokens"] == {}
     assert report["config"]["overrides"] == {"model": {"logits_chunk_tokens": 16}}
     assert report["config"]["trl_overrides"] == {"gradient_checkpointing": False}
+    assert report["config"]["trl_fp32_weights"] is True
 
 
 @pytest.mark.parametrize(

@@ -41,3 +41,18 @@ def test_gpu_targets_include_mfu_and_memory(tmp_path, capsys):
     assert "met  peak memory: ours at most 33.0 GB, TRL at least 40.0 GB" in out
     assert "| ours, reference pass alone (forward only) | error: RuntimeError: boom |" in out
     assert out.index("| 1,024 |") < out.index("| 4,096 |")
+
+
+def test_trl_rows_name_what_the_run_changed(tmp_path, capsys):
+    report = {
+        "device": "cpu (2 cores)", "preset": "cpu-small",
+        "config": {"trl_overrides": {"gradient_checkpointing": False}, "trl_fp32_weights": True},
+        "systems": {"trl_online": system(400), "trl_precomputed": system(500)},
+        "scaling_micro_batch_tokens": {},
+    }
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report))
+    bench_table.main([str(path)])
+    out = capsys.readouterr().out
+    assert "| TRL `DPOTrainer`, gradient_checkpointing=False, fp32 weights (online, padded) | 400 |" in out
+    assert "| TRL `precompute_ref_log_probs=True`, gradient_checkpointing=False, fp32 weights | 500 |" in out
