@@ -60,11 +60,13 @@ class PromptItem:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def load_causal_lm(path: str | Path, device=None, dtype: str = "auto"):
+def load_causal_lm(path: str | Path, device=None, dtype: str = "auto", device_map: str | None = None):
     """``(model, tokenizer)`` from a local directory, in eval mode on ``device``.
 
-    ``dtype=auto`` is bf16 on CUDA and fp32 on CPU, as in training. Nothing is downloaded: a path
-    that is not a model directory is a ``GenerationError``.
+    ``dtype=auto`` is bf16 on CUDA and fp32 on CPU, as in training. ``device_map`` (``auto``,
+    ``balanced``, ``sequential``) instead spreads the layers over every visible GPU (Accelerate's
+    big-model inference): a model no single GPU holds runs in one process, one layer's GPU at a
+    time. Nothing is downloaded: a path that is not a model directory is a ``GenerationError``.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -74,6 +76,9 @@ def load_causal_lm(path: str | Path, device=None, dtype: str = "auto"):
         dtype = "bf16" if device.type == "cuda" else "fp32"
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     tokenizer = load_tokenizer(path)
+    if device_map:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True, device_map=device_map)
+        return model.eval(), tokenizer
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
     return model.to(device).eval(), tokenizer
 

@@ -13,7 +13,8 @@ a prompt or ``max_tokens`` beyond the server's limits (or the model's context) 4
 
 FastAPI and uvicorn (the ``serve`` extra) are imported only when an app is built, so the rest of
 dpo_dist works without them. Requests are served one generation at a time: a single model on one
-device gains nothing from running two at once.
+device (or, with ``device_map``, its layers spread over the visible GPUs and run one after the
+other) gains nothing from running two at once.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time,
@@ -62,11 +63,11 @@ class RequestError(Exception):
 class ServedModel:
     """A causal LM and its tokenizer, generating under a lock."""
 
-    def __init__(self, path: str | Path, name: str, *, device=None, dtype: str = "auto"):
+    def __init__(self, path: str | Path, name: str, *, device=None, dtype: str = "auto", device_map: str | None = None):
         from dpo_dist.generation import load_causal_lm
 
         self.name = name
-        self.model, self.tokenizer = load_causal_lm(path, device, dtype)
+        self.model, self.tokenizer = load_causal_lm(path, device, dtype, device_map)
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         self.created = int(time.time())
         self._lock = threading.Lock()
@@ -300,11 +301,15 @@ def _envelope(prefix: str, kind: str, model: str, choices: list[dict[str, Any]])
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model, "choices": choices}
 
 
-def serve(model_dir: str, *, host: str, port: int, name: str, limits: ServeLimits, dtype: str = "auto") -> None:
+def serve(
+    model_dir: str, *, host: str, port: int, name: str, limits: ServeLimits, dtype: str = "auto", device_map: str | None = None
+) -> None:
     """Load the model and serve it until interrupted."""
     import uvicorn
 
-    served = ServedModel(model_dir, name, dtype=dtype)
+    served = ServedModel(model_dir, name, dtype=dtype, device_map=device_map)
+    if device_map:
+        log.info("device_map=%s placed the layers on %s", device_map, sorted({str(p.device) for p in served.model.parameters()}))
     app = create_app(served, limits)
     log.info("serving %s as %r at http://%s:%d/v1", model_dir, name, host, port)
     uvicorn.run(app, host=host, port=port, log_level="info")

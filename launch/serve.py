@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     parser.add_argument("--served-model-name", metavar="NAME", default=None, help="the model id clients send")
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--device-map", choices=("auto", "balanced", "sequential"), default=None,
+                        help="spread the layers over all visible GPUs (for a model one GPU cannot hold, e.g. 70B); "
+                             "default: the whole model on one device")
     parser.add_argument("--max-prompt-tokens", type=int, default=4096, metavar="N", help="longest prompt accepted")
     parser.add_argument("--max-tokens", type=int, default=512, metavar="N", help="largest max_tokens accepted")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N", help="largest request body (413 above)")
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     limits = ServeLimits(args.max_prompt_tokens, args.max_tokens, args.max_body_bytes)
     try:
         serve(args.model_dir, host=args.host, port=args.port, name=args.served_model_name or args.model_dir,
-              limits=limits, dtype=args.dtype)
+              limits=limits, dtype=args.dtype, device_map=args.device_map)
     except (GenerationError, OSError) as e:
         return fail(" ".join(str(e).split()) or type(e).__name__)
     return 0

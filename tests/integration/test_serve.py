@@ -121,3 +121,23 @@ def test_bad_model_dir_is_one_line_exit_2(tmp_path):
     result = run_cli("launch.serve", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip() == f"dpo-serve: error: {tmp_path}: not a Hugging Face model directory (no config.json)"
+
+
+def test_device_map_spreads_layers_and_answers_alike(tmp_path, monkeypatch):
+    """--device-map (Accelerate's layer placement, for models one GPU cannot hold) reaches
+    from_pretrained and serves the same greedy answer as the whole model on one device; on this
+    CPU-only machine every layer lands on cpu."""
+    from transformers import AutoModelForCausalLM
+
+    from dpo_dist.generation import SamplingParams
+    from dpo_dist.serve import ServedModel
+
+    maps, load = [], AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: maps.append(kw.get("device_map")) or load(*a, **kw))
+    model = make_tiny_model_dir(tmp_path / "model", layers=1)
+    whole, spread = ServedModel(model, NAME), ServedModel(model, NAME, device_map="auto")
+    assert maps == [None, "auto"]
+    assert {str(p.device) for p in spread.model.parameters()} == {"cpu"}
+    ids = [whole.encode("12+34=")]
+    greedy = SamplingParams(max_new_tokens=8)
+    assert [c.text for c in spread.generate(ids, greedy, seed=None)] == [c.text for c in whole.generate(ids, greedy, seed=None)]
