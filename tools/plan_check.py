@@ -91,8 +91,9 @@ def synthetic_pairs(count: int, vocab: int):
     ]
 
 
-def measure(cfg, steps: int, backend: str) -> dict:
-    """Peak allocated/reserved GiB over ``steps`` optimizer steps of one micro-batch each."""
+def measure(cfg, steps: int, backend: str, device: torch.device | None = None) -> dict:
+    """Peak allocated/reserved GiB over ``steps`` optimizer steps of one micro-batch each (on CUDA;
+    elsewhere, as in the CPU test that keeps this script working, only the step time)."""
     from dpo_dist.engine import (
         MicroBatchPlan,
         StepContext,
@@ -102,20 +103,23 @@ def measure(cfg, steps: int, backend: str) -> dict:
         train_step,
     )
 
-    device = torch.device("cuda", 0)
+    device = device or torch.device("cuda", 0)
+    cuda = device.type == "cuda"
     engine = build_engine(cfg, device, backend)
     pairs = synthetic_pairs(cfg.train.pairs_per_step, ModelShape.from_path(cfg.model.path).vocab)
     ctx = StepContext(engine, None, cfg, device, 1)  # reference log-probs as if precomputed (zeros)
     plans = [MicroBatchPlan(list(range(len(pairs))))]
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
         train_step(ctx, pairs, plans)
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     result = {
-        "allocated_gib": torch.cuda.max_memory_allocated() / GIB,
-        "reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+        "allocated_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
+        "reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None,
         "step_s": (time.perf_counter() - start) / steps,
     }
     release_engine(engine)

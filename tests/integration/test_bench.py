@@ -8,11 +8,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.helpers import run_cli
+from tests.helpers import REPO, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -72,3 +75,31 @@ def test_bench_user_errors_are_one_line(tmp_path, args, message):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert [line for line in result.stderr.splitlines() if line.startswith("dpo-bench:")][0].startswith(message)
+
+
+PLAN_CHECK_ON_CPU = """
+import json, sys, torch
+from pathlib import Path
+from dpo_dist import distributed as D
+from tests.helpers import make_tiny_model_dir
+from tools import plan_check
+
+D.init_distributed(D.DistEnv(0, 0, 1, "127.0.0.1", D.free_port(), None), 5)
+cfg = plan_check.run_config(make_tiny_model_dir(Path(sys.argv[1])), {"model": {"dtype": "fp32"}, "train": {"micro_batch_tokens": 4096}})
+measured = plan_check.measure(cfg, 1, "sdpa", torch.device("cpu"))
+planned = plan_check.planned(cfg, "sdpa")
+print(json.dumps({"pairs": cfg.train.pairs_per_step, "measured": measured, "planned": planned}))
+"""
+
+
+def test_plan_check_measures_real_engine_steps_on_cpu(tmp_path):
+    """tools/plan_check.py (the planner's GPU check) drives the real engine; its measuring loop runs
+    here on CPU (step time only), so an engine API change cannot break it unseen before a GPU run."""
+    result = subprocess.run([sys.executable, "-c", PLAN_CHECK_ON_CPU, str(tmp_path / "model")], cwd=REPO,
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["pairs"] == 2  # 4096 tokens / (2 x (512 + 512)) per pair
+    assert report["measured"]["step_s"] > 0 and report["measured"]["allocated_gib"] is None
+    assert report["planned"]["allocated_gib"] > 0 and "activations (saved)" in report["planned"]["items_gib"]
