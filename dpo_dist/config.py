@@ -561,6 +561,8 @@ class DPOConfig:
             "train.micro_batch_tokens",
             f"must be >= 2 * data.max_length ({2 * self.data.max_length}) so any pair fits one micro-batch",
         )
+        if self.model.dtype == "bf16":  # before any work; model.dtype=auto is checked on the device
+            self.deepspeed.to_dict(bf16=True, grad_clip=self.optim.grad_clip)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -32,6 +32,7 @@ def test_defaults_are_valid_and_round_trip():
         ({"model": {"nonsense": 1}}, "model.nonsense: unknown config key"),
         ({"stage": "rl"}, "stage: got 'rl'"),
         ({"deepspeed": {"grad_accum_dtype": "fp16"}}, "deepspeed.grad_accum_dtype: got 'fp16'"),
+        ({"model": {"dtype": "bf16"}, "deepspeed": {"stage": 0}}, "stage 0 sums bf16 gradients in bf16 only"),
         ({"loss": {"name": "exo_pair"}}, "loss.label_smoothing: exo_pair needs eps > 0"),
         ({"loss": {"name": "hinge", "label_smoothing": 0.1}}, "loss.label_smoothing: hinge has no label smoothing"),
         ({"loss": {"name": "discopop", "discopop_tau": 0}}, "loss.discopop_tau: must be > 0"),
