@@ -275,6 +275,18 @@ def lr_lambda(cfg: DPOConfig):
     return factor
 
 
+def build_optimizer(cfg: DPOConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay. With ``deepspeed.offload_optimizer=cpu`` the step runs on
+    the host, where DeepSpeed takes only its own vectorised CPU Adam (it refuses a torch optimizer
+    there: a per-tensor Python step over billions of host parameters would take minutes)."""
+    settings = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    if cfg.deepspeed.offload_optimizer == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **settings)
+    return torch.optim.AdamW(params, fused=device.type == "cuda", **settings)
+
+
 def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
     import deepspeed
 
@@ -287,15 +299,7 @@ def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
     mark_fetch_units(model, cfg.deepspeed)
     normalize = "sum" if cfg.stage == "sft" else cfg.loss.logp_normalization
     policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, normalize, cfg.train.micro_batch_tokens)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-        eps=cfg.optim.eps,
-        weight_decay=cfg.optim.weight_decay,
-        fused=device.type == "cuda",
-    )
+    optimizer = build_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad], device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=dsc
