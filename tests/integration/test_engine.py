@@ -122,6 +122,26 @@ def test_optimizer_offload_trains_the_same(assets, tmp_path):
     assert (tmp_path / "off" / "final" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("preset", ["llama3_70b_32gpu", "llama3_70b_64gpu"])
+def test_70b_experiment_presets_train_end_to_end_on_the_tiny_model(assets, tmp_path, preset):
+    """Every setting a 70B preset combines (offload or not, 16k/8k-token micro-batches, activation
+    checkpointing, sharded win-rate generation, its schedule) runs together: the tiny model in
+    their place, on 2 local ranks. Memory is dpo-plan's job (tests/unit/test_memory.py)."""
+    out = tmp_path / preset
+    result = run_cli(
+        "launch.train", f"experiment={preset}", f"model.path={assets['model']}", "data=custom",
+        f"data.train_path={assets['train']}", f"data.eval_path={assets['eval']}", "cluster=local",
+        "cluster.nproc_per_node=2", "train.max_steps=2", "wandb.mode=disabled", f"output_dir={out}",
+        f"reference.cache_dir={tmp_path / 'ref'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = (out / "config.yaml").read_text()
+    assert "activation_checkpointing: true" in config and "shard_generation: true" in config
+    assert ("offload_optimizer: cpu" in config) == (preset == "llama3_70b_32gpu")
+    assert [r["step"] for r in train_rows([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])] == [1, 2]
+    assert (out / "final" / "model.safetensors").exists()
+
+
 def test_kill9_resume_matches_uninterrupted(assets, tmp_path):
     steps = {"train.max_steps": 6, "train.checkpoint_every": 2, "cluster.nproc_per_node": 2}
     reference = train_rows(train(assets, tmp_path / "full", **steps))
