@@ -76,11 +76,8 @@ def load_causal_lm(path: str | Path, device=None, dtype: str = "auto", device_ma
         dtype = "bf16" if device.type == "cuda" else "fp32"
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     tokenizer = load_tokenizer(path)
-    if device_map:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True, device_map=device_map)
-        return model.eval(), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-    return model.to(device).eval(), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True, device_map=device_map)
+    return (model if device_map else model.to(device)).eval(), tokenizer
 
 
 def load_tokenizer(path: str | Path):
