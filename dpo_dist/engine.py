@@ -142,17 +142,13 @@ def training_dtype(cfg: DPOConfig, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.dtype]
 
 
-def ds_config(cfg: DPOConfig, dtype: torch.dtype, frozen: bool = False) -> dict[str, Any]:
-    return cfg.deepspeed.to_dict(bf16=dtype == torch.bfloat16, grad_clip=cfg.optim.grad_clip, frozen=frozen)
-
-
 def load_for_deepspeed(
     cfg: DPOConfig, path: str, device: torch.device, *, frozen: bool
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The causal LM at ``path`` loaded for ``deepspeed.initialize`` in the run's dtype (partitioned
     at load under ZeRO-3), and the DeepSpeed config to initialize it with (``frozen``: no optimizer)."""
     dtype = training_dtype(cfg, device)
-    dsc = ds_config(cfg, dtype, frozen)
+    dsc = cfg.deepspeed.to_dict(bf16=dtype == torch.bfloat16, grad_clip=cfg.optim.grad_clip, frozen=frozen)
     model = load_causal_lm(path, dtype, dsc)
     return model, dsc
 
