@@ -203,11 +203,12 @@ class OptimConfig:
     eps: float = 1e-8
     """Adam epsilon."""
     warmup_steps: int = 0
-    """Linear warmup from 0 to lr over this many optimizer steps."""
+    """Linear warmup over this many optimizer steps: step k (0-based) of it runs at (k+1)/(warmup_steps+1) * lr;
+    step warmup_steps runs at lr."""
     schedule: str = "cosine"
     """Decay after warmup: cosine | linear | constant."""
     min_lr_ratio: float = 0.1
-    """Final lr as a fraction of lr (cosine and linear)."""
+    """lr of the last step (train.max_steps - 1) as a fraction of lr (cosine and linear)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables clipping."""
 

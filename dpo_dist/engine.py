@@ -11,9 +11,11 @@ ranks agree (without communicating) on one micro-batch count, because ZeRO-3 gat
 reduce-scatters in every forward/backward and so needs the same number on every rank. Each
 micro-batch's loss is ``sum(pair losses) * world / pairs_per_step``; DeepSpeed averages
 gradients over ranks, so the update is the mean over the step's pairs: 1 rank x 4 micro-batches
-and 2 ranks x 2 give the same step.
+and 2 ranks x 2 give the same step. Supervised fine-tuning (``stage=sft``) divides by the step's
+scored response tokens instead (a token-weighted NLL, as TRL's SFTTrainer), counted on the host.
 
-Metrics are summed on device and reduced once per optimizer step (one host sync per step).
+Metrics are summed on device and reduced, together with the preemption flag, in one all-reduce
+per optimizer step: the step's only host sync.
 """
 
 from __future__ import annotations
@@ -45,8 +47,11 @@ from dpo_dist.runinfo import MetricsLog, write_run_info
 
 log = logging.getLogger("dpo_dist.engine")
 
-# Order of the per-step metric sums kept on device (one all-reduce per step).
-_SUMS = ("loss", "correct", "margin", "chosen_reward", "rejected_reward", "pairs", "tokens")
+# The per-step sums kept on device and all-reduced once per step: first those computed on device
+# from a micro-batch's outputs, then host counts and the preemption flag, added as scalars (a
+# tensor built from a host number would sync with the device at every micro-batch).
+_DEVICE_SUMS = ("loss", "correct", "margin", "chosen_reward", "rejected_reward", "scored_tokens")
+_SUMS = (*_DEVICE_SUMS, "pairs", "tokens", "stop")
 
 
 # ----------------------------------------------------------------------------- batching
@@ -256,15 +261,17 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 def lr_lambda(cfg: DPOConfig):
-    """Linear warmup to lr, then cosine/linear decay to ``min_lr_ratio * lr`` at ``max_steps``."""
+    """The lr factor of optimizer step ``step`` (0-based): linear warmup over ``warmup_steps``
+    steps (never 0: the first step already learns), ``lr`` itself at step ``warmup_steps``, then
+    cosine/linear decay that reaches ``min_lr_ratio * lr`` at the last step, ``max_steps - 1``."""
     warmup, total, floor = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
+            return (step + 1) / (warmup + 1)
         if cfg.optim.schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
         shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.optim.schedule == "cosine" else 1 - progress
         return floor + (1 - floor) * shape
 
@@ -407,15 +414,15 @@ def adapters_disabled(engine):
 
 def packed_lengths(dataset, stage: str) -> np.ndarray:
     """Tokens each pair occupies in a packed row: both sequences, or prompt + chosen for SFT."""
-    if stage != "sft":
-        return dataset.lengths()
-    return np.array([pair.chosen_seq_len for pair in dataset], dtype=np.int64)
+    return dataset.sequence_lengths()[:, 0] if stage == "sft" else dataset.lengths()
 
 
-def batch_token_counts(batch: PackedBatch) -> torch.Tensor:
-    """Response tokens per sequence, from the labels (no model needed)."""
-    scored = (batch.labels[0] != -100).to(torch.float32)
-    return torch.zeros(batch.num_sequences, device=scored.device).index_add_(0, batch.seq_index, scored)
+def loss_denominator(cfg: DPOConfig, dataset, positions: np.ndarray) -> float:
+    """What the summed losses of the step over ``positions`` are divided by: its pairs, or for SFT
+    its scored response tokens, so that a long response weighs by its length."""
+    if cfg.stage == "sft":
+        return float(max(1, dataset.scored_tokens()[positions, 0].sum()))
+    return float(len(positions))
 
 
 # ----------------------------------------------------------------------------- steps
@@ -430,55 +437,71 @@ class StepContext:
     world: int
 
 
-def forward_backward(ctx: StepContext, batch: PackedBatch, weight: float, sums: torch.Tensor, train: bool) -> None:
-    """One packed micro-batch: policy log-probs, loss, backward, metric sums (on device)."""
+def forward_backward(ctx: StepContext, batch: PackedBatch, weight: float, denominator: float, sums: torch.Tensor) -> None:
+    """One packed micro-batch of a training step: losses, backward, metric sums (on device).
+
+    ``weight`` is 0 for a filler micro-batch; ``denominator`` is the step's ``loss_denominator``."""
+    losses, out = micro_batch_losses(ctx, batch, train=True)
+    ctx.engine.backward(losses[0].sum() * (weight * ctx.world / denominator))
+    accumulate(sums, weight, batch, losses, out)
+
+
+def micro_batch_losses(
+    ctx: StepContext, batch: PackedBatch, train: bool
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], SequenceLogps]:
+    """(losses, chosen rewards, rejected rewards) of a micro-batch's pairs, and the policy's
+    log-probs. SFT rows hold chosen sequences only: its losses are per-sequence summed NLLs."""
     cfg = ctx.cfg
-    with nullcontext() if train else torch.no_grad():
-        out = run_packed(ctx.engine, batch)
-    if cfg.stage == "sft":  # rows hold chosen sequences only
-        losses = sft_nll(out.sum_logps, out.token_counts)
-        chosen_r = rejected_r = torch.zeros_like(losses)
-    else:
-        policy_chosen, policy_rejected = split_pairs(out.logps)
-        chosen_counts, _ = split_pairs(out.token_counts)
-        ref_chosen, ref_rejected = reference_logps(ctx, batch, train)
-        losses, chosen_r, rejected_r = preference_loss(
-            cfg.loss.kernel_name(),
-            policy_chosen,
-            policy_rejected,
-            ref_chosen,
-            ref_rejected,
-            beta=cfg.loss.beta,
-            **loss_options(cfg),
-        )
-        if cfg.loss.alpha > 0:
-            losses = losses + cfg.loss.alpha * sft_nll(split_pairs(out.sum_logps)[0], chosen_counts)
-    if train:
-        ctx.engine.backward(losses.sum() * (weight * ctx.world / cfg.train.pairs_per_step))
-    detached = losses.detach()
-    sums += weight * torch.stack(
-        [
-            detached.sum(),
-            (chosen_r > rejected_r).sum().to(detached.dtype),
-            (chosen_r - rejected_r).sum(),
-            chosen_r.sum(),
-            rejected_r.sum(),
-            torch.tensor(float(batch.num_pairs), device=detached.device),
-            torch.tensor(float(batch.num_tokens), device=detached.device),
-        ]
-    ).to(sums.dtype)
+    out = run_packed(ctx.engine, batch)
+    if cfg.stage == "sft":
+        losses = -out.sum_logps
+        return (losses, torch.zeros_like(losses), torch.zeros_like(losses)), out
+    policy_chosen, policy_rejected = split_pairs(out.logps)
+    ref_chosen, ref_rejected = reference_logps(ctx, batch, out, train)
+    losses, chosen_r, rejected_r = preference_loss(
+        cfg.loss.kernel_name(),
+        policy_chosen,
+        policy_rejected,
+        ref_chosen,
+        ref_rejected,
+        beta=cfg.loss.beta,
+        **loss_options(cfg),
+    )
+    if cfg.loss.alpha > 0:
+        losses = losses + cfg.loss.alpha * sft_nll(split_pairs(out.sum_logps)[0], split_pairs(out.token_counts)[0])
+    return (losses, chosen_r, rejected_r), out
 
 
-def reference_logps(ctx: StepContext, batch: PackedBatch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference log-probs normalised like the policy's (the store keeps sums); eval pairs have
-    their own store because example ids restart at 0 in every file."""
+def accumulate(sums: torch.Tensor, weight: float, batch: PackedBatch, losses, out: SequenceLogps) -> None:
+    """Add a micro-batch's metric sums into ``sums`` (``_SUMS`` order) without a host sync."""
+    loss, chosen_r, rejected_r = (t.detach() for t in losses)
+    values = {
+        "loss": loss.sum(),
+        "correct": (chosen_r > rejected_r).sum(),
+        "margin": (chosen_r - rejected_r).sum(),
+        "chosen_reward": chosen_r.sum(),
+        "rejected_reward": rejected_r.sum(),
+        "scored_tokens": out.token_counts.detach().sum(),
+    }
+    device_sums = torch.stack([values[name].to(sums.dtype) for name in _DEVICE_SUMS])
+    sums[: len(_DEVICE_SUMS)] += weight * device_sums
+    sums[_SUMS.index("pairs")].add_(weight * batch.num_pairs)
+    sums[_SUMS.index("tokens")].add_(weight * batch.num_tokens)
+
+
+def reference_logps(
+    ctx: StepContext, batch: PackedBatch, policy: SequenceLogps, train: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs normalised like the policy's (the store keeps sums; ``mean`` divides by
+    the policy's scored-token counts); eval pairs have their own store because example ids restart
+    at 0 in every file."""
     if ctx.reference is None:  # reference-free losses (SimPO) ignore these
         zeros = torch.zeros(batch.num_pairs, device=batch.input_ids.device)
         return zeros, zeros
     lookup = ctx.reference.logps if train else ctx.reference.eval_logps
     chosen, rejected = lookup(batch)
     if ctx.cfg.loss.logp_normalization == "mean":
-        c_counts, r_counts = split_pairs(batch_token_counts(batch))
+        c_counts, r_counts = split_pairs(policy.token_counts)
         chosen, rejected = chosen / c_counts.clamp(min=1), rejected / r_counts.clamp(min=1)
     return chosen.to(torch.float32), rejected.to(torch.float32)
 
@@ -493,13 +516,17 @@ def metric_sums(device: torch.device) -> torch.Tensor:
     return torch.zeros(len(_SUMS), device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
 
 
-def train_step(ctx: StepContext, dataset, plans: list[MicroBatchPlan]) -> torch.Tensor:
-    """All micro-batches of one optimizer step; returns the on-device metric sums of this rank."""
+def train_step(ctx: StepContext, dataset, plans: list[MicroBatchPlan], denominator: float | None = None) -> torch.Tensor:
+    """All micro-batches of one optimizer step; returns the on-device metric sums of this rank.
+
+    ``denominator``: the step's ``loss_denominator`` (``train.pairs_per_step`` when omitted, which
+    is right for preference losses)."""
+    denominator = denominator or float(ctx.cfg.train.pairs_per_step)
     sums = metric_sums(ctx.device)
     for i, plan in enumerate(plans):
         ctx.engine.set_gradient_accumulation_boundary(i == len(plans) - 1)
         batch = collate_packed([dataset[p] for p in plan.positions], ctx.cfg.stage == "sft").to(ctx.device)
-        forward_backward(ctx, batch, plan.weight, sums, train=True)
+        forward_backward(ctx, batch, plan.weight, denominator, sums)
     ctx.engine.step()
     return sums
 
@@ -515,17 +542,18 @@ def evaluate(ctx: StepContext, dataset, env: D.DistEnv) -> dict[str, float]:
     sums = metric_sums(ctx.device)
     for plan in plans:
         batch = collate_packed([dataset[p] for p in plan.positions], ctx.cfg.stage == "sft").to(ctx.device)
-        forward_backward(ctx, batch, plan.weight, sums, train=False)
+        losses, out = micro_batch_losses(ctx, batch, train=False)
+        accumulate(sums, plan.weight, batch, losses, out)
     ctx.engine.train()
     totals = dict(zip(_SUMS, D.all_reduce_sum(sums).tolist()))
     return {f"eval/{k}": v for k, v in summarize(totals, ctx.cfg.stage).items() if k not in ("tokens",)}
 
 
 def summarize(totals: dict[str, float], stage: str) -> dict[str, float]:
-    """Per-pair means of a step's summed metrics (SFT has no rewards to report)."""
+    """Per-pair means of a step's summed metrics; SFT reports its NLL per scored token and no rewards."""
     pairs = max(totals["pairs"], 1.0)
     if stage == "sft":
-        return {"loss": totals["loss"] / pairs, "tokens": int(totals["tokens"])}
+        return {"loss": totals["loss"] / max(totals["scored_tokens"], 1.0), "tokens": int(totals["tokens"])}
     return {
         "loss": totals["loss"] / pairs,
         "reward_accuracy": totals["correct"] / pairs,
@@ -782,11 +810,12 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     last_eval: dict[str, float] = {}
     for step in range(start, cfg.train.max_steps):
         t0 = time.perf_counter()
-        plans = plan_micro_batches(
-            sampler.pairs_for_step(step), lengths, env.rank, env.world_size, cfg.train.micro_batch_tokens
-        )
+        positions = sampler.pairs_for_step(step)
+        plans = plan_micro_batches(positions, lengths, env.rank, env.world_size, cfg.train.micro_batch_tokens)
         lr = engine.get_lr()[0]
-        totals = dict(zip(_SUMS, D.all_reduce_sum(train_step(ctx, train_data, plans)).tolist()))
+        sums = train_step(ctx, train_data, plans, loss_denominator(cfg, train_data, positions))
+        sums[_SUMS.index("stop")] = float(preempt.requested)
+        totals = dict(zip(_SUMS, D.all_reduce_sum(sums).tolist()))
         row = {"step": step + 1, **summarize(totals, cfg.stage), "lr": lr}
         row["tokens_per_s"] = row["tokens"] / (time.perf_counter() - t0)
         done = step + 1
@@ -800,7 +829,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('reward_accuracy', float('nan')):.2f}")
         if wandb_run is not None:
             wandb_run.log(row, step=done)
-        stop = D.any_rank(preempt.requested, device)
+        stop = totals["stop"] > 0
         if _due(done, cfg.train.checkpoint_every) or stop:
             save_checkpoint(engine, cfg, env, done)
         if stop:

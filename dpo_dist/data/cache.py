@@ -68,8 +68,11 @@ class TokenizedDataset:
         self._columns = {name: _flatten(table.column(name)) for name in _ID_COLUMNS}
         self.table = table
         """The Arrow table the pairs are views into (memory-mapped on a cache hit)."""
-        prompt, chosen, rejected = (np.diff(self._columns[name][1]) for name in _ID_COLUMNS)
-        self._lengths = 2 * prompt + chosen + rejected
+        prompt, chosen, rejected = (np.diff(self._columns[name][1]).astype(np.int64) for name in _ID_COLUMNS)
+        self._sequence_lengths = np.stack([prompt + chosen, prompt + rejected], axis=1)
+        # A response's first token is scored from the prompt's last one, so with an empty prompt
+        # it is not (logprobs.sequence_logps).
+        self._scored_tokens = np.stack([chosen, rejected], axis=1) - (prompt == 0)[:, None]
 
     def __len__(self) -> int:
         return len(self.example_ids)
@@ -86,7 +89,15 @@ class TokenizedDataset:
 
     def lengths(self) -> np.ndarray:
         """int64 [pairs]: tokens each pair takes packed (``TokenizedPair.num_tokens``)."""
-        return self._lengths
+        return self._sequence_lengths.sum(axis=1)
+
+    def sequence_lengths(self) -> np.ndarray:
+        """int64 [pairs, 2]: tokens of the (prompt + chosen, prompt + rejected) sequences."""
+        return self._sequence_lengths
+
+    def scored_tokens(self) -> np.ndarray:
+        """int64 [pairs, 2]: response tokens scored in (chosen, rejected), as ``sequence_logps`` counts them."""
+        return self._scored_tokens
 
 
 def load_tokenized(

@@ -220,10 +220,39 @@ def test_precompute_then_train_reuses_cache_and_eval_matches(assets, tmp_path):
     assert "corrupted (sha256 mismatch)" in refused.stderr.strip().splitlines()[-1]
 
 
-def test_sft_stage_packs_chosen_only_and_learns(assets, tmp_path):
-    rows = train_rows(
-        train(assets, tmp_path / "sft", **{"stage": "sft", "train.max_steps": 5, "optim.lr": 3e-3, "cluster.nproc_per_node": 2})
-    )
+def sft_step0_nll_per_token(assets, run_dir) -> float:
+    """Step 0's token-weighted NLL of the chosen responses, from plain unpacked HF forwards."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_dist.data import load_tokenized
+    from dpo_dist.engine import PairSampler
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(assets["model"])
+    data = load_tokenized(assets["train"], tokenizer, cfg["data"]["max_length"], cfg["data"]["truncation"])
+    model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32).eval()
+    nll, tokens = 0.0, 0
+    for i in PairSampler(len(data), cfg["train"]["pairs_per_step"], cfg["train"]["seed"]).pairs_for_step(0):
+        pair = data[int(i)]
+        ids = torch.tensor([*pair.prompt_ids, *pair.chosen_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[None]).logits[0].double(), dim=-1)
+        scored = torch.arange(pair.prompt_len - 1, len(ids) - 1)
+        nll -= logp[scored, ids[scored + 1]].sum().item()
+        tokens += pair.chosen_len
+    return nll / tokens
+
+
+def test_sft_stage_is_token_weighted_world_size_invariant_and_learns(assets, tmp_path):
+    """SFT packs chosen sequences only and minimises the NLL per scored token of the step (a long
+    response weighs by its length, as in TRL's SFTTrainer), the same on 1 and 2 ranks."""
+    sft = {"stage": "sft", "train.max_steps": 5, "optim.lr": 3e-3, "train.pairs_per_step": 16}
+    rows = train_rows(train(assets, tmp_path / "sft", **sft, **{"cluster.nproc_per_node": 2}))
+    one = train_rows(train(assets, tmp_path / "sft1", **sft, **{"cluster.nproc_per_node": 1}))
+    for a, b in zip(one, rows, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (a["loss"], b["loss"])
+    expected = sft_step0_nll_per_token(assets, tmp_path / "sft")
+    assert abs(rows[0]["loss"] - expected) < 1e-5 * expected, (rows[0]["loss"], expected)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
     assert "reward_accuracy" not in rows[0]
     # One chosen sequence per pair: a DPO step over the same pairs packs more tokens.

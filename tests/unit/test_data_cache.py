@@ -127,3 +127,22 @@ def test_tokenizer_fingerprint_is_stable_and_ignores_call_settings(tok):
     assert tokenizer_fingerprint(other) == tokenizer_fingerprint(tok)
     other.eos_token = "<pad>"
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tok)
+
+
+def test_length_columns_match_the_pairs_and_the_scoring_rule(tok, data):
+    """sequence_lengths/scored_tokens (what the engine packs and divides an SFT step by) agree with
+    the pairs, and with logprobs' rule that a response's first token is scored from the prompt's last."""
+    from dpo_dist.data.cache import TokenizedDataset, _to_table
+    from dpo_dist.data.tokenize import TokenizedPair, TruncationStats
+
+    dataset = load_tokenized(data, tok, max_length=64, on_invalid="skip")
+    pairs = list(dataset)
+    assert dataset.sequence_lengths().tolist() == [[p.chosen_seq_len, p.rejected_seq_len] for p in pairs]
+    assert dataset.lengths().tolist() == [p.num_tokens for p in pairs]
+    assert dataset.scored_tokens().tolist() == [[p.chosen_len, p.rejected_len] for p in pairs]
+    assert dataset.lengths().dtype == dataset.scored_tokens().dtype == np.int64
+
+    no_prompt = TokenizedPair(0, [], [5, 6, 7], [8, 9])
+    table = _to_table([no_prompt])
+    odd = TokenizedDataset(table, fingerprint="x", num_records=1, num_invalid=0, truncation=TruncationStats())
+    assert odd.scored_tokens().tolist() == [[2, 1]] and odd.sequence_lengths().tolist() == [[3, 2]]
