@@ -331,7 +331,7 @@ def enable_packed_attention(model: nn.Module, backend: str) -> str:
         )
     detail = f" [{_flash_kernel()[1]}]" if name == "flash" else ""
     logger.info(
-        "packed attention backend: %s%s (model.attn_backend=%s, %s on %s)",
+        "packed attention backend: %s%s (requested: %s, %s on %s)",
         name,
         detail,
         backend,

@@ -30,7 +30,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -50,7 +50,9 @@ log = logging.getLogger("dpo_dist.engine")
 # The per-step sums kept on device and all-reduced once per step: first those computed on device
 # from a micro-batch's outputs, then host counts and the preemption flag, added as scalars (a
 # tensor built from a host number would sync with the device at every micro-batch).
-_DEVICE_SUMS = ("loss", "correct", "margin", "chosen_reward", "rejected_reward", "scored_tokens")
+_DEVICE_SUMS = (
+    "loss", "correct", "margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp", "scored_tokens"
+)
 _SUMS = (*_DEVICE_SUMS, "pairs", "tokens", "stop")
 
 
@@ -290,6 +292,11 @@ def build_optimizer(cfg: DPOConfig, params: list[nn.Parameter], device: torch.de
     return torch.optim.AdamW(params, fused=device.type == "cuda", **settings)
 
 
+def policy_normalization(cfg: DPOConfig) -> str:
+    """How the policy's per-sequence log-probs are reduced: SFT sums its NLL over tokens itself."""
+    return "sum" if cfg.stage == "sft" else cfg.loss.logp_normalization
+
+
 def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
     import deepspeed
 
@@ -300,8 +307,7 @@ def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora, cfg.train.seed)
     mark_fetch_units(model, cfg.deepspeed)
-    normalize = "sum" if cfg.stage == "sft" else cfg.loss.logp_normalization
-    policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, normalize, cfg.train.micro_batch_tokens)
+    policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, policy_normalization(cfg), cfg.train.micro_batch_tokens)
     optimizer = build_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad], device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -441,21 +447,32 @@ def forward_backward(ctx: StepContext, batch: PackedBatch, weight: float, denomi
     """One packed micro-batch of a training step: losses, backward, metric sums (on device).
 
     ``weight`` is 0 for a filler micro-batch; ``denominator`` is the step's ``loss_denominator``."""
-    losses, out = micro_batch_losses(ctx, batch, train=True)
-    ctx.engine.backward(losses[0].sum() * (weight * ctx.world / denominator))
-    accumulate(sums, weight, batch, losses, out)
+    result = micro_batch_losses(ctx, batch, train=True)
+    ctx.engine.backward(result.losses.sum() * (weight * ctx.world / denominator))
+    accumulate(sums, weight, batch, result)
 
 
-def micro_batch_losses(
-    ctx: StepContext, batch: PackedBatch, train: bool
-) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], SequenceLogps]:
-    """(losses, chosen rewards, rejected rewards) of a micro-batch's pairs, and the policy's
-    log-probs. SFT rows hold chosen sequences only: its losses are per-sequence summed NLLs."""
+class PairResults(NamedTuple):
+    """Per-pair outputs of one micro-batch, each [pairs] (SFT: one chosen sequence per pair)."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_logps: torch.Tensor
+    """The policy's summed response log-probs (zeros on the rejected side for SFT)."""
+    rejected_logps: torch.Tensor
+    scored_tokens: torch.Tensor
+    """Response tokens scored in the pair's sequences."""
+
+
+def micro_batch_losses(ctx: StepContext, batch: PackedBatch, train: bool) -> PairResults:
+    """Losses, rewards and log-probs of a micro-batch's pairs; ``train`` picks the reference store
+    of the training split, else the eval split's. SFT losses are per-sequence summed NLLs."""
     cfg = ctx.cfg
     out = run_packed(ctx.engine, batch)
     if cfg.stage == "sft":
-        losses = -out.sum_logps
-        return (losses, torch.zeros_like(losses), torch.zeros_like(losses)), out
+        zeros = torch.zeros_like(out.sum_logps)
+        return PairResults(-out.sum_logps, zeros, zeros, out.sum_logps, zeros, out.token_counts)
     policy_chosen, policy_rejected = split_pairs(out.logps)
     ref_chosen, ref_rejected = reference_logps(ctx, batch, out, train)
     losses, chosen_r, rejected_r = preference_loss(
@@ -467,21 +484,25 @@ def micro_batch_losses(
         beta=cfg.loss.beta,
         **loss_options(cfg),
     )
+    chosen_sums, rejected_sums = split_pairs(out.sum_logps)
+    chosen_counts, rejected_counts = split_pairs(out.token_counts)
     if cfg.loss.alpha > 0:
-        losses = losses + cfg.loss.alpha * sft_nll(split_pairs(out.sum_logps)[0], split_pairs(out.token_counts)[0])
-    return (losses, chosen_r, rejected_r), out
+        losses = losses + cfg.loss.alpha * sft_nll(chosen_sums, chosen_counts)
+    return PairResults(losses, chosen_r, rejected_r, chosen_sums, rejected_sums, chosen_counts + rejected_counts)
 
 
-def accumulate(sums: torch.Tensor, weight: float, batch: PackedBatch, losses, out: SequenceLogps) -> None:
+def accumulate(sums: torch.Tensor, weight: float, batch: PackedBatch, result: PairResults) -> None:
     """Add a micro-batch's metric sums into ``sums`` (``_SUMS`` order) without a host sync."""
-    loss, chosen_r, rejected_r = (t.detach() for t in losses)
+    r = PairResults(*(t.detach() for t in result))
     values = {
-        "loss": loss.sum(),
-        "correct": (chosen_r > rejected_r).sum(),
-        "margin": (chosen_r - rejected_r).sum(),
-        "chosen_reward": chosen_r.sum(),
-        "rejected_reward": rejected_r.sum(),
-        "scored_tokens": out.token_counts.detach().sum(),
+        "loss": r.losses.sum(),
+        "correct": (r.chosen_rewards > r.rejected_rewards).sum(),
+        "margin": (r.chosen_rewards - r.rejected_rewards).sum(),
+        "chosen_reward": r.chosen_rewards.sum(),
+        "rejected_reward": r.rejected_rewards.sum(),
+        "chosen_logp": r.chosen_logps.sum(),
+        "rejected_logp": r.rejected_logps.sum(),
+        "scored_tokens": r.scored_tokens.sum(),
     }
     device_sums = torch.stack([values[name].to(sums.dtype) for name in _DEVICE_SUMS])
     sums[: len(_DEVICE_SUMS)] += weight * device_sums
@@ -542,8 +563,7 @@ def evaluate(ctx: StepContext, dataset, env: D.DistEnv) -> dict[str, float]:
     sums = metric_sums(ctx.device)
     for plan in plans:
         batch = collate_packed([dataset[p] for p in plan.positions], ctx.cfg.stage == "sft").to(ctx.device)
-        losses, out = micro_batch_losses(ctx, batch, train=False)
-        accumulate(sums, plan.weight, batch, losses, out)
+        accumulate(sums, plan.weight, batch, micro_batch_losses(ctx, batch, train=False))
     ctx.engine.train()
     totals = dict(zip(_SUMS, D.all_reduce_sum(sums).tolist()))
     return {f"eval/{k}": v for k, v in summarize(totals, ctx.cfg.stage).items() if k not in ("tokens",)}
@@ -560,6 +580,8 @@ def summarize(totals: dict[str, float], stage: str) -> dict[str, float]:
         "reward_margin": totals["margin"] / pairs,
         "chosen_reward": totals["chosen_reward"] / pairs,
         "rejected_reward": totals["rejected_reward"] / pairs,
+        "chosen_logp": totals["chosen_logp"] / pairs,
+        "rejected_logp": totals["rejected_logp"] / pairs,
         "tokens": int(totals["tokens"]),
     }
 
@@ -750,6 +772,34 @@ def _export_adapter(engine, tokenizer, out_dir: Path, env: D.DistEnv) -> None:
 # ----------------------------------------------------------------------------- run
 
 
+@dataclass
+class JobSetup:
+    """What every rank of a train, precompute or eval job has before it builds a model."""
+
+    env: D.DistEnv
+    device: torch.device
+    tokenizer: Any
+    train_data: Any
+    eval_data: Any
+    backend: str
+    """The packed-attention backend ``model.attn_backend`` resolved to on this device and dtype."""
+
+
+def setup_job(cfg: DPOConfig) -> JobSetup:
+    """Join the process group, pick the device, load the tokenizer and the tokenized splits, and
+    resolve (and log) the attention backend: the common start of train, precompute and eval."""
+    from transformers import AutoTokenizer
+
+    env = D.detect_env()
+    D.init_distributed(env, cfg.deepspeed.comm_timeout_minutes)
+    device = D.device_for(env)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
+    train_data, eval_data = load_splits(cfg, tokenizer)
+    backend = resolve_attn_backend(cfg.model.attn_backend, device, training_dtype(cfg, device))
+    log.info("attention backend: %s (model.attn_backend=%s, %s)", backend, cfg.model.attn_backend, device)
+    return JobSetup(env, device, tokenizer, train_data, eval_data, backend)
+
+
 def load_splits(cfg: DPOConfig, tokenizer):
     """Tokenized train and eval data; rank 0 fills the tokenization cache, the others then read it."""
 
@@ -782,17 +832,12 @@ def prepare_reference(cfg: DPOConfig, env: D.DistEnv, device, backend, train_dat
 def train(cfg: DPOConfig) -> dict[str, float]:
     """Run a whole training job on this rank; returns the final eval metrics (rank 0's view)."""
     from tqdm import tqdm
-    from transformers import AutoTokenizer
 
-    env = D.detect_env()
-    D.init_distributed(env, cfg.deepspeed.comm_timeout_minutes)
-    device = D.device_for(env)
+    job = setup_job(cfg)
+    env, device, tokenizer, backend = job.env, job.device, job.tokenizer, job.backend
+    train_data, eval_data = job.train_data, job.eval_data
     seed_everything(cfg.train.seed)
     preempt = D.PreemptionFlag().install()
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
-    train_data, eval_data = load_splits(cfg, tokenizer)
-    backend = resolve_attn_backend(cfg.model.attn_backend, device, training_dtype(cfg, device))
     reference = prepare_reference(cfg, env, device, backend, train_data, eval_data)
     engine = build_engine(cfg, device, backend)
     if isinstance(reference, OnlineReference):
@@ -816,19 +861,23 @@ def train(cfg: DPOConfig) -> dict[str, float]:
         sums = train_step(ctx, train_data, plans, loss_denominator(cfg, train_data, positions))
         sums[_SUMS.index("stop")] = float(preempt.requested)
         totals = dict(zip(_SUMS, D.all_reduce_sum(sums).tolist()))
-        row = {"step": step + 1, **summarize(totals, cfg.stage), "lr": lr}
-        row["tokens_per_s"] = row["tokens"] / (time.perf_counter() - t0)
         done = step + 1
+        row = {"step": done, **summarize(totals, cfg.stage), "lr": lr}
+        row["tokens_per_s"] = row["tokens"] / (time.perf_counter() - t0)
+        eval_row = None
         if eval_data is not None and (_due(done, cfg.train.eval_every) or done == cfg.train.max_steps):
             last_eval = evaluate(ctx, eval_data, env)
-            row.update(last_eval)
+            eval_row = {"step": done, **last_eval}
         if env.is_main:
-            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps or "eval/loss" in row:
+            # An eval step gets its train row too, so train rows never have gaps at eval steps.
+            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps or eval_row:
                 metrics.write(row)
+            if eval_row:
+                metrics.write(eval_row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('reward_accuracy', float('nan')):.2f}")
         if wandb_run is not None:
-            wandb_run.log(row, step=done)
+            wandb_run.log({**row, **last_eval} if eval_row else row, step=done)
         stop = totals["stop"] > 0
         if _due(done, cfg.train.checkpoint_every) or stop:
             save_checkpoint(engine, cfg, env, done)
@@ -858,7 +907,8 @@ def _due(step: int, every: int) -> bool:
 
 
 def run_info(cfg, env, device, backend, train_data, eval_data, reference, start) -> dict[str, Any]:
-    ref_info = reference.run_info() if reference is not None else None
+    # Same shape whatever the source; SFT and reference-free losses (SimPO) use no reference.
+    ref_info = reference.run_info() if reference is not None else {"cache_dir": None, "computed": False, "mode": "none"}
     return {
         "world_size": env.world_size,
         "device": str(device),

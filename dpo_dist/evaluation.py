@@ -55,30 +55,22 @@ def policy_model_dir(cfg: DPOConfig, env: D.DistEnv) -> Path:
 
 def evaluate_run(cfg: DPOConfig) -> dict[str, float]:
     """The ``eval`` task, on every rank; returns (and on rank 0 writes) the eval metrics."""
-    from transformers import AutoTokenizer
-
-    from dpo_dist.attention import resolve_attn_backend
     from dpo_dist.engine import (
         StepContext,
         build_inference_engine,
         evaluate,
-        load_splits,
+        policy_normalization,
         prepare_reference,
-        training_dtype,
+        setup_job,
     )
 
     if not cfg.data.eval_path:
         raise EvalError("data.eval_path is null: nothing to evaluate on")
-    env = D.detect_env()
-    D.init_distributed(env, cfg.deepspeed.comm_timeout_minutes)
-    device = D.device_for(env)
+    job = setup_job(cfg)
+    env, device, eval_data = job.env, job.device, job.eval_data
     policy_dir = policy_model_dir(cfg, env)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
-    train_data, eval_data = load_splits(cfg, tokenizer)
-    backend = resolve_attn_backend(cfg.model.attn_backend, device, training_dtype(cfg, device))
-    reference = prepare_reference(cfg, env, device, backend, train_data, eval_data)
-    normalize = "sum" if cfg.stage == "sft" else cfg.loss.logp_normalization
-    policy = build_inference_engine(cfg, str(policy_dir), device, backend, normalize)
+    reference = prepare_reference(cfg, env, device, job.backend, job.train_data, eval_data)
+    policy = build_inference_engine(cfg, str(policy_dir), device, job.backend, policy_normalization(cfg))
     metrics = evaluate(StepContext(policy, reference, cfg, device, env.world_size), eval_data, env)
     result = {"policy": str(policy_dir), "reference": cfg.model.path, "eval_pairs": len(eval_data), **metrics}
     if env.is_main:

@@ -829,19 +829,12 @@ def ensure_reference_for_run(
 
 def precompute_for_run(cfg: DPOConfig) -> dict[str, ReferenceSummary]:
     """The ``precompute`` task (``dpo-precompute``): fill the run's reference caches on every rank."""
-    from transformers import AutoTokenizer
+    from dpo_dist.engine import setup_job
 
-    from dpo_dist import distributed as D
-    from dpo_dist.attention import resolve_attn_backend
-    from dpo_dist.engine import load_splits, training_dtype
-
-    env = D.detect_env()
-    D.init_distributed(env, cfg.deepspeed.comm_timeout_minutes)
-    device = D.device_for(env)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
-    train_data, eval_data = load_splits(cfg, tokenizer)
-    backend = resolve_attn_backend(cfg.model.attn_backend, device, training_dtype(cfg, device))
-    summaries, _, _ = _ensure_run_splits(cfg, env, device, backend, train_data, eval_data, tokenizer)
+    job = setup_job(cfg)
+    summaries, _, _ = _ensure_run_splits(
+        cfg, job.env, job.device, job.backend, job.train_data, job.eval_data, job.tokenizer
+    )
     return summaries
 
 

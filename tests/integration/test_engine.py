@@ -47,9 +47,12 @@ def test_step0_loss_is_ln2_and_run_dir_contract(assets, tmp_path):
     assert first["reward_accuracy"] == 0.0 and abs(first["reward_margin"]) < 1e-7
     for key in ("step", "loss", "lr", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "tokens", "tokens_per_s"):
         assert key in first
+    # Eval rows are rows of their own: step and eval/* keys (logged after the step's train row).
     last = rows[-1]
-    for key in ("eval/loss", "eval/reward_accuracy", "eval/reward_margin"):
+    for key in ("eval/loss", "eval/reward_accuracy", "eval/reward_margin", "eval/chosen_logp", "eval/rejected_logp"):
         assert key in last, last
+    assert last["step"] == 2 and not any(key in last for key in ("loss", "lr", "tokens"))
+    assert first["chosen_logp"] < 0 and first["rejected_logp"] < 0
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert info["world_size"] == 1 and info["attention_backend"] == "sdpa"
     assert info["reference"]["cache_dir"] == str(assets["cache"])
@@ -269,8 +272,9 @@ def test_default_config_on_bundled_task_learns(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert abs(rows[0]["loss"] - math.log(2)) < 1e-6
-    assert sum(r["loss"] for r in rows[-5:]) / 5 < rows[0]["loss"] - 0.1
+    losses = [r["loss"] for r in train_rows(rows)]
+    assert abs(losses[0] - math.log(2)) < 1e-6
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.1
     assert rows[-1]["eval/reward_accuracy"] > 0.7, rows[-1]  # measured 0.80 at step 40, 0.875 at 120
     assert rows[-1]["eval/reward_margin"] > 0
 
@@ -296,7 +300,7 @@ def test_sft_then_dpo_chain_uses_the_sft_model_as_policy_and_reference(assets, t
     # Its own cache: the shared one holds the base model's log-probs, which DPO on the SFT model
     # must refuse (see test_precompute_then_train_reuses_cache_and_eval_matches).
     rows = train(assets, out, **chain, **{"reference.cache_dir": tmp_path / "ref"})
-    sft_rows = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    sft_rows = train_rows([json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()])
     assert len(sft_rows) == 3 and "reward_accuracy" not in sft_rows[0]
     info = json.loads((out / "run_info.json").read_text())
     dpo_cfg = yaml.safe_load((out / "config.yaml").read_text())

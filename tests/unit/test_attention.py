@@ -78,7 +78,7 @@ def test_enable_switches_the_model_and_logs_the_backend(caplog):
         assert enable_packed_attention(model, "auto") == "sdpa"
     assert is_packed_attention(model)
     assert [r.getMessage() for r in caplog.records if r.name == "dpo_dist.attention"] == [
-        "packed attention backend: sdpa (model.attn_backend=auto, LlamaForCausalLM on cpu)"
+        "packed attention backend: sdpa (requested: auto, LlamaForCausalLM on cpu)"
     ]
     with pytest.raises(AttentionBackendError, match="model.attn_backend=flash"):
         enable_packed_attention(tiny_llama(), "flash")
