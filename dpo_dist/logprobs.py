@@ -3,8 +3,11 @@
 ``sequence_logps`` runs the decoder of a causal LM on one packed row, then scores next tokens in
 chunks of ``chunk_tokens`` positions through the LM head. Each chunk's logits are upcast to fp32,
 reduced to one log-prob per position and dropped; under autograd each chunk is activation-
-checkpointed, so backward recomputes its logits instead of keeping them. At most one chunk of
-logits ([chunk_tokens, V] fp32, 0.5 GB at 1024 x 128k) is alive at a time, forward or backward.
+checkpointed, so backward recomputes its logits instead of keeping them. Only one chunk's
+[chunk_tokens, V] tensors are alive at a time, forward or backward: the logits, their fp32 upcast
+and log-softmax, and in backward their gradients, ``(2b + 12) * chunk_tokens * V`` bytes for
+b-byte weights (2.1 GB at 1024 x 128k in bf16; ``dpo_dist.memory`` plans with the same count),
+where full fp32 logits of a 16k-token micro-batch would take 8.4 GB before any gradient.
 
 Scoring rule: the hidden state at position t scores token t+1 when ``labels[t + 1] != -100`` and
 both positions belong to the same sequence, so nothing is scored across a sequence boundary even
@@ -161,7 +164,7 @@ def _token_logps(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
     logits = lm_head(hidden).float()
     if transform is not None:
         logits = transform(logits)
-    # cross_entropy fuses log_softmax and gather and never keeps a second [chunk, V] tensor.
+    # cross_entropy is log_softmax + nll_loss: the log-softmax is its only [chunk, V] tensor (kept for backward).
     return -F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
 
 

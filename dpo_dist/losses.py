@@ -78,7 +78,11 @@ def _ipo(pairs: _Pairs, beta: float) -> torch.Tensor:
 
 
 def _kto_pair(pairs: _Pairs, beta: float) -> torch.Tensor:
-    """KTO, Ethayarajh et al. 2024 (arXiv 2402.01306), paired form with batch KL baselines as TRL's kto_pair."""
+    """KTO, Ethayarajh et al. 2024 (arXiv 2402.01306), paired form with batch KL baselines as TRL's kto_pair.
+
+    The baselines are means over the pairs passed in (one micro-batch in the engine), so unlike
+    every other loss its value depends on how pairs are grouped: world-size invariance holds only
+    approximately for it."""
     chosen_ratio, rejected_ratio = pairs.chosen_ratio(), pairs.rejected_ratio()
     # The KL reference points are batch statistics, not paths for the gradient (as in TRL's KTO).
     chosen_kl = chosen_ratio.detach().mean().clamp(min=0)

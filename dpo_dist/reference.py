@@ -1071,7 +1071,9 @@ def _checked_shard_bytes(cache_dir: Path, name: str, sha256: str) -> pa.Buffer:
     """The shard's bytes, memory-mapped, after checking them against the recorded digest."""
     path = cache_dir / name
     if not path.is_file():
-        raise ReferenceCacheError(f"reference cache {cache_dir}: shard {name} is missing")
+        raise ReferenceCacheError(
+            f"reference cache {cache_dir}: shard {name} is missing; delete the cache or pick another reference.cache_dir"
+        )
     with pa.memory_map(str(path)) as source:
         data = source.read_buffer()
     if hashlib.sha256(data).hexdigest() != sha256:
