@@ -766,10 +766,6 @@ class RunReference:
     eval: ReferenceStore | None
     summaries: dict[str, ReferenceSummary]
 
-    @property
-    def store(self) -> ReferenceStore:
-        return self.train
-
     def logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed reference log-probs (chosen, rejected) of a train batch, on the batch's device."""
         return _batch_logps(self.train, batch)

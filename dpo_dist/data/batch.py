@@ -79,9 +79,15 @@ class PaddedBatch:
 
 
 def _move(batch, device):
-    moved = {
-        f.name: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-        for f in fields(batch)
-        for v in [getattr(batch, f.name)]
-    }
-    return type(batch)(**moved)
+    # Only a copy from pinned host memory is asynchronous on CUDA; from pageable memory the driver
+    # stages it while the host waits, so the next micro-batch could not be queued meanwhile.
+    pin = torch.device(device).type == "cuda"
+
+    def move(value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if pin and value.device.type == "cpu":
+            value = value.pin_memory()
+        return value.to(device, non_blocking=True)
+
+    return type(batch)(**{f.name: move(getattr(batch, f.name)) for f in fields(batch)})
