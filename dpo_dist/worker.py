@@ -33,6 +33,82 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     )
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+_LOADER_PACKAGES = (f"{os.sep}transformers{os.sep}", f"{os.sep}peft{os.sep}")
+
+
+def pretrained_load_path(exc: BaseException) -> str | None:
+    """The path (or hub id) a ``from_pretrained`` of transformers or PEFT was loading when it
+    raised ``exc``, read from the outermost such call in the traceback; None if ``exc`` did not
+    come from one (an OSError from anywhere else is not a model that failed to load).
+
+    transformers raises OSError for a missing folder, a folder without ``config.json`` or an
+    unknown hub id; for a folder with no model or tokenizer file at all it may instead raise
+    ValueError (it cannot build a tokenizer from nothing), which counts too."""
+    if not isinstance(exc, (OSError, ValueError)):
+        return None
+    path = _from_pretrained_argument(exc)
+    if path is None or isinstance(exc, OSError):
+        return path
+    return path if os.path.isdir(path) and not any(Path(path, n).exists() for n in _MODEL_FILES) else None
+
+
+# A folder with none of these holds no model or tokenizer.
+_MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "adapter_config.json")
+
+
+def _from_pretrained_argument(exc: BaseException) -> str | None:
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        code = frame.f_code
+        if code.co_name == "from_pretrained" and any(p in code.co_filename for p in _LOADER_PACKAGES):
+            names = code.co_varnames[: code.co_argcount]
+            for name in ("pretrained_model_name_or_path", "model_id"):  # transformers, PEFT
+                if name in frame.f_locals:
+                    return str(frame.f_locals[name])
+            positional = [n for n in names if n not in ("cls", "self", "model")]
+            return str(frame.f_locals[positional[0]]) if positional else None
+        tb = tb.tb_next
+    return None
+
+
+def _config_keys_of(cfg, value: str) -> list[str]:
+    """Dotted keys of ``cfg`` (a DPOConfig) whose value is ``value``, in declaration order."""
+    import dataclasses
+
+    def walk(node, prefix: str):
+        if dataclasses.is_dataclass(node):
+            for f in dataclasses.fields(node):
+                yield from walk(getattr(node, f.name), f"{prefix}{f.name}.")
+        elif isinstance(node, (str, os.PathLike)):
+            yield prefix[:-1], os.fspath(node)
+
+    wanted = {value, os.path.abspath(value)}
+    return [key for key, v in walk(cfg, "") if v in wanted or os.path.abspath(v) in wanted]
+
+
+def user_error_message(exc: BaseException, cfg=None) -> str | None:
+    """The one line to show for ``exc`` if it is a user error, else None (a bug: keep the traceback).
+
+    A model or tokenizer that ``from_pretrained`` cannot load (a missing folder, one without
+    ``config.json``, an unknown hub id) is named by its config key, e.g.
+    ``model.path=/tmp/nomodel: no model/tokenizer there (<transformers' first line>)``; the
+    path may legitimately be a hub id, so it is not checked up front, only its load failure
+    reported."""
+    path = pretrained_load_path(exc)
+    if path is not None:
+        keys = _config_keys_of(cfg, path) if cfg is not None else []
+        return f"{keys[0] if keys else 'path'}={path}: no model/tokenizer there ({_first_line(exc)})"
+    if isinstance(exc, user_error_types()):
+        return _first_line(exc)
+    return None
+
+
 ERROR_DIR_ENV = "DPO_DIST_ERROR_DIR"
 
 
@@ -89,14 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     from dpo_dist.engine import PREEMPTED_EXIT_CODE, Preempted
     from dpo_dist.runinfo import read_config
 
+    cfg = None
     try:
         cfg = read_config(argv[0])
         D.export_slurm_env(cfg.cluster.master_port)
         run_task(cfg, argv[1])
     except Preempted:
         return PREEMPTED_EXIT_CODE
-    except user_error_types() as exc:
-        report_user_error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except Exception as exc:
+        message = user_error_message(exc, cfg)
+        if message is None:
+            raise
+        report_user_error(message)
         return 2
     finally:
         from dpo_dist.distributed import destroy

@@ -8,6 +8,7 @@ line on stderr and exit status 2, never a traceback), then hands over to Hydra, 
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import logging
 import os
@@ -22,6 +23,17 @@ log = logging.getLogger("dpo_dist")
 
 class UserError(Exception):
     """An error the user can fix (bad config, missing file, bad data); printed as one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``prog: error: message (see --help)``, exit status 2.
+
+    Sub-command parsers made by ``add_subparsers`` are of this class too (argparse's default)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        text = " ".join(str(message).split())
+        print(f"{self.prog}: error: {text} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def register_schema() -> None:
@@ -110,11 +122,24 @@ def slurm_sweep_arguments(prog: str, overrides: list[str], clusters: list) -> li
     return ([] if chosen else ["hydra/launcher=dpo_slurm"]) + launcher_overrides(clusters[0])
 
 
-def _short_hydra_error(exc: Exception) -> str:
-    """Hydra/OmegaConf errors span several lines; keep the informative ones on one line."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    keep = [ln for ln in lines if not ln.startswith(("object_type", "reference_type", "Set the environment"))]
-    return " ".join(keep) or type(exc).__name__
+def _short_hydra_error(exc: BaseException) -> str:
+    """Hydra/OmegaConf errors span several lines; keep the informative ones on one line.
+
+    Hydra wraps the useful part: ``Error merging override train.max_steps=abc`` has OmegaConf's
+    ``Value 'abc' could not be converted to Integer ... full_key: train.max_steps`` as its cause,
+    so the causes' lines follow, after a colon."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    name = type(exc).__name__
+    while exc is not None and id(exc) not in seen and len(parts) < 4:
+        seen.add(id(exc))
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        keep = [ln for ln in lines if not ln.startswith(("object_type", "reference_type", "Set the environment"))]
+        text = " ".join(f"({ln})" if ln.startswith("full_key:") else ln for ln in keep)
+        if text and not any(text in part for part in parts):
+            parts.append(text)
+        exc = exc.__cause__
+    return ": ".join(parts) or name
 
 
 def hydra_main(prog: str, task: Callable, config_name: str = "config") -> None:

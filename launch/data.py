@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from dpo_dist.data import DataError, bundled_tokenizer_path, encode_records, read_preferences
+from launch.common import ArgumentParser
 
 EXIT_OK, EXIT_BAD_DATA, EXIT_USAGE = 0, 1, 2
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpo-data", description="Check and describe preference data.")
+    parser = ArgumentParser(prog="dpo-data", description="Check and describe preference data.")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     for subcommand in SUBCOMMANDS:
         sub = commands.add_parser(subcommand.name, help=subcommand.help, description=subcommand.help)

@@ -7,13 +7,14 @@ checkpoint folder (``checkpoints/step_00000040``). The default ``--out`` is
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
+from launch.common import ArgumentParser
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dpo-export", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="dpo-export", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="run dir, its checkpoints/ dir, or one checkpoint dir")
     parser.add_argument("--out", help="output directory (default: RUN_DIR/export/<tag>)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))

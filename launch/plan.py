@@ -19,16 +19,27 @@ import argparse
 import logging
 import sys
 
-from launch.common import CONF_DIR, UserError, _short_hydra_error, fail, register_schema
+from launch.common import CONF_DIR, ArgumentParser, UserError, _short_hydra_error, fail, register_schema
 
 log = logging.getLogger("dpo_dist.plan")
 PROG = "dpo-plan"
 
 
+def gpu_counts(text: str) -> list[int]:
+    """``--gpus``: comma-separated positive integers, e.g. ``32,64,128``."""
+    try:
+        counts = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"GPU counts must be positive, got {text!r}")
+    return counts
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--throughput", action="store_true", help="also project step time and MFU per GPU count")
-    parser.add_argument("--gpus", default="32,64,128,256,512", help="GPU counts of the projection (comma-separated)")
+    parser.add_argument("--gpus", type=gpu_counts, default="32,64,128,256,512", help="GPU counts of the projection (comma-separated)")
     parser.add_argument("--tokens-per-pair", type=float, default=2048.0, help="mean real tokens of one pair (chosen + rejected)")
     parser.add_argument("--bandwidth-gbit", type=float, default=400.0, help="network bandwidth per GPU between nodes, Gbit/s")
     parser.add_argument("--overlap", type=float, default=0.8, help="fraction of communication hidden behind compute")
@@ -132,13 +143,12 @@ def throughput_report(args, shape, settings, cfg) -> str:
         measured_shape=args.measured_model,
     )
     tokens = cfg.train.pairs_per_step * args.tokens_per_pair
-    gpus = [int(g) for g in args.gpus.split(",")]
     header = (
         f"step-time projection: {cfg.train.pairs_per_step} pairs x {args.tokens_per_pair:g} tokens = {tokens:,.0f} tokens/step, "
         f"{args.bandwidth_gbit:g} Gbit/s per GPU between nodes, overlap {args.overlap:g}, "
         f"compute at the measured single-GPU efficiency ({assumptions.efficiency():.2f} of {assumptions.peak_tflops:g} TFLOP/s)"
     )
-    return header + "\n" + throughput_table(shape, settings, gpus, tokens, args.tokens_per_pair / 2, assumptions)
+    return header + "\n" + throughput_table(shape, settings, args.gpus, tokens, args.tokens_per_pair / 2, assumptions)
 
 
 def run(argv: list[str]) -> int:

@@ -11,10 +11,11 @@ timeout... Exit status: 0, or 2 (one line) when the directory holds no runs.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
+
+from launch.common import ArgumentParser
 
 PROG = "dpo-report"
 
@@ -36,7 +37,7 @@ def _scheduler_state():
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description="Tabulate and plot the runs of a sweep.")
+    parser = ArgumentParser(prog=PROG, description="Tabulate and plot the runs of a sweep.")
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory (or one run directory)")
     parser.add_argument("--out", type=Path, help="PNG path (default: SWEEP_DIR/report.png)")
     parser.add_argument("--no-plot", action="store_true", help="print the table only")

@@ -13,12 +13,12 @@ def launch(prog: str, cfg, task: str) -> None:
     logging.getLogger("dpo_dist").info("%s %s: run directory %s", prog, task, Path(cfg.output_dir).resolve())
     if cfg.cluster.name == "slurm":
         from launch.common import fail
-        from slurm.submit import SlurmJobFailed, submit_and_wait
+        from slurm.submit import SlurmJobFailed, SlurmSubmitFailed, submit_and_wait
 
         try:
             submit_and_wait(cfg, task)
-        except SlurmJobFailed as exc:  # the job ran and failed: status 1, not the usage-error 2
-            fail(prog, str(exc), status=1)
+        except (SlurmJobFailed, SlurmSubmitFailed) as exc:  # sbatch refused it, or it ran and failed:
+            fail(prog, str(exc), status=1)  # status 1, not the usage-error 2
         return
     from dpo_dist.launcher import LaunchError, run_local
 

@@ -14,11 +14,13 @@ import logging
 import sys
 from pathlib import Path
 
+from launch.common import ArgumentParser
+
 EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpo-serve", description="Serve a local model over an OpenAI-compatible API.")
+    parser = ArgumentParser(prog="dpo-serve", description="Serve a local model over an OpenAI-compatible API.")
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model directory (e.g. a run's final/)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")

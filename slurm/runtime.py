@@ -130,19 +130,20 @@ def run_in_allocation(cfg, task: str) -> Any:
 
     from dpo_dist import distributed as D
     from dpo_dist.engine import PREEMPTED_EXIT_CODE, Preempted
-    from dpo_dist.worker import run_task, user_error_types
+    from dpo_dist.worker import run_task, user_error_message
 
     try:
         result = run_task(cfg, task)
     except Preempted as exc:
         _requeue_after_checkpoint(cfg, env, status, exc.step)
         raise SystemExit(PREEMPTED_EXIT_CODE) from None
-    except user_error_types() as exc:
-        message = _first_line(exc)
-        status.write("failed", f"rank {env.rank}: {message}")
-        print(f"dpo_dist: error: {message}", file=sys.stderr)
-        raise SystemExit(USER_ERROR_EXIT_CODE) from None
-    except Exception as exc:  # a bug: keep the traceback in the task's log
+    except Exception as exc:
+        message = user_error_message(exc, cfg)
+        if message is not None:
+            status.write("failed", f"rank {env.rank}: {message}")
+            print(f"dpo_dist: error: {message}", file=sys.stderr)
+            raise SystemExit(USER_ERROR_EXIT_CODE) from None
+        # a bug: keep the traceback in the task's log
         status.write("failed", f"rank {env.rank}: {type(exc).__name__}: {_first_line(exc)}")
         traceback.print_exc()
         raise SystemExit(FAILED_EXIT_CODE) from None

@@ -51,15 +51,20 @@ optimizer state, so its losses equal an uninterrupted run's. A warning that arri
 engine's handler exists (start-up) requeues at once, under the same bound: nothing is lost yet.
 Jobs carry ``--requeue`` so a cluster with ``JobRequeue=0`` still allows it.
 
-Failures. A rank that fails writes ``status.json`` (``failed`` + its error) and exits non-zero;
+Failures. If ``sbatch`` refuses the job (no controller reachable, a bad partition or account) or
+is not on PATH, the submitting process exits 1 with one line carrying sbatch's own reason
+(:func:`sbatch_errors`; a sweep's array likewise). A rank that fails writes ``status.json`` (``failed`` + its error) and exits non-zero;
 ``--kill-on-bad-exit`` stops the others; collectives also time out
 (``deepspeed.comm_timeout_minutes``), so nothing hangs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -79,6 +84,45 @@ STATE_POLL_S = 5.0
 
 class SlurmJobFailed(RuntimeError):
     """A Slurm job (or sweep point) ended without finishing; the message is one line."""
+
+
+class SlurmSubmitFailed(RuntimeError):
+    """sbatch refused the job (no controller, bad partition, no sbatch at all); one line."""
+
+
+def sbatch_error_line(stderr: str) -> str:
+    """The line of sbatch's stderr that says why: its ``fatal:`` line if any (the earlier lines
+    of a missing configuration are DNS lookups), else the first."""
+    lines = [ln.strip() for ln in str(stderr).splitlines() if ln.strip()]
+    fatal = [ln for ln in lines if ln.startswith("sbatch: fatal:")]
+    return (fatal or lines or ["sbatch failed without a message"])[0]
+
+
+def require_slurm_commands() -> None:
+    """Raise :class:`SlurmSubmitFailed` unless ``sbatch`` and ``srun`` are on PATH (submitit
+    needs both; without them it fails with a traceback)."""
+    missing = [name for name in ("sbatch", "srun") if shutil.which(name) is None]
+    if missing:
+        raise SlurmSubmitFailed(
+            f"Slurm submission failed: no {' or '.join(missing)} on PATH (not a Slurm submit host?)"
+        )
+
+
+@contextlib.contextmanager
+def sbatch_errors():
+    """Turn a failed ``sbatch`` under submitit (its multi-line FailedJobError, or no sbatch on
+    PATH) into :class:`SlurmSubmitFailed` with sbatch's own one-line reason. submitit also
+    echoes sbatch's stderr before raising; that copy is held back (the one line says it)."""
+    from submitit.core.utils import FailedJobError
+
+    require_slurm_commands()
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except FailedJobError as exc:
+        raise SlurmSubmitFailed(f"Slurm submission failed: {sbatch_error_line(str(exc))}") from None
+    sys.stderr.write(held.getvalue())  # a successful submission's own output is not lost
 
 
 def inside_allocation() -> bool:
@@ -191,7 +235,9 @@ def submit_and_wait(cfg, task: str) -> Any:
     config_path = write_config(cfg).resolve()
     folder = config_path.parent / "slurm" / "%j"
     cluster = cfg.cluster
-    job = make_executor(folder, cluster, f"dpo-{task}").submit(SlurmTask(str(config_path), task))
+    with sbatch_errors():
+        executor = make_executor(folder, cluster, f"dpo-{task}")
+        job = executor.submit(SlurmTask(str(config_path), task))
     print(
         f"submitted Slurm job {job.job_id} ({cluster.nodes} node(s) x {cluster.tasks_per_node} task(s)); "
         f"logs: {job.paths.folder}/",
@@ -231,7 +277,12 @@ def report_sweep_failures(on_failure: Callable[[str], None]) -> None:
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
 
         def map_array_and_wait(executor, fn, *iterables):
-            jobs = submit(executor, fn, *iterables)
+            try:
+                with sbatch_errors():
+                    jobs = submit(executor, fn, *iterables)
+            except SlurmSubmitFailed as exc:
+                on_failure(str(exc))
+                raise  # on_failure does not return; if it does, the error still stands
             array = str(jobs[0].job_id).split("_")[0]
             print(f"submitted Slurm job array {array} ({len(jobs)} sweep points); logs: {jobs[0].paths.folder.parent}/", flush=True)
             wait_for_jobs(jobs)
@@ -245,6 +296,11 @@ def report_sweep_failures(on_failure: Callable[[str], None]) -> None:
                 on_failure(f"{len(failed)} of {len(jobs)} sweep points failed: " + "; ".join(failed))
             return jobs
 
+        try:
+            require_slurm_commands()  # before the launcher's executor asks for srun with a traceback
+        except SlurmSubmitFailed as exc:
+            on_failure(str(exc))
+            raise
         original = submitit.AutoExecutor.map_array
         submitit.AutoExecutor.map_array = map_array_and_wait
         try:

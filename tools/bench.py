@@ -34,6 +34,8 @@ import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from launch.common import ArgumentParser
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
@@ -593,7 +595,7 @@ def _csv_systems(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dpo-bench", description="dpo_dist vs TRL DPO throughput")
+    parser = ArgumentParser(prog="dpo-bench", description="dpo_dist vs TRL DPO throughput")
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
     parser.add_argument("--steps", type=int, help="timed optimizer steps per system")
     parser.add_argument("--warmup", type=int, help="untimed steps before timing")

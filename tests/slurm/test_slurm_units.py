@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from dpo_dist import distributed as D
 from dpo_dist.config import ClusterConfig
 from dpo_dist.report import describe_runs, format_table, heatmap_grid, load_run, load_sweep, plot, table
 from slurm import runtime
-from slurm.submit import executor_parameters, launcher_overrides
+from slurm.submit import SlurmSubmitFailed, executor_parameters, launcher_overrides, require_slurm_commands
+from tests.helpers import run_cli
 
 SLURM_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_STEP_ID",
               "SLURM_STEPID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_JOB_NODELIST",
@@ -137,6 +139,65 @@ def test_status_keeps_the_first_failure(tmp_path, monkeypatch):
     assert (record["state"], record["message"], record["rank"]) == ("failed", "rank 1: the cause", 1)
     runtime.RunStatus(tmp_path, 0, "6").write("running")  # a new job in the same directory
     assert runtime.read_status(tmp_path)["state"] == "running"
+
+
+# ----------------------------------------------------------------------------- failed submission
+
+SBATCH_REFUSES = """#!/bin/sh
+echo "sbatch: error: invalid partition specified: nope" >&2
+echo "sbatch: error: Batch job submission failed: Invalid partition name specified" >&2
+exit 1
+"""
+
+
+@pytest.fixture
+def refusing_sbatch(tmp_path):
+    """PATH with an ``sbatch`` that refuses every job as a real one does (and an ``srun``)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", SBATCH_REFUSES), ("srun", "#!/bin/sh\nexit 0\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def _only_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [ln for ln in stderr.splitlines() if "error" in ln.lower()]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+def test_refused_submission_is_one_line_exit_1(tmp_path, refusing_sbatch):
+    result = run_cli("launch.train", "cluster=slurm", "train.max_steps=1", f"output_dir={tmp_path / 'run'}",
+                     env=refusing_sbatch, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert _only_line(result.stderr) == (
+        "dpo-train: error: Slurm submission failed: sbatch: error: invalid partition specified: nope"
+    )
+
+
+def test_refused_sweep_submission_is_one_line_exit_1(tmp_path, refusing_sbatch):
+    result = run_cli("launch.train", "-m", "cluster=slurm", "train.max_steps=1", "loss.beta=0.1,0.2",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}", env=refusing_sbatch, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert _only_line(result.stderr) == (
+        "dpo-train: error: Slurm submission failed: sbatch: error: invalid partition specified: nope"
+    )
+
+
+def test_sbatch_reason_and_missing_commands(monkeypatch, tmp_path):
+    from slurm.submit import sbatch_error_line
+
+    no_config = ("sbatch: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host\n"
+                 "sbatch: error: fetch_config: DNS SRV lookup failed\n"
+                 "sbatch: fatal: Could not establish a configuration source\n")
+    assert sbatch_error_line(no_config) == "sbatch: fatal: Could not establish a configuration source"
+    assert sbatch_error_line("\nsbatch: error: Invalid account\nmore\n") == "sbatch: error: Invalid account"
+    assert sbatch_error_line("") == "sbatch failed without a message"
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SlurmSubmitFailed, match="no sbatch or srun on PATH"):
+        require_slurm_commands()
 
 
 # ----------------------------------------------------------------------------- report

@@ -92,6 +92,18 @@ def test_cli_config_errors_are_one_line_exit_2(override, expected):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("module, prog", [("launch.train", "dpo-train"), ("launch.plan", "dpo-plan")])
+def test_a_bad_value_says_why_on_the_one_line(module, prog):
+    """Hydra's "Error merging override" line alone does not say what is wrong; its cause does."""
+    result = run_cli(module, "train.max_steps=abc")
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: Error merging override train.max_steps=abc: "), lines
+    assert "Value 'abc'" in lines[0] and "could not be converted to Integer" in lines[0]
+    assert "full_key: train.max_steps" in lines[0]
+    assert "object_type" not in lines[0] and "reference_type" not in lines[0]
+
+
 def test_every_loss_preset_feeds_exactly_its_options_to_the_loss():
     """conf/loss/<name>.yaml selects a dpo_dist.losses function and the engine hands it the loss.*
     fields it takes, named alike; the config's list of smoothed losses is the functions' own."""

@@ -46,7 +46,8 @@ def test_check_usage_errors_exit_2_without_traceback():
     assert missing.stdout == "3 good, 0 bad\n"
     assert missing.stderr == "dpo-data: error: nope.jsonl: no such file or directory\n"
     no_args = dpo_data("check")
-    assert no_args.returncode == 2 and "the following arguments are required: PATH" in no_args.stderr
+    assert no_args.returncode == 2 and no_args.stdout == ""
+    assert no_args.stderr == "dpo-data check: error: the following arguments are required: PATH (see --help)\n"
     for done in (missing, no_args):
         assert "Traceback" not in done.stderr
 
@@ -63,7 +64,7 @@ def test_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2
-    assert "required: COMMAND" in capsys.readouterr().err
+    assert capsys.readouterr().err == "dpo-data: error: the following arguments are required: COMMAND (see --help)\n"
 
 
 def test_stats_prints_counts_percentiles_and_truncation(capsys):
