@@ -1202,10 +1202,15 @@ class _CacheLock:
     def __enter__(self) -> _CacheLock:
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}" if self.rank == 0 else None
         token = _broadcast(token, self.world_size)
-        if self.rank == 0:
-            self._acquire(token)
-        else:
-            self._wait_for(token)
+        # The first, non-blocking attempt is a collective, so that a failure there (a directory
+        # that cannot be made, NFS mounted nolock, Lustre without -o flock) reaches every rank
+        # instead of leaving them polling for a token that never comes.
+        acquired = _on_rank0(lambda: self._try_acquire(token), self.rank, self.world_size)
+        if not acquired:
+            if self.rank == 0:
+                self._acquire(token)
+            else:
+                self._wait_for(token)
         _barrier(self.world_size)
         return self
 
@@ -1218,17 +1223,30 @@ class _CacheLock:
         os.close(self._fd)
         self._fd = None
 
-    def _acquire(self, token: str) -> None:
+    def _try_acquire(self, token: str) -> bool:
+        """Rank 0: take the lock if it is free; False (the file kept open) if another job holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = self.path.read_text().split(":")[:2] or ["?"]
-            logger.info(
-                "reference cache %s is locked by %s; waiting for it", self.path.parent, ":".join(holder)
-            )
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._fd = fd
+            return False
+        except OSError:
+            os.close(fd)
+            raise
+        self._own(fd, token)
+        return True
+
+    def _acquire(self, token: str) -> None:
+        """Rank 0, after ``_try_acquire`` found the lock taken: wait for it (possibly for hours)."""
+        fd = self._fd
+        holder = self.path.read_text().split(":")[:2] or ["?"]
+        logger.info("reference cache %s is locked by %s; waiting for it", self.path.parent, ":".join(holder))
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._own(fd, token)
+
+    def _own(self, fd: int, token: str) -> None:
         os.ftruncate(fd, 0)
         os.pwrite(fd, token.encode(), 0)
         os.fsync(fd)

@@ -142,3 +142,33 @@ def test_two_ranks_write_the_rows_of_one_rank_and_resume_a_killed_pass(tmp_path,
         assert {r["shards_computed"] for r in per_rank} == {len(shards)}
         pairs = sum(stop - start for start, stop in map(shard_range, shards))
         assert {r["examples_computed"] for r in per_rank} == {pairs}
+
+
+LOCK_SCRIPT = """
+import os, sys
+import torch.distributed as dist
+sys.path.insert(0, os.getcwd())
+from dpo_dist import reference as ref
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=2)
+try:
+    with ref._CacheLock(ref.Path(sys.argv[1]), rank, 2, 0.01):
+        outcome = "entered"
+except Exception as err:
+    outcome = f"{type(err).__name__}: {err}"
+ref.Path(sys.argv[2], f"rank{rank}.txt").write_text(outcome)
+"""
+
+
+def test_a_cache_dir_rank0_cannot_lock_fails_every_rank_at_once(tmp_path):
+    """Rank 0 takes the lock; when it cannot even try (here the cache dir would sit under a file;
+    on NFS mounted nolock flock itself fails), the other ranks must fail too, not poll forever."""
+    script = tmp_path / "lock.py"
+    script.write_text(LOCK_SCRIPT)
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "out"
+    out.mkdir()
+    run_ranks([str(script), str(tmp_path / "a_file" / "cache"), str(out)], 2, timeout=60)
+    rank0, rank1 = ((out / f"rank{r}.txt").read_text() for r in range(2))
+    assert rank0.startswith("NotADirectoryError"), rank0
+    assert rank1.startswith("RuntimeError: rank 0 failed: NotADirectoryError"), rank1
