@@ -26,8 +26,13 @@ from pathlib import Path
 from typing import Any
 
 CACHE_ENV = "DPO_DIST_CACHE"
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
-"""Weight files that make up a model's fingerprint (plus ``config.json``)."""
+WEIGHT_PATTERNS = {
+    "safetensors": ("model*.safetensors", "adapter_model.safetensors"),
+    "bin": ("pytorch_model*.bin", "adapter_model.bin"),
+}
+"""Weight files that make up a model's fingerprint (plus ``config.json``): the ones
+``from_pretrained`` loads, safetensors first. Other files in the folder (a trainer's
+``training_args.bin`` or ``optimizer.bin``) do not change the log-probs."""
 
 _MEMO_NAME = "filehash.json"
 _MEMO_VERSION = 1
@@ -101,9 +106,13 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
     root = Path(model_dir).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"{model_dir}: model directory not found")
-    weights = sorted({p for pattern in WEIGHT_PATTERNS for p in root.glob(pattern) if p.is_file()})
-    if not weights:
-        raise FileNotFoundError(f"{model_dir}: no weight files ({', '.join(WEIGHT_PATTERNS)})")
+    for patterns in WEIGHT_PATTERNS.values():
+        weights = sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()})
+        if weights:
+            break
+    else:
+        names = ", ".join(pattern for patterns in WEIGHT_PATTERNS.values() for pattern in patterns)
+        raise FileNotFoundError(f"{model_dir}: no weight files ({names})")
     files = weights + ([root / "config.json"] if (root / "config.json").is_file() else [])
     digests = files_sha256(files)
     return json_sha256({p.relative_to(root).as_posix(): d for p, d in zip(files, digests)})

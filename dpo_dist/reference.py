@@ -110,6 +110,7 @@ from dpo_dist.data import (
     pack_pairs,
     tokenizer_fingerprint,
 )
+from dpo_dist.data.cache import CACHE_FORMAT
 from dpo_dist.fingerprint import cache_root, json_sha256, model_fingerprint
 from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
 
@@ -203,6 +204,8 @@ def reference_settings(*, max_length: int, truncation: str, dtype: torch.dtype |
         "dtype": dtype_name(dtype),
         "logp_reduction": LOGP_REDUCTION,
         "format_version": FORMAT_VERSION,
+        # The data component hashes the file's bytes; how they become token ids is versioned here.
+        "tokenization_format": CACHE_FORMAT,
     }
 
 

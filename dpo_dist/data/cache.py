@@ -37,8 +37,9 @@ from dpo_dist.data.records import (
 )
 from dpo_dist.data.tokenize import TokenizedPair, TruncationStats, check_truncation, tokenize_records
 
-CACHE_FORMAT = 1
-"""Bumped whenever the tokenization rules or the cache layout change, to invalidate old caches."""
+CACHE_FORMAT = 2
+"""Bumped whenever the tokenization rules or the cache layout change, to invalidate old caches
+(and reference caches: it is part of their fingerprint). 2: no whitespace after a chat turn's EOS."""
 _ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _PROBE = "Hello world 123.\n"
 """Encoded into the tokenizer fingerprint: catches BOS/EOS behaviour that lives outside the vocab."""
@@ -202,8 +203,9 @@ def _to_table(pairs: list[TokenizedPair]) -> pa.Table:
 
 
 def _flatten(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(values, offsets) of a list column; offsets index into values."""
-    array = column.combine_chunks()
+    """(values, offsets) of a list column; offsets index into values. A one-chunk column (a
+    memory-mapped cache file) is used in place: combine_chunks would copy it onto every rank's heap."""
+    array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     return array.values.to_numpy(), array.offsets.to_numpy()
 
 

@@ -30,7 +30,6 @@ a list, an unreadable Parquet file) raise ``DataError``: there are no records to
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -164,21 +163,19 @@ def validate_record(raw: Any) -> str | None:
 
 
 def data_fingerprint(path: str | os.PathLike) -> str:
-    """sha256 of the file's bytes, or of every file (with its relative path) in a directory."""
+    """sha256 of the file's bytes, or over every file's relative path and sha256 in a directory.
+
+    Digests are memoized by path, size and mtime (``dpo_dist.fingerprint``): every rank of every
+    run asks at start, and re-reading a big file from shared storage each time is slow."""
+    from dpo_dist.fingerprint import file_sha256, files_sha256, json_sha256
+
     shown, path = os.fspath(path), Path(path)
     if not path.exists():
         raise DataError(f"{shown}: no such file or directory")
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            # Name and size frame each file, so moving bytes between files changes the hash.
-            header = f"{file.relative_to(path).as_posix()}\0{file.stat().st_size}\0"
-            digest.update(header.encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    if not path.is_dir():
+        return file_sha256(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return json_sha256({f.relative_to(path).as_posix(): d for f, d in zip(files, files_sha256(files))})
 
 
 class _Unreadable(str):

@@ -221,8 +221,16 @@ def _render(record: PreferenceRecord, tokenizer, source: str) -> tuple[str, str,
                 f"{where}: the chat template's rendering of the prompt is not a prefix of its "
                 f"rendering with the {name} response; cannot split prompt and response"
             )
-        responses.append(full[len(prompt_text) :])
+        responses.append(_end_at_eos(full[len(prompt_text) :], tokenizer.eos_token))
     return prompt_text, responses[0], responses[1]
+
+
+def _end_at_eos(response: str, eos: str | None) -> str:
+    """The rendered response without the whitespace a template writes after its end-of-turn EOS
+    (ChatML's ``<|im_end|>\n``): it is layout between turns, not something the model says, and
+    scoring it would put a second EOS after it."""
+    stripped = response.rstrip()
+    return stripped if eos and stripped.endswith(eos) else response
 
 
 def _apply_template(tokenizer, messages: Messages, add_generation_prompt: bool, where: str) -> str:

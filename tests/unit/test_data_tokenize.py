@@ -233,3 +233,26 @@ def test_bad_truncation_settings_are_rejected(tok):
 
 def test_pair_ids_are_int32_arrays():
     assert all(a.dtype == np.int32 for a in (PAIR.prompt_ids, PAIR.chosen_ids, PAIR.rejected_ids))
+
+
+def test_whitespace_after_a_chat_turns_eos_is_not_scored():
+    """ChatML-style templates end every turn with EOS + newline; the response ends at its EOS
+    (no newline label, no second EOS after it)."""
+    tok = load_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    chat = record([{"role": "user", "content": "Hi"}], "Yo", "No")
+    (pair,), _ = tokenize_records([chat], tok, max_length=256)
+    assert pair.chosen_ids.tolist() == [*chars(tok, "Yo"), EOS]
+    assert pair.rejected_ids.tolist() == [*chars(tok, "No"), EOS]
+
+
+def test_the_reference_fingerprint_covers_the_tokenization_rules():
+    """A change of tokenization rules bumps CACHE_FORMAT; reference caches keyed on the old ids
+    must miss too (their data component hashes only the file's bytes)."""
+    from dpo_dist.data.cache import CACHE_FORMAT
+    from dpo_dist.reference import reference_settings
+
+    assert reference_settings(max_length=8, truncation="drop", dtype="fp32")["tokenization_format"] == CACHE_FORMAT

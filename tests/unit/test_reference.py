@@ -516,6 +516,9 @@ def test_model_fingerprint_and_cache_dirs(setup, tmp_path, monkeypatch):
     other = tmp_path / "model"
     shutil.copytree(setup.model_dir, other)
     assert fp.model_fingerprint(other) == fp.model_fingerprint(setup.model_dir)  # content, not path
+    (other / "training_args.bin").write_bytes(b"a trainer's leftovers")
+    (other / "pytorch_model.bin").write_bytes(b"a stale copy from_pretrained would not load")
+    assert fp.model_fingerprint(other) == fp.model_fingerprint(setup.model_dir)  # only loaded weights
     config = json.loads((other / "config.json").read_text())
     config["rms_norm_eps"] = 1e-5
     (other / "config.json").write_text(json.dumps(config))
