@@ -837,7 +837,6 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     env, device, tokenizer, backend = job.env, job.device, job.tokenizer, job.backend
     train_data, eval_data = job.train_data, job.eval_data
     seed_everything(cfg.train.seed)
-    preempt = D.PreemptionFlag().install()
     reference = prepare_reference(cfg, env, device, backend, train_data, eval_data)
     engine = build_engine(cfg, device, backend)
     if isinstance(reference, OnlineReference):
@@ -852,6 +851,10 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     sampler = PairSampler(len(train_data), cfg.train.pairs_per_step, cfg.train.seed)
     lengths = packed_lengths(train_data, cfg.stage)
     bar = tqdm(total=cfg.train.max_steps, initial=start, desc=cfg.stage, disable=not env.is_main)
+    # Only now: until the first step there is nothing to checkpoint, and on Slurm the early
+    # handler (slurm/runtime.py) requeues at once instead of waiting for a step that may be
+    # far off (a reference pass, loading and resuming 70B).
+    preempt = D.PreemptionFlag().install()
     last_eval: dict[str, float] = {}
     for step in range(start, cfg.train.max_steps):
         t0 = time.perf_counter()
@@ -864,8 +867,10 @@ def train(cfg: DPOConfig) -> dict[str, float]:
         done = step + 1
         row = {"step": done, **summarize(totals, cfg.stage), "lr": lr}
         row["tokens_per_s"] = row["tokens"] / (time.perf_counter() - t0)
+        stop = totals["stop"] > 0
         eval_row = None
-        if eval_data is not None and (_due(done, cfg.train.eval_every) or done == cfg.train.max_steps):
+        # A preempted run has seconds to checkpoint: the eval waits for the resumed run.
+        if eval_data is not None and not stop and (_due(done, cfg.train.eval_every) or done == cfg.train.max_steps):
             last_eval = evaluate(ctx, eval_data, env)
             eval_row = {"step": done, **last_eval}
         if env.is_main:
@@ -878,7 +883,6 @@ def train(cfg: DPOConfig) -> dict[str, float]:
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('reward_accuracy', float('nan')):.2f}")
         if wandb_run is not None:
             wandb_run.log({**row, **last_eval} if eval_row else row, step=done)
-        stop = totals["stop"] > 0
         if _due(done, cfg.train.checkpoint_every) or stop:
             save_checkpoint(engine, cfg, env, done)
         if stop:
