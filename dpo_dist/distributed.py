@@ -3,8 +3,9 @@
 Rank and world come from torchrun-style variables (``RANK``, ``WORLD_SIZE``, ...), which both
 ``cluster=local`` and ``cluster=slurm`` set before dpo_dist code runs. Inside an ``srun`` task
 without them (a hand-written sbatch script), :func:`slurm_env` derives them from Slurm's
-variables: rank ``SLURM_PROCID``, world ``SLURM_NTASKS``, master = the job's first node, port
-= a base port + ``SLURM_JOB_ID % 1000`` so that jobs sharing a node do not collide.
+variables: rank ``SLURM_PROCID``, world ``SLURM_NTASKS``, master = the step's first node, port
+= a base port + ``(16 * SLURM_JOB_ID + SLURM_STEP_ID) % 1000`` so that jobs sharing a node,
+and concurrent steps of one job, do not collide.
 """
 
 from __future__ import annotations
@@ -80,16 +81,31 @@ def detect_env() -> DistEnv:
 
 def slurm_env(base_port: int = 29500) -> DistEnv:
     """Where this srun task sits, from Slurm's variables (``MASTER_ADDR``/``MASTER_PORT`` win if set)."""
-    job = os.environ["SLURM_JOB_ID"]
-    port = os.environ.get("MASTER_PORT") or base_port + int(job) % 1000
+    port = os.environ.get("MASTER_PORT") or base_port + slurm_port_offset()
     return DistEnv(
         rank=int(os.environ["SLURM_PROCID"]),
-        local_rank=int(os.environ.get("SLURM_LOCALID", "0")),
+        # LOCAL_RANK picks the GPU (here and in DeepSpeed, which calls set_device(LOCAL_RANK)).
+        local_rank=gpu_index(int(os.environ.get("SLURM_LOCALID", "0"))),
         world_size=int(os.environ["SLURM_NTASKS"]),
         master_addr=os.environ.get("MASTER_ADDR") or slurm_master_addr(),
         master_port=int(port),
         slurm_job_id=slurm_job_id(),
     )
+
+
+def slurm_port_offset() -> int:
+    """0-999 from the job and step ids: two steps running at once in one job (a hand-written
+    sbatch script) need two rendezvous ports. 16 steps per job id, so jobs less than 62 ids
+    apart sharing a node, each with steps 0-15, never collide."""
+    step = os.environ.get("SLURM_STEP_ID") or os.environ.get("SLURM_STEPID") or "0"
+    return (16 * int(os.environ["SLURM_JOB_ID"]) + int(step)) % 1000
+
+
+def gpu_index(local_rank: int) -> int:
+    """The visible GPU of the rank with this node-local index: with ``--gpus-per-task`` (or any
+    binding that gives each task only its own GPUs) task 3 of a node sees one GPU, device 0."""
+    count = torch.cuda.device_count()
+    return local_rank % count if count else local_rank
 
 
 def first_node(nodelist: str) -> str:
@@ -106,14 +122,17 @@ def first_node(nodelist: str) -> str:
 
 
 def slurm_master_addr() -> str:
-    """Address of the job's first node, where rank 0 runs.
+    """Address of the step's first node, where rank 0 runs.
 
+    The step's, not the job's: an ``srun`` over part of the allocation (``srun -N1`` in a
+    2-node job, or two steps side by side) may not run on the job's first node at all.
     Node names usually resolve through DNS. When one does not (test clusters where nodes are
     aliases of one host), Slurm's own ``NodeAddr`` for it is used, and the choice is logged.
     """
-    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    names = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+    nodelist = next((os.environ[n] for n in names if os.environ.get(n)), None)
     if not nodelist:
-        raise RuntimeError("inside a Slurm step but SLURM_JOB_NODELIST is not set: set MASTER_ADDR yourself")
+        raise RuntimeError("inside a Slurm step but SLURM_STEP_NODELIST is not set: set MASTER_ADDR yourself")
     node = first_node(nodelist)
     try:
         socket.getaddrinfo(node, None)
@@ -171,8 +190,9 @@ def export_env(env: DistEnv) -> None:
 
 def device_for(env: DistEnv) -> torch.device:
     if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
+        index = gpu_index(env.local_rank)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 

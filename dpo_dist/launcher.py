@@ -2,11 +2,14 @@
 
 Every rank runs ``dpo_dist.worker`` with torchrun-style variables, exactly as a Slurm task
 does, so the local and cluster code paths are the same. One rank failing stops all of them:
-a job never hangs on a dead peer.
+a job never hangs on a dead peer. A preemption signal to the launcher (SIGTERM, SIGUSR1,
+SIGUSR2, e.g. Slurm's warning to a batch script that runs ``cluster=local``) is forwarded to the
+ranks, which checkpoint and exit 75; the launcher waits for them meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -23,6 +26,8 @@ from dpo_dist.runinfo import write_config
 from dpo_dist.worker import ERROR_DIR_ENV
 
 log = logging.getLogger("dpo_dist.launcher")
+
+PREEMPTED_EXIT_CODE = 75  # a rank's status after its preemption checkpoint (dpo_dist/worker.py)
 
 
 class LaunchError(RuntimeError):
@@ -62,14 +67,15 @@ def run_local(cfg: DPOConfig, task: str) -> None:
     errors.mkdir(parents=True)
     nproc = cfg.cluster.nproc_per_node
     port = free_port()
-    procs = []
-    for rank in range(nproc):
-        env = DistEnv(rank, rank, nproc, "127.0.0.1", port, None)
-        cmd = [sys.executable, "-m", "dpo_dist.worker", str(config_path), task]
-        variables = {**rank_environment(env), ERROR_DIR_ENV: str(errors)}
-        procs.append(subprocess.Popen(cmd, env=variables, preexec_fn=_die_with_parent))
+    procs: list[subprocess.Popen] = []
     try:
-        _wait_all(procs)
+        with forward_signals(procs):
+            for rank in range(nproc):
+                env = DistEnv(rank, rank, nproc, "127.0.0.1", port, None)
+                cmd = [sys.executable, "-m", "dpo_dist.worker", str(config_path), task]
+                variables = {**rank_environment(env), ERROR_DIR_ENV: str(errors)}
+                procs.append(subprocess.Popen(cmd, env=variables, preexec_fn=_die_with_parent))
+            _wait_all(procs)
     except LaunchError as exc:
         messages = _user_errors(errors)
         if exc.status == 2 and messages:
@@ -80,6 +86,30 @@ def run_local(cfg: DPOConfig, task: str) -> None:
         shutil.rmtree(errors, ignore_errors=True)
 
 
+# The signals the ranks' PreemptionFlag turns into "checkpoint, then exit 75".
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@contextlib.contextmanager
+def forward_signals(procs: list[subprocess.Popen]):
+    """While inside, a preemption signal to the launcher goes to the live ranks instead of
+    killing it: its death would SIGKILL them (``PR_SET_PDEATHSIG``) in the middle of the
+    checkpoint the signal asks for. ``procs`` may still grow inside."""
+
+    def forward(signum, _frame) -> None:
+        log.warning("received %s: passing it on to the ranks", signal.Signals(signum).name)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _user_errors(folder: Path) -> list[str]:
     """Distinct one-line user errors the ranks reported, in rank order."""
     files = sorted(folder.glob("rank*.txt"), key=lambda p: int(p.stem[4:]))
@@ -87,20 +117,40 @@ def _user_errors(folder: Path) -> list[str]:
 
 
 def _wait_all(procs: list[subprocess.Popen]) -> None:
+    """Wait for every rank; on the first failure stop the others and raise for that rank.
+
+    A user error (status 2) on any rank wins: the peers of a rank that stopped on bad input die
+    of the broken collective, maybe even before it has exited, and their status 1 says nothing."""
     try:
         while True:
             codes = [p.poll() for p in procs]
-            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                rank, code = failed[0]
+            if any(c not in (None, 0) for c in codes):
+                first = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
                 _terminate(procs)
-                raise LaunchError(f"rank {rank} exited with status {code}; stopped the other ranks", code)
+                user = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode == 2]
+                rank, code = (user or first)[0]
+                raise LaunchError(_describe(rank, code), code)
             if all(c == 0 for c in codes):
                 return
             time.sleep(0.2)
     except KeyboardInterrupt:
         _terminate(procs)
         raise
+
+
+def _describe(rank: int, code: int) -> str:
+    if code == PREEMPTED_EXIT_CODE:
+        return f"rank {rank} was preempted and exited with status {code} after saving a checkpoint; run again to resume"
+    if code < 0:
+        return f"rank {rank} was killed by {signal_name(-code)}; stopped the other ranks"
+    return f"rank {rank} exited with status {code}; stopped the other ranks"
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:  # a real-time signal has no name
+        return f"signal {signum}"
 
 
 def _terminate(procs: list[subprocess.Popen]) -> None:

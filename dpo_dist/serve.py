@@ -3,8 +3,9 @@
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` and
 ``GET /health``. Supported request fields: ``model`` (required, must be the served name),
 ``prompt`` (a string or a list of strings) or ``messages`` (rendered with the tokenizer's chat
-template), ``max_tokens``, ``temperature`` (0 is greedy), ``top_p``, ``n``, ``seed`` and ``stop``
-(a string or up to four). Other OpenAI fields are accepted and ignored; ``stream=true`` is refused.
+template), ``max_tokens`` (or its newer name ``max_completion_tokens``, which wins if both are
+given), ``temperature`` (0 is greedy), ``top_p``, ``n``, ``seed`` and ``stop`` (a string or up to
+four). Other OpenAI fields are accepted and ignored; ``stream=true`` is refused.
 Responses carry ``usage`` (prompt, completion and total tokens).
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: a body that is
@@ -103,14 +104,17 @@ def sampling_params(
         raise RequestError(
             400, f"the prompt has {longest} tokens; this server accepts at most {limit}", prompt_param, "prompt_too_long"
         )
-    max_tokens = request.max_tokens or default_max_tokens or min(limits.max_tokens, room)
+    # max_completion_tokens is OpenAI's newer name for max_tokens (current chat clients send it);
+    # as in OpenAI's API it wins when both are given. Errors name the field the client sent.
+    param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    max_tokens = getattr(request, param) or default_max_tokens or min(limits.max_tokens, room)
     if max_tokens > limits.max_tokens:
-        raise RequestError(400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}", "max_tokens")
+        raise RequestError(400, f"{param}={max_tokens} is over this server's limit of {limits.max_tokens}", param)
     if max_tokens > room:
         raise RequestError(
             400,
-            f"the prompt ({longest} tokens) plus max_tokens ({max_tokens}) exceeds the model's context of {served.context}",
-            "max_tokens", "context_length_exceeded",
+            f"the prompt ({longest} tokens) plus {param} ({max_tokens}) exceeds the model's context of {served.context}",
+            param, "context_length_exceeded",
         )
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stop) > limits.max_stop or any(not s for s in stop):
@@ -193,6 +197,7 @@ def create_app(served: ServedModel, limits: ServeLimits | None = None):
         model_config = ConfigDict(extra="ignore")
         model: str
         max_tokens: int | None = Field(None, ge=1)
+        max_completion_tokens: int | None = Field(None, ge=1)
         temperature: float = Field(1.0, ge=0.0, le=2.0)
         top_p: float = Field(1.0, gt=0.0, le=1.0)
         n: int = Field(1, ge=1)

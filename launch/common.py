@@ -122,6 +122,12 @@ def slurm_sweep_arguments(prog: str, overrides: list[str], clusters: list) -> li
     return ([] if chosen else ["hydra/launcher=dpo_slurm"]) + launcher_overrides(clusters[0])
 
 
+def _is_sweep(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(override).is_sweep_override()
+
+
 def _short_hydra_error(exc: BaseException) -> str:
     """Hydra/OmegaConf errors span several lines; keep the informative ones on one line.
 
@@ -150,19 +156,25 @@ def hydra_main(prog: str, task: Callable, config_name: str = "config") -> None:
     register_schema()
     argv = sys.argv[1:]
     overrides, multirun = _config_overrides(argv)
-    clusters: list = []
-    if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") for a in argv):
-        clusters = check_overrides(prog, overrides, config_name)
-    # A single run's Hydra directory is its output_dir, so re-running a command resumes in place.
-    extra = [f"hydra.job.name={prog}"]
-    if multirun:
-        extra += slurm_sweep_arguments(prog, overrides, clusters)
-    explicit = [o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")]
-    if explicit and not multirun:
-        extra.append(f"hydra.run.dir={explicit[-1]}")
     # argparse takes one run of positional overrides: ours and the user's together, and the
     # user's flags (with their values, e.g. `-m`, `--cfg job`) after them, never in between.
     flags = [a for a in argv if a not in overrides]
+    clusters: list = []
+    if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") for a in argv):
+        clusters = check_overrides(prog, overrides, config_name)
+    extra = [f"hydra.job.name={prog}"]
+    if multirun:
+        extra += slurm_sweep_arguments(prog, overrides, clusters)
+    explicit = [o for o in overrides if o.startswith("output_dir=")]
+    if explicit and not multirun:
+        # A single run's Hydra directory is its output_dir, so re-running a command resumes in place.
+        extra.append(f"hydra.run.dir={explicit[-1].split('=', 1)[1]}")
+    elif explicit and not _is_sweep(explicit[-1]):  # (a swept output_dir=a,b gives each point its own)
+        # In a sweep, output_dir=X given to every point as is would make the second point
+        # "resume" the first's finished run and export its model as its own. X is the sweep
+        # directory instead: point N's output_dir is X/N, as in the default multirun/DATE/TIME/N.
+        extra.append(f"hydra.sweep.dir={explicit[-1].split('=', 1)[1]}")
+        overrides = [o for o in overrides if o not in explicit]
     sys.argv[:] = [prog, *extra, *overrides, *flags]
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from launch.common import UserError
+from launch.common import UserError, fail
 
 
 def launch(prog: str, cfg, task: str) -> None:
     """Run ``task`` for ``cfg`` on the configured cluster; exits non-zero if any rank failed."""
     logging.getLogger("dpo_dist").info("%s %s: run directory %s", prog, task, Path(cfg.output_dir).resolve())
     if cfg.cluster.name == "slurm":
-        from launch.common import fail
         from slurm.submit import SlurmJobFailed, SlurmSubmitFailed, submit_and_wait
 
         try:
@@ -25,4 +24,13 @@ def launch(prog: str, cfg, task: str) -> None:
     try:
         run_local(cfg, task)
     except LaunchError as exc:
-        raise UserError(str(exc)) from None  # a user error's own line, or which rank died how
+        if exc.status == 2:
+            raise UserError(str(exc)) from None  # the ranks' own line
+        # Otherwise which rank died how, with its status: a crash (1) is not a usage error, and
+        # a preemption (75) must stay 75 for whatever requeues the command.
+        fail(prog, str(exc), status=exit_status(exc.status))
+
+
+def exit_status(status: int) -> int:
+    """A rank's status as a process exit status: killed by signal N (negative) is 128 + N, as in a shell."""
+    return 128 - status if status < 0 else status

@@ -5,8 +5,8 @@ Design
 Submission (``dpo-train ... cluster=slurm``). The submitting process writes the resolved
 ``OUTPUT_DIR/config.yaml`` and submits one sbatch job (``cluster.nodes`` x ``cluster.tasks_per_node``
 tasks, one rank each) whose tasks run ``slurm.runtime.SlurmTask``: torchrun variables from
-Slurm's (master = the first node, resolved through Slurm when its name does not resolve; port =
-``cluster.master_port + SLURM_JOB_ID % 1000``), then ``dpo_dist.worker.run_task(cfg, task)``.
+Slurm's (master = the step's first node, resolved through Slurm when its name does not resolve;
+port = ``cluster.master_port + (16 * SLURM_JOB_ID + SLURM_STEP_ID) % 1000``), then ``dpo_dist.worker.run_task(cfg, task)``.
 Every ``srun`` runs with ``SLURM_KILL_BAD_EXIT=1`` (``--kill-on-bad-exit``): one failed rank
 ends the job at once. The submitting process then waits
 (polling ``scontrol``/``sacct``: submitit's own watcher can take minutes to notice a failure),

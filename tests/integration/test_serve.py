@@ -93,12 +93,25 @@ def test_chat_sampling_is_repeatable_with_a_seed(server):
     assert first["usage"]["prompt_tokens"] > len("reverse: abc")  # the chat template adds role markers
 
 
+def test_max_completion_tokens_is_max_tokens_and_wins(server):
+    """Current OpenAI clients send max_completion_tokens for chat; it wins over max_tokens."""
+    request = {"model": NAME, "messages": [{"role": "user", "content": "12+34="}], "temperature": 0}
+    newer = server.post("/v1/chat/completions", json={**request, "max_tokens": 8, "max_completion_tokens": 2}).json()
+    older = server.post("/v1/chat/completions", json={**request, "max_tokens": 2}).json()
+    assert newer["choices"] == older["choices"] and newer["usage"] == older["usage"]
+    assert newer["usage"]["completion_tokens"] <= 2
+
+
 @pytest.mark.parametrize(
     "path, payload, status, fragment",
     [
         ("/v1/completions", b'{"model": "tiny-test", "prompt": ', 400, "not valid JSON"),
         ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model 'gpt-4' not found"),
         ("/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": 33}, 400, "over this server's limit of 32"),
+        ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 33},
+         400, "max_completion_tokens=33 is over this server's limit of 32"),
+        ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+         400, "max_completion_tokens"),
         ("/v1/completions", {"model": NAME, "prompt": "x" * 100}, 400, "accepts at most 64"),
         ("/v1/completions", {"model": NAME, "prompt": "x" * 5000}, 413, "request body over 4096 bytes"),
         ("/v1/completions", {"model": NAME, "prompt": "hi", "temperature": -1}, 400, "temperature"),

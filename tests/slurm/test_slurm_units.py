@@ -20,7 +20,8 @@ from tests.helpers import run_cli
 
 SLURM_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID", "SLURM_STEP_ID",
               "SLURM_STEPID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_JOB_NODELIST",
-              "SLURM_NODELIST", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")
+              "SLURM_STEP_NODELIST", "SLURM_NODELIST", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
+              "SLURM_RESTART_COUNT")
 
 
 @pytest.fixture
@@ -50,9 +51,42 @@ def test_slurm_env_from_srun_task(slurm_task):
     env = D.detect_env()
     assert (env.rank, env.local_rank, env.world_size) == (1, 0, 2)
     assert env.master_addr == "localhost"  # the first node, which resolves
-    assert env.master_port == 29500 + 1234 % 1000
+    assert env.master_port == 29500 + (16 * 1234 + 0) % 1000
     assert env.slurm_job_id == "1234"
-    assert D.slurm_env(base_port=40000).master_port == 40234
+    assert D.slurm_env(base_port=40000).master_port == 40744
+
+
+def test_a_step_over_part_of_the_job_meets_on_its_own_first_node(slurm_task):
+    """`srun -N1 -w other` in a 2-node job: rank 0 runs on `other`, not on the job's first node."""
+    slurm_task.setenv("SLURM_JOB_NODELIST", "nosuchnode-dpo1,localhost")
+    slurm_task.setenv("SLURM_STEP_NODELIST", "localhost")
+    assert D.slurm_env().master_addr == "localhost"
+
+
+def test_concurrent_steps_and_nearby_jobs_get_distinct_ports(slurm_task):
+    ports = {}
+    for job in range(1234, 1234 + 62):
+        for step in range(16):
+            slurm_task.setenv("SLURM_JOB_ID", str(job))
+            slurm_task.setenv("SLURM_STEP_ID", str(step))
+            ports[job, step] = D.slurm_env().master_port
+    assert len(set(ports.values())) == len(ports)
+    assert all(29500 <= port < 30500 for port in ports.values())
+
+
+def test_a_task_bound_to_one_gpu_uses_its_device_0(slurm_task):
+    """--gpus-per-task=1: task 3 of a node sees one GPU; set_device(3) would fail."""
+    import torch
+
+    slurm_task.setenv("SLURM_LOCALID", "3")
+    slurm_task.setattr(torch.cuda, "device_count", lambda: 1)
+    assert D.slurm_env().local_rank == 0  # exported as LOCAL_RANK, which DeepSpeed passes to set_device
+    chosen = []
+    slurm_task.setattr(torch.cuda, "is_available", lambda: True)
+    slurm_task.setattr(torch.cuda, "set_device", chosen.append)
+    assert D.device_for(D.DistEnv(3, 3, 4, "localhost", 1, None)) == torch.device("cuda", 0) and chosen == [0]
+    slurm_task.setattr(torch.cuda, "device_count", lambda: 4)  # all of the node's GPUs visible
+    assert D.slurm_env().local_rank == 3
 
 
 def test_exported_torchrun_variables_win(slurm_task):

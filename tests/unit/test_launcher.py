@@ -1,0 +1,153 @@
+"""``cluster=local`` plumbing without training: sweep run directories, the launcher's exit status,
+which rank's failure it reports, and preemption signals passed on to the ranks (fake ranks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from dpo_dist.launcher import LaunchError, _wait_all, forward_signals
+from dpo_dist.report import find_run_dirs
+from launch.run import launch
+from tests.helpers import REPO
+
+# A Hydra app that only prints where each run would write.
+SHOW_DIRS = """
+from hydra.core.hydra_config import HydraConfig
+from launch.common import hydra_main
+
+def task(cfg):
+    print("RUN", cfg.output_dir, HydraConfig.get().runtime.output_dir, flush=True)
+
+hydra_main("dpo-train", task)
+"""
+
+
+def run_dirs(*args: str) -> list[tuple[Path, Path]]:
+    result = subprocess.run([sys.executable, "-c", SHOW_DIRS, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [ln.split()[1:] for ln in result.stdout.splitlines() if ln.startswith("RUN ")]
+    return [(Path(a).resolve(), Path(b).resolve()) for a, b in lines]
+
+
+def test_an_explicit_output_dir_is_the_sweep_directory(tmp_path):
+    """Given to every point as is, output_dir=X made the second point resume the first's run."""
+    sweep = tmp_path / "sweep"
+    runs = run_dirs("-m", "loss.beta=0.1,0.2", f"output_dir={sweep}")
+    assert runs == [(sweep / "0", sweep / "0"), (sweep / "1", sweep / "1")]
+    assert find_run_dirs(sweep) == [sweep / "0", sweep / "1"]  # what dpo-report tabulates
+    for n, beta in enumerate(("0.1", "0.2")):
+        assert yaml.safe_load((sweep / str(n) / ".hydra" / "overrides.yaml").read_text()) == [f"loss.beta={beta}"]
+    single = tmp_path / "single"
+    assert run_dirs(f"output_dir={single}") == [(single, single)]  # a single run: X itself
+
+
+# ----------------------------------------------------------------------------- exit status
+
+
+@pytest.mark.parametrize(
+    "status, expected",
+    [(1, 1), (-9, 128 + 9), (75, 75), (2, 2)],
+)
+def test_local_launch_exits_with_the_ranks_status(monkeypatch, capsys, status, expected):
+    """Only a user error is 2: a crash (1), an OOM kill (-9) and a preemption (75) keep their own."""
+    import dpo_dist.launcher
+
+    def failing(cfg, task):
+        raise LaunchError(f"rank 1 exited with status {status}", status)
+
+    monkeypatch.setattr(dpo_dist.launcher, "run_local", failing)
+    cfg = SimpleNamespace(output_dir="unused", cluster=SimpleNamespace(name="local"))
+    if status == 2:  # a user error goes up to hydra_main, which prints it and exits 2
+        from launch.common import UserError
+
+        with pytest.raises(UserError, match="rank 1 exited with status 2"):
+            launch("dpo-train", cfg, "train")
+        return
+    with pytest.raises(SystemExit) as exited:
+        launch("dpo-train", cfg, "train")
+    assert exited.value.code == expected
+    assert capsys.readouterr().err == f"dpo-train: error: rank 1 exited with status {status}\n"
+
+
+# ----------------------------------------------------------------------------- which rank failed
+
+
+def fake_rank(code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", f"import signal, sys, time\n{code}"])
+
+
+def test_a_user_error_wins_over_a_peer_seen_failing_in_the_same_poll():
+    procs = [fake_rank("sys.exit(1)"), fake_rank("sys.exit(2)")]
+    for p in procs:
+        p.wait()
+    with pytest.raises(LaunchError) as failed:
+        _wait_all(procs)
+    assert failed.value.status == 2 and str(failed.value).startswith("rank 1 ")
+
+
+def test_a_user_error_wins_over_a_peer_that_failed_first():
+    """Rank 1 stops on bad input; rank 0 dies of the broken collective before rank 1 has exited."""
+    procs = [
+        fake_rank("time.sleep(2); sys.exit(1)"),
+        fake_rank("signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(4); sys.exit(2)"),
+    ]
+    with pytest.raises(LaunchError) as failed:
+        _wait_all(procs)
+    assert failed.value.status == 2 and str(failed.value).startswith("rank 1 ")
+
+
+def test_the_first_failure_is_reported_and_the_others_stopped():
+    procs = [fake_rank("time.sleep(60)"), fake_rank("sys.exit(3)")]
+    with pytest.raises(LaunchError) as failed:
+        _wait_all(procs)
+    assert failed.value.status == 3 and str(failed.value).startswith("rank 1 exited with status 3")
+    assert procs[0].returncode == -signal.SIGTERM
+
+
+# ----------------------------------------------------------------------------- preemption
+
+# Like a training rank: a preemption signal sets a flag; the rank then "checkpoints" (rank 1
+# more slowly than rank 0) and exits 75.
+PREEMPTIBLE_RANK = """
+import pathlib
+flag = []
+for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+    signal.signal(sig, lambda *_: flag.append(1))
+ready, saved, seconds = sys.argv[1:]
+pathlib.Path(ready).touch()
+while not flag:
+    time.sleep(0.05)
+time.sleep(float(seconds))
+pathlib.Path(saved).touch()
+sys.exit(75)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
+def test_a_preemption_signal_reaches_the_ranks_and_the_launcher_waits(tmp_path, sig):
+    procs: list[subprocess.Popen] = []
+    before = signal.getsignal(sig)
+    with forward_signals(procs):
+        for rank, seconds in enumerate(("0.1", "1.5")):
+            files = [str(tmp_path / f"{name}{rank}") for name in ("ready", "saved")]
+            procs.append(subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n" + PREEMPTIBLE_RANK, *files, seconds]))
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready{r}").exists() for r in range(2)):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.05)
+        os.kill(os.getpid(), sig)  # to "the launcher": this process, inside forward_signals
+        with pytest.raises(LaunchError) as stopped:
+            _wait_all(procs)
+    assert stopped.value.status == 75 and "preempted" in str(stopped.value)
+    assert [p.returncode for p in procs] == [75, 75]
+    assert (tmp_path / "saved0").exists() and (tmp_path / "saved1").exists()
+    assert signal.getsignal(sig) == before  # restored
