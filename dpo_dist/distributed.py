@@ -232,6 +232,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_object(value):
+    """Rank 0's ``value`` (any picklable object) on every rank; a no-op in a single process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
 def rank0_first(fn):
     """``fn()`` on rank 0 first (it fills caches), then on the other ranks (they read them).
 

@@ -634,7 +634,9 @@ def _prune_checkpoints(root: Path, keep: int) -> None:
 
 def load_latest_checkpoint(engine, cfg: DPOConfig, env: D.DistEnv) -> int:
     """Resume from the newest complete checkpoint; returns the number of steps already done."""
-    found = latest_complete_checkpoint(checkpoint_root(cfg))
+    # Rank 0 decides: on shared storage a rank's directory listing can lag (NFS attribute
+    # caches), and ranks loading partitions of different steps would silently corrupt the model.
+    found = D.broadcast_object(latest_complete_checkpoint(checkpoint_root(cfg)) if env.is_main else None)
     if found is None:
         return 0
     tag, step = found

@@ -101,6 +101,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from dpo_dist import distributed as D
 from dpo_dist.attention import unwrap_model
 from dpo_dist.data import (
     IGNORE_INDEX,
@@ -1155,9 +1156,7 @@ def _broadcast(value: Any, world_size: int) -> Any:
     if world_size == 1:
         return value
     _require_process_group(world_size)
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return D.broadcast_object(value)
 
 
 def _barrier(world_size: int) -> None:
