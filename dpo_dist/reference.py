@@ -572,20 +572,29 @@ def _scorer(model: torch.nn.Module, chunk_tokens: int) -> Callable[[PackedBatch]
 
 
 def _compute_shard(score, dataset, micro_batches, device, meter) -> pa.Table:
-    """Summed response log-probs of a shard's pairs, as a table sorted by example_id."""
-    columns: dict[str, list[np.ndarray]] = {field.name: [] for field in SCHEMA}
+    """Summed response log-probs of a shard's pairs, as a table sorted by example_id.
+
+    The outputs stay on the device until the shard is done: one host sync per shard, so the host
+    collates the next micro-batch while the device still runs this one."""
+    example_ids, logps, counts = [], [], []
     for positions in micro_batches:
-        batch = collate_packed([dataset[p] for p in positions]).to(device)
+        pairs = [dataset[p] for p in positions]
+        batch = collate_packed(pairs).to(device)
         out = score(batch)
-        chosen, rejected = split_pairs(out.sum_logps.float().cpu())
-        chosen_tokens, rejected_tokens = split_pairs(out.token_counts.cpu())
-        columns["example_id"].append(batch.example_ids.cpu().numpy().astype(np.int64))
-        columns["chosen_logp"].append(chosen.numpy().astype(np.float32))
-        columns["rejected_logp"].append(rejected.numpy().astype(np.float32))
-        columns["chosen_tokens"].append(chosen_tokens.numpy().astype(np.int32))
-        columns["rejected_tokens"].append(rejected_tokens.numpy().astype(np.int32))
+        example_ids.extend(pair.example_id for pair in pairs)
+        logps.append(out.sum_logps.detach().float())
+        counts.append(out.token_counts.detach())
         meter.update(len(positions), batch.num_tokens)
-    arrays = {name: np.concatenate(parts) for name, parts in columns.items()}
+    # Sequences run chosen_0, rejected_0, chosen_1, ... in every micro-batch, so also concatenated.
+    chosen, rejected = (t.numpy() for t in split_pairs(torch.cat(logps).cpu()))
+    chosen_tokens, rejected_tokens = (t.numpy() for t in split_pairs(torch.cat(counts).cpu()))
+    arrays = {
+        "example_id": np.asarray(example_ids, dtype=np.int64),
+        "chosen_logp": chosen.astype(np.float32),
+        "rejected_logp": rejected.astype(np.float32),
+        "chosen_tokens": chosen_tokens.astype(np.int32),
+        "rejected_tokens": rejected_tokens.astype(np.int32),
+    }
     order = np.argsort(arrays["example_id"], kind="stable")
     return pa.table({name: values[order] for name, values in arrays.items()}, schema=SCHEMA)
 

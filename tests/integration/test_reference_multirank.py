@@ -157,6 +157,8 @@ try:
 except Exception as err:
     outcome = f"{type(err).__name__}: {err}"
 ref.Path(sys.argv[2], f"rank{rank}.txt").write_text(outcome)
+dist.barrier()  # leaving while the peer still talks to us aborts gloo ("terminate called ...")
+dist.destroy_process_group()
 """
 
 
