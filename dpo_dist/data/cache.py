@@ -127,10 +127,13 @@ def load_tokenized(
         _apply_on_invalid(shown, dataset.num_invalid, problems, on_invalid, log)
     else:
         result = read_preferences(shown)
-        problems = result.problems
         # Before tokenizing: under on_invalid=error a bad file fails fast.
-        _apply_on_invalid(shown, len(problems), problems, on_invalid, log)
-        dataset = _tokenize(result, tokenizer, max_length, truncation, key)
+        _apply_on_invalid(shown, len(result.problems), result.problems, on_invalid, log)
+        unrendered: list[Problem] = []  # chat records the template cannot render
+        dataset = _tokenize(result, tokenizer, max_length, truncation, key, unrendered)
+        problems = sorted(result.problems + unrendered, key=lambda problem: problem.line)
+        if unrendered:
+            _apply_on_invalid(shown, len(problems), problems, on_invalid, log)
         if files:
             _write_cache(files, dataset, problems)
     _log_summary(log, shown, dataset, max_length, truncation, files)
@@ -180,13 +183,17 @@ def _apply_on_invalid(shown: str, num_invalid: int, problems: list[Problem], on_
         log_dropped(log, shown, problems, total=num_invalid)
 
 
-def _tokenize(result: ReadResult, tokenizer, max_length: int, truncation: str, key: str) -> TokenizedDataset:
-    pairs, stats = tokenize_records(result.records, tokenizer, max_length, truncation, source=result.path)
+def _tokenize(
+    result: ReadResult, tokenizer, max_length: int, truncation: str, key: str, unrendered: list[Problem]
+) -> TokenizedDataset:
+    pairs, stats = tokenize_records(
+        result.records, tokenizer, max_length, truncation, source=result.path, problems=unrendered
+    )
     return TokenizedDataset(
         _to_table(pairs),
         fingerprint=key,
         num_records=result.num_records,
-        num_invalid=len(result.problems),
+        num_invalid=len(result.problems) + len(unrendered),
         truncation=stats,
     )
 

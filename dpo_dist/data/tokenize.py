@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dpo_dist.data.records import DataError, Messages, PreferenceRecord, Text
+from dpo_dist.data.records import DataError, Messages, PreferenceRecord, Problem, Text
 
 TRUNCATION_MODES = ("keep_end_of_prompt", "keep_start", "drop")
 MIN_MAX_LENGTH = 3
@@ -105,12 +105,14 @@ def tokenize_records(
     truncation: str = "keep_end_of_prompt",
     *,
     source: str = "records",
+    problems: list[Problem] | None = None,
 ) -> tuple[list[TokenizedPair], TruncationStats]:
-    """Encode ``records`` and apply the truncation rule; ``source`` prefixes error locations."""
+    """Encode ``records`` and apply the truncation rule; ``source`` prefixes error locations.
+    ``problems``: see ``encode_records``."""
     check_truncation(max_length, truncation)
     stats = TruncationStats()
     pairs = []
-    for pair in encode_records(records, tokenizer, source=source):
+    for pair in encode_records(records, tokenizer, source=source, problems=problems):
         kept = truncate_pair(pair, max_length, truncation, tokenizer.bos_token_id)
         if kept is None:
             stats.dropped += 1
@@ -130,14 +132,22 @@ def check_truncation(max_length: int, truncation: str) -> None:
 
 
 def encode_records(
-    records: Sequence[PreferenceRecord], tokenizer, *, source: str = "records"
+    records: Sequence[PreferenceRecord],
+    tokenizer,
+    *,
+    source: str = "records",
+    problems: list[Problem] | None = None,
 ) -> list[TokenizedPair]:
-    """Encode ``records`` without any truncation (see the module docstring for the rules)."""
+    """Encode ``records`` without any truncation (see the module docstring for the rules).
+
+    A chat record the tokenizer's template cannot render (an unknown role, no template, a
+    rendering that does not split into prompt and response) raises ``DataError``; with a
+    ``problems`` list it is appended there as a bad record instead and left out."""
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; responses must end with one")
     pairs = []
     for start in range(0, len(records), _ENCODE_BATCH):
-        pairs.extend(_encode_batch(records[start : start + _ENCODE_BATCH], tokenizer, source))
+        pairs.extend(_encode_batch(records[start : start + _ENCODE_BATCH], tokenizer, source, problems))
     return pairs
 
 
@@ -168,14 +178,26 @@ def _keep_prompt_end(prompt: np.ndarray, keep: int, has_bos: bool) -> np.ndarray
     return np.concatenate([prompt[:1], prompt[len(prompt) - (keep - 1) :]])
 
 
-def _encode_batch(records: Sequence[PreferenceRecord], tokenizer, source: str) -> list[TokenizedPair]:
-    texts = [_render(record, tokenizer, source) for record in records]
+def _encode_batch(
+    records: Sequence[PreferenceRecord], tokenizer, source: str, problems: list[Problem] | None
+) -> list[TokenizedPair]:
+    rendered = []
+    for record in records:
+        try:
+            rendered.append((record, _render(record, tokenizer)))
+        except _TemplateError as error:
+            if problems is None:
+                raise DataError(f"{source}:{record.line}: {error}") from None
+            problems.append(Problem(source, record.line, str(error)))
+    if not rendered:
+        return []
+    texts = [text for _, text in rendered]
     prompts = _encode_prompts([t[0] for t in texts], tokenizer)
     chosen = _encode_responses([t[1] for t in texts], tokenizer)
     rejected = _encode_responses([t[2] for t in texts], tokenizer)
     return [
         TokenizedPair(record.example_id, p, c, r)
-        for record, p, c, r in zip(records, prompts, chosen, rejected)
+        for (record, _), p, c, r in zip(rendered, prompts, chosen, rejected)
     ]
 
 
@@ -203,22 +225,25 @@ def _encode(texts: list[str], tokenizer, add_special_tokens: bool) -> list[list[
     return tokenizer(texts, add_special_tokens=add_special_tokens, return_attention_mask=False)["input_ids"]
 
 
-def _render(record: PreferenceRecord, tokenizer, source: str) -> tuple[str, str, str]:
+class _TemplateError(Exception):
+    """A chat record the tokenizer's template cannot render; the message is the reason."""
+
+
+def _render(record: PreferenceRecord, tokenizer) -> tuple[str, str, str]:
     """Prompt, chosen and rejected text, through the chat template for chat records."""
     if not record.is_chat:
         return record.prompt, record.chosen, record.rejected
-    where = f"{source}:{record.line}"
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{where}: chat messages need a tokenizer with a chat template")
+        raise _TemplateError("chat messages need a tokenizer with a chat template")
     prompt_messages = _as_messages(record.prompt, "user")
-    prompt_text = _apply_template(tokenizer, prompt_messages, True, where)
+    prompt_text = _apply_template(tokenizer, prompt_messages, True)
     responses = []
     for name in ("chosen", "rejected"):
         messages = prompt_messages + _as_messages(getattr(record, name), "assistant")
-        full = _apply_template(tokenizer, messages, False, where)
+        full = _apply_template(tokenizer, messages, False)
         if not full.startswith(prompt_text):
-            raise DataError(
-                f"{where}: the chat template's rendering of the prompt is not a prefix of its "
+            raise _TemplateError(
+                "the chat template's rendering of the prompt is not a prefix of its "
                 f"rendering with the {name} response; cannot split prompt and response"
             )
         responses.append(_end_at_eos(full[len(prompt_text) :], tokenizer.eos_token))
@@ -233,13 +258,13 @@ def _end_at_eos(response: str, eos: str | None) -> str:
     return stripped if eos and stripped.endswith(eos) else response
 
 
-def _apply_template(tokenizer, messages: Messages, add_generation_prompt: bool, where: str) -> str:
+def _apply_template(tokenizer, messages: Messages, add_generation_prompt: bool) -> str:
     try:
         return tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tokenize=False
         )
     except Exception as e:  # jinja raises TemplateError, templates raise_exception() anything
-        raise DataError(f"{where}: chat template failed: {e}") from None
+        raise _TemplateError(f"chat template failed: {e}") from None
 
 
 def _as_messages(value: Text, role: str) -> Messages:

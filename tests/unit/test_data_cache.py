@@ -146,3 +146,24 @@ def test_length_columns_match_the_pairs_and_the_scoring_rule(tok, data):
     table = _to_table([no_prompt])
     odd = TokenizedDataset(table, fingerprint="x", num_records=1, num_invalid=0, truncation=TruncationStats())
     assert odd.scored_tokens().tolist() == [[2, 1]] and odd.sequence_lengths().tolist() == [[3, 2]]
+
+
+def test_a_record_the_chat_template_cannot_render_is_an_invalid_record(tok, tmp_path):
+    """Like any bad record: named with its line, skipped under on_invalid=skip (and remembered by
+    the cache), fatal under error; the file's other records are kept."""
+    import json
+
+    path = tmp_path / "chat.jsonl"
+    rows = [
+        {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5"},
+        {"prompt": [{"role": "tool", "content": "x"}], "chosen": "a", "rejected": "b"},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError, match=rf"1 invalid record \(first: {path}:2: chat template failed: unknown chat role: tool\)"):
+        load_tokenized(path, tok, max_length=64, on_invalid="error")
+    cache = tmp_path / "cache"
+    for _ in range(2):  # a miss, then a hit
+        dataset = load_tokenized(path, tok, max_length=64, on_invalid="skip", cache_dir=cache)
+        assert len(dataset) == 1 and dataset.num_invalid == 1 and dataset.example_ids.tolist() == [0]
+    with pytest.raises(DataError, match="chat template failed"):
+        load_tokenized(path, tok, max_length=64, on_invalid="error", cache_dir=cache)
