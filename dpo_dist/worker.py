@@ -33,7 +33,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     )
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none)."""
     text = str(exc).strip()
     return text.splitlines()[0].strip() if text else type(exc).__name__
 
@@ -103,9 +104,9 @@ def user_error_message(exc: BaseException, cfg=None) -> str | None:
     path = pretrained_load_path(exc)
     if path is not None:
         keys = _config_keys_of(cfg, path) if cfg is not None else []
-        return f"{keys[0] if keys else 'path'}={path}: no model/tokenizer there ({_first_line(exc)})"
+        return f"{keys[0] if keys else 'path'}={path}: no model/tokenizer there ({first_line(exc)})"
     if isinstance(exc, user_error_types()):
-        return _first_line(exc)
+        return first_line(exc)
     return None
 
 

@@ -130,7 +130,7 @@ def run_in_allocation(cfg, task: str) -> Any:
 
     from dpo_dist import distributed as D
     from dpo_dist.engine import PREEMPTED_EXIT_CODE, Preempted
-    from dpo_dist.worker import run_task, user_error_message
+    from dpo_dist.worker import first_line, run_task, user_error_message
 
     try:
         result = run_task(cfg, task)
@@ -144,7 +144,7 @@ def run_in_allocation(cfg, task: str) -> Any:
             print(f"dpo_dist: error: {message}", file=sys.stderr)
             raise SystemExit(USER_ERROR_EXIT_CODE) from None
         # a bug: keep the traceback in the task's log
-        status.write("failed", f"rank {env.rank}: {type(exc).__name__}: {_first_line(exc)}")
+        status.write("failed", f"rank {env.rank}: {type(exc).__name__}: {first_line(exc)}")
         traceback.print_exc()
         raise SystemExit(FAILED_EXIT_CODE) from None
     finally:
@@ -166,11 +166,6 @@ def _prepare_rank(cfg):
 
     setup_rank_logging(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0")
     return D.export_slurm_env(cfg.cluster.master_port) or D.detect_env()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def request_requeue(max_requeues: int) -> tuple[bool, str]:
@@ -202,6 +197,7 @@ def request_requeue(max_requeues: int) -> tuple[bool, str]:
 def _requeue_after_checkpoint(cfg, env, status: RunStatus, step: int) -> None:
     """Rank 0 requeues after the engine's preemption checkpoint; every rank then leaves."""
     from dpo_dist import distributed as D
+    from dpo_dist.worker import first_line
 
     if env.is_main:
         requeued, why = request_requeue(cfg.cluster.max_requeues)
@@ -212,7 +208,7 @@ def _requeue_after_checkpoint(cfg, env, status: RunStatus, step: int) -> None:
     try:
         D.barrier()
     except Exception as exc:  # noqa: BLE001 - the requeue is already stopping the peers
-        log.warning("barrier after the preemption checkpoint failed (%s); exiting anyway", _first_line(exc))
+        log.warning("barrier after the preemption checkpoint failed (%s); exiting anyway", first_line(exc))
 
 
 def _install_early_preemption_handler(cfg, env, status: RunStatus) -> None:
