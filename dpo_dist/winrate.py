@@ -177,12 +177,12 @@ def winrate_run(cfg: DPOConfig) -> dict[str, Any] | None:
     reference = generate_with(cfg.model.path, mine, cfg, device, env, len(items))
     gathered = gather_to_main(list(zip(mine, policy, reference)), env)
     generation_s = time.perf_counter() - started
-    result = None
-    if env.is_main:
-        rows = sorted(gathered, key=lambda row: row[0].example_id)
-        result = judge_and_write(cfg, policy_dir, rows, env.world_size, generation_s)
-    D.barrier()
-    return result
+    # No barrier after the judging: rank 0 may judge for longer than the collective timeout
+    # (thousands of API requests with backoff), and the other ranks' work is done.
+    if not env.is_main:
+        return None
+    rows = sorted(gathered, key=lambda row: row[0].example_id)
+    return judge_and_write(cfg, policy_dir, rows, env.world_size, generation_s)
 
 
 def judge_and_write(cfg: DPOConfig, policy_dir: str, rows, world_size: int, generation_s: float) -> dict[str, Any]:
