@@ -337,6 +337,10 @@ class ClusterConfig:
     """Slurm time limit in minutes."""
     max_requeues: int = 3
     """How many times a preempted or timed-out job requeues itself."""
+    signal_delay_s: int = 120
+    """Seconds before the time limit at which Slurm warns the job (USR2): the preemption checkpoint
+    must be written within them (at most a quarter of ``time`` is used). A preemption by another
+    job gives the cluster's GraceTime instead, which its admins set."""
     additional_parameters: dict[str, Any] = field(default_factory=dict)
     """Extra sbatch parameters passed through to submitit."""
     master_port: int = 29500
@@ -349,6 +353,7 @@ class ClusterConfig:
         _check(self.gpus_per_node >= 0, "cluster.gpus_per_node", "must be >= 0")
         _check(self.gpu_memory_gb > 0, "cluster.gpu_memory_gb", "must be > 0")
         _check(self.time >= 1, "cluster.time", "must be >= 1 minute")
+        _check(self.signal_delay_s >= 0, "cluster.signal_delay_s", "must be >= 0")
 
     def world_size(self) -> int:
         if self.name == "local":

@@ -75,9 +75,6 @@ from typing import Any
 from slurm.runtime import read_status
 from slurm.scheduler import SchedulerError, is_terminal, job_state
 
-# Seconds of warning before the time limit: enough for a ZeRO-3 checkpoint of a large model,
-# and at most a quarter of a short job's time.
-MAX_SIGNAL_DELAY_S = 120
 POLL_S = 1.0
 STATE_POLL_S = 5.0
 
@@ -142,7 +139,8 @@ def executor_parameters(cluster, name: str) -> dict[str, Any]:
         "ntasks_per_node": cluster.tasks_per_node,
         "cpus_per_task": cluster.cpus_per_task,
         "time": cluster.time,
-        "signal_delay_s": min(MAX_SIGNAL_DELAY_S, cluster.time * 60 // 4),
+        # A short job must not spend most of its time being warned.
+        "signal_delay_s": min(cluster.signal_delay_s, cluster.time * 60 // 4),
         # srun's --kill-on-bad-exit: one failed rank ends the step instead of leaving its peers
         # blocked in a collective (an environment variable, so sweeps can set it too).
         "setup": ["export SLURM_KILL_BAD_EXIT=1"],

@@ -131,6 +131,8 @@ def test_executor_parameters():
     assert "export SLURM_KILL_BAD_EXIT=1" in params["setup"]
     short = executor_parameters(ClusterConfig(name="slurm", time=2, mem_gb=1.5), "x")
     assert short["signal_delay_s"] == 30 and short["mem"] == "1536M" and "gpus_per_node" not in short
+    patient = executor_parameters(ClusterConfig(name="slurm", time=600, signal_delay_s=300), "x")
+    assert patient["signal_delay_s"] == 300
     assert "partition" not in short
 
 
