@@ -25,6 +25,9 @@ Public API
   ``store.lookup(example_ids)``: the training-time reader (checks everything, then joins by id).
 - ``describe_cache(cache_dir)`` / ``verify_cache(cache_dir)``: lines for ``dpo-data shards DIR``.
 
+The reading and file side (schema, manifest, shard digests and atomic writes, ``ReferenceStore``,
+inspection) is ``dpo_dist.reference_store``; its public names are importable from here too.
+
 The same functions serve any ``TokenizedDataset``; the engine uses ``cache_dir`` for the train
 split and ``cache_dir/eval`` for the eval split.
 
@@ -82,14 +85,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import socket
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -114,6 +115,26 @@ from dpo_dist.data import (
 from dpo_dist.data.cache import CACHE_FORMAT
 from dpo_dist.fingerprint import cache_root, json_sha256, model_fingerprint
 from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
+from dpo_dist.reference_store import (
+    COMPONENTS,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SCHEMA,
+    ReferenceCacheError,
+    ReferenceStore,
+    combined_fingerprint,
+    describe_cache,
+    matching_manifest,
+    read_manifest,
+    require_components,
+    sha256_file,
+    shard_name,
+    shard_rows,
+    verify_cache,
+    verify_shards,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:
     from dpo_dist.config import DPOConfig
@@ -122,31 +143,32 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("dpo_dist.reference")
 
-FORMAT_VERSION = 1
-"""Bump when the shard or manifest layout, or the meaning of a column, changes."""
+__all__ = [  # the on-disk side lives in dpo_dist.reference_store; its public names are here too
+    "FORMAT_VERSION",
+    "SCHEMA",
+    "ReferenceCacheError",
+    "ReferenceStore",
+    "ReferenceSummary",
+    "RunReference",
+    "combined_fingerprint",
+    "default_cache_dir",
+    "describe_cache",
+    "ensure_reference",
+    "ensure_reference_for_run",
+    "fingerprints_from_config",
+    "precompute_for_run",
+    "precompute_reference",
+    "reference_fingerprints",
+    "reference_settings",
+    "shard_name",
+    "verify_cache",
+]
+
 LOGP_REDUCTION = "sum"
-COMPONENTS = ("model", "tokenizer", "data", "settings")
-"""Fingerprint components, in the order mismatches are reported."""
 DEFAULT_PAIRS_PER_SHARD = 1024
 """Pairs per shard: the unit of resume (a 70B pass loses at most one shard's work per rank)."""
-MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".lock"
-SCHEMA = pa.schema(
-    [
-        ("example_id", pa.int64()),
-        ("chosen_logp", pa.float32()),
-        ("rejected_logp", pa.float32()),
-        ("chosen_tokens", pa.int32()),
-        ("rejected_tokens", pa.int32()),
-    ]
-)
 
-_MISMATCH = {
-    "model": "model weights changed",
-    "tokenizer": "tokenizer changed",
-    "data": "data file changed",
-    "settings": "tokenization settings changed",
-}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _DTYPE_ALIASES = {
     "fp32": "fp32",
@@ -156,10 +178,6 @@ _DTYPE_ALIASES = {
     "fp16": "fp16",
     "float16": "fp16",
 }
-
-
-class ReferenceCacheError(RuntimeError):
-    """A reference cache that cannot be used as is; the message is one line naming the reason."""
 
 
 @dataclass
@@ -246,19 +264,9 @@ def fingerprints_from_config(
     )
 
 
-def combined_fingerprint(fingerprints: dict[str, Any]) -> str:
-    """One sha256 over the four components (``settings_values`` is covered by ``settings``)."""
-    _require_components(fingerprints)
-    return json_sha256({name: fingerprints[name] for name in COMPONENTS})
-
-
 def default_cache_dir(fingerprint: str) -> Path:
     """``<cache root>/reference/<fingerprint[:16]>``: equal inputs share a directory."""
     return cache_root() / "reference" / fingerprint[:16]
-
-
-def shard_name(index: int) -> str:
-    return f"part-{index:05d}.arrow"
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,7 +293,7 @@ def ensure_reference(
     """
     start = time.perf_counter()
     cache_dir = Path(cache_dir).expanduser().absolute()
-    _require_components(fingerprints)
+    require_components(fingerprints)
     with _CacheLock(cache_dir, rank, world_size, lock_poll_s):
         manifest = _on_rank0(lambda: _reusable_manifest(cache_dir, fingerprints), rank, world_size)
         if manifest is not None:
@@ -336,7 +344,7 @@ def precompute_reference(
     """
     start = time.perf_counter()
     cache_dir = Path(cache_dir).expanduser().absolute()
-    _require_components(fingerprints)
+    require_components(fingerprints)
     plan: _Plan = _on_rank0(
         lambda: _prepare(cache_dir, len(dataset), fingerprints, model_path, tokenizer_path, pairs_per_shard),
         rank,
@@ -404,10 +412,10 @@ class _Plan:
 def _reusable_manifest(cache_dir: Path, fingerprints: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest of a complete cache for these fingerprints with intact shards; None if
     there is none or it is unfinished; raises for other inputs or corruption."""
-    manifest = _matching_manifest(cache_dir, fingerprints)
+    manifest = matching_manifest(cache_dir, fingerprints)
     if manifest is None or not manifest.get("complete"):
         return None
-    _verify_shards(cache_dir, manifest)
+    verify_shards(cache_dir, manifest)
     return manifest
 
 
@@ -423,7 +431,7 @@ def _prepare(
     if pairs_per_shard < 1:
         raise ValueError(f"pairs_per_shard must be >= 1, got {pairs_per_shard}")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    manifest = _matching_manifest(cache_dir, fingerprints)
+    manifest = matching_manifest(cache_dir, fingerprints)
     if manifest is None:
         manifest = _new_manifest(fingerprints, model_path, tokenizer_path, num_examples, pairs_per_shard)
     elif manifest["num_examples"] != num_examples:
@@ -435,7 +443,7 @@ def _prepare(
     if manifest.get("complete"):
         # Never reopen a finished cache: readers may be using it, and a damaged shard must be
         # reported, not quietly recomputed.
-        _verify_shards(cache_dir, manifest)
+        verify_shards(cache_dir, manifest)
         plan.complete = True
         return plan
     for tmp in cache_dir.glob(".*.tmp"):  # left by a killed writer (all writers are locked out now)
@@ -447,9 +455,9 @@ def _prepare(
         if digest is None:
             plan.todo.append(index)
         else:
-            done[name] = {"rows": _shard_rows(cache_dir / name), "sha256": digest}
+            done[name] = {"rows": shard_rows(cache_dir / name), "sha256": digest}
     manifest.update(complete=False, shards=done, updated_at=_now())
-    _write_json_atomic(cache_dir / MANIFEST_NAME, manifest)
+    write_json_atomic(cache_dir / MANIFEST_NAME, manifest)
     if done:
         logger.info(
             "reference cache %s: resuming, %d of %d shards already done",
@@ -465,7 +473,7 @@ def _finished_shard_digest(cache_dir: Path, name: str) -> str | None:
     shard, sidecar = cache_dir / name, cache_dir / f"{name}.sha256"
     if shard.is_file() and sidecar.is_file():
         recorded = sidecar.read_text().split()[:1]
-        digest = _sha256_file(shard)
+        digest = sha256_file(shard)
         if recorded == [digest]:
             return digest
         logger.warning("reference cache %s: %s does not match its sidecar; recomputing it", cache_dir, name)
@@ -500,7 +508,7 @@ def _new_manifest(
 
 def _finalize(cache_dir: Path, num_shards: int) -> dict[str, Any]:
     """Rank 0, after every rank is done: record every shard and mark the manifest complete."""
-    manifest = _read_manifest(cache_dir)
+    manifest = read_manifest(cache_dir)
     shards = {}
     for index in range(num_shards):
         name = shard_name(index)
@@ -508,14 +516,14 @@ def _finalize(cache_dir: Path, num_shards: int) -> dict[str, Any]:
         if not sidecar.is_file():
             raise ReferenceCacheError(f"reference cache {cache_dir}: shard {name} was not written")
         digest = sidecar.read_text().split()[0]
-        shards[name] = {"rows": _shard_rows(cache_dir / name), "sha256": digest}
+        shards[name] = {"rows": shard_rows(cache_dir / name), "sha256": digest}
     rows = sum(entry["rows"] for entry in shards.values())
     if rows != manifest["num_examples"]:
         raise ReferenceCacheError(
             f"reference cache {cache_dir}: {rows} rows written for {manifest['num_examples']} examples"
         )
     manifest.update(shards=shards, num_rows=rows, complete=True, completed_at=_now(), updated_at=_now())
-    _write_json_atomic(cache_dir / MANIFEST_NAME, manifest)
+    write_json_atomic(cache_dir / MANIFEST_NAME, manifest)
     return manifest
 
 
@@ -629,134 +637,6 @@ class _Progress:
 
     def __exit__(self, *exc) -> None:
         self._bar.close()
-
-
-# --------------------------------------------------------------------------------------------
-# Reading
-
-
-class ReferenceStore:
-    """Reference log-probs of a complete, verified cache, looked up by example id.
-
-    Rows are indexed by a sorted copy of the ``example_id`` column (numpy ``searchsorted``), so
-    memory is a few arrays of ``num_examples`` elements, never Python objects per row.
-    """
-
-    def __init__(self, cache_dir: Path, manifest: dict[str, Any], table: pa.Table):
-        self.cache_dir = cache_dir
-        self.manifest = manifest
-        ids = table.column("example_id").to_numpy()
-        order = np.argsort(ids, kind="stable")
-        self._ids = ids[order]
-        self._columns = {name: table.column(name).to_numpy()[order] for name in SCHEMA.names[1:]}
-        duplicated = self._ids[1:][self._ids[1:] == self._ids[:-1]]
-        if duplicated.size:
-            raise ReferenceCacheError(
-                f"reference cache {cache_dir} has duplicate example ids, e.g. {int(duplicated[0])}; delete it"
-            )
-        self._on_device: dict[torch.device, dict[str, torch.Tensor]] = {}
-
-    @classmethod
-    def open(
-        cls,
-        cache_dir: str | os.PathLike,
-        expected_fingerprints: dict[str, Any],
-        example_ids: np.ndarray | torch.Tensor | Sequence[int],
-    ) -> ReferenceStore:
-        """Open a complete cache made from ``expected_fingerprints`` that covers ``example_ids``.
-
-        Refuses (``ReferenceCacheError``, one line) a missing manifest, an unfinished cache, any
-        changed fingerprint component, a shard whose sha256 differs and missing example ids.
-        """
-        cache_dir = Path(cache_dir).expanduser().absolute()
-        manifest = _matching_manifest(cache_dir, expected_fingerprints)
-        if manifest is None:
-            raise ReferenceCacheError(
-                f"reference cache {cache_dir}: manifest.json missing (compute it with dpo-precompute "
-                "or reference.mode=precompute)"
-            )
-        if not manifest.get("complete"):
-            raise ReferenceCacheError(
-                f"reference cache {cache_dir} is incomplete (complete=false in manifest.json): "
-                "rerun the reference pass to finish it"
-            )
-        tables = []
-        for name, entry in sorted(manifest["shards"].items()):
-            data = _checked_shard_bytes(cache_dir, name, entry["sha256"])
-            tables.append(pa.ipc.open_file(data).read_all().replace_schema_metadata(None))
-        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-        store = cls(cache_dir, manifest, table)
-        store._rows(example_ids)  # every id the run will ask for must be there
-        return store
-
-    def __len__(self) -> int:
-        return int(self._ids.size)
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
-
-    def lookup(
-        self, example_ids: np.ndarray | torch.Tensor | Sequence[int], *, normalize: str = "sum"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen_logp, rejected_logp) float32 tensors for ``example_ids``; ``normalize="mean"``
-        divides by the response token counts.
-
-        Ids on an accelerator are looked up there, without a host sync; such ids are not checked
-        (``open`` checked the run's ids), so ask only for ids of the dataset it was opened for.
-        """
-        if normalize not in ("sum", "mean"):
-            raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
-        if isinstance(example_ids, torch.Tensor) and example_ids.device.type != "cpu":
-            columns = self._device_columns(example_ids.device)
-            rows = torch.searchsorted(columns["example_id"], example_ids).clamp_(max=max(len(self) - 1, 0))
-            values = {name: column[rows] for name, column in columns.items()}
-        else:
-            rows = self._rows(example_ids)
-            values = {name: torch.from_numpy(column[rows]) for name, column in self._columns.items()}
-        chosen, rejected = values["chosen_logp"], values["rejected_logp"]
-        if normalize == "mean":
-            chosen = chosen / values["chosen_tokens"].clamp(min=1)
-            rejected = rejected / values["rejected_tokens"].clamp(min=1)
-        return chosen.float(), rejected.float()
-
-    def token_counts(
-        self, example_ids: np.ndarray | torch.Tensor | Sequence[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen_tokens, rejected_tokens) int32 CPU tensors: scored response tokens per sequence."""
-        rows = self._rows(example_ids)
-        return (
-            torch.from_numpy(self._columns["chosen_tokens"][rows]),
-            torch.from_numpy(self._columns["rejected_tokens"][rows]),
-        )
-
-    def _rows(self, example_ids) -> np.ndarray:
-        """Row of each id; raises naming the missing ones."""
-        ids = _as_numpy_ids(example_ids)
-        rows = np.searchsorted(self._ids, ids)
-        found = rows < self._ids.size
-        found[found] = self._ids[rows[found]] == ids[found]
-        if not found.all():
-            missing = ids[~found]
-            raise ReferenceCacheError(
-                f"reference cache {self.cache_dir}: {missing.size} example ids missing from the cache, "
-                f"e.g. {int(missing[0])}"
-            )
-        return rows
-
-    def _device_columns(self, device: torch.device) -> dict[str, torch.Tensor]:
-        if device not in self._on_device:
-            host = {"example_id": self._ids, **self._columns}
-            self._on_device[device] = {
-                name: torch.from_numpy(values).to(device) for name, values in host.items()
-            }
-        return self._on_device[device]
-
-
-def _as_numpy_ids(example_ids) -> np.ndarray:
-    if isinstance(example_ids, torch.Tensor):
-        example_ids = example_ids.detach().cpu().numpy()
-    return np.asarray(example_ids, dtype=np.int64).reshape(-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -928,180 +808,7 @@ class _EngineScorer(torch.nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Inspection (dpo-data shards)
-
-
-def describe_cache(cache_dir: str | os.PathLike) -> list[str]:
-    """Human-readable summary of a cache's manifest: paths, fingerprints, examples, shards."""
-    cache_dir, manifest, problem = _inspect(cache_dir, "no manifest.json (not a reference cache, or never started)")
-    if problem:
-        return [problem]
-    shards = manifest.get("shards", {})
-    if manifest.get("complete"):
-        status = "complete"
-    else:  # sidecars appear as shards finish, so they show a running pass's progress
-        finished = len(list(cache_dir.glob("part-*.arrow.sha256")))
-        status = f"incomplete ({finished} of {manifest.get('num_shards')} shards written)"
-    settings = manifest.get("settings") or {}
-    fps = manifest.get("fingerprints", {})
-    lines = [
-        f"cache: {cache_dir}",
-        f"status: {status}",
-        f"format_version: {manifest.get('format_version')}",
-        f"fingerprint: {manifest.get('fingerprint')}",
-        f"model: {manifest.get('model_path')} ({fps.get('model')})",
-        f"tokenizer: {manifest.get('tokenizer_path')} ({fps.get('tokenizer')})",
-        f"data: {fps.get('data')}",
-        f"settings: {fps.get('settings')} ({', '.join(f'{k}={v}' for k, v in sorted(settings.items()))})",
-        f"examples: {manifest.get('num_examples')} in {manifest.get('num_shards')} shards "
-        f"of up to {manifest.get('pairs_per_shard')} pairs",
-    ]
-    lines += [
-        f"{name}: {entry['rows']} rows, sha256 {entry['sha256']}" for name, entry in sorted(shards.items())
-    ]
-    return lines
-
-
-def _inspect(cache_dir: str | os.PathLike, missing: str) -> tuple[Path, dict[str, Any] | None, str | None]:
-    """(absolute dir, manifest, None), or the one-line problem when there is no readable manifest."""
-    cache_dir = Path(cache_dir).expanduser().absolute()
-    try:
-        manifest = _read_manifest(cache_dir)
-    except ReferenceCacheError as err:
-        return cache_dir, None, str(err)
-    return cache_dir, manifest, None if manifest is not None else f"{cache_dir}: {missing}"
-
-
-def verify_cache(cache_dir: str | os.PathLike) -> list[str]:
-    """Problems of a cache, each one line (empty if it is complete and every shard checks out).
-
-    Re-hashes every shard and re-reads its rows; fingerprints are not compared (that needs the
-    inputs: ``ReferenceStore.open`` does it).
-    """
-    cache_dir, manifest, problem = _inspect(cache_dir, "manifest.json missing")
-    if problem:
-        return [problem]
-    problems = []
-    if not manifest.get("complete"):
-        problems.append(f"{cache_dir}: incomplete (complete=false in manifest.json)")
-    ids = []
-    for name, entry in sorted(manifest.get("shards", {}).items()):
-        try:
-            data = _checked_shard_bytes(cache_dir, name, entry["sha256"])
-            table = pa.ipc.open_file(data).read_all()
-        except (ReferenceCacheError, pa.ArrowInvalid, OSError) as err:
-            problems.append(str(err))
-            continue
-        if table.schema.remove_metadata() != SCHEMA:
-            problems.append(f"shard {name} has columns {table.schema.names}, expected {SCHEMA.names}")
-            continue
-        if table.num_rows != entry["rows"]:
-            problems.append(f"shard {name} has {table.num_rows} rows, manifest says {entry['rows']}")
-        ids.append(table.column("example_id").to_numpy())
-    all_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
-    if manifest.get("complete") and all_ids.size != manifest.get("num_examples"):
-        problems.append(f"{all_ids.size} rows for {manifest.get('num_examples')} examples")
-    if np.unique(all_ids).size != all_ids.size:
-        problems.append(f"{all_ids.size - np.unique(all_ids).size} duplicate example ids")
-    return problems
-
-
-# --------------------------------------------------------------------------------------------
-# Manifest and shard files
-
-
-def _read_manifest(cache_dir: Path) -> dict[str, Any] | None:
-    """The parsed manifest, None if absent; raises for an unreadable or foreign format."""
-    path = cache_dir / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as err:
-        raise ReferenceCacheError(
-            f"reference cache {cache_dir}: manifest.json is unreadable ({err})"
-        ) from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        found = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise ReferenceCacheError(
-            f"reference cache {cache_dir} has format_version {found}, this dpo_dist writes {FORMAT_VERSION}; "
-            "delete it or pick another reference.cache_dir"
-        )
-    return manifest
-
-
-def _matching_manifest(cache_dir: Path, fingerprints: dict[str, Any]) -> dict[str, Any] | None:
-    """The manifest if its fingerprints equal ``fingerprints``; None if there is none."""
-    manifest = _read_manifest(cache_dir)
-    if manifest is None:
-        if any(cache_dir.glob("part-*.arrow")):
-            raise ReferenceCacheError(
-                f"reference cache {cache_dir} has shards but no manifest.json; delete it or pick another "
-                "reference.cache_dir"
-            )
-        return None
-    reasons = _fingerprint_mismatches(manifest, fingerprints)
-    if reasons:
-        raise ReferenceCacheError(
-            f"reference cache {cache_dir} was built from other inputs: {'; '.join(reasons)} "
-            "(pick another reference.cache_dir or delete this one)"
-        )
-    return manifest
-
-
-def _fingerprint_mismatches(manifest: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """One reason per differing component, the settings one naming the settings that changed."""
-    _require_components(expected)
-    cached = manifest.get("fingerprints", {})
-    reasons = []
-    for name in COMPONENTS:
-        if cached.get(name) == expected[name]:
-            continue
-        reason = _MISMATCH[name]
-        if name == "settings":
-            before, after = manifest.get("settings") or {}, expected.get("settings_values") or {}
-            changed = [
-                f"{k} {before.get(k)} -> {after.get(k)}"
-                for k in sorted(set(before) | set(after))
-                if before.get(k) != after.get(k)
-            ]
-            if changed:
-                reason += f" ({', '.join(changed)})"
-        reasons.append(reason)
-    return reasons
-
-
-def _verify_shards(cache_dir: Path, manifest: dict[str, Any]) -> None:
-    for name, entry in sorted(manifest["shards"].items()):
-        _checked_shard_bytes(cache_dir, name, entry["sha256"])
-
-
-def _checked_shard_bytes(cache_dir: Path, name: str, sha256: str) -> pa.Buffer:
-    """The shard's bytes, memory-mapped, after checking them against the recorded digest."""
-    path = cache_dir / name
-    if not path.is_file():
-        raise ReferenceCacheError(
-            f"reference cache {cache_dir}: shard {name} is missing; delete the cache or pick another reference.cache_dir"
-        )
-    with pa.memory_map(str(path)) as source:
-        data = source.read_buffer()
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise ReferenceCacheError(
-            f"reference cache {cache_dir}: shard {name} is corrupted (sha256 mismatch); delete the cache "
-            "or pick another reference.cache_dir"
-        )
-    return data
-
-
-def _sha256_file(path: Path) -> str:
-    with pa.memory_map(str(path)) as source:
-        return hashlib.sha256(source.read_buffer()).hexdigest()
-
-
-def _shard_rows(path: Path) -> int:
-    with pa.memory_map(str(path)) as source:
-        reader = pa.ipc.open_file(source)
-        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+# Writing shards
 
 
 def _write_shard(cache_dir: Path, index: int, table: pa.Table, fingerprint: str) -> None:
@@ -1114,42 +821,11 @@ def _write_shard(cache_dir: Path, index: int, table: pa.Table, fingerprint: str)
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     data = sink.getvalue()
-    _write_bytes_atomic(cache_dir / name, data, prefix=f".{name}.")
+    write_bytes_atomic(cache_dir / name, data, prefix=f".{name}.")
     digest = hashlib.sha256(data).hexdigest()
-    _write_bytes_atomic(
+    write_bytes_atomic(
         cache_dir / f"{name}.sha256", f"{digest}  {name}\n".encode(), prefix=f".{name}.sha256."
     )
-
-
-def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
-    _write_bytes_atomic(
-        path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode(), prefix=f".{path.name}."
-    )
-
-
-def _write_bytes_atomic(path: Path, data: bytes | pa.Buffer, *, prefix: str) -> None:
-    """tmp file in the same directory, fsync, rename over ``path``, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _require_components(fingerprints: dict[str, Any]) -> None:
-    missing = [name for name in COMPONENTS if not isinstance(fingerprints.get(name), str)]
-    if missing:
-        raise ValueError(f"fingerprints need {', '.join(COMPONENTS)}; missing {', '.join(missing)}")
 
 
 def _now() -> str:
