@@ -512,10 +512,14 @@ def _finalize(cache_dir: Path, num_shards: int) -> dict[str, Any]:
     shards = {}
     for index in range(num_shards):
         name = shard_name(index)
-        sidecar = cache_dir / f"{name}.sha256"
-        if not sidecar.is_file():
-            raise ReferenceCacheError(f"reference cache {cache_dir}: shard {name} was not written")
-        digest = sidecar.read_text().split()[0]
+        # Re-hashed, not read off the sidecar: a shard rewritten after its sidecar (a straggling
+        # rank of a dead job) must not enter a manifest that is never reopened once complete.
+        digest = _finished_shard_digest(cache_dir, name)
+        if digest is None:
+            raise ReferenceCacheError(
+                f"reference cache {cache_dir}: shard {name} is missing or does not match its sidecar; "
+                "run again to compute it"
+            )
         shards[name] = {"rows": shard_rows(cache_dir / name), "sha256": digest}
     rows = sum(entry["rows"] for entry in shards.values())
     if rows != manifest["num_examples"]:

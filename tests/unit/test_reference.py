@@ -199,6 +199,27 @@ class Killed(Exception):
     """Stands in for the job dying mid-pass."""
 
 
+def test_a_shard_changed_after_its_sidecar_never_enters_a_complete_manifest(setup, tmp_path, monkeypatch):
+    """A late writer (a straggling rank of a dead job) rewrites shard 0 after its sidecar: the pass
+    refuses to mark the cache complete, and the next run recomputes just that shard."""
+    cache = tmp_path / "cache"
+    real_write = ref._write_shard
+
+    def write_then_clobber_shard0(cache_dir, index, table, fingerprint):
+        real_write(cache_dir, index, table, fingerprint)
+        if index == 3:
+            (cache_dir / ref.shard_name(0)).write_bytes(b"not the shard its sidecar describes")
+
+    monkeypatch.setattr(ref, "_write_shard", write_then_clobber_shard0)
+    with pytest.raises(ReferenceCacheError, match="part-00000.arrow is missing or does not match its sidecar"):
+        setup.ensure(cache)
+    monkeypatch.setattr(ref, "_write_shard", real_write)
+    assert json.loads((cache / "manifest.json").read_text())["complete"] is False
+    summary = setup.ensure(cache)
+    assert summary.computed is True and summary.shards_computed == 1
+    assert ref.verify_cache(cache) == []  # complete, every shard checks out
+
+
 def test_killed_pass_resumes_with_only_the_missing_examples(setup, built, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     real_write = ref._write_shard
