@@ -16,7 +16,9 @@ import os
 import re
 import signal
 import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -262,6 +264,35 @@ def rank0_first(fn):
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     return fn()
+
+
+def rank0_then_wait(fn, marker: Path, poll_s: float = 2.0) -> None:
+    """``fn()`` on rank 0 while the other ranks wait by polling ``marker``, not in a collective:
+    ``fn`` may outlast the collective timeout (consolidating a 70B checkpoint takes that long).
+
+    Rank 0 writes a per-call token into ``marker`` when ``fn`` is done, so a marker left by an
+    earlier run is never mistaken for this one. If rank 0 fails, its launcher stops the others
+    (the local launcher stops every rank when one fails; Slurm's ``--kill-on-bad-exit``).
+    """
+    import uuid
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        fn()
+        return
+    token = broadcast_object(uuid.uuid4().hex if dist.get_rank() == 0 else None)
+    if dist.get_rank() == 0:
+        marker.unlink(missing_ok=True)
+        fn()
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(token)
+        return
+    while True:
+        try:
+            if marker.read_text() == token:
+                return
+        except OSError:
+            pass  # not written yet
+        time.sleep(poll_s)
 
 
 def free_port() -> int:

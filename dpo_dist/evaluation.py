@@ -37,7 +37,7 @@ def rank_config(cfg: DPOConfig, work_subdir: str) -> DPOConfig:
     return dataclasses.replace(cfg, output_dir=str(Path(out) / work_subdir), eval=evaluation)
 
 
-def policy_model_dir(cfg: DPOConfig, env: D.DistEnv) -> Path:
+def policy_model_dir(cfg: DPOConfig) -> Path:
     """A Hugging Face directory for ``eval.policy_path``; a DeepSpeed checkpoint is exported first."""
     from dpo_dist.export import export_checkpoint
 
@@ -46,9 +46,7 @@ def policy_model_dir(cfg: DPOConfig, env: D.DistEnv) -> Path:
         return path
     if (path / "COMPLETE").exists() or (path / "checkpoints").is_dir() or path.name == "checkpoints":
         out = Path(cfg.output_dir) / "policy"
-        if env.is_main:
-            export_checkpoint(path, out)
-        D.barrier()
+        D.rank0_then_wait(lambda: export_checkpoint(path, out), Path(cfg.output_dir) / ".policy_exported")
         return out
     raise EvalError(f"eval.policy_path={path}: neither a Hugging Face model directory nor a dpo_dist checkpoint")
 
@@ -68,7 +66,7 @@ def evaluate_run(cfg: DPOConfig) -> dict[str, float]:
         raise EvalError("data.eval_path is null: nothing to evaluate on")
     job = setup_job(cfg)
     env, device, eval_data = job.env, job.device, job.eval_data
-    policy_dir = policy_model_dir(cfg, env)
+    policy_dir = policy_model_dir(cfg)
     reference = prepare_reference(cfg, env, device, job.backend, job.train_data, eval_data)
     policy = build_inference_engine(cfg, str(policy_dir), device, job.backend, policy_normalization(cfg))
     metrics = evaluate(StepContext(policy, reference, cfg, device, env.world_size), eval_data, env)

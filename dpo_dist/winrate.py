@@ -170,7 +170,7 @@ def winrate_run(cfg: DPOConfig) -> dict[str, Any] | None:
     device = D.device_for(env)
     items = eval_prompts(cfg)
     preflight(cfg.eval.judge, [item.prompt for item in items])
-    policy_dir = str(policy_model_dir(cfg, env))
+    policy_dir = str(policy_model_dir(cfg))
     mine = items[env.rank :: env.world_size]
     started = time.perf_counter()
     policy = generate_with(policy_dir, mine, cfg, device, env, len(items))
