@@ -905,7 +905,6 @@ class Preempted(Exception):
         self.step = step
 
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again", which is what requeueing does
 
 
 def _due(step: int, every: int) -> bool:

@@ -23,11 +23,10 @@ from pathlib import Path
 from dpo_dist.config import DPOConfig
 from dpo_dist.distributed import DistEnv, free_port
 from dpo_dist.runinfo import write_config
-from dpo_dist.worker import ERROR_DIR_ENV
+from dpo_dist.worker import ERROR_DIR_ENV, PREEMPTED_EXIT_CODE
 
 log = logging.getLogger("dpo_dist.launcher")
 
-PREEMPTED_EXIT_CODE = 75  # a rank's status after its preemption checkpoint (dpo_dist/worker.py)
 
 
 class LaunchError(RuntimeError):

@@ -14,6 +14,9 @@ import warnings
 from pathlib import Path
 
 TASKS = ("train", "precompute", "eval", "winrate")
+PREEMPTED_EXIT_CODE = 75
+"""A rank's exit status after its preemption checkpoint: EX_TEMPFAIL, "try again", which is what
+requeueing does."""
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # An srun task of a hand-written sbatch script has Slurm's variables, not torchrun's.
     setup_rank_logging(os.environ.get("RANK") or (os.environ.get("SLURM_PROCID") if D.in_slurm_step() else None) or "0")
-    from dpo_dist.engine import PREEMPTED_EXIT_CODE, Preempted
+    from dpo_dist.engine import Preempted
     from dpo_dist.runinfo import read_config
 
     cfg = None

@@ -129,8 +129,8 @@ def run_in_allocation(cfg, task: str) -> Any:
     _install_early_preemption_handler(cfg, env, status)
 
     from dpo_dist import distributed as D
-    from dpo_dist.engine import PREEMPTED_EXIT_CODE, Preempted
-    from dpo_dist.worker import first_line, run_task, user_error_message
+    from dpo_dist.engine import Preempted
+    from dpo_dist.worker import PREEMPTED_EXIT_CODE, first_line, run_task, user_error_message
 
     try:
         result = run_task(cfg, task)
@@ -220,7 +220,7 @@ def _install_early_preemption_handler(cfg, env, status: RunStatus) -> None:
     and exits; the requeue stops the other ranks.
     """
 
-    from dpo_dist.engine import PREEMPTED_EXIT_CODE
+    from dpo_dist.worker import PREEMPTED_EXIT_CODE
 
     def handle(signum, _frame) -> None:
         name = signal.Signals(signum).name
