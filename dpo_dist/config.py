@@ -235,9 +235,11 @@ class DeepSpeedConfig:
     as the sum grows the later micro-batches' contributions are rounded off; fp32 costs 2 more bytes
     per trainable parameter, divided over the ranks. Stage 0 supports only bf16."""
     offload_optimizer: str = "none"
-    """none | cpu: keep Adam states in host memory (pinned)."""
+    """none | cpu: fp32 master weights and Adam states in pinned host memory, where the optimizer
+    step runs (DeepSpeed's CPU Adam)."""
     offload_param: str = "none"
-    """none | cpu: keep fp32 master weights in host memory."""
+    """cpu: keep the (bf16) parameter partitions in host memory between uses (ZeRO-3 only; the fp32
+    master weights and Adam states move with offload_optimizer)."""
     overlap_comm: bool = True
     """Overlap reduce-scatter with backward compute."""
     reduce_bucket_size: int = 50_000_000
@@ -262,6 +264,7 @@ class DeepSpeedConfig:
         _one_of(self.grad_accum_dtype, "deepspeed.grad_accum_dtype", ("fp32", "bf16"))
         _one_of(self.offload_optimizer, "deepspeed.offload_optimizer", ("none", "cpu"))
         _one_of(self.offload_param, "deepspeed.offload_param", ("none", "cpu"))
+        _check(self.offload_param == "none" or self.stage == 3, "deepspeed.offload_param", "needs deepspeed.stage=3")
         _check(self.comm_timeout_minutes > 0, "deepspeed.comm_timeout_minutes", "must be > 0")
 
     def to_dict(self, *, bf16: bool, grad_clip: float, frozen: bool = False) -> dict[str, Any]:
@@ -354,6 +357,12 @@ class ClusterConfig:
         _check(self.gpu_memory_gb > 0, "cluster.gpu_memory_gb", "must be > 0")
         _check(self.time >= 1, "cluster.time", "must be >= 1 minute")
         _check(self.signal_delay_s >= 0, "cluster.signal_delay_s", "must be >= 0")
+        # One rank per GPU: more tasks than GPUs would share GPUs (and the memory plan assumes not).
+        _check(
+            self.name != "slurm" or self.gpus_per_node == 0 or self.tasks_per_node == self.gpus_per_node,
+            "cluster.tasks_per_node",
+            f"must equal cluster.gpus_per_node ({self.gpus_per_node}): one rank per GPU, got {self.tasks_per_node}",
+        )
 
     def world_size(self) -> int:
         if self.name == "local":
@@ -579,10 +588,14 @@ class DPOConfig:
         if self.stage == "sft" or self.sft_first.max_steps == 0:
             return [self]
         sft_dir = str(Path(self.output_dir) / "sft")
+        # The DPO stage trains from sft/final, so with LoRA it must be the merged model: an
+        # adapter-only export cannot be a starting point (see engine.load_for_deepspeed).
+        lora = dataclasses.replace(self.model.lora, merge_on_export=True)
         sft = dataclasses.replace(
             self,
             stage="sft",
             output_dir=sft_dir,
+            model=dataclasses.replace(self.model, lora=lora),
             sft_first=SFTFirstConfig(),
             train=dataclasses.replace(self.train, max_steps=self.sft_first.max_steps),
             optim=dataclasses.replace(self.optim, lr=self.sft_first.lr or self.optim.lr),

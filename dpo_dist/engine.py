@@ -297,6 +297,17 @@ def policy_normalization(cfg: DPOConfig) -> str:
     return "sum" if cfg.stage == "sft" else cfg.loss.logp_normalization
 
 
+def check_trainable_start(cfg: DPOConfig) -> None:
+    """Refuse a LoRA adapter export as the model to train, before any work: PEFT loads it frozen
+    (full-weight training would have nothing to train) and ``model.lora`` would replace its
+    adapter with a fresh one (training would silently start from the base model)."""
+    if (Path(cfg.model.path) / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"model.path={cfg.model.path} is a LoRA adapter export, which cannot be trained further; "
+            "train from a merged export (model.lora.merge_on_export=true) or from its base model"
+        )
+
+
 def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
     import deepspeed
 
@@ -835,6 +846,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     """Run a whole training job on this rank; returns the final eval metrics (rank 0's view)."""
     from tqdm import tqdm
 
+    check_trainable_start(cfg)
     job = setup_job(cfg)
     env, device, tokenizer, backend = job.env, job.device, job.tokenizer, job.backend
     train_data, eval_data = job.train_data, job.eval_data

@@ -154,3 +154,29 @@ def test_lora_resume_with_precomputed_reference_and_adapter_export(assets, onlin
 def test_qlora_is_refused_with_a_config_error():
     with pytest.raises(ConfigError, match="model.lora.quantize: '4bit' \\(QLoRA\\) is not supported"):
         config_from_dict({"model": {"lora": {"r": 8, "quantize": "4bit"}}})
+
+
+def test_training_from_an_adapter_export_is_refused_before_any_work(assets, tmp_path):
+    """An adapter-only final/ (merge_on_export=false) loads frozen and would get a fresh adapter:
+    refused in one line before the reference pass. sft_then_dpo therefore always merges its SFT model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(assets["model"]), LoraConfig(r=4, target_modules=["q_proj"]))
+    peft_model.save_pretrained(adapter)
+    cache = tmp_path / "ref"
+    settings = {"output_dir": tmp_path / "run", "model.path": adapter, "model.tokenizer_path": assets["model"],
+                "reference.cache_dir": cache}
+    result = run_cli("launch.train", *tiny_run_overrides(assets, settings), env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dpo-train: error: model.path={adapter} is a LoRA adapter export, which cannot be trained further; "
+        "train from a merged export (model.lora.merge_on_export=true) or from its base model"
+    )
+    assert not cache.exists()  # nothing computed
+
+    cfg = config_from_dict({"output_dir": "x", "sft_first": {"max_steps": 2}, "model": {"lora": {"r": 4, "merge_on_export": False}}})
+    sft, dpo = cfg.stages()
+    assert sft.model.lora.merge_on_export is True and dpo.model.path == "x/sft/final"
+    assert dpo.model.lora.merge_on_export is False  # the DPO result itself may stay an adapter

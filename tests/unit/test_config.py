@@ -172,3 +172,11 @@ def test_ci_runs_the_readme_test_command():
     assert len(test_cmds) == 1, test_cmds
     ci = Path(REPO / ".ci" / "run").read_text().splitlines()
     assert test_cmds[0].strip() in [ln.strip() for ln in ci]
+
+
+def test_slurm_runs_one_rank_per_gpu():
+    from dpo_dist.config import ClusterConfig
+
+    with pytest.raises(ConfigError, match=r"^cluster.tasks_per_node: must equal cluster.gpus_per_node \(8\): one rank per GPU, got 16$"):
+        ClusterConfig(name="slurm", nodes=8, tasks_per_node=16, gpus_per_node=8)
+    ClusterConfig(name="slurm", tasks_per_node=4, gpus_per_node=0)  # CPU-only jobs: any number of tasks
