@@ -306,6 +306,26 @@ def check_trainable_start(cfg: DPOConfig) -> None:
             f"model.path={cfg.model.path} is a LoRA adapter export, which cannot be trained further; "
             "train from a merged export (model.lora.merge_on_export=true) or from its base model"
         )
+    if cfg.model.lora.enabled:
+        check_lora_targets(cfg)
+
+
+def check_lora_targets(cfg: DPOConfig) -> None:
+    """``model.lora.target_modules`` that match no module of the model, found on a weightless
+    (meta-device) copy in seconds, not after a reference pass (PEFT only says so when wrapping)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model.path))
+    names = [name for name, _ in skeleton.named_modules()]
+    # PEFT's rule for a list of names: the module's name is the target or ends with "." + target.
+    missing = [t for t in cfg.model.lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"model.lora.target_modules: no module named {', '.join(missing)} in {type(skeleton).__name__} "
+            f"(its linear layers: {', '.join(leaves)})"
+        )
 
 
 def build_engine(cfg: DPOConfig, device: torch.device, backend: str):

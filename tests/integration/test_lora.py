@@ -180,3 +180,14 @@ def test_training_from_an_adapter_export_is_refused_before_any_work(assets, tmp_
     sft, dpo = cfg.stages()
     assert sft.model.lora.merge_on_export is True and dpo.model.path == "x/sft/final"
     assert dpo.model.lora.merge_on_export is False  # the DPO result itself may stay an adapter
+
+
+def test_unknown_lora_target_is_refused_before_the_reference_pass(assets, tmp_path):
+    cache = tmp_path / "ref"
+    settings = {"output_dir": tmp_path / "run", "reference.cache_dir": cache, **LORA,
+                "model.lora.target_modules": "[q_proj,v_projj]"}
+    result = run_cli("launch.train", *tiny_run_overrides(assets, settings), env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("dpo-train: error: model.lora.target_modules: no module named v_projj in LlamaForCausalLM"), line
+    assert "v_proj" in line and not cache.exists()
