@@ -315,11 +315,15 @@ def unwrap_model(model: nn.Module) -> PreTrainedModel:
     return current
 
 
-def enable_packed_attention(model: nn.Module, backend: str) -> str:
-    """Switch ``model`` to packed attention with ``backend`` (``auto`` resolves); return the backend used."""
+def enable_packed_attention(model: nn.Module, backend: str, device: torch.device | None = None) -> str:
+    """Switch ``model`` to packed attention with ``backend`` (``auto`` resolves); return the backend used.
+
+    ``device``: where the model will run, when that is not where its weights are now (a model
+    loaded on the host that DeepSpeed moves to the GPU at stages 0-2); default: its weights' device."""
     hf_model = unwrap_model(model)
     parameter = next(hf_model.parameters())
-    name = resolve_attn_backend(backend, parameter.device, hf_model.dtype)
+    device = parameter.device if device is None else torch.device(device)
+    name = resolve_attn_backend(backend, device, hf_model.dtype)
     implementation = _IMPL_NAMES[name]
     AttentionInterface.register(implementation, _make_attention_function(name))
     hf_model.set_attn_implementation(implementation)
@@ -336,7 +340,7 @@ def enable_packed_attention(model: nn.Module, backend: str) -> str:
         detail,
         backend,
         type(hf_model).__name__,
-        parameter.device,
+        device,
     )
     return name
 

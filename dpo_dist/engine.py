@@ -332,7 +332,7 @@ def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
     import deepspeed
 
     model, dsc = load_for_deepspeed(cfg, cfg.model.path, device, frozen=False)
-    enable_packed_attention(model, backend)
+    enable_packed_attention(model, backend, device)
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)
     if cfg.model.lora.enabled:
@@ -391,7 +391,7 @@ def build_inference_engine(cfg: DPOConfig, path: str, device: torch.device, back
 
     model, dsc = load_for_deepspeed(cfg, path, device, frozen=True)
     mark_fetch_units(model, cfg.deepspeed)
-    enable_packed_attention(model, backend)
+    enable_packed_attention(model, backend, device)
     model.requires_grad_(False)
     policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, normalize, cfg.train.micro_batch_tokens)
     engine = deepspeed.initialize(model=policy, config=dsc)[0]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -449,10 +450,10 @@ def versions() -> dict:
         import trl
 
         out["trl"] = trl.__version__
-    with contextlib.suppress(ImportError):
-        import flash_attn
-
-        out["flash_attn"] = flash_attn.__version__
+    # flash-attn-4 installs flash_attn as a namespace package (no __init__, no __version__).
+    for distribution in ("flash-attn", "flash-attn-4"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[distribution.replace("-", "_")] = importlib.metadata.version(distribution)
     return out
 
 

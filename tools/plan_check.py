@@ -140,6 +140,23 @@ def planned(cfg, backend: str) -> dict:
     }
 
 
+def write_report(args, backend: str, results: list[dict]) -> None:
+    import deepspeed
+    import transformers
+
+    report = {
+        "device": torch.cuda.get_device_name(0),
+        "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / GIB,
+        "attention_backend": backend,
+        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "steps": args.steps,
+        "cases": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
@@ -150,9 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("plan_check: error: needs a CUDA GPU (nothing measured, nothing written)", file=sys.stderr)
         return 2
-    import deepspeed
-    import transformers
-
     from dpo_dist import distributed as D
     from dpo_dist.attention import resolve_attn_backend
 
@@ -178,17 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(row)
         print(f"{name}: allocated {measured['allocated_gib']:.2f} GiB (planned {plan['allocated_gib']:.2f}), "
               f"reserved {measured['reserved_gib']:.2f} GiB (planned {plan['reserved_gib']:.2f})")
-    report = {
-        "device": torch.cuda.get_device_name(0),
-        "gpu_memory_gib": torch.cuda.get_device_properties(0).total_memory / GIB,
-        "attention_backend": backend,
-        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-        "steps": args.steps,
-        "cases": results,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        # After every case: a time limit that stops a later (bigger) case keeps the earlier ones.
+        write_report(args, backend, results)
     print(f"wrote {args.out}")
     return 0
 

@@ -30,6 +30,11 @@ def allocated(device) -> int:
     if device.type == "cuda":
         gc.collect()
         torch.cuda.synchronize()
+        # cuBLAS(Lt) takes its workspaces from the caching allocator at the first matmul and keeps
+        # them for the process: not the engines' memory, so they are left out of every reading.
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:
+            clear_workspaces()
         return torch.cuda.memory_allocated()
     return live_tensor_bytes()
 

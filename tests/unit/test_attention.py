@@ -223,3 +223,18 @@ def test_per_sequence_and_masked_sdpa_agree_in_values_and_gradients(monkeypatch)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for ga, gb in zip(grads_a, grads_b):
         torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+def test_the_backend_is_resolved_for_the_device_the_model_will_run_on(monkeypatch):
+    """At ZeRO stages 0-2 the model is loaded on the host and DeepSpeed moves it to the GPU: a GPU
+    backend must be checked against the GPU, not against where the weights are at that moment."""
+    import dpo_dist.attention as attention
+
+    def on_cuda_only(backend, device, dtype):
+        return None if device.type == "cuda" or backend == "sdpa" else f"{backend} needs CUDA"
+
+    monkeypatch.setattr(attention, "_unavailable_reason", on_cuda_only)
+    model = tiny_llama()  # weights on the CPU
+    with pytest.raises(AttentionBackendError, match="varlen needs CUDA"):
+        enable_packed_attention(model, "varlen")
+    assert enable_packed_attention(tiny_llama(), "varlen", torch.device("cuda")) == "varlen"
