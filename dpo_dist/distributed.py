@@ -286,12 +286,18 @@ def rank0_then_wait(fn, marker: Path, poll_s: float = 2.0) -> None:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(token)
         return
+    wait_for_token(marker, token, poll_s)
+
+
+def wait_for_token(path: Path, token: str, poll_s: float) -> None:
+    """Poll until ``path`` holds exactly ``token`` (written by rank 0): a wait that, unlike a
+    collective, has no timeout, for rank-0 work or a lock that may take hours."""
     while True:
         try:
-            if marker.read_text() == token:
+            if path.read_text() == token:
                 return
         except OSError:
-            pass  # not written yet
+            pass  # not written yet (or its directory not made yet)
         time.sleep(poll_s)
 
 

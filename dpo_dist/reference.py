@@ -901,7 +901,7 @@ class _CacheLock:
             if self.rank == 0:
                 self._acquire(token)
             else:
-                self._wait_for(token)
+                D.wait_for_token(self.path, token, self.poll_s)
         _barrier(self.world_size)
         return self
 
@@ -942,12 +942,3 @@ class _CacheLock:
         os.pwrite(fd, token.encode(), 0)
         os.fsync(fd)
         self._fd = fd
-
-    def _wait_for(self, token: str) -> None:
-        while True:
-            try:
-                if self.path.read_text() == token:
-                    return
-            except OSError:
-                pass  # rank 0 has not created the directory yet
-            time.sleep(self.poll_s)
