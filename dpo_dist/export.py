@@ -1,16 +1,21 @@
 """Offline export: a DeepSpeed ZeRO checkpoint -> a consolidated Hugging Face model directory.
 
 Training exports ``final/`` itself (``engine.export_hf``); this is for any intermediate
-checkpoint, on a single CPU process: DeepSpeed's ``zero_to_fp32`` merges the partitions, the
-model skeleton is built on the meta device (no second copy of the weights), and the weights
-are saved as safetensors with the tokenizer of the run.
+checkpoint, on a single CPU process, in bounded memory: a 70B checkpoint's fp32 master weights
+alone are 280 GB. DeepSpeed's ``zero_to_fp32`` (lazy mode) memory-maps the ranks' partitions
+and gathers one tensor at a time; the tensors are converted to the export dtype and written
+one safetensors shard at a time, so the process holds at most one shard (``max_shard_size``)
+plus the pages the kernel maps in. LoRA checkpoints hold only the small adapters: they are
+loaded onto the base model (``model.path``), and merged or saved as an adapter.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -18,6 +23,8 @@ import torch
 from dpo_dist.runinfo import read_config
 
 log = logging.getLogger("dpo_dist.export")
+
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # Hugging Face's default for save_pretrained
 
 
 class ExportError(ValueError):
@@ -39,32 +46,116 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str, Path]:
     return path.parent, path.name, path.parent.parent
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = "auto") -> Path:
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    dtype: str = "auto",
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
     """Write a Hugging Face model (safetensors + config + tokenizer) for ``checkpoint`` to ``out_dir``."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     root, tag, run_dir = resolve_checkpoint(checkpoint)
     cfg = read_config(run_dir / "config.yaml")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    # Lazy: tensors are gathered from the memory-mapped partitions only when written.
+    # A LoRA run's frozen base is model.path itself: only its adapters are read back.
+    state = get_fp32_state_dict_from_zero_checkpoint(
+        str(root), tag=tag, exclude_frozen_parameters=cfg.model.lora.enabled, lazy_mode=True
+    )
     weights = {k.removeprefix("model."): v for k, v in state.items()}
     hf_config = AutoConfig.from_pretrained(cfg.model.path)
     target = _dtype(dtype, hf_config)
-    if cfg.model.lora.enabled:
-        model = _lora_model(cfg, weights, target)
-    else:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config)
-        model.load_state_dict({k: v.to(target) for k, v in weights.items()}, strict=True, assign=True)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
+
+    def write(tmp: Path) -> None:
+        if cfg.model.lora.enabled:
+            adapters = {name: tensor.contiguous() for name, tensor in weights.items()}
+            _lora_model(cfg, adapters, target).save_pretrained(tmp, max_shard_size=max_shard_size)
+        else:
+            save_consolidated(weights, hf_config, target, tmp, max_shard_size)
+        tokenizer.save_pretrained(tmp)
+
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path()).save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    write_atomically(out_dir, write)
     log.info("exported %s/%s to %s (%s)", root, tag, out_dir, target)
     return out_dir
+
+
+def save_consolidated(
+    weights: Mapping,
+    hf_config,
+    dtype: torch.dtype,
+    out_dir: Path,
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
+) -> None:
+    """Save ``weights`` (name -> tensor, or zero_to_fp32's lazy tensor: ``.shape``, ``.dtype``,
+    ``.contiguous()``) as the Hugging Face model of ``hf_config``, one shard in memory at a time.
+
+    The names must be exactly the model's: its parameters and persistent buffers, where a tied
+    weight (``lm_head.weight`` of a tied-embedding model) may appear and is not written, as
+    ``save_pretrained`` does. Shards are cut by huggingface_hub the way ``save_pretrained`` cuts
+    them (``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``).
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    expected = skeleton.state_dict()
+    # named_parameters() lists a tied weight once, under its first (owning) name.
+    owned = [name for name, _ in skeleton.named_parameters()]
+    owned += [name for name, _ in skeleton.named_buffers() if name in expected]
+    missing = [name for name in owned if name not in weights]
+    unexpected = [name for name in weights if name not in expected]
+    if missing or unexpected:
+        raise ExportError(
+            f"checkpoint does not match the model of its run: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for name in owned:
+        if tuple(weights[name].shape) != tuple(expected[name].shape):
+            raise ExportError(
+                f"{name}: checkpoint shape {tuple(weights[name].shape)}, model {tuple(expected[name].shape)}"
+            )
+
+    def target_dtype(name: str) -> torch.dtype:
+        return dtype if weights[name].dtype.is_floating_point else weights[name].dtype
+
+    try:
+        split = split_torch_state_dict_into_shards(
+            {
+                name: torch.empty(expected[name].shape, dtype=target_dtype(name), device="meta")
+                for name in owned
+            },
+            filename_pattern="model{suffix}.safetensors",
+            max_shard_size=max_shard_size,
+        )
+    except ValueError as exc:
+        raise ExportError(f"max_shard_size={max_shard_size!r}: {exc}") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for filename, names in split.filename_to_tensors.items():
+        shard = {name: weights[name].contiguous().to(target_dtype(name)) for name in names}
+        save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
+        del shard  # before the next shard is gathered: one shard in memory at a time
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out_dir / "model.safetensors.index.json").write_text(
+            json.dumps(index, indent=2, sort_keys=True) + "\n"
+        )
+    skeleton.config.dtype = dtype
+    skeleton.config.save_pretrained(out_dir)
+    if skeleton.can_generate():
+        skeleton.generation_config.save_pretrained(out_dir)
+
+
+def write_atomically(out_dir: Path, write) -> None:
+    """``write(tmp)`` into a sibling temp directory, then swap it in: readers never see half an export."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
 
 
 def _lora_model(cfg, adapter_weights: dict[str, torch.Tensor], dtype: torch.dtype):

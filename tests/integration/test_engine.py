@@ -188,6 +188,18 @@ def test_export_round_trip(assets, tmp_path):
     generated = exported.generate(ids, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 4 or generated[0, -1] == exported.config.eos_token_id
 
+    # dpo-export of the same (last) checkpoint, cut into shards, is the same model.
+    shards = tmp_path / "shards"
+    result = run_cli("launch.export", str(out), "--out", str(shards), "--max-shard-size", "300KB")
+    assert result.returncode == 0, result.stderr[-2000:]
+    index = json.loads((shards / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(shards)(ids).logits, got, rtol=0, atol=0)
+    bad = run_cli("launch.export", str(out), "--out", str(tmp_path / "bad"), "--max-shard-size", "5XB")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("dpo-export: error: max_shard_size='5XB': Unit 'XB'")
+
 
 def test_precompute_then_train_reuses_cache_and_eval_matches(assets, tmp_path):
     cache = tmp_path / "ref"
