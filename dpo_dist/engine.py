@@ -43,7 +43,7 @@ from dpo_dist.data import collate_packed, load_tokenized, pack_pairs
 from dpo_dist.data.batch import PackedBatch
 from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
 from dpo_dist.losses import LOSS_OPTIONS, preference_loss, sft_nll
-from dpo_dist.runinfo import MetricsLog, write_run_info
+from dpo_dist.runinfo import MetricsLog, read_metrics, write_run_info
 
 log = logging.getLogger("dpo_dist.engine")
 
@@ -882,6 +882,9 @@ def train(cfg: DPOConfig) -> dict[str, float]:
         write_run_info(cfg.output_dir, run_info(cfg, env, device, backend, train_data, eval_data, reference, start))
     metrics = MetricsLog(cfg.output_dir, resume_step=start) if env.is_main else None
     wandb_run = init_wandb(cfg, env)
+    # Before the preemption flag, like the reference pass: a signal now requeues at once, and
+    # the resumed run finds the eval still pending.
+    last_eval = resume_pending_eval(ctx, eval_data, env, start, metrics, wandb_run)
     sampler = PairSampler(len(train_data), cfg.train.pairs_per_step, cfg.train.seed)
     lengths = packed_lengths(train_data, cfg.stage)
     bar = tqdm(total=cfg.train.max_steps, initial=start, desc=cfg.stage, disable=not env.is_main)
@@ -889,7 +892,6 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     # handler (slurm/runtime.py) requeues at once instead of waiting for a step that may be
     # far off (a reference pass, loading and resuming 70B).
     preempt = D.PreemptionFlag().install()
-    last_eval: dict[str, float] = {}
     for step in range(start, cfg.train.max_steps):
         t0 = time.perf_counter()
         positions = sampler.pairs_for_step(step)
@@ -902,14 +904,17 @@ def train(cfg: DPOConfig) -> dict[str, float]:
         row = {"step": done, **summarize(totals, cfg.stage), "lr": lr}
         row["tokens_per_s"] = row["tokens"] / (time.perf_counter() - t0)
         stop = totals["stop"] > 0
+        eval_due = _eval_due(cfg, eval_data, done)
         eval_row = None
-        # A preempted run has seconds to checkpoint: the eval waits for the resumed run.
-        if eval_data is not None and not stop and (_due(done, cfg.train.eval_every) or done == cfg.train.max_steps):
+        # A preempted run has seconds to checkpoint: the eval waits for the resumed run
+        # (resume_pending_eval), which logs it right after this step's train row.
+        if eval_due and not stop:
             last_eval = evaluate(ctx, eval_data, env)
             eval_row = {"step": done, **last_eval}
         if env.is_main:
-            # An eval step gets its train row too, so train rows never have gaps at eval steps.
-            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps or eval_row:
+            # An eval step gets its train row too (also when preempted), so train rows never
+            # have gaps at eval steps.
+            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps or eval_due:
                 metrics.write(row)
             if eval_row:
                 metrics.write(eval_row)
@@ -941,6 +946,51 @@ class Preempted(Exception):
 
 def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
+
+
+def _eval_due(cfg: DPOConfig, eval_data, done: int) -> bool:
+    """Whether the step that brings the run to ``done`` steps ends with an eval: every
+    ``train.eval_every`` steps and the last one, when there is eval data."""
+    return eval_data is not None and (_due(done, cfg.train.eval_every) or done == cfg.train.max_steps)
+
+
+def resume_pending_eval(
+    ctx: StepContext, eval_data, env: D.DistEnv, start: int, metrics: MetricsLog | None, wandb_run=None
+) -> dict[str, float]:
+    """The eval of step ``start`` (the checkpoint a run resumes from), run and logged now (to
+    ``metrics`` and ``wandb_run``, rank 0's) if that step was due one and ``metrics.jsonl`` lacks
+    its row; returns its metrics, ``{}`` if none was due.
+
+    A step that is preempted skips its eval and checkpoints at once, so without this a run
+    preempted at an eval step never logs that eval, and one preempted at its last step resumes
+    straight to export with no final eval at all (and returns none). It is done here, on resume,
+    rather than by the preempted step before it exits: that step's grace period (seconds after
+    SIGTERM on Slurm) belongs to the checkpoint, an eval of a large held-out set on 70B can take
+    minutes, and an eval run after the checkpoint could itself be cut short, leaving this same
+    state for the resumed run to handle anyway. The row is the one the uninterrupted run logs:
+    the checkpoint holds the weights the eval would have seen, the eval draws no randomness, and
+    it is written right after the step's train row (``MetricsLog`` keeps rows up to ``start``).
+
+    When the row is already logged (a run that checkpointed its last step and then died in
+    export), it is read back, so ``train()`` returns the final eval metrics either way.
+    """
+    if start == 0 or not _eval_due(ctx.cfg, eval_data, start):
+        return {}
+    logged = None
+    if env.is_main and metrics.path.exists():
+        rows = [r for r in read_metrics(metrics.path) if r["step"] == start and any(k.startswith("eval/") for k in r)]
+        logged = rows[-1] if rows else None
+    # Rank 0's log decides for all: the eval is a collective that every rank runs or none.
+    logged = D.broadcast_object(logged)
+    if logged is not None:
+        return {k: v for k, v in logged.items() if k != "step"}
+    result = evaluate(ctx, eval_data, env)
+    if env.is_main:
+        metrics.write({"step": start, **result})
+    if wandb_run is not None:
+        wandb_run.log(result, step=start)
+    log.info("eval of step %d (skipped when that step was preempted) logged on resume", start)
+    return result
 
 
 def run_info(cfg, env, device, backend, train_data, eval_data, reference, start) -> dict[str, Any]:
