@@ -257,7 +257,9 @@ class DeepSpeedConfig:
     DeepSpeed's per-module hooks; or comma-separated module class names. LoRA runs keep per-module
     hooks (DeepSpeed cannot gather a block holding PEFT adapters whole)."""
     comm_timeout_minutes: int = 30
-    """Collective timeout: a dead rank fails the job instead of hanging it."""
+    """Collective timeout: a dead rank fails the job instead of hanging it. Rank-0-only work
+    (tokenizing the data, consolidating a checkpoint for dpo-eval) is waited out apart from it
+    (``distributed.LONG_WAIT``)."""
 
     def __post_init__(self) -> None:
         _check(self.stage in (0, 1, 2, 3), "deepspeed.stage", f"must be 0..3, got {self.stage}")

@@ -222,6 +222,10 @@ def init_distributed(env: DistEnv, timeout_minutes: int) -> None:
     )
 
 
+def _multi_rank() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -229,69 +233,91 @@ def barrier() -> None:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks (a no-op in a single process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _multi_rank():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def broadcast_object(value):
     """Rank 0's ``value`` (any picklable object) on every rank; a no-op in a single process."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _multi_rank():
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return value
 
 
-def rank0_first(fn):
-    """``fn()`` on rank 0 first (it fills caches), then on the other ranks (they read them).
+LONG_WAIT = datetime.timedelta(hours=24)
+"""How long the other ranks wait out rank-0-only work (tokenizing a large dataset, consolidating
+a 70B checkpoint): far past the collective timeout, which is kept short to catch dead ranks."""
 
-    If rank 0 fails, every rank raises its exception: the others would otherwise wait in a
-    collective for a peer that is gone and die with a connection error instead of the reason.
+_long_wait: tuple | None = None  # (the default group it was made for, the gloo group)
+
+
+def _long_wait_group() -> dist.ProcessGroup:
+    """A gloo group over every rank whose collectives time out after :data:`LONG_WAIT`.
+
+    Made on first use, which is collective: every rank reaches it through the same call of
+    :func:`rank0_first` / :func:`rank0_then_wait`. Gloo, because an NCCL wait would hold a GPU
+    stream and its watchdog for hours. If rank 0 dies, its connections close and the wait ends
+    at once, not after a day.
     """
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return fn()
-    outcome: list = [None]
+    global _long_wait
+    if _long_wait is None or _long_wait[0] is not dist.group.WORLD:  # re-initialised: a new group
+        _long_wait = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=LONG_WAIT))
+    return _long_wait[1]
+
+
+def _run_on_rank0(fn):
+    """``fn()`` on rank 0 while the other ranks wait in a long-timeout broadcast; rank 0's
+    exception is raised on every rank (they would otherwise fail later on a missing peer,
+    without the reason)."""
+    group = _long_wait_group()
     if dist.get_rank() == 0:
         try:
             result = fn()
         except Exception as exc:
-            dist.broadcast_object_list([exc], src=0)
+            dist.broadcast_object_list([_picklable(exc)], src=0, group=group)
             raise
-        dist.broadcast_object_list(outcome, src=0)
+        dist.broadcast_object_list([None], src=0, group=group)
         return result
-    dist.broadcast_object_list(outcome, src=0)
+    outcome: list = [None]
+    dist.broadcast_object_list(outcome, src=0, group=group)
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
-    return fn()
+    return None
 
 
-def rank0_then_wait(fn, marker: Path, poll_s: float = 2.0) -> None:
-    """``fn()`` on rank 0 while the other ranks wait by polling ``marker``, not in a collective:
-    ``fn`` may outlast the collective timeout (consolidating a 70B checkpoint takes that long).
+def _picklable(exc: Exception) -> Exception:
+    """``exc``, or a RuntimeError with its message when it cannot be pickled (the broadcast needs it)."""
+    import pickle
 
-    Rank 0 writes a per-call token into ``marker`` when ``fn`` is done, so a marker left by an
-    earlier run is never mistaken for this one. If rank 0 fails, its launcher stops the others
-    (the local launcher stops every rank when one fails; Slurm's ``--kill-on-bad-exit``).
-    """
-    import uuid
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+
+def rank0_first(fn):
+    """``fn()`` on rank 0 first (it fills caches), then on the other ranks (they read them)."""
+    if not _multi_rank():
+        return fn()
+    result = _run_on_rank0(fn)
+    return result if dist.get_rank() == 0 else fn()
+
+
+def rank0_then_wait(fn) -> None:
+    """``fn()`` on rank 0 only, the other ranks waiting until it is done (or re-raising its error)."""
+    if not _multi_rank():
         fn()
         return
-    token = broadcast_object(uuid.uuid4().hex if dist.get_rank() == 0 else None)
-    if dist.get_rank() == 0:
-        marker.unlink(missing_ok=True)
-        fn()
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(token)
-        return
-    wait_for_token(marker, token, poll_s)
+    _run_on_rank0(fn)
 
 
 def wait_for_token(path: Path, token: str, poll_s: float) -> None:
-    """Poll until ``path`` holds exactly ``token`` (written by rank 0): a wait that, unlike a
-    collective, has no timeout, for rank-0 work or a lock that may take hours."""
+    """Poll until ``path`` holds exactly ``token`` (written by rank 0): a wait with no timeout, for
+    a file lock that another job may hold for hours."""
     while True:
         try:
             if path.read_text() == token:

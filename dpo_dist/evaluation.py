@@ -46,7 +46,7 @@ def policy_model_dir(cfg: DPOConfig) -> Path:
         return path
     if (path / "COMPLETE").exists() or (path / "checkpoints").is_dir() or path.name == "checkpoints":
         out = Path(cfg.output_dir) / "policy"
-        D.rank0_then_wait(lambda: export_checkpoint(path, out), Path(cfg.output_dir) / ".policy_exported")
+        D.rank0_then_wait(lambda: export_checkpoint(path, out))
         return out
     raise EvalError(f"eval.policy_path={path}: neither a Hugging Face model directory nor a dpo_dist checkpoint")
 

@@ -174,7 +174,8 @@ def test_export_round_trip(assets, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "exp"
-    train(assets, out, **{"train.max_steps": 2, "train.checkpoint_every": 2, "cluster.nproc_per_node": 2})
+    two_ranks = {"cluster.nproc_per_node": 2}
+    rows = train(assets, out, **{"train.max_steps": 2, "train.checkpoint_every": 2, **two_ranks})
     exported = AutoModelForCausalLM.from_pretrained(out / "final")
     state = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step_00000002")
     trained = AutoModelForCausalLM.from_pretrained(assets["model"])
@@ -196,6 +197,14 @@ def test_export_round_trip(assets, tmp_path):
     assert len(set(index["weight_map"].values())) > 1
     with torch.no_grad():
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(shards)(ids).logits, got, rtol=0, atol=0)
+    # dpo-eval of the checkpoint (rank 0 consolidates it while rank 1 waits) = the run's final eval.
+    ev = tmp_path / "ev"
+    result = run_cli("launch.eval", *overrides(assets, ev, **two_ranks, **{"eval.policy_path": out / "checkpoints"}))
+    assert result.returncode == 0, result.stderr[-2000:]
+    evaluated = json.loads((ev / "eval.json").read_text())
+    assert evaluated["policy"] == str(ev / "eval" / "policy")
+    for key in ("eval/loss", "eval/reward_accuracy", "eval/reward_margin"):
+        assert abs(evaluated[key] - rows[-1][key]) <= 1e-5 * max(1.0, abs(rows[-1][key])), key
     bad = run_cli("launch.export", str(out), "--out", str(tmp_path / "bad"), "--max-shard-size", "5XB")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("dpo-export: error: max_shard_size='5XB': Unit 'XB'")
