@@ -21,8 +21,10 @@ Public API
   that reuses the cache never builds the reference model.
 - ``precompute_reference(model, dataset, cache_dir, *, fingerprints, ...) -> ReferenceSummary``: the
   pass itself (resume included), without the lock: call it only with exclusive use of cache_dir.
-- ``ReferenceStore.open(cache_dir, expected_fingerprints, example_ids)`` and
+- ``ReferenceStore.open(cache_dir, expected_fingerprints, example_ids, verified=None)`` and
   ``store.lookup(example_ids)``: the training-time reader (checks everything, then joins by id).
+  Pass ``verified=summary.verified_shards`` from this job's ``ensure_reference`` so that a shard
+  rank 0 has just hashed is not hashed again on every rank (``ensure_reference_for_run`` does).
 - ``describe_cache(cache_dir)`` / ``verify_cache(cache_dir)``: lines for ``dpo-data shards DIR``.
 
 The reading and file side (schema, manifest, shard digests and atomic writes, ``ReferenceStore``,
@@ -84,14 +86,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -128,6 +129,7 @@ from dpo_dist.reference_store import (
     read_manifest,
     require_components,
     sha256_file,
+    shard_digest,
     shard_name,
     shard_rows,
     verify_cache,
@@ -194,6 +196,9 @@ class ReferenceSummary:
     """Pairs computed by this call over all ranks (0 when reused)."""
     shards_computed: int
     seconds: float
+    verified_shards: dict[str, Any] = field(default_factory=dict)
+    """The manifest's ``shards`` entries (``{name: {rows, sha256}}``) whose files rank 0 hashed in
+    this call: every shard of the cache, as ``ReferenceStore.open(..., verified=...)`` wants."""
 
     def as_run_info(self) -> dict[str, Any]:
         """The ``run_info.json`` ``"reference"`` entry."""
@@ -307,6 +312,7 @@ def ensure_reference(
                 examples_computed=0,
                 shards_computed=0,
                 seconds=time.perf_counter() - start,
+                verified_shards=manifest["shards"],
             )
         return precompute_reference(
             model, dataset, cache_dir, fingerprints=fingerprints, rank=rank, world_size=world_size, **pass_options
@@ -367,9 +373,10 @@ def precompute_reference(
                 device=device,
                 progress=progress,
             )
+    verified = plan.verified_shards
     if not plan.complete:
         _barrier(world_size)
-        _on_rank0(lambda: _finalize(cache_dir, plan.num_shards), rank, world_size)
+        verified = _on_rank0(lambda: _finalize(cache_dir, plan.num_shards), rank, world_size)["shards"]
     seconds = time.perf_counter() - start
     examples = sum(stop - begin for begin, stop in (plan.shard_range(k) for k in plan.todo))
     if rank == 0 and not plan.complete:
@@ -386,6 +393,7 @@ def precompute_reference(
         examples_computed=examples,
         shards_computed=len(plan.todo),
         seconds=seconds,
+        verified_shards=verified,
     )
 
 
@@ -399,6 +407,8 @@ class _Plan:
     todo: list[int]
     complete: bool = False
     """The cache was already complete (and verified): nothing to compute or finalize."""
+    verified_shards: dict[str, Any] = field(default_factory=dict)
+    """The manifest's shard entries, when ``complete``."""
 
     @property
     def num_shards(self) -> int:
@@ -444,7 +454,7 @@ def _prepare(
         # Never reopen a finished cache: readers may be using it, and a damaged shard must be
         # reported, not quietly recomputed.
         verify_shards(cache_dir, manifest)
-        plan.complete = True
+        plan.complete, plan.verified_shards = True, manifest["shards"]
         return plan
     for tmp in cache_dir.glob(".*.tmp"):  # left by a killed writer (all writers are locked out now)
         tmp.unlink(missing_ok=True)
@@ -707,10 +717,14 @@ def ensure_reference_for_run(
     The reference model is built only if something is missing and freed afterwards.
     """
     summaries, cache_dir, fingerprints = _ensure_run_splits(cfg, env, device, backend, train_data, eval_data)
-    train = ReferenceStore.open(cache_dir, fingerprints["train"], train_data.example_ids)
-    evals = None
-    if eval_data is not None:
-        evals = ReferenceStore.open(cache_dir / "eval", fingerprints["eval"], eval_data.example_ids)
+
+    def open_split(name: str, directory: Path, data) -> ReferenceStore:
+        # Rank 0 hashed every shard of the split just now, under the lock: no rank hashes them again.
+        verified = summaries[name].verified_shards
+        return ReferenceStore.open(directory, fingerprints[name], data.example_ids, verified=verified)
+
+    train = open_split("train", cache_dir, train_data)
+    evals = None if eval_data is None else open_split("eval", cache_dir / "eval", eval_data)
     return RunReference(
         cache_dir=cache_dir,
         computed=any(summary.computed for summary in summaries.values()),
@@ -826,7 +840,7 @@ def _write_shard(cache_dir: Path, index: int, table: pa.Table, fingerprint: str)
         writer.write_table(table)
     data = sink.getvalue()
     write_bytes_atomic(cache_dir / name, data, prefix=f".{name}.")
-    digest = hashlib.sha256(data).hexdigest()
+    digest = shard_digest(data)
     write_bytes_atomic(
         cache_dir / f"{name}.sha256", f"{digest}  {name}\n".encode(), prefix=f".{name}.sha256."
     )

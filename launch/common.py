@@ -58,22 +58,32 @@ def _config_overrides(argv: list[str]) -> tuple[list[str], bool]:
     return overrides, multirun
 
 
-def check_overrides(prog: str, overrides: list[str], config_name: str = "config") -> list:
+def parse_overrides(prog: str, overrides: list[str]) -> list:
+    """Hydra's ``Override`` for each of ``overrides``, in order; exit 2 with one line on a bad one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:  # Hydra's grammar errors are multi-line
+        fail(prog, f"bad override: {exc}")
+
+
+def check_overrides(
+    prog: str, overrides: list[str], config_name: str = "config", parsed: list | None = None
+) -> list:
     """Compose the config for every sweep combination and validate it; exit 2 with one line on error.
 
+    ``parsed`` is ``parse_overrides(prog, overrides)`` where the caller has it already.
     Returns the ``ClusterConfig`` of every combination (a sweep's launcher depends on them).
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     from dpo_dist.config import ConfigError, config_from_dict
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as exc:  # Hydra's grammar errors are multi-line
-        fail(prog, f"bad override: {exc}")
+    if parsed is None:
+        parsed = parse_overrides(prog, overrides)
     choices = []
     for override, raw in zip(parsed, overrides):
         if override.is_sweep_override():
@@ -97,9 +107,10 @@ def check_overrides(prog: str, overrides: list[str], config_name: str = "config"
     return clusters
 
 
-def slurm_sweep_arguments(prog: str, overrides: list[str], clusters: list) -> list[str]:
+def slurm_sweep_arguments(prog: str, overrides: list[str], parsed: list, clusters: list) -> list[str]:
     """Extra Hydra arguments for a ``-m`` sweep on Slurm: hydra-submitit-launcher (one job array),
     with each job's resources from ``cluster.*`` exactly as for a single ``cluster=slurm`` job.
+    ``parsed`` is ``parse_overrides(prog, overrides)``.
 
     ``cluster`` is an ordinary config group, and a group cannot select Hydra's launcher, so the
     choice is made here, from the composed configs (see slurm/submit.py).
@@ -109,9 +120,7 @@ def slurm_sweep_arguments(prog: str, overrides: list[str], clusters: list) -> li
         return []
     if len(names) > 1:
         fail(prog, "a sweep runs on one cluster: it cannot mix cluster=local and cluster=slurm")
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    for override in OverridesParser.create().parse_overrides(overrides):
+    for override in parsed:
         key = override.get_key_element()
         if override.is_sweep_override() and key.split(".")[0] == "cluster":
             fail(prog, f"{key} is swept, but one Slurm job array has one resource shape: run one sweep per value")
@@ -120,12 +129,6 @@ def slurm_sweep_arguments(prog: str, overrides: list[str], clusters: list) -> li
     report_sweep_failures(lambda message: fail(prog, message, status=1))
     chosen = any(o.split("=", 1)[0].lstrip("+~") == "hydra/launcher" for o in overrides)
     return ([] if chosen else ["hydra/launcher=dpo_slurm"]) + launcher_overrides(clusters[0])
-
-
-def _is_sweep(override: str) -> bool:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return OverridesParser.create().parse_override(override).is_sweep_override()
 
 
 def _short_hydra_error(exc: BaseException) -> str:
@@ -159,22 +162,25 @@ def hydra_main(prog: str, task: Callable, config_name: str = "config") -> None:
     # argparse takes one run of positional overrides: ours and the user's together, and the
     # user's flags (with their values, e.g. `-m`, `--cfg job`) after them, never in between.
     flags = [a for a in argv if a not in overrides]
+    parsed = parse_overrides(prog, overrides)  # once: composing, the launcher and output_dir need it
     clusters: list = []
     if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") for a in argv):
-        clusters = check_overrides(prog, overrides, config_name)
+        clusters = check_overrides(prog, overrides, config_name, parsed)
     extra = [f"hydra.job.name={prog}"]
     if multirun:
-        extra += slurm_sweep_arguments(prog, overrides, clusters)
-    explicit = [o for o in overrides if o.startswith("output_dir=")]
-    if explicit and not multirun:
+        extra += slurm_sweep_arguments(prog, overrides, parsed, clusters)
+    last = max((i for i, raw in enumerate(overrides) if raw.startswith("output_dir=")), default=None)
+    output_dir = None if last is None else overrides[last].split("=", 1)[1]  # the last one wins
+    if output_dir is not None and not multirun:
         # A single run's Hydra directory is its output_dir, so re-running a command resumes in place.
-        extra.append(f"hydra.run.dir={explicit[-1].split('=', 1)[1]}")
-    elif explicit and not _is_sweep(explicit[-1]):  # (a swept output_dir=a,b gives each point its own)
+        extra.append(f"hydra.run.dir={output_dir}")
+    elif output_dir is not None and not parsed[last].is_sweep_override():
         # In a sweep, output_dir=X given to every point as is would make the second point
         # "resume" the first's finished run and export its model as its own. X is the sweep
         # directory instead: point N's output_dir is X/N, as in the default multirun/DATE/TIME/N.
-        extra.append(f"hydra.sweep.dir={explicit[-1].split('=', 1)[1]}")
-        overrides = [o for o in overrides if o not in explicit]
+        # (A swept output_dir=a,b gives each point its own.)
+        extra.append(f"hydra.sweep.dir={output_dir}")
+        overrides = [o for o in overrides if not o.startswith("output_dir=")]
     sys.argv[:] = [prog, *extra, *overrides, *flags]
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)

@@ -1,0 +1,70 @@
+"""``launch.common.hydra_main``'s command-line rewriting, in process with Hydra's app stubbed out:
+what Hydra is handed for single runs and sweeps, and that the overrides are parsed once."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+import slurm.submit
+from launch import common
+
+PROG = "dpo-train"
+
+
+def hand_over(monkeypatch, *argv: str) -> tuple[list[str], int]:
+    """(the ``sys.argv`` hydra_main gives Hydra for ``argv``, how often launch.common parsed overrides)."""
+    parses = [0]
+    for name in ("parse_overrides", "parse_override"):
+        real = getattr(OverridesParser, name)
+
+        def counting(self, *args, _real=real, **kwargs):
+            # Hydra parses overrides again while composing: count launch.common's own calls only.
+            if sys._getframe(1).f_globals.get("__name__") == common.__name__:
+                parses[0] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(OverridesParser, name, counting)
+    handed = []
+    monkeypatch.setattr(hydra, "main", lambda **_: lambda task: lambda: handed.append(sys.argv[1:]))
+    # It wraps the submitit launcher plugin for the rest of the process; nothing is launched here.
+    monkeypatch.setattr(slurm.submit, "report_sweep_failures", lambda on_failure: None)
+    monkeypatch.setattr(sys, "argv", [PROG, *argv])
+    common.hydra_main(PROG, lambda cfg: None)
+    return handed[0], parses[0]
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        # A single run's Hydra directory is its output_dir.
+        (["loss.beta=0.2", "output_dir=/runs/a"], ["hydra.run.dir=/runs/a", "loss.beta=0.2", "output_dir=/runs/a"]),
+        # A sweep's output_dir is the sweep directory, each point in a numbered subdirectory.
+        (["-m", "loss.beta=0.1,0.2", "output_dir=/runs/s"], ["hydra.sweep.dir=/runs/s", "loss.beta=0.1,0.2", "-m"]),
+        # A swept output_dir gives each point its own directory.
+        (["-m", "output_dir=/runs/a,/runs/b"], ["output_dir=/runs/a,/runs/b", "-m"]),
+        (["-m", "loss.beta=0.1,0.2"], ["loss.beta=0.1,0.2", "-m"]),
+    ],
+)
+def test_overrides_are_parsed_once_and_handed_to_hydra(monkeypatch, argv, expected):
+    handed, parses = hand_over(monkeypatch, *argv)
+    assert handed == [f"hydra.job.name={PROG}", *expected]
+    assert parses == 1
+
+
+def test_a_slurm_sweep_parses_its_overrides_once(monkeypatch):
+    handed, parses = hand_over(monkeypatch, "-m", "cluster=slurm", "loss.beta=0.1,0.2", "output_dir=/runs/s")
+    assert handed[:2] == [f"hydra.job.name={PROG}", "hydra/launcher=dpo_slurm"]
+    assert any(arg.startswith("++hydra.launcher.") for arg in handed)
+    assert handed[-4:] == ["hydra.sweep.dir=/runs/s", "cluster=slurm", "loss.beta=0.1,0.2", "-m"]
+    assert parses == 1
+
+
+def test_a_swept_cluster_key_is_refused_on_slurm(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        hand_over(monkeypatch, "-m", "cluster=slurm", "cluster.nodes=1,2")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"{PROG}: error: cluster.nodes is swept, but one Slurm job array")
