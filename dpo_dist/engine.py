@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -41,6 +40,7 @@ from dpo_dist.attention import enable_packed_attention, resolve_attn_backend, un
 from dpo_dist.config import ConfigError, DeepSpeedConfig, DPOConfig, LoraConfig
 from dpo_dist.data import collate_packed, load_tokenized, pack_pairs
 from dpo_dist.data.batch import PackedBatch
+from dpo_dist.export import write_atomically
 from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
 from dpo_dist.losses import LOSS_OPTIONS, preference_loss, sft_nll
 from dpo_dist.runinfo import MetricsLog, read_metrics, write_run_info
@@ -731,22 +731,13 @@ def export_hf(engine, tokenizer, out_dir: Path, env: D.DistEnv, merge_lora: bool
             hf_model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
 
-        _write_atomically(out_dir, write)
+        write_atomically(out_dir, write)
         log.info("exported Hugging Face model%s to %s", " (LoRA merged)" if lora else "", out_dir)
     D.barrier()
 
 
 def _is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
-
-
-def _write_atomically(out_dir: Path, write) -> None:
-    """``write(tmp)`` into a sibling temp directory, then swap it in: readers never see half an export."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
 
 
 def merge_lora_state_dict(state: dict[str, torch.Tensor], peft_model: nn.Module) -> dict[str, torch.Tensor]:
@@ -797,7 +788,7 @@ def _export_adapter(engine, tokenizer, out_dir: Path, env: D.DistEnv) -> None:
             peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
 
-        _write_atomically(out_dir, write)
+        write_atomically(out_dir, write)
         log.info("exported LoRA adapter (base: %s) to %s", peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path, out_dir)
     D.barrier()
 
