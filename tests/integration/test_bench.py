@@ -103,3 +103,16 @@ def test_plan_check_measures_real_engine_steps_on_cpu(tmp_path):
     assert report["pairs"] == 2  # 4096 tokens / (2 x (512 + 512)) per pair
     assert report["measured"]["step_s"] > 0 and report["measured"]["allocated_gib"] is None
     assert report["planned"]["allocated_gib"] > 0 and "activations (saved)" in report["planned"]["items_gib"]
+
+
+def test_bench_export_smoke(tmp_path):
+    """tools/bench_export.py on a 2-layer model: both exports run, hold identical tensors, and
+    the report has the numbers benchmarks/README.md quotes."""
+    out = tmp_path / "export.json"
+    result = run_cli("tools.bench_export", "--layers", "1", "--hidden", "256", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["identical_tensors"] is True
+    assert report["config"]["checkpoint_gb"] > report["config"]["fp32_model_gb"] > 0
+    for system in ("streaming", "whole_model"):
+        assert report["systems"][system]["peak_anon_gb"] > 0 and report["systems"][system]["shards"] == 1
