@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
+from dpo_dist.worker import PREEMPTED_EXIT_CODE
 from tests.helpers import REPO, make_tiny_assets, tiny_run_overrides
 
 pytestmark = pytest.mark.integration
 
 # Evals at steps 2 and 4 (the last); train rows at 2 and 4 (eval steps) and 3 (log_every).
 STEPS = {"train.max_steps": 4, "train.eval_every": 2, "train.log_every": 3, "train.checkpoint_every": 0}
-PREEMPTED_EXIT_CODE = 75
 
 
 def compose_config(overrides: list[str]):
