@@ -296,7 +296,7 @@ def test_default_config_on_bundled_task_learns(tmp_path):
     losses = [r["loss"] for r in train_rows(rows)]
     assert abs(losses[0] - math.log(2)) < 1e-6
     assert sum(losses[-5:]) / 5 < losses[0] - 0.1
-    assert rows[-1]["eval/reward_accuracy"] > 0.7, rows[-1]  # measured 0.80 at step 40, 0.878 at 120
+    assert rows[-1]["eval/reward_accuracy"] > 0.7, rows[-1]  # measured 0.80 at step 40, 0.8775 at 120
     assert rows[-1]["eval/reward_margin"] > 0
 
     # The workflow's next steps on the same run: standalone eval (same numbers, the run's own
