@@ -16,7 +16,8 @@ Checks, each a count (``CHECKS`` is their order in the summary):
 - ``truncated``: pairs whose longer sequence (prompt + response) exceeds ``--max-length`` tokens.
 - ``duplicate_prompts``: records whose normalised prompt appeared earlier (several pairs per
   prompt can be intended; it is reported, not judged).
-- ``invalid``: records ``dpo-data check`` rejects (in the audited file and in ``--eval``).
+- ``invalid``: records ``dpo-data check`` rejects (in the audited file and in ``--eval``), and
+  chat records of the audited file that the tokenizer's chat template cannot render.
 
 All but ``leakage`` and ``invalid`` look at the valid records of the audited file. Token counts
 follow the training rule (``dpo_dist.data.tokenize``) with the given tokenizer.
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpo_dist.data import PreferenceRecord, encode_records, read_preferences
+from dpo_dist.data import PreferenceRecord, Problem, encode_records, read_preferences
 
 log = logging.getLogger("dpo_dist.audit")
 
@@ -223,8 +224,15 @@ def check_leakage(train, evaluation, where, eval_source: str, result: AuditResul
 
 
 def check_lengths(records, tokenizer, where, result: AuditResult, *, source: str) -> None:
-    """Token lengths, length bias (chosen longer) and pairs over ``max_length``."""
-    pairs = encode_records(records, tokenizer, source=source)
+    """Token lengths, length bias (chosen longer) and pairs over ``max_length``.
+
+    A chat record the tokenizer's template cannot render (e.g. an unknown role) is a bad record
+    for training too (``data.on_invalid``): it is counted as ``invalid`` and the audit goes on,
+    instead of one record stopping the whole audit."""
+    unrendered: list[Problem] = []
+    pairs = encode_records(records, tokenizer, source=source, problems=unrendered)
+    for problem in unrendered:
+        result.add("invalid", str(problem))
     prompt = np.array([p.prompt_len for p in pairs], dtype=np.int64)
     chosen = np.array([p.chosen_len for p in pairs], dtype=np.int64)
     rejected = np.array([p.rejected_len for p in pairs], dtype=np.int64)
@@ -248,7 +256,7 @@ _MEANINGS = {
     "length_bias": "pairs whose chosen response has more tokens than the rejected one",
     "truncated": "pairs longer than max-length tokens (truncated or dropped in training)",
     "duplicate_prompts": "records whose prompt appeared earlier",
-    "invalid": "records `dpo-data check` rejects",
+    "invalid": "records `dpo-data check` rejects, or chat records the tokenizer cannot render",
 }
 
 

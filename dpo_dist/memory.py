@@ -19,6 +19,8 @@ Memory model (bytes per GPU; N = ranks, P = parameters, Pt = trainable parameter
   ``(4+b)*H`` per RMSNorm (fp32 upcast + normalized bf16), ``b*(5*Hq + 4*Hkv)`` for attention
   (q, k, v before and after RoPE, output; FlashAttention keeps no T x T matrix) and ``4*b*I`` for
   the SwiGLU MLP (gate, up, silu(gate), product).
+- ``model.attn_backend=sdpa`` (a T x T mask): with grouped kv heads no fused kernel takes the
+  mask, and PyTorch's math path holds fp32 ``[heads, T, T]`` scores per layer (see ``activation_items``).
 - logits: one chunk of ``model.logits_chunk_tokens`` positions x vocab at a time, forward and
   recomputed in backward: bf16 logits, fp32 upcast, fp32 log-softmax, fp32 and bf16 gradients:
   ``(2b + 12)*chunk*V``.
@@ -226,7 +228,10 @@ class PlanSettings:
     whole_blocks: bool = True
     """ZeRO-3 gathers each transformer block whole (``deepspeed.leaf_modules`` other than none)."""
     host_memory_gb: float = 0.0
-    """Host memory per node for the offload check; 0 = unknown (not checked)."""
+    """Host memory per node for the offload check (``cluster.mem_gb``), in GiB: slurm/submit.py
+    asks Slurm for ``mem_gb x 1024`` MiB. 0 = unknown (not checked)."""
+    min_micro_batch_tokens: int = 2
+    """The smallest ``train.micro_batch_tokens`` the config accepts (2 x ``data.max_length``)."""
 
     @classmethod
     def from_config(cls, cfg: DPOConfig, gpus: int | None = None) -> PlanSettings:
@@ -257,6 +262,7 @@ class PlanSettings:
             max_live_parameters=ds.max_live_parameters,
             whole_blocks=ds.leaf_modules != "none" and not cfg.model.lora.enabled,  # see engine.mark_fetch_units
             host_memory_gb=cluster.mem_gb,
+            min_micro_batch_tokens=2 * cfg.data.max_length,  # DPOConfig's rule: any pair fits one micro-batch
         )
 
     def describe(self) -> str:
@@ -340,7 +346,7 @@ class MemoryPlan:
 
     def verdict(self) -> str:
         if self.fits:
-            return f"fits: peak {self.peak / GIB:.1f} of {self.budget / GIB:.0f} GiB per GPU ({(self.budget - self.peak) / GIB:.1f} GiB headroom)"
+            return f"fits: peak {self.peak / GIB:.1f} of {self.settings.gpu_memory_gib:g} GiB per GPU ({(self.budget - self.peak) / GIB:.1f} GiB headroom)"
         return "does not fit: " + "; ".join(self.problems)
 
 
@@ -374,6 +380,21 @@ def activation_items(shape: ModelShape, s: PlanSettings, a: PlanAssumptions) -> 
     ]
     if s.dense_mask:
         items.append(MemoryItem("packed attention mask (sdpa)", t * t, f"{t} x {t} bool", "fwd_bwd"))
+        if shape.kv_heads != shape.heads:
+            # A mask with grouped kv heads has no fused SDPA kernel (flash takes no mask, the
+            # memory-efficient kernel no GQA): PyTorch's math path computes fp32 [heads, T, T]
+            # scores, keeps the softmax for backward and makes its gradient there. Peak: the
+            # layers' kept probabilities plus two more of the layer being computed.
+            probs = 4 * shape.heads * t * t
+            kept = 1 if s.activation_checkpointing else shape.layers
+            items.append(
+                MemoryItem(
+                    "sdpa math-path attention scores",
+                    probs * (kept + 2),
+                    f"fp32 {shape.heads} heads x {t} x {t}: {kept} layer(s) kept + 2 in flight (GQA + mask: no fused kernel)",
+                    "fwd_bwd",
+                )
+            )
     return items
 
 
@@ -472,9 +493,9 @@ def _problems(plan: MemoryPlan) -> list[str]:
             f"per-GPU peak {plan.peak / GIB:.1f} GiB ({phase}) exceeds cluster.gpu_memory_gb={s.gpu_memory_gib:g} "
             f"on {s.gpus} GPUs (largest: {parts} GiB)"
         )
-    if s.host_memory_gb and plan.host_per_node > s.host_memory_gb * 1e9:
+    if s.host_memory_gb and plan.host_per_node > s.host_memory_gb * GIB:
         problems.append(
-            f"offloaded states need {plan.host_per_node / 1e9:.0f} GB of host memory per node, "
+            f"offloaded states need {plan.host_per_node / GIB:.0f} GiB of host memory per node, "
             f"cluster.mem_gb={s.host_memory_gb:g}"
         )
     return problems
@@ -497,17 +518,19 @@ def suggestions(shape: ModelShape, settings: PlanSettings, assumptions: PlanAssu
     gpus = min_gpus_that_fit(shape, settings, assumptions)
     if gpus is not None and gpus != settings.gpus:
         options.append(f"{gpus} GPUs")
+    # Never below what the config accepts, or the advice would be refused by dpo-train.
+    smaller = max(settings.micro_batch_tokens // 2, settings.min_micro_batch_tokens)
     changes = [
         ("deepspeed=zero3_offload", dict(offload_optimizer=True)),
         ("model.activation_checkpointing=true", dict(activation_checkpointing=True)),
         ("deepspeed.grad_accum_dtype=bf16", dict(grad_accum_bytes=settings.dtype_bytes)),
-        (f"train.micro_batch_tokens={settings.micro_batch_tokens // 2}", dict(micro_batch_tokens=settings.micro_batch_tokens // 2)),
+        (f"train.micro_batch_tokens={smaller}", dict(micro_batch_tokens=smaller)),
     ]
     for text, change in changes:
         candidate = replace(settings, **change)
         plan = plan_memory(shape, candidate, assumptions)
         if candidate != settings and plan.fits:
-            host = f" (needs {plan.host_per_node / 1e9:,.0f} GB host memory per node)" if plan.host_per_node else ""
+            host = f" (needs {plan.host_per_node / GIB:,.0f} GiB host memory per node)" if plan.host_per_node else ""
             options.append(text + host)
     return options
 

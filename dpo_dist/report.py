@@ -10,7 +10,8 @@ command line and the scheduler lookup):
   else the config keys whose values differ (``config.yaml``);
 - metrics: the last train row's ``loss``, the last eval row's ``eval/reward_accuracy`` and
   ``eval/reward_margin``, the median ``tokens_per_s`` (``metrics.jsonl``);
-- status: ``done`` once ``final/`` holds the exported model; otherwise what ``status.json``
+- status: ``done`` once ``final/`` holds the exported model (or, with
+  ``model.lora.merge_on_export=false``, the exported adapter); otherwise what ``status.json``
   (written by Slurm runs) says, refined by the scheduler when it is asked (a job that died
   without writing anything shows as ``failed``/``cancelled``/``timeout``...), else ``pending``
   (no ``run_info.json`` yet) or ``incomplete`` (started, not finished, nothing else known);
@@ -18,7 +19,8 @@ command line and the scheduler lookup):
   the columns in :data:`WINRATE_COLUMNS` when any run has one.
 
 The plot (``report.png``): eval reward accuracy vs step and train loss vs step, one line per run,
-and a ``loss.beta`` x ``optim.lr`` heatmap of the final eval reward accuracy.
+and a ``loss.beta`` x ``optim.lr`` heatmap of the final eval reward accuracy (the mean, marked
+``n=k``, where k runs share a cell, e.g. a sweep over seeds too).
 """
 
 from __future__ import annotations
@@ -170,7 +172,8 @@ def run_status(
     notes: list[str] | None = None,
 ) -> str:
     """``done``, ``running``, ``pending``, ``requeued``, ``preempted``, ``failed``, ... (module doc)."""
-    if (path / "final" / "config.json").is_file():
+    # final/ appears whole (export writes it atomically): a model, or an adapter-only LoRA export.
+    if any((path / "final" / name).is_file() for name in ("config.json", "adapter_config.json")):
         return "done"
     if record is None:
         return "incomplete" if (path / "run_info.json").is_file() else "pending"
@@ -231,7 +234,8 @@ def describe_runs(runs: list[Run]) -> None:
 
 
 def _fmt(value: float | None, spec: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """``-`` for no value; a NaN (a diverged run logs ``NaN`` losses) stays visible as ``nan``."""
+    if value is None:
         return "-"
     return format(value, spec)
 
@@ -270,16 +274,18 @@ def format_table(headers: list[str], rows: Iterable[list[str]]) -> str:
 # ----------------------------------------------------------------------------- plot
 
 
-def heatmap_grid(runs: list[Run]) -> tuple[list[float], list[float], list[list[float]]]:
-    """(betas, lrs, accuracy[beta][lr]) of the final eval reward accuracy; NaN where no run has one."""
+def heatmap_grid(runs: list[Run]) -> tuple[list[float], list[float], list[list[float]], list[list[int]]]:
+    """(betas, lrs, accuracy[beta][lr], runs[beta][lr]) of the final eval reward accuracy: the mean
+    over the runs that share a cell and how many they are (0 and NaN where no run has one)."""
     betas = sorted({float(b) for b in (r.param("loss.beta") for r in runs) if b is not None})
     lrs = sorted({float(lr) for lr in (r.param("optim.lr") for r in runs) if lr is not None})
-    grid = [[math.nan] * len(lrs) for _ in betas]
+    values: list[list[list[float]]] = [[[] for _ in lrs] for _ in betas]
     for run in runs:
         beta, lr, acc = run.param("loss.beta"), run.param("optim.lr"), run.final("eval/reward_accuracy")
         if beta is not None and lr is not None and acc is not None:
-            grid[betas.index(float(beta))][lrs.index(float(lr))] = acc
-    return betas, lrs, grid
+            values[betas.index(float(beta))][lrs.index(float(lr))].append(acc)
+    grid = [[statistics.fmean(cell) if cell else math.nan for cell in row] for row in values]
+    return betas, lrs, grid, [[len(cell) for cell in row] for row in values]
 
 
 def plot(runs: list[Run], out_path: str | Path) -> Path:
@@ -303,8 +309,10 @@ def plot(runs: list[Run], out_path: str | Path) -> Path:
     _heatmap(ax_heat, runs)
     fig.tight_layout()
     out_path = Path(out_path)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(out_path, dpi=100)
+    finally:
+        plt.close(fig)  # also when the path cannot be written
     return out_path
 
 
@@ -322,9 +330,9 @@ def _axes(ax, title: str, ylabel: str, has_data: bool) -> None:
 
 
 def _heatmap(ax, runs: list[Run]) -> None:
-    betas, lrs, grid = heatmap_grid(runs)
+    betas, lrs, grid, counts = heatmap_grid(runs)
     ax.set_title("final eval reward accuracy")
-    if not betas or not lrs or all(math.isnan(v) for row in grid for v in row):
+    if not any(c for row in counts for c in row):
         ax.text(0.5, 0.5, "no eval accuracy for any loss.beta x optim.lr", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return
@@ -335,6 +343,6 @@ def _heatmap(ax, runs: list[Run]) -> None:
     ax.set_ylabel("loss.beta")
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
-            text = "-" if math.isnan(value) else f"{value:.3f}"
+            text = "-" if not counts[i][j] else f"{value:.3f}" + (f"\nn={counts[i][j]}" if counts[i][j] > 1 else "")
             ax.text(j, i, text, ha="center", va="center", color="white" if not value > 0.6 else "black")
     ax.figure.colorbar(image, ax=ax)

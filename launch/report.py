@@ -6,7 +6,8 @@
 
 For runs on Slurm whose ``status.json`` says they are still alive, the scheduler is asked (when
 ``scontrol``/``sacct`` are on PATH), so a job that died without a word shows as failed, cancelled,
-timeout... Exit status: 0, or 2 (one line) when the directory holds no runs.
+timeout... Exit status: 0, or 2 (one line) when the directory holds no runs or the plot cannot be
+written.
 """
 
 from __future__ import annotations
@@ -57,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         for note in run.notes:
             print(note)
     if not args.no_plot:
-        out = plot(runs, args.out or args.sweep_dir / "report.png")
+        out = args.out or args.sweep_dir / "report.png"
+        try:
+            plot(runs, out)
+        except OSError as exc:  # e.g. --out in a directory that does not exist: one line, not a traceback
+            print(f"{PROG}: error: {out}: cannot write the plot: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         print(f"wrote {out}")
     return 0
 

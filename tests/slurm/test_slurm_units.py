@@ -282,9 +282,10 @@ def test_report_table_statuses_and_heatmap(tmp_path):
     assert by_name["2"]["status"] == "running"
     assert by_name["10"]["status"] == "timeout" and by_name["10"]["loss"] == "-"
     assert runs[1].notes == ["1: failed: rank 1: boom"]
-    betas, lrs, grid = heatmap_grid(runs)
+    betas, lrs, grid, counts = heatmap_grid(runs)
     assert (betas, lrs) == ([0.1, 0.5], [1e-6, 5e-6])
     assert grid[0][0] == pytest.approx(0.6) and grid[1][0] == pytest.approx(1.0) and math.isnan(grid[1][1])
+    assert counts == [[1, 1], [1, 0]]
     assert len(format_table(headers, rows).splitlines()) == 5
     png = plot(runs, tmp_path / "report.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -303,6 +304,23 @@ def test_report_without_hydra_uses_config_diff(tmp_path):
     assert png.stat().st_size > 0
 
 
+def test_report_shows_diverged_runs_adapter_exports_and_shared_heatmap_cells(tmp_path):
+    """A NaN loss (a diverged point) reads ``nan``, not ``-`` (no data); a LoRA run exported as its
+    adapter alone is done; two seeds of one beta x lr give that cell their mean, not the last one."""
+    diverged = make_run(tmp_path, "0", 0.1, 1e-6, steps=2)
+    (diverged / "metrics.jsonl").write_text('{"step": 1, "loss": NaN}\n{"step": 2, "eval/reward_accuracy": 0.9}\n')
+    adapter = make_run(tmp_path, "1", 0.1, 1e-6, steps=2)
+    (adapter / "final").mkdir()
+    (adapter / "final" / "adapter_config.json").write_text("{}")
+    runs = load_sweep(tmp_path)
+    headers, rows = table(runs)
+    by_name = {row[0]: dict(zip(headers, row)) for row in rows}
+    assert by_name["0"]["loss"] == "nan" and by_name["0"]["status"] == "incomplete"
+    assert by_name["1"]["loss"] == "0.6980" and by_name["1"]["status"] == "done"
+    betas, lrs, grid, counts = heatmap_grid(runs)  # run 1: eval accuracy 0.5 + beta
+    assert (betas, lrs, counts) == ([0.1], [1e-6], [[2]]) and grid[0][0] == pytest.approx((0.9 + 0.6) / 2)
+
+
 def test_dpo_report_cli(tmp_path, capsys):
     from launch.report import main
 
@@ -313,3 +331,7 @@ def test_dpo_report_cli(tmp_path, capsys):
     assert main([str(tmp_path), "--out", str(tmp_path / "r.png")]) == 0
     out = capsys.readouterr().out
     assert "loss.beta=0.1" in out and (tmp_path / "r.png").exists()
+    assert main([str(tmp_path), "--out", str(tmp_path / "missing" / "r.png")]) == 2  # a user error: one line
+    assert capsys.readouterr().err.splitlines() == [
+        f"dpo-report: error: {tmp_path / 'missing' / 'r.png'}: cannot write the plot: No such file or directory"
+    ]

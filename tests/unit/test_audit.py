@@ -81,6 +81,22 @@ def test_length_bias_warning_and_no_eval(tmp_path, capsys):
     assert "**Warning**" in report and "leakage not checked" in report
 
 
+def test_a_chat_record_the_template_cannot_render_is_invalid_not_fatal(tmp_path, capsys):
+    """Training counts such a record invalid (data.on_invalid); the audit must too, and go on."""
+    chat = {"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "bb"}]}
+    rows = [
+        {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
+        {"prompt": [{"role": "wizard", "content": "hi"}], **chat},  # line 2: no such role in the template
+        {"prompt": [{"role": "user", "content": "hi"}], **chat},
+    ]
+    path = _write(tmp_path / "chat.jsonl", rows)
+    assert main(["audit", path, "--out", str(tmp_path / "out")]) == 0
+    assert "invalid: 1" in capsys.readouterr().out.splitlines()
+    report = (tmp_path / "out" / "audit.md").read_text()
+    assert f"- {path}:2: chat template failed: unknown chat role: wizard" in report
+    assert "| rejected | " in report  # the other two records were still measured
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

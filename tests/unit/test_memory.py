@@ -141,6 +141,8 @@ def test_70b_fits_from_32_gpus_and_states_are_18_bytes_per_param():
     bf16_sums = plan_memory(s, settings(64, grad_accum_bytes=2))  # deepspeed.grad_accum_dtype=bf16
     assert sum(bf16_sums.item(n) for n in states) == pytest.approx(16 * PARAMS["llama3_70b"] / 64)
     assert at64.fits and 40 * GIB < at64.peak < 55 * GIB
+    h100 = PlanSettings(gpus=64, gpus_per_node=8, gpu_memory_gib=79.6)  # what an "80GB" H100 reports
+    assert plan_memory(s, h100).verdict().startswith(f"fits: peak {at64.peak / GIB:.1f} of 79.6 GiB per GPU")  # not "of 80"
     at8 = plan_memory(s, settings(8))
     assert not at8.fits and "exceeds cluster.gpu_memory_gb=80 on 8 GPUs" in at8.verdict()
     assert min_gpus_that_fit(s, settings(8)) == 32
@@ -180,6 +182,48 @@ def test_offload_checkpointing_lora_and_reference_move_the_right_items():
     assert not host_limited.fits and "cluster.mem_gb=256" in host_limited.verdict()
     with pytest.raises(PlanError, match="ZeRO stage 3 only"):
         plan_memory(s, settings(n, zero_stage=2))
+
+
+def test_masked_sdpa_with_grouped_kv_heads_plans_the_math_path():
+    """model.attn_backend=sdpa with GQA (Llama 3: 64 heads, 8 kv heads) runs PyTorch's math path:
+    fp32 [heads, T, T] scores per layer. The 64-GPU preset fits with flash/varlen (49.7 GiB) and must
+    not be declared to fit with the mask; without checkpointing every layer keeps its scores."""
+    s, t = shape("llama3_70b"), 8192
+    assert plan_memory(s, settings(64)).fits
+    masked = plan_memory(s, settings(64, dense_mask=True))
+    assert masked.item("sdpa math-path attention scores") == 4 * 64 * t * t * (1 + 2) and not masked.fits
+    no_ckpt = plan_memory(s, settings(64, dense_mask=True, activation_checkpointing=False))
+    assert no_ckpt.item("sdpa math-path attention scores") == 4 * 64 * t * t * (80 + 2)
+    mha = ModelShape.from_hf_config({**hf_config("llama3_1b"), "num_key_value_heads": 32})  # a fused kernel takes the mask
+    assert "sdpa math-path attention scores" not in {i.name for i in plan_memory(mha, settings(8, dense_mask=True)).items}
+
+
+def test_host_memory_is_checked_in_gib_as_slurm_is_asked_for_it():
+    """cluster.mem_gb reaches Slurm as mem_gb x 1024 MiB (slurm/submit.py), so it is GiB: 70B with
+    optimizer offload on 32 GPUs pins 329 GiB (353 GB) per node, which cluster.mem_gb=340 holds."""
+    s = shape("llama3_70b")
+    need = plan_memory(s, settings(32, offload_optimizer=True)).host_per_node
+    assert 340e9 < need < 340 * GIB
+    assert plan_memory(s, settings(32, offload_optimizer=True, host_memory_gb=340)).fits
+    short = plan_memory(s, settings(32, offload_optimizer=True, host_memory_gb=320))
+    assert "need 329 GiB of host memory per node, cluster.mem_gb=320" in short.verdict()
+    assert "deepspeed=zero3_offload (needs 657 GiB host memory per node)" in suggestions(s, settings(16))  # 706 GB
+
+
+def test_smaller_micro_batch_is_suggested_only_where_the_config_accepts_it():
+    """train.micro_batch_tokens must hold 2 x data.max_length: halving 16384 with max_length 8192
+    would be refused by dpo-train, so the suggestion stops at the smallest accepted value."""
+    cfg = config_from_dict({
+        "model": {"path": "/m", "activation_checkpointing": True},
+        "data": {"max_length": 6144},
+        "train": {"micro_batch_tokens": 16384},
+        "cluster": {"name": "slurm", "nodes": 4, "tasks_per_node": 8, "gpus_per_node": 8},
+    })
+    s = PlanSettings.from_config(cfg)
+    assert not plan_memory(shape("llama3_70b"), s).fits
+    options = suggestions(shape("llama3_70b"), s)
+    assert "train.micro_batch_tokens=8192" not in options and "train.micro_batch_tokens=12288" in options
+    config_from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "micro_batch_tokens": 12288}})  # accepted
 
 
 def test_settings_from_config():
