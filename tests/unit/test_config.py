@@ -139,6 +139,32 @@ def test_every_preset_composes(tmp_path):
             assert result.returncode == 0, (preset, result.stderr[-500:])
 
 
+# What a preset cannot supply itself (a path on the user's machine, the judge's model).
+REQUIRED_WITH = {
+    "data=custom": ["data.train_path=/data/train.jsonl"],
+    "judge=openai": ["eval.judge.model=gpt-4o"],
+    "judge=reward_model": ["eval.judge.reward_model_path=/models/rm"],
+}
+
+
+def test_every_preset_passes_validation_with_the_defaults():
+    """``--cfg job`` above only composes; a preset must also make a valid run with the other
+    defaults (data=custom once asked for data.max_length=2048 with 2048-token micro-batches)."""
+    from launch.common import check_overrides, register_schema
+
+    register_schema()
+    for group in sorted(p.name for p in (REPO / "conf").iterdir() if p.is_dir() and p.name != "hydra"):
+        for preset in sorted((REPO / "conf" / group).glob("*.yaml")):
+            choice = f"{group}={preset.stem}"
+            extra = REQUIRED_WITH.get(choice, [])
+            if group in ("model", "experiment") and preset.stem not in ("tiny", "sft_then_dpo"):
+                extra = ["model.path=/models/llama"]
+            try:
+                check_overrides("dpo-train", [choice, *extra])
+            except SystemExit as exc:
+                raise AssertionError(f"{choice} {extra} is refused (exit {exc.code}); stderr has the reason") from None
+
+
 def test_library_imports_neither_hydra_nor_submitit():
     for path in (REPO / "dpo_dist").rglob("*.py"):
         tree = ast.parse(path.read_text())
