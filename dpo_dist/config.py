@@ -322,10 +322,11 @@ class ClusterConfig:
     """Slurm tasks (ranks) per node; usually gpus_per_node."""
     gpus_per_node: int = 0
     """GPUs requested per node (0 on CPU clusters)."""
-    gpu_memory_gb: float = 80.0
+    gpu_memory_gb: float = 79.1
     """Memory of one GPU in GiB: the per-GPU budget of the memory planner (``dpo-plan`` and the check
-    ``dpo-train`` runs before launching on GPUs). An "80GB" H100 reports ~79.6 GiB; the plan's
-    fragmentation margin and 2 GiB non-PyTorch allowance absorb the difference."""
+    ``dpo-train`` runs before launching on GPUs). The default is an "80GB" H100 or A100, whose total
+    capacity PyTorch reports as 79.1-79.2 GiB; the plan's fragmentation margin and its allowance
+    for the CUDA context and NCCL are part of the peak compared with it, not slack in it."""
     cpus_per_task: int = 1
     """CPU cores per rank."""
     mem_gb: float = 0.0
