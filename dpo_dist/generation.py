@@ -6,8 +6,9 @@ Prompts are encoded by the training rule (``dpo_dist.data.tokenize``): a plain-t
 with the tokenizer's chat template and ``add_generation_prompt=True``, and a rendering that already
 starts with the BOS text gets no second BOS. So a model is asked exactly what it was trained on.
 
-Rows of a batch are left-padded. Completions are decoded without special tokens; a stop string
-ends a completion and is not part of its text (as in the OpenAI API).
+Rows of a batch are left-padded. A completion ends at the tokenizer's EOS or at any EOS token of
+the model's generation config (a chat model's end-of-turn token); it is decoded without special
+tokens; a stop string ends it too and is not part of its text (as in the OpenAI API).
 """
 
 from __future__ import annotations
@@ -125,13 +126,14 @@ def generate_batch(
     import torch
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = eos_token_ids(model, tokenizer)
     width = max(len(ids) for ids in prompt_ids)
     input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for row, ids in enumerate(prompt_ids):
         input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, width - len(ids) :] = 1
-    config = _generation_config(tokenizer, params, pad_id)
+    config = _generation_config(tokenizer, params, pad_id, eos_ids)
     device = next(model.parameters()).device
     with torch.inference_mode():
         out = model.generate(
@@ -143,11 +145,24 @@ def generate_batch(
             synced_gpus=synced_gpus,
         )
     new_tokens = out[:, width:].tolist()
-    return [_completion(tokens, len(ids), tokenizer, pad_id, params.stop) for tokens, ids in zip(new_tokens, prompt_ids)]
+    return [
+        _completion(tokens, len(ids), tokenizer, pad_id, eos_ids, params.stop) for tokens, ids in zip(new_tokens, prompt_ids)
+    ]
 
 
-def _generation_config(tokenizer, params: SamplingParams, pad_id: int):
-    """A fresh config, so the model's own generation defaults (top_k=50, ...) never leak in."""
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a completion: the tokenizer's EOS (what training appends to every
+    response) and every EOS of the model's own generation config. Chat models list their
+    end-of-turn token there (Llama 3 Instruct: ``<|eot_id|>`` next to ``<|end_of_text|>``);
+    without it such a model talks on past its turn until ``max_new_tokens``."""
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    own = [own] if isinstance(own, int) else list(own or [])
+    return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *own] if i is not None))
+
+
+def _generation_config(tokenizer, params: SamplingParams, pad_id: int, eos_ids: list[int]):
+    """A fresh config, so the model's own generation defaults (top_k=50, ...) never leak in
+    (only its EOS tokens are taken, see ``eos_token_ids``)."""
     from transformers import GenerationConfig
 
     sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0} if params.do_sample else {}
@@ -155,24 +170,27 @@ def _generation_config(tokenizer, params: SamplingParams, pad_id: int):
         max_new_tokens=params.max_new_tokens,
         do_sample=params.do_sample,
         pad_token_id=pad_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=eos_ids,
         bos_token_id=tokenizer.bos_token_id,
         stop_strings=list(params.stop) or None,
         **sampling,
     )
 
 
-def _completion(tokens: list[int], prompt_len: int, tokenizer, pad_id: int, stop: Sequence[str]) -> Completion:
-    """Cut a generated row at EOS (kept in the count) or at the trailing padding, then at a stop string."""
-    eos = tokenizer.eos_token_id
-    finished = eos in tokens
+def _completion(
+    tokens: list[int], prompt_len: int, tokenizer, pad_id: int, eos_ids: Sequence[int], stop: Sequence[str]
+) -> Completion:
+    """Cut a generated row at its first EOS (counted, but not part of the text) or at the trailing
+    padding, then at a stop string."""
+    end = next((i for i, token in enumerate(tokens) if token in eos_ids), None)
+    finished = end is not None
     if finished:
-        tokens = tokens[: tokens.index(eos) + 1]
-    elif pad_id != eos:
+        tokens = tokens[: end + 1]
+    elif pad_id not in eos_ids:
         # generate() pads rows that stopped early (a stop string); padding is not output.
         while tokens and tokens[-1] == pad_id:
             tokens = tokens[:-1]
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    text = tokenizer.decode(tokens[:end] if finished else tokens, skip_special_tokens=True)
     cut = [i for i in (text.find(s) for s in stop) if i >= 0]
     if cut:
         text, finished = text[: min(cut)], True

@@ -13,7 +13,8 @@ for the per-example log. Three are built in (``judge=<name>``, settings under ``
 - ``openai``: any OpenAI-compatible ``/chat/completions`` endpoint, asked in BOTH orders (A/B and
   B/A) to cancel position bias: the winner must win both; disagreement or an unusable answer is
   a tie. Requests time out, are retried with exponential backoff (timeouts, connection errors,
-  429, 5xx), and token usage and an estimated cost are counted.
+  429, 5xx, a 200 whose body is not a chat completion), and token usage and an estimated cost
+  are counted. The first request that fails for good stops the others and is the error.
 
 ``rule`` and ``reward_model`` are ``ScoringJudge``s: they also score single responses, which
 ``dpo-data generate`` needs to rank several samples of one prompt.
@@ -25,9 +26,8 @@ import logging
 import os
 import re
 import threading
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,6 +263,7 @@ class OpenAIJudge(Judge):
         # httpx logs every request at INFO: two lines per pair would drown the run's log.
         logging.getLogger("httpx").setLevel(logging.WARNING)
         self._lock = threading.Lock()
+        self._abort = threading.Event()  # set when one request failed for good: the rest stop retrying
         self._usage = {"requests": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0, "unparsed": 0}
 
     def compare(self, items: Sequence[Comparison]) -> list[Verdict]:
@@ -281,15 +282,23 @@ class OpenAIJudge(Judge):
         return verdicts
 
     def _run_all(self, jobs: list[tuple[Text, str, str]]) -> list[tuple[str, str | None]]:
-        """``ask`` every job on ``concurrency`` threads; the first failure cancels what has not started."""
+        """``ask`` every job on ``concurrency`` threads. The first failure cancels what has not
+        started and wakes the requests waiting to retry (they give up), so the error is reported
+        at once rather than after every other request has used up its retries."""
+        self._abort.clear()
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
             futures = [pool.submit(self.ask, *job) for job in jobs]
             try:
-                return [f.result() for f in futures]
-            except BaseException:
+                wait(futures, return_when=FIRST_EXCEPTION)
+                # Before the abort, every failure is a real one (afterwards others fail as _Aborted).
+                failed = next((f.exception() for f in futures if f.done() and f.exception()), None)
+                if failed is None:
+                    return [f.result() for f in futures]
+                raise failed
+            finally:
+                self._abort.set()
                 for f in futures:
                     f.cancel()
-                raise
 
     def ask(self, prompt: Text, a: str, b: str) -> tuple[str, str | None]:
         """One request: the judge's raw answer and the letter it picked (None if unclear)."""
@@ -298,28 +307,25 @@ class OpenAIJudge(Judge):
             {"role": "user", "content": JUDGE_USER_TEMPLATE.format(prompt=plain_prompt(prompt), a=a, b=b)},
         ]
         payload = {"model": self.cfg.model, "messages": messages, "temperature": 0, "max_tokens": self.cfg.max_tokens}
-        body = self._post(payload)
-        try:
-            answer = body["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError):
-            raise JudgeError(f"judge=openai: {self.url} answered without choices[0].message.content") from None
-        usage = body.get("usage") or {}
+        answer, usage = self._post(payload)
         choice = parse_choice(answer)
         with self._lock:
-            self._usage["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
-            self._usage["completion_tokens"] += int(usage.get("completion_tokens") or 0)
+            self._usage["prompt_tokens"] += _token_count(usage.get("prompt_tokens"))
+            self._usage["completion_tokens"] += _token_count(usage.get("completion_tokens"))
             self._usage["unparsed"] += choice is None
         return answer, choice
 
-    def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """POST with retries: timeouts, connection errors, 429 and 5xx wait and retry; other errors fail."""
+    def _post(self, payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """POST with retries; the answer's text and its ``usage``. Timeouts, connection errors,
+        429, 5xx and a 200 that is not a chat completion (a proxy's error page, a cut-off body)
+        wait and retry; other HTTP errors fail at once."""
         import httpx
 
         delay = self.cfg.backoff_s
         for attempt in range(self.cfg.max_retries + 1):
             with self._lock:
                 self._usage["requests"] += 1
-            wait = delay
+            wait_s = delay
             try:
                 response = self.client.post(self.url, json=payload)
             except httpx.TimeoutException:
@@ -328,17 +334,22 @@ class OpenAIJudge(Judge):
                 error = f"connection failed ({type(e).__name__}: {e})"
             else:
                 if response.status_code == 200:
-                    return _json_body(response, self.url)
-                error = f"HTTP {response.status_code}: {_error_message(response)}"
-                if response.status_code not in RETRY_STATUSES:
-                    raise JudgeError(f"judge=openai: {self.url}: {error}")
-                wait = max(wait, _retry_after(response))
+                    answer = _chat_answer(response)
+                    if not isinstance(answer, str):
+                        return answer
+                    error = answer
+                else:
+                    error = f"HTTP {response.status_code}: {_error_message(response)}"
+                    if response.status_code not in RETRY_STATUSES:
+                        raise JudgeError(f"judge=openai: {self.url}: {error}")
+                    wait_s = max(wait_s, _retry_after(response))
             if attempt == self.cfg.max_retries:
                 raise JudgeError(f"judge=openai: {self.url}: gave up after {attempt + 1} attempts; last: {error}")
             with self._lock:
                 self._usage["retries"] += 1
-            log.warning("judge request failed (%s); retry %d/%d in %.1fs", error, attempt + 1, self.cfg.max_retries, wait)
-            time.sleep(wait)
+            log.warning("judge request failed (%s); retry %d/%d in %.1fs", error, attempt + 1, self.cfg.max_retries, wait_s)
+            if self._abort.wait(wait_s):
+                raise _Aborted("another judge request failed")
             delay *= 2
         raise AssertionError("unreachable")
 
@@ -368,14 +379,28 @@ def api_key(cfg: JudgeConfig) -> str | None:
     return key
 
 
-def _json_body(response, url: str) -> dict[str, Any]:
+class _Aborted(JudgeError):
+    """A request given up because another one failed (never the error reported)."""
+
+
+def _chat_answer(response) -> tuple[str, dict[str, Any]] | str:
+    """``(content, usage)`` of a 200 chat completion, or a string saying what is wrong with it.
+    A null content (a refusal) is an empty answer: a tie, not an error."""
     try:
         body = response.json()
     except ValueError:
-        raise JudgeError(f"judge=openai: {url} answered 200 with a body that is not JSON") from None
-    if not isinstance(body, dict):
-        raise JudgeError(f"judge=openai: {url} answered 200 with JSON that is not an object")
-    return body
+        return "answered 200 with a body that is not JSON"
+    try:
+        content = body["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return "answered 200 without choices[0].message.content"
+    usage = body.get("usage")
+    return content if isinstance(content, str) else "", usage if isinstance(usage, dict) else {}
+
+
+def _token_count(value: Any) -> int:
+    """A ``usage`` token count; anything but a non-negative integer counts 0."""
+    return value if isinstance(value, int) and value >= 0 else 0
 
 
 def _error_message(response) -> str:
@@ -398,15 +423,27 @@ def _retry_after(response) -> float:
 # ---- construction --------------------------------------------------------------------------------
 
 
+PROBE = Comparison("2+2=", "4", "5")
+"""The one comparison ``preflight`` asks an endpoint (in one order)."""
+
+
 def preflight(cfg: JudgeConfig, prompts: Sequence[Text]) -> None:
-    """Cheap checks before any generation, so a misconfigured judge fails in seconds, not after hours."""
+    """Cheap checks before any generation, so a misconfigured judge fails in seconds, not after hours.
+
+    ``openai`` asks the endpoint one short question: a wrong ``base_url``, key or model name, or
+    a request the model refuses (e.g. an unsupported parameter), shows here and not after hours
+    of generation."""
     if cfg.name == "rule":
         RuleJudge.check_prompts(prompts)
     elif cfg.name == "reward_model":
         if not (Path(cfg.reward_model_path) / "config.json").is_file():
             raise JudgeError(f"eval.judge.reward_model_path={cfg.reward_model_path}: not a Hugging Face model directory")
     elif cfg.name == "openai":
-        api_key(cfg)
+        with OpenAIJudge(cfg) as judge:
+            answer, choice = judge.ask(PROBE.prompt, PROBE.a, PROBE.b)
+        if choice is None:
+            log.warning("judge=openai: %s answered %r when asked for A or B; unclear answers count as ties",
+                        cfg.model, answer[:80])
 
 
 def build_judge(cfg: JudgeConfig, device=None) -> Judge:

@@ -2,10 +2,12 @@
 
 The policy (``eval.policy_path``: a Hugging Face directory or a checkpoint, resolved like
 ``dpo-eval``) and the reference (``model.path``) each answer the held-out prompts of
-``data.eval_path`` (the first ``eval.max_prompts``; greedy by default). Rank ``r`` of ``W``
-generates prompts ``r, r+W, ...``; rank 0 gathers everything (``torch.distributed.gather_object``),
-asks the judge (``eval.judge``) to compare policy (``a``) and reference (``b``) on each prompt, and
-writes to ``eval.output`` (default ``output_dir``):
+``data.eval_path`` (the first ``eval.max_prompts``; greedy by default). The prompts, ordered by
+length, are cut into batches of ``eval.batch_size`` and rank ``r`` of ``W`` generates batches
+``r, r+W, ...`` (so the answers do not depend on ``W``); rank 0 gathers everything
+(``torch.distributed.gather_object``), puts it back in file order, asks the judge
+(``eval.judge``) to compare policy (``a``) and reference (``b``) on each prompt, and writes to
+``eval.output`` (default ``output_dir``):
 
 - ``winrate.json``: counts and rates of win / tie / loss, the win score ``(wins + ties/2) / n``,
   95% Wilson score intervals on the win rate and on the win score, generation and judge settings
@@ -38,6 +40,7 @@ from dpo_dist.generation import (
     generate_texts,
     load_causal_lm,
     load_tokenizer,
+    plain_prompt,
 )
 
 log = logging.getLogger("dpo_dist.winrate")
@@ -89,6 +92,7 @@ def rank_config(cfg: DPOConfig) -> DPOConfig:
 def eval_prompts(cfg: DPOConfig) -> list[PromptItem]:
     """The held-out prompts: records of ``data.eval_path`` (bad ones per ``data.on_invalid``)."""
     from dpo_dist.data import load_preferences
+    from dpo_dist.data.tokenize import _as_messages
     from dpo_dist.evaluation import EvalError
 
     if not cfg.data.eval_path:
@@ -96,7 +100,20 @@ def eval_prompts(cfg: DPOConfig) -> list[PromptItem]:
     records = load_preferences(cfg.data.eval_path, cfg.data.on_invalid, log)
     if cfg.eval.max_prompts:
         records = records[: cfg.eval.max_prompts]
-    return [PromptItem(r.example_id, r.prompt) for r in records]
+    # As in training (dpo_dist.data.tokenize): a string prompt of a record with chat responses
+    # is a user turn rendered through the chat template, not raw text.
+    return [PromptItem(r.example_id, _as_messages(r.prompt, "user") if r.is_chat else r.prompt) for r in records]
+
+
+def rank_share(items: Sequence[PromptItem], rank: int, world_size: int, batch_size: int) -> list[PromptItem]:
+    """The prompts rank ``rank`` answers: whole batches ``rank, rank + world_size, ...`` of all
+    prompts, batched ``batch_size`` at a time in order of length. Every batch (its padding, its
+    sampling seed) is then the same on any number of ranks, and so is every answer; and prompts
+    of similar length share a batch, so little of it is left padding (characters stand in for
+    tokens: policy and reference may tokenize differently)."""
+    ordered = sorted(items, key=lambda item: len(plain_prompt(item.prompt)))
+    batches = [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
+    return [item for batch in batches[rank::world_size] for item in batch]
 
 
 def sampling_params(cfg: DPOConfig) -> SamplingParams:
@@ -139,9 +156,9 @@ def _generate_sharded(model_dir, prompts, cfg: DPOConfig, device, env: D.DistEnv
     full = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     log.info("generating %d answers with %s, partitioned over %d ranks (this rank holds %d of %d parameters)",
              total, model_dir, env.world_size, held, full)
-    most_prompts = -(-total // env.world_size)
+    batches = -(-total // cfg.eval.batch_size)
     completions = generate_texts(engine.module, tokenizer, prompts, sampling_params(cfg), **options,
-                                 synced_batches=-(-most_prompts // cfg.eval.batch_size))
+                                 synced_batches=-(-batches // env.world_size))
     release_engine(engine)
     del engine, params
     free_memory()
@@ -169,9 +186,10 @@ def winrate_run(cfg: DPOConfig) -> dict[str, Any] | None:
         D.init_distributed(env, cfg.deepspeed.comm_timeout_minutes)
     device = D.device_for(env)
     items = eval_prompts(cfg)
-    preflight(cfg.eval.judge, [item.prompt for item in items])
+    # Rank 0 alone: the openai check is a paid request, one is enough; its error reaches every rank.
+    D.rank0_then_wait(lambda: preflight(cfg.eval.judge, [item.prompt for item in items]))
     policy_dir = str(policy_model_dir(cfg))
-    mine = items[env.rank :: env.world_size]
+    mine = rank_share(items, env.rank, env.world_size, cfg.eval.batch_size)
     started = time.perf_counter()
     policy = generate_with(policy_dir, mine, cfg, device, env, len(items))
     reference = generate_with(cfg.model.path, mine, cfg, device, env, len(items))

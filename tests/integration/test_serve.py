@@ -89,6 +89,10 @@ def test_chat_sampling_is_repeatable_with_a_seed(server):
     again = server.post("/v1/chat/completions", json=request).json()
     assert first["object"] == "chat.completion" and len(first["choices"]) == 2
     assert [c["message"] for c in first["choices"]] == [c["message"] for c in again["choices"]]
+    # It does sample (a random model's next-token distribution is nearly flat over ~100 tokens).
+    assert first["choices"][0]["message"] != first["choices"][1]["message"]
+    other = server.post("/v1/chat/completions", json={**request, "seed": 8}).json()
+    assert [c["message"] for c in other["choices"]] != [c["message"] for c in first["choices"]]
     assert first["choices"][0]["message"]["role"] == "assistant"
     assert first["usage"]["prompt_tokens"] > len("reverse: abc")  # the chat template adds role markers
 

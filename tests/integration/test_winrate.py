@@ -10,7 +10,7 @@ import pytest
 from dpo_dist.data import read_preferences
 from launch.data import main as data_main
 from tests.helpers import make_tiny_model_dir, run_cli
-from tests.unit.test_judges import make_tiny_reward_model_dir
+from tests.unit.test_judges import _StubJudgeServer, make_tiny_reward_model_dir
 
 pytestmark = pytest.mark.integration
 
@@ -91,6 +91,43 @@ def test_sharded_generation_matches_a_full_copy_per_rank(models, tmp_path):
             assert 0 < held <= full // 2 + 64, (held, full)  # its half of every parameter (+ alignment padding)
     assert answers[True] == answers[False]
     assert len(answers[True]) == 5 and len({a[1] for a in answers[True]} | {a[2] for a in answers[True]}) > 1
+
+
+def test_sampled_answers_are_the_same_on_one_and_two_ranks(models, tmp_path):
+    """World-size invariance: the same seed samples the same answers on any number of ranks."""
+    answers = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"ranks_{ranks}"
+        result = _winrate(
+            models, out, f"eval.policy_path={models['policy']}", f"cluster.nproc_per_node={ranks}",
+            "eval.do_sample=true", "eval.seed=3", "eval.max_new_tokens=6",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        samples = [json.loads(line) for line in (out / "winrate_samples.jsonl").read_text().splitlines()]
+        answers[ranks] = [(s["example_id"], s["policy"], s["reference"]) for s in samples]
+    assert answers[2] == answers[1] and len(answers[1]) == len(PROMPTS)
+
+
+def test_winrate_with_an_openai_compatible_judge(models, tmp_path):
+    """judge=openai end to end on 2 ranks: rank 0 alone checks the endpoint with one request
+    before generating, then every pair that differs is asked in both orders."""
+    out = tmp_path / "out"
+    with _StubJudgeServer() as stub:
+        result = _winrate(
+            models, out, f"eval.policy_path={models['policy']}", "eval.max_prompts=4", "cluster.nproc_per_node=2",
+            "judge=openai", f"eval.judge.base_url={stub.base_url}", "eval.judge.model=stub-judge",
+            "eval.judge.api_key_env=null",
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "winrate.json").read_text())
+    assert (summary["judge"], summary["judge_model"], summary["n"]) == ("openai", "stub-judge", 4)
+    assert stub.asked[0] == ("2+2=", "4", "5") and stub.asked.count(stub.asked[0]) == 1, "one probe, first"
+    samples = [json.loads(line) for line in (out / "winrate_samples.jsonl").read_text().splitlines()]
+    asked = [s for s in samples if "ab" in s["judge"]]
+    assert summary["judge_usage"]["requests"] == 2 * len(asked) == len(stub.asked) - 1
+    for s in asked:
+        assert (s["prompt"], s["policy"], s["reference"]) in stub.asked
+        assert (s["prompt"], s["reference"], s["policy"]) in stub.asked
 
 
 def test_winrate_rule_judge_fails_fast_on_foreign_prompts(models, tmp_path):

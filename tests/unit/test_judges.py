@@ -110,7 +110,9 @@ class _StubJudgeServer:
     """An OpenAI-style /chat/completions on 127.0.0.1 that prefers responses containing "good".
 
     Prompts steer failures: "slow" stalls the first request past the client's timeout, "busy"
-    answers the first request with 503, "biased" always answers "A", "refuse" answers 400.
+    answers the first request with 503, "garbled" the first with a 200 that is not JSON, "down"
+    always 503, "biased" always answers "A", "refuse" answers 400; a model other than
+    "stub-judge" is a 404.
     """
 
     def __init__(self):
@@ -132,15 +134,21 @@ class _StubJudgeServer:
             self.first_seen.add(prompt)
             return first
 
-    def answer(self, body: dict) -> tuple[int, dict]:
+    def answer(self, body: dict) -> tuple[int, dict | bytes]:
         text = body["messages"][-1]["content"]
         prompt = text.split("\n")[1]
         a, b = _RESPONSES.search(text).groups()
         with self.lock:
             self.asked.append((prompt, a, b))
+        if body["model"] != "stub-judge":
+            return 404, {"error": {"message": f"The model `{body['model']}` does not exist"}}
         if prompt == "slow" and self._first(prompt):
             time.sleep(1.5)
         if prompt == "busy" and self._first(prompt):
+            return 503, {"error": {"message": "overloaded"}}
+        if prompt == "garbled" and self._first(prompt):
+            return 200, b"<html>502 Bad Gateway</html>"
+        if prompt == "down":
             return 503, {"error": {"message": "overloaded"}}
         if prompt == "refuse":
             return 400, {"error": {"message": "bad request for sure"}}
@@ -156,7 +164,7 @@ class _StubJudgeServer:
                 stub.auth.add(self.headers.get("Authorization", ""))
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 status, payload = stub.answer(body)
-                data = json.dumps(payload).encode()
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
@@ -223,6 +231,38 @@ def test_openai_judge_errors_are_one_line(monkeypatch):
     with OpenAIJudge(_judge_config("http://127.0.0.1:9/v1", max_retries=1)) as judge:
         with pytest.raises(JudgeError, match="gave up after 2 attempts; last: connection failed"):
             judge.compare([Comparison("p", "x", "y")])
+
+
+def test_openai_judge_retries_an_answer_that_is_not_a_chat_completion(monkeypatch):
+    """A 200 whose body is not JSON (a proxy's error page) is retried like a 502, not fatal."""
+    monkeypatch.setenv("DPO_TEST_JUDGE_KEY", "sk-test")
+    with _StubJudgeServer() as stub, OpenAIJudge(_judge_config(stub.base_url)) as judge:
+        verdicts = judge.compare([Comparison("garbled", "good", "bad")])
+        usage = judge.usage()
+    assert [v.winner for v in verdicts] == ["a"]
+    assert usage["retries"] == 1 and usage["requests"] == 3 and usage["prompt_tokens"] == 200
+
+
+def test_openai_judge_failure_stops_the_requests_waiting_to_retry(monkeypatch):
+    """One request failing for good is reported at once, not after every other request has
+    used up its retries (here 5 + 10 + 20 s of backoff)."""
+    monkeypatch.setenv("DPO_TEST_JUDGE_KEY", "sk-test")
+    with _StubJudgeServer() as stub, OpenAIJudge(_judge_config(stub.base_url, max_retries=3, backoff_s=5.0)) as judge:
+        started = time.monotonic()
+        with pytest.raises(JudgeError, match="HTTP 400: bad request for sure"):
+            judge.compare([Comparison("down", "x", "y"), Comparison("refuse", "x", "y")])
+        assert time.monotonic() - started < 4
+        assert judge.compare([Comparison("p1", "good", "bad")])[0].winner == "a", "the judge still works"
+
+
+def test_openai_preflight_asks_the_endpoint_once(monkeypatch):
+    """A wrong model name (or URL, or key) fails before generation, not after it."""
+    monkeypatch.setenv("DPO_TEST_JUDGE_KEY", "sk-test")
+    with _StubJudgeServer() as stub:
+        with pytest.raises(JudgeError, match="HTTP 404: The model `stub-jugde` does not exist"):
+            preflight(_judge_config(stub.base_url, model="stub-jugde"), ["p"])
+        preflight(_judge_config(stub.base_url), ["p"])
+    assert stub.asked == [("2+2=", "4", "5")] * 2
 
 
 @pytest.mark.parametrize(
