@@ -515,7 +515,7 @@ class EvalConfig:
     top_p: float = 1.0
     """Win-rate: nucleus sampling mass (do_sample=true only)."""
     seed: int = 0
-    """Win-rate: sampling seed; a run is repeatable for the same seed, world size and batch size."""
+    """Win-rate: sampling seed; a run is repeatable for the same seed and batch size, on any number of ranks."""
     batch_size: int = 16
     """Win-rate: prompts generated together on one rank (left-padded)."""
     shard_generation: bool = False
