@@ -74,6 +74,7 @@ def export_checkpoint(
             _lora_model(cfg, adapters, target).save_pretrained(tmp, max_shard_size=max_shard_size)
         else:
             save_consolidated(weights, hf_config, target, tmp, max_shard_size)
+            base_generation_config(cfg.model.path, hf_config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
     out_dir = Path(out_dir)
@@ -145,8 +146,18 @@ def save_consolidated(
         )
     skeleton.config.dtype = dtype
     skeleton.config.save_pretrained(out_dir)
-    if skeleton.can_generate():
-        skeleton.generation_config.save_pretrained(out_dir)
+
+
+def base_generation_config(model_path: str, hf_config):
+    """The generation settings of the trained model's base: its ``generation_config.json`` (which
+    may list end-of-turn tokens beside the EOS, e.g. Llama 3's ``<|eot_id|>``), else those derived
+    from its config, as ``from_pretrained`` does; ``final/`` keeps the same."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_path)
+    except OSError:  # the base has none
+        return GenerationConfig.from_model_config(hf_config)
 
 
 def write_atomically(out_dir: Path, write) -> None:

@@ -193,6 +193,8 @@ def test_export_round_trip(assets, tmp_path):
     shards = tmp_path / "shards"
     result = run_cli("launch.export", str(out), "--out", str(shards), "--max-shard-size", "300KB")
     assert result.returncode == 0, result.stderr[-2000:]
+    generation = [json.loads((d / "generation_config.json").read_text()) for d in (shards, out / "final")]
+    assert generation[0] == generation[1]
     index = json.loads((shards / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     with torch.no_grad():

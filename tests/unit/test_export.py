@@ -99,3 +99,18 @@ def test_weights_that_do_not_match_the_model_are_refused(tmp_path):
     with pytest.raises(ExportError, match=r"model.norm.weight: checkpoint shape \(3,\), model \(64,\)"):
         save_consolidated(resized, model.config, torch.float32, tmp_path / "c")
     assert export.DEFAULT_MAX_SHARD_SIZE == "5GB"
+
+
+def test_the_base_models_generation_config_is_kept(tmp_path):
+    """A base that stops at more than its EOS (Llama 3 Instruct: <|eot_id|>) keeps doing so."""
+    from transformers import GenerationConfig
+
+    from dpo_dist.export import base_generation_config
+
+    model = seeded(LlamaForCausalLM, tiny_llama_config(eos_token_id=2))
+    model.config.save_pretrained(tmp_path / "plain")
+    assert base_generation_config(str(tmp_path / "plain"), model.config).eos_token_id == 2
+    model.config.save_pretrained(tmp_path / "chat")
+    GenerationConfig(eos_token_id=[2, 7], do_sample=True, temperature=0.6).save_pretrained(tmp_path / "chat")
+    kept = base_generation_config(str(tmp_path / "chat"), model.config)
+    assert kept.eos_token_id == [2, 7] and kept.temperature == 0.6
