@@ -308,6 +308,10 @@ class DeepSpeedConfig:
         }
 
 
+DEFAULT_GPU_MEMORY_GIB = 79.1
+"""An "80GB" H100 or A100 as PyTorch reports it (``total_memory``: 79.1-79.2 GiB)."""
+
+
 @dataclass
 class ClusterConfig:
     """Where the ranks run: ``local`` (this machine) or ``slurm`` (submitit)."""
@@ -322,11 +326,12 @@ class ClusterConfig:
     """Slurm tasks (ranks) per node; usually gpus_per_node."""
     gpus_per_node: int = 0
     """GPUs requested per node (0 on CPU clusters)."""
-    gpu_memory_gb: float = 79.1
+    gpu_memory_gb: float | None = None
     """Memory of one GPU in GiB: the per-GPU budget of the memory planner (``dpo-plan`` and the check
-    ``dpo-train`` runs before launching on GPUs). The default is an "80GB" H100 or A100, whose total
-    capacity PyTorch reports as 79.1-79.2 GiB; the plan's fragmentation margin and its allowance
-    for the CUDA context and NCCL are part of the peak compared with it, not slack in it."""
+    ``dpo-train`` runs before launching on GPUs). null: for cluster=local on a machine with CUDA,
+    its first GPU's capacity; otherwise 79.1, an "80GB" H100 or A100 as PyTorch reports it
+    (79.1-79.2 GiB). The plan's fragmentation margin and its allowance for the CUDA context and
+    NCCL are part of the peak compared with it, not slack in it."""
     cpus_per_task: int = 1
     """CPU cores per rank."""
     mem_gb: float = 0.0
@@ -357,7 +362,7 @@ class ClusterConfig:
         for key in ("nproc_per_node", "nodes", "tasks_per_node", "cpus_per_task"):
             _check(getattr(self, key) >= 1, f"cluster.{key}", "must be >= 1")
         _check(self.gpus_per_node >= 0, "cluster.gpus_per_node", "must be >= 0")
-        _check(self.gpu_memory_gb > 0, "cluster.gpu_memory_gb", "must be > 0")
+        _check(self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "cluster.gpu_memory_gb", "must be > 0")
         _check(self.time >= 1, "cluster.time", "must be >= 1 minute")
         _check(self.signal_delay_s >= 0, "cluster.signal_delay_s", "must be >= 0")
         # One rank per GPU: more tasks than GPUs would share GPUs (and the memory plan assumes not).
@@ -371,6 +376,17 @@ class ClusterConfig:
         if self.name == "local":
             return self.nproc_per_node
         return self.nodes * self.tasks_per_node
+
+    def gpu_memory_gib(self) -> float:
+        """The planner's per-GPU budget: ``gpu_memory_gb``, or what null stands for (see there)."""
+        if self.gpu_memory_gb is not None:
+            return self.gpu_memory_gb
+        if self.name == "local":  # the GPUs are this machine's: ask them
+            import torch
+
+            if torch.cuda.is_available():
+                return torch.cuda.get_device_properties(0).total_memory / 2**30
+        return DEFAULT_GPU_MEMORY_GIB
 
 
 @dataclass

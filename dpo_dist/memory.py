@@ -244,7 +244,7 @@ class PlanSettings:
         return cls(
             gpus=gpus or cluster.world_size(),
             gpus_per_node=per_node,
-            gpu_memory_gib=cluster.gpu_memory_gb,
+            gpu_memory_gib=cluster.gpu_memory_gib(),
             zero_stage=ds.stage,
             offload_optimizer=ds.offload_optimizer != "none",
             offload_param=ds.offload_param != "none",

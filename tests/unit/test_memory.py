@@ -306,3 +306,24 @@ def test_dpo_train_refuses_a_gpu_plan_that_cannot_fit(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("dpo-train: error: memory plan: does not fit"), result.stderr
     assert "deepspeed=zero3_offload" in lines[0]
 
+
+
+def test_the_gpu_budget_is_the_local_gpus_capacity_unless_set(monkeypatch):
+    """cluster.gpu_memory_gb=null: a local run is planned against its own GPU (an H200 is not
+    refused at 79.1 GiB), a Slurm run against an 80GB H100; a value set wins."""
+    import types
+
+    from dpo_dist.config import DEFAULT_GPU_MEMORY_GIB
+
+    h200 = types.SimpleNamespace(total_memory=150_110_011_392)  # 139.8 GiB
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: h200)
+
+    def budget(**cluster) -> float:
+        return PlanSettings.from_config(config_from_dict({"cluster": cluster})).gpu_memory_gib
+
+    assert budget(name="local") == pytest.approx(139.8, abs=0.05)
+    assert budget(name="slurm", gpus_per_node=8, tasks_per_node=8) == DEFAULT_GPU_MEMORY_GIB == 79.1
+    assert budget(name="local", gpu_memory_gb=40) == 40
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert budget(name="local") == 79.1
