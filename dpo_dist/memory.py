@@ -28,7 +28,11 @@ Memory model (bytes per GPU; N = ranks, P = parameters, Pt = trainable parameter
   reduce-scatter (DeepSpeed's own estimate counts the same ``4*largest_layer``), the prefetch bucket
   and two reduce buckets. A fetch unit is one module, or a whole transformer block when blocks are
   gathered whole (``deepspeed.leaf_modules``, default); for Llama 3 the LM head is larger than a
-  block either way.
+  block either way. With LoRA that unit is frozen (no gradient): the gradient counted is the
+  largest adapted layer's adapters.
+- persistent parameters: every tensor of at most ``deepspeed.param_persistence_threshold``
+  elements stays gathered in full on every GPU for the whole run, ``b*numel`` (RMSNorm weights at
+  the default 1e5; nearly the whole model at 1e9), twice with an online reference copy.
 - reference: none when precomputed; with ``reference.mode=online`` a second partitioned copy of the
   weights plus its own gathered module (LoRA runs the reference as the policy with adapters
   disabled, so no copy).
@@ -50,7 +54,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpo_dist.config import ASSETS_DIR
+from dpo_dist.config import ASSETS_DIR, DeepSpeedConfig
 
 if TYPE_CHECKING:
     from dpo_dist.config import DPOConfig
@@ -137,6 +141,22 @@ class ModelShape:
             "down_proj": (i, h),
         }
 
+    def parameter_tensors(self, lora_r: int = 0, lora_targets: Iterable[str] = ()) -> list[tuple[str, int, int]]:
+        """(name, elements, how many) of every parameter tensor of the model, with LoRA adapters of
+        rank ``lora_r`` on ``lora_targets``: ZeRO-3 decides tensor by tensor which ones persist."""
+        h = self.hidden
+        shapes = self.linear_shapes()
+        block = [(name, a * b) for name, (a, b) in shapes.items()]
+        block += [("input_layernorm", h), ("post_attention_layernorm", h)]
+        if lora_r:
+            for target in self._lora_targets(lora_targets):
+                block += [(f"{target}.lora_A", lora_r * shapes[target][0]), (f"{target}.lora_B", lora_r * shapes[target][1])]
+        tensors = [(name, numel, self.layers) for name, numel in block]
+        tensors += [("embed_tokens", self.embedding_params(), 1), ("norm", h, 1)]
+        if not self.tie_embeddings:
+            tensors.append(("lm_head", self.embedding_params(), 1))
+        return tensors
+
     def layer_params(self) -> int:
         return sum(a * b for a, b in self.linear_shapes().values()) + 2 * self.hidden  # + two RMSNorm weights
 
@@ -144,8 +164,14 @@ class ModelShape:
         return self.vocab * self.hidden
 
     def num_params(self) -> int:
-        heads = 1 if self.tie_embeddings else 2  # input embedding and LM head
-        return self.layers * self.layer_params() + heads * self.embedding_params() + self.hidden
+        return sum(numel * count for _, numel, count in self.parameter_tensors())
+
+    def persistent_params(self, threshold: int, lora_r: int = 0, lora_targets: Iterable[str] = ()) -> int:
+        """Elements of the tensors ZeRO-3 never partitions: DeepSpeed's rule
+        (``DeepSpeedZeRoOffload.mark_persistent_parameters``) is ``numel <= threshold``, tensor by
+        tensor, up to ``stage3_model_persistence_threshold`` elements in all, which dpo_dist leaves
+        at DeepSpeed's default (``sys.maxsize``: no cap)."""
+        return sum(numel * count for _, numel, count in self.parameter_tensors(lora_r, lora_targets) if numel <= threshold)
 
     def matmul_params(self) -> int:
         """Parameters used in a matmul per token (the embedding lookup is not one; the LM head is)."""
@@ -160,13 +186,24 @@ class ModelShape:
         if that is larger and blocks are fetch units (``deepspeed.leaf_modules``)."""
         return max(self.largest_module_params(), self.layer_params() if whole_blocks else 0)
 
+    def _lora_targets(self, targets: Iterable[str]) -> list[str]:
+        """The distinct LoRA target modules, in block order; PlanError for one not in a block."""
+        shapes, targets = self.linear_shapes(), set(targets)
+        unknown = sorted(targets - set(shapes))
+        if unknown:
+            raise PlanError(f"model.lora.target_modules: {', '.join(unknown)} not in a Llama block ({', '.join(shapes)})")
+        return [name for name in shapes if name in targets]
+
     def lora_params(self, r: int, targets: Iterable[str]) -> int:
         """Adapter parameters of rank ``r`` on the named linear layers of every block."""
         shapes = self.linear_shapes()
-        unknown = sorted(set(targets) - set(shapes))
-        if unknown:
-            raise PlanError(f"model.lora.target_modules: {', '.join(unknown)} not in a Llama block ({', '.join(shapes)})")
-        return self.layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in set(targets))
+        return self.layers * sum(r * sum(shapes[t]) for t in self._lora_targets(targets))
+
+    def largest_lora_module_params(self, r: int, targets: Iterable[str]) -> int:
+        """Adapter parameters (A and B) of the largest adapted linear layer: under LoRA the largest
+        set of gradients one module's backward makes at once (the frozen weights get none)."""
+        shapes = self.linear_shapes()
+        return max((r * sum(shapes[t]) for t in self._lora_targets(targets)), default=0)
 
     def describe(self) -> str:
         return (
@@ -227,6 +264,8 @@ class PlanSettings:
     max_live_parameters: int = 1_000_000_000
     whole_blocks: bool = True
     """ZeRO-3 gathers each transformer block whole (``deepspeed.leaf_modules`` other than none)."""
+    param_persistence_threshold: int = DeepSpeedConfig.param_persistence_threshold
+    """Tensors of at most this many elements stay gathered (``deepspeed.param_persistence_threshold``)."""
     host_memory_gb: float = 0.0
     """Host memory per node for the offload check (``cluster.mem_gb``), in GiB: slurm/submit.py
     asks Slurm for ``mem_gb x 1024`` MiB. 0 = unknown (not checked)."""
@@ -261,6 +300,7 @@ class PlanSettings:
             reduce_bucket=ds.reduce_bucket_size,
             max_live_parameters=ds.max_live_parameters,
             whole_blocks=ds.leaf_modules != "none" and not cfg.model.lora.enabled,  # see engine.mark_fetch_units
+            param_persistence_threshold=ds.param_persistence_threshold,
             host_memory_gb=cluster.mem_gb,
             min_micro_batch_tokens=2 * cfg.data.max_length,  # DPOConfig's rule: any pair fits one micro-batch
         )
@@ -323,11 +363,11 @@ class MemoryPlan:
         return next(i.bytes for i in self.items if i.name == name)
 
     def model_state_bytes(self) -> float:
-        """Parameters, gradients, optimizer states, the step transient and the gathered largest
-        module: the quantities DeepSpeed's ``estimate_zero3_model_states_mem_needs`` covers."""
+        """Parameters, gradients, optimizer states, the step transient and the largest fetch unit
+        with its gradient: the quantities DeepSpeed's ``estimate_zero3_model_states_mem_needs``
+        covers (it counts that gradient even for frozen weights)."""
         names = ("parameters", "gradients", "optimizer states", "optimizer-step fp32 gradients")
-        largest = self.settings.dtype_bytes * 2 * self.shape.largest_fetch_params(self.settings.whole_blocks)
-        return sum(self.item(n) for n in names) + largest
+        return sum(self.item(n) for n in names) + self.settings.dtype_bytes * sum(fetch_unit_params(self.shape, self.settings))
 
     def report(self) -> str:
         """The breakdown as aligned text lines (GiB)."""
@@ -422,18 +462,46 @@ def state_items(shape: ModelShape, s: PlanSettings, a: PlanAssumptions) -> list[
     ]
 
 
+def fetch_unit_params(shape: ModelShape, s: PlanSettings) -> tuple[int, int]:
+    """(gathered, gradient) elements of the largest ZeRO-3 fetch unit: gathered in full, and its
+    full gradient before the reduce-scatter. With LoRA only the adapters get gradients, and the
+    largest of those is one adapted layer's A and B (the LM head or embedding gathered is frozen)."""
+    largest = shape.largest_fetch_params(s.whole_blocks)
+    return largest, shape.largest_lora_module_params(s.lora_r, s.lora_targets) if s.lora_r else largest
+
+
+def persistent_item(shape: ModelShape, s: PlanSettings) -> MemoryItem:
+    """Tensors ZeRO-3 keeps gathered in full on every GPU for the whole run (``numel <=
+    deepspeed.param_persistence_threshold``), on top of their partitions; static, since DeepSpeed
+    re-gathers them right after each optimizer step. At the default (1e5) that is the RMSNorm
+    weights (and small LoRA adapters); at 1e9 every tensor but Llama 3 70B's embedding and LM head
+    (1.05B each), and all of 8B. Where the largest fetch unit is itself persistent, its gather
+    buffer is still counted (conservative)."""
+    threshold = s.param_persistence_threshold
+    numel = shape.persistent_params(threshold, s.lora_r, s.lora_targets)
+    detail = f"tensors <= {threshold:,} elements: {numel / 1e6:,.1f}M params"
+    if s.reference == "copy":  # a second engine with the same threshold (and no adapters)
+        numel += shape.persistent_params(threshold)
+        detail += " + the reference copy's"
+    detail += f", {s.dtype_bytes} B each, never partitioned"
+    return MemoryItem("persistent parameters", s.dtype_bytes * numel, detail, "static")
+
+
 def zero3_buffer_items(shape: ModelShape, s: PlanSettings) -> list[MemoryItem]:
-    """Gathered parameters and gradient buckets of ZeRO-3, and an online reference's share."""
-    b, largest = s.dtype_bytes, shape.largest_fetch_params(s.whole_blocks)
+    """Persistent and gathered parameters and gradient buckets of ZeRO-3, and an online reference's share."""
+    b = s.dtype_bytes
+    largest, largest_grad = fetch_unit_params(shape, s)
     prefetch = min(s.prefetch_bucket, s.max_live_parameters)
-    gathered = b * (2 * largest + prefetch) + 2 * b * s.reduce_bucket
+    gathered = b * (largest + largest_grad + prefetch) + 2 * b * s.reduce_bucket
+    grad = "its full grad" if largest_grad == largest else f"{largest_grad / 1e6:.1f}M adapter grads"
     items = [
+        persistent_item(shape, s),
         MemoryItem(
             "ZeRO-3 gathered params + buckets",
             gathered,
-            f"largest fetch unit {largest / 1e6:.0f}M params + its full grad, prefetch, 2 reduce buckets",
+            f"largest fetch unit {largest / 1e6:.0f}M params + {grad}, prefetch, 2 reduce buckets",
             "fwd_bwd",
-        )
+        ),
     ]
     if s.reference == "copy":
         ref = b * shape.num_params() / s.gpus + b * (largest + prefetch)
@@ -520,11 +588,13 @@ def suggestions(shape: ModelShape, settings: PlanSettings, assumptions: PlanAssu
         options.append(f"{gpus} GPUs")
     # Never below what the config accepts, or the advice would be refused by dpo-train.
     smaller = max(settings.micro_batch_tokens // 2, settings.min_micro_batch_tokens)
+    default_threshold = DeepSpeedConfig.param_persistence_threshold
     changes = [
         ("deepspeed=zero3_offload", dict(offload_optimizer=True)),
         ("model.activation_checkpointing=true", dict(activation_checkpointing=True)),
         ("deepspeed.grad_accum_dtype=bf16", dict(grad_accum_bytes=settings.dtype_bytes)),
         (f"train.micro_batch_tokens={smaller}", dict(micro_batch_tokens=smaller)),
+        (f"deepspeed.param_persistence_threshold={default_threshold}", dict(param_persistence_threshold=default_threshold)),
     ]
     for text, change in changes:
         candidate = replace(settings, **change)

@@ -48,8 +48,17 @@ def memory_table(shape: ModelShape) -> str:
     plans = [plan_memory(shape, preset_settings(name)[0]) for name in PRESETS]
     header = "| per GPU, GiB | " + " | ".join(f"`experiment={n}`" for n in PRESETS) + " |"
     rows = [header, "|---|" + "---:|" * len(PRESETS)]
-    for index, item in enumerate(plans[0].items):
-        rows.append(f"| {item.name} | " + " | ".join(f"{p.items[index].bytes / GIB:.2f}" for p in plans) + " |")
+    # Rows by item name: presets may plan different items (e.g. the sdpa mask); "-" where one has none.
+    by_name = [{item.name: item.bytes for item in p.items} for p in plans]
+    names: list[str] = []
+    for items in by_name:  # every name once, after the item it follows in the plan that has it
+        position = -1
+        for name in items:
+            if name not in names:
+                names.insert(position + 1, name)
+            position = names.index(name)
+    for name in names:
+        rows.append(f"| {name} | " + " | ".join(f"{items[name] / GIB:.2f}" if name in items else "-" for items in by_name) + " |")
     rows.append("| **peak, forward/backward** | " + " | ".join(f"**{p.fwd_bwd_peak / GIB:.1f}**" for p in plans) + " |")
     rows.append("| peak, optimizer step | " + " | ".join(f"{p.step_peak / GIB:.1f}" for p in plans) + " |")
     rows.append("| host memory per node (offload) | " + " | ".join(f"{p.host_per_node / GIB:.0f}" for p in plans) + " |")

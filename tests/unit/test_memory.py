@@ -8,6 +8,9 @@ import io
 import json
 import re
 import shutil
+import sys
+import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -182,6 +185,94 @@ def test_offload_checkpointing_lora_and_reference_move_the_right_items():
     assert not host_limited.fits and "cluster.mem_gb=256" in host_limited.verdict()
     with pytest.raises(PlanError, match="ZeRO stage 3 only"):
         plan_memory(s, settings(n, zero_stage=2))
+
+
+@pytest.mark.parametrize(("name", "lora_r"), [("llama3_1b", 0), ("llama3_8b", 0), ("llama3_8b", 16)])
+def test_persistent_tensors_follow_deepspeeds_rule(name, lora_r, monkeypatch):
+    """DeepSpeed's own marking (numel <= threshold, tensor by tensor, no total cap) on the model
+    transformers builds (a tied 1B, an untied 8B, 8B with PEFT adapters) persists exactly the
+    elements the planner counts from the shape, at thresholds on either side of tensor sizes."""
+    from deepspeed.runtime.zero import parameter_offload
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setattr(parameter_offload, "print_rank_0", lambda *args, **kwargs: None)  # needs a process group
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**hf_config(name)))
+        if lora_r:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=lora_r, target_modules=list(LORA_MODULES)))
+    for param in model.parameters():
+        param.ds_numel = param.numel()
+    s = shape(name)
+    sizes = sorted({numel for _, numel, _ in s.parameter_tensors(lora_r, LORA_MODULES)})
+    assert s.num_params() == PARAMS[name] and len(sizes) > 4
+    for threshold in (0, *(n + d for n in sizes for d in (-1, 0)), 100_000, 10**9):
+        persistent = parameter_offload.DeepSpeedZeRoOffload.mark_persistent_parameters(
+            types.SimpleNamespace(module=model), threshold, sys.maxsize
+        )
+        assert sum(p.ds_numel for p in persistent) == s.persistent_params(threshold, lora_r, LORA_MODULES), threshold
+
+
+def test_param_persistence_threshold_is_planned():
+    """deepspeed.param_persistence_threshold=1e9 (as in benchmarks/README.md) keeps every 70B tensor
+    but the embedding and LM head (1.05B each) gathered on every GPU: 127.5 GiB, which fits on no
+    number of GPUs. The default (1e5) keeps only the 161 RMSNorm weights."""
+    from launch.plan import compose_config, plan_for
+
+    cfg, path = compose_config(["experiment=llama3_70b_64gpu", "deepspeed.param_persistence_threshold=1000000000"])
+    s, planned, plan = plan_for(cfg, path)
+    assert not plan.fits and planned.param_persistence_threshold == 10**9
+    vocab_hidden = 128256 * 8192
+    assert plan.item("persistent parameters") == 2 * (PARAMS["llama3_70b"] - 2 * vocab_hidden)
+    assert min_gpus_that_fit(s, planned) is None
+    assert suggestions(s, planned) == ["deepspeed.param_persistence_threshold=100000"]
+
+    default = plan_memory(s, replace(planned, param_persistence_threshold=100_000))
+    assert default.fits and default.item("persistent parameters") == 2 * (2 * 80 + 1) * 8192
+    at = dict(param_persistence_threshold=10**9)
+    assert plan_memory(shape("llama3_8b"), settings(8, **at)).item("persistent parameters") == 2 * PARAMS["llama3_8b"]
+    copy = plan_memory(shape("llama3_8b"), settings(8, reference="copy", **at))
+    assert copy.item("persistent parameters") == 2 * 2 * PARAMS["llama3_8b"]  # the online reference is a second engine
+    fp32 = plan_memory(shape("llama3_8b"), settings(8, dtype_bytes=4, grad_accum_bytes=4, **at))
+    assert fp32.item("persistent parameters") == 4 * PARAMS["llama3_8b"]
+
+
+def test_lora_counts_no_gradient_for_the_frozen_fetch_unit():
+    """Under LoRA the largest fetch unit (the 70B LM head) is frozen: it is gathered but gets no
+    gradient. The largest gradient of one module is the down_proj adapters, r x (28672 + 8192)."""
+    s = shape("llama3_70b")
+    full = plan_memory(s, settings(64, whole_blocks=False))
+    lora = plan_memory(s, settings(64, whole_blocks=False, lora_r=16, reference="adapters"))
+    largest, adapters = 128256 * 8192, 16 * (28672 + 8192)
+    dropped = full.item("ZeRO-3 gathered params + buckets") - lora.item("ZeRO-3 gathered params + buckets")
+    assert dropped == 2 * (largest - adapters) and 1.9 * GIB < dropped < 2 * GIB
+    assert "0.6M adapter grads" in next(i.detail for i in lora.items if i.name == "ZeRO-3 gathered params + buckets")
+
+
+def test_memory_table_pairs_items_by_name(monkeypatch):
+    """tools/plan.py lines plans up by item name: a preset with items the others lack (here the
+    sdpa mask, in the middle column) gets its own rows, "-" elsewhere, and no value shifts."""
+    import tools.plan
+
+    composed = tools.plan.preset_settings
+    masked = tools.plan.PRESETS[1]
+
+    def preset_settings(name):
+        s, pairs = composed(name)
+        return (replace(s, dense_mask=True) if name == masked else s), pairs
+
+    monkeypatch.setattr(tools.plan, "preset_settings", preset_settings)
+    s = shape("llama3_70b")
+    table = tools.plan.memory_table(s)
+    rows = {cells[0]: cells[1:] for line in table.splitlines()[2:] for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    plans = [plan_memory(s, preset_settings(name)[0]) for name in tools.plan.PRESETS]
+    for column, plan in enumerate(plans):
+        for item in plan.items:
+            assert rows[item.name][column] == f"{item.bytes / GIB:.2f}", (item.name, column)
+    assert rows["sdpa math-path attention scores"][0] == rows["sdpa math-path attention scores"][2] == "-"
+    order = [list(rows).index(name) for name in ("logits chunk", "packed attention mask (sdpa)", "ZeRO-3 gathered params + buckets")]
+    assert order == sorted(order)  # extra rows where their plan has them, not at the end
 
 
 def test_masked_sdpa_with_grouped_kv_heads_plans_the_math_path():
