@@ -81,6 +81,23 @@ def load_causal_lm(path: str | Path, device=None, dtype: str = "auto", device_ma
     return (model if device_map else model.to(device)).eval(), tokenizer
 
 
+def model_identity(path: str | Path) -> str:
+    """sha256 of what decides a model directory's answers: its weights and ``config.json``
+    (``fingerprint.model_fingerprint``, memoized: a re-export of the same weights matches), its
+    tokenizer (the chat template included) and ``generation_config.json`` (the EOS tokens
+    generation stops at)."""
+    from dpo_dist.data.cache import tokenizer_fingerprint
+    from dpo_dist.fingerprint import json_sha256, model_fingerprint
+
+    generation_config = Path(path) / "generation_config.json"
+    settings = json.loads(generation_config.read_text()) if generation_config.is_file() else None
+    if isinstance(settings, dict):
+        settings.pop("transformers_version", None)  # who wrote it, not what it says
+    return json_sha256(
+        {"model": model_fingerprint(path), "tokenizer": tokenizer_fingerprint(load_tokenizer(path)), "generation": settings}
+    )
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer of a local model directory; a path that is not one is a ``GenerationError``."""
     from transformers import AutoTokenizer
@@ -107,6 +124,15 @@ def encode_prompt(text: str, tokenizer) -> list[int]:
     """Token ids of a rendered prompt, with the tokenizer's special tokens unless it already has BOS."""
     has_bos = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
     return tokenizer(text, add_special_tokens=not has_bos)["input_ids"]
+
+
+def trained_prompt(prompt: Text, chat: bool) -> Text:
+    """A record's prompt as training asks it (``dpo_dist.data.tokenize``): in a chat record
+    (``chat``: any of its fields is a messages list) a string prompt is one user turn under the
+    chat template, not raw text; otherwise the prompt as it is."""
+    from dpo_dist.data.tokenize import as_messages
+
+    return as_messages(prompt, "user") if chat else prompt
 
 
 def plain_prompt(prompt: Text) -> str:
@@ -237,7 +263,10 @@ def _filler_token(tokenizer) -> int:
 
 def read_prompts(path: str | Path) -> list[PromptItem]:
     """Prompts of a file: ``.jsonl`` / ``.json`` objects with a ``prompt`` key (preference files
-    work: other keys are kept in ``extra``), or ``.txt`` with one prompt per non-blank line."""
+    work: other keys are kept in ``extra``), or ``.txt`` with one prompt per non-blank line.
+    A string prompt of a row with chat-message responses is a user turn, as in training."""
+    from dpo_dist.data.records import is_chat
+
     path = Path(path)
     if not path.is_file():
         raise GenerationError(f"{path}: no such file")
@@ -256,7 +285,8 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
         prompt = row.get("prompt") if isinstance(row, dict) else None
         if not _is_text(prompt):
             raise GenerationError(f"{path}:{line}: needs a 'prompt' that is a non-empty string or messages list")
-        items.append(PromptItem(example_id, prompt, {k: v for k, v in row.items() if k != "prompt"}))
+        extra = {k: v for k, v in row.items() if k != "prompt"}
+        items.append(PromptItem(example_id, trained_prompt(prompt, is_chat(row)), extra))
     if not items:
         raise GenerationError(f"{path}: no prompts")
     return items

@@ -12,9 +12,10 @@ for the per-example log. Three are built in (``judge=<name>``, settings under ``
   difference of at most ``tie_margin`` is a tie.
 - ``openai``: any OpenAI-compatible ``/chat/completions`` endpoint, asked in BOTH orders (A/B and
   B/A) to cancel position bias: the winner must win both; disagreement or an unusable answer is
-  a tie. Requests time out, are retried with exponential backoff (timeouts, connection errors,
-  429, 5xx, a 200 whose body is not a chat completion), and token usage and an estimated cost
-  are counted. The first request that fails for good stops the others and is the error.
+  a tie. Requests time out, are retried with jittered exponential backoff (timeouts, connection
+  errors, 429, 5xx, a 200 whose body is not a chat completion; a server's ``Retry-After`` is
+  honoured up to ``MAX_RETRY_AFTER_S``), and token usage and an estimated cost are counted.
+  The first request that fails for good stops the others and is the error.
 
 ``rule`` and ``reward_model`` are ``ScoringJudge``s: they also score single responses, which
 ``dpo-data generate`` needs to rank several samples of one prompt.
@@ -23,7 +24,9 @@ for the per-example log. Three are built in (``judge=<name>``, settings under ``
 from __future__ import annotations
 
 import logging
+import math
 import os
+import random
 import re
 import threading
 from collections.abc import Sequence
@@ -34,7 +37,7 @@ from typing import Any
 
 from dpo_dist import tasks
 from dpo_dist.config import JudgeConfig
-from dpo_dist.generation import Text, encode_prompt, plain_prompt
+from dpo_dist.generation import Text, encode_prompt, model_identity, plain_prompt
 
 log = logging.getLogger("dpo_dist.judges")
 
@@ -194,18 +197,22 @@ class RewardModelJudge(ScoringJudge):
 
         # Left-truncate: the classifier reads the last token, so the end of a response must stay.
         ids = [encode_prompt(self.text(p, r), self.tokenizer)[-self.max_length :] for p, r in zip(prompts, responses)]
-        scores: list[float] = []
-        for start in range(0, len(ids), self.batch_size):
-            batch = ids[start : start + self.batch_size]
-            width = max(len(row) for row in batch)
+        # Batched longest first: rows of similar length share a batch (little padding), and a
+        # batch too big for the device fails at once rather than at the end.
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        scores = [0.0] * len(ids)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            width = max(len(ids[i]) for i in batch)
             input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros_like(input_ids)
-            for i, row in enumerate(batch):
-                input_ids[i, : len(row)] = torch.tensor(row)
-                mask[i, : len(row)] = 1
+            for row, i in enumerate(batch):
+                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                mask[row, : len(ids[i])] = 1
             with torch.inference_mode():
                 logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            scores.extend(logits[:, 0].float().cpu().tolist())
+            for i, score in zip(batch, logits[:, 0].float().cpu().tolist()):
+                scores[i] = score
         return scores
 
     def close(self) -> None:
@@ -224,6 +231,9 @@ JUDGE_USER_TEMPLATE = (
     "Which response is better? Answer with a single letter: A or B."
 )
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+MAX_RETRY_AFTER_S = 60.0
+"""The longest wait a server's ``Retry-After`` header can ask for: a bad header (an hour, a
+day) must not stall a run; the retry budget (``max_retries``) still bounds the attempts."""
 _ONLY_LETTER = re.compile(r"^\W*(?:response\s*)?([AB])\W*$", re.IGNORECASE)
 _ANY_LETTER = re.compile(r"\b([AB])\b")
 
@@ -264,6 +274,7 @@ class OpenAIJudge(Judge):
         logging.getLogger("httpx").setLevel(logging.WARNING)
         self._lock = threading.Lock()
         self._abort = threading.Event()  # set when one request failed for good: the rest stop retrying
+        self._jitter = random.Random()  # its own generator: judging leaves the global one alone
         self._usage = {"requests": 0, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0, "unparsed": 0}
 
     def compare(self, items: Sequence[Comparison]) -> list[Verdict]:
@@ -325,7 +336,8 @@ class OpenAIJudge(Judge):
         for attempt in range(self.cfg.max_retries + 1):
             with self._lock:
                 self._usage["requests"] += 1
-            wait_s = delay
+            # Jitter: requests that failed together (a burst of 429s) do not all retry together.
+            wait_s = delay * self._jitter.uniform(0.5, 1.5)
             try:
                 response = self.client.post(self.url, json=payload)
             except httpx.TimeoutException:
@@ -414,10 +426,13 @@ def _error_message(response) -> str:
 
 
 def _retry_after(response) -> float:
+    """Seconds the server's ``Retry-After`` asks for, at most ``MAX_RETRY_AFTER_S``; 0 when it
+    asks for nothing usable (absent, negative, not a number of seconds)."""
     try:
-        return float(response.headers.get("retry-after", 0))
+        seconds = float(response.headers.get("retry-after", 0))
     except ValueError:
         return 0.0
+    return min(seconds, MAX_RETRY_AFTER_S) if math.isfinite(seconds) and seconds > 0 else 0.0
 
 
 # ---- construction --------------------------------------------------------------------------------
@@ -444,6 +459,18 @@ def preflight(cfg: JudgeConfig, prompts: Sequence[Text]) -> None:
         if choice is None:
             log.warning("judge=openai: %s answered %r when asked for A or B; unclear answers count as ties",
                         cfg.model, answer[:80])
+
+
+def judge_identity(cfg: JudgeConfig) -> dict[str, Any]:
+    """What decides a verdict besides the prompt and the two responses: ``dpo-eval winrate``
+    reuses a saved verdict only for the same identity (and settings that only change how fast
+    or how costly judging is are not part of it)."""
+    if cfg.name == "reward_model":
+        return {"name": cfg.name, "model": model_identity(cfg.reward_model_path), "tie_margin": cfg.tie_margin}
+    if cfg.name == "openai":
+        return {"name": cfg.name, "base_url": cfg.base_url, "model": cfg.model, "max_tokens": cfg.max_tokens,
+                "prompt": [JUDGE_SYSTEM_PROMPT, JUDGE_USER_TEMPLATE]}
+    return {"name": cfg.name}
 
 
 def build_judge(cfg: JudgeConfig, device=None) -> Judge:

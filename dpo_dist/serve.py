@@ -21,8 +21,10 @@ other) gains nothing from running two at once.
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time,
 # and the classes they name are local to create_app.
 
+import errno
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -306,15 +308,43 @@ def _envelope(prefix: str, kind: str, model: str, choices: list[dict[str, Any]])
     return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model, "choices": choices}
 
 
+class ServeError(Exception):
+    """A server that cannot start as asked (one line fit for the command's error)."""
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` as uvicorn binds one (IPv6 for a host with a colon), where a
+    port in use is a ``ServeError`` (one line for the command) rather than uvicorn's log lines
+    and its startup-failure exit."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        reason = (e.strerror or str(e)).lower()
+        hint = " (choose another --port)" if e.errno == errno.EADDRINUSE else ""
+        raise ServeError(f"cannot listen on {host}:{port}: {reason}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(
     model_dir: str, *, host: str, port: int, name: str, limits: ServeLimits, dtype: str = "auto", device_map: str | None = None
 ) -> None:
     """Load the model and serve it until interrupted."""
     import uvicorn
 
-    served = ServedModel(model_dir, name, dtype=dtype, device_map=device_map)
-    if device_map:
-        log.info("device_map=%s placed the layers on %s", device_map, sorted({str(p.device) for p in served.model.parameters()}))
-    app = create_app(served, limits)
-    log.info("serving %s as %r at http://%s:%d/v1", model_dir, name, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # Bound before the model is loaded: a port in use fails in a second, not after minutes of loading.
+    with listen_socket(host, port) as sock:
+        served = ServedModel(model_dir, name, dtype=dtype, device_map=device_map)
+        if device_map:
+            placed = sorted({str(p.device) for p in served.model.parameters()})
+            log.info("device_map=%s placed the layers on %s", device_map, placed)
+        app = create_app(served, limits)
+        log.info("serving %s as %r at http://%s:%d/v1", model_dir, name, host, port)
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # as uvicorn.run: Ctrl-C is the way to stop it
+            pass

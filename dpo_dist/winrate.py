@@ -14,6 +14,14 @@ length, are cut into batches of ``eval.batch_size`` and rank ``r`` of ``W`` gene
   and the judge's usage (requests, retries, tokens, estimated cost);
 - ``winrate_samples.jsonl``: per prompt, both responses, the winner and the judge's details.
 
+Resuming. Before judging, rank 0 saves the gathered answers to ``generations.json`` in the ranks'
+work directory (``output_dir``, i.e. ``RUN/winrate/``) with a fingerprint of what made them: both
+models (weights, tokenizer, generation config), the prompts and the generation settings. A rerun
+with the same fingerprint judges those answers instead of generating again; a different one
+generates again and logs what changed. Verdicts are appended to ``verdicts.jsonl`` there as they
+come, keyed by the judge (``judges.judge_identity``), the prompt and both answers, so a judge that
+fails half-way (an API outage) costs a rerun of the missing verdicts only.
+
 Intervals: Wilson's score interval for a binomial proportion (z = 1.96). For the win score, ties
 count as half a success; since a tie has less variance than a coin flip, the interval is slightly
 conservative there.
@@ -40,7 +48,9 @@ from dpo_dist.generation import (
     generate_texts,
     load_causal_lm,
     load_tokenizer,
+    model_identity,
     plain_prompt,
+    trained_prompt,
 )
 
 log = logging.getLogger("dpo_dist.winrate")
@@ -48,6 +58,15 @@ log = logging.getLogger("dpo_dist.winrate")
 Z_95 = 1.959963984540054
 WORK_SUBDIR = "winrate"
 """Ranks of ``dpo-eval winrate`` run from ``output_dir/winrate/`` (their config.yaml, exports)."""
+GENERATIONS_FILE = "generations.json"
+"""The gathered answers and their fingerprint, in the ranks' work directory."""
+GENERATIONS_FORMAT = 1
+VERDICTS_FILE = "verdicts.jsonl"
+"""Verdicts as they come, in the ranks' work directory: one ``{"key", "example_id", "winner",
+"details"}`` line each."""
+JUDGE_CHUNK = 16
+"""Prompts judged per request slot (``eval.judge.concurrency``) between two appends to
+``verdicts.jsonl``: enough to keep every slot busy, few enough that a failure loses little."""
 OUTCOMES = {"a": "win", "b": "loss", "tie": "tie"}
 WINNER_NAMES = {"a": "policy", "b": "reference", "tie": "tie"}
 
@@ -92,7 +111,6 @@ def rank_config(cfg: DPOConfig) -> DPOConfig:
 def eval_prompts(cfg: DPOConfig) -> list[PromptItem]:
     """The held-out prompts: records of ``data.eval_path`` (bad ones per ``data.on_invalid``)."""
     from dpo_dist.data import load_preferences
-    from dpo_dist.data.tokenize import _as_messages
     from dpo_dist.evaluation import EvalError
 
     if not cfg.data.eval_path:
@@ -100,9 +118,7 @@ def eval_prompts(cfg: DPOConfig) -> list[PromptItem]:
     records = load_preferences(cfg.data.eval_path, cfg.data.on_invalid, log)
     if cfg.eval.max_prompts:
         records = records[: cfg.eval.max_prompts]
-    # As in training (dpo_dist.data.tokenize): a string prompt of a record with chat responses
-    # is a user turn rendered through the chat template, not raw text.
-    return [PromptItem(r.example_id, _as_messages(r.prompt, "user") if r.is_chat else r.prompt) for r in records]
+    return [PromptItem(r.example_id, trained_prompt(r.prompt, r.is_chat)) for r in records]
 
 
 def rank_share(items: Sequence[PromptItem], rank: int, world_size: int, batch_size: int) -> list[PromptItem]:
@@ -120,6 +136,63 @@ def sampling_params(cfg: DPOConfig) -> SamplingParams:
     """Generation settings of ``eval.*`` (the same for policy and reference)."""
     e = cfg.eval
     return SamplingParams(max_new_tokens=e.max_new_tokens, do_sample=e.do_sample, temperature=e.temperature, top_p=e.top_p)
+
+
+def generation_settings(cfg: DPOConfig) -> dict[str, Any]:
+    """The ``eval.*`` settings that decide the answers (on any number of ranks)."""
+    sampling = {k: v for k, v in dataclasses.asdict(sampling_params(cfg)).items() if k != "stop"}
+    return {**sampling, "seed": cfg.eval.seed, "batch_size": cfg.eval.batch_size}
+
+
+def generation_fingerprint(cfg: DPOConfig, policy_dir: str, items: Sequence[PromptItem], device) -> dict[str, Any]:
+    """What made the answers, one entry per thing that can change (so a mismatch can say which).
+    Not the number of ranks nor ``eval.shard_generation``: answers do not depend on them."""
+    from dpo_dist.fingerprint import json_sha256
+
+    return {
+        "format": GENERATIONS_FORMAT,
+        "policy": model_identity(policy_dir),
+        "reference": model_identity(cfg.model.path),
+        "prompts": json_sha256([[item.example_id, item.prompt] for item in items]),
+        **generation_settings(cfg),
+        "dtype": cfg.model.dtype,
+        "device": device.type,
+    }
+
+
+def save_generations(path: Path, fingerprint: dict[str, Any], rows) -> None:
+    """Write the gathered ``(item, policy, reference)`` rows and their fingerprint, atomically."""
+    from dpo_dist.reference_store import write_json_atomic
+
+    saved = [
+        {"example_id": item.example_id, "prompt": item.prompt, "policy": dataclasses.asdict(pol),
+         "reference": dataclasses.asdict(ref)}
+        for item, pol, ref in rows
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"fingerprint": fingerprint, "rows": saved})
+    log.info("saved %d answers of policy and reference to %s", len(rows), path)
+
+
+def load_generations(path: Path, fingerprint: dict[str, Any], items: Sequence[PromptItem]) -> list | None:
+    """The rows saved in ``path`` if they were made as ``fingerprint`` says (else None), in
+    ``items``' order; logs whether they are reused or why not."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        old = saved["fingerprint"]
+        changed = [key for key in sorted(fingerprint.keys() | old.keys()) if old.get(key) != fingerprint.get(key)]
+        if changed:
+            log.info("%s was generated with a different %s: generating again", path, ", ".join(changed))
+            return None
+        answers = {row["example_id"]: (Completion(**row["policy"]), Completion(**row["reference"])) for row in saved["rows"]}
+        rows = [(item, *answers[item.example_id]) for item in items]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("%s is unreadable (%s: %s): generating again", path, type(e).__name__, e)
+        return None
+    log.info("reusing the %d answers in %s (same models, prompts and settings): skipping generation", len(rows), path)
+    return rows
 
 
 def generate_with(model_dir: str, items: Sequence[PromptItem], cfg: DPOConfig, device, env: D.DistEnv,
@@ -189,28 +262,101 @@ def winrate_run(cfg: DPOConfig) -> dict[str, Any] | None:
     # Rank 0 alone: the openai check is a paid request, one is enough; its error reaches every rank.
     D.rank0_then_wait(lambda: preflight(cfg.eval.judge, [item.prompt for item in items]))
     policy_dir = str(policy_model_dir(cfg))
-    mine = rank_share(items, env.rank, env.world_size, cfg.eval.batch_size)
+    generations = Path(cfg.output_dir) / GENERATIONS_FILE
+    saved: dict[str, Any] = {}
+
+    def look_up() -> None:
+        log.info("fingerprinting policy, reference and prompts (a model's weights are hashed once, then memoized)")
+        saved["fingerprint"] = generation_fingerprint(cfg, policy_dir, items, device)
+        saved["rows"] = load_generations(generations, saved["fingerprint"], items)
+
+    # Rank 0 alone hashes the models (minutes for a 70B checkpoint hashed for the first time, which
+    # the others wait out past the collective timeout) and decides; every rank takes its decision.
+    D.rank0_then_wait(look_up)
+    reuse = D.broadcast_object(saved.get("rows") is not None)
     started = time.perf_counter()
-    policy = generate_with(policy_dir, mine, cfg, device, env, len(items))
-    reference = generate_with(cfg.model.path, mine, cfg, device, env, len(items))
-    gathered = gather_to_main(list(zip(mine, policy, reference)), env)
+    if reuse:
+        if not env.is_main:
+            return None
+        rows = saved["rows"]
+    else:
+        mine = rank_share(items, env.rank, env.world_size, cfg.eval.batch_size)
+        policy = generate_with(policy_dir, mine, cfg, device, env, len(items))
+        reference = generate_with(cfg.model.path, mine, cfg, device, env, len(items))
+        gathered = gather_to_main(list(zip(mine, policy, reference)), env)
+        # No barrier after the judging: rank 0 may judge for longer than the collective timeout
+        # (thousands of API requests with backoff), and the other ranks' work is done.
+        if not env.is_main:
+            return None
+        rows = sorted(gathered, key=lambda row: row[0].example_id)
+        # Before judging: a judge that fails (hours into a 70B run) must not cost the answers.
+        save_generations(generations, saved["fingerprint"], rows)
     generation_s = time.perf_counter() - started
-    # No barrier after the judging: rank 0 may judge for longer than the collective timeout
-    # (thousands of API requests with backoff), and the other ranks' work is done.
-    if not env.is_main:
-        return None
-    rows = sorted(gathered, key=lambda row: row[0].example_id)
-    return judge_and_write(cfg, policy_dir, rows, env.world_size, generation_s)
+    return judge_and_write(cfg, policy_dir, rows, env.world_size, generation_s, reused_generations=reuse)
 
 
-def judge_and_write(cfg: DPOConfig, policy_dir: str, rows, world_size: int, generation_s: float) -> dict[str, Any]:
-    """Judge (policy, reference) on every prompt, write winrate.json + samples, print the summary."""
-    from dpo_dist.judges import Comparison, build_judge
+def judge_rows(cfg: DPOConfig, rows) -> tuple[list, dict[str, Any], int]:
+    """Verdicts on every ``(item, policy, reference)`` row, the judge's usage and how many verdicts
+    were reused from ``verdicts.jsonl``. New verdicts are appended there a chunk at a time, so a
+    judge that fails keeps what it has judged."""
+    from dpo_dist.fingerprint import json_sha256
+    from dpo_dist.judges import Comparison, build_judge, judge_identity
 
-    started = time.perf_counter()
-    with build_judge(cfg.eval.judge) as judge:
-        verdicts = judge.compare([Comparison(item.prompt, pol.text, ref.text) for item, pol, ref in rows])
+    path = Path(cfg.output_dir) / VERDICTS_FILE
+    identity = json_sha256(judge_identity(cfg.eval.judge))
+    keys = [json_sha256([identity, item.prompt, pol.text, ref.text]) for item, pol, ref in rows]
+    verdicts = read_verdicts(path, set(keys))
+    todo = [i for i, key in enumerate(keys) if key not in verdicts]
+    reused = len(rows) - len(todo)
+    if reused:
+        log.info("reusing %d verdicts saved in %s; %d prompts left to judge", reused, path, len(todo))
+    if not todo:
+        return [verdicts[key] for key in keys], {}, reused
+    chunk = JUDGE_CHUNK * cfg.eval.judge.concurrency
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with build_judge(cfg.eval.judge) as judge, open(path, "a", encoding="utf-8") as out:
+        try:
+            for start in range(0, len(todo), chunk):
+                part = todo[start : start + chunk]
+                answers = judge.compare([Comparison(rows[i][0].prompt, rows[i][1].text, rows[i][2].text) for i in part])
+                for i, verdict in zip(part, answers):
+                    verdicts[keys[i]] = verdict
+                    line = {"key": keys[i], "example_id": rows[i][0].example_id, "winner": verdict.winner,
+                            "details": verdict.details}
+                    out.write(json.dumps(line) + "\n")
+                out.flush()
+        except BaseException:  # an endpoint that keeps failing, an interrupt: say what is kept
+            done = sum(key in verdicts for key in keys)
+            log.warning("judging stopped with %d of %d verdicts saved in %s; the same command resumes from there "
+                        "(the answers are kept in %s)", done, len(rows), path, path.with_name(GENERATIONS_FILE))
+            raise
         usage = judge.usage()
+    return [verdicts[key] for key in keys], usage, reused
+
+
+def read_verdicts(path: Path, keys: set[str]) -> dict[str, Any]:
+    """The verdicts of ``path`` whose key is in ``keys`` (a line cut short by a crash is skipped)."""
+    from dpo_dist.judges import Verdict
+
+    found: dict[str, Any] = {}
+    if not path.is_file():
+        return found
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                if row["key"] in keys:
+                    found[row["key"]] = Verdict(row["winner"], row["details"])
+            except (ValueError, KeyError, TypeError):
+                continue
+    return found
+
+
+def judge_and_write(cfg: DPOConfig, policy_dir: str, rows, world_size: int, generation_s: float, *,
+                    reused_generations: bool = False) -> dict[str, Any]:
+    """Judge (policy, reference) on every prompt, write winrate.json + samples, print the summary."""
+    started = time.perf_counter()
+    verdicts, usage, reused_verdicts = judge_rows(cfg, rows)
     result = {
         "policy": policy_dir,
         "reference": cfg.model.path,
@@ -219,13 +365,13 @@ def judge_and_write(cfg: DPOConfig, policy_dir: str, rows, world_size: int, gene
         "eval_path": cfg.data.eval_path,
         **summarize([OUTCOMES[v.winner] for v in verdicts]),
         "generation": {
-            **{k: v for k, v in dataclasses.asdict(sampling_params(cfg)).items() if k != "stop"},
-            "seed": cfg.eval.seed,
-            "batch_size": cfg.eval.batch_size,
+            **generation_settings(cfg),
             "world_size": world_size,
             "sharded": cfg.eval.shard_generation and world_size > 1,
         },
         "judge_usage": usage,
+        # What an earlier run of the same command had done (judge_usage counts this run only).
+        "reused": {"generations": reused_generations, "verdicts": reused_verdicts},
         "seconds": {"generation": round(generation_s, 3), "judging": round(time.perf_counter() - started, 3)},
     }
     out = Path(cfg.eval.resolved_output(cfg.output_dir))

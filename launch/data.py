@@ -13,7 +13,8 @@ and ``DIR/audit.png``; exit 0.
 
 ``dpo-data generate --model DIR --prompts FILE --out FILE.jsonl [--num-samples N] [--judge
 rule|reward_model]`` samples N responses per prompt and writes the judge's best and worst as a
-pair; prompts whose samples tie (or are empty) are skipped and counted.
+pair; prompts whose samples tie (or are empty) are skipped and counted. Prompts are asked as
+training renders them: the string prompt of a record with chat-message responses is a user turn.
 
 Subcommands live in ``SUBCOMMANDS``: adding one is a function that declares its arguments, a
 function that runs it and returns the exit code, and one entry in that list.

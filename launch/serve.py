@@ -4,7 +4,8 @@
 
 Clients call ``http://HOST:PORT/v1/completions`` or ``/v1/chat/completions`` with
 ``"model": NAME`` (default: MODEL_DIR as given, like vLLM). Needs the ``serve`` extra
-(``pip install 'dpo_dist[serve]'``). Bad arguments are one line on stderr and exit status 2.
+(``pip install 'dpo_dist[serve]'``). Bad arguments (a port already in use too) are one line on
+stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -55,14 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         return fail(f"dpo-serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'dpo_dist[serve]'")
     from dpo_dist.generation import GenerationError
-    from dpo_dist.serve import ServeLimits, serve
+    from dpo_dist.serve import ServeError, ServeLimits, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     limits = ServeLimits(args.max_prompt_tokens, args.max_tokens, args.max_body_bytes)
     try:
         serve(args.model_dir, host=args.host, port=args.port, name=args.served_model_name or args.model_dir,
               limits=limits, dtype=args.dtype, device_map=args.device_map)
-    except (GenerationError, OSError) as e:
+    except (GenerationError, ServeError, OSError) as e:
         return fail(" ".join(str(e).split()) or type(e).__name__)
     return 0
 

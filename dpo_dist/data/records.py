@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,13 @@ class PreferenceRecord:
     @property
     def is_chat(self) -> bool:
         """True when any field is a messages list; the whole record is then rendered as chat."""
-        return any(isinstance(getattr(self, name), list) for name in FIELDS)
+        return is_chat(vars(self))
+
+
+def is_chat(fields: Mapping[str, Any]) -> bool:
+    """True when any of a record's ``prompt`` / ``chosen`` / ``rejected`` is a messages list: the
+    whole record is then rendered as chat (a raw row too, e.g. of a prompt file)."""
+    return any(isinstance(fields.get(name), list) for name in FIELDS)
 
 
 @dataclass

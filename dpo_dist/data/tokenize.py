@@ -235,11 +235,11 @@ def _render(record: PreferenceRecord, tokenizer) -> tuple[str, str, str]:
         return record.prompt, record.chosen, record.rejected
     if not getattr(tokenizer, "chat_template", None):
         raise _TemplateError("chat messages need a tokenizer with a chat template")
-    prompt_messages = _as_messages(record.prompt, "user")
+    prompt_messages = as_messages(record.prompt, "user")
     prompt_text = _apply_template(tokenizer, prompt_messages, True)
     responses = []
     for name in ("chosen", "rejected"):
-        messages = prompt_messages + _as_messages(getattr(record, name), "assistant")
+        messages = prompt_messages + as_messages(getattr(record, name), "assistant")
         full = _apply_template(tokenizer, messages, False)
         if not full.startswith(prompt_text):
             raise _TemplateError(
@@ -267,5 +267,6 @@ def _apply_template(tokenizer, messages: Messages, add_generation_prompt: bool) 
         raise _TemplateError(f"chat template failed: {e}") from None
 
 
-def _as_messages(value: Text, role: str) -> Messages:
+def as_messages(value: Text, role: str) -> Messages:
+    """``value`` as chat messages: a messages list as is, a string as one ``role`` message."""
     return value if isinstance(value, list) else [{"role": role, "content": value}]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -138,6 +139,20 @@ def test_bad_model_dir_is_one_line_exit_2(tmp_path):
     result = run_cli("launch.serve", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip() == f"dpo-serve: error: {tmp_path}: not a Hugging Face model directory (no config.json)"
+
+
+def test_port_in_use_is_one_line_exit_2(tmp_path):
+    """Checked before the model is loaded, and reported like the other usage errors."""
+    model = make_tiny_model_dir(tmp_path / "model", layers=1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("launch.serve", str(model), "--port", str(port))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"dpo-serve: error: cannot listen on 127.0.0.1:{port}: address already in use (choose another --port)"
+    )
 
 
 def test_device_map_spreads_layers_and_answers_alike(tmp_path, monkeypatch):

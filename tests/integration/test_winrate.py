@@ -48,10 +48,11 @@ def test_winrate_two_ranks_into_a_run_dir(models, tmp_path):
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
     (run / "config.yaml").write_text("the: training run's own config\n")
-    result = _winrate(
-        models, run, f"eval.policy_path={models['policy']}", "eval.max_prompts=6", "cluster.nproc_per_node=2",
+    overrides = [
+        f"eval.policy_path={models['policy']}", "eval.max_prompts=6", "cluster.nproc_per_node=2",
         "judge=reward_model", f"eval.judge.reward_model_path={models['rm']}",
-    )
+    ]
+    result = _winrate(models, run, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "winrate: policy vs reference on 6 prompts (judge=reward_model)" in result.stdout
     summary = json.loads((run / "winrate.json").read_text())
@@ -66,6 +67,12 @@ def test_winrate_two_ranks_into_a_run_dir(models, tmp_path):
     assert all(s["winner"] in ("policy", "reference", "tie") and 0 < s["policy_tokens"] <= 4 for s in samples)
     assert (run / "config.yaml").read_text() == "the: training run's own config\n", "the run's config is untouched"
     assert (run / "winrate" / "config.yaml").exists() and (run / "winrate" / ".hydra").is_dir()
+    # The same command again: rank 0 finds the answers it saved and every rank skips generation.
+    again = _winrate(models, run, *overrides)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing the 6 answers" in again.stderr and "generating" not in again.stderr, again.stderr[-3000:]
+    assert [json.loads(line) for line in (run / "winrate_samples.jsonl").read_text().splitlines()] == samples
+    assert json.loads((run / "winrate.json").read_text())["reused"] == {"generations": True, "verdicts": 6}
 
 
 def test_sharded_generation_matches_a_full_copy_per_rank(models, tmp_path):

@@ -1,10 +1,12 @@
-"""Batched generation (dpo_dist.generation) on a tiny local model: EOS, padding, seeds."""
+"""Batched generation (dpo_dist.generation) on a tiny local model: EOS, padding, seeds; prompt files."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from dpo_dist.generation import SamplingParams, generate_texts, load_causal_lm
+from dpo_dist.generation import SamplingParams, generate_texts, load_causal_lm, read_prompts
 from tests.helpers import make_tiny_model_dir
 
 PROMPTS = ["12+34=", "reverse: abcdefgh", "sort: dcba", "91-46="]
@@ -41,3 +43,26 @@ def test_left_padded_batches_answer_as_one_prompt_at_a_time(tiny):
     alone = generate_texts(model, tokenizer, PROMPTS, greedy, batch_size=1)
     assert [c.text for c in batched] == [c.text for c in alone]
     assert len({c.prompt_tokens for c in batched}) > 1, "the prompts differ in length: the batch is padded"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_prompt_files_ask_string_prompts_of_chat_records_as_a_user_turn(tmp_path, suffix):
+    """dpo-data generate reads prompts as training renders them (dpo_dist.data.tokenize): the
+    string prompt of a record with chat responses is a user turn under the chat template."""
+    chat_reply = [{"role": "assistant", "content": "46"}]
+    rows = [
+        {"prompt": "12+34=", "chosen": chat_reply, "rejected": "47"},
+        {"prompt": "91-46=", "chosen": "45", "rejected": "44"},
+        {"prompt": "sort: dcba"},
+        {"prompt": [{"role": "user", "content": "47+38="}], "chosen": "85", "rejected": "75"},
+    ]
+    path = tmp_path / f"prompts{suffix}"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows) if suffix == ".jsonl" else json.dumps(rows))
+    items = read_prompts(path)
+    assert [item.prompt for item in items] == [
+        [{"role": "user", "content": "12+34="}],
+        "91-46=",
+        "sort: dcba",
+        [{"role": "user", "content": "47+38="}],
+    ]
+    assert items[0].extra == {"chosen": chat_reply, "rejected": "47"}

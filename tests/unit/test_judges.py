@@ -96,6 +96,24 @@ def test_reward_model_judge_prefers_the_higher_score(reward_model):
     assert judge.compare(items[:1])[0].winner == "tie"
 
 
+def test_reward_model_judge_batches_by_length_and_keeps_the_order(reward_model):
+    """Rows are batched longest first, so similar lengths share a batch (no padding here);
+    the scores come back in the order of the inputs."""
+    judge = RewardModelJudge(reward_model, batch_size=2)
+    model, padding = judge.model, []
+
+    def counting_padding(input_ids, attention_mask):
+        padding.append(int((attention_mask == 0).sum()))
+        return model(input_ids=input_ids, attention_mask=attention_mask)
+
+    judge.model = counting_padding
+    responses = ["x" * 20, "y", "z" * 20, "w", "v" * 10]
+    scores = judge.score(["12+34="] * 5, responses)
+    assert padding == [0, 9, 0], padding  # (x20, z20), (v10, y), (w)
+    alone = RewardModelJudge(reward_model, batch_size=1).score(["12+34="] * 5, responses)
+    assert scores == pytest.approx(alone, abs=1e-5)
+
+
 def test_reward_model_judge_needs_a_model_directory(tmp_path):
     with pytest.raises(JudgeError, match="not a Hugging Face model directory"):
         RewardModelJudge(tmp_path)
@@ -109,14 +127,16 @@ _RESPONSES = re.compile(r"\[Response A\]\n(.*)\n\n\[Response B\]\n(.*)\n\nWhich"
 class _StubJudgeServer:
     """An OpenAI-style /chat/completions on 127.0.0.1 that prefers responses containing "good".
 
-    Prompts steer failures: "slow" stalls the first request past the client's timeout, "busy"
-    answers the first request with 503, "garbled" the first with a 200 that is not JSON, "down"
-    always 503, "biased" always answers "A", "refuse" answers 400; a model other than
-    "stub-judge" is a 404.
+    Prompts steer failures: "slow" stalls the first request past the client's timeout, "busy..."
+    answers the first request with 503, "throttled" the first with 429 and a Retry-After of a
+    day, "garbled" the first with a 200 that is not JSON, "down" always 503, "biased" always
+    answers "A", "refuse" answers 400; a model other than "stub-judge" is a 404. With
+    ``fail_after`` set, every request after that many is a 503 (an outage).
     """
 
     def __init__(self):
         self.asked: list[tuple[str, str, str]] = []
+        self.fail_after: int | None = None
         self.auth: set[str] = set()
         self.first_seen: set[str] = set()
         self.lock = threading.Lock()
@@ -140,12 +160,17 @@ class _StubJudgeServer:
         a, b = _RESPONSES.search(text).groups()
         with self.lock:
             self.asked.append((prompt, a, b))
+            outage = self.fail_after is not None and len(self.asked) > self.fail_after
+        if outage:
+            return 503, {"error": {"message": "outage"}}
         if body["model"] != "stub-judge":
             return 404, {"error": {"message": f"The model `{body['model']}` does not exist"}}
         if prompt == "slow" and self._first(prompt):
             time.sleep(1.5)
-        if prompt == "busy" and self._first(prompt):
+        if prompt.startswith("busy") and self._first(prompt):
             return 503, {"error": {"message": "overloaded"}}
+        if prompt == "throttled" and self._first(prompt):
+            return 429, {"error": {"message": "rate limited"}}, {"Retry-After": "86400"}
         if prompt == "garbled" and self._first(prompt):
             return 200, b"<html>502 Bad Gateway</html>"
         if prompt == "down":
@@ -163,10 +188,12 @@ class _StubJudgeServer:
             def do_POST(self):  # noqa: N802 - the http.server API
                 stub.auth.add(self.headers.get("Authorization", ""))
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status, payload = stub.answer(body)
+                status, payload, *headers = stub.answer(body)
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 try:
                     self.send_response(status)
+                    for name, value in (headers[0] if headers else {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
@@ -216,6 +243,40 @@ def test_openai_judge_asks_both_orders_retries_and_counts_usage(monkeypatch):
     assert usage["retries"] == 2 and usage["requests"] == 12
     assert usage["prompt_tokens"] == 1000 and usage["completion_tokens"] == 10
     assert usage["cost_usd"] == pytest.approx((1000 * 2.0 + 10 * 8.0) / 1e6)
+
+
+class _RecordedWaits(threading.Event):
+    """Stands in for a judge's abort event: records each wait before a retry and returns at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        return self.is_set()
+
+
+def test_openai_judge_retries_after_a_jittered_backoff(monkeypatch):
+    """Requests that failed together do not retry in lockstep: each waits backoff_s times a
+    random factor in [0.5, 1.5]."""
+    monkeypatch.setenv("DPO_TEST_JUDGE_KEY", "sk-test")
+    with _StubJudgeServer() as stub, OpenAIJudge(_judge_config(stub.base_url, backoff_s=1.0)) as judge:
+        judge._abort = waits = _RecordedWaits()
+        verdicts = judge.compare([Comparison(f"busy {i}", "good", "bad") for i in range(8)])
+    assert [v.winner for v in verdicts] == ["a"] * 8
+    assert len(waits.waits) == 8 and all(0.5 <= w <= 1.5 for w in waits.waits), waits.waits
+    assert len(set(waits.waits)) == 8, waits.waits
+
+
+def test_openai_judge_caps_a_servers_retry_after(monkeypatch):
+    """A Retry-After of a day is honoured for MAX_RETRY_AFTER_S (60 s), not a day."""
+    monkeypatch.setenv("DPO_TEST_JUDGE_KEY", "sk-test")
+    with _StubJudgeServer() as stub, OpenAIJudge(_judge_config(stub.base_url, backoff_s=0.01)) as judge:
+        judge._abort = waits = _RecordedWaits()
+        verdicts = judge.compare([Comparison("throttled", "good", "bad")])
+    assert [v.winner for v in verdicts] == ["a"]
+    assert waits.waits == [60.0]
 
 
 def test_openai_judge_errors_are_one_line(monkeypatch):

@@ -1,15 +1,20 @@
-"""Win-rate prompts and their split over ranks (dpo_dist.winrate), without starting ranks."""
+"""Win-rate prompts, their split over ranks and resuming a run (dpo_dist.winrate), in one process."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 
 import pytest
 
-from dpo_dist.config import DataConfig, DPOConfig
+from dpo_dist import winrate
+from dpo_dist.config import DataConfig, DPOConfig, EvalConfig, JudgeConfig, ModelConfig
 from dpo_dist.generation import PromptItem, SamplingParams, generate_texts, load_causal_lm
-from dpo_dist.winrate import eval_prompts, rank_share
+from dpo_dist.judges import JudgeError
+from dpo_dist.winrate import eval_prompts, rank_config, rank_share, winrate_run
 from tests.helpers import make_tiny_model_dir
+from tests.unit.test_judges import _StubJudgeServer
 
 
 def test_string_prompts_of_chat_records_are_a_user_turn(tmp_path):
@@ -65,3 +70,55 @@ def test_sampled_answers_do_not_depend_on_the_number_of_ranks(tmp_path):
     one = answers(1)
     assert answers(2) == one and answers(3) == one
     assert len(set(one.values())) == len(items)
+
+
+def test_a_rerun_reuses_the_answers_and_verdicts_of_a_run_whose_judge_failed(tmp_path, monkeypatch, caplog):
+    """The judge's endpoint goes down half-way: the answers were saved before judging and the
+    verdicts as they came; the same command then generates nothing and asks only what is left.
+    Another generation setting generates again and says why."""
+    for name in ("RANK", "WORLD_SIZE", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    caplog.set_level(logging.INFO, logger="dpo_dist.winrate")
+    monkeypatch.setattr(winrate, "JUDGE_CHUNK", 2)  # verdicts are saved 2 prompts at a time
+    prompts = ["12+34=", "reverse: abc", "sort: dcba", "91-46=", "47+38=", "reverse: hello", "sort: zyx"]
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text("".join(json.dumps({"prompt": p, "chosen": "x", "rejected": "y"}) + "\n" for p in prompts))
+    run = tmp_path / "run"
+    with _StubJudgeServer() as stub:
+        judge = JudgeConfig(name="openai", base_url=stub.base_url, model="stub-judge", api_key_env=None,
+                            max_retries=0, concurrency=1)
+        cfg = rank_config(DPOConfig(
+            output_dir=str(run),
+            model=ModelConfig(path=str(make_tiny_model_dir(tmp_path / "reference", seed=0, layers=1))),
+            data=DataConfig(eval_path=str(evals)),
+            eval=EvalConfig(policy_path=str(make_tiny_model_dir(tmp_path / "policy", seed=1, layers=1)),
+                            max_new_tokens=4, batch_size=2, judge=judge),
+        ))
+        stub.fail_after = 1 + 2 * 2  # the probe and the first 2 prompts (both orders), then an outage
+        with pytest.raises(JudgeError, match="outage"):
+            winrate_run(cfg)
+        assert not (run / "winrate.json").exists()
+        saved = json.loads((run / "winrate" / "generations.json").read_text())
+        assert [row["example_id"] for row in saved["rows"]] == list(range(7))
+        assert len((run / "winrate" / "verdicts.jsonl").read_text().splitlines()) == 2
+
+        def no_generation(*args, **kwargs):
+            raise AssertionError("generated again")
+
+        asked, stub.fail_after = len(stub.asked), None
+        with monkeypatch.context() as patched:
+            patched.setattr(winrate, "generate_with", no_generation)
+            result = winrate_run(cfg)
+        assert "skipping generation" in caplog.text
+        assert result["n"] == 7 and result["reused"] == {"generations": True, "verdicts": 2}
+        samples = [json.loads(line) for line in (run / "winrate_samples.jsonl").read_text().splitlines()]
+        assert [(s["policy"], s["reference"]) for s in samples] == [
+            (row["policy"]["text"], row["reference"]["text"]) for row in saved["rows"]
+        ]
+        left = sum("ab" in s["judge"] for s in samples[2:])  # the pairs that differ cost two requests
+        assert len(stub.asked) - asked == 1 + 2 * left, "the probe, then only the prompts not judged yet"
+
+        caplog.clear()
+        longer = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_new_tokens=5))
+        assert winrate_run(longer)["reused"]["generations"] is False
+    assert "generated with a different max_new_tokens: generating again" in caplog.text
