@@ -933,8 +933,6 @@ class Preempted(Exception):
         self.step = step
 
 
-
-
 def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
