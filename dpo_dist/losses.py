@@ -21,8 +21,17 @@ Notation: with summed response log-probs pi_c, pi_r (policy) and ref_c, ref_r (r
 ``pi_r - ref_r``. Options, named as the ``loss.*`` config fields that feed them: ``label_smoothing``
 (eps, the assumed label-flip rate) for sigmoid, robust and simpo, and EXO's target (1 - eps, eps),
 which needs eps > 0; ``gamma`` (the absolute target reward margin, default 0.5 like ``loss.gamma``;
-TRL's ``gamma_beta_ratio`` is ``gamma / beta``) for simpo; ``discopop_tau`` for discopop. A
+TRL CPOTrainer's ``simpo_gamma`` is the same number, the SimPO repository's ``gamma_beta_ratio`` is
+``gamma / beta``) for simpo; ``discopop_tau`` for discopop. A
 ``label_smoothing`` of 0 is accepted by every other loss so that one config can drive them all.
+
+Against TRL 1.16's own loss code (tests/unit/test_losses_vs_trl.py, float64): values, gradients and
+rewards agree to rounding for sigmoid, robust, hinge, exo_pair, nca_pair, sppo_hard, apo_zero,
+apo_down and discopop (DPOTrainer) and simpo (CPOTrainer). Where TRL differs, ours follows the paper:
+TRL's DPOTrainer "sigmoid" ignores label_smoothing (ours is cDPO, as TRL's CPOTrainer computes it);
+TRL's IPO length-normalises inside the loss (ours is fed per-token means by conf/loss/ipo.yaml, the
+same loss); TRL's RPO NLL is one token-level mean over the batch (ours, ``sft_nll``, is per response,
+RPO eq. 1); TRL's DiscoPOP overflows to nan at very negative margins; kto_pair is not in TRL 1.x.
 """
 
 from __future__ import annotations
@@ -57,7 +66,10 @@ def _smoothed_logistic(margin: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _sigmoid(pairs: _Pairs, beta: float, *, label_smoothing: float = 0.0) -> torch.Tensor:
-    """DPO, Rafailov et al. 2023 (arXiv 2305.18290) eq. 7; eps > 0 is cDPO (Mitchell 2023, cdpo.pdf eq. 3)."""
+    """DPO, Rafailov et al. 2023 (arXiv 2305.18290) eq. 7; eps > 0 is cDPO (Mitchell 2023, cdpo.pdf eq. 3).
+
+    TRL 1.16's DPOTrainer reads label_smoothing only for robust/EXO/aot: its "sigmoid" stays plain
+    DPO at any eps. Ours keeps cDPO, which TRL's CPOTrainer (and its older DPOTrainer) compute."""
     return _smoothed_logistic(beta * pairs.logits(), label_smoothing)
 
 
@@ -73,7 +85,10 @@ def _hinge(pairs: _Pairs, beta: float) -> torch.Tensor:
 
 
 def _ipo(pairs: _Pairs, beta: float) -> torch.Tensor:
-    """IPO, Azar et al. 2023 (arXiv 2310.12036) eq. 17, with beta as tau."""
+    """IPO, Azar et al. 2023 (arXiv 2310.12036) eq. 17, with beta as tau, on the log-probs given.
+
+    TRL divides each side's log-ratio by its completion length inside its IPO; here the engine does
+    that when loss.logp_normalization=mean, as conf/loss/ipo.yaml sets, which gives TRL's loss."""
     return (pairs.logits() - 1 / (2 * beta)) ** 2
 
 
@@ -82,7 +97,9 @@ def _kto_pair(pairs: _Pairs, beta: float) -> torch.Tensor:
 
     The baselines are means over the pairs passed in (one micro-batch in the engine), so unlike
     every other loss its value depends on how pairs are grouped: world-size invariance holds only
-    approximately for it."""
+    approximately for it. TRL 1.16 no longer has kto_pair; its older DPOTrainer code had the same values (its
+    [2 * pairs] losses average to ours) but let gradients flow through the KL baselines. Ours
+    detaches them, as the KTO paper's z_ref and TRL's KTOTrainer (kl = (...).mean().detach()) do."""
     chosen_ratio, rejected_ratio = pairs.chosen_ratio(), pairs.rejected_ratio()
     # The KL reference points are batch statistics, not paths for the gradient (as in TRL's KTO).
     chosen_kl = chosen_ratio.detach().mean().clamp(min=0)
@@ -93,7 +110,10 @@ def _kto_pair(pairs: _Pairs, beta: float) -> torch.Tensor:
 
 
 def _simpo(pairs: _Pairs, beta: float, *, gamma: float = 0.5, label_smoothing: float = 0.0) -> torch.Tensor:
-    """SimPO, Meng et al. 2024 (arXiv 2405.14734) eq. 6 on mean log-probs; gamma is the absolute margin."""
+    """SimPO, Meng et al. 2024 (arXiv 2405.14734) eq. 6 on mean log-probs; gamma is the absolute margin.
+
+    Equal to TRL CPOTrainer's loss_type="simpo" with simpo_gamma=gamma (its margin gamma / beta inside
+    beta * (...)); SimPO has no NLL term, so compare with cpo_alpha=0 there."""
     margin = beta * (pairs.policy_chosen - pairs.policy_rejected) - gamma
     return _smoothed_logistic(margin, label_smoothing)
 
@@ -191,7 +211,11 @@ def preference_loss(
 
 
 def sft_nll(chosen_sum_logps: torch.Tensor, chosen_token_counts: torch.Tensor) -> torch.Tensor:
-    """[pairs] mean per-token negative log-likelihood of each chosen response (RPO/SFT term)."""
+    """[pairs] mean per-token negative log-likelihood of each chosen response (RPO/SFT term).
+
+    Each response is normalised by its own length, as in RPO eq. 1, and the engine averages over
+    pairs; TRL 1.16's "sft" term instead divides the batch's summed chosen NLL by its chosen token
+    count, which weighs long responses more (the two agree when chosen lengths are equal)."""
     return -chosen_sum_logps / chosen_token_counts.clamp(min=1)
 
 
