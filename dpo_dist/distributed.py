@@ -268,24 +268,25 @@ def _long_wait_group() -> dist.ProcessGroup:
     return _long_wait[1]
 
 
-def _run_on_rank0(fn):
+def _run_on_rank0(fn, share: bool):
     """``fn()`` on rank 0 while the other ranks wait in a long-timeout broadcast; rank 0's
     exception is raised on every rank (they would otherwise fail later on a missing peer,
-    without the reason)."""
+    without the reason). With ``share``, every rank returns rank 0's (picklable) result."""
     group = _long_wait_group()
     if dist.get_rank() == 0:
         try:
             result = fn()
         except Exception as exc:
-            dist.broadcast_object_list([_picklable(exc)], src=0, group=group)
+            dist.broadcast_object_list([("error", _picklable(exc))], src=0, group=group)
             raise
-        dist.broadcast_object_list([None], src=0, group=group)
+        dist.broadcast_object_list([("ok", result if share else None)], src=0, group=group)
         return result
     outcome: list = [None]
     dist.broadcast_object_list(outcome, src=0, group=group)
-    if isinstance(outcome[0], BaseException):
-        raise outcome[0]
-    return None
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value
 
 
 def _picklable(exc: Exception) -> Exception:
@@ -303,16 +304,22 @@ def rank0_first(fn):
     """``fn()`` on rank 0 first (it fills caches), then on the other ranks (they read them)."""
     if not _multi_rank():
         return fn()
-    result = _run_on_rank0(fn)
+    result = _run_on_rank0(fn, share=False)
     return result if dist.get_rank() == 0 else fn()
 
 
 def rank0_then_wait(fn) -> None:
     """``fn()`` on rank 0 only, the other ranks waiting until it is done (or re-raising its error)."""
-    if not _multi_rank():
+    if _multi_rank():
+        _run_on_rank0(fn, share=False)
+    else:
         fn()
-        return
-    _run_on_rank0(fn)
+
+
+def on_rank0(fn):
+    """``fn()`` on rank 0 only (hashing a 70B checkpoint, reading a shared manifest); every rank
+    returns its result, or raises its error."""
+    return _run_on_rank0(fn, share=True) if _multi_rank() else fn()
 
 
 def wait_for_token(path: Path, token: str, poll_s: float) -> None:

@@ -300,7 +300,7 @@ def ensure_reference(
     cache_dir = Path(cache_dir).expanduser().absolute()
     require_components(fingerprints)
     with _CacheLock(cache_dir, rank, world_size, lock_poll_s):
-        manifest = _on_rank0(lambda: _reusable_manifest(cache_dir, fingerprints), rank, world_size)
+        manifest = _on_rank0(lambda: _reusable_manifest(cache_dir, fingerprints), world_size)
         if manifest is not None:
             logger.info("reference cache %s is complete: reusing it", cache_dir)
             return ReferenceSummary(
@@ -353,7 +353,6 @@ def precompute_reference(
     require_components(fingerprints)
     plan: _Plan = _on_rank0(
         lambda: _prepare(cache_dir, len(dataset), fingerprints, model_path, tokenizer_path, pairs_per_shard),
-        rank,
         world_size,
     )
     if plan.todo:
@@ -376,7 +375,7 @@ def precompute_reference(
     verified = plan.verified_shards
     if not plan.complete:
         _barrier(world_size)
-        verified = _on_rank0(lambda: _finalize(cache_dir, plan.num_shards), rank, world_size)["shards"]
+        verified = _on_rank0(lambda: _finalize(cache_dir, plan.num_shards), world_size)["shards"]
     seconds = time.perf_counter() - start
     examples = sum(stop - begin for begin, stop in (plan.shard_range(k) for k in plan.todo))
     if rank == 0 and not plan.complete:
@@ -763,7 +762,6 @@ def _ensure_run_splits(cfg, env, device, backend, train_data, eval_data, tokeniz
             name: fingerprints_from_config(cfg, tokenizer, path, dtype=dtype)
             for name, (path, _) in splits.items()
         },
-        env.rank,
         env.world_size,
     )
     cache_dir = Path(
@@ -873,26 +871,13 @@ def _require_process_group(world_size: int) -> None:
         raise RuntimeError(f"world_size={world_size} needs an initialised torch.distributed process group")
 
 
-def _on_rank0(fn: Callable[[], Any], rank: int, world_size: int) -> Any:
-    """Run ``fn`` on rank 0 and return its result on every rank; a ``ReferenceCacheError`` (or
-    any failure) there is raised on every rank instead of leaving the others waiting."""
-    outcome: tuple[str, Any] | None = None
-    if rank == 0:
-        try:
-            outcome = ("ok", fn())
-        except ReferenceCacheError as err:
-            outcome = ("refused", str(err))
-        except Exception as err:
-            if world_size == 1:
-                raise
-            _broadcast(("failed", f"rank 0 failed: {type(err).__name__}: {err}"), world_size)
-            raise
-    kind, value = _broadcast(outcome, world_size)
-    if kind == "refused":
-        raise ReferenceCacheError(value)
-    if kind == "failed":
-        raise RuntimeError(value)
-    return value
+def _on_rank0(fn: Callable[[], Any], world_size: int) -> Any:
+    """``fn()`` on rank 0, its result on every rank; its error (a ``ReferenceCacheError`` too)
+    raised on every rank instead of leaving the others waiting. The others wait without the
+    collective timeout: hashing a 70B reference model for the first time can outlast it."""
+    if world_size > 1:
+        _require_process_group(world_size)
+    return D.on_rank0(fn)
 
 
 class _CacheLock:
@@ -910,7 +895,7 @@ class _CacheLock:
         # The first, non-blocking attempt is a collective, so that a failure there (a directory
         # that cannot be made, NFS mounted nolock, Lustre without -o flock) reaches every rank
         # instead of leaving them polling for a token that never comes.
-        acquired = _on_rank0(lambda: self._try_acquire(token), self.rank, self.world_size)
+        acquired = _on_rank0(lambda: self._try_acquire(token), self.world_size)
         if not acquired:
             if self.rank == 0:
                 self._acquire(token)

@@ -42,6 +42,7 @@ D.rank0_then_wait(slow_export)
 # Every rank sees rank 0's result once the wait is over.
 (out / f"rank{rank}.txt").write_text((out / "exported").read_text())
 assert D.rank0_first(slow_tokenize) == f"tokenized on {rank}"
+assert D.on_rank0(slow_tokenize) == "tokenized on 0"  # rank 0's result, on every rank
 def fails():
     time.sleep(3)
     raise ValueError("data.train_path=x.jsonl: no such file")

@@ -173,4 +173,4 @@ def test_a_cache_dir_rank0_cannot_lock_fails_every_rank_at_once(tmp_path):
     run_ranks([str(script), str(tmp_path / "a_file" / "cache"), str(out)], 2, timeout=60)
     rank0, rank1 = ((out / f"rank{r}.txt").read_text() for r in range(2))
     assert rank0.startswith("NotADirectoryError"), rank0
-    assert rank1.startswith("RuntimeError: rank 0 failed: NotADirectoryError"), rank1
+    assert rank1 == rank0  # rank 0's own error, on every rank
