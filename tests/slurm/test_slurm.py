@@ -7,7 +7,9 @@ exact resume; `dpo-report` on the sweep. The scheduler lags by seconds: everythi
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -37,9 +39,33 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def train_losses(run_dir: Path) -> dict[int, float]:
+def train_rows(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return [r for r in rows if "loss" in r]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in train_rows(run_dir)}
+
+
+def assert_points_trained_as_configured(points: list[Path]) -> None:
+    """Each sweep point ran its own beta and lr on the shared reference: step 1's loss is ln 2
+    (policy = reference), step 1 ran at the point's lr (warmup 0: the peak), and no two points
+    have the same losses. (Adam's first step barely depends on beta, so at one lr step 2's
+    rewards scale with beta: beta 0.5 gives 5x beta 0.1's.)"""
+    by_point = {}
+    for p in points:
+        cfg = yaml.safe_load((p / "config.yaml").read_text())
+        by_point[cfg["loss"]["beta"], cfg["optim"]["lr"]] = rows = train_rows(p)
+        assert abs(rows[0]["loss"] - math.log(2)) < 1e-6, (p, rows[0])
+        assert math.isclose(rows[0]["lr"], cfg["optim"]["lr"], rel_tol=1e-9), (p, rows[0]["lr"], cfg["optim"])
+    for a, b in itertools.combinations(by_point, 2):
+        apart = max(abs(x["loss"] - y["loss"]) for x, y in zip(by_point[a], by_point[b]))
+        assert apart > 1e-5, f"points {a} and {b} trained alike: {by_point[a]} {by_point[b]}"
+    for lr in {lr for _, lr in by_point}:
+        margins = {beta: by_point[beta, lr][1]["reward_margin"] for beta, point_lr in by_point if point_lr == lr}
+        low, high = min(margins), max(margins)
+        assert math.isclose(margins[high] / margins[low], high / low, rel_tol=0.05), (lr, margins)
 
 
 def wait_until(condition, timeout: float, what: str, poll: float = 0.05):
@@ -98,6 +124,7 @@ def test_sweep_is_one_job_array_with_one_reference_pass(sweep):
     grid = {(c["loss"]["beta"], c["optim"]["lr"]) for c in configs}
     assert grid == {(0.1, 1e-3), (0.1, 5e-4), (0.5, 1e-3), (0.5, 5e-4)}
     assert all(sorted(train_losses(p)) == [1, 2, 3] for p in points)
+    assert_points_trained_as_configured(points)
 
 
 def test_report_on_sweep(sweep):
