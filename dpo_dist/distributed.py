@@ -11,6 +11,7 @@ and concurrent steps of one job, do not collide.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import logging
 import os
 import re
@@ -211,6 +212,12 @@ def init_distributed(env: DistEnv, timeout_minutes: int) -> None:
     import deepspeed
 
     export_env(env)
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        interface = gloo_interface(env.master_addr)
+        if interface is not None:
+            os.environ["GLOO_SOCKET_IFNAME"] = interface
+            log.info("GLOO_SOCKET_IFNAME=%s: this host's name resolves to loopback, %s is reached by %s",
+                     interface, env.master_addr, interface)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(
         dist_backend=backend,
@@ -220,6 +227,40 @@ def init_distributed(env: DistEnv, timeout_minutes: int) -> None:
         rank=env.rank,
         world_size=env.world_size,
     )
+
+
+def gloo_interface(master_addr: str) -> str | None:
+    """The network interface gloo must use to reach ``master_addr``, where its own choice would
+    fail: gloo binds the address this host's name resolves to, and where that is loopback (Debian's
+    ``127.0.1.1 hostname`` line) ranks on other nodes cannot connect. None where gloo's choice works
+    (a name that resolves off loopback, or a master on this host)."""
+    try:
+        if not ipaddress.ip_address(socket.gethostbyname(socket.gethostname())).is_loopback:
+            return None
+    except (OSError, ValueError):
+        pass  # an unresolvable name: gloo falls back to loopback too
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((master_addr, 9))  # UDP: picks the route, sends nothing
+            local = probe.getsockname()[0]
+    except OSError:
+        return None
+    if ipaddress.ip_address(local).is_loopback:
+        return None
+    return next((name for _, name in socket.if_nameindex() if _interface_address(name) == local), None)
+
+
+def _interface_address(name: str) -> str | None:
+    """IPv4 address of interface ``name`` (the SIOCGIFADDR ioctl; Linux)."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+        except OSError:  # no IPv4 address
+            return None
+    return socket.inet_ntoa(packed[20:24])
 
 
 def _multi_rank() -> bool:
