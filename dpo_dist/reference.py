@@ -741,6 +741,9 @@ def precompute_for_run(cfg: DPOConfig) -> dict[str, ReferenceSummary]:
     summaries, _, _ = _ensure_run_splits(
         cfg, job.env, job.device, job.backend, job.train_data, job.eval_data, job.tokenizer
     )
+    # The pass ends on rank 0's broadcast: rank 0 would leave (and close its gloo connections)
+    # while the others still read it, which aborts them ("terminate called ..."). Leave together.
+    D.barrier()
     return summaries
 
 

@@ -135,18 +135,27 @@ def run_ranks(argv: list[str], world: int, *, env: dict | None = None, timeout: 
         for rank in range(world)
     ]
     deadline = time.monotonic() + timeout
+    timed_out = False
     try:
         while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            if time.monotonic() > deadline:
+                timed_out = True
                 break
             time.sleep(0.1)
     finally:
+        # The ranks that were still running are the ones killed here: the culprit is another one.
+        killed = [p.poll() is None for p in procs]
         for p in procs:
             if p.poll() is None:
                 p.kill()
         outputs = [p.communicate()[0] for p in procs]
-    for rank, (p, output) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"{label}rank {rank} exited with {p.returncode}:\n{output[-4000:]}"
+    failed = [r for r, p in enumerate(procs) if p.returncode != 0 and not killed[r]]
+    why = f"timed out after {timeout:g} s" if timed_out else f"rank {failed[0]} failed first" if failed else ""
+    for rank in failed + [r for r in range(world) if r not in failed]:
+        p, output = procs[rank], outputs[rank]
+        assert p.returncode == 0, f"{label}rank {rank} exited with {p.returncode} ({why}):\n{output[-4000:]}"
 
 
 def live_tensor_bytes() -> int:

@@ -71,6 +71,7 @@ def main(spec_path: str) -> None:
             "rows": len(store),
         }
     (Path(spec["out"]) / f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()  # leaving while the peer still reads rank 0's last broadcast aborts gloo there
     dist.destroy_process_group()
 
 
