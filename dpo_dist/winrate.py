@@ -246,6 +246,9 @@ def gather_to_main(local: list, env: D.DistEnv) -> list | None:
         return local
     parts = [None] * env.world_size if env.is_main else None
     dist.gather_object(local, parts, dst=0)
+    # Until rank 0 has read every part: a rank that leaves (closing its gloo connections) while
+    # rank 0 still reads aborts rank 0. A barrier now is short; after the judging it would not be.
+    dist.barrier()
     return [x for part in parts for x in part] if env.is_main else None
 
 
