@@ -299,7 +299,7 @@ def _long_wait_group() -> dist.ProcessGroup:
     """A gloo group over every rank whose collectives time out after :data:`LONG_WAIT`.
 
     Made on first use, which is collective: every rank reaches it through the same call of
-    :func:`rank0_first` / :func:`rank0_then_wait`. Gloo, because an NCCL wait would hold a GPU
+    :func:`rank0_first` / :func:`rank0_then_wait` / :func:`on_rank0`. Gloo, because an NCCL wait would hold a GPU
     stream and its watchdog for hours. If rank 0 dies, its connections close and the wait ends
     at once, not after a day.
     """
