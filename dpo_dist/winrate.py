@@ -268,15 +268,16 @@ def winrate_run(cfg: DPOConfig) -> dict[str, Any] | None:
     generations = Path(cfg.output_dir) / GENERATIONS_FILE
     saved: dict[str, Any] = {}
 
-    def look_up() -> None:
+    def look_up() -> bool:
         log.info("fingerprinting policy, reference and prompts (a model's weights are hashed once, then memoized)")
         saved["fingerprint"] = generation_fingerprint(cfg, policy_dir, items, device)
         saved["rows"] = load_generations(generations, saved["fingerprint"], items)
+        return saved["rows"] is not None
 
     # Rank 0 alone hashes the models (minutes for a 70B checkpoint hashed for the first time, which
-    # the others wait out past the collective timeout) and decides; every rank takes its decision.
-    D.rank0_then_wait(look_up)
-    reuse = D.broadcast_object(saved.get("rows") is not None)
+    # the others wait out past the collective timeout) and decides; every rank takes its decision
+    # (not the answers: only rank 0 judges).
+    reuse = D.on_rank0(look_up)
     started = time.perf_counter()
     if reuse:
         if not env.is_main:
