@@ -308,8 +308,9 @@ class DeepSpeedConfig:
         }
 
 
-DEFAULT_GPU_MEMORY_GIB = 79.1
-"""An "80GB" H100 or A100 as PyTorch reports it (``total_memory``: 79.1-79.2 GiB)."""
+USABLE_GPU_FRACTION = 0.989
+"""What CUDA reports (``total_memory``) of a GPU's memory as sold: 79.1-79.2 GiB of an "80GB" H100 or
+A100, 39.6 of an A100 40GB, 139.8 of an H200 141GB (ECC and the driver keep the rest)."""
 
 
 @dataclass
@@ -326,12 +327,13 @@ class ClusterConfig:
     """Slurm tasks (ranks) per node; usually gpus_per_node."""
     gpus_per_node: int = 0
     """GPUs requested per node (0 on CPU clusters)."""
-    gpu_memory_gb: float | None = None
-    """Memory of one GPU in GiB: the per-GPU budget of the memory planner (``dpo-plan`` and the check
-    ``dpo-train`` runs before launching on GPUs). null: for cluster=local on a machine with CUDA,
-    its first GPU's capacity; otherwise 79.1, an "80GB" H100 or A100 as PyTorch reports it
-    (79.1-79.2 GiB). The plan's fragmentation margin and its allowance for the CUDA context and
-    NCCL are part of the peak compared with it, not slack in it."""
+    gpu_memory_gb: float | None = 80.0
+    """Memory of one GPU as the card is sold, in GB: 80 for an H100 or A100 80GB, 141 for an H200,
+    40 for an A100 40GB. The memory planner (``dpo-plan`` and the check ``dpo-train`` runs before
+    launching on GPUs) budgets what CUDA reports usable of it, ``USABLE_GPU_FRACTION`` (79.1 GiB of
+    80). null: the first local GPU's reported capacity (cluster=local on a machine with CUDA). The
+    plan's fragmentation margin and its allowance for the CUDA context and NCCL are part of the
+    peak compared with the budget, not slack in it."""
     cpus_per_task: int = 1
     """CPU cores per rank."""
     mem_gb: float = 0.0
@@ -363,6 +365,11 @@ class ClusterConfig:
             _check(getattr(self, key) >= 1, f"cluster.{key}", "must be >= 1")
         _check(self.gpus_per_node >= 0, "cluster.gpus_per_node", "must be >= 0")
         _check(self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "cluster.gpu_memory_gb", "must be > 0")
+        _check(
+            self.gpu_memory_gb is not None or self.name == "local",
+            "cluster.gpu_memory_gb",
+            "null (the local GPU's capacity) needs cluster=local: set the Slurm GPUs' memory in GB",
+        )
         _check(self.time >= 1, "cluster.time", "must be >= 1 minute")
         _check(self.signal_delay_s >= 0, "cluster.signal_delay_s", "must be >= 0")
         # One rank per GPU: more tasks than GPUs would share GPUs (and the memory plan assumes not).
@@ -378,15 +385,18 @@ class ClusterConfig:
         return self.nodes * self.tasks_per_node
 
     def gpu_memory_gib(self) -> float:
-        """The planner's per-GPU budget: ``gpu_memory_gb``, or what null stands for (see there)."""
+        """The planner's per-GPU budget in GiB: the usable part of ``gpu_memory_gb``, or for null the
+        local GPU's own capacity (see there)."""
         if self.gpu_memory_gb is not None:
-            return self.gpu_memory_gb
-        if self.name == "local":  # the GPUs are this machine's: ask them
-            import torch
+            return round(self.gpu_memory_gb * USABLE_GPU_FRACTION, 1)
+        import torch
 
-            if torch.cuda.is_available():
-                return torch.cuda.get_device_properties(0).total_memory / 2**30
-        return DEFAULT_GPU_MEMORY_GIB
+        if self.name != "local" or not torch.cuda.is_available():
+            raise ConfigError(
+                "cluster.gpu_memory_gb: null means the local GPU's capacity, but there is no local CUDA GPU "
+                "to ask: set the GPUs' memory in GB (80 for an H100 80GB)"
+            )
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
 @dataclass

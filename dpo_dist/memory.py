@@ -558,7 +558,7 @@ def _problems(plan: MemoryPlan) -> list[str]:
         biggest = sorted((i for i in plan.items if i.phase in ("static", "fwd_bwd")), key=lambda i: -i.bytes)[:3]
         parts = ", ".join(f"{i.name} {i.bytes / GIB:.1f}" for i in biggest)
         problems.append(
-            f"per-GPU peak {plan.peak / GIB:.1f} GiB ({phase}) exceeds cluster.gpu_memory_gb={s.gpu_memory_gib:g} "
+            f"per-GPU peak {plan.peak / GIB:.1f} GiB ({phase}) exceeds the {s.gpu_memory_gib:g} GiB of a GPU (cluster.gpu_memory_gb) "
             f"on {s.gpus} GPUs (largest: {parts} GiB)"
         )
     if s.host_memory_gb and plan.host_per_node > s.host_memory_gb * GIB:

@@ -89,13 +89,14 @@ def compose_config(overrides: list[str]):
 
 def plan_for(cfg, shape_path: str | None = None):
     """(shape, settings, plan) of ``cfg`` on its GPUs; PlanError becomes a UserError."""
+    from dpo_dist.config import ConfigError
     from dpo_dist.memory import ModelShape, PlanError, PlanSettings, plan_memory
 
     try:
         shape = ModelShape.from_path(shape_path or cfg.model.path)
         settings = PlanSettings.from_config(cfg)
         return shape, settings, plan_memory(shape, settings)
-    except PlanError as exc:
+    except (PlanError, ConfigError) as exc:
         raise UserError(str(exc)) from None
 
 

@@ -147,7 +147,7 @@ def test_70b_fits_from_32_gpus_and_states_are_18_bytes_per_param():
     h100 = PlanSettings(gpus=64, gpus_per_node=8, gpu_memory_gib=79.6)  # what an "80GB" H100 reports
     assert plan_memory(s, h100).verdict().startswith(f"fits: peak {at64.peak / GIB:.1f} of 79.6 GiB per GPU")  # not "of 80"
     at8 = plan_memory(s, settings(8))
-    assert not at8.fits and "exceeds cluster.gpu_memory_gb=80 on 8 GPUs" in at8.verdict()
+    assert not at8.fits and "exceeds the 80 GiB of a GPU (cluster.gpu_memory_gb) on 8 GPUs" in at8.verdict()
     assert min_gpus_that_fit(s, settings(8)) == 32
     assert "32 GPUs" in suggestions(s, settings(8))
     assert min_gpus_that_fit(s, settings(8, grad_accum_bytes=2)) == 24  # 2 B/param less
@@ -325,7 +325,7 @@ def test_settings_from_config():
         "deepspeed": {"offload_optimizer": "cpu"},
     })
     s = PlanSettings.from_config(cfg)
-    assert (s.gpus, s.gpus_per_node, s.gpu_memory_gib, s.dtype_bytes) == (32, 8, 141, 2)
+    assert (s.gpus, s.gpus_per_node, s.gpu_memory_gib, s.dtype_bytes) == (32, 8, 139.4, 2)  # usable of an H200
     assert (s.reference, s.lora_r, s.offload_optimizer, s.dense_mask) == ("adapters", 8, True, True)
     assert PlanSettings.from_config(config_from_dict({"reference": {"mode": "online"}})).reference == "copy"
     assert PlanSettings.from_config(config_from_dict({"loss": {"name": "simpo", "logp_normalization": "mean"}, "reference": {"mode": "online"}})).reference == "none"
@@ -399,13 +399,18 @@ def test_dpo_train_refuses_a_gpu_plan_that_cannot_fit(tmp_path):
 
 
 
-def test_the_gpu_budget_is_the_local_gpus_capacity_unless_set(monkeypatch):
-    """cluster.gpu_memory_gb=null: a local run is planned against its own GPU (an H200 is not
-    refused at 79.1 GiB), a Slurm run against an 80GB H100; a value set wins."""
+def test_the_gpu_budget_is_the_usable_part_of_the_gpus_memory(monkeypatch):
+    """cluster.gpu_memory_gb is the card's size as sold (default 80, the contract): the planner budgets
+    what CUDA reports of it (79.1 GiB of an 80GB H100); null asks the local GPU (an H200 is not
+    refused at 79.1); null without a local GPU, or on Slurm, is a config error."""
     import types
 
-    from dpo_dist.config import DEFAULT_GPU_MEMORY_GIB
+    from dpo_dist.config import ConfigError
+    from launch.common import check_overrides, register_schema
 
+    register_schema()
+    assert [c.gpu_memory_gb for c in check_overrides("dpo-train", ["cluster=slurm"])] == [80]
+    assert [c.gpu_memory_gb for c in check_overrides("dpo-train", [])] == [80]
     h200 = types.SimpleNamespace(total_memory=150_110_011_392)  # 139.8 GiB
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: h200)
@@ -413,8 +418,13 @@ def test_the_gpu_budget_is_the_local_gpus_capacity_unless_set(monkeypatch):
     def budget(**cluster) -> float:
         return PlanSettings.from_config(config_from_dict({"cluster": cluster})).gpu_memory_gib
 
-    assert budget(name="local") == pytest.approx(139.8, abs=0.05)
-    assert budget(name="slurm", gpus_per_node=8, tasks_per_node=8) == DEFAULT_GPU_MEMORY_GIB == 79.1
-    assert budget(name="local", gpu_memory_gb=40) == 40
+    assert budget(name="slurm", gpus_per_node=8, tasks_per_node=8) == 79.1
+    assert budget(name="local") == 79.1  # the default describes an 80GB GPU wherever the run is
+    assert budget(name="local", gpu_memory_gb=None) == pytest.approx(139.8, abs=0.05)
+    assert budget(name="local", gpu_memory_gb=40) == 39.6  # an A100 40GB reports 39.59 GiB
+    assert budget(name="slurm", gpus_per_node=8, tasks_per_node=8, gpu_memory_gb=141) <= 139.8
+    with pytest.raises(ConfigError, match="cluster.gpu_memory_gb: null"):
+        config_from_dict({"cluster": {"name": "slurm", "gpu_memory_gb": None}})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert budget(name="local") == 79.1
+    with pytest.raises(ConfigError, match="no local CUDA GPU"):
+        budget(name="local", gpu_memory_gb=None)
