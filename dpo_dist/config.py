@@ -35,6 +35,10 @@ def _one_of(value: str, key: str, allowed: tuple[str, ...]) -> None:
     _check(value in allowed, key, f"got {value!r}, expected one of {', '.join(allowed)}")
 
 
+QUANTIZE_TYPES = ("none", "nf4", "fp4")
+"""``model.lora.quantize``: bitsandbytes' 4-bit data types (NormalFloat4 is QLoRA's)."""
+
+
 @dataclass
 class LoraConfig:
     """Low-rank adapters via PEFT; ``r=0`` trains the full weights."""
@@ -52,20 +56,29 @@ class LoraConfig:
     merge_on_export: bool = True
     """Export a merged full model (True) or only the adapter weights (False)."""
     quantize: str = "none"
-    """Base-weight quantization (QLoRA). Only ``none``: bitsandbytes 4/8-bit weights are CUDA-only and
-    ZeRO-3 cannot partition them, so QLoRA is refused rather than silently trained unquantized."""
+    """QLoRA (Dettmers et al. 2023): ``nf4`` or ``fp4`` loads the frozen base weights of every linear
+    layer in the decoder blocks 4-bit with bitsandbytes (block-wise, double-quantized constants;
+    embeddings, norms and the LM head stay in the run's dtype), and the adapters train on top in the
+    run's dtype. The quantized tensors are stored in that dtype, so ZeRO-3 partitions them like any
+    other weight. The reference (precomputed or online) is the same quantized base, the policy's
+    starting point; ``final/`` merges the adapters into the unquantized ``model.path`` weights.
+    Needs ``pip install bitsandbytes`` (CPU and CUDA). ``none``: 16/32-bit base weights."""
 
     def __post_init__(self) -> None:
         _check(self.r >= 0, "model.lora.r", f"must be >= 0, got {self.r}")
         _check(self.alpha > 0, "model.lora.alpha", f"must be > 0, got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(self.r == 0 or len(self.target_modules) > 0, "model.lora.target_modules", "must not be empty")
+        _one_of(self.quantize, "model.lora.quantize", QUANTIZE_TYPES)
         _check(
-            self.quantize == "none",
+            self.quantize == "none" or self.enabled,
             "model.lora.quantize",
-            f"{self.quantize!r} (QLoRA) is not supported: bitsandbytes-quantized weights are CUDA-only and "
-            "ZeRO-3 cannot partition them; use LoRA on bf16 weights (model.lora.quantize=none)",
+            f"{self.quantize} (QLoRA) trains adapters on a frozen quantized base: set model.lora.r (e.g. 16)",
         )
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantize != "none"
 
     @property
     def enabled(self) -> bool:

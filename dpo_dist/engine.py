@@ -150,14 +150,38 @@ def training_dtype(cfg: DPOConfig, device: torch.device) -> torch.dtype:
 
 
 def load_for_deepspeed(
-    cfg: DPOConfig, path: str, device: torch.device, *, frozen: bool
+    cfg: DPOConfig, path: str, device: torch.device, *, frozen: bool, quantize: str = "none"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The causal LM at ``path`` loaded for ``deepspeed.initialize`` in the run's dtype (partitioned
-    at load under ZeRO-3), and the DeepSpeed config to initialize it with (``frozen``: no optimizer)."""
+    at load under ZeRO-3), and the DeepSpeed config to initialize it with (``frozen``: no optimizer).
+    ``quantize``: QLoRA's 4-bit base (``model.lora.quantize``), for the policy and its reference."""
     dtype = training_dtype(cfg, device)
     dsc = cfg.deepspeed.to_dict(bf16=dtype == torch.bfloat16, grad_clip=cfg.optim.grad_clip, frozen=frozen)
-    model = load_causal_lm(path, dtype, dsc)
+    model = load_causal_lm(path, dtype, dsc, quantization_config(quantize, dtype))
     return model, dsc
+
+
+def quantization_config(quantize: str, dtype: torch.dtype):
+    """bitsandbytes' 4-bit config of QLoRA (NF4 or FP4, double-quantized constants, computing in
+    ``dtype``), or None for ``none``. The packed 4-bit weights are stored as ``dtype`` tensors
+    (``bnb_4bit_quant_storage``): ZeRO-3 flattens and partitions all weights of one dtype."""
+    if quantize == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"model.lora.quantize={quantize} needs bitsandbytes: pip install bitsandbytes"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantize,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
 
 
 def mark_fetch_units(model: nn.Module, ds: DeepSpeedConfig) -> list[str]:
@@ -190,7 +214,7 @@ def mark_fetch_units(model: nn.Module, ds: DeepSpeedConfig) -> list[str]:
     return names
 
 
-def load_causal_lm(path: str, dtype: torch.dtype, ds_cfg: dict[str, Any]) -> nn.Module:
+def load_causal_lm(path: str, dtype: torch.dtype, ds_cfg: dict[str, Any], quantization=None) -> nn.Module:
     """Load a Hugging Face causal LM partitioned at load time under ZeRO-3.
 
     ``HfDeepSpeedConfig`` must be alive during ``from_pretrained``: transformers then builds the
@@ -206,8 +230,14 @@ def load_causal_lm(path: str, dtype: torch.dtype, ds_cfg: dict[str, Any]) -> nn.
     is_adapter = adapter_config.is_file()
     base = json.loads(adapter_config.read_text())["base_model_name_or_path"] if is_adapter else path
     keep_alive = HfDeepSpeedConfig(ds_cfg) if ds_cfg["zero_optimization"]["stage"] == 3 else None
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, quantization_config=quantization)
     model._dpo_hf_ds_config = keep_alive  # transformers holds it weakly
+    for module in model.modules():
+        # bitsandbytes repacks a 4-bit weight in place for its AVX512 CPU kernel on the first
+        # no-grad forward and flags its quant_state; under ZeRO-3 the next gather restores the
+        # partition's unpacked bytes while the flag stays: every later forward would be wrong.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     if is_adapter:
         from peft import PeftModel
 
@@ -331,7 +361,7 @@ def check_lora_targets(cfg: DPOConfig) -> None:
 def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
     import deepspeed
 
-    model, dsc = load_for_deepspeed(cfg, cfg.model.path, device, frozen=False)
+    model, dsc = load_for_deepspeed(cfg, cfg.model.path, device, frozen=False, quantize=cfg.model.lora.quantize)
     enable_packed_attention(model, backend, device)
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -385,11 +415,13 @@ def free_memory() -> None:
 # ----------------------------------------------------------------------------- reference
 
 
-def build_inference_engine(cfg: DPOConfig, path: str, device: torch.device, backend: str, normalize: str = "sum"):
+def build_inference_engine(
+    cfg: DPOConfig, path: str, device: torch.device, backend: str, normalize: str = "sum", quantize: str = "none"
+):
     """A frozen model as a ZeRO-3 inference engine of ``PackedPolicy`` (partitioned like the policy)."""
     import deepspeed
 
-    model, dsc = load_for_deepspeed(cfg, path, device, frozen=True)
+    model, dsc = load_for_deepspeed(cfg, path, device, frozen=True, quantize=quantize)
     mark_fetch_units(model, cfg.deepspeed)
     enable_packed_attention(model, backend, device)
     model.requires_grad_(False)
@@ -703,17 +735,18 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------- export
 
 
-def export_hf(engine, tokenizer, out_dir: Path, env: D.DistEnv, merge_lora: bool = True) -> None:
+def export_hf(engine, cfg: DPOConfig, tokenizer, out_dir: Path, env: D.DistEnv) -> None:
     """Consolidated Hugging Face checkpoint (safetensors + config + tokenizer) on rank 0.
 
     Under ZeRO-3 DeepSpeed gathers the partitions layer by layer onto rank 0, so no rank ever
     needs more than the full model once, in host memory. A LoRA policy is exported merged
-    (``W + scale * B @ A``: a plain model) or, with ``merge_lora=False``, as its adapter alone
-    (``adapter_config.json`` + ``adapter_model.safetensors``, loaded onto the base with PEFT).
+    (``W + scale * B @ A``: a plain model) or, with ``model.lora.merge_on_export=false``, as its
+    adapter alone (``adapter_config.json`` + ``adapter_model.safetensors``, loaded onto the base
+    with PEFT). QLoRA merges into ``model.path``'s unquantized weights (see ``_export_adapters``).
     """
     lora = _is_peft(engine.module.model)
-    if lora and not merge_lora:
-        _export_adapter(engine, tokenizer, out_dir, env)
+    if lora and (cfg.model.lora.quantized or not cfg.model.lora.merge_on_export):
+        _export_adapters(engine, cfg, tokenizer, out_dir, env)
         return
     if engine.zero_optimization_partition_weights():
         state = engine._zero3_consolidated_16bit_state_dict()
@@ -774,22 +807,33 @@ def merge_lora_state_dict(state: dict[str, torch.Tensor], peft_model: nn.Module)
     return state
 
 
-def _export_adapter(engine, tokenizer, out_dir: Path, env: D.DistEnv) -> None:
-    """Save only the trainable (adapter) weights, gathered from their ZeRO-3 partitions, with PEFT."""
+def _export_adapters(engine, cfg: DPOConfig, tokenizer, out_dir: Path, env: D.DistEnv) -> None:
+    """Export from the trainable (adapter) weights alone, gathered from their ZeRO-3 partitions:
+    saved with PEFT, or (QLoRA with ``merge_on_export``) merged into ``model.path``'s weights
+    loaded unquantized on rank 0, as ``dpo-export`` merges a LoRA checkpoint: the policy's 4-bit
+    base is an approximation of those weights, not what a merged model should carry."""
     import deepspeed
+
+    from dpo_dist.export import lora_model
 
     peft_model = engine.module.model
     trainable = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters([p for _, p in trainable]):
         state = {n: p.detach().cpu().clone() for n, p in trainable} if env.is_main else {}
     if env.is_main:
+        merge = cfg.model.lora.merge_on_export
 
         def write(tmp: Path) -> None:
-            peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if merge:
+                dtype = next(iter(state.values())).dtype  # the run's dtype, as a 16-bit export
+                lora_model(cfg, state, dtype).save_pretrained(tmp, safe_serialization=True)
+            else:
+                peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
 
         write_atomically(out_dir, write)
-        log.info("exported LoRA adapter (base: %s) to %s", peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path, out_dir)
+        what = f"model (LoRA merged into {cfg.model.path})" if merge else "LoRA adapter"
+        log.info("exported %s to %s", what, out_dir)
     D.barrier()
 
 
@@ -919,7 +963,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
             log.warning("preempted at step %d: checkpoint saved, exiting for requeue", done)
             raise Preempted(done)
     bar.close()
-    export_hf(engine, tokenizer, Path(cfg.output_dir) / "final", env, merge_lora=cfg.model.lora.merge_on_export)
+    export_hf(engine, cfg, tokenizer, Path(cfg.output_dir) / "final", env)
     if wandb_run is not None:
         wandb_run.finish()
     return last_eval

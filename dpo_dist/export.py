@@ -11,6 +11,7 @@ loaded onto the base model (``model.path``), and merged or saved as an adapter.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -71,7 +72,7 @@ def export_checkpoint(
     def write(tmp: Path) -> None:
         if cfg.model.lora.enabled:
             adapters = {name: tensor.contiguous() for name, tensor in weights.items()}
-            _lora_model(cfg, adapters, target).save_pretrained(tmp, max_shard_size=max_shard_size)
+            lora_model(cfg, adapters, target).save_pretrained(tmp, max_shard_size=max_shard_size)
         else:
             save_consolidated(weights, hf_config, target, tmp, max_shard_size)
             base_generation_config(cfg.model.path, hf_config).save_pretrained(tmp)
@@ -169,7 +170,7 @@ def write_atomically(out_dir: Path, write) -> None:
     os.replace(tmp, out_dir)
 
 
-def _lora_model(cfg, adapter_weights: dict[str, torch.Tensor], dtype: torch.dtype):
+def lora_model(cfg, adapter_weights: dict[str, torch.Tensor], dtype: torch.dtype):
     """Base model + the checkpoint's adapters; merged when ``model.lora.merge_on_export``.
 
     LoRA checkpoints hold only the adapters (the frozen base is ``model.path``), so the base is
@@ -179,7 +180,8 @@ def _lora_model(cfg, adapter_weights: dict[str, torch.Tensor], dtype: torch.dtyp
 
     from dpo_dist.engine import apply_lora
 
-    base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
+    with _zero3_loading_paused():
+        base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
     model = apply_lora(base, cfg.model.lora, cfg.train.seed)
     result = model.load_state_dict({k: v.to(dtype) for k, v in adapter_weights.items()}, strict=False)
     missing_adapters = [k for k in result.missing_keys if "lora_" in k]
@@ -189,6 +191,23 @@ def _lora_model(cfg, adapter_weights: dict[str, torch.Tensor], dtype: torch.dtyp
             f"missing adapters {missing_adapters[:3]}"
         )
     return model.merge_and_unload() if cfg.model.lora.merge_on_export else model
+
+
+@contextlib.contextmanager
+def _zero3_loading_paused():
+    """Load a whole model in this process even inside a ZeRO-3 job (the end-of-training QLoRA
+    merge on rank 0): while a ``HfDeepSpeedConfig`` is alive, ``from_pretrained`` would build it
+    partitioned under ``deepspeed.zero.Init`` (a collective the other ranks are not part of)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers keeps no public getter of it
+    alive = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if alive is not None:
+            hf_deepspeed.set_hf_deepspeed_config(alive)
 
 
 def _dtype(name: str, hf_config) -> torch.dtype:

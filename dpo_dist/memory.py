@@ -63,6 +63,9 @@ GIB = 2**30
 SHAPES_DIR = ASSETS_DIR / "model_shapes"
 """Hand-written ``config.json`` shapes of the presets (public architecture numbers, no weights)."""
 ADAM_STATE_BYTES = 12
+QLORA_WEIGHT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+"""Bytes per 4-bit base weight (``model.lora.quantize``): the packed value plus bitsandbytes'
+double-quantized constants (an 8-bit absmax per block of 64, an fp32 one per 256 of those)."""
 """fp32 master weights + Adam m + Adam v, per trainable parameter."""
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -257,6 +260,8 @@ class PlanSettings:
     """none (precomputed or reference-free) | copy (online, a second model) | adapters (online, LoRA disabled)."""
     lora_r: int = 0
     lora_targets: tuple[str, ...] = LORA_MODULES
+    quantized_base: bool = False
+    """QLoRA: the decoder blocks' linear weights are 4-bit (``QLORA_WEIGHT_BYTES``)."""
     dense_mask: bool = False
     """Packed attention through the masked-SDPA backend (a T x T boolean mask)."""
     prefetch_bucket: int = 50_000_000
@@ -295,6 +300,7 @@ class PlanSettings:
             reference=reference,
             lora_r=cfg.model.lora.r,
             lora_targets=tuple(cfg.model.lora.target_modules),
+            quantized_base=cfg.model.lora.quantized,
             dense_mask=cfg.model.attn_backend == "sdpa",
             prefetch_bucket=ds.prefetch_bucket_size,
             reduce_bucket=ds.reduce_bucket_size,
@@ -315,7 +321,7 @@ class PlanSettings:
             f"{self.micro_batch_tokens} tokens/micro-batch; "
             f"activation checkpointing {'on' if self.activation_checkpointing else 'off'}; "
             f"logits chunk {self.logits_chunk_tokens}; reference model on GPU: {_REFERENCE_TEXT[self.reference]}; "
-            f"LoRA {'r=' + str(self.lora_r) if self.lora_r else 'off'}"
+            f"{'QLoRA' if self.quantized_base else 'LoRA'} {'r=' + str(self.lora_r) if self.lora_r else 'off'}"
         )
 
 
@@ -444,13 +450,22 @@ def state_items(shape: ModelShape, s: PlanSettings, a: PlanAssumptions) -> list[
     total = shape.num_params()
     trainable = shape.lora_params(s.lora_r, s.lora_targets) if s.lora_r else total
     what = f"{trainable / 1e6:.1f}M LoRA params" if s.lora_r else "all params"
-    params = 0.0 if s.offload_param else b * total / n
+    param_bytes = b * total
+    if s.quantized_base:  # embeddings, norms and the LM head stay in the run's dtype
+        quantized = shape.layers * (shape.layer_params() - 2 * shape.hidden)
+        param_bytes += (QLORA_WEIGHT_BYTES - b) * quantized
+    params = 0.0 if s.offload_param else param_bytes / n
     grads = 0.0 if s.offload_optimizer else s.grad_accum_bytes * trainable / n
     optim = 0.0 if s.offload_optimizer else ADAM_STATE_BYTES * trainable / n
     transient = 0.0 if s.offload_optimizer else 4 * min(a.sub_group_size, trainable / n)
     where = "on host" if s.offload_optimizer else f"1/{n} each"
     return [
-        MemoryItem("parameters", params, "on host" if s.offload_param else f"{b} B x {total / 1e9:.2f}B / {n}", "static"),
+        MemoryItem(
+            "parameters",
+            params,
+            "on host" if s.offload_param else f"{param_bytes / total:.2f} B x {total / 1e9:.2f}B / {n}" + (" (4-bit blocks)" if s.quantized_base else ""),
+            "static",
+        ),
         MemoryItem("gradients", grads, f"{s.grad_accum_bytes} B x {what}, {where}", "static"),
         MemoryItem("optimizer states", optim, f"12 B (fp32 master, m, v) x {what}, {where}", "static"),
         MemoryItem(

@@ -6,7 +6,7 @@ training run and every sweep point (beta and lr are not inputs) reads back.
 
 Public API
 ----------
-- ``reference_fingerprints(model_path, tokenizer, data_path, *, max_length, truncation, dtype)``
+- ``reference_fingerprints(model_path, tokenizer, data_path, *, max_length, truncation, dtype, quantize)``
   and ``fingerprints_from_config(config, tokenizer, data_path, *, dtype)``: the fingerprint dict
   ``{"model", "tokenizer", "data", "settings"}`` (sha256 hex strings) plus ``"settings_values"``
   (the plain settings, so a mismatch can say *which* setting changed).
@@ -220,9 +220,14 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     return _DTYPE_ALIASES[dtype]
 
 
-def reference_settings(*, max_length: int, truncation: str, dtype: torch.dtype | str) -> dict[str, Any]:
-    """Everything besides model, tokenizer and data that changes the cached numbers."""
+def reference_settings(
+    *, max_length: int, truncation: str, dtype: torch.dtype | str, quantize: str = "none"
+) -> dict[str, Any]:
+    """Everything besides model, tokenizer and data that changes the cached numbers. ``quantize``
+    (QLoRA's 4-bit base) is recorded only when set, so 16-bit caches keep their fingerprints."""
+    quantized = {"quantize": quantize} if quantize != "none" else {}
     return {
+        **quantized,
         "max_length": int(max_length),
         "truncation": truncation,
         "dtype": dtype_name(dtype),
@@ -241,10 +246,11 @@ def reference_fingerprints(
     max_length: int,
     truncation: str,
     dtype: torch.dtype | str,
+    quantize: str = "none",
 ) -> dict[str, Any]:
     """Fingerprints of one reference pass. Hashing a big model is slow the first time only
     (memoized per file); still, compute this on rank 0 and broadcast it on large jobs."""
-    settings = reference_settings(max_length=max_length, truncation=truncation, dtype=dtype)
+    settings = reference_settings(max_length=max_length, truncation=truncation, dtype=dtype, quantize=quantize)
     return {
         "model": model_fingerprint(model_path),
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -266,6 +272,7 @@ def fingerprints_from_config(
         max_length=config.data.max_length,
         truncation=config.data.truncation,
         dtype=dtype,
+        quantize=config.model.lora.quantize,
     )
 
 
@@ -809,7 +816,9 @@ def _build_reference_model(
 
     if dtype != training_dtype(cfg, device):
         raise ReferenceCacheError(f"reference dtype {dtype} differs from the run's {training_dtype(cfg, device)}")
-    return _EngineScorer(build_inference_engine(cfg, cfg.model.path, device, backend, LOGP_REDUCTION))
+    # QLoRA: the reference is the quantized base the policy starts from, not model.path's weights.
+    engine = build_inference_engine(cfg, cfg.model.path, device, backend, LOGP_REDUCTION, cfg.model.lora.quantize)
+    return _EngineScorer(engine)
 
 
 class _EngineScorer(torch.nn.Module):

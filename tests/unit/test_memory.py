@@ -428,3 +428,21 @@ def test_the_gpu_budget_is_the_usable_part_of_the_gpus_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="no local CUDA GPU"):
         budget(name="local", gpu_memory_gb=None)
+
+
+def test_qlora_plans_4bit_base_weights_in_the_decoder_blocks_only():
+    """model.lora.quantize: the blocks' linear weights cost half a byte plus bitsandbytes' double-
+    quantized constants; embeddings, LM head and norms stay bf16; adapters train as with LoRA."""
+    s70 = shape("llama3_70b")
+    h, kv, i, layers = 8192, 1024, 28672, 80
+    linear = layers * (2 * h * h + 2 * h * kv + 3 * h * i)  # q, o; k, v; gate, up, down
+    per_weight = 0.5 + 1 / 64 + 4 / (64 * 256)  # nf4 + 8-bit absmax per 64 + fp32 per 256 absmax
+    lora = settings(8, lora_r=16)
+    qlora = settings(8, lora_r=16, quantized_base=True)
+    want = (2 * (PARAMS["llama3_70b"] - linear) + per_weight * linear) / 8
+    assert plan_memory(s70, qlora).item("parameters") == pytest.approx(want)
+    assert plan_memory(s70, lora).item("parameters") == pytest.approx(2 * PARAMS["llama3_70b"] / 8)
+    for name in ("gradients", "optimizer states"):
+        assert plan_memory(s70, qlora).item(name) == plan_memory(s70, lora).item(name)
+    cfg = config_from_dict({"model": {"lora": {"r": 16, "quantize": "nf4"}}})
+    assert PlanSettings.from_config(cfg).quantized_base is True
