@@ -23,6 +23,35 @@ def write_config(cfg: DPOConfig) -> Path:
     return path
 
 
+INHERITED_SECTIONS = ("stage", "model", "data", "loss", "reference", "train")
+"""What an evaluation of a finished run takes from its ``config.yaml``: the policy's base model
+(the reference), tokenization, data and loss settings it was trained with."""
+
+
+def inherit_run_settings(values: dict[str, Any], run: dict[str, Any], overridden: list[str]) -> dict[str, Any]:
+    """``values`` (a composed config) with ``INHERITED_SECTIONS`` taken from the run's config
+    ``run``, except what the user overrode: a ``section=preset`` choice keeps the composed
+    section, a ``section.key=value`` keeps the composed value of that key."""
+    result = dict(values)
+    for section in INHERITED_SECTIONS:
+        if section not in run or section in overridden:
+            continue
+        if not isinstance(run[section], dict):
+            result[section] = run[section]
+            continue
+        merged = json.loads(json.dumps(run[section]))  # a deep copy of plain YAML values
+        for key in overridden:
+            path = key.split(".")
+            if path[0] != section or len(path) < 2:
+                continue
+            source, target = values[section], merged
+            for part in path[1:-1]:
+                source, target = source[part], target.setdefault(part, {})
+            target[path[-1]] = source[path[-1]]
+        result[section] = merged
+    return result
+
+
 def read_config(path: str | Path) -> DPOConfig:
     with open(path) as f:
         return config_from_dict(yaml.safe_load(f))
@@ -48,6 +77,17 @@ def versions() -> dict[str, str]:
 
 
 def write_run_info(output_dir: str | Path, info: dict[str, Any]) -> None:
+    """Write ``run_info.json``. A resumed run (``resumed_from_step`` > 0) keeps ``reference.computed``
+    true if an earlier job of the run computed that same cache: the run computed it, not this job."""
+    info = dict(info)
+    reference = info.get("reference")
+    if info.get("resumed_from_step") and isinstance(reference, dict) and not reference.get("computed"):
+        try:
+            before = read_run_info(output_dir).get("reference") or {}
+        except (OSError, ValueError):
+            before = {}
+        if before.get("computed") and before.get("cache_dir") == reference.get("cache_dir"):
+            info["reference"] = {**reference, "computed": True}
     body = {"versions": versions(), "argv": sys.argv, **info}
     _atomic_write(Path(output_dir) / "run_info.json", json.dumps(body, indent=2, default=str) + "\n")
 

@@ -1,8 +1,11 @@
 """``dpo-eval``: evaluate a trained policy on held-out data.
 
-    dpo-eval eval.policy_path=outputs/RUN/final [same model/data overrides as the training run]
+    dpo-eval output_dir=outputs/RUN [eval.policy_path=outputs/RUN/checkpoints/step_N]
+    dpo-eval eval.policy_path=/some/final [the model/data overrides it was trained with]
     dpo-eval winrate output_dir=outputs/RUN [judge=rule|reward_model|openai] [eval.max_prompts=200]
 
+With ``output_dir=RUN`` of a finished run, its ``config.yaml`` supplies the model (the reference),
+data, loss, reference and train settings; overrides given here win (``runinfo.inherit_run_settings``).
 Without a mode: reward accuracy and margins against the reference ``model.path`` (its cached
 log-probs are reused); results land in ``eval.output`` (default ``output_dir``) as ``eval.json``,
 while the ranks work in ``OUTPUT_DIR/eval`` (so ``output_dir=RUN`` never touches the run's files).
@@ -30,13 +33,37 @@ EVAL_SUBDIR = "eval"
 def _task(cfg) -> None:
     from dpo_dist.evaluation import rank_config
 
-    launch("dpo-eval", rank_config(to_config(cfg), EVAL_SUBDIR), "eval")
+    launch("dpo-eval", rank_config(to_config(_with_run_settings(cfg)), EVAL_SUBDIR), "eval")
 
 
 def _winrate_task(cfg) -> None:
     from dpo_dist.winrate import rank_config
 
-    launch("dpo-eval", rank_config(to_config(cfg)), "winrate")
+    launch("dpo-eval", rank_config(to_config(_with_run_settings(cfg))), "winrate")
+
+
+def _with_run_settings(cfg):
+    """``output_dir=RUN`` of a finished run: its model (the reference), data, loss and tokenization
+    settings, so an SFT->DPO chain or a custom model is judged against its own base without the
+    user repeating the training overrides; those the user does give still win."""
+    import logging
+
+    import yaml
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from dpo_dist.runinfo import INHERITED_SECTIONS, inherit_run_settings
+
+    run_file = Path(cfg.output_dir) / "config.yaml"
+    if not run_file.is_file():
+        return cfg
+    overridden = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+    values = OmegaConf.to_container(cfg, resolve=True)
+    merged = inherit_run_settings(values, yaml.safe_load(run_file.read_text()) or {}, overridden)
+    logging.getLogger("dpo_dist").info(
+        "dpo-eval: %s settings from %s (overrides given here win)", "/".join(INHERITED_SECTIONS), run_file
+    )
+    return OmegaConf.create(merged)
 
 
 def _work_dir_argv(argv: list[str], subdir: str) -> list[str]:

@@ -68,3 +68,49 @@ def test_a_swept_cluster_key_is_refused_on_slurm(monkeypatch, capsys):
         hand_over(monkeypatch, "-m", "cluster=slurm", "cluster.nodes=1,2")
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith(f"{PROG}: error: cluster.nodes is swept, but one Slurm job array")
+
+
+def test_an_evaluation_inherits_the_runs_settings_unless_overridden():
+    """dpo-eval output_dir=RUN: the run's model (the reference), data and loss settings, not the
+    defaults (an SFT->DPO chain was judged against the bundled base); the user's overrides win."""
+    from dpo_dist.runinfo import inherit_run_settings
+
+    composed = {
+        "output_dir": "RUN",
+        "stage": "dpo",
+        "model": {"path": "/bundled", "lora": {"r": 0, "alpha": 16}, "dtype": "auto"},
+        "data": {"eval_path": "/bundled/eval.jsonl", "max_length": 256},
+        "loss": {"name": "sigmoid", "beta": 0.3},
+        "eval": {"max_prompts": 5},
+    }
+    run = {
+        "output_dir": "elsewhere",
+        "stage": "dpo",
+        "model": {"path": "RUN/sft/final", "lora": {"r": 8, "alpha": 32}, "dtype": "auto"},
+        "data": {"eval_path": "/custom/eval.jsonl", "max_length": 512},
+        "loss": {"name": "ipo", "beta": 0.1},
+        "eval": {"max_prompts": 100},
+    }
+    merged = inherit_run_settings(composed, run, ["output_dir", "eval.max_prompts", "model.lora.alpha"])
+    assert merged["model"] == {"path": "RUN/sft/final", "lora": {"r": 8, "alpha": 16}, "dtype": "auto"}
+    assert merged["data"] == run["data"] and merged["loss"] == run["loss"]
+    assert merged["output_dir"] == "RUN" and merged["eval"] == {"max_prompts": 5}  # never inherited
+    assert inherit_run_settings(composed, run, ["loss"])["loss"] == composed["loss"]  # loss=<preset> chosen anew
+    assert run["model"]["lora"]["alpha"] == 32  # the run's dict is not modified
+
+
+def test_a_resumed_run_still_says_it_computed_its_reference_cache(tmp_path):
+    """run_info.json's reference.computed is about the run: the job that resumes it reuses the
+    cache its first job computed, and must not flip the answer to false."""
+    from dpo_dist.runinfo import read_run_info, write_run_info
+
+    first = {"resumed_from_step": 0, "reference": {"cache_dir": "/c/a", "computed": True}}
+    write_run_info(tmp_path, first)
+    write_run_info(tmp_path, {"resumed_from_step": 4, "reference": {"cache_dir": "/c/a", "computed": False}})
+    assert read_run_info(tmp_path)["reference"] == {"cache_dir": "/c/a", "computed": True}
+    # Another cache (the inputs changed between jobs) was not computed by this run.
+    write_run_info(tmp_path, {"resumed_from_step": 6, "reference": {"cache_dir": "/c/b", "computed": False}})
+    assert read_run_info(tmp_path)["reference"] == {"cache_dir": "/c/b", "computed": False}
+    # A fresh start reports what it did.
+    write_run_info(tmp_path, {"resumed_from_step": 0, "reference": {"cache_dir": "/c/b", "computed": False}})
+    assert read_run_info(tmp_path)["reference"]["computed"] is False
