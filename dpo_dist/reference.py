@@ -719,7 +719,8 @@ def ensure_reference_for_run(
 ) -> RunReference:
     """Ensure the train (``cache_dir``) and eval (``cache_dir/eval``) caches, then open them.
 
-    ``cache_dir`` is ``reference.cache_dir`` or ``default_cache_dir`` of the train fingerprint.
+    ``cache_dir`` is ``reference.cache_dir`` or ``default_cache_dir`` of the train and eval
+    fingerprints (a changed eval file must not meet the old ``eval/`` cache and be refused).
     The reference model is built only if something is missing and freed afterwards.
     """
     summaries, cache_dir, fingerprints = _ensure_run_splits(cfg, env, device, backend, train_data, eval_data)
@@ -774,9 +775,10 @@ def _ensure_run_splits(cfg, env, device, backend, train_data, eval_data, tokeniz
         },
         env.world_size,
     )
-    cache_dir = Path(
-        cfg.reference.cache_dir or default_cache_dir(combined_fingerprint(fingerprints["train"]))
-    )
+    key = combined_fingerprint(fingerprints["train"])
+    if "eval" in fingerprints:  # the eval split's cache lives inside: other eval inputs, another directory
+        key = json_sha256([key, combined_fingerprint(fingerprints["eval"])])
+    cache_dir = Path(cfg.reference.cache_dir or default_cache_dir(key))
     cache_dir = cache_dir.expanduser().absolute()
     built: list[torch.nn.Module] = []
 

@@ -408,3 +408,20 @@ def test_gpu_engine_smoke_script_runs_on_cpu(tmp_path, dtype):
     assert abs(report["losses"][0] - math.log(2)) < 1e-6  # policy = reference at step 0, exactly
     memory = report["allocated"]
     assert memory["during"] > 0 and memory["after"] == memory["before"], memory
+
+
+def test_default_reference_cache_follows_the_eval_file_too(assets, tmp_path):
+    """Without reference.cache_dir the cache directory is keyed by the inputs; the eval split lives
+    inside it, so another eval file must get another directory, not meet the old eval/ cache and be
+    refused as "built from other inputs"."""
+    from tests.helpers import make_pairs_jsonl
+
+    env = {"DPO_DIST_CACHE": str(tmp_path / "root")}
+    other_eval = make_pairs_jsonl(tmp_path / "other_eval.jsonl", 6, seed=11)
+    dirs = []
+    for eval_path in (assets["eval"], other_eval, assets["eval"]):
+        settings = {"output_dir": tmp_path / "pre", "data.eval_path": eval_path}
+        result = run_cli("launch.precompute", *tiny_run_overrides(assets, settings), env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        dirs.append(sorted((tmp_path / "root" / "reference").iterdir()))
+    assert len(dirs[0]) == 1 and len(dirs[1]) == 2 and dirs[2] == dirs[1]  # the first reused at the end
