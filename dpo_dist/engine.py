@@ -906,6 +906,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     env, device, tokenizer, backend = job.env, job.device, job.tokenizer, job.backend
     train_data, eval_data = job.train_data, job.eval_data
     seed_everything(cfg.train.seed)
+    wandb_run = init_wandb(cfg, env)  # before any model work: a missing W&B login fails at once
     reference = prepare_reference(cfg, env, device, backend, train_data, eval_data)
     engine = build_engine(cfg, device, backend)
     if isinstance(reference, OnlineReference):
@@ -916,7 +917,6 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     if env.is_main:
         write_run_info(cfg.output_dir, run_info(cfg, env, device, backend, train_data, eval_data, reference, start))
     metrics = MetricsLog(cfg.output_dir, resume_step=start) if env.is_main else None
-    wandb_run = init_wandb(cfg, env)
     # Before the preemption flag, like the reference pass: a signal now requeues at once, and
     # the resumed run finds the eval still pending.
     last_eval = resume_pending_eval(ctx, eval_data, env, start, metrics, wandb_run)
@@ -1049,16 +1049,21 @@ def init_wandb(cfg: DPOConfig, env: D.DistEnv):
         return None
     import wandb
 
-    return wandb.init(
-        project=cfg.wandb.project,
-        entity=cfg.wandb.entity,
-        name=cfg.wandb.name or Path(cfg.output_dir).name,
-        mode=cfg.wandb.mode,
-        dir=cfg.output_dir,
-        config=cfg.to_dict(),
-        resume="allow",
-        id=_wandb_id(cfg),
-    )
+    try:
+        return wandb.init(
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity,
+            name=cfg.wandb.name or Path(cfg.output_dir).name,
+            mode=cfg.wandb.mode,
+            dir=cfg.output_dir,
+            config=cfg.to_dict(),
+            resume="allow",
+            id=_wandb_id(cfg),
+        )
+    except (wandb.errors.UsageError, wandb.errors.AuthenticationError, wandb.errors.CommError) as exc:
+        # No API key, a bad key or no route to the W&B server: the user's setup, not a crash.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"wandb.mode={cfg.wandb.mode}: {reason} (wandb login, WANDB_API_KEY, or wandb.mode=offline)") from None
 
 
 def _wandb_id(cfg: DPOConfig) -> str:

@@ -2,9 +2,10 @@
 
 Why memoize: the reference cache is keyed by the model's weights, and hashing 140 GB of Llama 3
 70B safetensors takes minutes on every run. ``file_sha256`` remembers each file's digest in
-``<cache root>/filehash.json`` under its absolute path together with its size and ``mtime_ns``;
-the digest is reused only while both are unchanged, so rewriting a file (``save_pretrained``,
-``cp`` without ``-p``) re-hashes it.
+``<cache root>/filehash.json`` under its absolute path together with its size, ``mtime_ns``,
+inode and ``ctime_ns``; the digest is reused only while all are unchanged, so rewriting a file
+re-hashes it, even when the rewrite kept the size and restored the mtime (``cp -p``,
+``rsync -t``): no call can set ctime, and writing to a file (or replacing it) changes it.
 
 The cache root is ``$DPO_DIST_CACHE`` if set, else ``~/.cache/dpo_dist``. Several processes
 (ranks, sweep jobs) may update the memo at once: each write re-reads the file, merges its own
@@ -41,6 +42,19 @@ _HASH_THREADS = 8
 """hashlib releases the GIL on large updates, so sharded checkpoints hash in parallel."""
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+NEW_FILE_MODE = 0o666 & ~_read_umask()
+"""The mode ``open`` gives a new file, for files written through ``tempfile.mkstemp`` (always
+0600), which would hide a cache shared through ``$DPO_DIST_CACHE`` from the other users. Read
+once, at import: the umask can only be read by setting it, which races with threads creating
+files."""
+
+
 def cache_root() -> Path:
     """``$DPO_DIST_CACHE`` or ``~/.cache/dpo_dist`` (not created here)."""
     override = os.environ.get(CACHE_ENV)
@@ -63,7 +77,8 @@ def bytes_sha256(path: str | os.PathLike) -> str:
 
 
 def file_sha256(path: str | os.PathLike, *, memo: bool = True) -> str:
-    """sha256 of a file's bytes, reusing the memoized digest while its size and mtime are unchanged."""
+    """sha256 of a file's bytes, reusing the memoized digest while the file is unchanged (size,
+    mtime, inode and ctime)."""
     return files_sha256([path], memo=memo)[0]
 
 
@@ -75,7 +90,7 @@ def files_sha256(paths: Iterable[str | os.PathLike], *, memo: bool = True) -> li
     digests: list[str | None] = []
     for path, st in zip(resolved, stats):
         entry = entries.get(str(path))
-        fresh = entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
+        fresh = entry and all(entry.get(key) == value for key, value in _memo_key(st).items())
         digests.append(entry["sha256"] if fresh else None)
     todo = [i for i, d in enumerate(digests) if d is None]
     if todo:
@@ -84,14 +99,7 @@ def files_sha256(paths: Iterable[str | os.PathLike], *, memo: bool = True) -> li
                 digests[i] = digest
         if memo:
             _update_memo(
-                {
-                    str(resolved[i]): {
-                        "size": stats[i].st_size,
-                        "mtime_ns": stats[i].st_mtime_ns,
-                        "sha256": digests[i],
-                    }
-                    for i in todo
-                }
+                {str(resolved[i]): {**_memo_key(stats[i]), "sha256": digests[i]} for i in todo}
             )
     return [d for d in digests if d is not None]
 
@@ -116,6 +124,11 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
     files = weights + ([root / "config.json"] if (root / "config.json").is_file() else [])
     digests = files_sha256(files)
     return json_sha256({p.relative_to(root).as_posix(): d for p, d in zip(files, digests)})
+
+
+def _memo_key(st: os.stat_result) -> dict[str, int]:
+    """What must be unchanged for a memoized digest to be reused (see the module docstring)."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "ctime_ns": st.st_ctime_ns}
 
 
 def _memo_path() -> Path:
@@ -144,6 +157,7 @@ def _update_memo(new_entries: dict[str, dict[str, Any]]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{_MEMO_NAME}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "w") as f:
+                os.fchmod(fd, NEW_FILE_MODE)
                 json.dump({"version": _MEMO_VERSION, "entries": entries}, f, indent=0, sort_keys=True)
             os.replace(tmp, path)
         except BaseException:

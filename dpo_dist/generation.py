@@ -271,15 +271,17 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
     if not path.is_file():
         raise GenerationError(f"{path}: no such file")
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [PromptItem(i, line) for i, line in enumerate(ln for ln in lines if ln.strip())]
-    if suffix == ".jsonl":
-        rows = _jsonl_rows(path)
-    elif suffix == ".json":
-        rows = _json_rows(path)
-    else:
+    if suffix not in (".txt", ".jsonl", ".json"):
         raise GenerationError(f"{path}: unsupported prompt file (expected .jsonl, .json or .txt)")
+    try:
+        if suffix == ".txt":
+            lines = path.read_text(encoding="utf-8").splitlines()
+            return [PromptItem(i, line) for i, line in enumerate(ln for ln in lines if ln.strip())]
+        rows = _jsonl_rows(path) if suffix == ".jsonl" else _json_rows(path)
+    except OSError as e:
+        raise GenerationError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise GenerationError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     items = []
     for example_id, (line, row) in enumerate(rows):
         prompt = row.get("prompt") if isinstance(row, dict) else None

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dpo_dist.fingerprint import json_sha256
+from dpo_dist.fingerprint import NEW_FILE_MODE, json_sha256
 
 FORMAT_VERSION = 1
 """Bump when the shard or manifest layout, or the meaning of a column, changes."""
@@ -233,10 +233,16 @@ def describe_cache(cache_dir: str | os.PathLike) -> list[str]:
         f"examples: {manifest.get('num_examples')} in {manifest.get('num_shards')} shards "
         f"of up to {manifest.get('pairs_per_shard')} pairs",
     ]
+    # .get: a hand-edited or damaged manifest is described as is; verify_cache reports it.
     lines += [
-        f"{name}: {entry['rows']} rows, sha256 {entry['sha256']}" for name, entry in sorted(shards.items())
+        f"{name}: {_entry(entry).get('rows')} rows, sha256 {_entry(entry).get('sha256')}"
+        for name, entry in sorted(shards.items())
     ]
     return lines
+
+
+def _entry(entry: Any) -> dict[str, Any]:
+    return entry if isinstance(entry, dict) else {}
 
 
 def _inspect(cache_dir: str | os.PathLike, missing: str) -> tuple[Path, dict[str, Any] | None, str | None]:
@@ -263,8 +269,13 @@ def verify_cache(cache_dir: str | os.PathLike) -> list[str]:
         problems.append(f"{cache_dir}: incomplete (complete=false in manifest.json)")
     ids = []
     for name, entry in sorted(manifest.get("shards", {}).items()):
+        entry = _entry(entry)
         try:
-            data = checked_shard_bytes(cache_dir, name, entry["sha256"])
+            if isinstance(entry.get("sha256"), str):
+                data = checked_shard_bytes(cache_dir, name, entry["sha256"])
+            else:
+                problems.append(f"shard {name}: manifest.json entry has no sha256")
+                data = shard_bytes(cache_dir, name)  # its rows are still checked below
             table = pa.ipc.open_file(data).read_all()
         except (ReferenceCacheError, pa.ArrowInvalid, OSError) as err:
             problems.append(str(err))
@@ -272,8 +283,8 @@ def verify_cache(cache_dir: str | os.PathLike) -> list[str]:
         if table.schema.remove_metadata() != SCHEMA:
             problems.append(f"shard {name} has columns {table.schema.names}, expected {SCHEMA.names}")
             continue
-        if table.num_rows != entry["rows"]:
-            problems.append(f"shard {name} has {table.num_rows} rows, manifest says {entry['rows']}")
+        if table.num_rows != entry.get("rows"):
+            problems.append(f"shard {name} has {table.num_rows} rows, manifest says {entry.get('rows')}")
         ids.append(table.column("example_id").to_numpy())
     all_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
     if manifest.get("complete") and all_ids.size != manifest.get("num_examples"):
@@ -403,6 +414,7 @@ def write_bytes_atomic(path: Path, data: bytes | pa.Buffer, *, prefix: str) -> N
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, NEW_FILE_MODE)  # mkstemp's 0600 would lock other users out of a shared cache
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

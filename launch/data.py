@@ -1,8 +1,9 @@
 """``dpo-data``: check and describe preference data files.
 
-``dpo-data check PATH [PATH ...]`` prints one ``PATH:LINE: reason`` line per bad record, then
-``N good, M bad``; it exits 0 when all records are good, 1 when any is bad, 2 on a usage error
-(no path, a missing file, an unsupported or unreadable format).
+``dpo-data check PATH [PATH ...]`` prints one ``PATH:LINE: reason`` line per bad record (and
+``PATH: no records`` for a file without any, which training refuses), then ``N good, M bad``; it
+exits 0 when all records are good, 1 when any is bad or a file is empty, 2 on a usage error (no
+path, a missing file, an unsupported or unreadable format).
 
 ``dpo-data stats PATH [--tokenizer DIR] [--max-length N]`` prints record counts, token-length
 percentiles and how many pairs ``data.max_length=N`` would truncate.
@@ -78,7 +79,7 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_check(args: argparse.Namespace) -> int:
     good = bad = 0
-    unreadable = False
+    unreadable = empty = False
     for path in args.paths:
         try:
             result = read_preferences(path)
@@ -89,12 +90,15 @@ def run_check(args: argparse.Namespace) -> int:
             continue
         for problem in result.problems:
             print(problem)
+        if not result.num_records:
+            print(f"{path}: no records")
+            empty = True
         good += len(result.records)
         bad += len(result.problems)
     print(f"{good} good, {bad} bad")
     if unreadable:
         return EXIT_USAGE
-    return EXIT_BAD_DATA if bad else EXIT_OK
+    return EXIT_BAD_DATA if bad or empty else EXIT_OK
 
 
 # ---- stats ---------------------------------------------------------------------------------------
@@ -160,17 +164,27 @@ def _shards_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_shards(args: argparse.Namespace) -> int:
-    """Manifest summary, then every shard re-hashed: exit 0 if the cache checks out, 1 if not."""
+    """Manifest summary, then every shard re-hashed, for DIR and (when present) the eval split's
+    cache DIR/eval: exit 0 if the caches check out, 1 if not."""
     from dpo_dist.reference import describe_cache, verify_cache
 
-    if not Path(args.cache_dir).is_dir():
+    cache_dir = Path(args.cache_dir)
+    if not cache_dir.is_dir():
         raise UsageError(f"{args.cache_dir}: no such directory")
-    for line in describe_cache(args.cache_dir):
-        print(line)
-    problems = verify_cache(args.cache_dir)
-    for problem in problems:
-        print(f"problem: {problem}")
-    print("verified: all shards match their sha256" if not problems else f"{len(problems)} problems")
+    # A run with eval data writes the eval split's cache inside the train one.
+    splits = [cache_dir] + ([cache_dir / "eval"] if (cache_dir / "eval").is_dir() else [])
+    problems = []
+    for split_dir in splits:
+        if split_dir != cache_dir:
+            print(f"eval split: {split_dir}")
+        for line in describe_cache(split_dir):
+            print(line)
+        split_problems = verify_cache(split_dir)
+        for problem in split_problems:
+            print(f"problem: {problem}")
+        problems += split_problems
+    verified = "all shards match their sha256" + (" (train and eval)" if len(splits) > 1 else "")
+    print(f"verified: {verified}" if not problems else f"{len(problems)} problems")
     return EXIT_BAD_DATA if problems else EXIT_OK
 
 
@@ -187,18 +201,31 @@ def _audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=512, metavar="N", help="data.max_length for the truncation count")
 
 
+def _make_dir(flag: str, directory: Path) -> None:
+    """Create ``directory`` (and parents), or raise the one-line ``UsageError`` naming ``flag``."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # FileExistsError when it, or a parent, is a file
+        raise UsageError(f"{flag} {directory}: cannot create directory: {e.strerror or e}") from None
+
+
 def run_audit(args: argparse.Namespace) -> int:
     """``name: count`` per check, then the paths of the markdown report and the histogram."""
     from dpo_dist.audit import audit, write_report
 
     if args.max_length < 1:
         raise UsageError(f"--max-length must be positive, got {args.max_length}")
+    # Before the work: a bad --out found only when writing would waste the whole audit.
+    _make_dir("--out", Path(args.out))
     tokenizer_dir = args.tokenizer or bundled_tokenizer_path()
     tokenizer = _load_tokenizer(tokenizer_dir)
     result = audit(args.path, tokenizer, eval_path=args.eval, max_length=args.max_length)
     for line in result.summary_lines():
         print(line)
-    report, png = write_report(result, args.out, tokenizer_dir)
+    try:
+        report, png = write_report(result, args.out, tokenizer_dir)
+    except OSError as e:
+        raise UsageError(f"--out {args.out}: cannot write the report: {e.strerror or e}") from None
     print(f"report: {report}")
     print(f"histogram: {png}")
     return EXIT_OK
@@ -233,6 +260,8 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise UsageError("need --temperature > 0, 0 < --top-p <= 1, --tie-margin >= 0 and --max-prompts >= 0")
     if not args.out.endswith(".jsonl"):
         raise UsageError(f"--out {args.out}: must be a .jsonl file")
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out}: is a directory")
     if not os.path.isdir(args.model):
         raise UsageError(f"--model {args.model}: not a directory")
     if args.judge == "reward_model" and not (args.reward_model and os.path.isdir(args.reward_model)):
@@ -253,6 +282,8 @@ def run_generate(args: argparse.Namespace) -> int:
     from dpo_dist.judges import JudgeError, RewardModelJudge, RuleJudge
 
     _check_generate_args(args)
+    out = Path(args.out)
+    _make_dir("--out", out.parent)  # before sampling, which may take hours
     try:
         items = read_prompts(args.prompts)
         items = items[: args.max_prompts] if args.max_prompts else items
@@ -269,11 +300,13 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     except (GenerationError, JudgeError) as e:
         raise UsageError(str(e)) from None
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, out)
+    try:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"--out {args.out}: cannot write: {e.strerror or e}") from None
     for line in stats.lines():
         print(line)
     print(f"wrote {out}")

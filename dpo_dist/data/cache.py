@@ -136,6 +136,9 @@ def load_tokenized(
             _apply_on_invalid(shown, len(problems), problems, on_invalid, log)
         if files:
             _write_cache(files, dataset, problems)
+    if not dataset.num_records:
+        # Not "no pairs left": nothing was invalid or truncated, the file itself is empty.
+        raise DataError(f"{shown}: no records")
     _log_summary(log, shown, dataset, max_length, truncation, files)
     if not len(dataset):
         raise DataError(f"{shown}: no pairs left (all records invalid or dropped by data.truncation)")
@@ -179,7 +182,7 @@ def _sha256(state) -> str:
 
 def _apply_on_invalid(shown: str, num_invalid: int, problems: list[Problem], on_invalid: str, log) -> None:
     if num_invalid:
-        check_invalid(shown, num_invalid, problems[0], on_invalid)
+        check_invalid(log, shown, problems, on_invalid, total=num_invalid)
         log_dropped(log, shown, problems, total=num_invalid)
 
 

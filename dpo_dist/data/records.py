@@ -25,7 +25,8 @@ the record on line N has example_id N - 1. Dropping bad records never shifts the
 ones, which keeps reference log-prob shards valid when a file is fixed or filtered.
 
 Whole-file failures (missing path, unsupported suffix, a JSON file that does not parse or is not
-a list, an unreadable Parquet file) raise ``DataError``: there are no records to report on.
+a list, an unreadable Parquet file or saved dataset, an OS error while reading) raise
+``DataError``: there are no records to report on.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ Text = str | Messages
 
 _SUFFIXES = (".jsonl", ".json", ".parquet")
 LOGGED_PROBLEMS = 10
-"""Under on_invalid=skip, how many problems are logged one by one before only the count is."""
+"""How many problems are logged one by one (under either on_invalid) before only the count is."""
 
 
 class DataError(Exception):
@@ -107,12 +108,15 @@ def read_preferences(path: str | os.PathLike) -> ReadResult:
     """Read every record of ``path``, keeping the good ones and a ``Problem`` per bad one."""
     shown = os.fspath(path)
     result = ReadResult(path=shown)
-    for example_id, line, raw in _iter_raw(Path(path), shown):
-        reason = raw if isinstance(raw, _Unreadable) else validate_record(raw)
-        if reason is None:
-            result.records.append(_to_record(example_id, line, raw))
-        else:
-            result.problems.append(Problem(shown, line, str(reason)))
+    try:
+        for example_id, line, raw in _iter_raw(Path(path), shown):
+            reason = raw if isinstance(raw, _Unreadable) else validate_record(raw)
+            if reason is None:
+                result.records.append(_to_record(example_id, line, raw))
+            else:
+                result.problems.append(Problem(shown, line, str(reason)))
+    except OSError as e:  # permissions, I/O errors, special files: any reader, any time
+        raise _cannot_read(shown, e) from None
     return result
 
 
@@ -129,20 +133,33 @@ def load_preferences(
     log = log or logger
     result = read_preferences(path)
     if result.problems:
-        check_invalid(result.path, len(result.problems), result.problems[0], on_invalid)
+        check_invalid(log, result.path, result.problems, on_invalid)
         log_dropped(log, result.path, result.problems)
     if not result.records:
         raise DataError(f"{result.path}: no valid records")
     return result.records
 
 
-def check_invalid(path: str, num_invalid: int, first: Problem, on_invalid: str) -> None:
-    """Raise the standard ``DataError`` for invalid records under ``on_invalid=error``."""
-    if num_invalid and on_invalid == "error":
-        noun = "record" if num_invalid == 1 else "records"
-        raise DataError(
-            f"{path}: {num_invalid} invalid {noun} (first: {first}); fix them or set data.on_invalid=skip"
-        )
+def check_invalid(
+    log: logging.Logger, path: str, problems: list[Problem], on_invalid: str, total: int | None = None
+) -> None:
+    """Under ``on_invalid=error``, log the first ``LOGGED_PROBLEMS`` problems as ``PATH:LINE:
+    reason`` lines and raise the standard ``DataError`` (``total`` if more exist than listed).
+
+    The error is one line, so it names only the first problem; the log lines let a user fix
+    several at once without a round trip through ``dpo-data check``."""
+    total = len(problems) if total is None else total
+    if not total or on_invalid != "error":
+        return
+    for problem in problems[:LOGGED_PROBLEMS]:
+        log.error("%s", problem)
+    if total > LOGGED_PROBLEMS:
+        log.error("... and %d more invalid records in %s", total - LOGGED_PROBLEMS, path)
+    noun = "record" if total == 1 else "records"
+    raise DataError(
+        f"{path}: {total} invalid {noun} (first: {problems[0]}); fix them or set data.on_invalid=skip "
+        f"(run `dpo-data check {path}` to list all)"
+    )
 
 
 def log_dropped(log: logging.Logger, path: str, problems: list[Problem], total: int | None = None) -> None:
@@ -171,17 +188,25 @@ def validate_record(raw: Any) -> str | None:
 def data_fingerprint(path: str | os.PathLike) -> str:
     """sha256 of the file's bytes, or over every file's relative path and sha256 in a directory.
 
-    Digests are memoized by path, size and mtime (``dpo_dist.fingerprint``): every rank of every
+    Digests are memoized by path and stat (``dpo_dist.fingerprint``): every rank of every
     run asks at start, and re-reading a big file from shared storage each time is slow."""
     from dpo_dist.fingerprint import file_sha256, files_sha256, json_sha256
 
     shown, path = os.fspath(path), Path(path)
-    if not path.exists():
-        raise DataError(f"{shown}: no such file or directory")
-    if not path.is_dir():
-        return file_sha256(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    return json_sha256({f.relative_to(path).as_posix(): d for f, d in zip(files, files_sha256(files))})
+    try:
+        if not path.exists():
+            raise DataError(f"{shown}: no such file or directory")
+        if not path.is_dir():
+            return file_sha256(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return json_sha256({f.relative_to(path).as_posix(): d for f, d in zip(files, files_sha256(files))})
+    except OSError as e:
+        raise _cannot_read(shown, e) from None
+
+
+def _cannot_read(shown: str, err: OSError) -> DataError:
+    """The one-line ``DataError`` for an OS error while reading ``shown``."""
+    return DataError(f"{shown}: cannot read: {err.strerror or err}")
 
 
 class _Unreadable(str):
@@ -265,6 +290,9 @@ def _read_dataset_dir(path: Path, shown: str) -> Iterator[dict[str, Any]]:
         loaded = datasets.load_from_disk(str(path))
     except FileNotFoundError:
         raise DataError(f"{shown}: a directory must be a dataset saved with save_to_disk") from None
+    except Exception as e:  # a damaged save fails in json, pyarrow or datasets, with any type
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"{shown}: cannot load saved dataset: {reason}") from None
     if isinstance(loaded, datasets.DatasetDict):
         splits = list(loaded)
         if len(splits) != 1:

@@ -90,7 +90,7 @@ def test_cache_written_under_skip_still_fails_under_error(tok, data, tmp_path):
         load_tokenized(data, tok, 40, on_invalid="error", cache_dir=cache)
     assert str(info.value) == (
         f"{data}: 13 invalid records (first: {data}:4: invalid JSON: Expecting value at column 32); "
-        "fix them or set data.on_invalid=skip"
+        f"fix them or set data.on_invalid=skip (run `dpo-data check {data}` to list all)"
     )
 
 

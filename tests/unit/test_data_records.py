@@ -94,7 +94,8 @@ def test_error_raises_one_line_message():
         load_preferences(MIXED_JSONL)
     assert str(info.value) == (
         f"{MIXED_JSONL}: 13 invalid records (first: {MIXED_JSONL}:4: invalid JSON: Expecting value "
-        "at column 32); fix them or set data.on_invalid=skip"
+        "at column 32); fix them or set data.on_invalid=skip "
+        f"(run `dpo-data check {MIXED_JSONL}` to list all)"
     )
     assert "\n" not in str(info.value)
 

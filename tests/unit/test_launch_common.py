@@ -114,3 +114,22 @@ def test_a_resumed_run_still_says_it_computed_its_reference_cache(tmp_path):
     # A fresh start reports what it did.
     write_run_info(tmp_path, {"resumed_from_step": 0, "reference": {"cache_dir": "/c/b", "computed": False}})
     assert read_run_info(tmp_path)["reference"]["computed"] is False
+
+
+def test_wandb_online_without_a_login_is_one_config_error(monkeypatch, tmp_path):
+    """wandb.mode=online with no API key was a traceback after the reference pass; now one line,
+    raised where train() starts W&B, before any model work."""
+    import wandb
+
+    from dpo_dist.config import ConfigError, config_from_dict
+    from dpo_dist.distributed import DistEnv
+    from dpo_dist.engine import init_wandb
+
+    def no_key(**kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", no_key)
+    cfg = config_from_dict({"output_dir": str(tmp_path), "wandb": {"mode": "online"}})
+    env = DistEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=0, slurm_job_id=None)
+    with pytest.raises(ConfigError, match=r"^wandb.mode=online: No API key configured\. .*wandb.mode=offline\)$"):
+        init_wandb(cfg, env)
