@@ -11,9 +11,11 @@ Backends, in the order ``auto`` tries them:
   ``flash_attn.cute`` when the ``flash-attn-4`` distribution is installed). CUDA, fp16/bf16.
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.11). CUDA, fp16/bf16: it
   dispatches only to flash/cuDNN kernels and has no CPU implementation.
-- ``sdpa``: one ``F.scaled_dot_product_attention`` call with a block-diagonal causal boolean mask.
-  Any device and dtype; the mask costs T*T bytes (built once per forward and kept until the next
-  row), and no fused kernel skips the masked blocks, so it is the CPU and fallback path.
+- ``sdpa``: ``F.scaled_dot_product_attention``, any device and dtype: the CPU and fallback path. On
+  CPU (no sliding window) one causal call per sequence of the row, since a mask would still cost
+  the full [T, T] scores; elsewhere one call with a block-diagonal causal boolean mask (T*T bytes,
+  built once per forward and kept until the next row; no fused kernel skips the masked blocks).
+  Both forms are tested to agree.
 
 A forced backend that cannot run raises ``AttentionBackendError``; nothing falls back silently.
 
