@@ -36,7 +36,13 @@ from typing import Any
 import yaml
 
 # winrate.json key -> column header. Extend here to show more of what dpo-eval winrate writes.
-WINRATE_COLUMNS = {"win_rate": "win_rate", "score": "win_score"}
+WINRATE_COLUMNS = {
+    "win_rate": "win_rate",
+    "tie_rate": "tie_rate",
+    "loss_rate": "loss_rate",
+    "score": "win_score",
+    "score_ci95": "score_ci95",
+}
 
 # Slurm states (status.json says the run is alive, the scheduler says otherwise) -> status word.
 _SCHEDULER_STATUS = {
@@ -240,6 +246,13 @@ def _fmt(value: float | None, spec: str) -> str:
     return format(value, spec)
 
 
+def _winrate_cell(value) -> str:
+    """A rate as 0.xxx; a 95% interval (``[lo, hi]`` in winrate.json) as lo-hi."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return f"{value[0]:.3f}-{value[1]:.3f}"
+    return _fmt(value, ".3f")
+
+
 def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """Headers and one row of strings per run."""
     headers = ["run", "overrides", "step", "loss", "eval_acc", "eval_margin", "tokens/s", "status"]
@@ -258,7 +271,7 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             _fmt(run.tokens_per_s, ".0f"),
             run.status,
         ]
-        row += [_fmt((run.winrate or {}).get(c), ".3f") for c in with_winrate]
+        row += [_winrate_cell((run.winrate or {}).get(c)) for c in with_winrate]
         rows.append(row)
     return headers, rows
 

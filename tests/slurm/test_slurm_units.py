@@ -262,7 +262,8 @@ def make_run(root: Path, name: str, beta: float, lr: float, *, steps: int, max_s
 
 
 def test_report_table_statuses_and_heatmap(tmp_path):
-    make_run(tmp_path, "0", 0.1, 1e-6, steps=4, final=True, winrate={"win_rate": 0.25, "score": 0.5, "n": 8})
+    make_run(tmp_path, "0", 0.1, 1e-6, steps=4, final=True, winrate={"win_rate": 0.25, "tie_rate": 0.5, "loss_rate": 0.25, "score": 0.5,
+             "score_ci95": [0.2152, 0.7848], "n": 8})
     make_run(tmp_path, "1", 0.1, 5e-6, steps=2, status={"state": "failed", "job_id": "7_1", "message": "rank 1: boom"})
     make_run(tmp_path, "2", 0.5, 1e-6, steps=3, status={"state": "running", "job_id": "7_2"})
     make_run(tmp_path, "10", 0.5, 5e-6, steps=0, status={"state": "requeued", "job_id": "7_3"})
@@ -272,11 +273,13 @@ def test_report_table_statuses_and_heatmap(tmp_path):
     assert [r.name for r in runs] == ["0", "1", "2", "10"]
     headers, rows = table(runs)
     assert headers == ["run", "overrides", "step", "loss", "eval_acc", "eval_margin", "tokens/s", "status",
-                       "win_rate", "win_score"]
+                       "win_rate", "tie_rate", "loss_rate", "win_score", "score_ci95"]
     by_name = {row[0]: dict(zip(headers, row)) for row in rows}
     assert by_name["0"]["overrides"] == "loss.beta=0.1 optim.lr=1e-06"  # cluster=slurm is common to all
     assert by_name["0"]["status"] == "done" and by_name["0"]["step"] == "4/4"
     assert by_name["0"]["eval_acc"] == "0.600" and by_name["0"]["win_rate"] == "0.250"
+    assert (by_name["0"]["tie_rate"], by_name["0"]["loss_rate"]) == ("0.500", "0.250")
+    assert by_name["0"]["score_ci95"] == "0.215-0.785"
     assert by_name["0"]["tokens/s"] == "250"  # median
     assert by_name["1"]["status"] == "failed" and by_name["1"]["win_rate"] == "-"
     assert by_name["2"]["status"] == "running"
