@@ -451,9 +451,16 @@ class ReferenceConfig:
     """precompute: one forward pass into Arrow shards, reused by every run | online: a reference forward each step."""
     cache_dir: str | None = None
     """Shard directory; defaults to ``~/.cache/dpo_dist/reference/<fingerprint>`` so sweeps share it."""
+    partition: str = "auto"
+    """How the precompute pass holds the frozen model: ``replicate`` (a full copy per rank, plain
+    forwards, no collectives), ``zero3`` (partitioned as in training, every layer gathered per
+    forward: for models no single device holds), ``auto``: replicate when the weights take at most
+    half of one device's memory (the GPU's capacity; on CPU the host's available memory shared by
+    the node's ranks), else zero3. The numbers are the same either way."""
 
     def __post_init__(self) -> None:
         _one_of(self.mode, "reference.mode", ("precompute", "online"))
+        _one_of(self.partition, "reference.partition", ("auto", "replicate", "zero3"))
 
 
 @dataclass

@@ -150,13 +150,17 @@ def training_dtype(cfg: DPOConfig, device: torch.device) -> torch.dtype:
 
 
 def load_for_deepspeed(
-    cfg: DPOConfig, path: str, device: torch.device, *, frozen: bool, quantize: str = "none"
+    cfg: DPOConfig, path: str, device: torch.device, *, frozen: bool, quantize: str = "none", replicate: bool = False
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The causal LM at ``path`` loaded for ``deepspeed.initialize`` in the run's dtype (partitioned
     at load under ZeRO-3), and the DeepSpeed config to initialize it with (``frozen``: no optimizer).
-    ``quantize``: QLoRA's 4-bit base (``model.lora.quantize``), for the policy and its reference."""
+    ``quantize``: QLoRA's 4-bit base (``model.lora.quantize``), for the policy and its reference.
+    ``replicate`` (frozen only): a whole copy on every rank (stage 0) whatever ``deepspeed.stage``."""
     dtype = training_dtype(cfg, device)
     dsc = cfg.deepspeed.to_dict(bf16=dtype == torch.bfloat16, grad_clip=cfg.optim.grad_clip, frozen=frozen)
+    if replicate:
+        assert frozen, "only a frozen model can be replicated: training partitions as configured"
+        dsc["zero_optimization"] = {"stage": 0}
     model = load_causal_lm(path, dtype, dsc, quantization_config(quantize, dtype))
     return model, dsc
 
@@ -416,13 +420,21 @@ def free_memory() -> None:
 
 
 def build_inference_engine(
-    cfg: DPOConfig, path: str, device: torch.device, backend: str, normalize: str = "sum", quantize: str = "none"
+    cfg: DPOConfig,
+    path: str,
+    device: torch.device,
+    backend: str,
+    normalize: str = "sum",
+    quantize: str = "none",
+    replicate: bool = False,
 ):
-    """A frozen model as a ZeRO-3 inference engine of ``PackedPolicy`` (partitioned like the policy)."""
+    """A frozen model as a ZeRO-3 inference engine of ``PackedPolicy`` (partitioned like the policy),
+    or with ``replicate`` a whole copy on every rank (no collectives in its forwards)."""
     import deepspeed
 
-    model, dsc = load_for_deepspeed(cfg, path, device, frozen=True, quantize=quantize)
-    mark_fetch_units(model, cfg.deepspeed)
+    model, dsc = load_for_deepspeed(cfg, path, device, frozen=True, quantize=quantize, replicate=replicate)
+    if not replicate:
+        mark_fetch_units(model, cfg.deepspeed)
     enable_packed_attention(model, backend, device)
     model.requires_grad_(False)
     policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, normalize, cfg.train.micro_batch_tokens)

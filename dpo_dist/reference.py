@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import socket
@@ -570,7 +571,7 @@ def _run_shards(
             table = _compute_shard(score, dataset, packs[index], device, meter)
             _write_shard(cache_dir, index, table, plan.fingerprint)
         # ZeRO-3 gathers each layer's weights collectively: every rank needs as many forwards.
-        filler = max(forwards) - forwards[rank]
+        filler = max(forwards) - forwards[rank] if getattr(model, "collective", True) else 0
         if filler:
             dummy = collate_packed([dataset[0]]).to(device)
             for _ in range(filler):
@@ -818,9 +819,50 @@ def _build_reference_model(
 
     if dtype != training_dtype(cfg, device):
         raise ReferenceCacheError(f"reference dtype {dtype} differs from the run's {training_dtype(cfg, device)}")
+    replicate, why = reference_replicates(cfg, device, dtype)
+    logger.info("reference pass: %s (%s)", "a whole copy of the model per rank" if replicate else "partitioned with ZeRO-3", why)
     # QLoRA: the reference is the quantized base the policy starts from, not model.path's weights.
-    engine = build_inference_engine(cfg, cfg.model.path, device, backend, LOGP_REDUCTION, cfg.model.lora.quantize)
+    quantize = cfg.model.lora.quantize
+    engine = build_inference_engine(cfg, cfg.model.path, device, backend, LOGP_REDUCTION, quantize, replicate)
     return _EngineScorer(engine)
+
+
+def reference_replicates(cfg: DPOConfig, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether the reference pass holds a whole copy per rank (``reference.partition``), and why.
+
+    ``auto`` replicates when the frozen weights take at most half of one device's memory, leaving
+    the rest to activations and the logits chunk: forwards then need no collectives, where ZeRO-3
+    gathers every layer on every forward."""
+    setting = cfg.reference.partition
+    if setting != "auto":
+        return setting == "replicate", f"reference.partition={setting}"
+    weights = _model_bytes(cfg.model.path, dtype)
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+        where = "of the GPU's"
+    else:  # the node's ranks share the host's memory
+        ranks = _first_int(os.environ.get("LOCAL_WORLD_SIZE"), os.environ.get("SLURM_NTASKS_PER_NODE"))
+        memory = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // max(ranks, 1)
+        where = f"of 1/{ranks} of the host's available"
+    replicate = weights <= memory / 2
+    return replicate, f"reference.partition=auto: weights {weights / 2**30:.2f} GiB {'<=' if replicate else '>'} half {where} {memory / 2**30:.1f} GiB"
+
+
+def _first_int(*values: str | None) -> int:
+    return next((int(v) for v in values if v and v.isdigit()), 1)
+
+
+def _model_bytes(path: str, dtype: torch.dtype) -> int:
+    """Bytes of the model's weights in ``dtype``, counted on a meta-device skeleton of its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_dir = path
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.is_file():  # an adapter export: its base holds the weights
+        config_dir = json.loads(adapter.read_text())["base_model_name_or_path"]
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
+    return sum(p.numel() for p in skeleton.parameters()) * torch.empty((), dtype=dtype).element_size()
 
 
 class _EngineScorer(torch.nn.Module):
@@ -830,6 +872,8 @@ class _EngineScorer(torch.nn.Module):
     def __init__(self, engine: torch.nn.Module):
         super().__init__()
         self.engine = engine
+        # A partitioned engine's forwards are collectives (every rank must run as many).
+        self.collective = engine.zero_optimization_partition_weights()
 
     def forward(self, batch: PackedBatch) -> SequenceLogps:
         from dpo_dist.engine import run_packed

@@ -425,3 +425,28 @@ def test_default_reference_cache_follows_the_eval_file_too(assets, tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         dirs.append(sorted((tmp_path / "root" / "reference").iterdir()))
     assert len(dirs[0]) == 1 and len(dirs[1]) == 2 and dirs[2] == dirs[1]  # the first reused at the end
+
+
+def test_reference_pass_replicates_a_model_that_fits_and_partitions_on_request(assets, tmp_path):
+    """Issue 5: ZeRO-3 only for a model no single device holds, plain forwards otherwise. Both ways
+    write the same numbers on 2 ranks (replicated ranks run no collectives and no filler forwards
+    when their shares differ; partitioned ones must)."""
+    import pyarrow as pa
+
+    def precompute(partition: str) -> tuple[pa.Table, str]:
+        cache = tmp_path / partition
+        settings = {"output_dir": tmp_path / f"pre_{partition}", "reference.cache_dir": cache,
+                    "reference.partition": partition, "cluster.nproc_per_node": 2, "data.eval_path": "null"}
+        result = run_cli("launch.precompute", *tiny_run_overrides(assets, settings))
+        assert result.returncode == 0, result.stderr[-2000:]
+        manifest = json.loads((cache / "manifest.json").read_text())
+        tables = [pa.ipc.open_file(str(cache / name)).read_all().replace_schema_metadata(None) for name in sorted(manifest["shards"])]
+        return pa.concat_tables(tables), result.stderr
+
+    auto, auto_log = precompute("auto")  # the tiny model fits: replicated
+    zero3, zero3_log = precompute("zero3")
+    assert "reference pass: a whole copy of the model per rank (reference.partition=auto: weights" in auto_log
+    assert "reference pass: partitioned with ZeRO-3 (reference.partition=zero3)" in zero3_log
+    assert auto.num_rows == zero3.num_rows > 0
+    for column in auto.column_names:
+        assert auto.column(column).to_pylist() == zero3.column(column).to_pylist(), column
