@@ -41,10 +41,12 @@ SCHEMA = pa.schema(
 )
 
 _MISMATCH = {
-    "model": "model weights changed",
+    # The model fingerprint covers config.json too, not only the weights.
+    "model": "model files changed",
     "tokenizer": "tokenizer changed",
     "data": "data file changed",
-    "settings": "tokenization settings changed",
+    # Settings include the reference dtype and quantization, not only tokenization.
+    "settings": "reference settings changed",
 }
 
 

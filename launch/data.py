@@ -170,7 +170,8 @@ def run_shards(args: argparse.Namespace) -> int:
 
     cache_dir = Path(args.cache_dir)
     if not cache_dir.is_dir():
-        raise UsageError(f"{args.cache_dir}: no such directory")
+        reason = "not a directory" if cache_dir.exists() else "no such directory"
+        raise UsageError(f"{args.cache_dir}: {reason}")
     # A run with eval data writes the eval split's cache inside the train one.
     splits = [cache_dir] + ([cache_dir / "eval"] if (cache_dir / "eval").is_dir() else [])
     problems = []
@@ -184,7 +185,8 @@ def run_shards(args: argparse.Namespace) -> int:
             print(f"problem: {problem}")
         problems += split_problems
     verified = "all shards match their sha256" + (" (train and eval)" if len(splits) > 1 else "")
-    print(f"verified: {verified}" if not problems else f"{len(problems)} problems")
+    noun = "problem" if len(problems) == 1 else "problems"
+    print(f"verified: {verified}" if not problems else f"{len(problems)} {noun}")
     return EXIT_BAD_DATA if problems else EXIT_OK
 
 

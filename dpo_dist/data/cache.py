@@ -37,9 +37,10 @@ from dpo_dist.data.records import (
 )
 from dpo_dist.data.tokenize import TokenizedPair, TruncationStats, check_truncation, tokenize_records
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 """Bumped whenever the tokenization rules or the cache layout change, to invalidate old caches
-(and reference caches: it is part of their fingerprint). 2: no whitespace after a chat turn's EOS."""
+(and reference caches: it is part of their fingerprint). 2: no whitespace after a chat turn's EOS.
+3: pairs with identical chosen and rejected ids after truncation are dropped."""
 _ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _PROBE = "Hello world 123.\n"
 """Encoded into the tokenizer fingerprint: catches BOS/EOS behaviour that lives outside the vocab."""
@@ -127,13 +128,13 @@ def load_tokenized(
         _apply_on_invalid(shown, dataset.num_invalid, problems, on_invalid, log)
     else:
         result = read_preferences(shown)
-        # Before tokenizing: under on_invalid=error a bad file fails fast.
-        _apply_on_invalid(shown, len(result.problems), result.problems, on_invalid, log)
+        # Before tokenizing: under on_invalid=error a bad file fails fast. Under skip the drop is
+        # logged once below, when the records the chat template cannot render are known too.
+        check_invalid(log, shown, result.problems, on_invalid)
         unrendered: list[Problem] = []  # chat records the template cannot render
         dataset = _tokenize(result, tokenizer, max_length, truncation, key, unrendered)
         problems = sorted(result.problems + unrendered, key=lambda problem: problem.line)
-        if unrendered:
-            _apply_on_invalid(shown, len(problems), problems, on_invalid, log)
+        _apply_on_invalid(shown, len(problems), problems, on_invalid, log)
         if files:
             _write_cache(files, dataset, problems)
     if not dataset.num_records:
@@ -287,16 +288,27 @@ def _log_summary(log, shown: str, dataset: TokenizedDataset, max_length: int, tr
     cache = "disabled" if files is None else f"{'hit' if dataset.cache_hit else 'miss'} ({files[0]})"
     log.info(
         "%s: %d records read, %d invalid dropped, %d pairs kept; %d truncated, %d dropped by "
-        "truncation (data.truncation=%s, data.max_length=%d); tokenization cache %s",
+        "truncation, %d dropped as identical after truncation (data.truncation=%s, "
+        "data.max_length=%d); tokenization cache %s",
         shown,
         dataset.num_records,
         dataset.num_invalid,
         len(dataset),
         stats.truncated,
         stats.dropped,
+        stats.identical,
         truncation,
         max_length,
         cache,
     )
     if stats.dropped:
         log.warning("%s: %d over-long pairs dropped (data.truncation=drop)", shown, stats.dropped)
+    if stats.identical:
+        log.warning(
+            "%s: %d pairs dropped: chosen and rejected identical after truncation (data.truncation=%s, "
+            "data.max_length=%d)",
+            shown,
+            stats.identical,
+            truncation,
+            max_length,
+        )

@@ -22,7 +22,8 @@ indices, as in ``messages[2]``.
 Example ids. ``example_id`` is the record's 0-based position among the file's records, counting
 bad records too: for JSONL, the position among non-blank lines, so in a file without blank lines
 the record on line N has example_id N - 1. Dropping bad records never shifts the ids of good
-ones, which keeps reference log-prob shards valid when a file is fixed or filtered.
+ones. Reference log-prob shards do not survive an edit, though: their data fingerprint hashes
+the whole file (``data_fingerprint``), so fixing or filtering it invalidates them.
 
 Whole-file failures (missing path, unsupported suffix, a JSON file that does not parse or is not
 a list, an unreadable Parquet file or saved dataset, an OS error while reading) raise

@@ -30,6 +30,11 @@ each truncated pair counts once in ``TruncationStats.truncated``, each dropped o
 - ``drop``: drop the pair.
 ``max_length`` must be at least 3 (BOS + one prompt token + one response token), so the first
 two rules always produce a pair that fits.
+
+A pair whose chosen and rejected ids are identical after truncation (cutting both responses to
+a shared prefix) is dropped and counted in ``TruncationStats.identical`` instead: it carries no
+preference signal and would count as wrong in reward accuracy. Tokenization does not know the
+stage, so SFT (which uses only chosen) loses these pairs too.
 """
 
 from __future__ import annotations
@@ -96,6 +101,8 @@ class TruncationStats:
 
     truncated: int = 0
     dropped: int = 0
+    identical: int = 0
+    """Dropped because chosen and rejected ids are identical after truncation."""
 
 
 def tokenize_records(
@@ -116,6 +123,9 @@ def tokenize_records(
         kept = truncate_pair(pair, max_length, truncation, tokenizer.bos_token_id)
         if kept is None:
             stats.dropped += 1
+            continue
+        if np.array_equal(kept.chosen_ids, kept.rejected_ids):
+            stats.identical += 1
             continue
         if kept is not pair:
             stats.truncated += 1

@@ -167,3 +167,50 @@ def test_a_record_the_chat_template_cannot_render_is_an_invalid_record(tok, tmp_
         assert len(dataset) == 1 and dataset.num_invalid == 1 and dataset.example_ids.tolist() == [0]
     with pytest.raises(DataError, match="chat template failed"):
         load_tokenized(path, tok, max_length=64, on_invalid="error", cache_dir=cache)
+
+
+def test_bad_and_unrenderable_records_are_logged_once_as_one_total(tok, tmp_path, caplog):
+    """A miss knows the template failures only after tokenizing; the drop is logged then, once,
+    with every reason, and a hit logs the same."""
+    import json
+
+    path = tmp_path / "chat.jsonl"
+    rows = [
+        {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5"},
+        {"prompt": "p", "chosen": "a"},
+        {"prompt": [{"role": "tool", "content": "x"}], "chosen": "a", "rejected": "b"},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cache = tmp_path / "cache"
+    for _ in range(2):  # a miss, then a hit
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dpo_dist.data"):
+            load_tokenized(path, tok, max_length=64, on_invalid="skip", cache_dir=cache)
+        dropped = [m for m in caplog.messages if "invalid records" in m]
+        assert dropped == [f"{path}: dropped 2 invalid records (data.on_invalid=skip)"]
+        assert f"  {path}:2: missing key 'rejected'" in caplog.messages
+        assert f"  {path}:3: chat template failed: unknown chat role: tool" in caplog.messages
+
+
+def test_pairs_identical_after_truncation_are_dropped_counted_and_logged(tok, tmp_path, caplog):
+    """keep_start at max_length=12 cuts 2144 bundled training pairs to identical responses."""
+    train = Path(bundled_tokenizer_path()).parent / "data" / "train.jsonl"
+    cache = tmp_path / "cache"
+    for hit in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dpo_dist.data"):
+            dataset = load_tokenized(train, tok, 12, truncation="keep_start", cache_dir=cache)
+        assert dataset.cache_hit == hit
+        assert (dataset.num_records, len(dataset), dataset.truncation.identical) == (6000, 3856, 2144)
+        assert not any(np.array_equal(p.chosen_ids, p.rejected_ids) for p in dataset)
+        assert f"{train}: 2144 pairs dropped: chosen and rejected identical after truncation" in "\n".join(
+            caplog.messages
+        )
+        assert "2144 dropped as identical after truncation" in next(m for m in caplog.messages if "records read" in m)
+
+
+def test_cache_format_covers_dropping_identical_pairs():
+    """Caches written before identical pairs were dropped hold them: the bumped format misses them."""
+    from dpo_dist.data.cache import CACHE_FORMAT
+
+    assert CACHE_FORMAT >= 3

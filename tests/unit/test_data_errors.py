@@ -234,13 +234,29 @@ def test_shards_checks_the_eval_split_too(tmp_path, capsys):
     assert main(["shards", str(tmp_path / "cache")]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert f"eval split: {tmp_path / 'cache' / 'eval'}" in lines
-    assert lines[-2:] == ["problem: shard part-00000.arrow: manifest.json entry has no sha256", "1 problems"]
+    assert lines[-2:] == ["problem: shard part-00000.arrow: manifest.json entry has no sha256", "1 problem"]
     (tmp_path / "cache" / "eval").rename(tmp_path / "other")
     write_cache(tmp_path / "cache" / "eval")
     assert main(["shards", str(tmp_path / "cache")]) == 0
     assert (
         capsys.readouterr().out.splitlines()[-1] == "verified: all shards match their sha256 (train and eval)"
     )
+
+
+def test_shards_counts_problems_in_plural(tmp_path, capsys):
+    write_cache(tmp_path / "cache", sha256=False)
+    write_cache(tmp_path / "cache" / "eval", sha256=False)
+    assert main(["shards", str(tmp_path / "cache")]) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == "2 problems"
+
+
+def test_shards_on_a_file_says_not_a_directory(tmp_path, capsys):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n")
+    assert main(["shards", str(path)]) == 2
+    assert capsys.readouterr().err == f"dpo-data: error: {path}: not a directory\n"
+    assert main(["shards", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err == f"dpo-data: error: {tmp_path / 'missing'}: no such directory\n"
 
 
 # ---- shared caches and the file-hash memo ----------------------------------------------------------

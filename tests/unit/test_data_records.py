@@ -188,6 +188,22 @@ def test_unusable_paths_raise_one_clear_line(tmp_path, monkeypatch, name, messag
     assert "\n" not in str(info.value)
 
 
+def test_fixing_a_bad_record_keeps_ids_but_changes_the_data_fingerprint(tmp_path):
+    """As the module docstring says: good records keep their example ids, yet any edit changes
+    the fingerprint, so reference log-prob shards built before the fix are refused."""
+    path = tmp_path / "d.jsonl"
+    bad = {"prompt": "p", "chosen": "a"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in [RECORDS[0], bad, RECORDS[2]]))
+    before = data_fingerprint(path), [r.example_id for r in read_preferences(path).records]
+    path.write_text("".join(json.dumps(r) + "\n" for r in [RECORDS[0], {**bad, "rejected": "b"}, RECORDS[2]]))
+    after = data_fingerprint(path), [r.example_id for r in read_preferences(path).records]
+    assert before[1] == [0, 2] and after[1] == [0, 1, 2]
+    assert before[0] != after[0]
+    from dpo_dist.data import records
+
+    assert "keeps reference log-prob shards valid" not in records.__doc__
+
+
 def test_data_fingerprint_tracks_content(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(RECORDS[0]) + "\n")

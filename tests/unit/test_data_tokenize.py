@@ -224,6 +224,16 @@ def test_tokenize_records_counts_truncated_and_dropped(tok):
     assert (stats.truncated, stats.dropped) == (0, 2)
 
 
+@pytest.mark.parametrize("mode", ["keep_start", "keep_end_of_prompt"])
+def test_pairs_identical_after_truncation_are_dropped_and_counted(tok, mode):
+    """Responses cut to a shared prefix carry no preference signal (and would count as wrong in
+    reward accuracy): dropped, counted apart from the over-long ones."""
+    records = [record("abc", "xyzwA", "xyzwB", 0), record("abc", "A", "B", 1)]
+    pairs, stats = tokenize_records(records, tok, max_length=6, truncation=mode)
+    assert [p.example_id for p in pairs] == [1]
+    assert (stats.truncated, stats.dropped, stats.identical) == (0, 0, 1)
+
+
 def test_bad_truncation_settings_are_rejected(tok):
     with pytest.raises(ValueError, match="truncation must be one of"):
         tokenize_records([], tok, max_length=16, truncation="keep_end")

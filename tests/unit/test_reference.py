@@ -299,8 +299,15 @@ def test_corrupted_shard_is_refused_by_reader_and_ensure(setup, built, tmp_path)
 
 def test_changed_max_length_is_refused_naming_the_setting(setup, built):
     changed = setup.fingerprints_for(max_length=48)
-    with pytest.raises(ReferenceCacheError, match=r"tokenization settings changed \(max_length 64 -> 48\)"):
+    with pytest.raises(ReferenceCacheError, match=r"reference settings changed \(max_length 64 -> 48\)"):
         setup.open(built[0], changed)
+
+
+def test_changed_dtype_is_refused_as_a_reference_setting(setup, built):
+    changed = setup.fingerprints_for(dtype=torch.bfloat16)
+    with pytest.raises(ReferenceCacheError, match=r"reference settings changed \(dtype fp32 -> bf16\)") as refused:
+        setup.open(built[0], changed)
+    assert "tokenization" not in str(refused.value)
 
 
 def test_changed_data_file_is_refused(setup, tmp_path):
@@ -314,7 +321,7 @@ def test_changed_data_file_is_refused(setup, tmp_path):
     changed = setup.fingerprints_for(data_path=data)
     with pytest.raises(ReferenceCacheError, match="data file changed") as refused:
         setup.open(cache, changed)
-    assert "model weights" not in str(refused.value) and "\n" not in str(refused.value)
+    assert "model files" not in str(refused.value) and "\n" not in str(refused.value)
     # ensure refuses too (it never overwrites a cache made from other inputs), leaving it intact.
     with pytest.raises(ReferenceCacheError, match="data file changed"):
         setup.ensure(cache, fingerprints=changed)
@@ -329,8 +336,20 @@ def test_changed_model_weights_are_refused(setup, built, tmp_path):
         model.lm_head.weight.add_(1e-3)
     model.save_pretrained(other)
     changed = setup.fingerprints_for(model_path=other)
-    with pytest.raises(ReferenceCacheError, match="model weights changed"):
+    with pytest.raises(ReferenceCacheError, match="model files changed"):
         setup.open(built[0], changed)
+
+
+def test_changed_model_config_alone_is_refused_as_model_files(setup, built, tmp_path):
+    other = tmp_path / "model"
+    shutil.copytree(setup.model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["rms_norm_eps"] = config.get("rms_norm_eps", 1e-6) * 10
+    (other / "config.json").write_text(json.dumps(config))
+    changed = setup.fingerprints_for(model_path=other)
+    with pytest.raises(ReferenceCacheError, match="model files changed") as refused:
+        setup.open(built[0], changed)
+    assert "weights" not in str(refused.value)
 
 
 def test_changed_tokenizer_is_refused(setup, built, tmp_path):
@@ -546,3 +565,25 @@ def test_model_fingerprint_and_cache_dirs(setup, tmp_path, monkeypatch):
     assert fp.model_fingerprint(other) != fp.model_fingerprint(setup.model_dir)
     with pytest.raises(FileNotFoundError, match="no weight files"):
         fp.model_fingerprint(tmp_path)
+
+
+def test_reference_partition_auto_replicates_only_what_fits_half_a_device(setup, monkeypatch):
+    """reference.partition=auto: a whole copy per rank when the weights take at most half of one
+    device's memory (CPU: the host's available memory shared by the node's ranks), else ZeRO-3."""
+    from dpo_dist.config import config_from_dict
+
+    cfg = config_from_dict({"model": {"path": str(setup.model_dir)}})
+    weights = ref._model_bytes(str(setup.model_dir), torch.float32)
+    params = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(setup.model_dir).parameters())
+    assert weights == 4 * params
+    page = 4096
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    sysconf = {"SC_PAGE_SIZE": page}
+    monkeypatch.setattr(ref.os, "sysconf", lambda name: sysconf[name])
+    sysconf["SC_AVPHYS_PAGES"] = 4 * weights // page + 8  # each of 2 ranks: 2x the weights
+    replicate, why = ref.reference_replicates(cfg, torch.device("cpu"), torch.float32)
+    assert replicate and "<= half of 1/2 of the host's available" in why
+    sysconf["SC_AVPHYS_PAGES"] = 3 * weights // page  # each rank: 1.5x the weights
+    assert ref.reference_replicates(cfg, torch.device("cpu"), torch.float32)[0] is False
+    forced = config_from_dict({"model": {"path": str(setup.model_dir)}, "reference": {"partition": "replicate"}})
+    assert ref.reference_replicates(forced, torch.device("cpu"), torch.float32) == (True, "reference.partition=replicate")
