@@ -359,15 +359,18 @@ def test_sft_then_dpo_chain_uses_the_sft_model_as_policy_and_reference(assets, t
 
 
 def test_bad_data_on_two_ranks_is_one_line_exit_2(assets, tmp_path):
+    """Every bad record is logged as PATH:LINE: reason (rank 0 reads the data), then one error line."""
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "1+1=", "chosen": "2"}\n')
+    bad.write_text('{"prompt": "1+1=", "chosen": "2"}\n{"prompt": "2+2=", "chosen": "4", "rejected": "4"}\n')
     result = run_cli("launch.train", *overrides(assets, tmp_path / "run", **{"data.train_path": bad, "cluster.nproc_per_node": 2}))
     assert result.returncode == 2
-    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert errors == [
-        f"dpo-train: error: {bad}: 1 invalid record (first: {bad}:1: missing key 'rejected'); "
-        "fix them or set data.on_invalid=skip"
-    ], result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == (
+        f"dpo-train: error: {bad}: 2 invalid records (first: {bad}:1: missing key 'rejected'); "
+        f"fix them or set data.on_invalid=skip (run `dpo-data check {bad}` to list all)"
+    ), result.stderr[-2000:]
+    logged = [line.split(" ERROR ", 1)[1] for line in lines if " dpo_dist.data ERROR " in line]
+    assert logged == [f"{bad}:1: missing key 'rejected'", f"{bad}:2: chosen and rejected are identical"], lines
     assert "Traceback" not in result.stderr
 
 
