@@ -12,8 +12,10 @@ def launch(prog: str, cfg, task: str) -> None:
     """Run ``task`` for ``cfg`` on the configured cluster; exits non-zero if any rank failed."""
     logging.getLogger("dpo_dist").info("%s %s: run directory %s", prog, task, Path(cfg.output_dir).resolve())
     if cfg.cluster.name == "slurm":
-        from slurm.submit import SlurmJobFailed, SlurmSubmitFailed, submit_and_wait
+        from slurm.submit import SlurmJobFailed, SlurmSubmitFailed, inside_allocation, submit_and_wait
 
+        if not inside_allocation():  # inside, this is a rank: the ranks check the data themselves
+            check_data(cfg)
         try:
             submit_and_wait(cfg, task)
         except (SlurmJobFailed, SlurmSubmitFailed) as exc:  # sbatch refused it, or it ran and failed:
@@ -29,6 +31,21 @@ def launch(prog: str, cfg, task: str) -> None:
         # Otherwise which rank died how, with its status: a crash (1) is not a usage error, and
         # a preemption (75) must stay 75 for whatever requeues the command.
         fail(prog, str(exc), status=exit_status(exc.status))
+
+
+def check_data(cfg) -> None:
+    """Read the data here before a Slurm job is queued: with ``data.on_invalid=error`` a bad record
+    then stops the submission, not a job that waited for its GPUs (the ranks check it again, with
+    the tokenizer)."""
+    if cfg.data.on_invalid != "error":
+        return
+    from dpo_dist.data import DataError, load_preferences
+
+    for path in dict.fromkeys(p for p in (cfg.data.train_path, cfg.data.eval_path) if p):
+        try:
+            load_preferences(path, "error")
+        except DataError as exc:
+            raise UserError(str(exc)) from None
 
 
 def exit_status(status: int) -> int:

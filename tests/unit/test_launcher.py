@@ -78,6 +78,31 @@ def test_local_launch_exits_with_the_ranks_status(monkeypatch, capsys, status, e
     assert capsys.readouterr().err == f"dpo-train: error: rank 1 exited with status {status}\n"
 
 
+def test_bad_data_stops_a_slurm_submission_before_the_job_is_queued(monkeypatch, tmp_path):
+    """data.on_invalid=error: a bad record is one line on the login node, not a job that waited
+    for its allocation; skip (or good data) submits."""
+    import slurm.submit
+    from launch.common import UserError
+
+    submitted = []
+    monkeypatch.setattr(slurm.submit, "submit_and_wait", lambda cfg, task: submitted.append(task))
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n{"prompt": "2+2=", "chosen": "4"}\n')
+
+    def cfg(eval_path, on_invalid="error"):
+        data = SimpleNamespace(train_path=str(good), eval_path=str(eval_path), on_invalid=on_invalid)
+        return SimpleNamespace(output_dir=str(tmp_path / "run"), cluster=SimpleNamespace(name="slurm"), data=data)
+
+    with pytest.raises(UserError, match=rf"^{bad}: 1 invalid record \(first: {bad}:2: missing key 'rejected'\)"):
+        launch("dpo-train", cfg(bad), "train")
+    assert submitted == []
+    launch("dpo-train", cfg(bad, on_invalid="skip"), "train")
+    launch("dpo-train", cfg(good), "train")
+    assert submitted == ["train", "train"]
+
+
 # ----------------------------------------------------------------------------- which rank failed
 
 
