@@ -966,7 +966,8 @@ def train(cfg: DPOConfig) -> dict[str, float]:
             if eval_row:
                 metrics.write(eval_row)
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('reward_accuracy', float('nan')):.2f}")
+            accuracy = {"acc": f"{row['reward_accuracy']:.2f}"} if "reward_accuracy" in row else {}  # SFT has none
+            bar.set_postfix(loss=f"{row['loss']:.4f}", **accuracy)
         if wandb_run is not None:
             wandb_run.log({**row, **last_eval} if eval_row else row, step=done)
         if _due(done, cfg.train.checkpoint_every) or stop:
