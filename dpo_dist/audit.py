@@ -7,7 +7,8 @@ Checks, each a count (``CHECKS`` is their order in the summary):
 - ``near_duplicates``: other records whose character 5-gram sets have Jaccard similarity
   >= 0.9 with an earlier record. Candidates come from MinHash LSH (128 permutations, 16 bands of
   8 rows: a pair at 0.9 is found with probability > 0.999) and are confirmed by the exact Jaccard.
-- ``leakage``: records of ``--eval`` whose normalised prompt is also a training prompt.
+- ``leakage``: records of ``--eval`` whose normalised prompt is also a training prompt (``-``,
+  not checked, without ``--eval``).
 - ``identical_responses``: pairs whose chosen and rejected are equal after normalisation,
   including exact copies (which ``dpo-data check`` rejects as invalid).
 - ``length_bias``: pairs whose chosen response has more tokens than the rejected one. Preference
@@ -81,9 +82,16 @@ class AuditResult:
         if len(self.examples[check]) < EXAMPLES_SHOWN:
             self.examples[check].append(example)
 
+    def count_text(self, name: str) -> str:
+        """A check's count, or ``-`` for ``leakage`` without an eval file (not checked, not zero)."""
+        if name == "leakage" and self.eval_path is None:
+            return "-"
+        return str(self.counts.get(name, 0))
+
     def summary_lines(self) -> list[str]:
-        """The ``name: count`` contract lines, every check in ``CHECKS`` order."""
-        return [f"{name}: {self.counts.get(name, 0)}" for name in CHECKS]
+        """The ``name: count`` contract lines, every check in ``CHECKS`` order (``leakage: -``
+        when it was not checked)."""
+        return [f"{name}: {self.count_text(name)}" for name in CHECKS]
 
 
 def normalize(text) -> str:
@@ -288,7 +296,7 @@ def markdown_report(result: AuditResult, tokenizer_name: str, png_name: str) -> 
         "",
         "| check | count | meaning |",
         "|---|---:|---|",
-        *(f"| {name} | {result.counts.get(name, 0)} | {_MEANINGS[name]} |" for name in CHECKS),
+        *(f"| {name} | {result.count_text(name)} | {_MEANINGS[name]} |" for name in CHECKS),
         "",
         *_length_section(result),
         *_findings_section(result),

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
+from typing import Any
 
 from dpo_dist import distributed as D
 from dpo_dist.config import DPOConfig
@@ -38,17 +40,48 @@ def rank_config(cfg: DPOConfig, work_subdir: str) -> DPOConfig:
 
 
 def policy_model_dir(cfg: DPOConfig) -> Path:
-    """A Hugging Face directory for ``eval.policy_path``; a DeepSpeed checkpoint is exported first."""
+    """A Hugging Face directory for ``eval.policy_path``; a DeepSpeed checkpoint is exported first.
+
+    A LoRA adapter directory counts as one (``generation.load_causal_lm`` and
+    ``engine.load_causal_lm`` load its base with it), so does the export of a LoRA checkpoint
+    made with ``model.lora.merge_on_export=false``, which is such a directory."""
     from dpo_dist.export import export_checkpoint
 
     path = Path(cfg.eval.resolved_policy_path(cfg.output_dir))
-    if (path / "config.json").exists():
+    if is_model_dir(path):
         return path
-    if (path / "COMPLETE").exists() or (path / "checkpoints").is_dir() or path.name == "checkpoints":
+    if is_checkpoint(path):
         out = Path(cfg.output_dir) / "policy"
         D.rank0_then_wait(lambda: export_checkpoint(path, out))
         return out
-    raise EvalError(f"eval.policy_path={path}: neither a Hugging Face model directory nor a dpo_dist checkpoint")
+    raise EvalError(
+        f"eval.policy_path={path}: neither a Hugging Face model directory, a LoRA adapter directory "
+        "nor a dpo_dist checkpoint"
+    )
+
+
+def is_model_dir(path: Path) -> bool:
+    """``path`` is a Hugging Face model directory or a PEFT adapter directory."""
+    return (path / "config.json").exists() or (path / "adapter_config.json").exists()
+
+
+def is_checkpoint(path: Path) -> bool:
+    """``path`` names a dpo_dist checkpoint: one, a run's ``checkpoints/`` or a run directory."""
+    return (path / "COMPLETE").exists() or (path / "checkpoints").is_dir() or path.name == "checkpoints"
+
+
+def policy_source(cfg: DPOConfig) -> dict[str, Any]:
+    """The policy as the user named it (``eval.policy_path``, resolved) and, for a checkpoint, the
+    training step it holds: the evaluated directory itself may be a temporary export."""
+    from dpo_dist.export import resolve_checkpoint
+
+    path = Path(cfg.eval.resolved_policy_path(cfg.output_dir))
+    step = None
+    if not is_model_dir(path) and is_checkpoint(path):
+        tag = resolve_checkpoint(path)[1]  # a run or checkpoints/ directory: its latest complete one
+        match = re.fullmatch(r"step_(\d+)", tag)
+        step = int(match.group(1)) if match else None
+    return {"policy_source": str(path), "policy_step": step}
 
 
 def evaluate_run(cfg: DPOConfig) -> dict[str, float]:

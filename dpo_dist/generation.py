@@ -67,7 +67,9 @@ def load_causal_lm(path: str | Path, device=None, dtype: str = "auto", device_ma
     ``dtype=auto`` is bf16 on CUDA and fp32 on CPU, as in training. ``device_map`` (``auto``,
     ``balanced``, ``sequential``) instead spreads the layers over every visible GPU (Accelerate's
     big-model inference): a model no single GPU holds runs in one process, one layer's GPU at a
-    time. Nothing is downloaded: a path that is not a model directory is a ``GenerationError``.
+    time. A PEFT adapter directory loads its base (``adapter_config.json``) with the adapter merged.
+    Nothing is downloaded: a path that is not a model directory, or one whose tokenizer or weights
+    cannot be loaded, is a ``GenerationError``.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -77,35 +79,80 @@ def load_causal_lm(path: str | Path, device=None, dtype: str = "auto", device_ma
         dtype = "bf16" if device.type == "cuda" else "fp32"
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True, device_map=device_map)
+    base = adapter_base(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            base or path, dtype=torch_dtype, local_files_only=True, device_map=device_map
+        )
+        if base is not None:
+            from peft import PeftModel
+
+            # Merged: generation then runs a plain model, as fast as a merged export.
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    except (OSError, ValueError) as e:  # no weights, a base that is not there, an adapter that does not fit it
+        raise GenerationError(f"{path}: cannot load the model: {_first_line(e)}") from None
     return (model if device_map else model.to(device)).eval(), tokenizer
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """The base model of a PEFT adapter directory (``adapter_config.json``, e.g. a LoRA run's
+    ``final/`` exported with ``model.lora.merge_on_export=false``); None for any other path."""
+    adapter_config = Path(path) / "adapter_config.json"
+    if not adapter_config.is_file():
+        return None
+    try:
+        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        raise GenerationError(f"{adapter_config}: unreadable ({_first_line(e)})") from None
+    if not base:
+        raise GenerationError(f"{adapter_config}: names no base model (base_model_name_or_path)")
+    return base
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    # transformers' list of what it tried ("... from one of:") follows on the lines dropped here.
+    return " ".join(text.splitlines()[0].split()).rstrip(":") if text else type(exc).__name__
 
 
 def model_identity(path: str | Path) -> str:
     """sha256 of what decides a model directory's answers: its weights and ``config.json``
     (``fingerprint.model_fingerprint``, memoized: a re-export of the same weights matches), its
     tokenizer (the chat template included) and ``generation_config.json`` (the EOS tokens
-    generation stops at)."""
+    generation stops at); for an adapter directory also its adapter settings and base weights."""
     from dpo_dist.data.cache import tokenizer_fingerprint
     from dpo_dist.fingerprint import json_sha256, model_fingerprint
 
-    generation_config = Path(path) / "generation_config.json"
+    base = adapter_base(path)
+    # An adapter generates with its base's generation config (it has none of its own).
+    generation_config = Path(base or path) / "generation_config.json"
     settings = json.loads(generation_config.read_text()) if generation_config.is_file() else None
     if isinstance(settings, dict):
         settings.pop("transformers_version", None)  # who wrote it, not what it says
-    return json_sha256(
-        {"model": model_fingerprint(path), "tokenizer": tokenizer_fingerprint(load_tokenizer(path)), "generation": settings}
-    )
+    identity = {"model": model_fingerprint(path), "tokenizer": tokenizer_fingerprint(load_tokenizer(path)), "generation": settings}
+    if base is not None:
+        # The same adapter on other base weights answers differently; the base's path does not matter.
+        adapter = json.loads((Path(path) / "adapter_config.json").read_text())
+        adapter.pop("base_model_name_or_path", None)
+        identity["adapter"] = {"config": adapter, "base": model_fingerprint(base)}
+    return json_sha256(identity)
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer of a local model directory; a path that is not one is a ``GenerationError``."""
+    """The tokenizer of a local model directory (or adapter directory); a path that is not one,
+    or one without a usable tokenizer, is a ``GenerationError``."""
     from transformers import AutoTokenizer
 
     path = Path(path)
-    if not (path / "config.json").is_file():
+    base = adapter_base(path)
+    if base is None and not (path / "config.json").is_file():
         raise GenerationError(f"{path}: not a Hugging Face model directory (no config.json)")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    # An adapter export carries the run's tokenizer; an adapter saved without one uses its base's.
+    source = path if base is None or (path / "tokenizer_config.json").is_file() else base
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as e:  # a directory without tokenizer files: ValueError
+        raise GenerationError(f"{source}: cannot load its tokenizer: {_first_line(e)}") from None
 
 
 def render_prompt(prompt: Text, tokenizer) -> str:

@@ -442,8 +442,9 @@ PROBE = Comparison("2+2=", "4", "5")
 """The one comparison ``preflight`` asks an endpoint (in one order)."""
 
 
-def preflight(cfg: JudgeConfig, prompts: Sequence[Text]) -> None:
-    """Cheap checks before any generation, so a misconfigured judge fails in seconds, not after hours.
+def preflight(cfg: JudgeConfig, prompts: Sequence[Text]) -> dict[str, Any]:
+    """Cheap checks before any generation, so a misconfigured judge fails in seconds, not after hours;
+    returns what they cost (``Judge.usage``; empty for local judges).
 
     ``openai`` asks the endpoint one short question: a wrong ``base_url``, key or model name, or
     a request the model refuses (e.g. an unsupported parameter), shows here and not after hours
@@ -456,9 +457,17 @@ def preflight(cfg: JudgeConfig, prompts: Sequence[Text]) -> None:
     elif cfg.name == "openai":
         with OpenAIJudge(cfg) as judge:
             answer, choice = judge.ask(PROBE.prompt, PROBE.a, PROBE.b)
+            usage = judge.usage()
         if choice is None:
             log.warning("judge=openai: %s answered %r when asked for A or B; unclear answers count as ties",
                         cfg.model, answer[:80])
+        return usage
+    return {}
+
+
+def add_usage(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two ``Judge.usage`` reports summed key by key (a key missing from one counts 0 there)."""
+    return {key: first.get(key, 0) + second.get(key, 0) for key in {**first, **second}}
 
 
 def judge_identity(cfg: JudgeConfig) -> dict[str, Any]:

@@ -203,7 +203,8 @@ def create_app(served: ServedModel, limits: ServeLimits | None = None):
         temperature: float = Field(1.0, ge=0.0, le=2.0)
         top_p: float = Field(1.0, gt=0.0, le=1.0)
         n: int = Field(1, ge=1)
-        seed: int | None = None
+        # torch.manual_seed's range: beyond it torch raises (a 500, not the client's 400).
+        seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)
         stop: str | list[str] | None = None
         stream: bool = False
 

@@ -10,8 +10,10 @@ length, are cut into batches of ``eval.batch_size`` and rank ``r`` of ``W`` gene
 ``eval.output`` (default ``output_dir``):
 
 - ``winrate.json``: counts and rates of win / tie / loss, the win score ``(wins + ties/2) / n``,
-  95% Wilson score intervals on the win rate and on the win score, generation and judge settings
-  and the judge's usage (requests, retries, tokens, estimated cost);
+  95% Wilson score intervals on the win rate and on the win score, generation and judge settings,
+  the judge's usage (requests, retries, tokens, estimated cost; the preflight probe included) and
+  the policy as given (``policy_source``, with ``policy_step`` for a checkpoint: ``policy`` is
+  then its temporary export);
 - ``winrate_samples.jsonl``: per prompt, both responses, the winner and the judge's details.
 
 Resuming. Before judging, rank 0 saves the gathered answers to ``generations.json`` in the ranks'
@@ -254,7 +256,7 @@ def gather_to_main(local: list, env: D.DistEnv) -> list | None:
 
 def winrate_run(cfg: DPOConfig) -> dict[str, Any] | None:
     """The ``winrate`` task, on every rank; rank 0 judges, writes the results and returns them."""
-    from dpo_dist.evaluation import policy_model_dir
+    from dpo_dist.evaluation import policy_model_dir, policy_source
     from dpo_dist.judges import preflight
 
     env = D.detect_env()
@@ -263,7 +265,10 @@ def winrate_run(cfg: DPOConfig) -> dict[str, Any] | None:
     device = D.device_for(env)
     items = eval_prompts(cfg)
     # Rank 0 alone: the openai check is a paid request, one is enough; its error reaches every rank.
-    D.rank0_then_wait(lambda: preflight(cfg.eval.judge, [item.prompt for item in items]))
+    probe: dict[str, Any] = {}
+    D.rank0_then_wait(lambda: probe.update(preflight(cfg.eval.judge, [item.prompt for item in items])))
+    # Before the export: the step of the checkpoint it is made from, should training save another.
+    source = D.on_rank0(lambda: policy_source(cfg))
     policy_dir = str(policy_model_dir(cfg))
     generations = Path(cfg.output_dir) / GENERATIONS_FILE
     saved: dict[str, Any] = {}
@@ -296,7 +301,8 @@ def winrate_run(cfg: DPOConfig) -> dict[str, Any] | None:
         # Before judging: a judge that fails (hours into a 70B run) must not cost the answers.
         save_generations(generations, saved["fingerprint"], rows)
     generation_s = time.perf_counter() - started
-    return judge_and_write(cfg, policy_dir, rows, env.world_size, generation_s, reused_generations=reuse)
+    return judge_and_write(cfg, policy_dir, rows, env.world_size, generation_s, reused_generations=reuse,
+                           source=source, probe_usage=probe)
 
 
 def judge_rows(cfg: DPOConfig, rows) -> tuple[list, dict[str, Any], int]:
@@ -357,12 +363,21 @@ def read_verdicts(path: Path, keys: set[str]) -> dict[str, Any]:
 
 
 def judge_and_write(cfg: DPOConfig, policy_dir: str, rows, world_size: int, generation_s: float, *,
-                    reused_generations: bool = False) -> dict[str, Any]:
-    """Judge (policy, reference) on every prompt, write winrate.json + samples, print the summary."""
+                    reused_generations: bool = False, source: dict[str, Any] | None = None,
+                    probe_usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Judge (policy, reference) on every prompt, write winrate.json + samples, print the summary.
+
+    ``source``: ``evaluation.policy_source`` (what the user named, which ``policy_dir`` may be a
+    temporary export of); ``probe_usage``: what the judge's preflight request cost."""
+    from dpo_dist.evaluation import policy_source
+    from dpo_dist.judges import add_usage
+
     started = time.perf_counter()
     verdicts, usage, reused_verdicts = judge_rows(cfg, rows)
+    usage = add_usage(probe_usage or {}, usage)
     result = {
         "policy": policy_dir,
+        **(source if source is not None else policy_source(cfg)),
         "reference": cfg.model.path,
         "judge": cfg.eval.judge.name,
         **({"judge_model": cfg.eval.judge.model} if cfg.eval.judge.name == "openai" else {}),

@@ -22,7 +22,8 @@ EXIT_USAGE = 2
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="dpo-serve", description="Serve a local model over an OpenAI-compatible API.")
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model directory (e.g. a run's final/)")
+    parser.add_argument("model_dir", metavar="MODEL_DIR",
+                        help="Hugging Face model directory (e.g. a run's final/) or LoRA adapter directory")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     parser.add_argument("--served-model-name", metavar="NAME", default=None, help="the model id clients send")
@@ -43,7 +44,9 @@ def fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not (Path(args.model_dir) / "config.json").is_file():
+    model_dir = Path(args.model_dir)
+    # A LoRA adapter directory (adapter_config.json) is served on its base, merged.
+    if not (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").is_file():
         return fail(f"{args.model_dir}: not a Hugging Face model directory (no config.json)")
     if not 1 <= args.port <= 65535:
         return fail(f"--port must be in 1..65535, got {args.port}")

@@ -120,6 +120,10 @@ def test_max_completion_tokens_is_max_tokens_and_wins(server):
         ("/v1/completions", {"model": NAME, "prompt": "x" * 100}, 400, "accepts at most 64"),
         ("/v1/completions", {"model": NAME, "prompt": "x" * 5000}, 413, "request body over 4096 bytes"),
         ("/v1/completions", {"model": NAME, "prompt": "hi", "temperature": -1}, 400, "temperature"),
+        # Beyond torch.manual_seed's range: refused, not a 500 from torch.
+        ("/v1/completions", {"model": NAME, "prompt": "hi", "seed": 99999999999999999999}, 400, "seed: Input should be"),
+        ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "seed": -(1 << 64)},
+         400, "seed: Input should be"),
         ("/v1/chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
         ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "robot", "content": "x"}]}, 400, "unknown chat role"),
         ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "stream": True}, 400, "stream"),
@@ -139,6 +143,42 @@ def test_bad_model_dir_is_one_line_exit_2(tmp_path):
     result = run_cli("launch.serve", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip() == f"dpo-serve: error: {tmp_path}: not a Hugging Face model directory (no config.json)"
+
+
+def test_model_dir_without_tokenizer_or_weights_is_one_line_exit_2(tmp_path):
+    """config.json alone passes the directory check; loading then fails in one line, before serving."""
+    import shutil
+
+    model = make_tiny_model_dir(tmp_path / "model", layers=1)
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(model / "config.json", config_only)
+    result = run_cli("launch.serve", str(config_only), "--port", str(free_port()))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith(f"dpo-serve: error: {config_only}: cannot load its tokenizer: ")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_lora_adapter_directory_is_served_merged_on_its_base(tmp_path):
+    """An adapter-only export (model.lora.merge_on_export=false) passes dpo-serve's directory check
+    and is served as its base with the adapter merged: the PEFT model's greedy answer."""
+    from dpo_dist.generation import SamplingParams, generate_texts, load_tokenizer
+    from dpo_dist.serve import ServedModel
+    from tests.unit.test_generation import make_tiny_adapter_dir
+
+    base = make_tiny_model_dir(tmp_path / "base", layers=1)
+    adapter = tmp_path / "adapter"
+    peft_model = make_tiny_adapter_dir(base, adapter)
+    with socket.socket() as taken:  # the check passes: the next error is the port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("launch.serve", str(adapter), "--port", str(port))
+    assert result.returncode == 2 and "cannot listen on" in result.stderr, result.stderr[-2000:]
+    served = ServedModel(adapter, NAME)
+    greedy = SamplingParams(max_new_tokens=8)
+    expected = generate_texts(peft_model, load_tokenizer(adapter), ["12+34="], greedy, batch_size=1)
+    assert [c.text for c in served.generate([served.encode("12+34=")], greedy, seed=None)] == [c.text for c in expected]
 
 
 def test_port_in_use_is_one_line_exit_2(tmp_path):

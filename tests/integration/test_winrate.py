@@ -131,10 +131,41 @@ def test_winrate_with_an_openai_compatible_judge(models, tmp_path):
     assert stub.asked[0] == ("2+2=", "4", "5") and stub.asked.count(stub.asked[0]) == 1, "one probe, first"
     samples = [json.loads(line) for line in (out / "winrate_samples.jsonl").read_text().splitlines()]
     asked = [s for s in samples if "ab" in s["judge"]]
-    assert summary["judge_usage"]["requests"] == 2 * len(asked) == len(stub.asked) - 1
+    # The probe is paid for too: judge_usage counts it.
+    assert summary["judge_usage"]["requests"] == 1 + 2 * len(asked) == len(stub.asked)
     for s in asked:
         assert (s["prompt"], s["policy"], s["reference"]) in stub.asked
         assert (s["prompt"], s["reference"], s["policy"]) in stub.asked
+
+
+def test_winrate_of_a_lora_run_exported_adapter_only(tmp_path):
+    """A LoRA run with model.lora.merge_on_export=false: its final/ (an adapter) and a checkpoint
+    (exported as an adapter too) are both evaluated; winrate.json names the checkpoint and step."""
+    from tests.helpers import make_tiny_assets, tiny_run_overrides
+
+    assets = make_tiny_assets(tmp_path)
+    assets["eval"].write_text("".join(json.dumps({"prompt": p, "chosen": "x", "rejected": "y"}) + "\n" for p in PROMPTS[:4]))
+    run = tmp_path / "run"
+    settings = {
+        "output_dir": run, "reference.cache_dir": tmp_path / "ref", "train.max_steps": 2, "train.checkpoint_every": 2,
+        "model.lora.r": 4, "model.lora.target_modules": "[q_proj,v_proj]", "model.lora.merge_on_export": "false",
+    }
+    trained = run_cli("launch.train", *tiny_run_overrides(assets, settings), env={"HF_HUB_OFFLINE": "1"})
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (run / "final" / "adapter_config.json").is_file() and not (run / "final" / "config.json").exists()
+    common = ["eval.max_new_tokens=4", "eval.batch_size=2", "wandb.mode=disabled"]
+    final = run_cli("launch.eval", "winrate", f"output_dir={run}", *common)
+    assert final.returncode == 0, final.stderr[-3000:]
+    summary = json.loads((run / "winrate.json").read_text())
+    assert summary["policy"] == summary["policy_source"] == str(run / "final") and summary["n"] == 4
+    checkpoint = run / "checkpoints" / "step_00000002"
+    out = tmp_path / "ckpt_eval"
+    evaluated = run_cli("launch.eval", "winrate", f"output_dir={run}", f"eval.policy_path={checkpoint}",
+                        f"eval.output={out}", *common)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    summary = json.loads((out / "winrate.json").read_text())
+    assert summary["policy"] == str(run / "winrate" / "policy")
+    assert (summary["policy_source"], summary["policy_step"]) == (str(checkpoint), 2)
 
 
 def test_winrate_rule_judge_fails_fast_on_foreign_prompts(models, tmp_path):

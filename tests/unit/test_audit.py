@@ -76,9 +76,10 @@ def test_length_bias_warning_and_no_eval(tmp_path, capsys):
     path = _write(tmp_path / "biased.jsonl", rows)
     assert main(["audit", path, "--out", str(tmp_path / "out")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "length_bias: 5" in lines and "leakage: 0" in lines
+    # Not checked is not "no leakage": the count is "-" without --eval.
+    assert "length_bias: 5" in lines and "leakage: -" in lines
     report = (tmp_path / "out" / "audit.md").read_text()
-    assert "**Warning**" in report and "leakage not checked" in report
+    assert "**Warning**" in report and "leakage not checked" in report and "| leakage | - |" in report
 
 
 def test_a_chat_record_the_template_cannot_render_is_invalid_not_fatal(tmp_path, capsys):

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from dpo_dist.generation import SamplingParams, generate_texts, load_causal_lm, read_prompts
+from dpo_dist.generation import (
+    GenerationError,
+    SamplingParams,
+    generate_texts,
+    load_causal_lm,
+    load_tokenizer,
+    model_identity,
+    read_prompts,
+)
 from tests.helpers import make_tiny_model_dir
 
 PROMPTS = ["12+34=", "reverse: abcdefgh", "sort: dcba", "91-46="]
@@ -66,3 +75,63 @@ def test_prompt_files_ask_string_prompts_of_chat_records_as_a_user_turn(tmp_path
         [{"role": "user", "content": "47+38="}],
     ]
     assert items[0].extra == {"chosen": chat_reply, "rejected": "47"}
+
+
+def make_tiny_adapter_dir(base, path, *, with_tokenizer: bool = True):
+    """A LoRA adapter saved with PEFT on ``base`` (as a run's final/ with merge_on_export=false),
+    with random B so that it changes the answers (PEFT's default B=0 would not)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(5)
+    config = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), config)
+    peft_model.save_pretrained(path)
+    if with_tokenizer:
+        AutoTokenizer.from_pretrained(base).save_pretrained(path)
+    return peft_model.eval()
+
+
+def test_an_adapter_directory_loads_its_base_with_the_adapter_merged(tmp_path):
+    """dpo-eval winrate, dpo-serve and dpo-data generate take an adapter-only export: the base
+    named in adapter_config.json with the adapter merged (the same logits as the PEFT model)."""
+    import torch
+
+    base = make_tiny_model_dir(tmp_path / "base", layers=1)
+    peft_model = make_tiny_adapter_dir(base, tmp_path / "adapter")
+    model, tokenizer = load_causal_lm(tmp_path / "adapter", "cpu")
+    assert not hasattr(model, "peft_config"), "merged: a plain model"
+    ids = torch.tensor([tokenizer("12+34=")["input_ids"]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        plain, _ = load_causal_lm(base, "cpu")
+        assert not torch.allclose(plain(input_ids=ids).logits, expected, atol=1e-4), "the adapter matters"
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+    # An adapter saved without a tokenizer uses its base's; its identity is not the base's.
+    make_tiny_adapter_dir(base, tmp_path / "bare", with_tokenizer=False)
+    assert load_tokenizer(tmp_path / "bare")("12+34=")["input_ids"] == tokenizer("12+34=")["input_ids"]
+    assert len({model_identity(base), model_identity(tmp_path / "adapter")}) == 2
+
+
+def test_a_model_directory_without_tokenizer_or_weights_is_a_generation_error(tmp_path):
+    """One line naming the directory (dpo-serve, dpo-data generate, dpo-eval winrate), not
+    transformers' multi-line error and traceback."""
+    import shutil
+
+    full = make_tiny_model_dir(tmp_path / "full", layers=1)
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(full / "config.json", config_only)
+    with pytest.raises(GenerationError, match=f"^{re.escape(str(config_only))}: cannot load its tokenizer: [^\\n]+$"):
+        load_causal_lm(config_only, "cpu")
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(full, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(GenerationError, match=f"^{re.escape(str(no_weights))}: cannot load the model: [^\\n]*no file named"):
+        load_causal_lm(no_weights, "cpu")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone")}))
+    with pytest.raises(GenerationError, match=f"^{re.escape(str(tmp_path / 'gone'))}: cannot load its tokenizer"):
+        load_causal_lm(adapter, "cpu")

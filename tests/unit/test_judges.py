@@ -19,6 +19,7 @@ from dpo_dist.judges import (
     OpenAIJudge,
     RewardModelJudge,
     RuleJudge,
+    add_usage,
     combine_orders,
     parse_choice,
     preflight,
@@ -322,8 +323,15 @@ def test_openai_preflight_asks_the_endpoint_once(monkeypatch):
     with _StubJudgeServer() as stub:
         with pytest.raises(JudgeError, match="HTTP 404: The model `stub-jugde` does not exist"):
             preflight(_judge_config(stub.base_url, model="stub-jugde"), ["p"])
-        preflight(_judge_config(stub.base_url), ["p"])
+        usage = preflight(_judge_config(stub.base_url), ["p"])
     assert stub.asked == [("2+2=", "4", "5")] * 2
+    # The probe is a paid request: dpo-eval winrate adds it to judge_usage (add_usage).
+    assert (usage["requests"], usage["prompt_tokens"], usage["completion_tokens"]) == (1, 100, 1)
+    assert usage["cost_usd"] == pytest.approx((100 * 2.0 + 1 * 8.0) / 1e6)
+    assert preflight(JudgeConfig(name="rule"), ["23+45="]) == {}
+    total = add_usage(usage, {"requests": 4, "retries": 1, "prompt_tokens": 400, "cost_usd": 1.0})
+    assert (total["requests"], total["retries"], total["prompt_tokens"], total["completion_tokens"]) == (5, 1, 500, 1)
+    assert total["cost_usd"] == pytest.approx(1.0 + usage["cost_usd"])
 
 
 @pytest.mark.parametrize(

@@ -117,8 +117,58 @@ def test_a_rerun_reuses_the_answers_and_verdicts_of_a_run_whose_judge_failed(tmp
         ]
         left = sum("ab" in s["judge"] for s in samples[2:])  # the pairs that differ cost two requests
         assert len(stub.asked) - asked == 1 + 2 * left, "the probe, then only the prompts not judged yet"
+        # judge_usage counts what this run paid: the probe too.
+        assert result["judge_usage"]["requests"] == 1 + 2 * left
+        assert result["judge_usage"]["prompt_tokens"] == 100 * (1 + 2 * left)
+        assert (result["policy_source"], result["policy_step"]) == (cfg.eval.policy_path, None)
 
         caplog.clear()
         longer = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_new_tokens=5))
         assert winrate_run(longer)["reused"]["generations"] is False
     assert "generated with a different max_new_tokens: generating again" in caplog.text
+
+
+def test_winrate_of_a_lora_adapter_directory(tmp_path, monkeypatch):
+    """An adapter-only final/ (model.lora.merge_on_export=false) is evaluated as its base with
+    the adapter merged; winrate.json names it as given."""
+    from tests.unit.test_generation import make_tiny_adapter_dir
+
+    for name in ("RANK", "WORLD_SIZE", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text("".join(json.dumps({"prompt": p, "chosen": "x", "rejected": "y"}) + "\n" for p in ["12+34=", "91-46="]))
+    base = make_tiny_model_dir(tmp_path / "reference", seed=0, layers=1)
+    run = tmp_path / "run"
+    make_tiny_adapter_dir(base, run / "final")
+    cfg = rank_config(DPOConfig(
+        output_dir=str(run), model=ModelConfig(path=str(base)), data=DataConfig(eval_path=str(evals)),
+        eval=EvalConfig(max_new_tokens=4, batch_size=2, judge=JudgeConfig(name="rule")),
+    ))
+    result = winrate_run(cfg)
+    assert result["n"] == 2 and result["policy"] == result["policy_source"] == str(run / "final")
+    assert result["policy_step"] is None
+    samples = [json.loads(line) for line in (run / "winrate_samples.jsonl").read_text().splitlines()]
+    assert any(s["policy"] != s["reference"] for s in samples), "the policy is the adapter, not its base"
+
+
+def test_policy_source_names_the_checkpoint_and_its_step(tmp_path):
+    """A checkpoint is evaluated through a temporary export: winrate.json also names the path the
+    user gave and the step (a run or checkpoints/ directory: its latest complete checkpoint)."""
+    from dpo_dist.evaluation import policy_source
+
+    run = tmp_path / "run"
+    for step, complete in ((2, True), (4, True), (6, False)):
+        tag = run / "checkpoints" / f"step_{step:08d}"
+        tag.mkdir(parents=True)
+        if complete:
+            (tag / "COMPLETE").write_text("")
+
+    def source(path):
+        return policy_source(DPOConfig(output_dir=str(tmp_path / "out"), eval=EvalConfig(policy_path=str(path))))
+
+    assert source(run / "checkpoints" / "step_00000002") == {
+        "policy_source": str(run / "checkpoints" / "step_00000002"), "policy_step": 2,
+    }
+    assert source(run / "checkpoints")["policy_step"] == 4 and source(run)["policy_step"] == 4
+    model = make_tiny_model_dir(tmp_path / "model", layers=1)
+    assert source(model) == {"policy_source": str(model), "policy_step": None}
