@@ -9,8 +9,8 @@ path, a missing file, an unsupported or unreadable format).
 percentiles and how many pairs ``data.max_length=N`` would truncate.
 
 ``dpo-data audit PATH [--eval PATH] [--out DIR] [--tokenizer DIR] [--max-length N]`` prints one
-``name: count`` line per check (``dpo_dist.audit.CHECKS``), then the paths of ``DIR/audit.md``
-and ``DIR/audit.png``; exit 0.
+``name: count`` line per check (``dpo_dist.audit.CHECKS``; ``leakage: -`` without ``--eval``: not
+checked), then the paths of ``DIR/audit.md`` and ``DIR/audit.png``; exit 0.
 
 ``dpo-data generate --model DIR --prompts FILE --out FILE.jsonl [--num-samples N] [--judge
 rule|reward_model]`` samples N responses per prompt and writes the judge's best and worst as a
