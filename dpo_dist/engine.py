@@ -42,7 +42,7 @@ from dpo_dist.data import collate_packed, load_tokenized, pack_pairs
 from dpo_dist.data.batch import PackedBatch
 from dpo_dist.export import write_atomically
 from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
-from dpo_dist.losses import LOSS_OPTIONS, preference_loss, sft_nll
+from dpo_dist.losses import BATCH_STATISTICS, LOSS_OPTIONS, kl_ratio_sums, preference_loss, sft_nll
 from dpo_dist.runinfo import MetricsLog, read_metrics, write_run_info
 
 log = logging.getLogger("dpo_dist.engine")
@@ -518,11 +518,14 @@ class StepContext:
     world: int
 
 
-def forward_backward(ctx: StepContext, batch: PackedBatch, weight: float, denominator: float, sums: torch.Tensor) -> None:
+def forward_backward(
+    ctx: StepContext, batch: PackedBatch, weight: float, denominator: float, sums: torch.Tensor, statistics: dict
+) -> None:
     """One packed micro-batch of a training step: losses, backward, metric sums (on device).
 
-    ``weight`` is 0 for a filler micro-batch; ``denominator`` is the step's ``loss_denominator``."""
-    result = micro_batch_losses(ctx, batch, train=True)
+    ``weight`` is 0 for a filler micro-batch; ``denominator`` is the step's ``loss_denominator``;
+    ``statistics``: the step's ``batch_statistics``."""
+    result = micro_batch_losses(ctx, batch, train=True, statistics=statistics)
     ctx.engine.backward(result.losses.sum() * (weight * ctx.world / denominator))
     accumulate(sums, weight, batch, result)
 
@@ -540,9 +543,10 @@ class PairResults(NamedTuple):
     """Response tokens scored in the pair's sequences."""
 
 
-def micro_batch_losses(ctx: StepContext, batch: PackedBatch, train: bool) -> PairResults:
+def micro_batch_losses(ctx: StepContext, batch: PackedBatch, train: bool, statistics: dict | None = None) -> PairResults:
     """Losses, rewards and log-probs of a micro-batch's pairs; ``train`` picks the reference store
-    of the training split, else the eval split's. SFT losses are per-sequence summed NLLs."""
+    of the training split, else the eval split's. SFT losses are per-sequence summed NLLs.
+    ``statistics``: the loss's batch statistics (``batch_statistics``) over the whole step or set."""
     cfg = ctx.cfg
     out = run_packed(ctx.engine, batch)
     if cfg.stage == "sft":
@@ -558,6 +562,7 @@ def micro_batch_losses(ctx: StepContext, batch: PackedBatch, train: bool) -> Pai
         ref_rejected,
         beta=cfg.loss.beta,
         **loss_options(cfg),
+        **(statistics or {}),
     )
     chosen_sums, rejected_sums = split_pairs(out.sum_logps)
     chosen_counts, rejected_counts = split_pairs(out.token_counts)
@@ -619,12 +624,34 @@ def train_step(ctx: StepContext, dataset, plans: list[MicroBatchPlan], denominat
     is right for preference losses)."""
     denominator = denominator or float(ctx.cfg.train.pairs_per_step)
     sums = metric_sums(ctx.device)
+    statistics = batch_statistics(ctx, dataset, plans, train=True)
     for i, plan in enumerate(plans):
         ctx.engine.set_gradient_accumulation_boundary(i == len(plans) - 1)
         batch = collate_packed([dataset[p] for p in plan.positions], ctx.cfg.stage == "sft").to(ctx.device)
-        forward_backward(ctx, batch, plan.weight, denominator, sums)
+        forward_backward(ctx, batch, plan.weight, denominator, sums, statistics)
     ctx.engine.step()
     return sums
+
+
+@torch.no_grad()
+def batch_statistics(ctx: StepContext, dataset, plans: list[MicroBatchPlan], train: bool) -> dict[str, torch.Tensor]:
+    """The loss's statistics over all pairs of ``plans`` on all ranks (``losses.BATCH_STATISTICS``):
+    kto_pair's KL baselines are means over the whole optimizer step (or eval set), so its loss does
+    not depend on how the pairs are split into micro-batches and ranks. Costs one extra no-grad
+    forward per micro-batch, for kto_pair only; every other loss returns {} at once."""
+    if ctx.cfg.stage == "sft" or "kl_baselines" not in BATCH_STATISTICS.get(ctx.cfg.loss.kernel_name(), ()):
+        return {}
+    sums = torch.zeros(3, device=ctx.device, dtype=torch.float64 if ctx.device.type == "cpu" else torch.float32)
+    for plan in plans:  # the same micro-batches (fillers too) on every rank: ZeRO-3 forwards are collective
+        batch = collate_packed([dataset[p] for p in plan.positions]).to(ctx.device)
+        out = run_packed(ctx.engine, batch)
+        policy_chosen, policy_rejected = split_pairs(out.logps)
+        ref_chosen, ref_rejected = reference_logps(ctx, batch, out, train)
+        ratios = kl_ratio_sums(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+        sums[:2] += plan.weight * ratios.to(sums.dtype)
+        sums[2] += plan.weight * batch.num_pairs
+    D.all_reduce_sum(sums)
+    return {"kl_baselines": (sums[:2] / sums[2].clamp(min=1)).clamp(min=0).float()}
 
 
 @torch.no_grad()
@@ -636,9 +663,10 @@ def evaluate(ctx: StepContext, dataset, env: D.DistEnv) -> dict[str, float]:
         positions, packed_lengths(dataset, ctx.cfg.stage), env.rank, env.world_size, ctx.cfg.train.micro_batch_tokens
     )
     sums = metric_sums(ctx.device)
+    statistics = batch_statistics(ctx, dataset, plans, train=False)
     for plan in plans:
         batch = collate_packed([dataset[p] for p in plan.positions], ctx.cfg.stage == "sft").to(ctx.device)
-        accumulate(sums, plan.weight, batch, micro_batch_losses(ctx, batch, train=False))
+        accumulate(sums, plan.weight, batch, micro_batch_losses(ctx, batch, train=False, statistics=statistics))
     ctx.engine.train()
     totals = dict(zip(_SUMS, D.all_reduce_sum(sums).tolist()))
     return {f"eval/{k}": v for k, v in summarize(totals, ctx.cfg.stage).items() if k not in ("tokens",)}

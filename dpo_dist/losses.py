@@ -9,6 +9,8 @@ Public API:
 - ``LOSS_NAMES``: the valid ``name`` values: sigmoid, robust, hinge, ipo, kto_pair, simpo, exo_pair,
   nca_pair, sppo_hard, apo_zero, apo_down, discopop (the names TRL's ``loss_type`` uses).
 - ``LOSS_OPTIONS``: name -> the ``options`` that loss accepts (with their defaults).
+- ``BATCH_STATISTICS``: name -> options that are statistics of a larger batch (kto_pair's
+  ``kl_baselines``), computed by the caller with ``kl_ratio_sums`` over that batch.
 - ``REFERENCE_FREE_LOSSES``: losses that ignore the reference (the ref arguments may be None).
 - ``MEAN_LOGP_LOSSES``: losses defined on length-normalized (mean per-token) log-probs; the config
   forces ``loss.logp_normalization=mean`` for them. Every other loss expects summed log-probs.
@@ -92,21 +94,30 @@ def _ipo(pairs: _Pairs, beta: float) -> torch.Tensor:
     return (pairs.logits() - 1 / (2 * beta)) ** 2
 
 
-def _kto_pair(pairs: _Pairs, beta: float) -> torch.Tensor:
-    """KTO, Ethayarajh et al. 2024 (arXiv 2402.01306), paired form with batch KL baselines as TRL's kto_pair.
+def _kto_pair(pairs: _Pairs, beta: float, *, kl_baselines: torch.Tensor | None = None) -> torch.Tensor:
+    """KTO, Ethayarajh et al. 2024 (arXiv 2402.01306) eq. 7, paired form with batch KL baselines as TRL's kto_pair.
 
-    The baselines are means over the pairs passed in (one micro-batch in the engine), so unlike
-    every other loss its value depends on how pairs are grouped: world-size invariance holds only
-    approximately for it. TRL 1.16 no longer has kto_pair; its older DPOTrainer code had the same values (its
-    [2 * pairs] losses average to ours) but let gradients flow through the KL baselines. Ours
-    detaches them, as the KTO paper's z_ref and TRL's KTOTrainer (kl = (...).mean().detach()) do."""
+    The KL reference points z_ref are the clamped mean log-ratios (chosen, rejected) of the batch,
+    detached: the paper does not back-propagate through z_ref, nor does TRL's KTOTrainer (kl =
+    (...).mean().detach()); TRL's older kto_pair (gone in 1.16) let gradients flow through them.
+    ``kl_baselines`` ([2]: chosen, rejected) supplies them from a larger batch: the engine passes
+    the means over the whole optimizer step on all ranks, so that the loss does not depend on how
+    the step is split into micro-batches and ranks; without it, the pairs passed in are the batch."""
     chosen_ratio, rejected_ratio = pairs.chosen_ratio(), pairs.rejected_ratio()
-    # The KL reference points are batch statistics, not paths for the gradient (as in TRL's KTO).
-    chosen_kl = chosen_ratio.detach().mean().clamp(min=0)
-    rejected_kl = rejected_ratio.detach().mean().clamp(min=0)
+    if kl_baselines is None:
+        kl_baselines = kl_ratio_sums(pairs.policy_chosen, pairs.policy_rejected, pairs.ref_chosen, pairs.ref_rejected)
+        kl_baselines = (kl_baselines / len(chosen_ratio)).clamp(min=0)
+    chosen_kl, rejected_kl = kl_baselines.detach().to(chosen_ratio.dtype).unbind()
     chosen_loss = 1 - torch.sigmoid(beta * (chosen_ratio - rejected_kl))
     rejected_loss = 1 - torch.sigmoid(beta * (chosen_kl - rejected_ratio))
     return (chosen_loss + rejected_loss) / 2
+
+
+def kl_ratio_sums(policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
+    """[2] summed (chosen, rejected) log-ratios policy - reference, detached: what kto_pair's KL
+    baselines average (sum them over a batch, divide by its pairs, clamp at 0)."""
+    with torch.no_grad():
+        return torch.stack([(policy_chosen - ref_chosen).sum(), (policy_rejected - ref_rejected).sum()])
 
 
 def _simpo(pairs: _Pairs, beta: float, *, gamma: float = 0.5, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -173,8 +184,15 @@ _LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "discopop": _discopop,
 }
 LOSS_NAMES = tuple(_LOSSES)
+BATCH_STATISTICS = {"kto_pair": ("kl_baselines",)}
+"""Keyword arguments a loss takes that are statistics of a batch larger than the pairs passed in
+(the engine computes them), not ``loss.*`` settings."""
 LOSS_OPTIONS = {
-    name: {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    name: {
+        p.name: p.default
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.name not in BATCH_STATISTICS.get(name, ())
+    }
     for name, fn in _LOSSES.items()
 }
 REFERENCE_FREE_LOSSES = frozenset({"simpo"})
@@ -229,6 +247,9 @@ def _checked_options(name: str, options: dict) -> dict:
     accepted = LOSS_OPTIONS[name]
     checked = {}
     for key, value in options.items():
+        if key in BATCH_STATISTICS.get(name, ()):
+            checked[key] = value
+            continue
         if key == "label_smoothing" and key not in accepted and value == 0:
             continue
         if key not in accepted:

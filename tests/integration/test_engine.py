@@ -104,6 +104,23 @@ def test_world_size_invariance(assets, tmp_path):
     assert abs(one[-1]["loss"] - one[0]["loss"]) > 1e-3, one  # it trained, by far more than the tolerance
 
 
+def test_kto_pair_is_world_size_invariant_with_step_wide_kl_baselines(assets, tmp_path):
+    """kto_pair's KL baselines are batch means: taken per micro-batch, 1 rank x 8 and 2 ranks x 4
+    differed by 2e-3 relative; over the whole step (an all-reduced no-grad pre-pass) they agree
+    like every other loss, in training and in the held-out eval."""
+    settings = {"loss": "kto_pair", "optim.eps": 1e-3, "optim.grad_clip": 0, "optim.lr": 2e-3, "optim.warmup_steps": 0}
+    one = train(assets, tmp_path / "w1", **settings, **{"cluster.nproc_per_node": 1})
+    two = train(assets, tmp_path / "w2", **settings, **{"cluster.nproc_per_node": 2})
+    assert [r["step"] for r in one] == [r["step"] for r in two] and len(train_rows(one)) == 3
+    for a, b in zip(one, two):
+        for key in ("loss", "eval/loss"):
+            if key in a:
+                assert abs(a[key] - b[key]) <= 1e-6 * abs(a[key]), (a["step"], key, a[key], b[key])
+    assert any("eval/loss" in r for r in one)
+    last = train_rows(one)[-1]
+    assert abs(last["chosen_reward"]) + abs(last["rejected_reward"]) > 1e-2, last  # it trained: ratios moved
+
+
 def test_single_rank_without_zero3_is_the_same_training(assets, tmp_path):
     """deepspeed.stage=0 or 1 on one rank (ZeRO-3 has nothing to partition there; see
     benchmarks/README.md) trains the same: same losses as ZeRO-3, and it exports a final model. The

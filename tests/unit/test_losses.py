@@ -273,3 +273,25 @@ def test_step_zero_sigmoid_loss_is_ln2_on_a_real_packed_batch():
     assert chosen_rewards.abs().max() == 0 and rejected_rewards.abs().max() == 0
     losses.mean().backward()
     assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_kto_pair_takes_kl_baselines_from_a_larger_batch():
+    """The engine passes kto_pair the clamped mean log-ratios of the whole step; without them the
+    pairs passed in are the batch. They are statistics, not loss.* settings."""
+    from dpo_dist.losses import BATCH_STATISTICS, LOSS_OPTIONS, kl_ratio_sums
+
+    torch.manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(6, dtype=torch.float64) * 5 for _ in range(4))
+    beta = 0.3
+    whole, _, _ = preference_loss("kto_pair", pc, pr, rc, rr, beta=beta)
+    sums = kl_ratio_sums(pc, pr, rc, rr)
+    baselines = (sums / 6).clamp(min=0)
+    halves = [preference_loss("kto_pair", pc[i], pr[i], rc[i], rr[i], beta=beta, kl_baselines=baselines)[0]
+              for i in (slice(0, 3), slice(3, 6))]
+    torch.testing.assert_close(torch.cat(halves), whole, rtol=0, atol=0)  # split, same values
+    own = preference_loss("kto_pair", pc[:3], pr[:3], rc[:3], rr[:3], beta=beta)[0]
+    assert not torch.allclose(own, whole[:3])  # the half's own baselines differ
+    kl_c, kl_r = baselines.tolist()
+    want = 0.5 * (1 - torch.sigmoid(beta * ((pc - rc) - kl_r))) + 0.5 * (1 - torch.sigmoid(beta * (kl_c - (pr - rr))))
+    torch.testing.assert_close(whole, want)
+    assert LOSS_OPTIONS["kto_pair"] == {} and BATCH_STATISTICS["kto_pair"] == ("kl_baselines",)
