@@ -446,14 +446,11 @@ def activation_items(shape: ModelShape, s: PlanSettings, a: PlanAssumptions) -> 
 
 def state_items(shape: ModelShape, s: PlanSettings, a: PlanAssumptions) -> list[MemoryItem]:
     """Partitioned parameters, gradients and optimizer states (static) and the step transient."""
-    n, b = s.gpus, s.dtype_bytes
+    n = s.gpus
     total = shape.num_params()
     trainable = shape.lora_params(s.lora_r, s.lora_targets) if s.lora_r else total
     what = f"{trainable / 1e6:.1f}M LoRA params" if s.lora_r else "all params"
-    param_bytes = b * total
-    if s.quantized_base:  # embeddings, norms and the LM head stay in the run's dtype
-        quantized = shape.layers * (shape.layer_params() - 2 * shape.hidden)
-        param_bytes += (QLORA_WEIGHT_BYTES - b) * quantized
+    param_bytes = weight_bytes(shape, s)
     params = 0.0 if s.offload_param else param_bytes / n
     grads = 0.0 if s.offload_optimizer else s.grad_accum_bytes * trainable / n
     optim = 0.0 if s.offload_optimizer else ADAM_STATE_BYTES * trainable / n
@@ -475,6 +472,16 @@ def state_items(shape: ModelShape, s: PlanSettings, a: PlanAssumptions) -> list[
             "step",
         ),
     ]
+
+
+def weight_bytes(shape: ModelShape, s: PlanSettings) -> float:
+    """Bytes of all the model's weights: the run's dtype, or QLoRA's 4-bit blocks for the decoder
+    blocks' linear weights (embeddings, norms and the LM head stay in the run's dtype)."""
+    total = s.dtype_bytes * shape.num_params()
+    if s.quantized_base:
+        quantized = shape.layers * (shape.layer_params() - 2 * shape.hidden)
+        total += (QLORA_WEIGHT_BYTES - s.dtype_bytes) * quantized
+    return total
 
 
 def fetch_unit_params(shape: ModelShape, s: PlanSettings) -> tuple[int, int]:
@@ -707,8 +714,10 @@ def project_step(
     """Projected optimizer-step time on ``settings.gpus`` GPUs for ``tokens_per_step`` real tokens.
 
     Compute: FLOPs of this rank's tokens at the measured single-GPU efficiency. Communication, per
-    micro-batch: ZeRO-3 all-gathers all bf16 parameters for the forward and again for the backward
-    (plus once more for an online reference forward) and reduce-scatters the trainable gradients;
+    micro-batch: ZeRO-3 all-gathers the partitioned parameters for the forward and again for the
+    backward (plus once more for an online reference forward) and reduce-scatters the trainable
+    gradients; persistent parameters (``deepspeed.param_persistence_threshold``) stay gathered and
+    are re-gathered once per step, after the optimizer updated them;
     a ring moves ``(n-1)/n`` of the tensor through every GPU's link, inside a node over NVLink,
     across nodes over each GPU's NIC. Every rank runs at least one micro-batch, so beyond
     ``tokens_per_step / micro_batch_tokens`` GPUs more GPUs no longer shorten the step.
@@ -730,9 +739,11 @@ def project_step(
     gathers = 2 + (settings.reference != "none")
     trainable = shape.lora_params(settings.lora_r, settings.lora_targets) if lora else shape.num_params()
     ring = (n - 1) / n
-    per_micro = (gathers * b * shape.num_params() + b * trainable) * ring
+    persistent = b * shape.persistent_params(settings.param_persistence_threshold, settings.lora_r, settings.lora_targets)
+    per_micro = (gathers * (weight_bytes(shape, settings) - persistent) + b * trainable) * ring
+    per_step = micro_batches * per_micro + persistent * ring
     bandwidth = (a.intra_node_gbyte if n <= max(settings.gpus_per_node, 1) else a.inter_node_gbit / 8) * 1e9
-    comm = micro_batches * per_micro / (bandwidth * a.comm_efficiency)
+    comm = per_step / (bandwidth * a.comm_efficiency)
 
     optimizer = _optimizer_seconds(trainable / n, settings, a)
     step = compute + comm - a.overlap * min(compute, comm) + optimizer
@@ -746,7 +757,7 @@ def project_step(
         step_s=step,
         tokens_per_s=tokens_per_step / step,
         mfu=useful / (step * n * a.peak_tflops * 1e12),
-        comm_gb_per_gpu=micro_batches * per_micro / 1e9,
+        comm_gb_per_gpu=per_step / 1e9,
     )
 
 

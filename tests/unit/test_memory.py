@@ -446,3 +446,22 @@ def test_qlora_plans_4bit_base_weights_in_the_decoder_blocks_only():
         assert plan_memory(s70, qlora).item(name) == plan_memory(s70, lora).item(name)
     cfg = config_from_dict({"model": {"lora": {"r": 16, "quantize": "nf4"}}})
     assert PlanSettings.from_config(cfg).quantized_base is True
+
+
+def test_step_projection_gathers_persistent_parameters_once_per_step_not_per_micro_batch():
+    """Tensors under deepspeed.param_persistence_threshold stay gathered: the projection moves them
+    once per step (re-gathered after the optimizer step), the partitioned rest twice per micro-batch."""
+    from dpo_dist.memory import project_step
+
+    s70 = shape("llama3_70b")
+    base = settings(64, micro_batch_tokens=8192)
+    huge = replace(base, param_persistence_threshold=10**9)  # all but the embedding and the LM head
+    tokens = 64 * 4 * 8192 * 0.9  # 4 micro-batches per rank at the default packing fill
+    default, persistent = project_step(s70, base, tokens, 1024), project_step(s70, huge, tokens, 1024)
+    assert default.micro_batches == persistent.micro_batches == 4
+    ring, b = 63 / 64, 2
+    kept = b * s70.persistent_params(10**9)
+    gathered = b * s70.num_params() - kept
+    want = (4 * (2 * gathered + b * s70.num_params()) + kept) * ring / 1e9
+    assert persistent.comm_gb_per_gpu == pytest.approx(want)
+    assert persistent.comm_gb_per_gpu < 0.5 * default.comm_gb_per_gpu
