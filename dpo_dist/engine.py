@@ -778,8 +778,8 @@ def seed_everything(seed: int) -> None:
 def export_hf(engine, cfg: DPOConfig, tokenizer, out_dir: Path, env: D.DistEnv) -> None:
     """Consolidated Hugging Face checkpoint (safetensors + config + tokenizer) on rank 0.
 
-    Under ZeRO-3 DeepSpeed gathers the partitions layer by layer onto rank 0, so no rank ever
-    needs more than the full model once, in host memory. A LoRA policy is exported merged
+    A full-weight ZeRO-3 model is gathered parameter by parameter and written one 5GB shard at a
+    time (``_export_partitioned``): rank 0's host holds one shard. A LoRA policy is exported merged
     (``W + scale * B @ A``: a plain model) or, with ``model.lora.merge_on_export=false``, as its
     adapter alone (``adapter_config.json`` + ``adapter_model.safetensors``, loaded onto the base
     with PEFT). QLoRA merges into ``model.path``'s unquantized weights (see ``_export_adapters``).
@@ -787,6 +787,9 @@ def export_hf(engine, cfg: DPOConfig, tokenizer, out_dir: Path, env: D.DistEnv) 
     lora = _is_peft(engine.module.model)
     if lora and (cfg.model.lora.quantized or not cfg.model.lora.merge_on_export):
         _export_adapters(engine, cfg, tokenizer, out_dir, env)
+        return
+    if engine.zero_optimization_partition_weights() and not lora:
+        _export_partitioned(engine, tokenizer, out_dir, env)
         return
     if engine.zero_optimization_partition_weights():
         state = engine._zero3_consolidated_16bit_state_dict()
@@ -806,6 +809,33 @@ def export_hf(engine, cfg: DPOConfig, tokenizer, out_dir: Path, env: D.DistEnv) 
 
         write_atomically(out_dir, write)
         log.info("exported Hugging Face model%s to %s", " (LoRA merged)" if lora else "", out_dir)
+    D.barrier()
+
+
+def _export_partitioned(engine, tokenizer, out_dir: Path, env: D.DistEnv) -> None:
+    """A full-weight ZeRO-3 model exported one safetensors shard at a time (5GB, as
+    ``save_pretrained``): every rank gathers each parameter in turn, rank 0 keeps it until its
+    shard is written. Rank 0's host holds one shard, not the whole 16-bit model (141 GB for 70B)."""
+    from dpo_dist.export import (
+        DEFAULT_MAX_SHARD_SIZE,
+        PartitionedTensor,
+        save_consolidated,
+        staging_dir,
+        swap_in,
+    )
+
+    hf_model = unwrap_model(engine.module.model)
+    weights: dict[str, Any] = {name: PartitionedTensor(p, env.is_main) for name, p in hf_model.named_parameters()}
+    persistent_buffers = hf_model.state_dict().keys()  # ZeRO-3 never partitions buffers
+    weights.update({name: b for name, b in hf_model.named_buffers() if name in persistent_buffers})
+    dtype = next(hf_model.parameters()).dtype
+    tmp = staging_dir(out_dir) if env.is_main else out_dir
+    save_consolidated(weights, hf_model.config, dtype, tmp, DEFAULT_MAX_SHARD_SIZE, writer=env.is_main)
+    if env.is_main:
+        hf_model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        swap_in(tmp, out_dir)
+        log.info("exported Hugging Face model to %s (one shard at a time)", out_dir)
     D.barrier()
 
 

@@ -90,20 +90,24 @@ def save_consolidated(
     dtype: torch.dtype,
     out_dir: Path,
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
+    writer: bool = True,
 ) -> None:
-    """Save ``weights`` (name -> tensor, or zero_to_fp32's lazy tensor: ``.shape``, ``.dtype``,
-    ``.contiguous()``) as the Hugging Face model of ``hf_config``, one shard in memory at a time.
+    """Save ``weights`` (name -> tensor, or a lazy tensor: ``.shape``, ``.dtype``, ``.contiguous()``,
+    as zero_to_fp32's or ``PartitionedTensor``) as the Hugging Face model of ``hf_config``, one
+    shard in memory at a time.
 
     The names must be exactly the model's: its parameters and persistent buffers, where a tied
     weight (``lm_head.weight`` of a tied-embedding model) may appear and is not written, as
     ``save_pretrained`` does. Shards are cut by huggingface_hub the way ``save_pretrained`` cuts
-    them (``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``).
+    them (``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``). Every rank of
+    a ZeRO-3 job calls it with ``PartitionedTensor`` values (their gathers are collectives, made
+    in the same order everywhere); only the ``writer`` writes.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with torch.device("meta"), _zero3_loading_paused():  # a shape reference, not a ZeRO-3 model
         skeleton = AutoModelForCausalLM.from_config(hf_config)
     expected = skeleton.state_dict()
     # named_parameters() lists a tied weight once, under its first (owning) name.
@@ -135,11 +139,15 @@ def save_consolidated(
         )
     except ValueError as exc:
         raise ExportError(f"max_shard_size={max_shard_size!r}: {exc}") from None
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
     for filename, names in split.filename_to_tensors.items():
         shard = {name: weights[name].contiguous().to(target_dtype(name)) for name in names}
-        save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
+        if writer:
+            save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
         del shard  # before the next shard is gathered: one shard in memory at a time
+    if not writer:
+        return
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (out_dir / "model.safetensors.index.json").write_text(
@@ -161,11 +169,37 @@ def base_generation_config(model_path: str, hf_config):
         return GenerationConfig.from_model_config(hf_config)
 
 
+class PartitionedTensor:
+    """A ZeRO-3 parameter as ``save_consolidated`` reads it: ``contiguous()`` gathers it (a
+    collective) and returns the whole tensor on the writer, an empty one elsewhere."""
+
+    def __init__(self, param: torch.nn.Parameter, keep: bool):
+        self.param, self.keep = param, keep
+        self.shape = tuple(getattr(param, "ds_shape", param.shape))
+        self.dtype = param.dtype
+
+    def contiguous(self) -> torch.Tensor:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([self.param]):
+            return self.param.data.detach().cpu().clone() if self.keep else torch.empty(0, dtype=self.dtype)
+
+
 def write_atomically(out_dir: Path, write) -> None:
     """``write(tmp)`` into a sibling temp directory, then swap it in: readers never see half an export."""
+    tmp = staging_dir(out_dir)
+    write(tmp)
+    swap_in(tmp, out_dir)
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """The empty sibling directory an export of ``out_dir`` is written into first."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
+    return tmp
+
+
+def swap_in(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
 
