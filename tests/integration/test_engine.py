@@ -248,6 +248,7 @@ def test_export_round_trip(assets, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     evaluated = json.loads((ev / "eval.json").read_text())
     assert evaluated["policy"] == str(ev / "eval" / "policy")
+    assert (evaluated["policy_source"], evaluated["policy_step"]) == (str(out / "checkpoints"), 2)
     for key in ("eval/loss", "eval/reward_accuracy", "eval/reward_margin"):
         assert abs(evaluated[key] - rows[-1][key]) <= 1e-5 * max(1.0, abs(rows[-1][key])), key
     bad = run_cli("launch.export", str(out), "--out", str(tmp_path / "bad"), "--max-shard-size", "5XB")
