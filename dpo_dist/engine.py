@@ -949,6 +949,7 @@ def load_splits(cfg: DPOConfig, tokenizer):
             truncation=cfg.data.truncation,
             on_invalid=cfg.data.on_invalid,
             cache_dir=cfg.data.resolved_cache_dir(),
+            keep_identical=cfg.stage == "sft",  # SFT trains on chosen alone
         )
 
     return D.rank0_first(

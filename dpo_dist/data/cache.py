@@ -110,17 +110,19 @@ def load_tokenized(
     on_invalid: str = "error",
     cache_dir: str | os.PathLike | None = None,
     log: logging.Logger | None = None,
+    keep_identical: bool = False,
 ) -> TokenizedDataset:
     """Read, validate, tokenize and truncate ``path``, through the cache when ``cache_dir`` is set.
 
-    ``cache_dir=None`` tokenizes in memory and writes nothing.
+    ``cache_dir=None`` tokenizes in memory and writes nothing. ``keep_identical``: keep pairs whose
+    responses are identical after truncation (SFT trains on chosen alone; see ``tokenize``).
     """
     if on_invalid not in ON_INVALID:
         raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
     check_truncation(max_length, truncation)
     log = log or logger
     shown = os.fspath(path)
-    key = _cache_key(path, tokenizer, max_length, truncation)
+    key = _cache_key(path, tokenizer, max_length, truncation, keep_identical)
     files = _cache_files(cache_dir, key)
     cached = _read_cache(files, key, shown, log) if files else None
     if cached:
@@ -132,7 +134,7 @@ def load_tokenized(
         # logged once below, when the records the chat template cannot render are known too.
         check_invalid(log, shown, result.problems, on_invalid)
         unrendered: list[Problem] = []  # chat records the template cannot render
-        dataset = _tokenize(result, tokenizer, max_length, truncation, key, unrendered)
+        dataset = _tokenize(result, tokenizer, max_length, truncation, key, unrendered, keep_identical)
         problems = sorted(result.problems + unrendered, key=lambda problem: problem.line)
         _apply_on_invalid(shown, len(problems), problems, on_invalid, log)
         if files:
@@ -165,7 +167,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return _sha256(state)
 
 
-def _cache_key(path, tokenizer, max_length: int, truncation: str) -> str:
+def _cache_key(path, tokenizer, max_length: int, truncation: str, keep_identical: bool = False) -> str:
     return _sha256(
         {
             "format": CACHE_FORMAT,
@@ -173,6 +175,7 @@ def _cache_key(path, tokenizer, max_length: int, truncation: str) -> str:
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "max_length": max_length,
             "truncation": truncation,
+            **({"keep_identical": True} if keep_identical else {}),  # preference data keeps its key
         }
     )
 
@@ -188,11 +191,18 @@ def _apply_on_invalid(shown: str, num_invalid: int, problems: list[Problem], on_
 
 
 def _tokenize(
-    result: ReadResult, tokenizer, max_length: int, truncation: str, key: str, unrendered: list[Problem]
+    result: ReadResult,
+    tokenizer,
+    max_length: int,
+    truncation: str,
+    key: str,
+    unrendered: list[Problem],
+    keep_identical: bool = False,
 ) -> TokenizedDataset:
     pairs, stats = tokenize_records(
-        result.records, tokenizer, max_length, truncation, source=result.path, problems=unrendered
-    )
+        result.records, tokenizer, max_length, truncation, source=result.path, problems=unrendered,
+        keep_identical=keep_identical,
+    )  # fmt: skip
     return TokenizedDataset(
         _to_table(pairs),
         fingerprint=key,

@@ -33,8 +33,8 @@ two rules always produce a pair that fits.
 
 A pair whose chosen and rejected ids are identical after truncation (cutting both responses to
 a shared prefix) is dropped and counted in ``TruncationStats.identical`` instead: it carries no
-preference signal and would count as wrong in reward accuracy. Tokenization does not know the
-stage, so SFT (which uses only chosen) loses these pairs too.
+preference signal and would count as wrong in reward accuracy. SFT, which trains on chosen
+alone, keeps them (``keep_identical``).
 """
 
 from __future__ import annotations
@@ -113,9 +113,11 @@ def tokenize_records(
     *,
     source: str = "records",
     problems: list[Problem] | None = None,
+    keep_identical: bool = False,
 ) -> tuple[list[TokenizedPair], TruncationStats]:
     """Encode ``records`` and apply the truncation rule; ``source`` prefixes error locations.
-    ``problems``: see ``encode_records``."""
+    ``problems``: see ``encode_records``. ``keep_identical``: keep pairs whose responses became
+    identical (SFT data)."""
     check_truncation(max_length, truncation)
     stats = TruncationStats()
     pairs = []
@@ -124,7 +126,7 @@ def tokenize_records(
         if kept is None:
             stats.dropped += 1
             continue
-        if np.array_equal(kept.chosen_ids, kept.rejected_ids):
+        if not keep_identical and np.array_equal(kept.chosen_ids, kept.rejected_ids):
             stats.identical += 1
             continue
         if kept is not pair:

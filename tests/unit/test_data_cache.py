@@ -209,6 +209,19 @@ def test_pairs_identical_after_truncation_are_dropped_counted_and_logged(tok, tm
         assert "2144 dropped as identical after truncation" in next(m for m in caplog.messages if "records read" in m)
 
 
+def test_sft_keeps_pairs_identical_after_truncation_in_a_cache_of_its_own(tok, tmp_path):
+    """SFT trains on chosen alone: a response cut to the rejected one's prefix is still a target.
+    Its cache entry is separate, so a DPO run on the same file still drops them."""
+    train = Path(bundled_tokenizer_path()).parent / "data" / "train.jsonl"
+    cache = tmp_path / "cache"
+    sft = load_tokenized(train, tok, 12, truncation="keep_start", cache_dir=cache, keep_identical=True)
+    assert (len(sft), sft.truncation.identical) == (6000, 0)
+    assert sum(np.array_equal(p.chosen_ids, p.rejected_ids) for p in sft) == 2144
+    dpo = load_tokenized(train, tok, 12, truncation="keep_start", cache_dir=cache)
+    assert (dpo.cache_hit, len(dpo), dpo.truncation.identical) == (False, 3856, 2144)
+    assert load_tokenized(train, tok, 12, truncation="keep_start", cache_dir=cache, keep_identical=True).cache_hit
+
+
 def test_cache_format_covers_dropping_identical_pairs():
     """Caches written before identical pairs were dropped hold them: the bumped format misses them."""
     from dpo_dist.data.cache import CACHE_FORMAT
