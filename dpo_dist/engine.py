@@ -778,8 +778,8 @@ def seed_everything(seed: int) -> None:
 def export_hf(engine, cfg: DPOConfig, tokenizer, out_dir: Path, env: D.DistEnv) -> None:
     """Consolidated Hugging Face checkpoint (safetensors + config + tokenizer) on rank 0.
 
-    A full-weight ZeRO-3 model is gathered parameter by parameter and written one 5GB shard at a
-    time (``_export_partitioned``): rank 0's host holds one shard. A LoRA policy is exported merged
+    A ZeRO-3 model is gathered parameter by parameter and written one 5GB shard at a time
+    (``_export_partitioned``): rank 0's host holds one shard. A LoRA policy is exported merged
     (``W + scale * B @ A``: a plain model) or, with ``model.lora.merge_on_export=false``, as its
     adapter alone (``adapter_config.json`` + ``adapter_model.safetensors``, loaded onto the base
     with PEFT). QLoRA merges into ``model.path``'s unquantized weights (see ``_export_adapters``).
@@ -788,13 +788,10 @@ def export_hf(engine, cfg: DPOConfig, tokenizer, out_dir: Path, env: D.DistEnv) 
     if lora and (cfg.model.lora.quantized or not cfg.model.lora.merge_on_export):
         _export_adapters(engine, cfg, tokenizer, out_dir, env)
         return
-    if engine.zero_optimization_partition_weights() and not lora:
+    if engine.zero_optimization_partition_weights():
         _export_partitioned(engine, tokenizer, out_dir, env)
         return
-    if engine.zero_optimization_partition_weights():
-        state = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state = engine.module.state_dict()
+    state = engine.module.state_dict()
     if env.is_main:
         prefix = "model."
         weights = {k[len(prefix) :]: v.detach().cpu() for k, v in state.items() if k.startswith(prefix)}
@@ -813,21 +810,15 @@ def export_hf(engine, cfg: DPOConfig, tokenizer, out_dir: Path, env: D.DistEnv) 
 
 
 def _export_partitioned(engine, tokenizer, out_dir: Path, env: D.DistEnv) -> None:
-    """A full-weight ZeRO-3 model exported one safetensors shard at a time (5GB, as
-    ``save_pretrained``): every rank gathers each parameter in turn, rank 0 keeps it until its
-    shard is written. Rank 0's host holds one shard, not the whole 16-bit model (141 GB for 70B)."""
-    from dpo_dist.export import (
-        DEFAULT_MAX_SHARD_SIZE,
-        PartitionedTensor,
-        save_consolidated,
-        staging_dir,
-        swap_in,
-    )
+    """A ZeRO-3 model exported one safetensors shard at a time (5GB, as ``save_pretrained``):
+    every rank gathers each parameter in turn (a LoRA layer's weight with its adapters, merged),
+    rank 0 keeps it until its shard is written. Rank 0's host holds one shard, not the whole
+    16-bit model (141 GB for 70B)."""
+    from dpo_dist.export import DEFAULT_MAX_SHARD_SIZE, save_consolidated, staging_dir, swap_in
 
-    hf_model = unwrap_model(engine.module.model)
-    weights: dict[str, Any] = {name: PartitionedTensor(p, env.is_main) for name, p in hf_model.named_parameters()}
-    persistent_buffers = hf_model.state_dict().keys()  # ZeRO-3 never partitions buffers
-    weights.update({name: b for name, b in hf_model.named_buffers() if name in persistent_buffers})
+    model = engine.module.model
+    hf_model = unwrap_model(model.get_base_model() if _is_peft(model) else model)
+    weights = partitioned_weights(model, keep=env.is_main)
     dtype = next(hf_model.parameters()).dtype
     tmp = staging_dir(out_dir) if env.is_main else out_dir
     save_consolidated(weights, hf_model.config, dtype, tmp, DEFAULT_MAX_SHARD_SIZE, writer=env.is_main)
@@ -835,8 +826,38 @@ def _export_partitioned(engine, tokenizer, out_dir: Path, env: D.DistEnv) -> Non
         hf_model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         swap_in(tmp, out_dir)
-        log.info("exported Hugging Face model to %s (one shard at a time)", out_dir)
+        log.info("exported Hugging Face model%s to %s (one shard at a time)", " (LoRA merged)" if _is_peft(model) else "", out_dir)
     D.barrier()
+
+
+def partitioned_weights(model: nn.Module, keep: bool) -> dict[str, Any]:
+    """The Hugging Face state of a ZeRO-3 ``model`` as lazy tensors for ``export.save_consolidated``,
+    named as the plain model's: a PEFT LoRA model's adapted layers become their merged weights
+    (``W + scaling * B @ A``), its adapter tensors and ``base_model.model.`` prefix disappear."""
+    from dpo_dist.export import MergedLoraTensor, PartitionedTensor
+
+    lora, prefix = _is_peft(model), "base_model.model."
+    weights: dict[str, Any] = {}
+    merged_layers = set()
+    if lora:
+        from peft.tuners.lora import LoraLayer
+
+        adapter = model.active_adapter
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and adapter in module.lora_A:
+                weights[f"{name.removeprefix(prefix)}.weight"] = MergedLoraTensor(module, adapter, keep)
+                merged_layers.add(name)
+    for name, param in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        if "lora_" in name or (lora and owner.removesuffix(".base_layer") in merged_layers and leaf == "weight"):
+            continue  # an adapter, or a base weight already merged above
+        plain = name.removeprefix(prefix).replace(".base_layer.", ".")
+        weights[plain] = PartitionedTensor(param, keep)
+    state_keys = model.state_dict().keys()  # persistent buffers only; ZeRO-3 never partitions buffers
+    for name, buffer in model.named_buffers():
+        if name in state_keys:
+            weights[name.removeprefix(prefix)] = buffer
+    return weights
 
 
 def _is_peft(model: nn.Module) -> bool:

@@ -185,6 +185,30 @@ class PartitionedTensor:
             return self.param.data.detach().cpu().clone() if self.keep else torch.empty(0, dtype=self.dtype)
 
 
+class MergedLoraTensor:
+    """A ZeRO-3 LoRA layer's merged weight ``W + scaling * B @ A`` (summed in fp32, stored in W's
+    dtype), read like ``PartitionedTensor``: the three tensors are gathered together."""
+
+    def __init__(self, layer, adapter: str, keep: bool):
+        self.layer, self.adapter, self.keep = layer, adapter, keep
+        weight = layer.base_layer.weight
+        self.shape = tuple(getattr(weight, "ds_shape", weight.shape))
+        self.dtype = weight.dtype
+
+    def contiguous(self) -> torch.Tensor:
+        import deepspeed
+
+        layer, adapter = self.layer, self.adapter
+        weight, a, b = layer.base_layer.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        with deepspeed.zero.GatheredParameters([weight, a, b]):
+            if not self.keep:
+                return torch.empty(0, dtype=self.dtype)
+            delta = (b.data.float() @ a.data.float()) * layer.scaling[adapter]
+            if getattr(layer, "fan_in_fan_out", False):
+                delta = delta.T
+            return (weight.data.float() + delta).to(self.dtype).cpu()
+
+
 def write_atomically(out_dir: Path, write) -> None:
     """``write(tmp)`` into a sibling temp directory, then swap it in: readers never see half an export."""
     tmp = staging_dir(out_dir)
