@@ -143,6 +143,8 @@ def _short_hydra_error(exc: BaseException) -> str:
     while exc is not None and id(exc) not in seen and len(parts) < 4:
         seen.add(id(exc))
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        # Hydra appends its search path (provider=..., path=...) to "Could not find" errors: noise.
+        lines = lines[: next((i for i, ln in enumerate(lines) if ln.startswith("Config search path")), len(lines))]
         keep = [ln for ln in lines if not ln.startswith(("object_type", "reference_type", "Set the environment"))]
         text = " ".join(f"({ln})" if ln.startswith("full_key:") else ln for ln in keep)
         if text and not any(text in part for part in parts):
