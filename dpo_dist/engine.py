@@ -1048,8 +1048,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
             bar.update(1)
             accuracy = {"acc": f"{row['reward_accuracy']:.2f}"} if "reward_accuracy" in row else {}  # SFT has none
             bar.set_postfix(loss=f"{row['loss']:.4f}", **accuracy)
-        if wandb_run is not None:
-            wandb_run.log({**row, **last_eval} if eval_row else row, step=done)
+        wandb_run.log({**row, **last_eval} if eval_row else row, step=done)
         if _due(done, cfg.train.checkpoint_every) or stop:
             save_checkpoint(engine, cfg, env, done)
         if stop:
@@ -1057,8 +1056,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
             raise Preempted(done)
     bar.close()
     export_hf(engine, cfg, tokenizer, Path(cfg.output_dir) / "final", env)
-    if wandb_run is not None:
-        wandb_run.finish()
+    wandb_run.finish()
     return last_eval
 
 
@@ -1137,13 +1135,37 @@ def run_info(cfg, env, device, backend, train_data, eval_data, reference, start)
     }
 
 
-def init_wandb(cfg: DPOConfig, env: D.DistEnv):
+class WandbSink:
+    """Rank 0's W&B run (``run`` None elsewhere or when disabled). W&B is a side channel: if its
+    service process dies (Slurm signals every process of a preempted job step, W&B's included),
+    logging warns once and stops, and the preemption checkpoint and metrics.jsonl still happen."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def log(self, row: dict, step: int) -> None:
+        self._call("log", row, step=step)
+
+    def finish(self) -> None:
+        self._call("finish")
+
+    def _call(self, method: str, *args, **kwargs) -> None:
+        if self.run is None:
+            return
+        try:
+            getattr(self.run, method)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - whatever broke the side channel, training goes on
+            log.warning("W&B %s failed (%s: %s): W&B logging stops; metrics.jsonl has every row", method, type(exc).__name__, exc)
+            self.run = None
+
+
+def init_wandb(cfg: DPOConfig, env: D.DistEnv) -> WandbSink:
     if not env.is_main or cfg.wandb.mode == "disabled":
-        return None
+        return WandbSink(None)
     import wandb
 
     try:
-        return wandb.init(
+        return WandbSink(wandb.init(
             project=cfg.wandb.project,
             entity=cfg.wandb.entity,
             name=cfg.wandb.name or Path(cfg.output_dir).name,
@@ -1152,7 +1174,7 @@ def init_wandb(cfg: DPOConfig, env: D.DistEnv):
             config=cfg.to_dict(),
             resume="allow",
             id=_wandb_id(cfg),
-        )
+        ))
     except (wandb.errors.UsageError, wandb.errors.AuthenticationError, wandb.errors.CommError) as exc:
         # No API key, a bad key or no route to the W&B server: the user's setup, not a crash.
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

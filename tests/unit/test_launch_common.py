@@ -133,3 +133,32 @@ def test_wandb_online_without_a_login_is_one_config_error(monkeypatch, tmp_path)
     env = DistEnv(rank=0, local_rank=0, world_size=1, master_addr="127.0.0.1", master_port=0, slurm_job_id=None)
     with pytest.raises(ConfigError, match=r"^wandb.mode=online: No API key configured\. .*wandb.mode=offline\)$"):
         init_wandb(cfg, env)
+
+
+def test_a_dying_wandb_service_stops_wandb_logging_not_training(caplog):
+    """Slurm signals every process of a preempted job step, W&B's service included: the next
+    run.log raised ConnectionResetError and the run died before its preemption checkpoint."""
+    import logging
+
+    from dpo_dist.engine import WandbSink
+
+    class DeadService:
+        calls = 0
+
+        def log(self, row, step):
+            DeadService.calls += 1
+            raise ConnectionResetError("Connection lost")
+
+        def finish(self):
+            raise AssertionError("not called once logging has stopped")
+
+    sink = WandbSink(DeadService())
+    with caplog.at_level(logging.WARNING, logger="dpo_dist.engine"):
+        sink.log({"loss": 0.5}, step=3)
+        sink.log({"loss": 0.4}, step=4)
+        sink.finish()
+    assert DeadService.calls == 1 and sink.run is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "W&B log failed (ConnectionResetError: Connection lost): W&B logging stops; metrics.jsonl has every row"
+    ]
+    WandbSink(None).log({"loss": 0.5}, step=1)  # disabled, or not rank 0: nothing
