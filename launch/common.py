@@ -69,11 +69,16 @@ def parse_overrides(prog: str, overrides: list[str]) -> list:
 
 
 def check_overrides(
-    prog: str, overrides: list[str], config_name: str = "config", parsed: list | None = None
+    prog: str,
+    overrides: list[str],
+    config_name: str = "config",
+    parsed: list | None = None,
+    preflight: Callable | None = None,
 ) -> list:
     """Compose the config for every sweep combination and validate it; exit 2 with one line on error.
 
     ``parsed`` is ``parse_overrides(prog, overrides)`` where the caller has it already.
+    ``preflight(DPOConfig)`` runs on every combination too (it raises UserError to refuse).
     Returns the ``ClusterConfig`` of every combination (a sweep's launcher depends on them).
     """
     from hydra import compose, initialize_config_dir
@@ -86,6 +91,8 @@ def check_overrides(
         parsed = parse_overrides(prog, overrides)
     choices = []
     for override, raw in zip(parsed, overrides):
+        if override.get_key_element().lstrip("+~").startswith("hydra."):
+            continue  # Hydra's own settings (e.g. hydra.launcher.*, absent from the basic launcher composed here)
         if override.is_sweep_override():
             key = override.get_key_element()
             choices.append([f"{key}={v}" for v in override.sweep_string_iterator()])
@@ -99,7 +106,9 @@ def check_overrides(
                 cfg = compose(config_name=config_name, overrides=list(combo) + ["output_dir=_check_"])
                 checked = config_from_dict(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
                 clusters.append(checked.cluster)
-            except ConfigError as exc:
+                if preflight is not None:
+                    preflight(checked)
+            except (ConfigError, UserError) as exc:
                 fail(prog, str(exc))
             except Exception as exc:  # noqa: BLE001 - composition errors from Hydra/OmegaConf
                 fail(prog, _short_hydra_error(exc))
@@ -153,8 +162,11 @@ def _short_hydra_error(exc: BaseException) -> str:
     return ": ".join(parts) or name
 
 
-def hydra_main(prog: str, task: Callable, config_name: str = "config") -> None:
-    """Run ``task(cfg: DictConfig)`` as a Hydra app after validating the command line."""
+def hydra_main(prog: str, task: Callable, config_name: str = "config", sweep_preflight: Callable | None = None) -> None:
+    """Run ``task(cfg: DictConfig)`` as a Hydra app after validating the command line.
+
+    ``sweep_preflight(DPOConfig)``: with ``-m``, run on every point before anything is submitted
+    (a Slurm array's points run ``task`` inside their jobs, after waiting for the allocation)."""
     import hydra
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -167,7 +179,7 @@ def hydra_main(prog: str, task: Callable, config_name: str = "config") -> None:
     parsed = parse_overrides(prog, overrides)  # once: composing, the launcher and output_dir need it
     clusters: list = []
     if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") for a in argv):
-        clusters = check_overrides(prog, overrides, config_name, parsed)
+        clusters = check_overrides(prog, overrides, config_name, parsed, sweep_preflight if multirun else None)
     extra = [f"hydra.job.name={prog}"]
     if multirun:
         extra += slurm_sweep_arguments(prog, overrides, parsed, clusters)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from launch.common import hydra_main, to_config
 from launch.plan import check_memory_plan
-from launch.run import launch
+from launch.run import check_data, launch
 
 
 def _task(cfg) -> None:
@@ -16,8 +16,18 @@ def _task(cfg) -> None:
         launch("dpo-train", config, "train")
 
 
+def _sweep_preflight(cfg) -> None:
+    """A Slurm sweep's points check their plan and data inside their array jobs, after waiting for
+    GPUs: check every point here first, as a single job is checked before it is submitted."""
+    if cfg.cluster.name != "slurm":
+        return  # local points run one after another from here, each checked first by _task
+    for config in cfg.stages():
+        check_memory_plan(config)
+    check_data(cfg)
+
+
 def main() -> None:
-    hydra_main("dpo-train", _task)
+    hydra_main("dpo-train", _task, sweep_preflight=_sweep_preflight)
 
 
 if __name__ == "__main__":

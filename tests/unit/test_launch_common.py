@@ -162,3 +162,34 @@ def test_a_dying_wandb_service_stops_wandb_logging_not_training(caplog):
         "W&B log failed (ConnectionResetError: Connection lost): W&B logging stops; metrics.jsonl has every row"
     ]
     WandbSink(None).log({"loss": 0.5}, step=1)  # disabled, or not rank 0: nothing
+
+
+def test_a_slurm_sweep_is_checked_point_by_point_before_submitting(tmp_path):
+    """A single job's memory plan and data are checked before sbatch; a sweep's points ran those
+    checks inside their array jobs, after waiting for GPUs. Now every point is checked first
+    (nothing here can submit: no Slurm is configured for this process)."""
+    from tests.helpers import REPO, run_cli
+
+    shape = REPO / "dpo_dist" / "assets" / "model_shapes" / "llama3_70b.json"
+    too_big = run_cli("launch.train", "-m", "experiment=llama3_70b_64gpu", "cluster.nodes=2",
+                      "loss.beta=0.1,0.2", f"model.path={shape}", f"output_dir={tmp_path / 'a'}")
+    assert too_big.returncode == 2
+    line = too_big.stderr.strip().splitlines()[-1]
+    assert line.startswith("dpo-train: error: memory plan: does not fit: per-GPU peak") and "on 16 GPUs" in line
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b"}\n')
+    bad_data = run_cli("launch.train", "-m", "cluster=slurm", "loss.beta=0.1,0.2", f"data.train_path={bad}",
+                       f"output_dir={tmp_path / 'b'}")
+    assert bad_data.returncode == 2
+    assert bad_data.stderr.strip().splitlines()[-1].startswith(f"dpo-train: error: {bad}: 1 invalid record")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing was submitted
+
+
+def test_hydra_settings_are_not_validated_against_the_schema():
+    """hydra.launcher.array_parallelism exists on the Slurm launcher only; validation composes with
+    Hydra's basic launcher and refused it (README's sweep command)."""
+    from launch.common import check_overrides, register_schema
+
+    register_schema()
+    clusters = check_overrides("dpo-train", ["cluster=slurm", "loss.beta=0.1,0.2", "hydra.launcher.array_parallelism=2"])
+    assert [c.name for c in clusters] == ["slurm", "slurm"]
