@@ -385,6 +385,7 @@ class ClusterConfig:
         )
         _check(self.time >= 1, "cluster.time", "must be >= 1 minute")
         _check(self.signal_delay_s >= 0, "cluster.signal_delay_s", "must be >= 0")
+        _check(self.max_requeues >= 0, "cluster.max_requeues", f"must be >= 0, got {self.max_requeues}")
         # One rank per GPU: more tasks than GPUs would share GPUs (and the memory plan assumes not).
         _check(
             self.name != "slurm" or self.gpus_per_node == 0 or self.tasks_per_node == self.gpus_per_node,

@@ -635,8 +635,10 @@ def suggestions(shape: ModelShape, settings: PlanSettings, assumptions: PlanAssu
 class ThroughputAssumptions:
     """Hardware numbers and one single-GPU measurement the step-time projection starts from."""
 
-    peak_tflops: float = 780.0
-    """Dense bf16 matmul peak of one H100, as measured (765-783 TFLOP/s; the data sheet says 989)."""
+    peak_tflops: float = 989.0
+    """Dense bf16 peak of one H100 SXM as its data sheet states it: MFU's denominator, as in
+    ``tools/bench.py`` (a matmul benchmark reaches 765-783 TFLOP/s of it). Step times do not depend
+    on it: compute runs at the measured throughput (``achieved_flops``)."""
     measured_tokens_per_s: float = 53_900.0
     """Single-GPU training throughput that calibrates compute efficiency: plain PyTorch, packed rows,
     varlen attention, fwd+bwd of the Llama-3.2-1B shape on one H100 (shared/notes/performance-anchors.md)."""

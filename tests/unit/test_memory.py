@@ -333,7 +333,7 @@ def test_settings_from_config():
 
 def test_step_projection_is_communication_bound_for_70b():
     s, a = shape("llama3_70b"), ThroughputAssumptions()
-    assert 0.45 < a.efficiency() < 0.6  # the H100 anchor: MFU 0.51 by 6N
+    assert 0.38 < a.efficiency() < 0.45  # the H100 anchor: 406 of the 989 TFLOP/s data-sheet peak
     tokens = 512 * 2048
     steps = [project_step(s, settings(g), tokens, 1024, a) for g in (32, 64, 128, 256, 512)]
     assert all(x.step_s >= y.step_s for x, y in zip(steps, steps[1:]))
