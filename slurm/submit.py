@@ -64,6 +64,7 @@ import contextlib
 import io
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -390,11 +391,43 @@ def _failure_message(job, output_dir, errors: list[tuple[int, str]]) -> str:
     except SchedulerError:
         state = "UNKNOWN"
     status = read_status(output_dir)
-    if status and str(status.get("job_id")) == str(job.job_id) and status.get("state") in ("failed", "preempted"):
+    tasks = _task_jobs(job)
+    errored = {rank for rank, _ in errors}
+    killed = _first_srun_failure(tasks[0].paths.stderr)
+    if killed and killed[0] not in errored and not tasks[min(killed[0], job.num_tasks - 1)].paths.result_pickle.exists():
+        # The first task srun saw end ended without a word of its own (out of memory, a signal,
+        # its node): the other ranks' errors ("Connection closed by peer") are the consequence.
+        rank, detail = killed[0], f"rank {killed[0]}: ended without a result ({killed[1]})"
+    elif status and str(status.get("job_id")) == str(job.job_id) and status.get("state") in ("failed", "preempted"):
         detail, rank = status.get("message") or status["state"], int(status.get("rank") or 0)
     elif errors:
-        rank, detail = errors[0][0], f"rank {errors[0][0]}: {errors[0][1]}"
+        # The rank srun saw fail first, else the lowest: the others may be dying of its absence.
+        rank, message = next(((r, m) for r, m in errors if killed and r == killed[0]), errors[0])
+        detail = f"rank {rank}: {message}"
     else:
         rank, detail = 0, "ended without a result"
-    log = _task_jobs(job)[min(rank, job.num_tasks - 1)].paths.stderr
+    log = tasks[min(rank, job.num_tasks - 1)].paths.stderr
     return f"Slurm job {job.job_id} {state}: {detail} (log: {log})"
+
+
+def _first_srun_failure(stderr: Path) -> tuple[int, str] | None:
+    """The first task srun reported ending badly, from task 0's log (srun writes there, in the
+    order it saw them): ``srun: error: n2: task 1: Killed`` gives (1, "srun: n2: task 1: Killed")."""
+    try:
+        text = Path(stderr).read_text(errors="replace")
+    except OSError:
+        return None
+    match = re.search(r"srun: error: (\S+): tasks? ([0-9,-]+): (.+)", text)
+    if match is None:
+        return None
+    rank = min(_task_ids(match.group(2)))
+    return rank, f"srun: {match.group(1)}: task {rank}: {match.group(3).strip()}"
+
+
+def _task_ids(spec: str) -> set[int]:
+    """srun's task list: ``1``, ``0,2`` or ``4-7``."""
+    ids: set[int] = set()
+    for part in spec.split(","):
+        low, _, high = part.partition("-")
+        ids.update(range(int(low), int(high or low) + 1))
+    return ids

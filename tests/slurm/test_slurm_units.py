@@ -338,3 +338,37 @@ def test_dpo_report_cli(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines() == [
         f"dpo-report: error: {tmp_path / 'missing' / 'r.png'}: cannot write the plot: No such file or directory"
     ]
+
+
+def test_a_killed_rank_is_named_not_the_peer_that_lost_its_connection(tmp_path, monkeypatch):
+    """kill -9 (or the OOM killer) on rank 1 leaves it without a result; rank 0 then fails with
+    "Connection closed by peer". The message names rank 1 and what srun said about it."""
+    import pickle
+    from types import SimpleNamespace
+
+    import slurm.submit as submit
+
+    monkeypatch.setattr(submit, "job_state", lambda job_id: "FAILED")
+    tasks = []
+    for rank in range(3):
+        paths = SimpleNamespace(result_pickle=tmp_path / f"{rank}_result.pkl", stderr=tmp_path / f"{rank}_log.err")
+        paths.stderr.write_text("")
+        tasks.append(SimpleNamespace(paths=paths))
+    with open(tasks[0].paths.result_pickle, "wb") as f:
+        pickle.dump(("error", "Traceback ...\nRuntimeError: Connection closed by peer [10.0.0.2]:29500"), f)
+    with open(tasks[2].paths.result_pickle, "wb") as f:
+        pickle.dump(("error", "Traceback ...\nRuntimeError: Connection closed by peer [10.0.0.2]:29500"), f)
+    tasks[0].paths.stderr.write_text("...\nsrun: error: n2: tasks 1-2: Killed\nsrun: Terminating StepId=395.0\n")
+    job = SimpleNamespace(job_id="395", num_tasks=3, task=lambda i: tasks[i])
+    outcome = submit.job_outcome(job, tmp_path / "run")
+    assert not outcome.ok
+    assert outcome.message == (
+        f"Slurm job 395 FAILED: rank 1: ended without a result (srun: n2: task 1: Killed) (log: {tasks[1].paths.stderr})"
+    )
+    # A Python error on rank 2 (its own error result), then srun kills the others: rank 2's error.
+    tasks[0].paths.stderr.write_text("srun: error: n2: task 2: Exited with exit code 1\nsrun: error: n1: task 0: Killed\n")
+    with open(tasks[2].paths.result_pickle, "wb") as f:
+        pickle.dump(("error", "Traceback ...\nValueError: bad shape"), f)
+    assert "FAILED: rank 2: ValueError: bad shape" in submit.job_outcome(job, tmp_path / "run").message
+    tasks[0].paths.stderr.write_text("")  # no srun line: the lowest rank's error, as before
+    assert "FAILED: rank 0: RuntimeError: Connection closed" in submit.job_outcome(job, tmp_path / "run").message
