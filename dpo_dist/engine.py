@@ -996,6 +996,11 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     check_trainable_start(cfg)
     job = setup_job(cfg)
     env, device, tokenizer, backend = job.env, job.device, job.tokenizer, job.backend
+    # Rank 0 decides: every rank must take the same branch.
+    finished = D.broadcast_object(finished_metrics(cfg) if env.is_main else None)
+    if finished is not None:
+        log.info("%s already finished: step %d trained and final/ exported; nothing to do", cfg.output_dir, cfg.train.max_steps)
+        return finished
     train_data, eval_data = job.train_data, job.eval_data
     seed_everything(cfg.train.seed)
     wandb_run = init_wandb(cfg, env)  # before any model work: a missing W&B login fails at once
@@ -1058,6 +1063,25 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     export_hf(engine, cfg, tokenizer, Path(cfg.output_dir) / "final", env)
     wandb_run.finish()
     return last_eval
+
+
+def finished_metrics(cfg: DPOConfig) -> dict[str, float] | None:
+    """The final eval metrics of a run that already finished in ``output_dir`` (its last step's
+    train row logged and ``final/`` exported, which is swapped in whole), else None. Re-running
+    a finished command then returns at once instead of training again from its last checkpoint
+    (or from scratch when it saved none)."""
+    out = Path(cfg.output_dir)
+    final = out / "final"
+    if not ((final / "config.json").exists() or (final / "adapter_config.json").exists()):
+        return None
+    try:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    if not any(row.get("step") == cfg.train.max_steps and "loss" in row for row in rows):
+        return None
+    evals = [row for row in rows if row.get("step") == cfg.train.max_steps and any(k.startswith("eval/") for k in row)]
+    return {k: v for k, v in evals[-1].items() if k != "step"} if evals else {}
 
 
 class Preempted(Exception):

@@ -471,3 +471,19 @@ def test_reference_pass_replicates_a_model_that_fits_and_partitions_on_request(a
     assert auto.num_rows == zero3.num_rows > 0
     for column in auto.column_names:
         assert auto.column(column).to_pylist() == zero3.column(column).to_pylist(), column
+
+
+def test_rerunning_a_finished_run_does_not_train_again(assets, tmp_path):
+    """A finished run (last step logged, final/ exported) re-run with the same command returns at
+    once: without a checkpoint it trained from scratch again and re-exported."""
+    out = tmp_path / "run"
+    settings = {"train.max_steps": 2, "train.checkpoint_every": 100}
+    rows = train(assets, out, **settings)
+    exported = (out / "final" / "model.safetensors").stat().st_mtime_ns
+    result = run_cli("launch.train", *overrides(assets, out, **settings))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "already finished: step 2 trained and final/ exported; nothing to do" in result.stderr
+    assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == rows
+    assert (out / "final" / "model.safetensors").stat().st_mtime_ns == exported
+    longer = train(assets, out, **{**settings, "train.max_steps": 3})  # a longer run is not finished
+    assert [r["step"] for r in train_rows(longer)] == [1, 2, 3]
