@@ -61,6 +61,25 @@ def job_state(job_id: str) -> str | None:
     return None
 
 
+STUCK_REASONS = frozenset({
+    "PartitionNodeLimit", "PartitionTimeLimit", "PartitionConfig", "InvalidAccount", "InvalidQOS",
+    "QOSMaxNodePerJobLimit", "QOSMaxWallDurationPerJobLimit", "QOSMaxCpuPerJobLimit", "QOSMaxGRESPerJob",
+    "AssocMaxNodesPerJobLimit", "AssocMaxWallDurationPerJobLimit", "BadConstraints",
+})  # fmt: skip
+"""Pending reasons that do not clear by waiting: the job asks for more than its partition, QOS or
+account allows, and only an administrator or a resubmission helps."""
+
+
+def pending_reason(job_id: str) -> str | None:
+    """Why a PENDING job waits (``Reason=`` of ``scontrol show job``), or None."""
+    try:
+        out = _run(["scontrol", "show", "job", "-o", str(job_id)])
+    except SchedulerError:
+        return None
+    match = re.search(r"\bReason=(\S+)", out)
+    return match.group(1) if match and match.group(1) != "None" else None
+
+
 def is_terminal(state: str | None) -> bool:
     return state is not None and state.split()[0] in TERMINAL_STATES
 

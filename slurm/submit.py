@@ -74,7 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from slurm.runtime import read_status
-from slurm.scheduler import SchedulerError, is_terminal, job_state
+from slurm.scheduler import STUCK_REASONS, SchedulerError, is_terminal, job_state, pending_reason
 
 POLL_S = 1.0
 STATE_POLL_S = 5.0
@@ -348,10 +348,31 @@ def _finished(job, poll_state: bool) -> bool:
     if not poll_state:
         return False
     try:
-        return is_terminal(job_state(job.job_id))
+        state = job_state(job.job_id)
     except SchedulerError as exc:
         print(f"warning: {exc}; retrying", file=sys.stderr)
         return False
+    if state == "PENDING":
+        _warn_if_stuck(job)
+    return is_terminal(state)
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_if_stuck(job) -> None:
+    """Say once when a pending job waits for something waiting cannot bring (PartitionNodeLimit:
+    more nodes than its partition has): the command would otherwise wait in silence."""
+    reason = pending_reason(job.job_id)
+    if reason in STUCK_REASONS and (job.job_id, reason) not in _WARNED:
+        _WARNED.add((job.job_id, reason))
+        print(
+            f"warning: Slurm job {job.job_id} is pending with reason {reason}: it cannot start until an "
+            f"administrator changes that limit; scancel {job.job_id} and resubmit within it "
+            "(cluster.nodes, cluster.time, cluster.partition, cluster.account, cluster.qos)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------- outcome

@@ -372,3 +372,22 @@ def test_a_killed_rank_is_named_not_the_peer_that_lost_its_connection(tmp_path, 
     assert "FAILED: rank 2: ValueError: bad shape" in submit.job_outcome(job, tmp_path / "run").message
     tasks[0].paths.stderr.write_text("")  # no srun line: the lowest rank's error, as before
     assert "FAILED: rank 0: RuntimeError: Connection closed" in submit.job_outcome(job, tmp_path / "run").message
+
+
+def test_a_job_pending_on_a_limit_is_reported_once(monkeypatch, capsys, tmp_path):
+    """cluster.nodes=3 on a 2-node partition pends with PartitionNodeLimit forever: say so once
+    instead of waiting in silence; an ordinary wait for resources says nothing."""
+    from types import SimpleNamespace
+
+    import slurm.submit as submit
+
+    reasons = {"501": "PartitionNodeLimit", "502": "Resources"}
+    monkeypatch.setattr(submit, "job_state", lambda job_id: "PENDING")
+    monkeypatch.setattr(submit, "pending_reason", lambda job_id: reasons[job_id])
+    task = SimpleNamespace(paths=SimpleNamespace(result_pickle=tmp_path / "none.pkl"))
+    for job_id in ("501", "502"):
+        job = SimpleNamespace(job_id=job_id, num_tasks=1, task=lambda i: task)
+        assert not submit._finished(job, poll_state=True) and not submit._finished(job, poll_state=True)
+    err = capsys.readouterr().err
+    assert err.count("warning: Slurm job 501 is pending with reason PartitionNodeLimit") == 1
+    assert "502" not in err
