@@ -415,9 +415,10 @@ def _failure_message(job, output_dir, errors: list[tuple[int, str]]) -> str:
     tasks = _task_jobs(job)
     errored = {rank for rank, _ in errors}
     killed = _first_srun_failure(tasks[0].paths.stderr)
-    if killed and killed[0] not in errored and not tasks[min(killed[0], job.num_tasks - 1)].paths.result_pickle.exists():
-        # The first task srun saw end ended without a word of its own (out of memory, a signal,
-        # its node): the other ranks' errors ("Connection closed by peer") are the consequence.
+    signalled = killed is not None and "Exited with exit code" not in killed[1]  # else it ended itself
+    if signalled and killed[0] not in errored and not tasks[min(killed[0], job.num_tasks - 1)].paths.result_pickle.exists():
+        # The first task srun saw end was killed without a word of its own (out of memory, a
+        # signal, its node): the other ranks' errors ("Connection closed by peer") are the consequence.
         rank, detail = killed[0], f"rank {killed[0]}: ended without a result ({killed[1]})"
     elif status and str(status.get("job_id")) == str(job.job_id) and status.get("state") in ("failed", "preempted"):
         detail, rank = status.get("message") or status["state"], int(status.get("rank") or 0)

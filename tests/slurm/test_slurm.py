@@ -145,11 +145,17 @@ def test_report_on_sweep(sweep):
 
 
 def test_failed_sweep_point_is_one_line_after_every_point_ends(slurm_cluster, assets, tmp_path):
-    """A point that fails at run time (bad data: the config itself is valid) fails the sweep with
-    one line naming that point, its error and log, after the good point has finished."""
+    """A point that fails at run time fails the sweep with one line naming that point, its error
+    and log, after the good point has finished. The record is well-formed (a structurally bad one
+    is refused before anything is submitted) but the chat template cannot render its role."""
     bad = tmp_path / "bad.jsonl"
     good_lines = assets["train"].read_text().splitlines()
-    bad.write_text("\n".join(good_lines[:5] + ['{"prompt": "1+1=", "chosen": "2"}'] + good_lines[5:]) + "\n")
+    unrenderable = json.dumps({
+        "prompt": [{"role": "tool", "content": "1+1="}],
+        "chosen": [{"role": "assistant", "content": "2"}],
+        "rejected": [{"role": "assistant", "content": "3"}],
+    })  # fmt: skip
+    bad.write_text("\n".join(good_lines[:5] + [unrenderable] + good_lines[5:]) + "\n")
     sweep_dir = tmp_path / "multirun"
     result = run_cli(
         "launch.train", "-m", "cluster=slurm", f"hydra.sweep.dir={sweep_dir}",
@@ -162,7 +168,7 @@ def test_failed_sweep_point_is_one_line_after_every_point_ends(slurm_cluster, as
     assert len(errors) == 1, result.stderr[-3000:]
     line = errors[0]
     assert line.startswith("dpo-train: error: 1 of 2 sweep points failed: point 1 (data.train_path="), line
-    assert f"{bad}:6" in line and "rejected" in line, line  # the bad record's place and what is missing
+    assert f"{bad}:6" in line and "tool" in line, line  # the bad record's place and what is wrong
     assert f"log: {sweep_dir}/slurm/" in line, line
     assert "submitted Slurm job array" in result.stdout
     assert sorted(train_losses(sweep_dir / "0")) == [1, 2, 3]  # the good point ran to the end

@@ -370,6 +370,10 @@ def test_a_killed_rank_is_named_not_the_peer_that_lost_its_connection(tmp_path, 
     with open(tasks[2].paths.result_pickle, "wb") as f:
         pickle.dump(("error", "Traceback ...\nValueError: bad shape"), f)
     assert "FAILED: rank 2: ValueError: bad shape" in submit.job_outcome(job, tmp_path / "run").message
+    # A rank that exited with a status of its own (a user error: exit 2, its message in status.json)
+    # was not killed: it is not named as "ended without a result".
+    tasks[0].paths.stderr.write_text("srun: error: n2: task 1: Exited with exit code 2\n")
+    assert "ended without a result" not in submit.job_outcome(job, tmp_path / "run").message
     tasks[0].paths.stderr.write_text("")  # no srun line: the lowest rank's error, as before
     assert "FAILED: rank 0: RuntimeError: Connection closed" in submit.job_outcome(job, tmp_path / "run").message
 
