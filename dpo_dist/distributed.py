@@ -43,7 +43,8 @@ class DistEnv:
         return self.rank == 0
 
 
-def _first_int(*names: str, default: int) -> int:
+def first_env_int(*names: str, default: int) -> int:
+    """The first of the environment variables ``names`` that is set, as an int, else ``default``."""
     for name in names:
         if os.environ.get(name, "") != "":
             return int(os.environ[name])
@@ -73,11 +74,11 @@ def detect_env() -> DistEnv:
     if os.environ.get("RANK", "") == "" and in_slurm_step():
         return slurm_env()
     return DistEnv(
-        rank=_first_int("RANK", default=0),
-        local_rank=_first_int("LOCAL_RANK", default=0),
-        world_size=_first_int("WORLD_SIZE", default=1),
+        rank=first_env_int("RANK", default=0),
+        local_rank=first_env_int("LOCAL_RANK", default=0),
+        world_size=first_env_int("WORLD_SIZE", default=1),
         master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-        master_port=_first_int("MASTER_PORT", default=29500),
+        master_port=first_env_int("MASTER_PORT", default=29500),
         slurm_job_id=slurm_job_id(),
     )
 

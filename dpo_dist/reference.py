@@ -841,15 +841,11 @@ def reference_replicates(cfg: DPOConfig, device: torch.device, dtype: torch.dtyp
         memory = torch.cuda.get_device_properties(device).total_memory
         where = "of the GPU's"
     else:  # the node's ranks share the host's memory
-        ranks = _first_int(os.environ.get("LOCAL_WORLD_SIZE"), os.environ.get("SLURM_NTASKS_PER_NODE"))
+        ranks = D.first_env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=1)
         memory = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // max(ranks, 1)
         where = f"of 1/{ranks} of the host's available"
     replicate = weights <= memory / 2
     return replicate, f"reference.partition=auto: weights {weights / 2**30:.2f} GiB {'<=' if replicate else '>'} half {where} {memory / 2**30:.1f} GiB"
-
-
-def _first_int(*values: str | None) -> int:
-    return next((int(v) for v in values if v and v.isdigit()), 1)
 
 
 def _model_bytes(path: str, dtype: torch.dtype) -> int:
