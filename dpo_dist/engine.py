@@ -40,7 +40,7 @@ from dpo_dist.attention import enable_packed_attention, resolve_attn_backend, un
 from dpo_dist.config import ConfigError, DeepSpeedConfig, DPOConfig, LoraConfig
 from dpo_dist.data import collate_packed, load_tokenized, pack_pairs
 from dpo_dist.data.batch import PackedBatch
-from dpo_dist.export import write_atomically
+from dpo_dist.export import merged_lora_weight, write_atomically
 from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
 from dpo_dist.losses import BATCH_STATISTICS, LOSS_OPTIONS, kl_ratio_sums, preference_loss, sft_nll
 from dpo_dist.runinfo import MetricsLog, read_metrics, write_run_info
@@ -880,12 +880,9 @@ def merge_lora_state_dict(state: dict[str, torch.Tensor], peft_model: nn.Module)
         if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
             continue
         weight = state.pop(f"{name}.base_layer.weight")
-        a = state.pop(f"{name}.lora_A.{adapter}.weight").float()
-        b = state.pop(f"{name}.lora_B.{adapter}.weight").float()
-        delta = (b @ a) * module.scaling[adapter]
-        if getattr(module, "fan_in_fan_out", False):
-            delta = delta.T
-        merged[f"{name.removeprefix(prefix)}.weight"] = (weight.float() + delta).to(weight.dtype)
+        a = state.pop(f"{name}.lora_A.{adapter}.weight")
+        b = state.pop(f"{name}.lora_B.{adapter}.weight")
+        merged[f"{name.removeprefix(prefix)}.weight"] = merged_lora_weight(module, weight, a, b, adapter)
         bias = state.pop(f"{name}.base_layer.bias", None)
         if bias is not None:
             merged[f"{name.removeprefix(prefix)}.bias"] = bias

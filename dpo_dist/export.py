@@ -203,10 +203,15 @@ class MergedLoraTensor:
         with deepspeed.zero.GatheredParameters([weight, a, b]):
             if not self.keep:
                 return torch.empty(0, dtype=self.dtype)
-            delta = (b.data.float() @ a.data.float()) * layer.scaling[adapter]
-            if getattr(layer, "fan_in_fan_out", False):
-                delta = delta.T
-            return (weight.data.float() + delta).to(self.dtype).cpu()
+            return merged_lora_weight(layer, weight.data, a.data, b.data, adapter).cpu()
+
+
+def merged_lora_weight(layer, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, adapter: str) -> torch.Tensor:
+    """``W + scaling * B @ A`` of PEFT LoRA ``layer`` (summed in fp32, stored in W's dtype)."""
+    delta = (b.float() @ a.float()) * layer.scaling[adapter]
+    if getattr(layer, "fan_in_fan_out", False):
+        delta = delta.T
+    return (weight.float() + delta).to(weight.dtype)
 
 
 def write_atomically(out_dir: Path, write) -> None:

@@ -86,7 +86,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import socket
@@ -852,10 +851,9 @@ def _model_bytes(path: str, dtype: torch.dtype) -> int:
     """Bytes of the model's weights in ``dtype``, counted on a meta-device skeleton of its config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config_dir = path
-    adapter = Path(path) / "adapter_config.json"
-    if adapter.is_file():  # an adapter export: its base holds the weights
-        config_dir = json.loads(adapter.read_text())["base_model_name_or_path"]
+    from dpo_dist.generation import adapter_base
+
+    config_dir = adapter_base(path) or path  # an adapter export: its base holds the weights
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
     return sum(p.numel() for p in skeleton.parameters()) * torch.empty((), dtype=dtype).element_size()
