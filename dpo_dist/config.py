@@ -202,6 +202,11 @@ class LossConfig:
     def uses_reference(self) -> bool:
         return self.name != "simpo"
 
+    def uses_batch_statistics(self) -> bool:
+        """Whether the loss needs statistics of the whole step (``losses.BATCH_STATISTICS``: kto_pair's
+        KL baselines), which the engine gets from one extra no-grad forward per micro-batch."""
+        return self.kernel_name() == "kto_pair"
+
 
 @dataclass
 class OptimConfig:

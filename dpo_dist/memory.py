@@ -258,6 +258,9 @@ class PlanSettings:
     logits_chunk_tokens: int = 2048
     reference: str = "none"
     """none (precomputed or reference-free) | copy (online, a second model) | adapters (online, LoRA disabled)."""
+    statistics_pass: bool = False
+    """The loss needs step-wide statistics (kto_pair): one more no-grad forward of the policy, and of
+    the reference when it is online, per micro-batch (``engine.batch_statistics``)."""
     lora_r: int = 0
     lora_targets: tuple[str, ...] = LORA_MODULES
     quantized_base: bool = False
@@ -298,6 +301,7 @@ class PlanSettings:
             activation_checkpointing=cfg.model.activation_checkpointing,
             logits_chunk_tokens=cfg.model.logits_chunk_tokens,
             reference=reference,
+            statistics_pass=cfg.stage == "dpo" and cfg.loss.uses_batch_statistics(),
             lora_r=cfg.model.lora.r,
             lora_targets=tuple(cfg.model.lora.target_modules),
             quantized_base=cfg.model.lora.quantized,
@@ -311,6 +315,12 @@ class PlanSettings:
             min_micro_batch_tokens=2 * cfg.data.max_length,  # DPOConfig's rule: any pair fits one micro-batch
         )
 
+    def no_grad_forwards(self) -> int:
+        """Forwards per micro-batch besides the training one: the online reference's, and the policy's
+        and reference's again for a loss with step-wide statistics."""
+        reference = int(self.reference != "none")
+        return reference + (1 + reference if self.statistics_pass else 0)
+
     def describe(self) -> str:
         offload = [k for k, on in (("optimizer", self.offload_optimizer), ("params", self.offload_param)) if on]
         nodes = math.ceil(self.gpus / self.gpus_per_node) if self.gpus_per_node else 1
@@ -321,6 +331,7 @@ class PlanSettings:
             f"{self.micro_batch_tokens} tokens/micro-batch; "
             f"activation checkpointing {'on' if self.activation_checkpointing else 'off'}; "
             f"logits chunk {self.logits_chunk_tokens}; reference model on GPU: {_REFERENCE_TEXT[self.reference]}; "
+            f"{'a no-grad statistics forward per micro-batch; ' if self.statistics_pass else ''}"
             f"{'QLoRA' if self.quantized_base else 'LoRA'} {'r=' + str(self.lora_r) if self.lora_r else 'off'}"
         )
 
@@ -667,7 +678,7 @@ class ThroughputAssumptions:
     def achieved_flops(self) -> float:
         """FLOP/s one GPU sustains on training matmuls, from the single-GPU measurement."""
         shape = ModelShape.from_path(preset_shape_path(self.measured_shape) or self.measured_shape)
-        flops = train_flops_per_token(shape, self.measured_seq_len, lora=False, recompute=False, reference_forward=False)
+        flops = train_flops_per_token(shape, self.measured_seq_len, lora=False, recompute=False, no_grad_forwards=0)
         return self.measured_tokens_per_s * flops
 
     def efficiency(self) -> float:
@@ -681,8 +692,9 @@ def forward_flops_per_token(shape: ModelShape, seq_len: float) -> tuple[float, f
     return matmul, attention
 
 
-def train_flops_per_token(shape: ModelShape, seq_len: float, *, lora: bool, recompute: bool, reference_forward: bool) -> float:
-    """FLOPs per token of one training micro-batch: forward, backward, recompute, reference forward.
+def train_flops_per_token(shape: ModelShape, seq_len: float, *, lora: bool, recompute: bool, no_grad_forwards: int) -> float:
+    """FLOPs per token of one training micro-batch: forward, backward, recompute, and
+    ``no_grad_forwards`` more forwards (an online reference, kto_pair's statistics pass).
 
     Backward is twice the forward (input and weight gradients); with LoRA the frozen weights need
     input gradients only, so its matmul backward is one forward's worth (adapters are negligible).
@@ -690,7 +702,7 @@ def train_flops_per_token(shape: ModelShape, seq_len: float, *, lora: bool, reco
     matmul, attention = forward_flops_per_token(shape, seq_len)
     forward = matmul + attention
     backward = (matmul if lora else 2 * matmul) + 2 * attention
-    return forward + backward + (forward if recompute else 0.0) + (forward if reference_forward else 0.0)
+    return forward + backward + (forward if recompute else 0.0) + no_grad_forwards * forward
 
 
 @dataclass(frozen=True)
@@ -717,7 +729,8 @@ def project_step(
 
     Compute: FLOPs of this rank's tokens at the measured single-GPU efficiency. Communication, per
     micro-batch: ZeRO-3 all-gathers the partitioned parameters for the forward and again for the
-    backward (plus once more for an online reference forward) and reduce-scatters the trainable
+    backward (plus once more for each no-grad forward: an online reference, kto_pair's statistics
+    pass) and reduce-scatters the trainable
     gradients; persistent parameters (``deepspeed.param_persistence_threshold``) stay gathered and
     are re-gathered once per step, after the optimizer updated them;
     a ring moves ``(n-1)/n`` of the tensor through every GPU's link, inside a node over NVLink,
@@ -734,11 +747,11 @@ def project_step(
         seq_len,
         lora=lora,
         recompute=settings.activation_checkpointing,
-        reference_forward=settings.reference != "none",
+        no_grad_forwards=settings.no_grad_forwards(),
     )
     compute = tokens_per_rank * flops / a.achieved_flops()
 
-    gathers = 2 + (settings.reference != "none")
+    gathers = 2 + settings.no_grad_forwards()
     trainable = shape.lora_params(settings.lora_r, settings.lora_targets) if lora else shape.num_params()
     ring = (n - 1) / n
     persistent = b * shape.persistent_params(settings.param_persistence_threshold, settings.lora_r, settings.lora_targets)

@@ -465,3 +465,24 @@ def test_step_projection_gathers_persistent_parameters_once_per_step_not_per_mic
     want = (4 * (2 * gathered + b * s70.num_params()) + kept) * ring / 1e9
     assert persistent.comm_gb_per_gpu == pytest.approx(want)
     assert persistent.comm_gb_per_gpu < 0.5 * default.comm_gb_per_gpu
+
+
+def test_kto_pair_projection_counts_its_statistics_forward():
+    """kto_pair runs one more no-grad forward per micro-batch (engine.batch_statistics): of the policy
+    and, online, of the reference too. Each costs a forward's FLOPs and one more weight all-gather."""
+    from dpo_dist.losses import BATCH_STATISTICS
+    from dpo_dist.memory import forward_flops_per_token
+
+    assert {n for n in ("sigmoid", "kto_pair", "ipo", "simpo", "rpo") if config_from_dict({"loss": {"name": n, "logp_normalization": "mean" if n == "simpo" else "sum"}}).loss.uses_batch_statistics()} == set(BATCH_STATISTICS)
+    kto = config_from_dict({"loss": {"name": "kto_pair"}})
+    assert PlanSettings.from_config(kto).statistics_pass and not PlanSettings.from_config(config_from_dict({})).statistics_pass
+    assert not PlanSettings.from_config(config_from_dict({"stage": "sft", "loss": {"name": "kto_pair"}})).statistics_pass
+    s8, tokens = shape("llama3_8b"), 64 * 2 * 8192 * 0.9
+    fwd = sum(forward_flops_per_token(s8, 1024))
+    a = ThroughputAssumptions()
+    for reference, extra in (("none", 1), ("copy", 2)):
+        plain = project_step(s8, settings(64, reference=reference), tokens, 1024, a)
+        stats = project_step(s8, settings(64, reference=reference, statistics_pass=True), tokens, 1024, a)
+        assert stats.compute_s - plain.compute_s == pytest.approx(tokens / 64 * extra * fwd / a.achieved_flops())
+        gathered = 2 * s8.num_params() - 2 * s8.persistent_params(settings(64).param_persistence_threshold)
+        assert stats.comm_gb_per_gpu - plain.comm_gb_per_gpu == pytest.approx(2 * extra * gathered * 63 / 64 / 1e9)
