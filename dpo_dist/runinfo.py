@@ -23,6 +23,10 @@ def write_config(cfg: DPOConfig) -> Path:
     return path
 
 
+COMMAND_ENV = "DPO_DIST_COMMAND"
+"""The user's command line (a JSON list) as the entry point received it, before the launcher ran the
+ranks as ``python -m dpo_dist.worker ...`` (local) or submitit's job script (Slurm); the ranks
+inherit it through their environment, and run_info.json records it as ``argv``."""
 INHERITED_SECTIONS = ("stage", "model", "data", "loss", "reference", "train")
 """What an evaluation of a finished run takes from its ``config.yaml``: the policy's base model
 (the reference), tokenization, data and loss settings it was trained with."""
@@ -76,6 +80,18 @@ def versions() -> dict[str, str]:
     }
 
 
+def record_command(argv: list[str]) -> None:
+    """Remember ``argv`` as this run's command line for run_info.json (see ``COMMAND_ENV``)."""
+    os.environ[COMMAND_ENV] = json.dumps(argv)
+
+
+def command_line() -> list[str]:
+    """The user's command (``record_command``), else this process's own argv (e.g. a worker that
+    slurm/dpo_train.sbatch started)."""
+    recorded = os.environ.get(COMMAND_ENV)
+    return json.loads(recorded) if recorded else list(sys.argv)
+
+
 def write_run_info(output_dir: str | Path, info: dict[str, Any]) -> None:
     """Write ``run_info.json``. A resumed run (``resumed_from_step`` > 0) keeps ``reference.computed``
     true if an earlier job of the run computed that same cache: the run computed it, not this job."""
@@ -88,7 +104,7 @@ def write_run_info(output_dir: str | Path, info: dict[str, Any]) -> None:
             before = {}
         if before.get("computed") and before.get("cache_dir") == reference.get("cache_dir"):
             info["reference"] = {**reference, "computed": True}
-    body = {"versions": versions(), "argv": sys.argv, **info}
+    body = {"versions": versions(), "argv": command_line(), **info}
     _atomic_write(Path(output_dir) / "run_info.json", json.dumps(body, indent=2, default=str) + "\n")
 
 

@@ -169,17 +169,23 @@ def hydra_main(prog: str, task: Callable, config_name: str = "config", sweep_pre
     (a Slurm array's points run ``task`` inside their jobs, after waiting for the allocation)."""
     import hydra
 
+    from dpo_dist.runinfo import record_command
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     register_schema()
     argv = sys.argv[1:]
+    record_command([prog, *argv])
     overrides, multirun = _config_overrides(argv)
     # argparse takes one run of positional overrides: ours and the user's together, and the
     # user's flags (with their values, e.g. `-m`, `--cfg job`) after them, never in between.
     flags = [a for a in argv if a not in overrides]
     parsed = parse_overrides(prog, overrides)  # once: composing, the launcher and output_dir need it
     clusters: list = []
-    if not any(a in ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help") for a in argv):
-        clusters = check_overrides(prog, overrides, config_name, parsed, sweep_preflight if multirun else None)
+    printing = any(a in ("--cfg", "-c") for a in argv)  # prints the config and exits: nothing to preflight
+    if multirun and (printing or any(a in ("--info", "-i") for a in argv)):
+        fail(prog, "-m cannot be combined with --cfg or --info (Hydra runs one mode): leave out -m and give one value per key")
+    if not any(a in ("--help", "-h", "--info", "--hydra-help") for a in argv):
+        clusters = check_overrides(prog, overrides, config_name, parsed, sweep_preflight if multirun and not printing else None)
     extra = [f"hydra.job.name={prog}"]
     if multirun:
         extra += slurm_sweep_arguments(prog, overrides, parsed, clusters)

@@ -72,6 +72,8 @@ def test_step0_loss_is_ln2_and_run_dir_contract(assets, tmp_path):
     assert first["chosen_logp"] < 0 and first["rejected_logp"] < 0
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert info["world_size"] == 1 and info["attention_backend"] == "sdpa"
+    # The user's command, not the rank's `python -m dpo_dist.worker config.yaml train`.
+    assert info["argv"] == ["dpo-train", *overrides(assets, tmp_path / "run", **{"train.max_steps": 2})]
     assert info["reference"]["cache_dir"] == str(assets["cache"])
     assert (tmp_path / "run" / "config.yaml").exists()
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()

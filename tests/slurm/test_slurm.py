@@ -88,6 +88,7 @@ def test_two_node_zero3_job(slurm_cluster, assets, tmp_path):
     assert "submitted Slurm job" in result.stdout and f"logs: {out}/slurm/" in result.stdout
     info = read_json(out / "run_info.json")
     assert info["world_size"] == 2
+    assert info["argv"][:3] == ["dpo-train", "cluster=slurm", "cluster.nodes=2"]  # not submitit's job script
     assert info["slurm_job_id"] and info["slurm_job_id"].isdigit()
     assert f"submitted Slurm job {info['slurm_job_id']} " in result.stdout
     assert yaml.safe_load((out / "config.yaml").read_text())["deepspeed"]["stage"] == 3

@@ -10,6 +10,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 import slurm.submit
+from dpo_dist.runinfo import COMMAND_ENV, command_line
 from launch import common
 
 PROG = "dpo-train"
@@ -33,6 +34,7 @@ def hand_over(monkeypatch, *argv: str) -> tuple[list[str], int]:
     # It wraps the submitit launcher plugin for the rest of the process; nothing is launched here.
     monkeypatch.setattr(slurm.submit, "report_sweep_failures", lambda on_failure: None)
     monkeypatch.setattr(sys, "argv", [PROG, *argv])
+    monkeypatch.setenv(COMMAND_ENV, "")  # hydra_main records the command there: restored afterwards
     common.hydra_main(PROG, lambda cfg: None)
     return handed[0], parses[0]
 
@@ -193,3 +195,34 @@ def test_hydra_settings_are_not_validated_against_the_schema():
     register_schema()
     clusters = check_overrides("dpo-train", ["cluster=slurm", "loss.beta=0.1,0.2", "hydra.launcher.array_parallelism=2"])
     assert [c.name for c in clusters] == ["slurm", "slurm"]
+
+
+def test_the_users_command_is_what_run_info_records(monkeypatch):
+    """The ranks run `python -m dpo_dist.worker ...` (or submitit's script): run_info.json's argv is
+    the command the user typed, handed to them through the environment."""
+    hand_over(monkeypatch, "loss.beta=0.2", "output_dir=/runs/a")
+    assert command_line() == [PROG, "loss.beta=0.2", "output_dir=/runs/a"]
+    monkeypatch.setenv(COMMAND_ENV, "")
+    assert command_line() == sys.argv  # a worker started by hand (slurm/dpo_train.sbatch)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--cfg", "job", "loss.betaa=1"], "Could not override 'loss.betaa'"),
+        (["-c", "job", "loss.beta=abc"], "Error merging override loss.beta=abc"),
+        (["-m", "--cfg", "job", "loss.beta=0.1,0.2"], "-m cannot be combined with --cfg or --info"),
+        (["-m", "--info", "loss.beta=0.1,0.2"], "-m cannot be combined with --cfg or --info"),
+    ],
+)
+def test_printing_the_config_validates_it_in_one_line(monkeypatch, capsys, argv, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        hand_over(monkeypatch, *argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{PROG}: error: {expected}") and err.count("\n") == 1, err
+
+
+def test_printing_a_valid_config_is_handed_to_hydra(monkeypatch):
+    handed, _ = hand_over(monkeypatch, "--cfg", "job", "loss.beta=0.3")
+    assert handed == [f"hydra.job.name={PROG}", "loss.beta=0.3", "--cfg", "job"]
