@@ -109,8 +109,9 @@ def is_gpu_run(cfg) -> bool:
     return torch.cuda.is_available()
 
 
-def check_memory_plan(cfg) -> None:
+def check_memory_plan(cfg, shape_path: str | None = None) -> None:
     """``dpo-train``'s pre-launch check: raise UserError (one line) if a GPU plan cannot fit.
+    ``shape_path``: the model's config.json directory when not ``model.path`` (see ``plan_for``).
 
     CPU runs, ZeRO stages other than 3 and models the planner cannot describe are not checked
     (a log line says so)."""
@@ -123,7 +124,7 @@ def check_memory_plan(cfg) -> None:
     from dpo_dist.memory import GIB, suggestions
 
     try:
-        shape, settings, plan = plan_for(cfg)
+        shape, settings, plan = plan_for(cfg, shape_path)
     except UserError as exc:  # a shape the planner cannot model (e.g. mixture-of-experts) is not refused
         log.warning("memory plan: not checked: %s", exc)
         return

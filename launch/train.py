@@ -10,8 +10,7 @@ from launch.run import check_data, launch
 
 def _task(cfg) -> None:
     stages = to_config(cfg).stages()  # [run] or, with sft_first.max_steps > 0, [sft run, dpo run]
-    for config in stages:
-        check_memory_plan(config)  # a GPU plan that cannot fit is refused before anything starts
+    check_memory_plans(stages)  # a GPU plan that cannot fit is refused before anything starts
     for config in stages:
         launch("dpo-train", config, "train")
 
@@ -21,9 +20,15 @@ def _sweep_preflight(cfg) -> None:
     GPUs: check every point here first, as a single job is checked before it is submitted."""
     if cfg.cluster.name != "slurm":
         return  # local points run one after another from here, each checked first by _task
-    for config in cfg.stages():
-        check_memory_plan(config)
+    check_memory_plans(cfg.stages())
     check_data(cfg)
+
+
+def check_memory_plans(stages) -> None:
+    """Every stage's plan, all with the first stage's model shape: the DPO stage of sft_first trains
+    sft/final, which does not exist yet and has model.path's shape."""
+    for config in stages:
+        check_memory_plan(config, shape_path=stages[0].model.path)
 
 
 def main() -> None:
