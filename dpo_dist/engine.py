@@ -463,9 +463,13 @@ class OnlineReference:
     LoRA the policy itself with its adapters disabled, since its base weights are the initial
     model (no second copy; ``attach_policy`` hands it the policy engine once that exists)."""
 
-    def __init__(self, cfg: DPOConfig, device: torch.device, backend: str):
-        self.uses_policy = cfg.model.lora.enabled
-        self.engine = None if self.uses_policy else build_inference_engine(cfg, cfg.model.path, device, backend)
+    def __init__(self, cfg: DPOConfig, device: torch.device, backend: str, share_policy: bool = True):
+        """``share_policy=False``: a frozen copy of ``model.path`` even with LoRA (4-bit as the policy's
+        base with QLoRA): an evaluated policy is usually merged, with no adapters to disable."""
+        self.uses_policy = cfg.model.lora.enabled and share_policy
+        self.engine = None
+        if not self.uses_policy:
+            self.engine = build_inference_engine(cfg, cfg.model.path, device, backend, quantize=cfg.model.lora.quantize)
 
     def attach_policy(self, policy_engine) -> None:
         """LoRA: score with ``policy_engine`` (adapters disabled); a frozen copy needs nothing."""
@@ -975,12 +979,13 @@ def load_splits(cfg: DPOConfig, tokenizer):
     )
 
 
-def prepare_reference(cfg: DPOConfig, env: D.DistEnv, device, backend, train_data, eval_data):
-    """The reference source for this run: the Arrow store (computing what is missing) or online."""
+def prepare_reference(cfg: DPOConfig, env: D.DistEnv, device, backend, train_data, eval_data, share_policy: bool = True):
+    """The reference source for this run: the Arrow store (computing what is missing) or online
+    (``share_policy``: see ``OnlineReference``)."""
     if cfg.stage == "sft" or not cfg.loss.uses_reference():
         return None
     if cfg.reference.mode == "online":
-        return OnlineReference(cfg, device, backend)
+        return OnlineReference(cfg, device, backend, share_policy)
     from dpo_dist.reference import ensure_reference_for_run
 
     return ensure_reference_for_run(cfg, env, device, backend, train_data, eval_data)

@@ -151,6 +151,21 @@ def test_lora_resume_with_precomputed_reference_and_adapter_export(assets, onlin
     torch.testing.assert_close(logits(loaded, ids), want, rtol=0, atol=0)
 
 
+def test_dpo_eval_of_a_lora_run_with_the_online_reference(online_run):
+    """`dpo-eval output_dir=RUN` takes the run's LoRA and reference.mode=online settings: the policy is
+    the merged final/ (no adapters to disable), so the reference is model.path loaded on its own, and
+    the numbers are the run's own final eval (where the reference was the adapters-disabled policy)."""
+    out, _ = online_run
+    rows = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
+    final_eval = [row for row in rows if "eval/loss" in row][-1]
+    result = run_cli("launch.eval", f"output_dir={out}", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert evaluated["policy_source"] == str(out / "final") and final_eval["step"] == STEPS
+    for key in ("eval/loss", "eval/reward_accuracy", "eval/reward_margin"):
+        assert abs(evaluated[key] - final_eval[key]) <= 1e-5 * max(1.0, abs(final_eval[key])), (key, evaluated[key], final_eval[key])
+
+
 QLORA_STEPS = 8
 
 
