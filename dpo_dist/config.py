@@ -149,7 +149,9 @@ LOSS_NAMES = (
     "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop",
 )
 SMOOTHED_LOSSES = ("sigmoid", "robust", "simpo", "rpo", "exo_pair")
-"""The losses that read ``loss.label_smoothing`` (a test keeps this in step with dpo_dist.losses)."""
+OPTION_LOSSES = {"label_smoothing": SMOOTHED_LOSSES, "gamma": ("simpo",), "discopop_tau": ("discopop",)}
+"""The losses that read each loss-specific ``loss.*`` option (a test keeps this in step with
+dpo_dist.losses): setting one for another loss would change nothing, so it is refused."""
 
 
 @dataclass
@@ -166,11 +168,12 @@ class LossConfig:
     logp_normalization: str = "sum"
     """sum: summed response log-probs (DPO) | mean: per-token average (IPO, SimPO)."""
     gamma: float = 0.5
-    """SimPO target reward margin."""
+    """SimPO target reward margin (simpo only)."""
     alpha: float = 0.0
     """Weight of the NLL-of-chosen term added to the loss (RPO / DPO+SFT); 0 disables it."""
     discopop_tau: float = 0.05
-    """DiscoPOP temperature: how sharply its logistic/exponential mix switches with the margin."""
+    """DiscoPOP temperature: how sharply its logistic/exponential mix switches with the margin
+    (discopop only)."""
 
     def __post_init__(self) -> None:
         _one_of(self.name, "loss.name", LOSS_NAMES)
@@ -179,11 +182,13 @@ class LossConfig:
         _one_of(self.logp_normalization, "loss.logp_normalization", ("sum", "mean"))
         _check(self.alpha >= 0, "loss.alpha", "must be >= 0")
         _check(self.discopop_tau > 0, "loss.discopop_tau", "must be > 0")
-        _check(
-            self.label_smoothing == 0 or self.name in SMOOTHED_LOSSES,
-            "loss.label_smoothing",
-            f"{self.name} has no label smoothing (losses with it: {', '.join(SMOOTHED_LOSSES)})",
-        )
+        for option, users in OPTION_LOSSES.items():
+            default = next(f.default for f in dataclasses.fields(self) if f.name == option)
+            _check(
+                getattr(self, option) == default or self.name in users,
+                f"loss.{option}",
+                f"loss={self.name} does not use it (only {', '.join(users)}): leave it at {default}",
+            )
         _check(
             self.name != "exo_pair" or self.label_smoothing > 0,
             "loss.label_smoothing",

@@ -34,7 +34,9 @@ def test_defaults_are_valid_and_round_trip():
         ({"deepspeed": {"grad_accum_dtype": "fp16"}}, "deepspeed.grad_accum_dtype: got 'fp16'"),
         ({"model": {"dtype": "bf16"}, "deepspeed": {"stage": 0}}, "stage 0 sums bf16 gradients in bf16 only"),
         ({"loss": {"name": "exo_pair"}}, "loss.label_smoothing: exo_pair needs eps > 0"),
-        ({"loss": {"name": "hinge", "label_smoothing": 0.1}}, "loss.label_smoothing: hinge has no label smoothing"),
+        ({"loss": {"name": "hinge", "label_smoothing": 0.1}}, "loss.label_smoothing: loss=hinge does not use it (only sigmoid,"),
+        ({"loss": {"name": "sigmoid", "gamma": 1.0}}, "loss.gamma: loss=sigmoid does not use it (only simpo): leave it at 0.5"),
+        ({"loss": {"name": "ipo", "discopop_tau": 0.2}}, "loss.discopop_tau: loss=ipo does not use it (only discopop)"),
         ({"loss": {"name": "discopop", "discopop_tau": 0}}, "loss.discopop_tau: must be > 0"),
     ],
 )
@@ -108,13 +110,20 @@ def test_a_bad_value_says_why_on_the_one_line(module, prog):
 
 def test_every_loss_preset_feeds_exactly_its_options_to_the_loss():
     """conf/loss/<name>.yaml selects a dpo_dist.losses function and the engine hands it the loss.*
-    fields it takes, named alike; the config's list of smoothed losses is the functions' own."""
+    fields it takes, named alike; the config's tables of which loss reads which option, needs a
+    reference, step-wide statistics or mean log-probs are the loss functions' own."""
     import yaml
 
     from dpo_dist.config import LOSS_NAMES as CONFIG_LOSS_NAMES
-    from dpo_dist.config import SMOOTHED_LOSSES
+    from dpo_dist.config import OPTION_LOSSES
     from dpo_dist.engine import loss_options
-    from dpo_dist.losses import LOSS_NAMES, LOSS_OPTIONS
+    from dpo_dist.losses import (
+        BATCH_STATISTICS,
+        LOSS_NAMES,
+        LOSS_OPTIONS,
+        MEAN_LOGP_LOSSES,
+        REFERENCE_FREE_LOSSES,
+    )
 
     presets = {p.stem: yaml.safe_load(p.read_text()) for p in (REPO / "conf" / "loss").glob("*.yaml")}
     assert set(presets) == set(CONFIG_LOSS_NAMES) == set(LOSS_NAMES) | {"rpo"}
@@ -123,7 +132,13 @@ def test_every_loss_preset_feeds_exactly_its_options_to_the_loss():
         options = loss_options(cfg)
         assert set(options) == set(LOSS_OPTIONS[cfg.loss.kernel_name()]), name
         assert all(options[key] == getattr(cfg.loss, key) for key in options)
-        assert ("label_smoothing" in options) == (name in SMOOTHED_LOSSES), name
+        for option, users in OPTION_LOSSES.items():  # the options config.py refuses for other losses
+            assert (option in options) == (name in users), (name, option)
+        assert set(options) <= set(OPTION_LOSSES), name  # every loss-specific option is refused elsewhere
+        assert cfg.loss.uses_reference() == (cfg.loss.kernel_name() not in REFERENCE_FREE_LOSSES), name
+        assert cfg.loss.uses_batch_statistics() == (cfg.loss.kernel_name() in BATCH_STATISTICS), name
+        if cfg.loss.kernel_name() in MEAN_LOGP_LOSSES:
+            assert cfg.loss.logp_normalization == "mean", name
     assert loss_options(config_from_dict({"loss": presets["exo_pair"]})) == {"label_smoothing": 0.001}
     assert loss_options(config_from_dict({"loss": {**presets["discopop"], "discopop_tau": 0.2}})) == {"discopop_tau": 0.2}
 

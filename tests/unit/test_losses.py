@@ -137,7 +137,12 @@ def test_defaults_and_special_values():
     # A zero label_smoothing is accepted everywhere (but by EXO, whose target needs eps > 0), so
     # one config can drive every other loss.
     for name in set(LOSS_NAMES) - {"exo_pair"}:
-        preference_loss(name, pc, pr, rc, rr, beta=0.1, label_smoothing=0.0)
+        ref = (None, None) if name in REFERENCE_FREE_LOSSES else (rc, rr)
+        options = {"kl_baselines": torch.tensor([0.1, 0.2])} if name == "kto_pair" else {}
+        smoothed = preference_loss(name, pc, pr, *ref, beta=0.1, label_smoothing=0.0, **options)
+        plain = preference_loss(name, pc, pr, *ref, beta=0.1, **options)
+        for got, want in zip(smoothed, plain):
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
     assert REFERENCE_FREE_LOSSES == MEAN_LOGP_LOSSES == {"simpo"}
 
 
