@@ -19,7 +19,7 @@ Backends, in the order ``auto`` tries them:
 
 A forced backend that cannot run raises ``AttentionBackendError``; nothing falls back silently.
 
-Public API: ``ATTN_BACKENDS``, ``AttentionBackendError``, ``available_backends``,
+Public API: ``ATTN_BACKENDS``, ``AttentionBackendError``, ``available_backends``, ``auto_skipped``,
 ``resolve_attn_backend``, ``enable_packed_attention``, ``is_packed_attention``,
 ``packed_forward_kwargs``, ``unwrap_model``.
 """
@@ -125,6 +125,18 @@ def available_backends(device: torch.device | str, dtype: torch.dtype | None = N
     """Backends that can run on ``device`` (with weights of ``dtype`` when given), in ``auto`` order."""
     device = torch.device(device)
     return [name for name in _KERNEL_ORDER if _unavailable_reason(name, device, dtype) is None]
+
+
+def auto_skipped(device: torch.device | str, dtype: torch.dtype | None = None) -> list[tuple[str, str]]:
+    """(backend, why it cannot run) for each backend ``auto`` passes over before its choice."""
+    device = torch.device(device)
+    skipped = []
+    for name in _KERNEL_ORDER:
+        reason = _unavailable_reason(name, device, dtype)
+        if reason is None:
+            break
+        skipped.append((name, reason))
+    return skipped
 
 
 def resolve_attn_backend(requested: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:

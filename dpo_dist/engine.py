@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from dpo_dist import distributed as D
-from dpo_dist.attention import enable_packed_attention, resolve_attn_backend, unwrap_model
+from dpo_dist.attention import auto_skipped, enable_packed_attention, resolve_attn_backend, unwrap_model
 from dpo_dist.config import ConfigError, DeepSpeedConfig, DPOConfig, LoraConfig
 from dpo_dist.data import collate_packed, load_tokenized, pack_pairs
 from dpo_dist.data.batch import PackedBatch
@@ -955,8 +955,12 @@ def setup_job(cfg: DPOConfig) -> JobSetup:
     device = D.device_for(env)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
     train_data, eval_data = load_splits(cfg, tokenizer)
-    backend = resolve_attn_backend(cfg.model.attn_backend, device, training_dtype(cfg, device))
+    dtype = training_dtype(cfg, device)
+    backend = resolve_attn_backend(cfg.model.attn_backend, device, dtype)
     log.info("attention backend: %s (model.attn_backend=%s, %s)", backend, cfg.model.attn_backend, device)
+    if cfg.model.attn_backend == "auto" and device.type == "cuda":  # on CPU only sdpa runs: nothing to explain
+        for name, reason in auto_skipped(device, dtype):
+            log.info("attention backend: auto passed over %s: %s", name, reason)
     return JobSetup(env, device, tokenizer, train_data, eval_data, backend)
 
 

@@ -305,7 +305,8 @@ class PlanSettings:
             lora_r=cfg.model.lora.r,
             lora_targets=tuple(cfg.model.lora.target_modules),
             quantized_base=cfg.model.lora.quantized,
-            dense_mask=cfg.model.attn_backend == "sdpa",
+            # auto takes a varlen kernel on the GPUs, but for fp32 weights only sdpa runs there.
+            dense_mask=cfg.model.attn_backend == "sdpa" or (cfg.model.attn_backend == "auto" and cfg.model.dtype == "fp32"),
             prefetch_bucket=ds.prefetch_bucket_size,
             reduce_bucket=ds.reduce_bucket_size,
             max_live_parameters=ds.max_live_parameters,
@@ -332,6 +333,7 @@ class PlanSettings:
             f"activation checkpointing {'on' if self.activation_checkpointing else 'off'}; "
             f"logits chunk {self.logits_chunk_tokens}; reference model on GPU: {_REFERENCE_TEXT[self.reference]}; "
             f"{'a no-grad statistics forward per micro-batch; ' if self.statistics_pass else ''}"
+            f"attention: {'masked sdpa (a T x T mask)' if self.dense_mask else 'a varlen kernel (flash or torch varlen)'}; "
             f"{'QLoRA' if self.quantized_base else 'LoRA'} {'r=' + str(self.lora_r) if self.lora_r else 'off'}"
         )
 

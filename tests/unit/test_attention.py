@@ -238,3 +238,20 @@ def test_the_backend_is_resolved_for_the_device_the_model_will_run_on(monkeypatc
     with pytest.raises(AttentionBackendError, match="varlen needs CUDA"):
         enable_packed_attention(model, "varlen")
     assert enable_packed_attention(tiny_llama(), "varlen", torch.device("cuda")) == "varlen"
+
+
+def test_auto_names_what_it_passed_over_and_why(monkeypatch):
+    """auto's choice is explained: every backend before it with the reason it cannot run (logged by
+    the engine on CUDA, where a missing or broken flash_attn would otherwise go unnoticed)."""
+    import dpo_dist.attention as attention
+
+    assert [name for name, _ in attention.auto_skipped("cpu")] == ["flash", "varlen"]
+    assert all("CUDA device" in reason for _, reason in attention.auto_skipped("cpu"))
+    assert attention.resolve_attn_backend("auto", "cpu") == "sdpa"
+
+    def flash_broken(backend, device, dtype):
+        return "flash_attn failed to import" if backend == "flash" else None
+
+    monkeypatch.setattr(attention, "_unavailable_reason", flash_broken)
+    assert attention.auto_skipped("cpu") == [("flash", "flash_attn failed to import")]
+    assert attention.resolve_attn_backend("auto", "cpu") == "varlen"

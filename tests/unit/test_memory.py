@@ -328,6 +328,9 @@ def test_settings_from_config():
     assert (s.gpus, s.gpus_per_node, s.gpu_memory_gib, s.dtype_bytes) == (32, 8, 139.4, 2)  # usable of an H200
     assert (s.reference, s.lora_r, s.offload_optimizer, s.dense_mask) == ("adapters", 8, True, True)
     assert PlanSettings.from_config(config_from_dict({"reference": {"mode": "online"}})).reference == "copy"
+    # auto takes a varlen kernel on the GPUs for bf16 weights; for fp32 only the masked sdpa path runs.
+    assert not PlanSettings.from_config(config_from_dict({"model": {"attn_backend": "auto", "dtype": "bf16"}})).dense_mask
+    assert PlanSettings.from_config(config_from_dict({"model": {"attn_backend": "auto", "dtype": "fp32"}})).dense_mask
     assert PlanSettings.from_config(config_from_dict({"loss": {"name": "simpo", "logp_normalization": "mean"}, "reference": {"mode": "online"}})).reference == "none"
 
 
