@@ -223,3 +223,14 @@ def test_slurm_runs_one_rank_per_gpu():
     with pytest.raises(ConfigError, match=r"^cluster.tasks_per_node: must equal cluster.gpus_per_node \(8\): one rank per GPU, got 16$"):
         ClusterConfig(name="slurm", nodes=8, tasks_per_node=16, gpus_per_node=8)
     ClusterConfig(name="slurm", tasks_per_node=4, gpus_per_node=0)  # CPU-only jobs: any number of tasks
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_deepspeeds_throughput_timer_is_off(frozen):
+    """DeepSpeed's throughput timer (on by default) synchronizes the device at every engine forward:
+    a host sync per micro-batch, for a number steps_per_print=1e9 never prints."""
+    from deepspeed.runtime.config import DeepSpeedConfig as ParsedConfig
+
+    parsed = ParsedConfig(DPOConfig().deepspeed.to_dict(bf16=False, grad_clip=1.0, frozen=frozen))
+    assert parsed.timers_config.enabled is False
+    assert ParsedConfig({"train_micro_batch_size_per_gpu": 1}).timers_config.enabled is True  # the default
