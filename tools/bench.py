@@ -16,6 +16,12 @@ warm-up steps are not timed. tokens/s counts real tokens (prompt + response of b
 never padding). MFU = (6 * N_non_embedding * tokens + attention FLOPs) / time / peak, with the
 dense bf16 peak of the device (null on CPU, where no peak is stated). Peak memory: GPU
 ``max_memory_allocated``; CPU the peak RSS sampled while the system runs.
+
+A system that fails is recorded as ``{"error": "Type: message"}`` (ours_precomputed and the
+scaling points as ``{"error": "skipped: the reference pass failed: ..."}`` when the pass they
+need failed, next to the pass's own record) and the others still run; the JSON keeps every number
+measured, stderr has one ``dpo-bench: error: SYSTEM: ...`` line per failure, and the exit status
+is 1. TRL systems skipped on purpose (--skip-trl, trl not installed) are ``"skipped (...)"``.
 """
 
 from __future__ import annotations
@@ -35,10 +41,11 @@ import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from launch.common import ArgumentParser
-
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run as a script from a checkout
+# Run as a script from a checkout: the checkout's packages, before any other installed copy.
+sys.path.insert(0, str(REPO))
+
+from launch.common import ArgumentParser  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -468,13 +475,37 @@ def device_name() -> str:
 SYSTEMS = ("ours_reference_pass", "ours_precomputed", "ours_online", "trl_online", "trl_precomputed")
 
 
+def error_record(error: BaseException) -> dict:
+    """A system that raised: ``{"error": "Type: first line of the message"}``."""
+    lines = str(error).strip().splitlines()
+    return {"error": f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__}
+
+
+def failed(record: object) -> bool:
+    """An error record (the system raised, or could not run because something it needs did)."""
+    return isinstance(record, dict) and "error" in record
+
+
+def measured(record: object) -> bool:
+    """A successful system's numbers (not an error record, not a legitimate "skipped (...)" string)."""
+    return isinstance(record, dict) and "error" not in record
+
+
+def failures(report: dict) -> dict[str, str]:
+    """Every failed system and scaling point of a report, name -> error text."""
+    records = {**report["systems"],
+               **{f"scaling {k}": v for k, v in report.get("scaling_micro_batch_tokens", {}).items()}}
+    return {name: record["error"] for name, record in records.items() if failed(record)}
+
+
 def run(args: argparse.Namespace) -> dict:
     """Every selected system in turn; the report is rewritten to ``args.out`` after each one, so a
     run cut short (or one system failing) still leaves every number measured so far."""
     from dpo_dist.engine import free_memory
 
     preset = PRESETS[args.preset]
-    preset = replace(preset, steps=args.steps or preset.steps, warmup=preset.warmup if args.warmup is None else args.warmup)
+    preset = replace(preset, steps=preset.steps if args.steps is None else args.steps,
+                     warmup=preset.warmup if args.warmup is None else args.warmup)
     scaling_tokens = preset.scaling_tokens if args.scaling is None else args.scaling
     overrides = parse_overrides(args.set)
     trl_overrides = parse_overrides(args.trl_set)
@@ -488,7 +519,7 @@ def run(args: argparse.Namespace) -> dict:
             value = fn()
         except Exception as error:  # noqa: BLE001 - reported in the JSON and on stderr
             traceback.print_exc()
-            section[name] = f"error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            section[name] = error_record(error)
         free_memory()
         if name not in section:
             section[name] = value[0] if isinstance(value, tuple) else value
@@ -514,15 +545,25 @@ def run(args: argparse.Namespace) -> dict:
         }
         common = (ours.dataset, ours.device, ours.backend, preset, ours.n_params)
         systems, selected = report["systems"], set(args.systems)
-        table = None
+        table, no_table = None, None
         if selected & {"ours_reference_pass", "ours_precomputed"} or scaling_tokens:
-            measured = measure(systems, "ours_reference_pass", lambda: reference_pass(ours.cfg, *common))
-            table = measured[1] if isinstance(measured, tuple) else None
-            if "ours_reference_pass" not in selected:
-                del systems["ours_reference_pass"]
-        if table is not None and "ours_precomputed" in selected:
-            measure(systems, "ours_precomputed", lambda: ours_train(ours.cfg, ours.dataset, ours.device, ours.backend,
-                                                                    TensorReference(table), preset, ours.n_params))
+            value = measure(systems, "ours_reference_pass", lambda: reference_pass(ours.cfg, *common))
+            table = value[1] if isinstance(value, tuple) else None
+            if table is None:
+                # What needs its log-probs is recorded as skipped (an error: it was asked for and did
+                # not run); the pass's own error record stays, asked for or not: it is the cause.
+                cause = systems["ours_reference_pass"]
+                reason = cause["error"] if failed(cause) else "no log-prob table"
+                no_table = {"error": f"skipped: the reference pass failed: {reason}"}
+            elif "ours_reference_pass" not in selected:
+                del systems["ours_reference_pass"]  # run only for the systems below: untimed, unreported
+        if "ours_precomputed" in selected:
+            if table is None:
+                systems["ours_precomputed"] = dict(no_table)
+                write_report(args.out, report)
+            else:
+                measure(systems, "ours_precomputed", lambda: ours_train(ours.cfg, ours.dataset, ours.device, ours.backend,
+                                                                        TensorReference(table), preset, ours.n_params))
         if "ours_online" in selected:
             measure(systems, "ours_online", lambda: ours_train(ours.cfg, ours.dataset, ours.device, ours.backend,
                                                                None, preset, ours.n_params))
@@ -537,7 +578,11 @@ def run(args: argparse.Namespace) -> dict:
             with without_torchrun_variables():
                 measure(systems, name, lambda precompute=precompute: run_trl(preset, model_dir, data, work, precompute, trl_overrides, args.trl_fp32_weights))
         # Scaling last: a run cut short by a time limit still has every system above.
-        for tokens in scaling_tokens if table is not None else []:
+        for tokens in scaling_tokens:
+            if table is None:
+                report["scaling_micro_batch_tokens"][str(tokens)] = dict(no_table)
+                write_report(args.out, report)
+                continue
             scaled = replace(ours.cfg, train=replace(ours.cfg.train, micro_batch_tokens=tokens))
             measure(report["scaling_micro_batch_tokens"], str(tokens),
                     lambda scaled=scaled: ours_train(scaled, ours.dataset, ours.device, ours.backend,
@@ -566,7 +611,7 @@ def write_report(path: str, report: dict) -> None:
 def ratios(systems: dict) -> dict:
     def tps(name):
         s = systems.get(name)
-        return s["tokens_per_s"] if isinstance(s, dict) and s["tokens_per_s"] else None
+        return s["tokens_per_s"] if measured(s) and s["tokens_per_s"] else None
 
     out = {}
     for ours, theirs in (("ours_online", "trl_online"), ("ours_precomputed", "trl_precomputed")):
@@ -587,6 +632,19 @@ def _csv_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _csv_systems(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     unknown = sorted(set(names) - set(SYSTEMS))
@@ -598,8 +656,8 @@ def _csv_systems(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="dpo-bench", description="dpo_dist vs TRL DPO throughput")
     parser.add_argument("--preset", choices=sorted(PRESETS), required=True)
-    parser.add_argument("--steps", type=int, help="timed optimizer steps per system")
-    parser.add_argument("--warmup", type=int, help="untimed steps before timing")
+    parser.add_argument("--steps", type=_at_least(1), help="timed optimizer steps per system (>= 1; default: the preset's)")
+    parser.add_argument("--warmup", type=_at_least(0), help="untimed steps before timing (>= 0; default: the preset's)")
     parser.add_argument("--out", required=True, help="JSON file to write (rewritten after every system)")
     parser.add_argument("--systems", type=_csv_systems, default=list(SYSTEMS),
                         help=f"comma-separated subset of {','.join(SYSTEMS)}")
@@ -625,11 +683,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpo-bench: error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
     for name, s in {**report["systems"], **{f"scaling {k}": v for k, v in report["scaling_micro_batch_tokens"].items()}}.items():
-        line = s if isinstance(s, str) else f"{s['tokens_per_s']:10.1f} tok/s  mfu {s['mfu']}  peak {s['peak_mem_gb']:.2f} GB  step0 loss {s['step0_loss']}"
+        if measured(s):
+            line = f"{s['tokens_per_s']:10.1f} tok/s  mfu {s['mfu']}  peak {s['peak_mem_gb']:.2f} GB  step0 loss {s['step0_loss']}"
+        else:
+            line = f"error: {s['error']}" if failed(s) else str(s)
         print(f"{name:22s} {line}")
     for name, value in report["ratios"].items():
         print(f"{name}: {value:.2f}x")
-    return 0
+    # The JSON (rewritten after every system) already holds what did run; a failed system still
+    # fails the command, so a script or CI job running the bench cannot take a partial table for a whole one.
+    failed_systems = failures(report)
+    for name, error in failed_systems.items():
+        print(f"dpo-bench: error: {name}: {error}", file=sys.stderr)
+    return 1 if failed_systems else 0
 
 
 def _cuda() -> bool:

@@ -32,6 +32,20 @@ def _num(value: float | None, digits: int = 0) -> str:
     return "" if value is None else f"{value:,.{digits}f}"
 
 
+def _measured(system: object) -> bool:
+    """Numbers of a system that ran: not an error record (``{"error": ...}``) nor a string
+    (``"skipped (...)"``, or ``"error: ..."`` in JSONs written before error records were dicts)."""
+    return isinstance(system, dict) and "error" not in system
+
+
+def _not_measured(system: object) -> str:
+    """The table cell of a system without numbers."""
+    if isinstance(system, dict):
+        error = str(system["error"])
+        return error if error.startswith("skipped") else f"error: {error}"
+    return str(system)
+
+
 def systems_table(report: dict) -> list[str]:
     systems = report["systems"]
     memory = "peak GPU memory (GB)" if "cpu" not in report["device"] else "peak RSS (GB)"
@@ -49,12 +63,12 @@ def systems_table(report: dict) -> list[str]:
         system = systems.get(name)
         if system is None:
             continue
-        if isinstance(system, str):
-            lines.append(f"| {label} | {system} | | | | |")
+        if not _measured(system):
+            lines.append(f"| {label} | {_not_measured(system)} | | | | |")
             continue
         theirs = systems.get(VERSUS.get(name, ""))
         ratio = ""
-        if isinstance(theirs, dict) and theirs["tokens_per_s"]:
+        if _measured(theirs) and theirs["tokens_per_s"]:
             ratio = f"{system['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"
             ratio = f"**{ratio}**" if name.startswith("ours") else ratio
         loss = "" if system["step0_loss"] is None else f"{system['step0_loss']:.6f}"
@@ -66,8 +80,8 @@ def systems_table(report: dict) -> list[str]:
 def scaling_table(report: dict) -> list[str]:
     lines = ["| micro_batch_tokens | tokens/s | MFU | peak memory (GB) |", "|---:|---:|---:|---:|"]
     for tokens, system in sorted(report.get("scaling_micro_batch_tokens", {}).items(), key=lambda kv: int(kv[0])):
-        if isinstance(system, str):
-            lines.append(f"| {int(tokens):,} | {system} | | |")
+        if not _measured(system):
+            lines.append(f"| {int(tokens):,} | {_not_measured(system)} | | |")
         else:
             lines.append(f"| {int(tokens):,} | {_num(system['tokens_per_s'])} | {_num(system['mfu'], 3)} | "
                          f"{system['peak_mem_gb']:.2f} |")
@@ -82,18 +96,18 @@ def targets(report: dict) -> list[tuple[str, bool]]:
     for ours, needed in RATIO_TARGETS[family].items():
         theirs = VERSUS[ours]
         a, b = systems.get(ours), systems.get(theirs)
-        if not (isinstance(a, dict) and isinstance(b, dict) and b["tokens_per_s"]):
+        if not (_measured(a) and _measured(b) and b["tokens_per_s"]):
             out.append((f"{ours}/{theirs}: not measured (target >= {needed}x)", False))
             continue
         ratio = a["tokens_per_s"] / b["tokens_per_s"]
         out.append((f"{ours}/{theirs}: {ratio:.2f}x (target >= {needed}x)", ratio >= needed))
     if family == "gpu":
         pre = systems.get("ours_precomputed")
-        mfu = pre.get("mfu") if isinstance(pre, dict) else None
+        mfu = pre.get("mfu") if _measured(pre) else None
         out.append((f"MFU of ours_precomputed: {_num(mfu, 3) or 'n/a'} (target >= {MFU_TARGET})",
                     mfu is not None and mfu >= MFU_TARGET))
-        ours_peak = max((s["peak_mem_gb"] for n, s in systems.items() if n.startswith("ours") and isinstance(s, dict)), default=None)
-        trl_peak = min((s["peak_mem_gb"] for n, s in systems.items() if n.startswith("trl") and isinstance(s, dict)), default=None)
+        ours_peak = max((s["peak_mem_gb"] for n, s in systems.items() if n.startswith("ours") and _measured(s)), default=None)
+        trl_peak = min((s["peak_mem_gb"] for n, s in systems.items() if n.startswith("trl") and _measured(s)), default=None)
         met = ours_peak is not None and trl_peak is not None and ours_peak <= trl_peak
         out.append((f"peak memory: ours at most {_num(ours_peak, 1)} GB, TRL at least {_num(trl_peak, 1)} GB "
                     "(target: ours <= TRL)", met))
