@@ -26,6 +26,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -522,16 +523,44 @@ class StepContext:
     world: int
 
 
-def forward_backward(
-    ctx: StepContext, batch: PackedBatch, weight: float, denominator: float, sums: torch.Tensor, statistics: dict
-) -> None:
+class MicroBatch(NamedTuple):
+    """One packed micro-batch of a step or of the eval set, on the device."""
+
+    weight: float
+    """The plan's weight: 0 for a filler micro-batch (``plan_micro_batches``)."""
+    batch: PackedBatch
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Summed reference log-probs (chosen, rejected) from the step's online reference pass
+    (``with_online_reference``); None: looked up when the loss is computed."""
+
+
+def micro_batches(ctx: StepContext, dataset, plans: list[MicroBatchPlan]) -> Iterator[MicroBatch]:
+    """Each plan's pairs collated into one packed row on the device, one plan at a time."""
+    sft = ctx.cfg.stage == "sft"
+    for plan in plans:
+        yield MicroBatch(plan.weight, collate_packed([dataset[p] for p in plan.positions], sft).to(ctx.device))
+
+
+@torch.no_grad()
+def with_online_reference(ctx: StepContext, batches: list[MicroBatch]) -> list[MicroBatch]:
+    """An online reference's forwards for all of a step's micro-batches, before the policy's first.
+
+    ZeRO-3 records the order in which the policy's forward and backward fetch parameters and, once
+    that trace is complete, prefetches along it. With LoRA the reference is the policy itself with
+    its adapters off: run between each micro-batch's forward and backward, it broke the trace every
+    micro-batch (and the ranks re-checked it, with host syncs) instead of twice a step."""
+    if not isinstance(ctx.reference, OnlineReference):
+        return batches
+    return [mb._replace(reference=ctx.reference.logps(mb.batch)) for mb in batches]
+
+
+def forward_backward(ctx: StepContext, mb: MicroBatch, denominator: float, sums: torch.Tensor, statistics: dict) -> None:
     """One packed micro-batch of a training step: losses, backward, metric sums (on device).
 
-    ``weight`` is 0 for a filler micro-batch; ``denominator`` is the step's ``loss_denominator``;
-    ``statistics``: the step's ``batch_statistics``."""
-    result = micro_batch_losses(ctx, batch, train=True, statistics=statistics)
-    ctx.engine.backward(result.losses.sum() * (weight * ctx.world / denominator))
-    accumulate(sums, weight, batch, result)
+    ``denominator`` is the step's ``loss_denominator``; ``statistics``: the step's ``batch_statistics``."""
+    result = micro_batch_losses(ctx, mb, train=True, statistics=statistics)
+    ctx.engine.backward(result.losses.sum() * (mb.weight * ctx.world / denominator))
+    accumulate(sums, mb.weight, mb.batch, result)
 
 
 class PairResults(NamedTuple):
@@ -547,17 +576,17 @@ class PairResults(NamedTuple):
     """Response tokens scored in the pair's sequences."""
 
 
-def micro_batch_losses(ctx: StepContext, batch: PackedBatch, train: bool, statistics: dict | None = None) -> PairResults:
+def micro_batch_losses(ctx: StepContext, mb: MicroBatch, train: bool, statistics: dict | None = None) -> PairResults:
     """Losses, rewards and log-probs of a micro-batch's pairs; ``train`` picks the reference store
     of the training split, else the eval split's. SFT losses are per-sequence summed NLLs.
     ``statistics``: the loss's batch statistics (``batch_statistics``) over the whole step or set."""
     cfg = ctx.cfg
-    out = run_packed(ctx.engine, batch)
+    out = run_packed(ctx.engine, mb.batch)
     if cfg.stage == "sft":
         zeros = torch.zeros_like(out.sum_logps)
         return PairResults(-out.sum_logps, zeros, zeros, out.sum_logps, zeros, out.token_counts)
     policy_chosen, policy_rejected = split_pairs(out.logps)
-    ref_chosen, ref_rejected = reference_logps(ctx, batch, out, train)
+    ref_chosen, ref_rejected = reference_logps(ctx, mb, out, train)
     losses, chosen_r, rejected_r = preference_loss(
         cfg.loss.kernel_name(),
         policy_chosen,
@@ -594,17 +623,15 @@ def accumulate(sums: torch.Tensor, weight: float, batch: PackedBatch, result: Pa
     sums[_SUMS.index("tokens")].add_(weight * batch.num_tokens)
 
 
-def reference_logps(
-    ctx: StepContext, batch: PackedBatch, policy: SequenceLogps, train: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_logps(ctx: StepContext, mb: MicroBatch, policy: SequenceLogps, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference log-probs normalised like the policy's (the store keeps sums; ``mean`` divides by
-    the policy's scored-token counts); eval pairs have their own store because example ids restart
-    at 0 in every file."""
+    the policy's scored-token counts): the micro-batch's own (an online pass ran already) or looked
+    up; eval pairs have their own store because example ids restart at 0 in every file."""
     if ctx.reference is None:  # reference-free losses (SimPO) ignore these
-        zeros = torch.zeros(batch.num_pairs, device=batch.input_ids.device)
+        zeros = torch.zeros(mb.batch.num_pairs, device=mb.batch.input_ids.device)
         return zeros, zeros
     lookup = ctx.reference.logps if train else ctx.reference.eval_logps
-    chosen, rejected = lookup(batch)
+    chosen, rejected = mb.reference if mb.reference is not None else lookup(mb.batch)
     if ctx.cfg.loss.logp_normalization == "mean":
         c_counts, r_counts = split_pairs(policy.token_counts)
         chosen, rejected = chosen / c_counts.clamp(min=1), rejected / r_counts.clamp(min=1)
@@ -628,32 +655,32 @@ def train_step(ctx: StepContext, dataset, plans: list[MicroBatchPlan], denominat
     is right for preference losses)."""
     denominator = denominator or float(ctx.cfg.train.pairs_per_step)
     sums = metric_sums(ctx.device)
-    statistics = batch_statistics(ctx, dataset, plans, train=True)
-    for i, plan in enumerate(plans):
-        ctx.engine.set_gradient_accumulation_boundary(i == len(plans) - 1)
-        batch = collate_packed([dataset[p] for p in plan.positions], ctx.cfg.stage == "sft").to(ctx.device)
-        forward_backward(ctx, batch, plan.weight, denominator, sums, statistics)
+    # All of the step's micro-batches collated up front: no host work between backward and forward.
+    batches = with_online_reference(ctx, list(micro_batches(ctx, dataset, plans)))
+    statistics = batch_statistics(ctx, batches, train=True)
+    for i, mb in enumerate(batches):
+        ctx.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+        forward_backward(ctx, mb, denominator, sums, statistics)
     ctx.engine.step()
     return sums
 
 
 @torch.no_grad()
-def batch_statistics(ctx: StepContext, dataset, plans: list[MicroBatchPlan], train: bool) -> dict[str, torch.Tensor]:
-    """The loss's statistics over all pairs of ``plans`` on all ranks (``losses.BATCH_STATISTICS``):
+def batch_statistics(ctx: StepContext, batches: Iterable[MicroBatch], train: bool) -> dict[str, torch.Tensor]:
+    """The loss's statistics over all pairs of ``batches`` on all ranks (``losses.BATCH_STATISTICS``):
     kto_pair's KL baselines are means over the whole optimizer step (or eval set), so its loss does
     not depend on how the pairs are split into micro-batches and ranks. Costs one extra no-grad
     forward per micro-batch, for kto_pair only; every other loss returns {} at once."""
     if ctx.cfg.stage == "sft" or "kl_baselines" not in BATCH_STATISTICS.get(ctx.cfg.loss.kernel_name(), ()):
         return {}
     sums = torch.zeros(3, device=ctx.device, dtype=torch.float64 if ctx.device.type == "cpu" else torch.float32)
-    for plan in plans:  # the same micro-batches (fillers too) on every rank: ZeRO-3 forwards are collective
-        batch = collate_packed([dataset[p] for p in plan.positions]).to(ctx.device)
-        out = run_packed(ctx.engine, batch)
+    for mb in batches:  # the same micro-batches (fillers too) on every rank: ZeRO-3 forwards are collective
+        out = run_packed(ctx.engine, mb.batch)
         policy_chosen, policy_rejected = split_pairs(out.logps)
-        ref_chosen, ref_rejected = reference_logps(ctx, batch, out, train)
+        ref_chosen, ref_rejected = reference_logps(ctx, mb, out, train)
         ratios = kl_ratio_sums(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-        sums[:2] += plan.weight * ratios.to(sums.dtype)
-        sums[2] += plan.weight * batch.num_pairs
+        sums[:2] += mb.weight * ratios.to(sums.dtype)
+        sums[2] += mb.weight * mb.batch.num_pairs
     D.all_reduce_sum(sums)
     return {"kl_baselines": (sums[:2] / sums[2].clamp(min=1)).clamp(min=0).float()}
 
@@ -667,10 +694,10 @@ def evaluate(ctx: StepContext, dataset, env: D.DistEnv) -> dict[str, float]:
         positions, packed_lengths(dataset, ctx.cfg.stage), env.rank, env.world_size, ctx.cfg.train.micro_batch_tokens
     )
     sums = metric_sums(ctx.device)
-    statistics = batch_statistics(ctx, dataset, plans, train=False)
-    for plan in plans:
-        batch = collate_packed([dataset[p] for p in plan.positions], ctx.cfg.stage == "sft").to(ctx.device)
-        accumulate(sums, plan.weight, batch, micro_batch_losses(ctx, batch, train=False, statistics=statistics))
+    # One micro-batch at a time (the eval set need not fit on the device at once).
+    statistics = batch_statistics(ctx, micro_batches(ctx, dataset, plans), train=False)
+    for mb in micro_batches(ctx, dataset, plans):
+        accumulate(sums, mb.weight, mb.batch, micro_batch_losses(ctx, mb, train=False, statistics=statistics))
     ctx.engine.train()
     totals = dict(zip(_SUMS, D.all_reduce_sum(sums).tolist()))
     return {f"eval/{k}": v for k, v in summarize(totals, ctx.cfg.stage).items() if k not in ("tokens",)}

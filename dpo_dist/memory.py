@@ -259,8 +259,8 @@ class PlanSettings:
     reference: str = "none"
     """none (precomputed or reference-free) | copy (online, a second model) | adapters (online, LoRA disabled)."""
     statistics_pass: bool = False
-    """The loss needs step-wide statistics (kto_pair): one more no-grad forward of the policy, and of
-    the reference when it is online, per micro-batch (``engine.batch_statistics``)."""
+    """The loss needs step-wide statistics (kto_pair): one more no-grad forward of the policy per
+    micro-batch (``engine.batch_statistics``; an online reference's log-probs are reused)."""
     lora_r: int = 0
     lora_targets: tuple[str, ...] = LORA_MODULES
     quantized_base: bool = False
@@ -318,9 +318,8 @@ class PlanSettings:
 
     def no_grad_forwards(self) -> int:
         """Forwards per micro-batch besides the training one: the online reference's, and the policy's
-        and reference's again for a loss with step-wide statistics."""
-        reference = int(self.reference != "none")
-        return reference + (1 + reference if self.statistics_pass else 0)
+        again for a loss with step-wide statistics."""
+        return int(self.reference != "none") + int(self.statistics_pass)
 
     def describe(self) -> str:
         offload = [k for k, on in (("optimizer", self.offload_optimizer), ("params", self.offload_param)) if on]

@@ -1,0 +1,75 @@
+"""``engine.train_step`` on a tiny model without DeepSpeed (a stand-in engine: forward, backward,
+step): which forwards a step runs, in which order, and the losses they give."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dpo_dist import engine as E
+from dpo_dist.attention import enable_packed_attention
+from dpo_dist.config import config_from_dict
+from dpo_dist.data.tokenize import TokenizedPair
+from tests.unit.tiny_models import tiny_llama
+
+
+class RecordingEngine:
+    """What train_step needs of a DeepSpeed engine of PackedPolicy; logs each forward as ``name``."""
+
+    def __init__(self, policy: E.PackedPolicy, name: str, calls: list[str]):
+        self.module, self.name, self.calls = policy, name, calls
+
+    def __call__(self, *tensors, max_seqlen):
+        self.calls.append(self.name if torch.is_grad_enabled() else f"{self.name} (no grad)")
+        return self.module(*tensors, max_seqlen=max_seqlen)
+
+    def backward(self, loss):
+        self.calls.append("backward")
+        loss.backward()
+
+    def set_gradient_accumulation_boundary(self, boundary):
+        pass
+
+    def step(self):
+        self.calls.append("step")
+
+
+def pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
+    rng = np.random.default_rng(seed)
+    return [
+        TokenizedPair(i, rng.integers(3, 100, 6), rng.integers(3, 100, 4 + i % 3), rng.integers(3, 100, 3 + i % 2))
+        for i in range(n)
+    ]
+
+
+def context(loss: str, calls: list[str]) -> E.StepContext:
+    cfg = config_from_dict({"loss": {"name": loss}, "reference": {"mode": "online"}, "model": {"attn_backend": "sdpa"}})
+    torch.manual_seed(0)
+    model = tiny_llama()
+    enable_packed_attention(model, "sdpa")
+    policy = E.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64)
+    reference = object.__new__(E.OnlineReference)  # a frozen copy: here the same weights, no DeepSpeed
+    reference.uses_policy, reference.engine = False, RecordingEngine(policy, "reference", calls)
+    return E.StepContext(RecordingEngine(policy, "policy", calls), reference, cfg, torch.device("cpu"), world=1)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "kto_pair"])
+def test_online_reference_forwards_all_run_before_the_policys(loss):
+    """ZeRO-3 prefetches along the recorded order of the policy's forward and backward: a reference
+    forward between them (with LoRA, the policy itself with adapters off) broke it every micro-batch.
+    kto_pair's statistics pass reuses those reference log-probs (no second reference forward)."""
+    calls: list[str] = []
+    ctx = context(loss, calls)
+    data = pairs(6)
+    plans = [E.MicroBatchPlan([0, 1]), E.MicroBatchPlan([2, 3]), E.MicroBatchPlan([4, 5])]
+    sums = E.train_step(ctx, data, plans, denominator=6.0)
+    statistics = ["policy (no grad)"] * 3 if loss == "kto_pair" else []
+    assert calls == ["reference (no grad)"] * 3 + statistics + ["policy", "backward"] * 3 + ["step"]
+    totals = dict(zip(E._SUMS, sums.tolist()))
+    # Policy == reference: every log-ratio is 0 (and so are kto_pair's KL baselines): DPO's loss is
+    # -log sigmoid(0) = ln 2, kto_pair's 1 - sigmoid(0) = 1/2 per response.
+    want = {"sigmoid": math.log(2), "kto_pair": 0.5}[loss]
+    assert totals["pairs"] == 6 and totals["loss"] / 6 == pytest.approx(want, abs=1e-6)
