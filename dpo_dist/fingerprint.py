@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("dpo_dist.fingerprint")
 
 CACHE_ENV = "DPO_DIST_CACHE"
 WEIGHT_PATTERNS = {
@@ -40,6 +43,9 @@ _MEMO_VERSION = 1
 _BLOCK = 8 << 20
 _HASH_THREADS = 8
 """hashlib releases the GIL on large updates, so sharded checkpoints hash in parallel."""
+_memo_unwritable_logged = False
+"""Whether this process has said that the memo cannot be written (said once: it is retried on
+every hash, and a run hashes many files)."""
 
 
 def _read_umask() -> int:
@@ -163,6 +169,14 @@ def _update_memo(new_entries: dict[str, dict[str, Any]]) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-    except OSError:
-        # A read-only home must not break training; the next run simply hashes again.
-        pass
+    except OSError as e:
+        # A read-only home must not break training; the next run simply hashes again, which
+        # for a large model costs minutes every run: say so, once.
+        global _memo_unwritable_logged
+        if not _memo_unwritable_logged:
+            _memo_unwritable_logged = True
+            log.warning(
+                "cannot write the file-hash memo %s (%s): model weights will be hashed again on every "
+                "run (minutes for a large model); set $%s to a writable directory to keep the digests",
+                path, e.strerror or e, CACHE_ENV,
+            )

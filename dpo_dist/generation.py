@@ -61,15 +61,17 @@ class PromptItem:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def load_causal_lm(path: str | Path, device=None, dtype: str = "auto", device_map: str | None = None):
+def load_causal_lm(path: str | Path, device=None, dtype: str = "auto", device_map: str | None = None,
+                   tokenizer_path: str | Path | None = None):
     """``(model, tokenizer)`` from a local directory, in eval mode on ``device``.
 
     ``dtype=auto`` is bf16 on CUDA and fp32 on CPU, as in training. ``device_map`` (``auto``,
     ``balanced``, ``sequential``) instead spreads the layers over every visible GPU (Accelerate's
     big-model inference): a model no single GPU holds runs in one process, one layer's GPU at a
     time. A PEFT adapter directory loads its base (``adapter_config.json``) with the adapter merged.
-    Nothing is downloaded: a path that is not a model directory, or one whose tokenizer or weights
-    cannot be loaded, is a ``GenerationError``.
+    ``tokenizer_path``: where the tokenizer lives when not in ``path`` (``model.tokenizer_path``;
+    see ``load_tokenizer``). Nothing is downloaded: a path that is not a model directory, or one
+    whose tokenizer or weights cannot be loaded, is a ``GenerationError``.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -78,7 +80,7 @@ def load_causal_lm(path: str | Path, device=None, dtype: str = "auto", device_ma
     if dtype == "auto":
         dtype = "bf16" if device.type == "cuda" else "fp32"
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, tokenizer_path)
     base = adapter_base(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -115,11 +117,12 @@ def _first_line(exc: BaseException) -> str:
     return " ".join(text.splitlines()[0].split()).rstrip(":") if text else type(exc).__name__
 
 
-def model_identity(path: str | Path) -> str:
+def model_identity(path: str | Path, tokenizer_path: str | Path | None = None) -> str:
     """sha256 of what decides a model directory's answers: its weights and ``config.json``
     (``fingerprint.model_fingerprint``, memoized: a re-export of the same weights matches), its
-    tokenizer (the chat template included) and ``generation_config.json`` (the EOS tokens
-    generation stops at); for an adapter directory also its adapter settings and base weights."""
+    tokenizer (the chat template included; ``tokenizer_path``'s when given, as in
+    ``load_tokenizer``) and ``generation_config.json`` (the EOS tokens generation stops at); for
+    an adapter directory also its adapter settings and base weights."""
     from dpo_dist.data.cache import tokenizer_fingerprint
     from dpo_dist.fingerprint import json_sha256, model_fingerprint
 
@@ -129,7 +132,7 @@ def model_identity(path: str | Path) -> str:
     settings = json.loads(generation_config.read_text()) if generation_config.is_file() else None
     if isinstance(settings, dict):
         settings.pop("transformers_version", None)  # who wrote it, not what it says
-    identity = {"model": model_fingerprint(path), "tokenizer": tokenizer_fingerprint(load_tokenizer(path)), "generation": settings}
+    identity = {"model": model_fingerprint(path), "tokenizer": tokenizer_fingerprint(load_tokenizer(path, tokenizer_path)), "generation": settings}
     if base is not None:
         # The same adapter on other base weights answers differently; the base's path does not matter.
         adapter = json.loads((Path(path) / "adapter_config.json").read_text())
@@ -138,17 +141,23 @@ def model_identity(path: str | Path) -> str:
     return json_sha256(identity)
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, tokenizer_path: str | Path | None = None):
     """The tokenizer of a local model directory (or adapter directory); a path that is not one,
-    or one without a usable tokenizer, is a ``GenerationError``."""
+    or one without a usable tokenizer, is a ``GenerationError``.
+
+    ``tokenizer_path``: a separate tokenizer directory for the model of ``path`` (a run's
+    ``model.tokenizer_path``), loaded instead of anything in ``path``; None: ``path``'s own."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     base = adapter_base(path)
     if base is None and not (path / "config.json").is_file():
         raise GenerationError(f"{path}: not a Hugging Face model directory (no config.json)")
-    # An adapter export carries the run's tokenizer; an adapter saved without one uses its base's.
-    source = path if base is None or (path / "tokenizer_config.json").is_file() else base
+    if tokenizer_path is not None:
+        source = Path(tokenizer_path)
+    else:
+        # An adapter export carries the run's tokenizer; an adapter saved without one uses its base's.
+        source = path if base is None or (path / "tokenizer_config.json").is_file() else base
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as e:  # a directory without tokenizer files: ValueError

@@ -149,6 +149,10 @@ class RuleJudge(ScoringJudge):
 
 # ---- reward model --------------------------------------------------------------------------------
 
+REWARD_MODEL_FALLBACK_CONTEXT = 4096
+"""Tokens a reward model reads (the last ones of prompt + response) when its config declares no
+``max_position_embeddings``: an assumption, logged when made."""
+
 
 class RewardModelJudge(ScoringJudge):
     """A local sequence-classification reward model with one output: higher is better."""
@@ -172,7 +176,14 @@ class RewardModelJudge(ScoringJudge):
         # The classifier pools the last non-pad token, which it finds through config.pad_token_id.
         model.config.pad_token_id = self.pad_id
         self.model = model.to(self.device).eval()
-        self.max_length = getattr(model.config, "max_position_embeddings", None) or 4096
+        self.max_length = getattr(model.config, "max_position_embeddings", None)
+        if not self.max_length:
+            self.max_length = REWARD_MODEL_FALLBACK_CONTEXT
+            log.warning(
+                "%s: the reward model's config declares no context length (max_position_embeddings); "
+                "assuming %d tokens: longer prompt + response texts are scored on their last %d tokens",
+                path, self.max_length, self.max_length,
+            )
         self.batch_size = batch_size
         self.tie_margin = tie_margin
 

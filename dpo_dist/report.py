@@ -16,7 +16,10 @@ command line and the scheduler lookup):
   without writing anything shows as ``failed``/``cancelled``/``timeout``...), else ``pending``
   (no ``run_info.json`` yet) or ``incomplete`` (started, not finished, nothing else known);
 - win-rate hook: an optional ``winrate.json`` in the run directory (``dpo-eval winrate``) adds
-  the columns in :data:`WINRATE_COLUMNS` when any run has one.
+  the columns in :data:`WINRATE_COLUMNS` when any run has one;
+- notes (printed under the table): a failed or preempted run's message, and every file of a run
+  that is there but unreadable (``config.yaml``, ``status.json``, ``winrate.json``, ...: not JSON
+  or YAML, or not the object expected), which the report then reads as absent.
 
 The plot (``report.png``): eval reward accuracy vs step and train loss vs step, one line per run,
 and a ``loss.beta`` x ``optim.lr`` heatmap of the final eval reward accuracy (the mean, marked
@@ -119,18 +122,46 @@ def _is_run_dir(path: Path) -> bool:
     return (path / "config.yaml").is_file() or (path / ".hydra").is_dir()
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path, run_dir: Path, notes: list[str]) -> dict[str, Any] | None:
+    """``path``'s JSON object; None when there is no such file, or when it is unreadable (then
+    with a note naming it in ``notes``)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        text = path.read_text()
+    except FileNotFoundError:
         return None
+    except OSError as e:
+        return _unreadable(path, run_dir, notes, e.strerror or str(e))
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        return _unreadable(path, run_dir, notes, f"not JSON: {e}")
+    return data if isinstance(data, dict) else _unreadable(path, run_dir, notes, "not a JSON object")
 
 
-def _read_yaml(path: Path) -> Any:
+def _read_yaml(path: Path, run_dir: Path, notes: list[str], expected: type = dict) -> Any:
+    """``path``'s YAML value, which must be an ``expected``; None when there is no such file, or
+    when it is unreadable (then with a note naming it in ``notes``)."""
     try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        text = path.read_text()
+    except FileNotFoundError:
         return None
+    except OSError as e:
+        return _unreadable(path, run_dir, notes, e.strerror or str(e))
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        return _unreadable(path, run_dir, notes, f"not YAML: {getattr(e, 'problem', None) or type(e).__name__}{where}")
+    if not isinstance(data, expected):
+        return _unreadable(path, run_dir, notes, f"not a YAML {'mapping' if expected is dict else 'list'}")
+    return data
+
+
+def _unreadable(path: Path, run_dir: Path, notes: list[str], reason: str) -> None:
+    """Note that the run's file ``path`` is there but cannot be used: the report reads it as absent."""
+    notes.append(f"{run_dir.name}: {path.relative_to(run_dir).as_posix()} is unreadable ({reason}); ignored")
+    return None
 
 
 def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -154,20 +185,24 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
 
 def load_run(path: Path, scheduler_state: Callable[[str], str | None] | None = None) -> Run:
     """Read one run directory; ``scheduler_state(job_id)`` (optional) asks Slurm about its job."""
-    config = _read_yaml(path / "config.yaml") or _read_yaml(path / ".hydra" / "config.yaml") or {}
-    overrides = _read_yaml(path / ".hydra" / "overrides.yaml") or []
+    notes: list[str] = []
+    config = (
+        _read_yaml(path / "config.yaml", path, notes) or _read_yaml(path / ".hydra" / "config.yaml", path, notes) or {}
+    )
+    overrides = _read_yaml(path / ".hydra" / "overrides.yaml", path, notes, list) or []
     train, evals = read_metrics(path / "metrics.jsonl")
     run = Run(
         name=path.name,
         path=path,
         overrides=[str(o) for o in overrides],
-        config=config if isinstance(config, dict) else {},
+        config=config,
         train=train,
         evals=evals,
         status="",
-        winrate=_read_json(path / "winrate.json"),
+        winrate=_read_json(path / "winrate.json", path, notes),
+        notes=notes,
     )
-    run.status = run_status(path, _read_json(path / "status.json"), scheduler_state, run.notes)
+    run.status = run_status(path, _read_json(path / "status.json", path, run.notes), scheduler_state, run.notes)
     return run
 
 

@@ -63,6 +63,11 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
+UNBOUNDED_CONTEXT = 1 << 30
+"""The context of a model whose config declares none (``max_position_embeddings``): no bound of
+its own, only ``ServeLimits``'; logged when taken."""
+
+
 class ServedModel:
     """A causal LM and its tokenizer, generating under a lock."""
 
@@ -71,7 +76,14 @@ class ServedModel:
 
         self.name = name
         self.model, self.tokenizer = load_causal_lm(path, device, dtype, device_map)
-        self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+        declared = getattr(self.model.config, "max_position_embeddings", None)
+        self.context = int(declared or UNBOUNDED_CONTEXT)
+        if not declared:
+            log.warning(
+                "%s: the model's config declares no context length (max_position_embeddings): serving it "
+                "as unbounded, so only the server's limits (--max-prompt-tokens, --max-tokens) bound a request",
+                path,
+            )
         self.created = int(time.time())
         self._lock = threading.Lock()
 

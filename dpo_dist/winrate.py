@@ -1,7 +1,8 @@
 """Win-rate of a trained policy against its reference (``dpo-eval winrate``).
 
 The policy (``eval.policy_path``: a Hugging Face directory or a checkpoint, resolved like
-``dpo-eval``) and the reference (``model.path``) each answer the held-out prompts of
+``dpo-eval``) and the reference (``model.path``, with ``model.tokenizer_path``'s tokenizer when
+that is set, as in training) each answer the held-out prompts of
 ``data.eval_path`` (the first ``eval.max_prompts``; greedy by default). The prompts, ordered by
 length, are cut into batches of ``eval.batch_size`` and rank ``r`` of ``W`` generates batches
 ``r, r+W, ...`` (so the answers do not depend on ``W``); rank 0 gathers everything
@@ -154,7 +155,9 @@ def generation_fingerprint(cfg: DPOConfig, policy_dir: str, items: Sequence[Prom
     return {
         "format": GENERATIONS_FORMAT,
         "policy": model_identity(policy_dir),
-        "reference": model_identity(cfg.model.path),
+        # model.tokenizer_path, not resolved_tokenizer_path(): None keeps load_tokenizer's own
+        # choice for model.path (an adapter directory without a tokenizer uses its base's).
+        "reference": model_identity(cfg.model.path, cfg.model.tokenizer_path),
         "prompts": json_sha256([[item.example_id, item.prompt] for item in items]),
         **generation_settings(cfg),
         "dtype": cfg.model.dtype,
@@ -198,20 +201,22 @@ def load_generations(path: Path, fingerprint: dict[str, Any], items: Sequence[Pr
 
 
 def generate_with(model_dir: str, items: Sequence[PromptItem], cfg: DPOConfig, device, env: D.DistEnv,
-                  total: int) -> list[Completion]:
+                  total: int, tokenizer_path: str | None = None) -> list[Completion]:
     """Load ``model_dir``, answer this rank's ``items`` (of ``total`` over all ranks) and free the
     model again (policy and reference take turns): a full copy per rank, or with
-    ``eval.shard_generation`` on several ranks one model partitioned over them."""
+    ``eval.shard_generation`` on several ranks one model partitioned over them.
+    ``tokenizer_path``: the model's tokenizer when it is not in ``model_dir`` (the reference's
+    ``model.tokenizer_path``)."""
     import torch
 
     prompts = [item.prompt for item in items]
     options = {"batch_size": cfg.eval.batch_size, "seed": cfg.eval.seed, "seed_offsets": [i.example_id for i in items]}
     if cfg.eval.shard_generation and env.world_size > 1:
-        return _generate_sharded(model_dir, prompts, cfg, device, env, total, options)
+        return _generate_sharded(model_dir, prompts, cfg, device, env, total, options, tokenizer_path)
     if not items:
         return []
     log.info("generating %d answers with %s", len(items), model_dir)
-    model, tokenizer = load_causal_lm(model_dir, device, cfg.model.dtype)
+    model, tokenizer = load_causal_lm(model_dir, device, cfg.model.dtype, tokenizer_path=tokenizer_path)
     completions = generate_texts(model, tokenizer, prompts, sampling_params(cfg), **options)
     del model
     if device.type == "cuda":
@@ -219,12 +224,13 @@ def generate_with(model_dir: str, items: Sequence[PromptItem], cfg: DPOConfig, d
     return completions
 
 
-def _generate_sharded(model_dir, prompts, cfg: DPOConfig, device, env: D.DistEnv, total: int, options: dict):
+def _generate_sharded(model_dir, prompts, cfg: DPOConfig, device, env: D.DistEnv, total: int, options: dict,
+                      tokenizer_path: str | None = None):
     """ZeRO-3 generation: every forward is a collective, so every rank makes as many ``generate``
     calls as the rank with the most prompts (``synced_batches``), each with ``synced_gpus``."""
     from dpo_dist.engine import build_generation_engine, free_memory, release_engine
 
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, tokenizer_path)
     engine = build_generation_engine(cfg, model_dir, device)
     params = list(engine.module.parameters())
     held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
@@ -291,7 +297,7 @@ def winrate_run(cfg: DPOConfig) -> dict[str, Any] | None:
     else:
         mine = rank_share(items, env.rank, env.world_size, cfg.eval.batch_size)
         policy = generate_with(policy_dir, mine, cfg, device, env, len(items))
-        reference = generate_with(cfg.model.path, mine, cfg, device, env, len(items))
+        reference = generate_with(cfg.model.path, mine, cfg, device, env, len(items), cfg.model.tokenizer_path)
         gathered = gather_to_main(list(zip(mine, policy, reference)), env)
         # No barrier after the judging: rank 0 may judge for longer than the collective timeout
         # (thousands of API requests with backoff), and the other ranks' work is done.

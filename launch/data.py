@@ -14,8 +14,10 @@ checked), then the paths of ``DIR/audit.md`` and ``DIR/audit.png``; exit 0.
 
 ``dpo-data generate --model DIR --prompts FILE --out FILE.jsonl [--num-samples N] [--judge
 rule|reward_model]`` samples N responses per prompt and writes the judge's best and worst as a
-pair; prompts whose samples tie (or are empty) are skipped and counted. Prompts are asked as
-training renders them: the string prompt of a record with chat-message responses is a user turn.
+pair; prompts whose samples tie (or are empty) are skipped and counted. ``--tie-margin`` is for
+``--judge reward_model`` only (the rule judge scores pass/fail; it refuses a margin). Prompts are
+asked as training renders them: the string prompt of a record with chat-message responses is a
+user turn.
 
 Subcommands live in ``SUBCOMMANDS``: adding one is a function that declares its arguments, a
 function that runs it and returns the exit code, and one entry in that list.
@@ -243,7 +245,10 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=2, metavar="N", help="responses per prompt (>= 2)")
     parser.add_argument("--judge", choices=("rule", "reward_model"), default="rule", help="who ranks the samples")
     parser.add_argument("--reward-model", metavar="DIR", default=None, help="--judge reward_model: its directory")
-    parser.add_argument("--tie-margin", type=float, default=0.0, help="score gap at or below which a prompt is a tie")
+    parser.add_argument(
+        "--tie-margin", type=float, default=0.0,
+        help="--judge reward_model: score gap at or below which a prompt is a tie",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -260,6 +265,13 @@ def _check_generate_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.tie_margin < 0 or args.max_prompts < 0:
         raise UsageError("need --temperature > 0, 0 < --top-p <= 1, --tie-margin >= 0 and --max-prompts >= 0")
+    # The rule judge's scores are pass/fail (1 or 0): a margin under 1 changes nothing, one of 1 or
+    # more makes every prompt a tie. Either way the flag would not do what it says.
+    if args.judge == "rule" and args.tie_margin != 0:
+        raise UsageError(
+            f"--tie-margin {args.tie_margin:g} needs --judge reward_model: --judge rule scores a response "
+            "1 (verified) or 0, so a margin has no meaning for it"
+        )
     if not args.out.endswith(".jsonl"):
         raise UsageError(f"--out {args.out}: must be a .jsonl file")
     if os.path.isdir(args.out):

@@ -89,3 +89,21 @@ def test_stats_counts_bad_records_and_rejects_a_missing_tokenizer(capsys, tmp_pa
     )
     assert main(["stats", f"{REPO}/{FIXTURES}/valid.jsonl", "--tokenizer", str(tmp_path / "none")]) == 2
     assert capsys.readouterr().err == f"dpo-data: error: --tokenizer {tmp_path / 'none'}: not a directory\n"
+
+
+def test_generate_refuses_a_tie_margin_with_the_rule_judge(tmp_path, capsys):
+    """--judge rule scores pass/fail (1 or 0): a margin would silently change nothing (< 1) or
+    drop every prompt (>= 1). It is a usage error, before any model is loaded; the default is fine."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("12+34=\n")
+    out = tmp_path / "pairs.jsonl"
+    common = ["generate", "--prompts", str(prompts), "--out", str(out)]
+    assert main([*common, "--model", str(tmp_path), "--tie-margin", "0.5"]) == 2
+    assert capsys.readouterr().err == (
+        "dpo-data: error: --tie-margin 0.5 needs --judge reward_model: --judge rule scores a response "
+        "1 (verified) or 0, so a margin has no meaning for it\n"
+    )
+    assert not out.exists()
+    # The default margin with the rule judge gets past that check (to the next one, here).
+    assert main([*common, "--model", str(tmp_path / "none"), "--tie-margin", "0"]) == 2
+    assert capsys.readouterr().err == f"dpo-data: error: --model {tmp_path / 'none'}: not a directory\n"

@@ -135,3 +135,54 @@ def test_a_model_directory_without_tokenizer_or_weights_is_a_generation_error(tm
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "gone")}))
     with pytest.raises(GenerationError, match=f"^{re.escape(str(tmp_path / 'gone'))}: cannot load its tokenizer"):
         load_causal_lm(adapter, "cpu")
+
+
+def split_tokenizer(full, root):
+    """``(model dir without tokenizer files, tokenizer dir)`` made from the model directory ``full``:
+    the layout of a run whose ``model.tokenizer_path`` is not its ``model.path``."""
+    import shutil
+
+    bare, tokenizer_dir = root / "weights_only", root / "tokenizer_only"
+    bare.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(full / name, bare)
+    tokenizer_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(full / name, tokenizer_dir)
+    return bare, tokenizer_dir
+
+
+def test_a_model_directory_without_a_tokenizer_uses_the_one_named_separately(tmp_path):
+    """model.tokenizer_path: the model loads, answers and is identified with that tokenizer,
+    exactly as the same weights with their tokenizer beside them."""
+    full = make_tiny_model_dir(tmp_path / "full", layers=1)
+    bare, tokenizer_dir = split_tokenizer(full, tmp_path)
+    with pytest.raises(GenerationError, match="cannot load its tokenizer"):
+        load_tokenizer(bare)
+    model, tokenizer = load_causal_lm(bare, "cpu", tokenizer_path=tokenizer_dir)
+    expected_model, expected_tokenizer = load_causal_lm(full, "cpu")
+    greedy = SamplingParams(max_new_tokens=4)
+    assert [c.text for c in generate_texts(model, tokenizer, PROMPTS, greedy, batch_size=2)] == [
+        c.text for c in generate_texts(expected_model, expected_tokenizer, PROMPTS, greedy, batch_size=2)
+    ]
+    assert model_identity(bare, tokenizer_dir) == model_identity(full)
+
+
+def test_dpo_serve_says_when_a_model_declares_no_context(monkeypatch, caplog):
+    """dpo-serve bounds prompt + max_tokens by the model's max_position_embeddings; a model that
+    declares none is served as unbounded (only the server's limits apply), and that is logged."""
+    import logging
+    from types import SimpleNamespace
+
+    from dpo_dist import generation, serve
+
+    caplog.set_level(logging.WARNING, logger="dpo_dist.serve")
+    declared = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512))
+    monkeypatch.setattr(generation, "load_causal_lm", lambda *args: (declared, None))
+    assert serve.ServedModel("/models/declared", "m").context == 512
+    assert not [r for r in caplog.records if r.name == "dpo_dist.serve"]
+    monkeypatch.setattr(generation, "load_causal_lm", lambda *args: (SimpleNamespace(config=SimpleNamespace()), None))
+    assert serve.ServedModel("/models/undeclared", "m").context == 1 << 30
+    warnings = [r.getMessage() for r in caplog.records if r.name == "dpo_dist.serve"]
+    assert len(warnings) == 1 and warnings[0].startswith("/models/undeclared: the model's config declares no context")
+    assert "as unbounded" in warnings[0]

@@ -369,3 +369,33 @@ def test_pick_pair_takes_best_and_worst_and_skips_ties():
     assert pick_pair(["85", "75"], [1.0, 1.0]) == "tie"
     assert pick_pair(["x", "x "], [1.0, 0.0]) == "tie", "the same text twice is no preference"
     assert pick_pair(["a", "b"], [0.3, 0.2], tie_margin=0.5) == "tie"
+
+
+def test_a_reward_model_without_a_declared_context_says_what_it_assumes(reward_model, tmp_path, caplog):
+    """A config without max_position_embeddings (Bloom: ALiBi, no position table): the judge reads
+    the last 4096 tokens, and says so once when it is built, naming the model; a config that
+    declares one is not mentioned."""
+    import logging
+
+    import torch
+    from transformers import AutoTokenizer, BloomConfig, BloomForSequenceClassification
+
+    from tests.helpers import TOKENIZER_DIR
+
+    caplog.set_level(logging.WARNING, logger="dpo_dist.judges")
+    RewardModelJudge(reward_model)
+    assert not [r for r in caplog.records if r.name == "dpo_dist.judges"]
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    config = BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=1, n_head=4, num_labels=1,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert getattr(config, "max_position_embeddings", None) is None
+    torch.manual_seed(0)
+    bloom = tmp_path / "bloom_rm"
+    BloomForSequenceClassification(config).save_pretrained(bloom)
+    tok.save_pretrained(bloom)
+    judge = RewardModelJudge(bloom)
+    assert judge.max_length == 4096 and len(judge.score(["12+34="] * 2, ["46", "47"])) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.name == "dpo_dist.judges"]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"{bloom}: the reward model's config declares no context length")
+    assert "assuming 4096 tokens" in warnings[0]

@@ -235,3 +235,28 @@ def test_two_ranks_hash_a_reused_cache_once_and_both_see_corruption(cfg, tmp_pat
     for outcome in (rank0["damaged"], rank1["damaged"]):
         assert "corrupted (sha256 mismatch)" in outcome["error"]
     assert rank1["damaged"]["digests"] == {}
+
+
+def test_an_unwritable_hash_memo_is_said_once(tmp_path, monkeypatch, caplog):
+    """A cache root that cannot be written (read-only home) still hashes, but every run then
+    re-hashes the model weights: one warning per process names the memo and the cost."""
+    import hashlib
+    import logging
+
+    from dpo_dist import fingerprint
+
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    monkeypatch.setenv(fingerprint.CACHE_ENV, str(blocker / "cache"))  # mkdir under a file fails
+    # Not said yet in this process (raising=False: the flag is new with that warning).
+    monkeypatch.setattr(fingerprint, "_memo_unwritable_logged", False, raising=False)
+    caplog.set_level(logging.WARNING, logger="dpo_dist.fingerprint")
+    files = [tmp_path / "a.bin", tmp_path / "b.bin"]
+    for i, path in enumerate(files):
+        path.write_bytes(bytes([i]) * 100)
+    for path in files:
+        assert fingerprint.file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "dpo_dist.fingerprint"]
+    assert len(warnings) == 1, warnings
+    assert str(blocker / "cache" / "filehash.json") in warnings[0]
+    assert "hashed again on every run" in warnings[0] and fingerprint.CACHE_ENV in warnings[0]

@@ -172,3 +172,30 @@ def test_policy_source_names_the_checkpoint_and_its_step(tmp_path):
     assert source(run / "checkpoints")["policy_step"] == 4 and source(run)["policy_step"] == 4
     model = make_tiny_model_dir(tmp_path / "model", layers=1)
     assert source(model) == {"policy_source": str(model), "policy_step": None}
+
+
+def test_the_reference_uses_model_tokenizer_path(tmp_path, monkeypatch):
+    """A run whose tokenizer is not in model.path (model.tokenizer_path): the reference answers and
+    is fingerprinted with that tokenizer. The policy is the same weights with the same tokenizer
+    beside them, so both answer alike and the reference's identity is the policy's."""
+    from dpo_dist.generation import model_identity
+    from tests.unit.test_generation import split_tokenizer
+
+    for name in ("RANK", "WORLD_SIZE", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text("".join(json.dumps({"prompt": p, "chosen": "x", "rejected": "y"}) + "\n" for p in ["12+34=", "91-46="]))
+    full = make_tiny_model_dir(tmp_path / "policy", seed=0, layers=1)
+    bare, tokenizer_dir = split_tokenizer(full, tmp_path)
+    run = tmp_path / "run"
+    cfg = rank_config(DPOConfig(
+        output_dir=str(run), model=ModelConfig(path=str(bare), tokenizer_path=str(tokenizer_dir)),
+        data=DataConfig(eval_path=str(evals)),
+        eval=EvalConfig(policy_path=str(full), max_new_tokens=4, batch_size=2, judge=JudgeConfig(name="rule")),
+    ))
+    result = winrate_run(cfg)
+    assert result["n"] == 2 and result["ties"] == 2
+    samples = [json.loads(line) for line in (run / "winrate_samples.jsonl").read_text().splitlines()]
+    assert all(s["policy"] == s["reference"] for s in samples)
+    saved = json.loads((run / "winrate" / "generations.json").read_text())
+    assert saved["fingerprint"]["reference"] == model_identity(full) == saved["fingerprint"]["policy"]
