@@ -541,6 +541,11 @@ class JudgeConfig:
         )
         _check(self.name != "openai" or bool(self.model), "eval.judge.model", "required for judge=openai")
         _check(self.tie_margin >= 0, "eval.judge.tie_margin", "must be >= 0")
+        _check(
+            self.tie_margin == 0 or self.name == "reward_model",
+            "eval.judge.tie_margin",
+            f"only judge=reward_model has scores to compare (judge={self.name} gives verdicts): leave it at 0",
+        )
         for key in ("batch_size", "concurrency", "max_tokens"):
             _check(getattr(self, key) >= 1, f"eval.judge.{key}", "must be >= 1")
         _check(self.timeout_s > 0, "eval.judge.timeout_s", "must be > 0")

@@ -37,6 +37,7 @@ def test_defaults_are_valid_and_round_trip():
         ({"loss": {"name": "hinge", "label_smoothing": 0.1}}, "loss.label_smoothing: loss=hinge does not use it (only sigmoid,"),
         ({"loss": {"name": "sigmoid", "gamma": 1.0}}, "loss.gamma: loss=sigmoid does not use it (only simpo): leave it at 0.5"),
         ({"loss": {"name": "ipo", "discopop_tau": 0.2}}, "loss.discopop_tau: loss=ipo does not use it (only discopop)"),
+        ({"eval": {"judge": {"name": "rule", "tie_margin": 0.5}}}, "eval.judge.tie_margin: only judge=reward_model"),
         ({"loss": {"name": "discopop", "discopop_tau": 0}}, "loss.discopop_tau: must be > 0"),
     ],
 )
