@@ -154,13 +154,14 @@ class ReferenceStore:
         """
         if normalize not in ("sum", "mean"):
             raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
+        wanted = ("chosen_logp", "rejected_logp") + (("chosen_tokens", "rejected_tokens") if normalize == "mean" else ())
         if isinstance(example_ids, torch.Tensor) and example_ids.device.type != "cpu":
             columns = self._device_columns(example_ids.device)
             rows = torch.searchsorted(columns["example_id"], example_ids).clamp_(max=max(len(self) - 1, 0))
-            values = {name: column[rows] for name, column in columns.items()}
+            values = {name: columns[name][rows] for name in wanted}
         else:
             rows = self._rows(example_ids)
-            values = {name: torch.from_numpy(column[rows]) for name, column in self._columns.items()}
+            values = {name: torch.from_numpy(self._columns[name][rows]) for name in wanted}
         chosen, rejected = values["chosen_logp"], values["rejected_logp"]
         if normalize == "mean":
             chosen = chosen / values["chosen_tokens"].clamp(min=1)
