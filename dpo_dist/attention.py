@@ -348,6 +348,8 @@ def enable_packed_attention(model: nn.Module, backend: str, device: torch.device
             f"{type(hf_model).__name__} cannot switch its attention implementation, so it cannot run packed rows"
         )
     detail = f" [{_flash_kernel()[1]}]" if name == "flash" else ""
+    if name == "varlen" and _repeats_kv_heads(hf_model.config):
+        detail = " [this torch's varlen_attn has no enable_gqa: K/V heads are copied per query head in every layer]"
     logger.info(
         "packed attention backend: %s%s (requested: %s, %s on %s)",
         name,
@@ -357,6 +359,14 @@ def enable_packed_attention(model: nn.Module, backend: str, device: torch.device
         device,
     )
     return name
+
+
+def _repeats_kv_heads(config) -> bool:
+    """Whether the varlen backend copies K/V per query head for this model (grouped-query attention
+    and a varlen_attn without ``enable_gqa``): more memory traffic per layer, said in the log."""
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return bool(heads and kv_heads and heads != kv_heads and not _varlen_kernel()[1])
 
 
 def is_packed_attention(model: nn.Module) -> bool:

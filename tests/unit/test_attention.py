@@ -255,3 +255,19 @@ def test_auto_names_what_it_passed_over_and_why(monkeypatch):
     monkeypatch.setattr(attention, "_unavailable_reason", flash_broken)
     assert attention.auto_skipped("cpu") == [("flash", "flash_attn failed to import")]
     assert attention.resolve_attn_backend("auto", "cpu") == "varlen"
+
+
+def test_varlen_without_gqa_support_says_it_copies_kv_heads(monkeypatch):
+    """A torch whose varlen_attn lacks enable_gqa repeats K/V per query head in every layer: the
+    backend line says so for grouped-query models (the tiny model: 4 query heads, 2 K/V heads)."""
+    import dpo_dist.attention as attention
+
+    config = tiny_llama().config
+    assert config.num_attention_heads != config.num_key_value_heads
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: (object(), False))
+    assert attention._repeats_kv_heads(config)
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: (object(), True))
+    assert not attention._repeats_kv_heads(config)
+    config.num_key_value_heads = config.num_attention_heads
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: (object(), False))
+    assert not attention._repeats_kv_heads(config)  # no grouping: nothing to copy
