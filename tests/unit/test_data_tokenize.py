@@ -5,6 +5,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from transformers import AutoTokenizer
 
@@ -14,6 +15,7 @@ from dpo_dist.data import (
     TokenizedPair,
     bundled_tokenizer_path,
     collate_packed,
+    load_tokenized,
     tokenize_records,
     truncate_pair,
 )
@@ -241,8 +243,23 @@ def test_bad_truncation_settings_are_rejected(tok):
         tokenize_records([], tok, max_length=2)
 
 
-def test_pair_ids_are_int32_arrays():
-    assert all(a.dtype == np.int32 for a in (PAIR.prompt_ids, PAIR.chosen_ids, PAIR.rejected_ids))
+def test_pair_ids_are_int32_arrays(tok, tmp_path):
+    """What tokenize_records returns, and the pairs of a dataset read back from the cache (and
+    the cached Arrow columns themselves), hold int32 ids: half of int64 on every rank's host."""
+    records = [record("12+34=", "46", "47", 0), record([{"role": "user", "content": "Hi"}], "Yo", "No", 1)]
+    pairs, _ = tokenize_records(records, tok, max_length=64)
+    assert len(pairs) == 2
+    assert all(a.dtype == np.int32 for p in pairs for a in (p.prompt_ids, p.chosen_ids, p.rejected_ids))
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "12+34=", "chosen": "46", "rejected": "47"}\n')
+    load_tokenized(path, tok, max_length=64, cache_dir=tmp_path / "cache")
+    cached = load_tokenized(path, tok, max_length=64, cache_dir=tmp_path / "cache")
+    assert cached.cache_hit
+    pair = cached[0]
+    assert all(a.dtype == np.int32 for a in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids))
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert cached.table.schema.field(name).type.value_type == pa.int32(), name
 
 
 def test_whitespace_after_a_chat_turns_eos_is_not_scored():

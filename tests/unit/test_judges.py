@@ -97,6 +97,37 @@ def test_reward_model_judge_prefers_the_higher_score(reward_model):
     assert judge.compare(items[:1])[0].winner == "tie"
 
 
+def test_reward_model_score_is_the_classifiers_logit_and_the_higher_one_wins(reward_model):
+    """A score is the classifier's own output for prompt + response (chat prompts through the
+    tokenizer's chat template), not a transform of it; the response with the higher one wins."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    classifier = AutoModelForSequenceClassification.from_pretrained(reward_model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(reward_model)
+
+    def logit(text: str) -> float:
+        ids = tokenizer(text, add_special_tokens=not text.startswith(tokenizer.bos_token))["input_ids"]
+        with torch.no_grad():
+            return classifier(torch.tensor([ids])).logits[0, 0].item()
+
+    chat = [{"role": "user", "content": "hello"}]
+    prompts = ["12+34=", "12+34=", "reverse: abc", chat]
+    responses = ["46", "a much longer response", "cba", "hi there"]
+    texts = [p + r for p, r in zip(prompts[:3], responses[:3])]
+    texts.append(tokenizer.apply_chat_template([*chat, {"role": "assistant", "content": "hi there"}], tokenize=False))
+    judge = RewardModelJudge(reward_model, batch_size=2)
+    scores = judge.score(prompts, responses)
+    assert scores == pytest.approx([logit(text) for text in texts], abs=1e-5)
+
+    high, low = sorted(responses[:2], key=lambda r: scores[responses.index(r)], reverse=True)
+    assert scores[responses.index(high)] > scores[responses.index(low)] + 1e-4  # a real difference
+    as_a, as_b = judge.compare([Comparison("12+34=", high, low), Comparison("12+34=", low, high)])
+    assert (as_a.winner, as_b.winner) == ("a", "b")
+    assert as_a.details == {"score_a": pytest.approx(scores[responses.index(high)], abs=1e-5),
+                            "score_b": pytest.approx(scores[responses.index(low)], abs=1e-5)}
+
+
 def test_reward_model_judge_batches_by_length_and_keeps_the_order(reward_model):
     """Rows are batched longest first, so similar lengths share a batch (no padding here);
     the scores come back in the order of the inputs."""

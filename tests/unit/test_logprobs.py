@@ -187,13 +187,28 @@ def test_backward_graph_never_holds_full_logits():
     assert max(rows for rows, _ in head_calls) <= chunk_tokens
 
 
-def test_reference_pass_under_no_grad_skips_checkpointing():
+def test_reference_pass_under_no_grad_skips_checkpointing(monkeypatch):
+    """Under no_grad (the reference pass) the chunks run directly: checkpointing would only add
+    its bookkeeping. With grad every chunk goes through the checkpoint function."""
+    import dpo_dist.logprobs as logprobs
+
+    calls = []
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(1)
+        return torch.utils.checkpoint.checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(logprobs, "checkpoint", counting_checkpoint)
     _, model = stock_and_packed(tiny_llama())
     batch = packed_batch(random_sequences(LENGTHS))
     with torch.no_grad():
         out = sequence_logps(model, batch, chunk_tokens=8)
     assert not out.logps.requires_grad
-    torch.testing.assert_close(out.logps, sequence_logps(model, batch, chunk_tokens=8).logps.detach())
+    assert len(calls) == 0
+    recorded = sequence_logps(model, batch, chunk_tokens=8).logps
+    chunks = -(-(sum(LENGTHS) - 1) // 8)
+    assert len(calls) == chunks  # every chunk of the graph-recording pass is checkpointed
+    torch.testing.assert_close(out.logps, recorded.detach())
 
 
 def test_nothing_is_scored_across_a_sequence_boundary():

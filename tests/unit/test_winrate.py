@@ -199,3 +199,37 @@ def test_the_reference_uses_model_tokenizer_path(tmp_path, monkeypatch):
     assert all(s["policy"] == s["reference"] for s in samples)
     saved = json.loads((run / "winrate" / "generations.json").read_text())
     assert saved["fingerprint"]["reference"] == model_identity(full) == saved["fingerprint"]["policy"]
+
+
+def test_the_policy_is_side_a_of_every_comparison(tmp_path, monkeypatch):
+    """Fixed answers, the policy's right and the reference's wrong: the rule judge must count a
+    win for the policy on every prompt (policy and reference swapped anywhere between generation
+    and judging would count losses)."""
+    from dpo_dist.generation import Completion
+
+    for name in ("RANK", "WORLD_SIZE", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    answers = {"12+34=": 46, "91-46=": 45, "47+38=": 85}
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text("".join(json.dumps({"prompt": p, "chosen": "x", "rejected": "y"}) + "\n" for p in answers))
+    policy_dir = make_tiny_model_dir(tmp_path / "policy", seed=1, layers=1)
+    reference_dir = make_tiny_model_dir(tmp_path / "reference", seed=0, layers=1)
+
+    def fixed_answers(model_dir, items, *args, **kwargs):
+        off_by = {str(policy_dir): 0, str(reference_dir): 1}[str(model_dir)]
+        return [Completion(str(answers[item.prompt] + off_by), 3, 2, "stop") for item in items]
+
+    monkeypatch.setattr(winrate, "generate_with", fixed_answers)
+    run = tmp_path / "run"
+    cfg = rank_config(DPOConfig(
+        output_dir=str(run), model=ModelConfig(path=str(reference_dir)), data=DataConfig(eval_path=str(evals)),
+        eval=EvalConfig(policy_path=str(policy_dir), max_new_tokens=4, batch_size=2, judge=JudgeConfig(name="rule")),
+    ))
+    result = winrate_run(cfg)
+    assert (result["n"], result["wins"], result["losses"], result["ties"]) == (3, 3, 0, 0)
+    assert result["win_rate"] == 1.0 and result["policy"] == str(policy_dir)
+    samples = [json.loads(line) for line in (run / "winrate_samples.jsonl").read_text().splitlines()]
+    assert [s["winner"] for s in samples] == ["policy"] * 3
+    assert [(s["prompt"], s["policy"], s["reference"]) for s in samples] == [
+        (p, str(a), str(a + 1)) for p, a in answers.items()
+    ]

@@ -1,0 +1,161 @@
+"""Loss presets through `dpo-train` against log-probs computed here from plain HF forwards.
+
+Each run trains one step (or a few) on 1 rank, on a train file of 8 pairs with
+train.pairs_per_step=8: step 1 sees every pair of the file (a permutation of them), so its
+per-pair means can be recomputed independently of the engine's sampling, packing and
+normalisation: per pair, the summed log-probs and token counts of the chosen and rejected
+responses from an unpacked, unchunked forward of the tiny model (policy == reference at step 1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers import make_pairs_jsonl, make_tiny_model_dir, run_cli, tiny_run_overrides
+
+pytestmark = pytest.mark.integration
+
+TRAIN_PAIRS = 8  # = train.pairs_per_step of TINY_RUN: step 1 sees them all
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("presets")
+    return {
+        "model": make_tiny_model_dir(root / "model"),
+        "train": make_pairs_jsonl(root / "train.jsonl", TRAIN_PAIRS, seed=1),
+        "eval": make_pairs_jsonl(root / "eval.jsonl", 8, seed=2),
+        "cache": root / "refcache",
+    }
+
+
+@pytest.fixture(scope="module")
+def hf_logps(assets):
+    """Per pair of the train file: (chosen summed log-prob, chosen tokens, rejected summed
+    log-prob, rejected tokens), the responses' tokens scored by a plain HF forward in float64."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_dist.data import load_tokenized
+
+    tokenizer = AutoTokenizer.from_pretrained(assets["model"])
+    data = load_tokenized(assets["train"], tokenizer, max_length=64)
+    assert len(data) == TRAIN_PAIRS  # nothing dropped: step 1 is every pair of the file
+    model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32).eval()
+
+    def response_logp(prompt, response) -> tuple[float, int]:
+        ids = torch.tensor([*prompt, *response])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[None]).logits[0].double(), dim=-1)
+        scored = torch.arange(len(prompt) - 1, len(ids) - 1)  # each position predicts the next token
+        return logp[scored, ids[scored + 1]].sum().item(), len(response)
+
+    rows = []
+    for i in range(len(data)):
+        pair = data[i]
+        rows.append((*response_logp(pair.prompt_ids, pair.chosen_ids), *response_logp(pair.prompt_ids, pair.rejected_ids)))
+    # The check below is only as strong as the pairs differ in length (mean vs sum, per-response vs
+    # batch-wide token means): they do.
+    assert len({c_n for _, c_n, _, _ in rows}) > 1
+    return rows
+
+
+def train(assets, out, **extra) -> list[dict]:
+    settings = {"output_dir": out, "reference.cache_dir": assets["cache"], "train.max_steps": 1, **extra}
+    result = run_cli("launch.train", *tiny_run_overrides(assets, settings))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(rows):
+    return [r for r in rows if "loss" in r]
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def test_ipo_mean_normalised_loss_at_init_is_its_target_squared(assets, tmp_path):
+    """loss=ipo (beta 0.1, per-token means): policy == reference, so the margin is 0 and the loss
+    (0 - 1/(2 beta))^2 = 25. The reference store keeps sums: divided by the policy's token counts
+    like the policy's own mean log-probs, or the margin is not 0."""
+    first = train_rows(train(assets, tmp_path / "ipo", loss="ipo"))[0]
+    beta = 0.1  # conf/loss/ipo.yaml
+    assert first["step"] == 1
+    assert abs(first["loss"] - (1 / (2 * beta)) ** 2) < 1e-5, first
+    assert abs(first["reward_margin"]) < 1e-7 and first["reward_accuracy"] == 0.0
+
+
+def test_simpo_is_reference_free_on_mean_token_logps(assets, hf_logps, tmp_path):
+    """loss=simpo (beta 2, gamma 0.5): -logsigmoid(beta * (mean chosen - mean rejected token
+    log-prob) - gamma) averaged over the step's pairs; no reference is computed or read."""
+    out = tmp_path / "simpo"
+    first = train_rows(train(assets, out, loss="simpo"))[0]
+    beta, gamma = 2.0, 0.5  # conf/loss/simpo.yaml
+    margins = [beta * (c / c_n - r / r_n) - gamma for c, c_n, r, r_n in hf_logps]
+    expected = mean(-F.logsigmoid(torch.tensor(m, dtype=torch.float64)).item() for m in margins)
+    assert math.isclose(first["loss"], expected, rel_tol=1e-5), (first["loss"], expected)
+    # Rewards of a reference-free loss: beta * the policy's mean log-prob.
+    assert math.isclose(first["chosen_reward"], mean(beta * c / c_n for c, c_n, _, _ in hf_logps), rel_tol=1e-5)
+    # The logged log-probs stay the summed ones whatever the loss's normalisation.
+    assert math.isclose(first["chosen_logp"], mean(c for c, _, _, _ in hf_logps), rel_tol=1e-5)
+    assert math.isclose(first["rejected_logp"], mean(r for _, _, r, _ in hf_logps), rel_tol=1e-5)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["loss"] == "simpo"
+    assert info["reference"] == {"cache_dir": None, "computed": False, "mode": "none"}
+
+
+def test_rpo_adds_alpha_times_the_per_token_nll_of_each_chosen_response(assets, hf_logps, tmp_path):
+    """loss=rpo loss.alpha=1: DPO (ln 2 at init) + alpha * the chosen response's NLL per token,
+    each response by its own length (RPO eq. 1; losses.sft_nll), averaged over the step's pairs."""
+    alpha = 1.0
+    first = train_rows(train(assets, tmp_path / "rpo", loss="rpo", **{"loss.alpha": alpha}))[0]
+    nll = mean(-c / c_n for c, c_n, _, _ in hf_logps)
+    expected = math.log(2) + alpha * nll
+    assert math.isclose(first["loss"], expected, rel_tol=1e-5), (first["loss"], expected, nll)
+    assert abs(first["reward_margin"]) < 1e-7  # the preference part is still DPO's at margin 0
+    # chosen_logp is the summed (not per-token) log-prob even when the loss uses a per-token NLL.
+    assert math.isclose(first["chosen_logp"], mean(c for c, _, _, _ in hf_logps), rel_tol=1e-5)
+
+
+def test_logged_lr_follows_the_schedule_and_logps_are_summed(assets, hf_logps, tmp_path):
+    """optim.warmup_steps=2 over 6 steps (cosine, min_lr_ratio 0.1, the defaults): warmup step k
+    runs at (k+1)/3 * lr, step 2 at lr, then cosine down to 0.1 * lr at the last step. Step 1's
+    chosen_logp / rejected_logp are the step's mean summed response log-probs. run_info.json
+    records the versions this process imports too."""
+    lr = 1e-3
+    out = tmp_path / "sched"
+    rows = train_rows(train(assets, out, **{"optim.lr": lr, "optim.warmup_steps": 2, "train.max_steps": 6}))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    # Steps 3..6 are progress 0, 1/3, 2/3, 1 of the cosine: 0.1 + 0.9 * (1 + cos(pi * p)) / 2
+    # (a linear decay would give 0.7 and 0.4 at 1/3 and 2/3).
+    expected = [lr / 3, 2 * lr / 3, lr, 0.775 * lr, 0.325 * lr, 0.1 * lr]
+    for row, want in zip(rows, expected):
+        assert math.isclose(row["lr"], want, rel_tol=1e-9), (row["step"], row["lr"], want)
+    first = rows[0]
+    assert math.isclose(first["chosen_logp"], mean(c for c, _, _, _ in hf_logps), rel_tol=1e-5)
+    assert math.isclose(first["rejected_logp"], mean(r for _, _, r, _ in hf_logps), rel_tol=1e-5)
+    import deepspeed
+
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["versions"]["torch"] == torch.__version__
+    assert info["versions"]["deepspeed"] == deepspeed.__version__
+
+
+def test_eval_of_the_reference_itself_is_chance(assets, tmp_path):
+    """dpo-eval with the reference model as the policy: every margin is 0, so eval/loss is ln 2,
+    the margin 0 and no pair counts as ranked right (a tie is not a win)."""
+    out = tmp_path / "ev"
+    settings = {"output_dir": out, "reference.cache_dir": assets["cache"], "eval.policy_path": assets["model"]}
+    result = run_cli("launch.eval", *tiny_run_overrides(assets, settings))
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads((out / "eval.json").read_text())
+    assert evaluated["eval_pairs"] == 8
+    assert abs(evaluated["eval/loss"] - math.log(2)) < 1e-6, evaluated
+    assert abs(evaluated["eval/reward_margin"]) < 1e-7, evaluated
+    assert evaluated["eval/reward_accuracy"] == 0.0, evaluated
