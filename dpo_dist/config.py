@@ -378,12 +378,17 @@ class ClusterConfig:
     """How many times a preempted or timed-out job requeues itself."""
     signal_delay_s: int = 120
     """Seconds before the time limit at which Slurm warns the job (USR2): the preemption checkpoint
-    must be written within them (at most a quarter of ``time`` is used). A preemption by another
-    job gives the cluster's GraceTime instead, which its admins set."""
+    must be written within them (``cluster=slurm`` submissions use at most a quarter of ``time``;
+    the plain-sbatch path ``slurm/dpo_train.sbatch`` uses it as given, its time limit being the
+    script's). A preemption by another job gives the cluster's GraceTime instead, which its
+    admins set."""
     additional_parameters: dict[str, Any] = field(default_factory=dict)
     """Extra sbatch parameters passed through to submitit."""
-    master_port: int = 29500
-    """Rendezvous port of rank 0."""
+    master_port: int | None = None
+    """Rendezvous port of rank 0. ``cluster=local``: exactly this port on 127.0.0.1 (refused if it
+    is taken); null, the default, picks a free one, so local runs side by side never collide.
+    Slurm: the base of ``MASTER_PORT = master_port + (16 * SLURM_JOB_ID + SLURM_STEP_ID) % 1000``
+    (null: 29500). An exported ``MASTER_PORT`` wins on Slurm."""
 
     def __post_init__(self) -> None:
         _one_of(self.name, "cluster.name", ("local", "slurm"))
@@ -399,6 +404,13 @@ class ClusterConfig:
         _check(self.time >= 1, "cluster.time", "must be >= 1 minute")
         _check(self.signal_delay_s >= 0, "cluster.signal_delay_s", "must be >= 0")
         _check(self.max_requeues >= 0, "cluster.max_requeues", f"must be >= 0, got {self.max_requeues}")
+        # Slurm adds up to 999 to the base port (see the docstring): the sum must still be a port.
+        top = 65535 if self.name == "local" else 65535 - 999
+        _check(
+            self.master_port is None or 1 <= self.master_port <= top,
+            "cluster.master_port",
+            f"must be between 1 and {top} for cluster={self.name} (or null), got {self.master_port}",
+        )
         # One rank per GPU: more tasks than GPUs would share GPUs (and the memory plan assumes not).
         _check(
             self.name != "slurm" or self.gpus_per_node == 0 or self.tasks_per_node == self.gpus_per_node,

@@ -83,13 +83,19 @@ def detect_env() -> DistEnv:
     )
 
 
-def slurm_env(base_port: int = 29500) -> DistEnv:
-    """Where this srun task sits, from Slurm's variables (``MASTER_ADDR``/``MASTER_PORT`` win if set)."""
-    port = os.environ.get("MASTER_PORT") or base_port + slurm_port_offset()
+SLURM_BASE_PORT = 29500
+"""The base of the Slurm port rule when ``cluster.master_port`` is null (its default)."""
+
+
+def slurm_env(base_port: int | None = SLURM_BASE_PORT) -> DistEnv:
+    """Where this srun task sits, from Slurm's variables (``MASTER_ADDR``/``MASTER_PORT`` win if set).
+    ``base_port`` None is :data:`SLURM_BASE_PORT`."""
+    base = SLURM_BASE_PORT if base_port is None else base_port
+    port = os.environ.get("MASTER_PORT") or base + slurm_port_offset()
     return DistEnv(
         rank=int(os.environ["SLURM_PROCID"]),
         # LOCAL_RANK picks the GPU (here and in DeepSpeed, which calls set_device(LOCAL_RANK)).
-        local_rank=gpu_index(int(os.environ.get("SLURM_LOCALID", "0"))),
+        local_rank=slurm_gpu_index(int(os.environ.get("SLURM_LOCALID", "0"))),
         world_size=int(os.environ["SLURM_NTASKS"]),
         master_addr=os.environ.get("MASTER_ADDR") or slurm_master_addr(),
         master_port=int(port),
@@ -106,10 +112,32 @@ def slurm_port_offset() -> int:
 
 
 def gpu_index(local_rank: int) -> int:
-    """The visible GPU of the rank with this node-local index: with ``--gpus-per-task`` (or any
-    binding that gives each task only its own GPUs) task 3 of a node sees one GPU, device 0."""
+    """The visible GPU of the rank with this node-local index: device ``local_rank`` itself.
+
+    Raises ConfigError (one line) when there is no such device: wrapping around (``local_rank %
+    count``) would put two ranks on one GPU without a word, each with half the memory the plan
+    counted on. ``cluster=local`` refuses such a launch before any rank starts; this catches a rank
+    started some other way. Without CUDA the index only names the rank."""
     count = torch.cuda.device_count()
-    return local_rank % count if count else local_rank
+    if count and local_rank >= count:
+        from dpo_dist.config import ConfigError
+
+        raise ConfigError(
+            f"LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible: ranks would share GPUs; "
+            "start at most one rank per GPU on a node"
+        )
+    return local_rank
+
+
+def slurm_gpu_index(local_id: int) -> int:
+    """The GPU of the Slurm task with node-local id ``local_id`` (``SLURM_LOCALID``).
+
+    Slurm may bind each task to GPUs of its own (``--gpus-per-task=1``, ``--gpu-bind``): task 3
+    of a node then sees one GPU, its own, as device 0, and ``local_id % count`` picks it. Only
+    Slurm does this binding, so only here is the wrap-around allowed; ``cluster=slurm`` requires
+    ``tasks_per_node == gpus_per_node``, so without binding every task's id is below the count."""
+    count = torch.cuda.device_count()
+    return local_id % count if count else local_id
 
 
 def first_node(nodelist: str) -> str:
@@ -165,10 +193,11 @@ def _slurm_node_addr(node: str) -> str:
     return match.group(1)
 
 
-def export_slurm_env(base_port: int) -> DistEnv | None:
+def export_slurm_env(base_port: int | None) -> DistEnv | None:
     """In an srun task without torchrun variables, derive and export them; otherwise do nothing.
 
-    ``base_port`` is ``cluster.master_port``; see :func:`slurm_env` for the port rule.
+    ``base_port`` is ``cluster.master_port`` (None: :data:`SLURM_BASE_PORT`); see :func:`slurm_env`
+    for the port rule.
     """
     if os.environ.get("RANK", "") != "" or not in_slurm_step():
         return None

@@ -15,10 +15,13 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from dpo_dist.config import DPOConfig
 from dpo_dist.distributed import DistEnv, free_port
@@ -30,7 +33,8 @@ log = logging.getLogger("dpo_dist.launcher")
 
 
 class LaunchError(RuntimeError):
-    """A rank exited with an error; the message names it, ``status`` is its exit status."""
+    """A rank exited with an error (the message names it, ``status`` is its exit status), or the
+    launch was refused before any rank started (status 2, a usage error: the message says why)."""
 
     def __init__(self, message: str, status: int):
         super().__init__(message)
@@ -58,14 +62,51 @@ def rank_environment(env: DistEnv) -> dict[str, str]:
     return variables
 
 
+def check_local_gpus(nproc: int) -> None:
+    """Refuse more ranks than this machine's visible GPUs (LaunchError, status 2).
+
+    Each rank takes GPU ``LOCAL_RANK``; with more ranks than GPUs two ranks would share one, each
+    with half the memory the plan counted on. Without CUDA the ranks run on the CPU, any number."""
+    if not torch.cuda.is_available():
+        return
+    count = torch.cuda.device_count()
+    if nproc > count:
+        raise LaunchError(
+            f"cluster.nproc_per_node={nproc} but this machine has {count} visible CUDA GPU(s): ranks would share GPUs; "
+            f"set cluster.nproc_per_node to at most {count} (CUDA_VISIBLE_DEVICES= runs the ranks on the CPU)",
+            2,
+        )
+
+
+def rendezvous_port(master_port: int | None) -> int:
+    """``cluster.master_port`` if set, else a free port; raises LaunchError (status 2) if the set
+    port is taken: rank 0 could not listen on it, and the ranks would fail to meet."""
+    if master_port is None:
+        return free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As rank 0's TCPStore does: a port left in TIME_WAIT by an earlier run is free to it.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", master_port))
+        except OSError as exc:
+            raise LaunchError(
+                f"cluster.master_port={master_port}: cannot listen on 127.0.0.1:{master_port} ({exc.strerror}); "
+                "choose another port, or leave cluster.master_port unset (null) for a free one",
+                2,
+            ) from None
+    return master_port
+
+
 def run_local(cfg: DPOConfig, task: str) -> None:
     """Run ``task`` on ``cluster.nproc_per_node`` ranks of this machine and wait for them."""
+    nproc = cfg.cluster.nproc_per_node
+    # Refusals first: nothing is written for a launch that cannot run.
+    check_local_gpus(nproc)
+    port = rendezvous_port(cfg.cluster.master_port)
     config_path = write_config(cfg)
     errors = Path(cfg.output_dir) / ".rank_errors"
     shutil.rmtree(errors, ignore_errors=True)
     errors.mkdir(parents=True)
-    nproc = cfg.cluster.nproc_per_node
-    port = free_port()
     procs: list[subprocess.Popen] = []
     try:
         with forward_signals(procs):

@@ -5,6 +5,7 @@
 - sweeps: ``dpo-train -m ... cluster=slurm`` is one job array through hydra-submitit-launcher
   (``conf/hydra/launcher/dpo_slurm.yaml``; resources from ``slurm.submit.launcher_overrides``)
 - ``slurm.scheduler``: job state and requeue through scontrol/sacct
-- ``slurm.write_config``: ``OUTPUT_DIR/config.yaml`` for the plain-sbatch template ``dpo_train.sbatch``
+- ``slurm.write_config``: ``OUTPUT_DIR/config.yaml`` for the plain-sbatch template ``dpo_train.sbatch``,
+  and the sbatch command that submits it with the config's warning time
 - ``local_cluster.sh``: a real two-node Slurm on one machine, for tests
 """

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from dpo_dist import distributed as D
-from dpo_dist.config import ClusterConfig
+from dpo_dist.config import ClusterConfig, ConfigError
 from dpo_dist.report import describe_runs, format_table, heatmap_grid, load_run, load_sweep, plot, table
 from slurm import runtime
 from slurm.submit import SlurmSubmitFailed, executor_parameters, launcher_overrides, require_slurm_commands
@@ -80,13 +80,24 @@ def test_a_task_bound_to_one_gpu_uses_its_device_0(slurm_task):
 
     slurm_task.setenv("SLURM_LOCALID", "3")
     slurm_task.setattr(torch.cuda, "device_count", lambda: 1)
-    assert D.slurm_env().local_rank == 0  # exported as LOCAL_RANK, which DeepSpeed passes to set_device
+    env = D.slurm_env()
+    assert env.local_rank == 0  # exported as LOCAL_RANK, which DeepSpeed passes to set_device
     chosen = []
     slurm_task.setattr(torch.cuda, "is_available", lambda: True)
     slurm_task.setattr(torch.cuda, "set_device", chosen.append)
-    assert D.device_for(D.DistEnv(3, 3, 4, "localhost", 1, None)) == torch.device("cuda", 0) and chosen == [0]
+    # The rank's device comes from that LOCAL_RANK; device_for itself never wraps around (a
+    # local rank 3 with one GPU would share it: tests/unit/test_distributed.py).
+    assert D.device_for(env) == torch.device("cuda", 0) and chosen == [0]
     slurm_task.setattr(torch.cuda, "device_count", lambda: 4)  # all of the node's GPUs visible
     assert D.slurm_env().local_rank == 3
+
+
+def test_an_unset_master_port_is_the_slurm_base_port(slurm_task):
+    """cluster.master_port null (its default; cluster=local then picks a free port) is 29500 here."""
+    assert ClusterConfig(name="slurm").master_port is None
+    assert D.slurm_env(ClusterConfig(name="slurm").master_port).master_port == 29500 + (16 * 1234 + 0) % 1000
+    with pytest.raises(ConfigError, match=r"^cluster\.master_port: must be between 1 and 64536 for cluster=slurm"):
+        ClusterConfig(name="slurm", master_port=65000)  # + up to 999 would not be a port
 
 
 def test_exported_torchrun_variables_win(slurm_task):
@@ -234,6 +245,135 @@ def test_sbatch_reason_and_missing_commands(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(SlurmSubmitFailed, match="no sbatch or srun on PATH"):
         require_slurm_commands()
+
+
+# ----------------------------------------------------------------------------- plain sbatch
+
+SBATCH_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "dpo_train.sbatch"
+
+# Stand-ins for the Slurm commands the batch script calls: srun "runs the ranks" (exit status
+# FAKE_SRUN_STATUS, 75 = preempted after a checkpoint), scontrol reports the job RUNNING and
+# records a requeue.
+FAKE_SRUN = '#!/bin/sh\necho "$@" >> "$FAKE_LOG.srun"\nexit "${FAKE_SRUN_STATUS:-0}"\n'
+FAKE_SCONTROL = """#!/bin/sh
+case "$1" in
+  show) echo "JobId=$3 JobName=dpo-train JobState=RUNNING Reason=None" ;;
+  requeue) echo "$2" >> "$FAKE_LOG.requeue" ;;
+esac
+"""
+
+
+def write_run_config(tmp_path, *overrides: str) -> tuple[Path, list[str]]:
+    """``python -m slurm.write_config output_dir=RUN overrides``: (RUN, the lines it printed)."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "slurm.write_config", f"output_dir={run}", *overrides],
+                            cwd=SBATCH_SCRIPT.parents[1], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run, result.stdout.splitlines()
+
+
+def run_batch_script(tmp_path, exported: dict[str, str], *, restarts: int, srun_status: int = 75):
+    """The batch script of job 42 (requeued ``restarts`` times) with ``exported`` as sbatch
+    --export gave it: (exit status, stderr, srun was called, requeued); its stdout in ``last_stdout``."""
+    import subprocess
+    import sys
+    import tempfile
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = Path(tempfile.mkdtemp(dir=tmp_path)) / "calls"  # this call's own
+    env = {k: v for k, v in os.environ.items() if k not in ("MAX_REQUEUES", "SIGNAL_DELAY_S")}
+    env.update(exported, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHON=sys.executable,
+               SLURM_JOB_ID="42", SLURM_RESTART_COUNT=str(restarts), SLURM_JOB_NODELIST="n1",
+               FAKE_LOG=str(log), FAKE_SRUN_STATUS=str(srun_status))
+    result = subprocess.run(["bash", str(SBATCH_SCRIPT)], env=env, capture_output=True, text=True, timeout=120)
+    (tmp_path / "last_stdout").write_text(result.stdout)
+    return result.returncode, result.stderr, Path(f"{log}.srun").exists(), Path(f"{log}.requeue").exists()
+
+
+def submit(command: str) -> dict[str, str]:
+    """The variables ``sbatch --export=ALL,K=V,...`` gives the job (checking that the command
+    warns the job steps, not the batch shell, as its SIGNAL_DELAY_S says)."""
+    import shlex
+
+    words = shlex.split(command)
+    assert words[0] == "sbatch" and words[-1] == str(SBATCH_SCRIPT)
+    flags = dict(w.split("=", 1) for w in words[1:-1])
+    exported = dict(item.split("=", 1) for item in flags["--export"].split(",")[1:])
+    assert flags["--signal"] == f"USR2@{exported['SIGNAL_DELAY_S']}"  # no B: the ranks catch USR2
+    return exported
+
+
+def test_plain_sbatch_requeues_at_most_the_configs_max_requeues(tmp_path):
+    """The script requeued at most MAX_REQUEUES (default 3) times, whatever cluster.max_requeues
+    the config.yaml it runs says."""
+    run, _ = write_run_config(tmp_path, "cluster.max_requeues=5")
+    status, err, ran, requeued = run_batch_script(tmp_path, {"RUN_DIR": str(run)}, restarts=3)
+    assert (status, ran, requeued) == (75, True, True), err  # 3 < cluster.max_requeues=5
+    assert "requeueing (restart 4 of at most 5)" in err
+    status, err, ran, requeued = run_batch_script(tmp_path, {"RUN_DIR": str(run)}, restarts=5)
+    assert (status, ran, requeued) == (75, True, False), err
+    assert "already requeued 5 time(s), at most 5 from cluster.max_requeues" in err
+    # An exported MAX_REQUEUES still wins, and the log says so.
+    status, err, ran, requeued = run_batch_script(tmp_path, {"RUN_DIR": str(run), "MAX_REQUEUES": "2"}, restarts=3)
+    assert (status, ran, requeued) == (75, True, False), err
+    assert "at most 2 from the exported MAX_REQUEUES; config.yaml has cluster.max_requeues=5" in err
+    status, err, ran, _ = run_batch_script(tmp_path, {"RUN_DIR": str(run), "MAX_REQUEUES": "many"}, restarts=0)
+    assert (status, ran) == (2, False) and err == "dpo-train: error: MAX_REQUEUES must be a whole number >= 0, got 'many'\n"
+
+
+def test_plain_sbatch_is_warned_as_the_config_says(tmp_path):
+    """The script was warned by its fixed `#SBATCH --signal=USR2@120` whatever the config's
+    cluster.signal_delay_s: write_config now prints the command that passes it, and a job submitted
+    without it stops at once instead of giving the checkpoint less time than configured."""
+    run, printed = write_run_config(tmp_path, "cluster.signal_delay_s=300")
+    assert printed == [
+        str(run / "config.yaml"),
+        f"sbatch --signal=USR2@300 --export=ALL,RUN_DIR={run},SIGNAL_DELAY_S=300 {SBATCH_SCRIPT}",
+    ]
+    status, err, ran, _ = run_batch_script(tmp_path, submit(printed[1]), restarts=0, srun_status=0)
+    assert (status, ran) == (0, True), err
+    assert "warned 300 s before the time limit" in (tmp_path / "last_stdout").read_text()
+    status, err, ran, _ = run_batch_script(tmp_path, {"RUN_DIR": str(run)}, restarts=0)  # the #SBATCH line's 120 s
+    assert (status, ran) == (2, False)
+    assert err.splitlines() == [
+        f"dpo-train: error: this job is warned 120 s before its time limit but {run}/config.yaml has "
+        "cluster.signal_delay_s=300: submit with the sbatch command python -m slurm.write_config printed "
+        "(--signal=USR2@300 and SIGNAL_DELAY_S=300)"
+    ]
+    status, err, ran, _ = run_batch_script(tmp_path, {"RUN_DIR": str(tmp_path / "nothing")}, restarts=0)
+    assert (status, ran) == (2, False) and err.startswith("dpo-train: error: cannot read the run's config with ")
+    assert len(err.splitlines()) == 1 and "nothing/config.yaml" in err
+
+
+def test_write_config_refuses_a_run_dir_that_sbatch_export_would_cut(tmp_path, capsys):
+    """sbatch --export splits at commas: RUN_DIR=/a,b would reach the job as /a."""
+    from slurm import write_config
+
+    with pytest.raises(SystemExit) as exited:
+        write_config.main([f"output_dir='{tmp_path}/a,b'"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.startswith("python -m slurm.write_config: error: output_dir: a directory whose path has a comma")
+    assert not list(tmp_path.rglob("config.yaml"))
+
+
+def test_plain_sbatch_defaults_agree_with_the_config_defaults(tmp_path):
+    """A config with the default cluster.signal_delay_s runs under the script's own #SBATCH line."""
+    import re
+
+    text = SBATCH_SCRIPT.read_text()
+    default = ClusterConfig().signal_delay_s
+    assert re.findall(r"^#SBATCH --signal=(\S+)$", text, re.M) == [f"USR2@{default}"]
+    assert f'signal_delay_s="${{SIGNAL_DELAY_S:-{default}}}"' in text
+    run, _ = write_run_config(tmp_path)
+    status, err, ran, _ = run_batch_script(tmp_path, {"RUN_DIR": str(run)}, restarts=0, srun_status=0)
+    assert (status, ran) == (0, True), err
 
 
 # ----------------------------------------------------------------------------- report

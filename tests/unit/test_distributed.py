@@ -35,3 +35,39 @@ def test_gloo_keeps_its_own_choice_where_it_works(monkeypatch):
 def test_loopback_has_an_address_and_unknown_interfaces_none():
     assert _interface_address("lo") == "127.0.0.1"
     assert _interface_address("no-such-if0") is None
+
+
+# ----------------------------------------------------------------------------- GPU per rank
+
+
+def test_a_rank_beyond_the_visible_gpus_is_an_error_not_a_shared_gpu(monkeypatch):
+    """gpu_index wrapped around (local_rank % device_count): rank 2 of 2 GPUs silently took GPU 0."""
+    import torch
+
+    from dpo_dist.config import ConfigError
+    from dpo_dist.distributed import DistEnv, device_for, gpu_index
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert [gpu_index(0), gpu_index(1)] == [0, 1]
+    assert device_for(DistEnv(1, 1, 2, "127.0.0.1", 1, None)) == torch.device("cuda", 1) and chosen == [1]
+    message = "LOCAL_RANK=2 but only 2 CUDA device(s) are visible: ranks would share GPUs; start at most one rank per GPU on a node"
+    with pytest.raises(ConfigError) as error:
+        gpu_index(2)
+    assert str(error.value) == message
+    with pytest.raises(ConfigError):
+        device_for(DistEnv(2, 2, 3, "127.0.0.1", 1, None))
+    assert chosen == [1]  # no set_device for the refused rank
+
+
+def test_without_cuda_the_local_rank_only_names_the_rank(monkeypatch):
+    import torch
+
+    from dpo_dist.distributed import DistEnv, device_for, gpu_index
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert gpu_index(5) == 5
+    assert device_for(DistEnv(5, 5, 8, "127.0.0.1", 1, None)) == torch.device("cpu")

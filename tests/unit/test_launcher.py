@@ -176,3 +176,122 @@ def test_a_preemption_signal_reaches_the_ranks_and_the_launcher_waits(tmp_path, 
     assert [p.returncode for p in procs] == [75, 75]
     assert (tmp_path / "saved0").exists() and (tmp_path / "saved1").exists()
     assert signal.getsignal(sig) == before  # restored
+
+
+# ----------------------------------------------------------------------------- GPUs and port
+
+
+class FakeRank:
+    """A rank that has already finished (status 0), recording the environment it was given."""
+
+    def __init__(self, cmd, env, **_kwargs):
+        self.env, self.returncode = env, 0
+
+    def poll(self):
+        return 0
+
+
+@pytest.fixture
+def fake_ranks(monkeypatch):
+    """subprocess.Popen of the launcher replaced: the rank environments it would have started."""
+    started: list[dict] = []
+
+    def popen(cmd, env, **kwargs):
+        started.append(env)
+        return FakeRank(cmd, env, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    return started
+
+
+def local_config(tmp_path, **cluster):
+    from dpo_dist.config import config_from_dict
+
+    return config_from_dict({"output_dir": str(tmp_path / "run"), "cluster": {"name": "local", **cluster}})
+
+
+def fake_gpus(monkeypatch, count: int) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_more_local_ranks_than_gpus_is_refused_before_any_rank_starts(monkeypatch, tmp_path, fake_ranks):
+    """4 ranks on 2 GPUs wrapped around (LOCAL_RANK % 2): two ranks per GPU, without a word."""
+    from launch.common import UserError
+
+    fake_gpus(monkeypatch, 2)
+    cfg = local_config(tmp_path, nproc_per_node=4)
+    with pytest.raises(UserError) as refused:  # hydra_main prints it as `dpo-train: error: ...`, exit 2
+        launch("dpo-train", cfg, "train")
+    assert str(refused.value) == (
+        "cluster.nproc_per_node=4 but this machine has 2 visible CUDA GPU(s): ranks would share GPUs; "
+        "set cluster.nproc_per_node to at most 2 (CUDA_VISIBLE_DEVICES= runs the ranks on the CPU)"
+    )
+    assert fake_ranks == [] and not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("gpus, nproc", [(2, 2), (8, 3), (0, 4)])
+def test_one_rank_per_gpu_or_any_number_on_cpu_starts(monkeypatch, tmp_path, fake_ranks, gpus, nproc):
+    fake_gpus(monkeypatch, gpus)
+    launch("dpo-train", local_config(tmp_path, nproc_per_node=nproc), "train")
+    assert [env["LOCAL_RANK"] for env in fake_ranks] == [str(r) for r in range(nproc)]
+
+
+def unused_port() -> int:
+    """A free port below Linux's ephemeral range, so that free_port() cannot hand out the same."""
+    import socket
+
+    for port in range(23456, 32000, 7):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free port found in 23456-32000")
+
+
+def test_a_set_master_port_is_the_local_rendezvous(monkeypatch, tmp_path, fake_ranks):
+    """cluster.master_port ("rendezvous port of rank 0") was ignored for cluster=local: a free port
+    was used instead."""
+    fake_gpus(monkeypatch, 0)
+    port = unused_port()
+    launch("dpo-train", local_config(tmp_path, nproc_per_node=2, master_port=port), "train")
+    assert [env["MASTER_PORT"] for env in fake_ranks] == [str(port)] * 2
+
+
+def test_an_unset_master_port_picks_a_free_one(monkeypatch, tmp_path, fake_ranks):
+    import dpo_dist.launcher
+
+    fake_gpus(monkeypatch, 0)
+    monkeypatch.setattr(dpo_dist.launcher, "free_port", lambda: 40123)
+    cfg = local_config(tmp_path, nproc_per_node=2)
+    assert cfg.cluster.master_port is None  # the default: local runs side by side never collide
+    launch("dpo-train", cfg, "train")
+    assert [env["MASTER_PORT"] for env in fake_ranks] == ["40123"] * 2
+
+
+def test_a_taken_master_port_is_refused_before_any_rank_starts(monkeypatch, tmp_path, fake_ranks):
+    import socket
+
+    from launch.common import UserError
+
+    fake_gpus(monkeypatch, 0)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=rf"^cluster\.master_port={port}: cannot listen on 127\.0\.0\.1:{port} "):
+            launch("dpo-train", local_config(tmp_path, nproc_per_node=2, master_port=port), "train")
+    assert fake_ranks == []
+
+
+def test_master_port_values():
+    from dpo_dist.config import ClusterConfig, ConfigError
+
+    assert ClusterConfig().master_port is None
+    assert ClusterConfig(master_port=65535).master_port == 65535
+    with pytest.raises(ConfigError, match=r"^cluster\.master_port: must be between 1 and 65535 for cluster=local \(or null\), got 0$"):
+        ClusterConfig(master_port=0)
