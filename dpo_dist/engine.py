@@ -25,9 +25,10 @@ import logging
 import math
 import random
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -216,6 +217,16 @@ def mark_fetch_units(model: nn.Module, ds: DeepSpeedConfig) -> list[str]:
     if names:
         marked = set_z3_leaf_modules(model, names)
         log.info("ZeRO-3 fetch units: %d %s modules, each gathered whole", len(marked), "/".join(names))
+    elif leaf_modules == "auto":
+        # auto takes the model's own block classes; without any, DeepSpeed hooks and gathers every
+        # module separately (more, smaller all-gathers per layer): say so rather than run slower unseen.
+        cls = type(model).__name__
+        why = f"none of {cls}'s _no_split_modules ({', '.join(missing)}) is one of its modules" if missing else f"{cls} declares no _no_split_modules"
+        log.warning(
+            "ZeRO-3 fetch units: per module, each gathered by its own hook (deepspeed.leaf_modules=auto found no block class: %s); "
+            "name the block classes in deepspeed.leaf_modules to gather each block whole",
+            why,
+        )
     return names
 
 
@@ -234,8 +245,10 @@ def load_causal_lm(path: str, dtype: torch.dtype, ds_cfg: dict[str, Any], quanti
     adapter_config = Path(path) / "adapter_config.json"
     is_adapter = adapter_config.is_file()
     base = json.loads(adapter_config.read_text())["base_model_name_or_path"] if is_adapter else path
-    keep_alive = HfDeepSpeedConfig(ds_cfg) if ds_cfg["zero_optimization"]["stage"] == 3 else None
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, quantization_config=quantization)
+    zero3 = ds_cfg["zero_optimization"]["stage"] == 3
+    keep_alive = HfDeepSpeedConfig(ds_cfg) if zero3 else None
+    with nullcontext() if zero3 else zero3_init_hidden():
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, quantization_config=quantization)
     model._dpo_hf_ds_config = keep_alive  # transformers holds it weakly
     for module in model.modules():
         # bitsandbytes repacks a 4-bit weight in place for its AVX512 CPU kernel on the first
@@ -249,6 +262,27 @@ def load_causal_lm(path: str, dtype: torch.dtype, ds_cfg: dict[str, Any], quanti
         # The adapter weights are ordinary tensors here; deepspeed.initialize partitions them.
         model = PeftModel.from_pretrained(model, path)
     return model
+
+
+@contextmanager
+def zero3_init_hidden():
+    """Build models whole inside this context even while a ZeRO-3 model is alive.
+
+    transformers builds every model (``from_pretrained``, ``from_config``, meta-device skeletons
+    too) inside ``deepspeed.zero.Init`` while any ``HfDeepSpeedConfig`` of stage 3 is alive: a
+    process-wide weak reference, which ``load_causal_lm`` keeps alive with each ZeRO-3 model. A
+    whole copy (a replicated reference) loaded after a ZeRO-3 policy would be partitioned with the
+    policy's config, and a meta skeleton fails (``Cannot copy out of meta tensor``). That weak
+    reference is hidden for the block and restored after: transformers consults it again later
+    (PEFT, saving)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter; set/unset are public
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def apply_lora(model: nn.Module, lora: LoraConfig, seed: int) -> nn.Module:
@@ -460,7 +494,8 @@ def build_generation_engine(cfg: DPOConfig, path: str, device: torch.device):
 
 
 class OnlineReference:
-    """Reference log-probs run every step (no cache): a frozen copy of the initial model, or with
+    """Reference log-probs run every step (no cache): a frozen copy of the initial model (whole on
+    every rank or partitioned, by ``reference.partition`` as for the precompute pass), or with
     LoRA the policy itself with its adapters disabled, since its base weights are the initial
     model (no second copy; ``attach_policy`` hands it the policy engine once that exists)."""
 
@@ -470,7 +505,15 @@ class OnlineReference:
         self.uses_policy = cfg.model.lora.enabled and share_policy
         self.engine = None
         if not self.uses_policy:
-            self.engine = build_inference_engine(cfg, cfg.model.path, device, backend, quantize=cfg.model.lora.quantize)
+            from dpo_dist.reference import reference_replicates
+
+            # A partitioned copy all-gathers every layer in every micro-batch's reference forward;
+            # a whole copy per rank (what fits, as for the precompute pass) runs with no collectives.
+            replicate, why = reference_replicates(cfg, device, training_dtype(cfg, device))
+            log.info("online reference: %s (%s)", "a whole copy of the model per rank" if replicate else "partitioned with ZeRO-3", why)
+            self.engine = build_inference_engine(
+                cfg, cfg.model.path, device, backend, quantize=cfg.model.lora.quantize, replicate=replicate
+            )
 
     def attach_policy(self, policy_engine) -> None:
         """LoRA: score with ``policy_engine`` (adapters disabled); a frozen copy needs nothing."""
@@ -763,7 +806,24 @@ def _prune_checkpoints(root: Path, keep: int) -> None:
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     complete = [p for p in dirs if (p / "COMPLETE").exists()]
     for p in complete[:-keep] + [p for p in dirs if p not in complete]:
-        shutil.rmtree(p, ignore_errors=True)
+        failures = _rmtree(p)
+        if failures:
+            # Pruning goes on (training must not stop for it), but a checkpoint that stays is disk
+            # the user thinks is free: a 70B checkpoint is ~1 TB, and they pile up every save.
+            log.warning(
+                "checkpoint pruning: could not delete %d entr%s of %s (first: %s); it stays on disk, delete it by hand",
+                len(failures), "y" if len(failures) == 1 else "ies", p, failures[0],
+            )
+
+
+def _rmtree(path: Path) -> list[str]:
+    """Delete ``path`` as far as possible (past entries that fail); returns ``"entry: error"`` of each failure."""
+    failures: list[str] = []
+    if sys.version_info >= (3, 12):  # onerror is deprecated there; onexc does not exist before it
+        shutil.rmtree(path, onexc=lambda _fn, entry, exc: failures.append(f"{entry}: {exc}"))
+    else:
+        shutil.rmtree(path, onerror=lambda _fn, entry, info: failures.append(f"{entry}: {info[1]}"))
+    return failures
 
 
 def load_latest_checkpoint(engine, cfg: DPOConfig, env: D.DistEnv) -> int:
@@ -778,6 +838,16 @@ def load_latest_checkpoint(engine, cfg: DPOConfig, env: D.DistEnv) -> int:
     rng_file = checkpoint_root(cfg) / tag / f"rng_rank{env.rank:05d}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        # Weights, optimizer and data position are restored, so the run goes on, but not exactly.
+        # Under ZeRO 1-3 DeepSpeed refuses a changed world size, so a missing file means a lost one;
+        # stage 0 checkpoints are one unpartitioned file and resume on more ranks than wrote them.
+        log.warning(
+            "resume from %s: no %s, so rank %d's Python/NumPy/torch RNG state is not restored and the "
+            "resumed run is not exact (random draws such as dropout differ from an uninterrupted run); "
+            "expected when the checkpoint was written by fewer ranks (deepspeed.stage=0), else the file was lost",
+            checkpoint_root(cfg) / tag, rng_file.name, env.rank,
+        )
     log.info("resumed from %s (step %d)", checkpoint_root(cfg) / tag, step)
     return step
 

@@ -32,10 +32,12 @@ Memory model (bytes per GPU; N = ranks, P = parameters, Pt = trainable parameter
   largest adapted layer's adapters.
 - persistent parameters: every tensor of at most ``deepspeed.param_persistence_threshold``
   elements stays gathered in full on every GPU for the whole run, ``b*numel`` (RMSNorm weights at
-  the default 1e5; nearly the whole model at 1e9), twice with an online reference copy.
-- reference: none when precomputed; with ``reference.mode=online`` a second partitioned copy of the
-  weights plus its own gathered module (LoRA runs the reference as the policy with adapters
-  disabled, so no copy).
+  the default 1e5; nearly the whole model at 1e9), twice with a partitioned online reference copy.
+- reference: none when precomputed; with ``reference.mode=online`` a second copy of the weights:
+  partitioned, plus its own gathered module, or with ``reference.partition`` replicating it
+  (``auto`` for weights of at most half a GPU, ``replicate_frozen_copy``) the whole bf16 weights on
+  every GPU, which its forwards then never gather (LoRA runs the reference as the policy with
+  adapters disabled, so no copy).
 - a fragmentation margin (a fraction of everything the caching allocator holds) and a fixed
   allowance for memory outside PyTorch's allocator (CUDA context, NCCL buffers, cuBLAS workspace).
 Items are added as if all were alive at once (conservative), except that the optimizer-step
@@ -72,6 +74,15 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 class PlanError(ValueError):
     """The planner cannot model this input (one line saying why)."""
+
+
+def replicate_frozen_copy(weight_bytes: float, device_bytes: float) -> bool:
+    """``reference.partition=auto``: whether a frozen reference model is held whole on every rank,
+    the one rule of the engine (``dpo_dist.reference.reference_replicates``, with the device's
+    memory) and of the plan (with ``cluster.gpu_memory_gb``). Whole when its weights take at most
+    half of one device's memory, leaving the rest to activations and the logits chunk: its forwards
+    then need no collectives, where ZeRO-3 gathers every layer on every forward."""
+    return weight_bytes <= device_bytes / 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +269,10 @@ class PlanSettings:
     logits_chunk_tokens: int = 2048
     reference: str = "none"
     """none (precomputed or reference-free) | copy (online, a second model) | adapters (online, LoRA disabled)."""
+    reference_partition: str = "zero3"
+    """How a ``copy`` is held (``reference.partition``): zero3 (partitioned like the policy, gathered
+    in its forwards) | replicate (whole on every GPU, never gathered) | auto (decided per plan by
+    ``replicate_frozen_copy`` from the model's weights and ``gpu_memory_gib``: ``reference_replicated``)."""
     statistics_pass: bool = False
     """The loss needs step-wide statistics (kto_pair): one more no-grad forward of the policy per
     micro-batch (``engine.batch_statistics``; an online reference's log-probs are reused)."""
@@ -301,6 +316,8 @@ class PlanSettings:
             activation_checkpointing=cfg.model.activation_checkpointing,
             logits_chunk_tokens=cfg.model.logits_chunk_tokens,
             reference=reference,
+            # The setting, not a decision: auto needs the model's size, which the shape gives at plan time.
+            reference_partition=cfg.reference.partition,
             statistics_pass=cfg.stage == "dpo" and cfg.loss.uses_batch_statistics(),
             lora_r=cfg.model.lora.r,
             lora_targets=tuple(cfg.model.lora.target_modules),
@@ -321,6 +338,21 @@ class PlanSettings:
         again for a loss with step-wide statistics."""
         return int(self.reference != "none") + int(self.statistics_pass)
 
+    def reference_replicated(self, shape: ModelShape) -> bool:
+        """An online copy held whole on every GPU, as the engine decides (``OnlineReference``): the
+        bf16 weights of ``shape`` against ``gpu_memory_gib`` for ``reference_partition=auto``."""
+        if self.reference != "copy" or self.reference_partition == "zero3":
+            return False
+        if self.reference_partition == "replicate":
+            return True
+        return replicate_frozen_copy(self.dtype_bytes * shape.num_params(), self.gpu_memory_gib * GIB)
+
+    def gathered_forwards(self, shape: ModelShape) -> int:
+        """Weight all-gathers of a partitioned model per micro-batch: the policy's forward and
+        backward, its statistics forward, and the reference's unless that is a whole copy."""
+        reference = self.reference != "none" and not self.reference_replicated(shape)
+        return 2 + int(reference) + int(self.statistics_pass)
+
     def describe(self) -> str:
         offload = [k for k, on in (("optimizer", self.offload_optimizer), ("params", self.offload_param)) if on]
         nodes = math.ceil(self.gpus / self.gpus_per_node) if self.gpus_per_node else 1
@@ -330,7 +362,8 @@ class PlanSettings:
             f"{'bf16' if self.dtype_bytes == 2 else 'fp32'} (gradient sums {'fp32' if self.grad_accum_bytes == 4 else 'bf16'}); "
             f"{self.micro_batch_tokens} tokens/micro-batch; "
             f"activation checkpointing {'on' if self.activation_checkpointing else 'off'}; "
-            f"logits chunk {self.logits_chunk_tokens}; reference model on GPU: {_REFERENCE_TEXT[self.reference]}; "
+            f"logits chunk {self.logits_chunk_tokens}; reference model on GPU: {_REFERENCE_TEXT[self.reference]}"
+            f"{f' (reference.partition={self.reference_partition})' if self.reference == 'copy' else ''}; "
             f"{'a no-grad statistics forward per micro-batch; ' if self.statistics_pass else ''}"
             f"attention: {'masked sdpa (a T x T mask)' if self.dense_mask else 'a varlen kernel (flash or torch varlen)'}; "
             f"{'QLoRA' if self.quantized_base else 'LoRA'} {'r=' + str(self.lora_r) if self.lora_r else 'off'}"
@@ -514,7 +547,7 @@ def persistent_item(shape: ModelShape, s: PlanSettings) -> MemoryItem:
     threshold = s.param_persistence_threshold
     numel = shape.persistent_params(threshold, s.lora_r, s.lora_targets)
     detail = f"tensors <= {threshold:,} elements: {numel / 1e6:,.1f}M params"
-    if s.reference == "copy":  # a second engine with the same threshold (and no adapters)
+    if s.reference == "copy" and not s.reference_replicated(shape):  # a second ZeRO-3 engine, same threshold, no adapters
         numel += shape.persistent_params(threshold)
         detail += " + the reference copy's"
     detail += f", {s.dtype_bytes} B each, never partitioned"
@@ -537,7 +570,13 @@ def zero3_buffer_items(shape: ModelShape, s: PlanSettings) -> list[MemoryItem]:
             "fwd_bwd",
         ),
     ]
-    if s.reference == "copy":
+    if s.reference_replicated(shape):
+        # A stage-0 engine: all its weights on every GPU for the whole run (optimizer step
+        # included), and nothing gathered, so no buffer or persistent share of its own.
+        why = ": weights <= half a GPU" if s.reference_partition == "auto" else ""
+        detail = f"whole copy, {b} B x {shape.num_params() / 1e9:.2f}B on every GPU, never gathered (reference.partition={s.reference_partition}{why})"
+        items.append(MemoryItem("reference model (online copy)", b * shape.num_params(), detail, "static"))
+    elif s.reference == "copy":
         ref = b * shape.num_params() / s.gpus + b * (largest + prefetch)
         items.append(MemoryItem("reference model (online copy)", ref, "partitioned bf16 copy + its gathered module", "fwd_bwd"))
     else:
@@ -630,6 +669,8 @@ def suggestions(shape: ModelShape, settings: PlanSettings, assumptions: PlanAssu
         (f"train.micro_batch_tokens={smaller}", dict(micro_batch_tokens=smaller)),
         (f"deepspeed.param_persistence_threshold={default_threshold}", dict(param_persistence_threshold=default_threshold)),
     ]
+    if settings.reference_replicated(shape):  # auto's half-a-GPU rule ignores what training needs beside it
+        changes.append(("reference.partition=zero3", dict(reference_partition="zero3")))
     for text, change in changes:
         candidate = replace(settings, **change)
         plan = plan_memory(shape, candidate, assumptions)
@@ -730,8 +771,8 @@ def project_step(
 
     Compute: FLOPs of this rank's tokens at the measured single-GPU efficiency. Communication, per
     micro-batch: ZeRO-3 all-gathers the partitioned parameters for the forward and again for the
-    backward (plus once more for each no-grad forward: an online reference, kto_pair's statistics
-    pass) and reduce-scatters the trainable
+    backward (plus once more for each no-grad forward: a partitioned online reference, kto_pair's
+    statistics pass; a replicated reference copy gathers nothing) and reduce-scatters the trainable
     gradients; persistent parameters (``deepspeed.param_persistence_threshold``) stay gathered and
     are re-gathered once per step, after the optimizer updated them;
     a ring moves ``(n-1)/n`` of the tensor through every GPU's link, inside a node over NVLink,
@@ -752,7 +793,7 @@ def project_step(
     )
     compute = tokens_per_rank * flops / a.achieved_flops()
 
-    gathers = 2 + settings.no_grad_forwards()
+    gathers = settings.gathered_forwards(shape)
     trainable = shape.lora_params(settings.lora_r, settings.lora_targets) if lora else shape.num_params()
     ring = (n - 1) / n
     persistent = b * shape.persistent_params(settings.param_persistence_threshold, settings.lora_r, settings.lora_targets)

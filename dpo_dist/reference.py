@@ -116,6 +116,7 @@ from dpo_dist.data import (
 from dpo_dist.data.cache import CACHE_FORMAT
 from dpo_dist.fingerprint import cache_root, json_sha256, model_fingerprint
 from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
+from dpo_dist.memory import replicate_frozen_copy
 from dpo_dist.reference_store import (
     COMPONENTS,
     FORMAT_VERSION,
@@ -199,10 +200,6 @@ class ReferenceSummary:
     verified_shards: dict[str, Any] = field(default_factory=dict)
     """The manifest's ``shards`` entries (``{name: {rows, sha256}}``) whose files rank 0 hashed in
     this call: every shard of the cache, as ``ReferenceStore.open(..., verified=...)`` wants."""
-
-    def as_run_info(self) -> dict[str, Any]:
-        """The ``run_info.json`` ``"reference"`` entry."""
-        return {"cache_dir": str(self.cache_dir), "computed": self.computed}
 
 
 # --------------------------------------------------------------------------------------------
@@ -677,7 +674,6 @@ class RunReference:
     """True if this run computed any part of either split's cache."""
     train: ReferenceStore
     eval: ReferenceStore | None
-    summaries: dict[str, ReferenceSummary]
 
     def logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed reference log-probs (chosen, rejected) of a train batch, on the batch's device."""
@@ -690,8 +686,9 @@ class RunReference:
         return _batch_logps(self.eval, batch)
 
     def run_info(self) -> dict[str, Any]:
-        """The ``run_info.json`` ``"reference"`` entry."""
-        return {"cache_dir": str(self.cache_dir), "computed": self.computed}
+        """The ``run_info.json`` ``"reference"`` entry: the same keys as an online or absent
+        reference's (``engine.run_info``), so readers need not guess the source from which are there."""
+        return {"cache_dir": str(self.cache_dir), "computed": self.computed, "mode": "precompute"}
 
 
 def _batch_logps(store: ReferenceStore, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -737,7 +734,6 @@ def ensure_reference_for_run(
         computed=any(summary.computed for summary in summaries.values()),
         train=train,
         eval=evals,
-        summaries=summaries,
     )
 
 
@@ -827,11 +823,13 @@ def _build_reference_model(
 
 
 def reference_replicates(cfg: DPOConfig, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
-    """Whether the reference pass holds a whole copy per rank (``reference.partition``), and why.
+    """Whether the frozen reference holds a whole copy per rank (``reference.partition``), and why:
+    for the precompute pass and the online reference (``engine.OnlineReference``) alike.
 
-    ``auto`` replicates when the frozen weights take at most half of one device's memory, leaving
-    the rest to activations and the logits chunk: forwards then need no collectives, where ZeRO-3
-    gathers every layer on every forward."""
+    ``auto`` replicates when the frozen weights take at most half of one device's memory
+    (``memory.replicate_frozen_copy``, the planner's rule too), leaving the rest to activations and
+    the logits chunk: forwards then need no collectives, where ZeRO-3 gathers every layer on every
+    forward."""
     setting = cfg.reference.partition
     if setting != "auto":
         return setting == "replicate", f"reference.partition={setting}"
@@ -843,7 +841,7 @@ def reference_replicates(cfg: DPOConfig, device: torch.device, dtype: torch.dtyp
         ranks = D.first_env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=1)
         memory = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // max(ranks, 1)
         where = f"of 1/{ranks} of the host's available"
-    replicate = weights <= memory / 2
+    replicate = replicate_frozen_copy(weights, memory)
     return replicate, f"reference.partition=auto: weights {weights / 2**30:.2f} GiB {'<=' if replicate else '>'} half {where} {memory / 2**30:.1f} GiB"
 
 
@@ -851,10 +849,13 @@ def _model_bytes(path: str, dtype: torch.dtype) -> int:
     """Bytes of the model's weights in ``dtype``, counted on a meta-device skeleton of its config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from dpo_dist.engine import zero3_init_hidden
     from dpo_dist.generation import adapter_base
 
     config_dir = adapter_base(path) or path  # an adapter export: its base holds the weights
-    with torch.device("meta"):
+    # The online reference may be decided while a ZeRO-3 policy is alive (built first): unhidden,
+    # transformers would build this skeleton inside zero.Init, which fails on the meta device.
+    with zero3_init_hidden(), torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
     return sum(p.numel() for p in skeleton.parameters()) * torch.empty((), dtype=dtype).element_size()
 

@@ -269,7 +269,7 @@ def test_precompute_then_train_reuses_cache_and_eval_matches(assets, tmp_path):
 
     rows = train(assets, tmp_path / "run", **common)
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
-    assert info["reference"] == {"cache_dir": str(cache), "computed": False}
+    assert info["reference"] == {"cache_dir": str(cache), "computed": False, "mode": "precompute"}
 
     result = run_cli(
         "launch.eval",

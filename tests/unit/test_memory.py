@@ -334,6 +334,51 @@ def test_settings_from_config():
     assert PlanSettings.from_config(config_from_dict({"loss": {"name": "simpo", "logp_normalization": "mean"}, "reference": {"mode": "online"}})).reference == "none"
 
 
+def test_online_reference_copy_is_replicated_as_the_engine_decides():
+    """reference.mode=online without LoRA holds its copy as engine.OnlineReference does
+    (reference.partition, auto by the rule reference.reference_replicates applies with the device's
+    memory, here the plan's gpu_memory_gib): a replicated copy is the whole bf16 weights on every GPU
+    for the whole run (the optimizer step included), with no persistent share or gathers of its own."""
+    from dpo_dist.memory import replicate_frozen_copy
+
+    s8, s70, p8 = shape("llama3_8b"), shape("llama3_70b"), PARAMS["llama3_8b"]
+    online = {"reference": {"mode": "online"}}
+    assert PlanSettings.from_config(config_from_dict(online)).reference_partition == "auto"  # the config's default
+    zero3 = config_from_dict({"reference": {"mode": "online", "partition": "zero3"}})
+    assert PlanSettings.from_config(zero3).reference_partition == "zero3"
+    assert replicate_frozen_copy(10, 20) and not replicate_frozen_copy(10, 19)  # at most half a device
+    auto = settings(8, reference="copy", reference_partition="auto")  # 80 GiB GPUs
+    assert auto.reference_replicated(s8) and not auto.reference_replicated(s70)  # 15 GiB / 131 GiB of weights
+    assert not replace(auto, gpu_memory_gib=24).reference_replicated(s8)
+    assert replace(auto, reference_partition="replicate").reference_replicated(s70)
+    assert not replace(auto, reference_partition="zero3").reference_replicated(s8)
+    assert not settings(8, reference="adapters", reference_partition="replicate").reference_replicated(s8)  # no copy
+    assert "online copy (reference.partition=auto)" in auto.describe()
+
+    none, parts, whole = (plan_memory(s8, settings(8, **kw)) for kw in ({}, {"reference": "copy"}, {"reference": "copy", "reference_partition": "auto"}))
+    copy = next(i for i in whole.items if i.name == "reference model (online copy)")
+    assert copy.bytes == 2 * p8 and copy.phase == "static" and "never gathered" in copy.detail
+    assert parts.item("reference model (online copy)") < 0.2 * copy.bytes  # 1/8 of it + one gathered LM head
+    assert whole.item("persistent parameters") == none.item("persistent parameters") < parts.item("persistent parameters")
+    assert whole.item("ZeRO-3 gathered params + buckets") == none.item("ZeRO-3 gathered params + buckets")
+    for peak in ("fwd_bwd_peak", "step_peak"):  # static: in the optimizer step's peak too
+        assert getattr(whole, peak) - getattr(none, peak) == pytest.approx(1.1 * 2 * p8)  # + the fragmentation margin
+
+    a, tokens = ThroughputAssumptions(), 64 * 2 * 8192 * 0.9
+    p_none, p_parts, p_whole = (
+        project_step(s8, settings(64, **kw), tokens, 1024, a)
+        for kw in ({}, {"reference": "copy"}, {"reference": "copy", "reference_partition": "replicate"})
+    )
+    assert p_whole.comm_gb_per_gpu == p_none.comm_gb_per_gpu < p_parts.comm_gb_per_gpu  # its forward gathers nothing
+    assert p_whole.compute_s == p_parts.compute_s > p_none.compute_s  # but it is a forward
+
+    # auto's half-a-GPU rule ignores what training needs beside the copy: the plan says so.
+    tight = replace(auto, gpu_memory_gib=40)
+    assert tight.reference_replicated(s8) and not plan_memory(s8, tight).fits
+    assert plan_memory(s8, replace(tight, reference_partition="zero3")).fits
+    assert "reference.partition=zero3" in suggestions(s8, tight)
+
+
 def test_step_projection_is_communication_bound_for_70b():
     s, a = shape("llama3_70b"), ThroughputAssumptions()
     assert 0.38 < a.efficiency() < 0.45  # the H100 anchor: 406 of the 989 TFLOP/s data-sheet peak

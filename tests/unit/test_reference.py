@@ -449,7 +449,7 @@ def test_lookup_joins_by_example_id(setup, built):
 
 def test_run_reference_refuses_a_wrong_split_lookup(setup, built, tmp_path):
     store = setup.open(built[0])
-    run = ref.RunReference(cache_dir=built[0], computed=False, train=store, eval=None, summaries={})
+    run = ref.RunReference(cache_dir=built[0], computed=False, train=store, eval=None)
     batch = collate_packed([setup.dataset[i] for i in (2, 5)])
     assert [t.tolist() for t in run.logps(batch)] == [t.tolist() for t in store.lookup([2, 5])]
     other = setup.load(make_pairs_jsonl(tmp_path / "eval.jsonl", 4, seed=11))  # ids 0..3 again
@@ -587,3 +587,68 @@ def test_reference_partition_auto_replicates_only_what_fits_half_a_device(setup,
     assert ref.reference_replicates(cfg, torch.device("cpu"), torch.float32)[0] is False
     forced = config_from_dict({"model": {"path": str(setup.model_dir)}, "reference": {"partition": "replicate"}})
     assert ref.reference_replicates(forced, torch.device("cpu"), torch.float32) == (True, "reference.partition=replicate")
+
+
+def test_run_info_reference_entry_has_the_same_keys_whatever_the_source(setup, built):
+    """run_info.json's "reference": the precomputed store says its mode like the online and the
+    absent (SFT, SimPO) reference do, so the object has the same keys whatever the source."""
+    from dpo_dist import distributed as D
+    from dpo_dist import engine as E
+    from dpo_dist.config import config_from_dict
+
+    run = ref.RunReference(cache_dir=built[0], computed=True, train=setup.open(built[0]), eval=None)
+    assert run.run_info() == {"cache_dir": str(built[0]), "computed": True, "mode": "precompute"}
+    online = object.__new__(E.OnlineReference).run_info()
+    env = D.DistEnv(0, 0, 1, "127.0.0.1", 0, None)
+    absent = E.run_info(config_from_dict({}), env, torch.device("cpu"), "sdpa", [0], None, None, 0)["reference"]
+    assert run.run_info().keys() == online.keys() == absent.keys()
+    assert (online["mode"], absent["mode"]) == ("online", "none")
+
+
+@pytest.mark.parametrize(("partition", "pages", "whole"), [
+    ("replicate", None, True), ("zero3", None, False), ("auto", 4, True), ("auto", 1, False),
+])
+def test_online_reference_is_replicated_by_the_reference_pass_rule(setup, monkeypatch, caplog, partition, pages, whole):
+    """reference.mode=online (no LoRA) holds its frozen copy as reference_replicates decides for the
+    precompute pass: a whole copy per rank (no all-gather per layer and micro-batch) when it fits
+    half a device (auto; here the host's memory, made 2x or 0.5x the weights), else ZeRO-3."""
+    import logging
+
+    from dpo_dist import engine as E
+    from dpo_dist.config import config_from_dict
+
+    cfg = config_from_dict({"model": {"path": str(setup.model_dir)}, "reference": {"mode": "online", "partition": partition}})
+    if pages is not None:
+        weights = ref._model_bytes(str(setup.model_dir), torch.float32)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        sysconf = {"SC_PAGE_SIZE": 1, "SC_AVPHYS_PAGES": pages * weights // 2}
+        monkeypatch.setattr(ref.os, "sysconf", lambda name: sysconf[name])
+    calls = []
+    monkeypatch.setattr(E, "build_inference_engine", lambda *args, **kwargs: calls.append(kwargs) or "engine")
+    with caplog.at_level(logging.INFO, logger="dpo_dist.engine"):
+        reference = E.OnlineReference(cfg, torch.device("cpu"), "sdpa")
+    assert reference.engine == "engine" and [kw["replicate"] for kw in calls] == [whole]
+    said = "a whole copy of the model per rank" if whole else "partitioned with ZeRO-3"
+    assert f"online reference: {said} (reference.partition={partition}" in caplog.text
+
+
+def test_a_whole_reference_loads_whole_while_a_zero3_model_is_alive(setup):
+    """The online reference may be built after the ZeRO-3 policy (tests/gpu/engine_smoke.py does):
+    transformers would then build its size skeleton and its whole copy inside zero.Init with the
+    policy's config (a process-wide weak reference the policy keeps alive)."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    from dpo_dist import engine as E
+
+    policy_config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        weights = ref._model_bytes(str(setup.model_dir), torch.float32)
+        model = E.load_causal_lm(str(setup.model_dir), torch.float32, {"zero_optimization": {"stage": 0}})
+        assert weights == 4 * sum(p.numel() for p in model.parameters()) > 0
+        assert not any(hasattr(p, "ds_id") for p in model.parameters())  # not partitioned by zero.Init
+        assert is_deepspeed_zero3_enabled()  # the policy's config is back for what consults it later
+    finally:  # a failure's traceback keeps policy_config alive: no later test may see ZeRO-3 on
+        unset_hf_deepspeed_config()
+    assert policy_config.is_zero3()
