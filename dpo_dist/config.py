@@ -478,11 +478,13 @@ class ReferenceConfig:
     cache_dir: str | None = None
     """Shard directory; defaults to ``~/.cache/dpo_dist/reference/<fingerprint>`` so sweeps share it."""
     partition: str = "auto"
-    """How the precompute pass holds the frozen model: ``replicate`` (a full copy per rank, plain
-    forwards, no collectives), ``zero3`` (partitioned as in training, every layer gathered per
-    forward: for models no single device holds), ``auto``: replicate when the weights take at most
-    half of one device's memory (the GPU's capacity; on CPU the host's available memory shared by
-    the node's ranks), else zero3. The numbers are the same either way."""
+    """How the frozen reference model is held, by the precompute pass and by ``mode=online`` without
+    LoRA: ``replicate`` (a full copy per rank, plain forwards, no collectives), ``zero3``
+    (partitioned as in training, every layer gathered per forward: for models no single device
+    holds), ``auto``: replicate when the weights take at most half of one device's memory (the GPU's
+    capacity; on CPU the host's available memory shared by the node's ranks) and, for the online
+    copy on GPUs, training still fits beside it (the memory plan); else zero3. The numbers are the
+    same either way."""
 
     def __post_init__(self) -> None:
         _one_of(self.mode, "reference.mode", ("precompute", "online"))

@@ -20,6 +20,7 @@ per optimizer step: the step's only host sync.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -493,6 +494,30 @@ def build_generation_engine(cfg: DPOConfig, path: str, device: torch.device):
     return engine
 
 
+def online_reference_replicates(cfg: DPOConfig, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """``reference.partition`` for the online copy, and why: the precompute pass's rule
+    (``reference.reference_replicates``), and for ``auto`` on a GPU also the memory plan with the
+    copy whole (``memory.PlanSettings.reference_replicated``, this device's memory): unlike the
+    precompute pass, the copy lives beside the policy's states, activations and logits."""
+    from dpo_dist.reference import reference_replicates
+
+    replicate, why = reference_replicates(cfg, device, dtype)
+    if not replicate or cfg.reference.partition != "auto" or device.type != "cuda":
+        return replicate, why
+    from dpo_dist.memory import GIB, ModelShape, PlanError, PlanSettings, plan_memory
+
+    try:
+        shape = ModelShape.from_path(cfg.model.path)
+        memory = torch.cuda.get_device_properties(device).total_memory / GIB
+        whole = dataclasses.replace(PlanSettings.from_config(cfg), gpu_memory_gib=memory, reference_partition="replicate")
+        plan = plan_memory(shape, whole)
+    except PlanError as exc:  # a shape the planner cannot describe: the weights rule alone
+        return replicate, f"{why}; not planned beside training: {exc}"
+    if plan.fits:
+        return True, f"{why}; training fits beside it (planned peak {plan.peak / GIB:.1f} of {memory:.1f} GiB)"
+    return False, f"{why}, but training beside a whole copy would not fit (planned peak {plan.peak / GIB:.1f} of {memory:.1f} GiB)"
+
+
 class OnlineReference:
     """Reference log-probs run every step (no cache): a frozen copy of the initial model (whole on
     every rank or partitioned, by ``reference.partition`` as for the precompute pass), or with
@@ -505,11 +530,9 @@ class OnlineReference:
         self.uses_policy = cfg.model.lora.enabled and share_policy
         self.engine = None
         if not self.uses_policy:
-            from dpo_dist.reference import reference_replicates
-
             # A partitioned copy all-gathers every layer in every micro-batch's reference forward;
-            # a whole copy per rank (what fits, as for the precompute pass) runs with no collectives.
-            replicate, why = reference_replicates(cfg, device, training_dtype(cfg, device))
+            # a whole copy per rank (what fits beside training) runs with no collectives.
+            replicate, why = online_reference_replicates(cfg, device, training_dtype(cfg, device))
             log.info("online reference: %s (%s)", "a whole copy of the model per rank" if replicate else "partitioned with ZeRO-3", why)
             self.engine = build_inference_engine(
                 cfg, cfg.model.path, device, backend, quantize=cfg.model.lora.quantize, replicate=replicate

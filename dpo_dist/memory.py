@@ -339,13 +339,17 @@ class PlanSettings:
         return int(self.reference != "none") + int(self.statistics_pass)
 
     def reference_replicated(self, shape: ModelShape) -> bool:
-        """An online copy held whole on every GPU, as the engine decides (``OnlineReference``): the
-        bf16 weights of ``shape`` against ``gpu_memory_gib`` for ``reference_partition=auto``."""
+        """An online copy held whole on every GPU, as the engine decides (``OnlineReference``). For
+        ``reference_partition=auto``: its weights take at most half of ``gpu_memory_gib``
+        (``replicate_frozen_copy``) and training still fits beside the whole copy; the precompute
+        pass has the GPU to itself, the online copy shares it with the policy's states."""
         if self.reference != "copy" or self.reference_partition == "zero3":
             return False
         if self.reference_partition == "replicate":
             return True
-        return replicate_frozen_copy(self.dtype_bytes * shape.num_params(), self.gpu_memory_gib * GIB)
+        if not replicate_frozen_copy(self.dtype_bytes * shape.num_params(), self.gpu_memory_gib * GIB):
+            return False
+        return plan_memory(shape, replace(self, reference_partition="replicate")).fits
 
     def gathered_forwards(self, shape: ModelShape) -> int:
         """Weight all-gathers of a partitioned model per micro-batch: the policy's forward and
@@ -669,7 +673,7 @@ def suggestions(shape: ModelShape, settings: PlanSettings, assumptions: PlanAssu
         (f"train.micro_batch_tokens={smaller}", dict(micro_batch_tokens=smaller)),
         (f"deepspeed.param_persistence_threshold={default_threshold}", dict(param_persistence_threshold=default_threshold)),
     ]
-    if settings.reference_replicated(shape):  # auto's half-a-GPU rule ignores what training needs beside it
+    if settings.reference_replicated(shape):  # reference.partition=replicate (auto would not have replicated a misfit)
         changes.append(("reference.partition=zero3", dict(reference_partition="zero3")))
     for text, change in changes:
         candidate = replace(settings, **change)

@@ -372,11 +372,13 @@ def test_online_reference_copy_is_replicated_as_the_engine_decides():
     assert p_whole.comm_gb_per_gpu == p_none.comm_gb_per_gpu < p_parts.comm_gb_per_gpu  # its forward gathers nothing
     assert p_whole.compute_s == p_parts.compute_s > p_none.compute_s  # but it is a forward
 
-    # auto's half-a-GPU rule ignores what training needs beside the copy: the plan says so.
+    # auto also asks whether training fits beside the whole copy: on 40 GiB GPUs the 8B weights take
+    # less than half, but states + activations + the copy do not fit, so auto partitions it.
     tight = replace(auto, gpu_memory_gib=40)
-    assert tight.reference_replicated(s8) and not plan_memory(s8, tight).fits
-    assert plan_memory(s8, replace(tight, reference_partition="zero3")).fits
-    assert "reference.partition=zero3" in suggestions(s8, tight)
+    assert replicate_frozen_copy(2 * p8, 40 * GIB) and not plan_memory(s8, replace(tight, reference_partition="replicate")).fits
+    assert not tight.reference_replicated(s8) and plan_memory(s8, tight).fits
+    # A forced replicate that does not fit is told how to fit.
+    assert "reference.partition=zero3" in suggestions(s8, replace(tight, reference_partition="replicate"))
 
 
 def test_step_projection_is_communication_bound_for_70b():

@@ -632,6 +632,32 @@ def test_online_reference_is_replicated_by_the_reference_pass_rule(setup, monkey
     assert f"online reference: {said} (reference.partition={partition}" in caplog.text
 
 
+@pytest.mark.parametrize("gpu_gib, whole", [(80, True), (40, False)])
+def test_auto_replicates_an_online_copy_on_a_gpu_only_if_training_fits_beside_it(tmp_path, monkeypatch, gpu_gib, whole):
+    """On a GPU the online copy shares the device with the policy's states and activations: auto
+    replicates the 8B weights (15 GiB, under half of 40 or 80 GiB) on 8 x 80 GiB, but on 8 x 40 GiB
+    training would not fit beside them, so the copy is partitioned (the planner decides alike)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from dpo_dist import engine as E
+    from dpo_dist.config import config_from_dict
+    from dpo_dist.memory import preset_shape_path
+
+    shutil.copy(preset_shape_path("llama3_8b"), tmp_path / "config.json")
+    cfg = config_from_dict({
+        "model": {"path": str(tmp_path)},
+        "reference": {"mode": "online"},
+        "cluster": {"name": "local", "nproc_per_node": 8, "gpus_per_node": 8},
+    })
+    monkeypatch.setattr(ref, "reference_replicates", lambda *a: (True, "reference.partition=auto: weights <= half"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=gpu_gib * 2**30))
+    replicate, why = E.online_reference_replicates(cfg, torch.device("cuda", 0), torch.bfloat16)
+    assert replicate is whole, why
+    assert ("training fits beside it" if whole else "training beside a whole copy would not fit") in why
+    assert E.online_reference_replicates(cfg, torch.device("cpu"), torch.float32)[0]  # CPU: the weights rule only
+
+
 def test_a_whole_reference_loads_whole_while_a_zero3_model_is_alive(setup):
     """The online reference may be built after the ZeRO-3 policy (tests/gpu/engine_smoke.py does):
     transformers would then build its size skeleton and its whole copy inside zero.Init with the
