@@ -106,13 +106,24 @@ def test_plan_check_measures_real_engine_steps_on_cpu(tmp_path):
 
 
 def test_bench_export_smoke(tmp_path):
-    """tools/bench_export.py on a 2-layer model: both exports run, hold identical tensors, and
-    the report has the numbers benchmarks/README.md quotes."""
+    """tools/bench_export.py on a 1-layer model: both exports of a checkpoint and both end-of-training
+    exports (2 ranks) run, each pair holds identical tensors, and the report has the numbers
+    benchmarks/README.md quotes."""
     out = tmp_path / "export.json"
-    result = run_cli("tools.bench_export", "--layers", "1", "--hidden", "256", "--out", str(out))
+    result = run_cli("tools.bench_export", "--layers", "1", "--hidden", "256", "--end-wide", "none", "--repeats", "1",
+                     "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["identical_tensors"] is True
     assert report["config"]["checkpoint_gb"] > report["config"]["fp32_model_gb"] > 0
     for system in ("streaming", "whole_model"):
         assert report["systems"][system]["peak_anon_gb"] > 0 and report["systems"][system]["shards"] == 1
+    end = report["training_end"]
+    assert end["identical_tensors"] is True
+    assert end["config"]["dtype"] == "bfloat16" and end["config"]["world_size"] == 2
+    model = end["models"]["1x256"]
+    assert model["parameters"] == report["config"]["parameters"] and model["model_gb"] > 0
+    for allocator in ("glibc_default", "mmap_threshold_128KB"):
+        for system in ("streaming", "whole_model"):
+            assert model[allocator][system]["peak_anon_gb_runs"] == [model[allocator][system]["peak_anon_gb"]]
+            assert model[allocator][system]["shards"] == 1
