@@ -235,3 +235,25 @@ def test_deepspeeds_throughput_timer_is_off(frozen):
     parsed = ParsedConfig(DPOConfig().deepspeed.to_dict(bf16=False, grad_clip=1.0, frozen=frozen))
     assert parsed.timers_config.enabled is False
     assert ParsedConfig({"train_micro_batch_size_per_gpu": 1}).timers_config.enabled is True  # the default
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+def test_a_loss_chosen_on_the_command_line_beats_an_experiment_preset(experiment):
+    """An experiment preset picks its loss as a group default, so `loss=simpo` given with it selects
+    the whole simpo preset; the 70B presets used to set loss.name=sigmoid as plain values, merged
+    over the chosen group: `loss=simpo` silently trained sigmoid with simpo's mean log-probs."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from launch.common import register_schema
+
+    register_schema()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+            cfg = compose("config", overrides=[f"experiment={experiment}", "loss=simpo", "model.path=/m", "output_dir=/o"])
+    finally:
+        GlobalHydra.instance().clear()
+    loss = OmegaConf.to_container(cfg, resolve=True)["loss"]
+    assert (loss["name"], loss["beta"], loss["logp_normalization"]) == ("simpo", 2.0, "mean"), loss
