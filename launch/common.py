@@ -74,12 +74,16 @@ def check_overrides(
     config_name: str = "config",
     parsed: list | None = None,
     preflight: Callable | None = None,
+    validate: bool = True,
 ) -> list:
     """Compose the config for every sweep combination and validate it; exit 2 with one line on error.
 
     ``parsed`` is ``parse_overrides(prog, overrides)`` where the caller has it already.
     ``preflight(DPOConfig)`` runs on every combination too (it raises UserError to refuse).
-    Returns the ``ClusterConfig`` of every combination (a sweep's launcher depends on them).
+    ``validate=False`` (``--cfg``): composition errors only (unknown keys, values of the wrong type),
+    so a config still missing e.g. ``model.path`` can be printed to be filled in.
+    Returns the ``ClusterConfig`` of every combination (a sweep's launcher depends on them; none
+    without ``validate``).
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -104,6 +108,8 @@ def check_overrides(
         for combo in itertools.product(*choices):
             try:
                 cfg = compose(config_name=config_name, overrides=list(combo) + ["output_dir=_check_"])
+                if not validate:
+                    continue
                 checked = config_from_dict(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
                 clusters.append(checked.cluster)
                 if preflight is not None:
@@ -185,7 +191,8 @@ def hydra_main(prog: str, task: Callable, config_name: str = "config", sweep_pre
     if multirun and (printing or any(a in ("--info", "-i") for a in argv)):
         fail(prog, "-m cannot be combined with --cfg or --info (Hydra runs one mode): leave out -m and give one value per key")
     if not any(a in ("--help", "-h", "--info", "--hydra-help") for a in argv):
-        clusters = check_overrides(prog, overrides, config_name, parsed, sweep_preflight if multirun and not printing else None)
+        preflight = sweep_preflight if multirun else None
+        clusters = check_overrides(prog, overrides, config_name, parsed, preflight, validate=not printing)
     extra = [f"hydra.job.name={prog}"]
     if multirun:
         extra += slurm_sweep_arguments(prog, overrides, parsed, clusters)

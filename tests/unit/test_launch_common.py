@@ -223,6 +223,17 @@ def test_printing_the_config_validates_it_in_one_line(monkeypatch, capsys, argv,
     assert err.startswith(f"{PROG}: error: {expected}") and err.count("\n") == 1, err
 
 
-def test_printing_a_valid_config_is_handed_to_hydra(monkeypatch):
-    handed, _ = hand_over(monkeypatch, "--cfg", "job", "loss.beta=0.3")
-    assert handed == [f"hydra.job.name={PROG}", "loss.beta=0.3", "--cfg", "job"]
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--cfg", "job", "loss.beta=0.3"],
+        # Still to be filled in (model.path is required for model=llama3_8b): printed, not refused.
+        ["--cfg", "job", "model=llama3_8b"],
+        ["--cfg", "hydra", "model=llama3_8b"],
+        ["-c", "job", "data=custom"],
+    ],
+)
+def test_printing_a_composable_config_is_handed_to_hydra(monkeypatch, argv):
+    handed, _ = hand_over(monkeypatch, *argv)
+    overrides = [a for a in argv if "=" in a]
+    assert handed == [f"hydra.job.name={PROG}", *overrides, *[a for a in argv if a not in overrides]]
