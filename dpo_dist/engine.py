@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -43,7 +43,7 @@ from dpo_dist.attention import auto_skipped, enable_packed_attention, resolve_at
 from dpo_dist.config import ConfigError, DeepSpeedConfig, DPOConfig, LoraConfig
 from dpo_dist.data import collate_packed, load_tokenized, pack_pairs
 from dpo_dist.data.batch import PackedBatch
-from dpo_dist.export import merged_lora_weight, write_atomically
+from dpo_dist.export import merged_lora_weight, write_atomically, zero3_loading_paused
 from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
 from dpo_dist.losses import BATCH_STATISTICS, LOSS_OPTIONS, kl_ratio_sums, preference_loss, sft_nll
 from dpo_dist.runinfo import MetricsLog, read_metrics, write_run_info
@@ -248,7 +248,7 @@ def load_causal_lm(path: str, dtype: torch.dtype, ds_cfg: dict[str, Any], quanti
     base = json.loads(adapter_config.read_text())["base_model_name_or_path"] if is_adapter else path
     zero3 = ds_cfg["zero_optimization"]["stage"] == 3
     keep_alive = HfDeepSpeedConfig(ds_cfg) if zero3 else None
-    with nullcontext() if zero3 else zero3_init_hidden():
+    with nullcontext() if zero3 else zero3_loading_paused():
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, quantization_config=quantization)
     model._dpo_hf_ds_config = keep_alive  # transformers holds it weakly
     for module in model.modules():
@@ -263,27 +263,6 @@ def load_causal_lm(path: str, dtype: torch.dtype, ds_cfg: dict[str, Any], quanti
         # The adapter weights are ordinary tensors here; deepspeed.initialize partitions them.
         model = PeftModel.from_pretrained(model, path)
     return model
-
-
-@contextmanager
-def zero3_init_hidden():
-    """Build models whole inside this context even while a ZeRO-3 model is alive.
-
-    transformers builds every model (``from_pretrained``, ``from_config``, meta-device skeletons
-    too) inside ``deepspeed.zero.Init`` while any ``HfDeepSpeedConfig`` of stage 3 is alive: a
-    process-wide weak reference, which ``load_causal_lm`` keeps alive with each ZeRO-3 model. A
-    whole copy (a replicated reference) loaded after a ZeRO-3 policy would be partitioned with the
-    policy's config, and a meta skeleton fails (``Cannot copy out of meta tensor``). That weak
-    reference is hidden for the block and restored after: transformers consults it again later
-    (PEFT, saving)."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter; set/unset are public
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def apply_lora(model: nn.Module, lora: LoraConfig, seed: int) -> nn.Module:
@@ -494,28 +473,36 @@ def build_generation_engine(cfg: DPOConfig, path: str, device: torch.device):
     return engine
 
 
-def online_reference_replicates(cfg: DPOConfig, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+def online_reference_replicates(cfg: DPOConfig, device: torch.device, dtype: torch.dtype, training: bool = True) -> tuple[bool, str]:
     """``reference.partition`` for the online copy, and why: the precompute pass's rule
-    (``reference.reference_replicates``), and for ``auto`` on a GPU also the memory plan with the
-    copy whole (``memory.PlanSettings.reference_replicated``, this device's memory): unlike the
-    precompute pass, the copy lives beside the policy's states, activations and logits."""
+    (``reference.reference_replicates``), and for ``auto`` beside training on a GPU also the memory
+    plan with the copy whole (``memory.PlanSettings.reference_replicated``) for this job's ranks
+    and this device's memory: unlike the precompute pass, the copy lives beside the policy's
+    states, activations and logits. Called on every rank; all get rank 0's answer."""
     from dpo_dist.reference import reference_replicates
 
     replicate, why = reference_replicates(cfg, device, dtype)
-    if not replicate or cfg.reference.partition != "auto" or device.type != "cuda":
+    if not (replicate and training and cfg.reference.partition == "auto" and device.type == "cuda"):
         return replicate, why
+    import torch.distributed as dist
+
     from dpo_dist.memory import GIB, ModelShape, PlanError, PlanSettings, plan_memory
 
+    # The job's ranks, not cluster.*: a plain sbatch job's config may say one local rank.
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    per_node = D.first_env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=world)
     try:
         shape = ModelShape.from_path(cfg.model.path)
         memory = torch.cuda.get_device_properties(device).total_memory / GIB
-        whole = dataclasses.replace(PlanSettings.from_config(cfg), gpu_memory_gib=memory, reference_partition="replicate")
+        settings = PlanSettings.from_config(cfg, gpus=world)
+        whole = dataclasses.replace(settings, gpus_per_node=per_node, gpu_memory_gib=memory, reference_partition="replicate")
         plan = plan_memory(shape, whole)
     except PlanError as exc:  # a shape the planner cannot describe: the weights rule alone
         return replicate, f"{why}; not planned beside training: {exc}"
+    where = f"{plan.peak / GIB:.1f} of {memory:.1f} GiB on {world} GPU(s)"
     if plan.fits:
-        return True, f"{why}; training fits beside it (planned peak {plan.peak / GIB:.1f} of {memory:.1f} GiB)"
-    return False, f"{why}, but training beside a whole copy would not fit (planned peak {plan.peak / GIB:.1f} of {memory:.1f} GiB)"
+        return D.broadcast_object((True, f"{why}; training fits beside it (planned peak {where})"))
+    return D.broadcast_object((False, f"{why}, but training beside a whole copy would not fit (planned peak {where})"))
 
 
 class OnlineReference:
@@ -524,15 +511,16 @@ class OnlineReference:
     LoRA the policy itself with its adapters disabled, since its base weights are the initial
     model (no second copy; ``attach_policy`` hands it the policy engine once that exists)."""
 
-    def __init__(self, cfg: DPOConfig, device: torch.device, backend: str, share_policy: bool = True):
-        """``share_policy=False``: a frozen copy of ``model.path`` even with LoRA (4-bit as the policy's
-        base with QLoRA): an evaluated policy is usually merged, with no adapters to disable."""
-        self.uses_policy = cfg.model.lora.enabled and share_policy
+    def __init__(self, cfg: DPOConfig, device: torch.device, backend: str, training: bool = True):
+        """``training=False`` (dpo-eval): a frozen copy of ``model.path`` even with LoRA (4-bit as the
+        policy's base with QLoRA), since an evaluated policy is usually merged, with no adapters to
+        disable; and no training states beside the copy to plan for."""
+        self.uses_policy = cfg.model.lora.enabled and training
         self.engine = None
         if not self.uses_policy:
             # A partitioned copy all-gathers every layer in every micro-batch's reference forward;
             # a whole copy per rank (what fits beside training) runs with no collectives.
-            replicate, why = online_reference_replicates(cfg, device, training_dtype(cfg, device))
+            replicate, why = online_reference_replicates(cfg, device, training_dtype(cfg, device), training)
             log.info("online reference: %s (%s)", "a whole copy of the model per rank" if replicate else "partitioned with ZeRO-3", why)
             self.engine = build_inference_engine(
                 cfg, cfg.model.path, device, backend, quantize=cfg.model.lora.quantize, replicate=replicate
@@ -1103,13 +1091,13 @@ def load_splits(cfg: DPOConfig, tokenizer):
     )
 
 
-def prepare_reference(cfg: DPOConfig, env: D.DistEnv, device, backend, train_data, eval_data, share_policy: bool = True):
+def prepare_reference(cfg: DPOConfig, env: D.DistEnv, device, backend, train_data, eval_data, training: bool = True):
     """The reference source for this run: the Arrow store (computing what is missing) or online
-    (``share_policy``: see ``OnlineReference``)."""
+    (``training=False``: for dpo-eval, see ``OnlineReference``)."""
     if cfg.stage == "sft" or not cfg.loss.uses_reference():
         return None
     if cfg.reference.mode == "online":
-        return OnlineReference(cfg, device, backend, share_policy)
+        return OnlineReference(cfg, device, backend, training)
     from dpo_dist.reference import ensure_reference_for_run
 
     return ensure_reference_for_run(cfg, env, device, backend, train_data, eval_data)

@@ -107,7 +107,7 @@ def save_consolidated(
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"), _zero3_loading_paused():  # a shape reference, not a ZeRO-3 model
+    with torch.device("meta"), zero3_loading_paused():  # a shape reference, not a ZeRO-3 model
         skeleton = AutoModelForCausalLM.from_config(hf_config)
     expected = skeleton.state_dict()
     # named_parameters() lists a tied weight once, under its first (owning) name.
@@ -243,7 +243,7 @@ def lora_model(cfg, adapter_weights: dict[str, torch.Tensor], dtype: torch.dtype
 
     from dpo_dist.engine import apply_lora
 
-    with _zero3_loading_paused():
+    with zero3_loading_paused():
         base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
     model = apply_lora(base, cfg.model.lora, cfg.train.seed)
     result = model.load_state_dict({k: v.to(dtype) for k, v in adapter_weights.items()}, strict=False)
@@ -257,10 +257,16 @@ def lora_model(cfg, adapter_weights: dict[str, torch.Tensor], dtype: torch.dtype
 
 
 @contextlib.contextmanager
-def _zero3_loading_paused():
-    """Load a whole model in this process even inside a ZeRO-3 job (the end-of-training QLoRA
-    merge on rank 0): while a ``HfDeepSpeedConfig`` is alive, ``from_pretrained`` would build it
-    partitioned under ``deepspeed.zero.Init`` (a collective the other ranks are not part of)."""
+def zero3_loading_paused():
+    """Build models whole inside this block even while a ZeRO-3 model is alive in the process.
+
+    transformers builds every model (``from_pretrained``, ``from_config``, meta-device skeletons
+    too) inside ``deepspeed.zero.Init`` while an ``HfDeepSpeedConfig`` of stage 3 is alive (a
+    process-wide weak reference, kept alive with each ZeRO-3 model by ``engine.load_causal_lm``).
+    A whole copy loaded then would be partitioned with that config (a collective the other ranks
+    may not be part of: the end-of-training QLoRA merge on rank 0; a replicated reference beside
+    the policy), and a meta skeleton fails (``Cannot copy out of meta tensor``). The reference is
+    hidden for the block and restored after: transformers consults it again later (PEFT, saving)."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
     ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers keeps no public getter of it

@@ -824,7 +824,8 @@ def _build_reference_model(
 
 def reference_replicates(cfg: DPOConfig, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
     """Whether the frozen reference holds a whole copy per rank (``reference.partition``), and why:
-    for the precompute pass and the online reference (``engine.OnlineReference``) alike.
+    for the precompute pass and the online reference (``engine.OnlineReference``) alike. Called on
+    every rank; all get rank 0's answer.
 
     ``auto`` replicates when the frozen weights take at most half of one device's memory
     (``memory.replicate_frozen_copy``, the planner's rule too), leaving the rest to activations and
@@ -842,20 +843,23 @@ def reference_replicates(cfg: DPOConfig, device: torch.device, dtype: torch.dtyp
         memory = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // max(ranks, 1)
         where = f"of 1/{ranks} of the host's available"
     replicate = replicate_frozen_copy(weights, memory)
-    return replicate, f"reference.partition=auto: weights {weights / 2**30:.2f} GiB {'<=' if replicate else '>'} half {where} {memory / 2**30:.1f} GiB"
+    reason = f"reference.partition=auto: weights {weights / 2**30:.2f} GiB {'<=' if replicate else '>'} half {where} {memory / 2**30:.1f} GiB"
+    # Rank 0 decides for all: memories differ between ranks (available host pages read at another
+    # moment, mixed GPUs), and ranks building different engines would hang in mismatched collectives.
+    return D.broadcast_object((replicate, reason))
 
 
 def _model_bytes(path: str, dtype: torch.dtype) -> int:
     """Bytes of the model's weights in ``dtype``, counted on a meta-device skeleton of its config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dpo_dist.engine import zero3_init_hidden
+    from dpo_dist.export import zero3_loading_paused
     from dpo_dist.generation import adapter_base
 
     config_dir = adapter_base(path) or path  # an adapter export: its base holds the weights
     # The online reference may be decided while a ZeRO-3 policy is alive (built first): unhidden,
     # transformers would build this skeleton inside zero.Init, which fails on the meta device.
-    with zero3_init_hidden(), torch.device("meta"):
+    with zero3_loading_paused(), torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
     return sum(p.numel() for p in skeleton.parameters()) * torch.empty((), dtype=dtype).element_size()
 

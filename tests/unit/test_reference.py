@@ -636,26 +636,42 @@ def test_online_reference_is_replicated_by_the_reference_pass_rule(setup, monkey
 def test_auto_replicates_an_online_copy_on_a_gpu_only_if_training_fits_beside_it(tmp_path, monkeypatch, gpu_gib, whole):
     """On a GPU the online copy shares the device with the policy's states and activations: auto
     replicates the 8B weights (15 GiB, under half of 40 or 80 GiB) on 8 x 80 GiB, but on 8 x 40 GiB
-    training would not fit beside them, so the copy is partitioned (the planner decides alike)."""
+    training would not fit beside them, so the copy is partitioned (the planner decides alike).
+    The plan is for the job's ranks (here 8, in the process group), not cluster.* (a plain sbatch
+    job's config says one local rank); dpo-eval (no training beside the copy) needs no plan."""
     import shutil
     from types import SimpleNamespace
+
+    import torch.distributed as dist
 
     from dpo_dist import engine as E
     from dpo_dist.config import config_from_dict
     from dpo_dist.memory import preset_shape_path
 
     shutil.copy(preset_shape_path("llama3_8b"), tmp_path / "config.json")
-    cfg = config_from_dict({
-        "model": {"path": str(tmp_path)},
-        "reference": {"mode": "online"},
-        "cluster": {"name": "local", "nproc_per_node": 8, "gpus_per_node": 8},
-    })
+    cfg = config_from_dict({"model": {"path": str(tmp_path)}, "reference": {"mode": "online"}})  # cluster: 1 local rank
     monkeypatch.setattr(ref, "reference_replicates", lambda *a: (True, "reference.partition=auto: weights <= half"))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=gpu_gib * 2**30))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(E.D, "broadcast_object", lambda value: value)  # rank 0's answer: this one
     replicate, why = E.online_reference_replicates(cfg, torch.device("cuda", 0), torch.bfloat16)
     assert replicate is whole, why
     assert ("training fits beside it" if whole else "training beside a whole copy would not fit") in why
+    assert f"of {gpu_gib:.1f} GiB on 8 GPU(s)" in why
+    assert E.online_reference_replicates(cfg, torch.device("cuda", 0), torch.bfloat16, training=False)[0]  # dpo-eval
     assert E.online_reference_replicates(cfg, torch.device("cpu"), torch.float32)[0]  # CPU: the weights rule only
+
+
+def test_every_rank_takes_rank_0s_partition_decision(setup, monkeypatch):
+    """Ranks read their memory at different moments (or sit on different GPUs): ranks building
+    different reference engines would hang in mismatched collectives, so rank 0 decides for all."""
+    from dpo_dist.config import config_from_dict
+
+    cfg = config_from_dict({"model": {"path": str(setup.model_dir)}})
+    monkeypatch.setattr(ref.D, "broadcast_object", lambda value: (False, "rank 0 said so"))
+    assert ref.reference_replicates(cfg, torch.device("cpu"), torch.float32) == (False, "rank 0 said so")
 
 
 def test_a_whole_reference_loads_whole_while_a_zero3_model_is_alive(setup):
