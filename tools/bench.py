@@ -235,7 +235,8 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``["deepspeed.param_persistence_threshold=1e9", ...]`` -> nested dict (values parsed as YAML)."""
+    """``["deepspeed.param_persistence_threshold=1000000000", ...]`` -> nested dict (values parsed as
+    YAML, where ``1e9`` is a string)."""
     import yaml
 
     from dpo_dist.config import nest_dotted
@@ -664,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling", type=_csv_ints, help="micro-batch token budgets to sweep (default: the preset's; '' for none)")
     parser.add_argument("--attn-backend", default="auto", choices=("auto", "flash", "varlen", "sdpa"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override of our run config, e.g. deepspeed.param_persistence_threshold=1e9")
+                        help="override of our run config, e.g. deepspeed.param_persistence_threshold=1000000000")
     parser.add_argument("--trl-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override of TRL's DPOConfig, e.g. gradient_checkpointing=false")
     parser.add_argument("--trl-fp32-weights", action="store_true",
