@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from dpo_dist import checkpoint as C
 from dpo_dist import distributed as D
 from dpo_dist import engine as E
 from dpo_dist.config import DeepSpeedConfig, config_from_dict
@@ -27,19 +26,19 @@ class NoEngine:
 
 def checkpoint(tmp_path, step: int, *, rng: bool):
     cfg = config_from_dict({"output_dir": str(tmp_path)})
-    tag = C.checkpoint_root(cfg) / f"step_{step:08d}"
+    tag = E.checkpoint_root(cfg) / f"step_{step:08d}"
     tag.mkdir(parents=True)
     (tag / "COMPLETE").write_text(f"{step}\n")
     if rng:
-        torch.save(C._rng_state(), tag / "rng_rank00000.pt")
+        torch.save(E._rng_state(), tag / "rng_rank00000.pt")
     return cfg, tag
 
 
 def test_a_resume_without_this_ranks_rng_file_warns_that_it_is_not_exact(tmp_path, caplog):
     cfg, tag = checkpoint(tmp_path, 4, rng=False)
     env = D.DistEnv(0, 0, 1, "127.0.0.1", 0, None)
-    with caplog.at_level(logging.WARNING, logger="dpo_dist.checkpoint"):
-        assert C.load_latest_checkpoint(NoEngine(), cfg, env) == 4
+    with caplog.at_level(logging.WARNING, logger="dpo_dist.engine"):
+        assert E.load_latest_checkpoint(NoEngine(), cfg, env) == 4
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert f"resume from {tag}: no rng_rank00000.pt" in warning
     assert "RNG state is not restored and the resumed run is not exact" in warning
@@ -51,13 +50,13 @@ def test_a_resume_with_the_rng_file_restores_it_without_a_warning(tmp_path, capl
     cfg, _ = checkpoint(tmp_path, 4, rng=True)
     want = random.random()
     random.seed(2)
-    with caplog.at_level(logging.WARNING, logger="dpo_dist.checkpoint"):
-        assert C.load_latest_checkpoint(NoEngine(), cfg, D.DistEnv(0, 0, 1, "127.0.0.1", 0, None)) == 4
+    with caplog.at_level(logging.WARNING, logger="dpo_dist.engine"):
+        assert E.load_latest_checkpoint(NoEngine(), cfg, D.DistEnv(0, 0, 1, "127.0.0.1", 0, None)) == 4
     assert random.random() == want
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_auto_fetch_units_without_block_classes_says_it_hooks_every_module(caplog):
+def test_b_auto_fetch_units_without_block_classes_says_it_hooks_every_module(caplog):
     class Blocks(nn.Module):
         _no_split_modules = ["MissingBlock"]
 
@@ -76,7 +75,7 @@ def test_auto_fetch_units_without_block_classes_says_it_hooks_every_module(caplo
     assert "none of Blocks's _no_split_modules (MissingBlock) is one of its modules" in warnings[1]
 
 
-def test_pruning_warns_about_what_it_cannot_delete_and_goes_on(tmp_path, caplog, monkeypatch):
+def test_c_pruning_warns_about_what_it_cannot_delete_and_goes_on(tmp_path, caplog, monkeypatch):
     root = tmp_path / "checkpoints"
     for step, complete in ((1, True), (2, True), (3, True), (4, False)):
         tag = root / f"step_{step:08d}"
@@ -93,8 +92,8 @@ def test_pruning_warns_about_what_it_cannot_delete_and_goes_on(tmp_path, caplog,
         return unlink(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "unlink", failing_unlink)
-    with caplog.at_level(logging.WARNING, logger="dpo_dist.checkpoint"):
-        C._prune_checkpoints(root, keep=1)
+    with caplog.at_level(logging.WARNING, logger="dpo_dist.engine"):
+        E._prune_checkpoints(root, keep=1)
     # The others were pruned past the failure: only the newest complete one and what failed stay.
     assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000003"]
     assert sorted(p.name for p in (root / "step_00000001").iterdir()) == ["stuck.pt"]
@@ -104,11 +103,11 @@ def test_pruning_warns_about_what_it_cannot_delete_and_goes_on(tmp_path, caplog,
 
 
 @pytest.mark.parametrize("keep", [1, 2])
-def test_pruning_that_succeeds_is_quiet(tmp_path, caplog, keep):
+def test_c_pruning_that_succeeds_is_quiet(tmp_path, caplog, keep):
     root = tmp_path / "checkpoints"
     for step in (1, 2, 3):
         (root / f"step_{step:08d}").mkdir(parents=True)
         (root / f"step_{step:08d}" / "COMPLETE").write_text(f"{step}\n")
-    with caplog.at_level(logging.WARNING, logger="dpo_dist.checkpoint"):
-        C._prune_checkpoints(root, keep=keep)
+    with caplog.at_level(logging.WARNING, logger="dpo_dist.engine"):
+        E._prune_checkpoints(root, keep=keep)
     assert len(list(root.iterdir())) == keep and not caplog.records
