@@ -11,11 +11,11 @@ Backends, in the order ``auto`` tries them:
   ``flash_attn.cute`` when the ``flash-attn-4`` distribution is installed). CUDA, fp16/bf16.
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.11). CUDA, fp16/bf16: it
   dispatches only to flash/cuDNN kernels and has no CPU implementation.
-- ``sdpa``: ``F.scaled_dot_product_attention``, any device and dtype: the CPU and fallback path. On
-  CPU (no sliding window) one causal call per sequence of the row, since a mask would still cost
-  the full [T, T] scores; elsewhere one call with a block-diagonal causal boolean mask (T*T bytes,
-  built once per forward and kept until the next row; no fused kernel skips the masked blocks).
-  Both forms are tested to agree.
+- ``sdpa``: ``F.scaled_dot_product_attention``, any device and dtype: the CPU and fallback path.
+  One causal call per sequence of the row, its boundaries read from ``cu_seq_lens_host`` (host
+  ints, ``packed_forward_kwargs``), since a mask over the row would cost the full [T, T] scores.
+  Only a caller that passes no host boundaries on a GPU gets one call with a block-diagonal causal
+  boolean mask (T*T bytes, built once per forward). Both forms are tested to agree.
 
 A forced backend that cannot run raises ``AttentionBackendError``; nothing falls back silently.
 
@@ -209,9 +209,10 @@ def _block_causal_mask(cu_seqlens: torch.Tensor, total: int, window: int | None,
     return mask
 
 
-def _sdpa_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, dropout=0.0):
-    if _per_sequence_ok(q, cu_q, window):
-        return _sdpa_per_sequence(q, k, v, cu_q, scale, dropout)
+def _sdpa_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, dropout=0.0, bounds=None):
+    bounds = _sequence_bounds(cu_q, bounds)
+    if bounds is not None:
+        return _sdpa_per_sequence(q, k, v, bounds, scale, window, dropout)
     mask = _block_causal_mask(cu_q, q.shape[0], window, q.device)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1),
@@ -225,22 +226,41 @@ def _sdpa_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, dropout=0.
     return out.transpose(0, 1)
 
 
-def _per_sequence_ok(q, cu_q, window) -> bool:
-    """Per-sequence SDPA on CPU (boundaries readable for free); the mask elsewhere or with a window."""
-    return cu_q.device.type == "cpu" and q.device.type == "cpu" and window is None
+def _sequence_bounds(cu_q: torch.Tensor, bounds: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """The row's boundaries as host ints where reading them costs no device sync, else None (mask)."""
+    if bounds is not None:
+        return bounds
+    return tuple(cu_q.tolist()) if cu_q.device.type == "cpu" else None
 
 
-def _sdpa_per_sequence(q, k, v, cu_q, scale, dropout):
-    """Causal SDPA one sequence at a time: on CPU a block-diagonal mask would still compute the
-    full [T, T] score matrix (cost grows with the square of the packed row, not of each sequence),
-    while reading the boundaries from a CPU tensor costs no device sync."""
-    bounds = cu_q.tolist()
-    gqa = q.shape[1] != k.shape[1]
+def _expands_kv_heads(device: torch.device) -> bool:
+    """CUDA's memory-efficient SDPA kernel (fp32, or GPUs without flash) takes no grouped kv heads
+    and would fall to the math path; expanded heads cost T x heads x head_dim, not L x L scores.
+    PyTorch's CPU kernels take grouped heads as they are."""
+    return device.type != "cpu"
+
+
+def _sdpa_per_sequence(q, k, v, bounds, scale, window, dropout):
+    """Causal SDPA one sequence at a time: a block-diagonal mask over the row would cost the full
+    [T, T] scores (no kernel skips the masked blocks), the square of the packed row instead of the
+    sum of each sequence's square. Only a sliding window shorter than a sequence takes a mask,
+    that sequence's own."""
+    groups = q.shape[1] // k.shape[1]
+    gqa = groups > 1
+    if gqa and _expands_kv_heads(q.device):
+        k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
+        gqa = False
     pieces = []
     for start, stop in zip(bounds[:-1], bounds[1:]):
         q_s, k_s, v_s = (x[start:stop].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        length = stop - start
+        mask = None
+        if window is not None and window < length:
+            positions = torch.arange(length, device=q.device)
+            offset = positions[:, None] - positions[None, :]  # query minus key position
+            mask = (offset >= 0) & (offset < window)
         out = F.scaled_dot_product_attention(
-            q_s, k_s, v_s, is_causal=True, dropout_p=dropout, scale=scale, enable_gqa=gqa
+            q_s, k_s, v_s, attn_mask=mask, is_causal=mask is None, dropout_p=dropout, scale=scale, enable_gqa=gqa
         )
         pieces.append(out.squeeze(0).transpose(0, 1))
     return torch.cat(pieces)
@@ -284,6 +304,20 @@ def _check_call(backend: str, module: nn.Module, query, key, attention_mask, dro
         )
 
 
+def _host_bounds(kwargs, query) -> tuple[int, ...] | None:
+    """``cu_seq_lens_host`` (``packed_forward_kwargs``), checked against the row on the host."""
+    bounds = kwargs.get("cu_seq_lens_host")
+    if bounds is None:
+        return None
+    tokens = query.shape[0] * query.shape[2]
+    if len(bounds) != kwargs["cu_seq_lens_q"].numel() or bounds[0] != 0 or bounds[-1] != tokens:
+        raise AttentionBackendError(
+            f"cu_seq_lens_host {tuple(bounds)[:4]}... does not describe this packed row of {tokens} tokens "
+            f"and {kwargs['cu_seq_lens_q'].numel() - 1} sequences"
+        )
+    return tuple(bounds)
+
+
 def _make_attention_function(backend: str) -> Callable:
     kernel = _KERNELS[backend]
 
@@ -293,7 +327,7 @@ def _make_attention_function(backend: str) -> Callable:
         batch, heads, length, _ = query.shape
         # Rows are concatenated into one token stream; cu_seqlens index into it (flash-attn convention).
         q, k, v = (x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3]) for x in (query, key, value))
-        options = {"dropout": dropout} if backend == "sdpa" else {}
+        options = {"dropout": dropout, "bounds": _host_bounds(kwargs, query)} if backend == "sdpa" else {}
         out = kernel(
             q,
             k,
@@ -386,5 +420,6 @@ def packed_forward_kwargs(batch: PackedBatch) -> dict:
         "cu_seq_lens_k": batch.cu_seqlens,
         "max_length_q": batch.max_seqlen,
         "max_length_k": batch.max_seqlen,
+        "cu_seq_lens_host": batch.cu_seqlens_host,
         "use_cache": False,
     }

@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -130,10 +130,10 @@ class PackedPolicy(nn.Module):
         # The same LM-head call count on every rank (see logprobs.sequence_logps).
         self.num_chunks = -(-micro_batch_tokens // chunk_tokens)
 
-    def forward(self, *tensors: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # Plain tensors in and out: ZeRO-3 finds the tensors of a module's inputs and outputs to
-        # hook its backward, and cannot look inside dataclasses.
-        batch = PackedBatch(*tensors, max_seqlen=max_seqlen)
+    def forward(self, *tensors: torch.Tensor, **host) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Plain tensors in and out (PackedBatch.split): ZeRO-3 hooks the backward of the tensors it
+        # finds among a module's inputs and outputs.
+        batch = PackedBatch(*tensors, **host)
         out = sequence_logps(
             self.model, batch, chunk_tokens=self.chunk_tokens, normalize=self.normalize, num_chunks=self.num_chunks
         )
@@ -142,8 +142,8 @@ class PackedPolicy(nn.Module):
 
 def run_packed(engine, batch: PackedBatch) -> SequenceLogps:
     """Per-sequence log-probs of a packed micro-batch through a DeepSpeed engine of PackedPolicy."""
-    tensors = [getattr(batch, f.name) for f in fields(PackedBatch) if f.name != "max_seqlen"]
-    return SequenceLogps(*engine(*tensors, max_seqlen=batch.max_seqlen))
+    tensors, host = batch.split()
+    return SequenceLogps(*engine(*tensors, **host))
 
 
 def training_dtype(cfg: DPOConfig, device: torch.device) -> torch.dtype:

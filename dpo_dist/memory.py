@@ -19,8 +19,9 @@ Memory model (bytes per GPU; N = ranks, P = parameters, Pt = trainable parameter
   ``(4+b)*H`` per RMSNorm (fp32 upcast + normalized bf16), ``b*(5*Hq + 4*Hkv)`` for attention
   (q, k, v before and after RoPE, output; FlashAttention keeps no T x T matrix) and ``4*b*I`` for
   the SwiGLU MLP (gate, up, silu(gate), product).
-- ``model.attn_backend=sdpa`` (a T x T mask): with grouped kv heads no fused kernel takes the
-  mask, and PyTorch's math path holds fp32 ``[heads, T, T]`` scores per layer (see ``activation_items``).
+- ``model.attn_backend=sdpa`` (or ``auto`` with fp32 weights): one fused SDPA call per sequence, no
+  T x T matrix, but per layer kept it saves each sequence's output besides the concatenated one and,
+  with grouped kv heads, k and v expanded to every query head (see ``activation_items``).
 - logits: one chunk of ``model.logits_chunk_tokens`` positions x vocab at a time, forward and
   recomputed in backward: bf16 logits, fp32 upcast, fp32 log-softmax, fp32 and bf16 gradients:
   ``(2b + 12)*chunk*V``.
@@ -280,8 +281,8 @@ class PlanSettings:
     lora_targets: tuple[str, ...] = LORA_MODULES
     quantized_base: bool = False
     """QLoRA: the decoder blocks' linear weights are 4-bit (``QLORA_WEIGHT_BYTES``)."""
-    dense_mask: bool = False
-    """Packed attention through the masked-SDPA backend (a T x T boolean mask)."""
+    sdpa_backend: bool = False
+    """Packed attention through the SDPA backend: one call per sequence, grouped kv heads expanded."""
     prefetch_bucket: int = 50_000_000
     reduce_bucket: int = 50_000_000
     max_live_parameters: int = 1_000_000_000
@@ -323,7 +324,7 @@ class PlanSettings:
             lora_targets=tuple(cfg.model.lora.target_modules),
             quantized_base=cfg.model.lora.quantized,
             # auto takes a varlen kernel on the GPUs, but for fp32 weights only sdpa runs there.
-            dense_mask=cfg.model.attn_backend == "sdpa" or (cfg.model.attn_backend == "auto" and cfg.model.dtype == "fp32"),
+            sdpa_backend=cfg.model.attn_backend == "sdpa" or (cfg.model.attn_backend == "auto" and cfg.model.dtype == "fp32"),
             prefetch_bucket=ds.prefetch_bucket_size,
             reduce_bucket=ds.reduce_bucket_size,
             max_live_parameters=ds.max_live_parameters,
@@ -369,7 +370,7 @@ class PlanSettings:
             f"logits chunk {self.logits_chunk_tokens}; reference model on GPU: {_REFERENCE_TEXT[self.reference]}"
             f"{f' (reference.partition={self.reference_partition})' if self.reference == 'copy' else ''}; "
             f"{'a no-grad statistics forward per micro-batch; ' if self.statistics_pass else ''}"
-            f"attention: {'masked sdpa (a T x T mask)' if self.dense_mask else 'a varlen kernel (flash or torch varlen)'}; "
+            f"attention: {'sdpa, one call per sequence' if self.sdpa_backend else 'a varlen kernel (flash or torch varlen)'}; "
             f"{'QLoRA' if self.quantized_base else 'LoRA'} {'r=' + str(self.lora_r) if self.lora_r else 'off'}"
         )
 
@@ -455,7 +456,7 @@ def activation_bytes_per_token_layer(shape: ModelShape, dtype_bytes: int) -> flo
 
 
 def activation_items(shape: ModelShape, s: PlanSettings, a: PlanAssumptions) -> list[MemoryItem]:
-    """Saved activations, the one-layer working set, the mask and the logits chunk for one micro-batch."""
+    """Saved activations, the one-layer working set, SDPA's copies and the logits chunk for one micro-batch."""
     t, b = s.micro_batch_tokens, s.dtype_bytes
     layer = activation_bytes_per_token_layer(shape, b) * t
     # Embedding output, final-norm output (kept for the checkpointed logits chunks) and its gradient.
@@ -473,23 +474,15 @@ def activation_items(shape: ModelShape, s: PlanSettings, a: PlanAssumptions) -> 
         MemoryItem("activations (one layer, backward)", working, "recomputed layer + its backward working set", "fwd_bwd"),
         MemoryItem("logits chunk", (2 * b + 12) * chunk * shape.vocab, f"{chunk} positions x vocab {shape.vocab}", "fwd_bwd"),
     ]
-    if s.dense_mask:
-        items.append(MemoryItem("packed attention mask (sdpa)", t * t, f"{t} x {t} bool", "fwd_bwd"))
-        if shape.kv_heads != shape.heads:
-            # A mask with grouped kv heads has no fused SDPA kernel (flash takes no mask, the
-            # memory-efficient kernel no GQA): PyTorch's math path computes fp32 [heads, T, T]
-            # scores, keeps the softmax for backward and makes its gradient there. Peak: the
-            # layers' kept probabilities plus two more of the layer being computed.
-            probs = 4 * shape.heads * t * t
-            kept = 1 if s.activation_checkpointing else shape.layers
-            items.append(
-                MemoryItem(
-                    "sdpa math-path attention scores",
-                    probs * (kept + 2),
-                    f"fp32 {shape.heads} heads x {t} x {t}: {kept} layer(s) kept + 2 in flight (GQA + mask: no fused kernel)",
-                    "fwd_bwd",
-                )
-            )
+    if s.sdpa_backend:
+        # attention._sdpa_per_sequence: SDPA saves each sequence's output for its backward besides
+        # the concatenated output o_proj saves, and on GPUs grouped kv heads are expanded to every
+        # query head (k and v) so that a fused kernel runs. No T x T matrix exists.
+        grouped = shape.kv_heads != shape.heads
+        per_layer = b * t * shape.q_dim * (3 if grouped else 1)
+        kept = 1 if s.activation_checkpointing else shape.layers
+        copies = "outputs per sequence" + (" + k, v expanded to every query head" if grouped else "")
+        items.append(MemoryItem("sdpa per-sequence copies", per_layer * kept, f"{copies}: {kept} layer(s) x {t} tokens", "fwd_bwd"))
     return items
 
 

@@ -48,7 +48,7 @@ def memory_table(shape: ModelShape) -> str:
     plans = [plan_memory(shape, preset_settings(name)[0]) for name in PRESETS]
     header = "| per GPU, GiB | " + " | ".join(f"`experiment={n}`" for n in PRESETS) + " |"
     rows = [header, "|---|" + "---:|" * len(PRESETS)]
-    # Rows by item name: presets may plan different items (e.g. the sdpa mask); "-" where one has none.
+    # Rows by item name: presets may plan different items (e.g. the sdpa backend's copies); "-" where one has none.
     by_name = [{item.name: item.bytes for item in p.items} for p in plans]
     names: list[str] = []
     for items in by_name:  # every name once, after the item it follows in the plan that has it

@@ -129,7 +129,7 @@ def measure(cfg, steps: int, backend: str, device: torch.device | None = None) -
 
 
 def planned(cfg, backend: str) -> dict:
-    settings = replace(PlanSettings.from_config(cfg, gpus=1), dense_mask=backend == "sdpa")
+    settings = replace(PlanSettings.from_config(cfg, gpus=1), sdpa_backend=backend == "sdpa")
     shape = ModelShape.from_path(cfg.model.path)
     bare = plan_memory(shape, settings, PlanAssumptions(fragmentation=0.0, non_torch_gib=0.0))
     margin = plan_memory(shape, settings, PlanAssumptions(non_torch_gib=0.0))

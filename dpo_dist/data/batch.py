@@ -39,6 +39,9 @@ class PackedBatch:
     """[P] int64 example id of each pair (its 0-based record position in its input file)."""
     max_seqlen: int
     """Longest sequence in the row; a host int so attention kernels need no device sync."""
+    cu_seqlens_host: tuple[int, ...]
+    """``cu_seqlens`` as host ints: attention that runs one sequence at a time (the SDPA backend)
+    reads its boundaries here, not from the device (which would be a sync in every layer)."""
 
     @property
     def num_pairs(self) -> int:
@@ -55,6 +58,16 @@ class PackedBatch:
 
     def to(self, device: torch.device | str) -> PackedBatch:
         return _move(self, device)
+
+    def split(self) -> tuple[list[torch.Tensor], dict]:
+        """(tensor fields in order, host fields by name): ``PackedBatch(*tensors, **host)`` rebuilds it.
+
+        A DeepSpeed engine's forward takes the two apart: ZeRO-3 finds the tensors among a module's
+        positional inputs to hook its backward, and cannot look inside a dataclass.
+        """
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        tensors = [v for v in values.values() if isinstance(v, torch.Tensor)]
+        return tensors, {k: v for k, v in values.items() if not isinstance(v, torch.Tensor)}
 
 
 @dataclass

@@ -69,6 +69,7 @@ def collate_packed(pairs: Sequence[TokenizedPair], chosen_only: bool = False) ->
         seq_index=torch.from_numpy(seq_index),
         example_ids=_example_ids(pairs),
         max_seqlen=int(lengths.max()),
+        cu_seqlens_host=tuple(cu_seqlens.tolist()),
     )
 
 

@@ -1,5 +1,6 @@
 """CUDA-only kernels (skipped on CPU machines): packed bf16 log-probs through the GPU backends agree
-with the masked-SDPA reference computed on the same GPU, values and gradients."""
+with the SDPA backend computed on the same GPU, values and gradients; on the GPU the SDPA backend
+itself (one call per sequence, kv heads expanded) agrees with one masked call over the row."""
 
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ SHAPES = {
 }
 
 
-def scored(backend: str, make_model):
+def scored(backend: str, make_model, dtype=torch.bfloat16):
     torch.manual_seed(0)
-    model = make_model().to("cuda", torch.bfloat16)
+    model = make_model().to("cuda", dtype)
     enable_packed_attention(model, backend)
     batch = packed_batch(random_sequences(LENGTHS)).to("cuda")
     logps = sequence_logps(model, batch, chunk_tokens=64).logps
@@ -36,7 +37,7 @@ def scored(backend: str, make_model):
     return logps.detach().float(), grads
 
 
-def assert_backend_matches_masked_sdpa(backend: str, make_model) -> None:
+def assert_backend_matches_sdpa(backend: str, make_model) -> None:
     if backend not in available_backends(torch.device("cuda"), torch.bfloat16):
         pytest.skip(f"{backend} not installed on this GPU machine")
     got, got_grads = scored(backend, make_model)
@@ -48,8 +49,8 @@ def assert_backend_matches_masked_sdpa(backend: str, make_model) -> None:
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("backend", ["flash", "varlen"])
-def test_gpu_backend_matches_masked_sdpa_in_bf16(backend, shape):
-    assert_backend_matches_masked_sdpa(backend, lambda: tiny_llama(**SHAPES[shape]))
+def test_gpu_backend_matches_sdpa_in_bf16(backend, shape):
+    assert_backend_matches_sdpa(backend, lambda: tiny_llama(**SHAPES[shape]))
 
 
 @pytest.mark.parametrize("backend", ["flash", "varlen"])
@@ -60,4 +61,19 @@ def test_gpu_backend_applies_a_sliding_window_within_each_sequence(backend):
     from tests.unit.tiny_models import seeded, tiny_config
 
     config = tiny_config(MistralConfig, sliding_window=16, hidden_size=256, intermediate_size=512)
-    assert_backend_matches_masked_sdpa(backend, lambda: seeded(MistralForCausalLM, config))
+    assert_backend_matches_sdpa(backend, lambda: seeded(MistralForCausalLM, config))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gpu_sdpa_per_sequence_matches_one_masked_call_over_the_row(shape, monkeypatch):
+    """The GPU fallback for fp32 weights: per-sequence calls reading host boundaries, grouped kv
+    heads expanded, against the block-diagonal mask a caller without host boundaries gets."""
+    from dpo_dist import attention
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    got, got_grads = scored("sdpa", lambda: tiny_llama(**SHAPES[shape]), torch.float32)
+    monkeypatch.setattr(attention, "_sequence_bounds", lambda *a: None)
+    want, want_grads = scored("sdpa", lambda: tiny_llama(**SHAPES[shape]), torch.float32)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_grads, want_grads, rtol=1e-3, atol=1e-5)

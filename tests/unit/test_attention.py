@@ -156,7 +156,7 @@ def test_sliding_window_model_matches_unpacked(backend):
 def test_mask_is_built_once_per_forward_and_the_cache_stays_bounded(monkeypatch):
     from dpo_dist import attention
 
-    monkeypatch.setattr(attention, "_per_sequence_ok", lambda *a: False)  # the GPU/sliding-window path
+    monkeypatch.setattr(attention, "_sequence_bounds", lambda *a: None)  # a GPU caller without host bounds
     monkeypatch.setattr(attention, "_mask_cache", {})
     builds = []
     searchsorted = torch.searchsorted
@@ -179,7 +179,7 @@ def test_mask_cache_follows_in_place_changes_of_cu_seqlens(monkeypatch):
     """The per-forward mask cache must not serve a stale mask when a cu_seqlens buffer is reused."""
     from dpo_dist import attention
 
-    monkeypatch.setattr(attention, "_per_sequence_ok", lambda *a: False)
+    monkeypatch.setattr(attention, "_sequence_bounds", lambda *a: None)
     model = tiny_llama()
     enable_packed_attention(model, "sdpa")
     first, second = random_sequences([6, 10]), random_sequences([10, 6])
@@ -203,26 +203,61 @@ def test_packed_forward_kwargs_disable_the_cache():
     assert kwargs["cu_seq_lens_q"] is batch.cu_seqlens and kwargs["cu_seq_lens_k"] is batch.cu_seqlens
     assert kwargs["max_length_q"] == kwargs["max_length_k"] == 5
     assert kwargs["position_ids"] is batch.position_ids
+    assert kwargs["cu_seq_lens_host"] == (0, 3, 8) == tuple(batch.cu_seqlens.tolist())
 
 
-def test_per_sequence_and_masked_sdpa_agree_in_values_and_gradients(monkeypatch):
-    """CPU runs attention sequence by sequence; the block-diagonal mask (GPU fallback) must agree."""
+@pytest.mark.parametrize("model_class", ["llama", "mistral_window"])
+def test_per_sequence_and_masked_sdpa_agree_in_values_and_gradients(monkeypatch, model_class):
+    """The sdpa backend attends sequence by sequence (with grouped kv heads as they are on CPU,
+    expanded to every query head on GPUs); the block-diagonal mask over the row, all that a caller
+    without host boundaries gets on a GPU, must agree, with and without a sliding window shorter
+    than the sequences."""
     from dpo_dist import attention
 
     batch = packed_batch(random_sequences([5, 12, 3, 8]))
+    bounds = attention._sequence_bounds
 
-    def run(per_sequence: bool):
-        monkeypatch.setattr(attention, "_per_sequence_ok", lambda *a: per_sequence)
-        model = tiny_llama()
+    def run(path: str):
+        monkeypatch.setattr(attention, "_sequence_bounds", (lambda *a: None) if path == "mask" else bounds)
+        monkeypatch.setattr(attention, "_expands_kv_heads", lambda device: path == "expanded")
+        if model_class == "llama":
+            model = tiny_llama()
+        else:
+            model = seeded(MistralForCausalLM, tiny_config(MistralConfig, sliding_window=4))
         enable_packed_attention(model, "sdpa")
         logits = model(input_ids=batch.input_ids, **packed_forward_kwargs(batch)).logits
         logits.square().mean().backward()
         return logits.detach(), [p.grad for p in model.parameters()]
 
-    (a, grads_a), (b, grads_b) = run(True), run(False)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for ga, gb in zip(grads_a, grads_b):
-        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+    (a, grads_a), (b, grads_b), (c, grads_c) = run("per_sequence"), run("mask"), run("expanded")
+    for logits, grads in ((b, grads_b), (c, grads_c)):
+        torch.testing.assert_close(logits, a, rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads, grads_a):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_sdpa_reads_sequence_boundaries_from_the_host_not_the_device():
+    """On a GPU, reading cu_seqlens in every layer would be a device sync: with the batch's host
+    boundaries the device tensor is never read (here it lives on the meta device, which has no
+    values to read), and the result is the same."""
+    model = tiny_llama()
+    enable_packed_attention(model, "sdpa")
+    batch = packed_batch(random_sequences([7, 4, 10]))
+    with torch.no_grad():
+        want = model(input_ids=batch.input_ids, **packed_forward_kwargs(batch)).logits
+        batch.cu_seqlens = batch.cu_seqlens.to("meta")
+        got = model(input_ids=batch.input_ids, **packed_forward_kwargs(batch)).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_host_boundaries_that_do_not_match_the_row_are_refused():
+    model = tiny_llama()
+    enable_packed_attention(model, "sdpa")
+    batch = packed_batch(random_sequences([7, 4, 10]))
+    for wrong in ((0, 7, 11, 20), (0, 7, 21), (1, 7, 11, 21)):
+        kwargs = packed_forward_kwargs(batch) | {"cu_seq_lens_host": wrong}
+        with pytest.raises(AttentionBackendError, match="cu_seq_lens_host"), torch.no_grad():
+            model(input_ids=batch.input_ids, **kwargs)
 
 
 def test_the_backend_is_resolved_for_the_device_the_model_will_run_on(monkeypatch):

@@ -22,9 +22,9 @@ class RecordingEngine:
     def __init__(self, policy: E.PackedPolicy, name: str, calls: list[str]):
         self.module, self.name, self.calls = policy, name, calls
 
-    def __call__(self, *tensors, max_seqlen):
+    def __call__(self, *tensors, **host):
         self.calls.append(self.name if torch.is_grad_enabled() else f"{self.name} (no grad)")
-        return self.module(*tensors, max_seqlen=max_seqlen)
+        return self.module(*tensors, **host)
 
     def backward(self, loss):
         self.calls.append("backward")

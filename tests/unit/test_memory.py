@@ -252,7 +252,7 @@ def test_lora_counts_no_gradient_for_the_frozen_fetch_unit():
 
 def test_memory_table_pairs_items_by_name(monkeypatch):
     """tools/plan.py lines plans up by item name: a preset with items the others lack (here the
-    sdpa mask, in the middle column) gets its own rows, "-" elsewhere, and no value shifts."""
+    sdpa backend's copies, in the middle column) gets its own rows, "-" elsewhere, and no value shifts."""
     import tools.plan
 
     composed = tools.plan.preset_settings
@@ -260,7 +260,7 @@ def test_memory_table_pairs_items_by_name(monkeypatch):
 
     def preset_settings(name):
         s, pairs = composed(name)
-        return (replace(s, dense_mask=True) if name == masked else s), pairs
+        return (replace(s, sdpa_backend=True) if name == masked else s), pairs
 
     monkeypatch.setattr(tools.plan, "preset_settings", preset_settings)
     s = shape("llama3_70b")
@@ -270,23 +270,28 @@ def test_memory_table_pairs_items_by_name(monkeypatch):
     for column, plan in enumerate(plans):
         for item in plan.items:
             assert rows[item.name][column] == f"{item.bytes / GIB:.2f}", (item.name, column)
-    assert rows["sdpa math-path attention scores"][0] == rows["sdpa math-path attention scores"][2] == "-"
-    order = [list(rows).index(name) for name in ("logits chunk", "packed attention mask (sdpa)", "ZeRO-3 gathered params + buckets")]
+    assert rows["sdpa per-sequence copies"][0] == rows["sdpa per-sequence copies"][2] == "-"
+    order = [list(rows).index(name) for name in ("logits chunk", "sdpa per-sequence copies", "ZeRO-3 gathered params + buckets")]
     assert order == sorted(order)  # extra rows where their plan has them, not at the end
 
 
-def test_masked_sdpa_with_grouped_kv_heads_plans_the_math_path():
-    """model.attn_backend=sdpa with GQA (Llama 3: 64 heads, 8 kv heads) runs PyTorch's math path:
-    fp32 [heads, T, T] scores per layer. The 64-GPU preset fits with flash/varlen (49.7 GiB) and must
-    not be declared to fit with the mask; without checkpointing every layer keeps its scores."""
+def test_sdpa_backend_plans_its_per_sequence_copies_and_no_t_by_t_matrix():
+    """model.attn_backend=sdpa runs one fused call per sequence (attention._sdpa_per_sequence): per
+    kept layer, each sequence's output (saved by SDPA) besides the concatenated one and, with
+    grouped kv heads (Llama 3 70B: 64 heads, 8 kv heads), k and v expanded to every query head;
+    every layer without checkpointing. Nothing grows with T x T."""
     s, t = shape("llama3_70b"), 8192
-    assert plan_memory(s, settings(64)).fits
-    masked = plan_memory(s, settings(64, dense_mask=True))
-    assert masked.item("sdpa math-path attention scores") == 4 * 64 * t * t * (1 + 2) and not masked.fits
-    no_ckpt = plan_memory(s, settings(64, dense_mask=True, activation_checkpointing=False))
-    assert no_ckpt.item("sdpa math-path attention scores") == 4 * 64 * t * t * (80 + 2)
-    mha = ModelShape.from_hf_config({**hf_config("llama3_1b"), "num_key_value_heads": 32})  # a fused kernel takes the mask
-    assert "sdpa math-path attention scores" not in {i.name for i in plan_memory(mha, settings(8, dense_mask=True)).items}
+    varlen = plan_memory(s, settings(64))
+    per_sequence = plan_memory(s, settings(64, sdpa_backend=True))
+    copies = 3 * 2 * t * 64 * 128  # (output + k + v) x bf16 x tokens x query heads x head_dim
+    assert per_sequence.item("sdpa per-sequence copies") == copies
+    assert per_sequence.peak - varlen.peak == pytest.approx(copies * 1.1) and per_sequence.fits  # + 10% margin
+    no_ckpt = plan_memory(s, settings(64, sdpa_backend=True, activation_checkpointing=False))
+    assert no_ckpt.item("sdpa per-sequence copies") == 80 * copies
+    long = plan_memory(s, settings(64, sdpa_backend=True, micro_batch_tokens=4 * t))
+    assert long.item("sdpa per-sequence copies") == 4 * copies  # linear in T, not quadratic
+    mha = ModelShape.from_hf_config({**hf_config("llama3_1b"), "num_key_value_heads": 32})  # nothing to expand
+    assert plan_memory(mha, settings(8, sdpa_backend=True)).item("sdpa per-sequence copies") == 2 * t * 2048
 
 
 def test_host_memory_is_checked_in_gib_as_slurm_is_asked_for_it():
@@ -326,11 +331,11 @@ def test_settings_from_config():
     })
     s = PlanSettings.from_config(cfg)
     assert (s.gpus, s.gpus_per_node, s.gpu_memory_gib, s.dtype_bytes) == (32, 8, 139.4, 2)  # usable of an H200
-    assert (s.reference, s.lora_r, s.offload_optimizer, s.dense_mask) == ("adapters", 8, True, True)
+    assert (s.reference, s.lora_r, s.offload_optimizer, s.sdpa_backend) == ("adapters", 8, True, True)
     assert PlanSettings.from_config(config_from_dict({"reference": {"mode": "online"}})).reference == "copy"
-    # auto takes a varlen kernel on the GPUs for bf16 weights; for fp32 only the masked sdpa path runs.
-    assert not PlanSettings.from_config(config_from_dict({"model": {"attn_backend": "auto", "dtype": "bf16"}})).dense_mask
-    assert PlanSettings.from_config(config_from_dict({"model": {"attn_backend": "auto", "dtype": "fp32"}})).dense_mask
+    # auto takes a varlen kernel on the GPUs for bf16 weights; for fp32 only the sdpa backend runs.
+    assert not PlanSettings.from_config(config_from_dict({"model": {"attn_backend": "auto", "dtype": "bf16"}})).sdpa_backend
+    assert PlanSettings.from_config(config_from_dict({"model": {"attn_backend": "auto", "dtype": "fp32"}})).sdpa_backend
     assert PlanSettings.from_config(config_from_dict({"loss": {"name": "simpo", "logp_normalization": "mean"}, "reference": {"mode": "online"}})).reference == "none"
 
 

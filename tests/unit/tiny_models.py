@@ -80,6 +80,7 @@ def packed_batch(sequences: list[tuple[torch.Tensor, torch.Tensor]]) -> PackedBa
         seq_index=torch.repeat_interleave(torch.arange(len(sequences)), lengths),
         example_ids=torch.arange(len(sequences) // 2),
         max_seqlen=int(lengths.max()),
+        cu_seqlens_host=tuple(cu_seqlens.tolist()),
     )
 
 
