@@ -146,9 +146,12 @@ class DataConfig:
 
 LOSS_NAMES = (
     "sigmoid", "robust", "hinge", "ipo", "kto_pair", "simpo", "rpo",
-    "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop",
+    "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "orpo", "cpo",
 )
-SMOOTHED_LOSSES = ("sigmoid", "robust", "simpo", "rpo", "exo_pair")
+SMOOTHED_LOSSES = ("sigmoid", "robust", "simpo", "rpo", "exo_pair", "cpo")
+REFERENCE_FREE_LOSSES = ("simpo", "orpo", "cpo")
+MEAN_LOGP_LOSSES = ("simpo", "orpo")
+"""As dpo_dist.losses' sets of the same names (a test keeps them in step; config imports no torch)."""
 OPTION_LOSSES = {"label_smoothing": SMOOTHED_LOSSES, "gamma": ("simpo",), "discopop_tau": ("discopop",)}
 """The losses that read each loss-specific ``loss.*`` option (a test keeps this in step with
 dpo_dist.losses): setting one for another loss would change nothing, so it is refused."""
@@ -160,7 +163,8 @@ class LossConfig:
 
     name: str = "sigmoid"
     """sigmoid (DPO) | robust | hinge | ipo | kto_pair | simpo | rpo (sigmoid + alpha * NLL of chosen) |
-    exo_pair | nca_pair | sppo_hard | apo_zero | apo_down | discopop (papers: dpo_dist/losses.py)."""
+    exo_pair | nca_pair | sppo_hard | apo_zero | apo_down | discopop | orpo | cpo (papers:
+    dpo_dist/losses.py). simpo, orpo and cpo are reference-free."""
     beta: float = 0.1
     """Inverse temperature of the implicit reward (KL strength)."""
     label_smoothing: float = 0.0
@@ -170,7 +174,8 @@ class LossConfig:
     gamma: float = 0.5
     """SimPO target reward margin (simpo only)."""
     alpha: float = 0.0
-    """Weight of the NLL-of-chosen term added to the loss (RPO / DPO+SFT); 0 disables it."""
+    """Weight of the NLL-of-chosen term added to the loss (RPO / DPO+SFT, and ORPO's and CPO's own
+    NLL term: 1.0 in their presets); 0 disables it."""
     discopop_tau: float = 0.05
     """DiscoPOP temperature: how sharply its logistic/exponential mix switches with the margin
     (discopop only)."""
@@ -195,9 +200,9 @@ class LossConfig:
             "exo_pair needs eps > 0 (its target distribution is (1 - eps, eps)); conf/loss/exo_pair.yaml uses 0.001",
         )
         _check(
-            self.name != "simpo" or self.logp_normalization == "mean",
+            self.name not in MEAN_LOGP_LOSSES or self.logp_normalization == "mean",
             "loss.logp_normalization",
-            "simpo is defined on length-normalised log-probs: set loss.logp_normalization=mean",
+            f"{self.name} is defined on length-normalised log-probs: set loss.logp_normalization=mean",
         )
 
     def kernel_name(self) -> str:
@@ -205,7 +210,7 @@ class LossConfig:
         return "sigmoid" if self.name == "rpo" else self.name
 
     def uses_reference(self) -> bool:
-        return self.name != "simpo"
+        return self.name not in REFERENCE_FREE_LOSSES
 
     def uses_batch_statistics(self) -> bool:
         """Whether the loss needs statistics of the whole step (``losses.BATCH_STATISTICS``: kto_pair's

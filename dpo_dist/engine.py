@@ -681,7 +681,7 @@ def reference_logps(ctx: StepContext, mb: MicroBatch, policy: SequenceLogps, tra
     """Reference log-probs normalised like the policy's (the store keeps sums; ``mean`` divides by
     the policy's scored-token counts): the micro-batch's own (an online pass ran already) or looked
     up; eval pairs have their own store because example ids restart at 0 in every file."""
-    if ctx.reference is None:  # reference-free losses (SimPO) ignore these
+    if ctx.reference is None:  # reference-free losses (simpo, orpo, cpo) ignore these
         zeros = torch.zeros(mb.batch.num_pairs, device=mb.batch.input_ids.device)
         return zeros, zeros
     lookup = ctx.reference.logps if train else ctx.reference.eval_logps
@@ -1256,7 +1256,7 @@ def resume_pending_eval(
 
 
 def run_info(cfg, env, device, backend, train_data, eval_data, reference, start) -> dict[str, Any]:
-    # Same shape whatever the source; SFT and reference-free losses (SimPO) use no reference.
+    # Same shape whatever the source; SFT and reference-free losses (simpo, orpo, cpo) use no reference.
     ref_info = reference.run_info() if reference is not None else {"cache_dir": None, "computed": False, "mode": "none"}
     return {
         "world_size": env.world_size,

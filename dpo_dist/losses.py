@@ -7,7 +7,8 @@ Public API:
   all tensors of shape [pairs]. ``losses`` are per pair (the engine reduces them); rewards are
   ``beta * (policy - reference)`` per side (``beta * policy`` for reference-free losses), detached.
 - ``LOSS_NAMES``: the valid ``name`` values: sigmoid, robust, hinge, ipo, kto_pair, simpo, exo_pair,
-  nca_pair, sppo_hard, apo_zero, apo_down, discopop (the names TRL's ``loss_type`` uses).
+  nca_pair, sppo_hard, apo_zero, apo_down, discopop (the names TRL's ``loss_type`` uses), and orpo
+  and cpo (TRL's ORPOTrainer and CPOTrainer).
 - ``LOSS_OPTIONS``: name -> the ``options`` that loss accepts (with their defaults).
 - ``BATCH_STATISTICS``: name -> options that are statistics of a larger batch (kto_pair's
   ``kl_baselines``), computed by the caller with ``kl_ratio_sums`` over that batch.
@@ -16,7 +17,8 @@ Public API:
   forces ``loss.logp_normalization=mean`` for them. Every other loss expects summed log-probs.
 - ``sft_nll(chosen_sum_logps, chosen_token_counts) -> [pairs]``: the per-token NLL of each chosen
   response, the SFT term of RPO (Pang et al. 2024, arXiv 2404.19733, the NLL term of the DPO+NLL
-  loss, Sec. 2); the engine adds ``alpha * sft_nll(...)`` to the preference losses.
+  loss, Sec. 2), of ORPO and of CPO; the engine adds ``alpha * sft_nll(...)`` to the preference
+  losses (``loss.alpha``, 1.0 in conf/loss/rpo.yaml, orpo.yaml and cpo.yaml).
 
 Notation: with summed response log-probs pi_c, pi_r (policy) and ref_c, ref_r (reference),
 ``logits = (pi_c - pi_r) - (ref_c - ref_r)`` and the per-side log-ratios ``pi_c - ref_c``,
@@ -24,16 +26,17 @@ Notation: with summed response log-probs pi_c, pi_r (policy) and ref_c, ref_r (r
 (eps, the assumed label-flip rate) for sigmoid, robust and simpo, and EXO's target (1 - eps, eps),
 which needs eps > 0; ``gamma`` (the absolute target reward margin, default 0.5 like ``loss.gamma``;
 TRL CPOTrainer's ``simpo_gamma`` is the same number, the SimPO repository's ``gamma_beta_ratio`` is
-``gamma / beta``) for simpo; ``discopop_tau`` for discopop. A
+``gamma / beta``) for simpo; ``discopop_tau`` for discopop; ``label_smoothing`` for cpo too. A
 ``label_smoothing`` of 0 is accepted by every other loss so that one config can drive them all.
 
 Against TRL 1.16's own loss code (tests/unit/test_losses_vs_trl.py, float64): values, gradients and
 rewards agree to rounding for sigmoid, robust, hinge, exo_pair, nca_pair, sppo_hard, apo_zero,
-apo_down and discopop (DPOTrainer) and simpo (CPOTrainer). Where TRL differs, ours follows the paper:
+apo_down and discopop (DPOTrainer), simpo and cpo (CPOTrainer) and orpo (ORPOTrainer). Where TRL
+differs, ours follows the paper:
 TRL's DPOTrainer "sigmoid" ignores label_smoothing (ours is cDPO, as TRL's CPOTrainer computes it);
 TRL's IPO length-normalises inside the loss (ours is fed per-token means by conf/loss/ipo.yaml, the
-same loss); TRL's RPO NLL is one token-level mean over the batch (ours, ``sft_nll``, is per response,
-RPO eq. 1); TRL's DiscoPOP overflows to nan at very negative margins; kto_pair is not in TRL 1.x.
+same loss); TRL's RPO, ORPO and CPO NLL is one token-level mean over the batch (ours, ``sft_nll``, is
+per response, RPO eq. 1); TRL's DiscoPOP overflows to nan at very negative margins; kto_pair is not in TRL 1.x.
 """
 
 from __future__ import annotations
@@ -169,6 +172,32 @@ def _discopop(pairs: _Pairs, beta: float, *, discopop_tau: float = 0.05) -> torc
     return -F.logsigmoid(margin) * (1 - mix) + exponential
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -ln 2 (Maechler 2012, "Accurately
+    computing log(1 - exp(-|a|))")."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def _orpo(pairs: _Pairs, beta: float) -> torch.Tensor:
+    """ORPO, Hong et al. 2024 (arXiv 2403.07691) eq. 7: -log sigmoid of the log odds ratio of chosen
+    to rejected, odds(y) = P(y) / (1 - P(y)) with P(y) the exp of the mean per-token log-prob, weighted
+    by beta (the paper's lambda, TRL ORPOConfig's beta). Reference-free; eq. 6's L_SFT is the NLL term
+    the engine adds (``loss.alpha``, 1.0 in conf/loss/orpo.yaml)."""
+    # A response whose mean log-prob is 0 (certain) has infinite odds: log(1 - 1) = -inf, and a nan
+    # gradient from the unselected branch of _log1mexp. Capping mean log-probs at -1e-6 (log-odds at
+    # most 13.8) leaves every response the policy is less than certain of as it is.
+    chosen, rejected = (x.clamp(max=-1e-6) for x in (pairs.policy_chosen, pairs.policy_rejected))
+    log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+    return -beta * F.logsigmoid(log_odds)
+
+
+def _cpo(pairs: _Pairs, beta: float, *, label_smoothing: float = 0.0) -> torch.Tensor:
+    """CPO, Xu et al. 2024 (arXiv 2401.08417) eq. 3: DPO's logistic loss on the policy's summed
+    log-probs alone (the reference dropped), label-smoothed as TRL's CPOTrainer; the paper's L_NLL
+    term is the one the engine adds (``loss.alpha``, 1.0 in conf/loss/cpo.yaml, TRL's cpo_alpha)."""
+    return _smoothed_logistic(beta * (pairs.policy_chosen - pairs.policy_rejected), label_smoothing)
+
+
 _LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "sigmoid": _sigmoid,
     "robust": _robust,
@@ -182,6 +211,8 @@ _LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "apo_zero": _apo_zero,
     "apo_down": _apo_down,
     "discopop": _discopop,
+    "orpo": _orpo,
+    "cpo": _cpo,
 }
 LOSS_NAMES = tuple(_LOSSES)
 BATCH_STATISTICS = {"kto_pair": ("kl_baselines",)}
@@ -195,8 +226,8 @@ LOSS_OPTIONS = {
     }
     for name, fn in _LOSSES.items()
 }
-REFERENCE_FREE_LOSSES = frozenset({"simpo"})
-MEAN_LOGP_LOSSES = frozenset({"simpo"})
+REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "cpo"})
+MEAN_LOGP_LOSSES = frozenset({"simpo", "orpo"})
 
 
 def preference_loss(

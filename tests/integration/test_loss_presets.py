@@ -110,6 +110,33 @@ def test_simpo_is_reference_free_on_mean_token_logps(assets, hf_logps, tmp_path)
     assert info["reference"] == {"cache_dir": None, "computed": False, "mode": "none"}
 
 
+@pytest.mark.parametrize("name", ["orpo", "cpo"])
+def test_orpo_and_cpo_are_reference_free_preferences_plus_the_chosen_nll(assets, hf_logps, tmp_path, name):
+    """loss=orpo (beta 0.1, alpha 1, per-token means): the chosen response's NLL per token minus
+    beta * log sigmoid(log odds ratio), odds = P / (1 - P), P = exp(mean log-prob) (Hong et al.
+    eq. 6-7). loss=cpo (beta 0.1, alpha 1, sums): -log sigmoid(beta * (chosen - rejected summed
+    log-prob)) plus the same NLL (Xu et al.). Averaged over the step's pairs; no reference."""
+    out = tmp_path / name
+    first = train_rows(train(assets, out, loss=name))[0]
+    beta, alpha = 0.1, 1.0  # conf/loss/orpo.yaml, conf/loss/cpo.yaml
+
+    def preference(c, c_n, r, r_n) -> float:
+        if name == "cpo":
+            return -F.logsigmoid(torch.tensor(beta * (c - r), dtype=torch.float64)).item()
+        p_c, p_r = math.exp(c / c_n), math.exp(r / r_n)
+        log_odds = math.log(p_c / (1 - p_c)) - math.log(p_r / (1 - p_r))
+        return -beta * F.logsigmoid(torch.tensor(log_odds, dtype=torch.float64)).item()
+
+    expected = mean(preference(*row) + alpha * -row[0] / row[1] for row in hf_logps)
+    assert math.isclose(first["loss"], expected, rel_tol=1e-5), (first["loss"], expected)
+    per_token = name == "orpo"
+    want_reward = mean(beta * (c / c_n if per_token else c) for c, c_n, _, _ in hf_logps)
+    assert math.isclose(first["chosen_reward"], want_reward, rel_tol=1e-5), (first["chosen_reward"], want_reward)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["loss"] == name
+    assert info["reference"] == {"cache_dir": None, "computed": False, "mode": "none"}
+
+
 def test_rpo_adds_alpha_times_the_per_token_nll_of_each_chosen_response(assets, hf_logps, tmp_path):
     """loss=rpo loss.alpha=1: DPO (ln 2 at init) + alpha * the chosen response's NLL per token,
     each response by its own length (RPO eq. 1; losses.sft_nll), averaged over the step's pairs."""

@@ -34,6 +34,8 @@ def sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 def expected_loss(name, pc, pr, rc, rr, beta, eps=0.0, gamma=0.5, tau=0.05):
     """Each paper's per-pair loss, from the brief's formulas, in float64."""
+    if rc is None:  # a reference-free loss
+        rc = rr = torch.zeros_like(pc)
     h = (pc - pr) - (rc - rr)
     a, b = pc - rc, pr - rr  # per-side log-ratios
     if name == "sigmoid":
@@ -67,6 +69,12 @@ def expected_loss(name, pc, pr, rc, rr, beta, eps=0.0, gamma=0.5, tau=0.05):
     if name == "discopop":
         mix = sigmoid(beta * h / tau)
         return -log_sigmoid(beta * h) * (1 - mix) + torch.exp(-beta * h) * mix
+    if name == "orpo":  # P = exp(mean log-prob), odds = P / (1 - P)
+        p_c, p_r = torch.exp(pc), torch.exp(pr)
+        return -beta * log_sigmoid(torch.log((p_c / (1 - p_c)) / (p_r / (1 - p_r))))
+    if name == "cpo":
+        margin = beta * (pc - pr)
+        return -(1 - eps) * log_sigmoid(margin) - eps * log_sigmoid(-margin)
     raise AssertionError(name)
 
 
@@ -94,6 +102,8 @@ def cases():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_loss_matches_formula_in_value_and_gradient(name, beta, eps, seed):
     inputs = random_logps(seed)
+    if name == "orpo":  # mean log-probs are < 0 (ORPO's odds need P < 1)
+        inputs = [(-(t.detach().abs() + 1e-3) / 4).requires_grad_(True) for t in inputs]
     options = {"label_smoothing": eps} if "label_smoothing" in LOSS_OPTIONS[name] else {}
     if name == "simpo":
         options["gamma"] = 0.3 + seed * 0.4
@@ -143,7 +153,7 @@ def test_defaults_and_special_values():
         plain = preference_loss(name, pc, pr, *ref, beta=0.1, **options)
         for got, want in zip(smoothed, plain):
             torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
-    assert REFERENCE_FREE_LOSSES == MEAN_LOGP_LOSSES == {"simpo"}
+    assert REFERENCE_FREE_LOSSES == {"simpo", "orpo", "cpo"} and MEAN_LOGP_LOSSES == {"simpo", "orpo"}
 
 
 def test_values_where_policy_equals_reference():
@@ -164,7 +174,10 @@ def test_values_where_policy_equals_reference():
 
 
 def grads(name, chosen_ratio, rejected_ratio):
-    """d loss / d policy_chosen and d policy_rejected at the given log-ratios (reference at 0)."""
+    """d loss / d policy_chosen and d policy_rejected at the given log-ratios (reference at 0).
+    ORPO's mean log-probs are taken 1 nat lower: at 0 a response is certain (infinite odds)."""
+    if name == "orpo":
+        chosen_ratio, rejected_ratio = chosen_ratio - 1, rejected_ratio - 1
     pc = torch.tensor([chosen_ratio], dtype=torch.float64, requires_grad=True)
     pr = torch.tensor([rejected_ratio], dtype=torch.float64, requires_grad=True)
     zero = torch.zeros(1, dtype=torch.float64)
@@ -205,6 +218,26 @@ def test_discopop_stays_finite_where_its_exponential_overflows():
     torch.testing.assert_close(grad, torch.tensor([-0.1]))
 
 
+def test_orpo_stays_finite_for_a_response_the_policy_is_certain_of():
+    """A mean log-prob of 0 (every token certain; float32 rounds near-certain ones there) has
+    infinite odds: the loss stays finite, its gradient too, and equals the loss at -1e-6."""
+    pc = torch.tensor([0.0, -1e-9, -0.5], requires_grad=True)
+    pr = torch.tensor([-1.0, -1.0, -1.0], requires_grad=True)
+    loss = preference_loss("orpo", pc, pr, None, None, beta=0.1)[0]
+    grad_c, grad_r = torch.autograd.grad(loss.sum(), (pc, pr))
+    assert torch.isfinite(loss).all() and torch.isfinite(grad_c).all() and torch.isfinite(grad_r).all()
+    capped = preference_loss("orpo", torch.tensor([-1e-6]), pr[:1].detach(), None, None, beta=0.1)[0]
+    torch.testing.assert_close(loss[:2].detach(), capped.expand(2))
+    assert grad_c[2] < 0 < grad_r[2]
+    # In float32 (the engine's log-probs), 1 - exp(x) near x = 0 loses most digits to cancellation
+    # unless computed as -expm1(x): near-certain responses must still match the float64 formula.
+    near = torch.tensor([-2e-6, -1e-5, -3e-4])
+    other = torch.full_like(near, -2.0)
+    got = preference_loss("orpo", near, other, None, None, beta=1.0)[0]
+    want = expected_loss("orpo", near.double(), other.double(), None, None, beta=1.0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
 def test_sft_nll_is_mean_token_nll_of_chosen():
     sums = torch.tensor([-12.0, -3.0, -7.5], requires_grad=True)
     counts = torch.tensor([4, 1, 3])
@@ -222,7 +255,7 @@ def test_sft_nll_is_mean_token_nll_of_chosen():
             "dpo",
             {"beta": 0.1},
             "unknown preference loss 'dpo'; valid names: sigmoid, robust, hinge, ipo, kto_pair, simpo, exo_pair, "
-            "nca_pair, sppo_hard, apo_zero, apo_down, discopop",
+            "nca_pair, sppo_hard, apo_zero, apo_down, discopop, orpo, cpo",
         ),
         ("sigmoid", {"beta": 0.0}, "beta must be a finite number > 0, got 0.0"),
         ("ipo", {"beta": -0.1}, "beta must be a finite number > 0"),

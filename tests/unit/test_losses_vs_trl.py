@@ -6,15 +6,17 @@ called here unbound on small stand-ins that carry only the attributes they read,
 model whose per-token log-probs sum to the log-probs under test, so no model or dataset is built.
 
 Where TRL and we agree, the values match to float64 rounding (rtol 1e-10). Where they differ, the
-test pins the difference down, and the paper decides (see each test and dpo_dist/losses.py):
+test pins the difference down, and the paper decides (see each test and dpo_dist/losses.py).
+SimPO and CPO are compared with ``trl.experimental.cpo.CPOTrainer.cpo_loss``, ORPO with
+``trl.experimental.orpo.ORPOTrainer.odds_ratio_loss``.
 
 - ``ipo``: TRL divides each side's log-ratio by its completion length inside the loss; our kernel
   is IPO eq. 17 on whatever log-probs it is given, and conf/loss/ipo.yaml feeds it per-token means
   (``logp_normalization=mean``), which is the same loss. TRL's logged IPO rewards stay on sums.
 - ``sigmoid`` with label_smoothing > 0: TRL 1.16's DPOTrainer ignores it (plain DPO); ours is
   cDPO as TRL's CPOTrainer and older DPOTrainer compute it, and is compared with that code.
-- ``rpo`` (sigmoid + alpha * NLL of chosen): TRL's ``sft`` term is one token-level mean over the
-  whole batch; RPO (Pang et al. 2024, eq. 1) normalises each chosen response's NLL by its own
+- ``rpo`` (sigmoid + alpha * NLL of chosen): TRL's ``sft`` term (and CPO's and ORPO's NLL) is one
+  token-level mean over the whole batch; RPO (Pang et al. 2024, eq. 1) normalises each chosen response's NLL by its own
   length, as ``sft_nll`` does. Equal for equal lengths only.
 - ``kto_pair``: not in TRL 1.16 (removed; CPOTrainer rejects the name), so nothing to compare.
 """
@@ -41,6 +43,7 @@ with warnings.catch_warnings():
     # place that would notice such a change.
     warnings.simplefilter("ignore")
     from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
 
 BETAS = [0.05, 0.1, 0.5, 2.0]
 PAIRS = 12
@@ -335,11 +338,56 @@ def test_discopop_stays_finite_where_trl_overflows():
     assert torch.isnan(theirs) or torch.allclose(theirs, ours.mean())  # the latter once TRL guards it
 
 
+@pytest.mark.parametrize("beta", [0.05, 0.1, 0.5])
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cpo_matches_trl_cpo_trainer(beta, eps, seed):
+    """CPO (Xu et al. eq. 3) is CPOTrainer's default loss_type="sigmoid": DPO's logistic loss on the
+    policy's summed log-probs, label-smoothed; rewards beta * policy. (Its cpo_alpha * NLL is added
+    outside cpo_loss, as our engine adds loss.alpha * sft_nll.)"""
+    inputs, _ = random_inputs(seed)
+    pc, pr = inputs[:2]
+    weights = torch.linspace(0.5, 1.5, PAIRS, dtype=torch.float64)
+    ours, chosen_rewards, rejected_rewards = preference_loss("cpo", pc, pr, None, None, beta=beta, label_smoothing=eps)
+    theirs, trl_chosen, trl_rejected = trl_cpo("sigmoid", pc, pr, beta=beta, label_smoothing=eps)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    assert_same_gradients((ours * weights).sum(), (theirs * weights).sum(), inputs, used=2)
+    torch.testing.assert_close(chosen_rewards, trl_chosen, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rejected_rewards, trl_rejected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.05, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_orpo_matches_trl_orpo_trainer(beta, seed):
+    """ORPO (Hong et al. eq. 7) against ORPOTrainer.odds_ratio_loss on mean log-probs: TRL returns
+    beta * log sigmoid(log odds ratio) and subtracts its mean from the NLL, so our per-pair loss is
+    its negative; rewards beta * policy in both. Mean log-probs from near-certain (-1e-3 nats per
+    token, both branches of log(1 - exp(x))) to unlikely (-3). TRL computes it in float32 (it calls
+    .float() on the log-probs), so the comparison is at float32 precision."""
+    inputs, _ = random_inputs(seed)
+    pc, pr = (-(t.detach().abs() / 8 + 1e-3) for t in inputs[:2])
+    pc.requires_grad_(True), pr.requires_grad_(True)
+    assert (pc > -0.69).any() and (pc < -0.69).any()
+    weights = torch.linspace(0.5, 1.5, PAIRS, dtype=torch.float64)
+    ours, chosen_rewards, rejected_rewards = preference_loss("orpo", pc, pr, None, None, beta=beta)
+    stand_in = SimpleNamespace(beta=beta, accelerator=_Accelerator())
+    with float64_default():
+        theirs, trl_chosen, trl_rejected, _, _ = ORPOTrainer.odds_ratio_loss(stand_in, pc, pr)
+    assert theirs.dtype == torch.float32
+    torch.testing.assert_close(ours.float(), -theirs, rtol=1e-6, atol=1e-7)
+    got = torch.autograd.grad((ours * weights).sum(), (pc, pr))
+    want = torch.autograd.grad(-(theirs * weights).sum(), (pc, pr))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(chosen_rewards.float(), trl_chosen, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(rejected_rewards.float(), trl_rejected, rtol=1e-6, atol=1e-7)
+
+
 def test_every_loss_is_compared_or_absent_from_trl():
     """Each LOSS_NAMES entry is compared above, or TRL 1.16 does not have it: kto_pair was removed
     (DPOTrainer rejects the name and CPOTrainer says to use KTOTrainer, an unpaired loss with a
     separate KL batch, not this one)."""
-    compared = set(DPO_TRAINER_LOSSES) | {"ipo", "simpo"}
+    compared = set(DPO_TRAINER_LOSSES) | {"ipo", "simpo", "cpo", "orpo"}
     assert set(LOSS_NAMES) == compared | NOT_IN_TRL
     inputs, lengths = random_inputs(0, pairs=2)
     with pytest.raises(ValueError, match="Unknown loss type: kto_pair"):
