@@ -146,7 +146,7 @@ class DataConfig:
 
 LOSS_NAMES = (
     "sigmoid", "robust", "hinge", "ipo", "kto_pair", "simpo", "rpo",
-    "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "orpo", "cpo",
+    "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "orpo", "cpo",
 )
 SMOOTHED_LOSSES = ("sigmoid", "robust", "simpo", "rpo", "exo_pair", "cpo")
 REFERENCE_FREE_LOSSES = ("simpo", "orpo", "cpo")
@@ -163,7 +163,7 @@ class LossConfig:
 
     name: str = "sigmoid"
     """sigmoid (DPO) | robust | hinge | ipo | kto_pair | simpo | rpo (sigmoid + alpha * NLL of chosen) |
-    exo_pair | nca_pair | sppo_hard | apo_zero | apo_down | discopop | orpo | cpo (papers:
+    exo_pair | nca_pair | bco_pair | sppo_hard | apo_zero | apo_down | discopop | orpo | cpo (papers:
     dpo_dist/losses.py). simpo, orpo and cpo are reference-free."""
     beta: float = 0.1
     """Inverse temperature of the implicit reward (KL strength)."""

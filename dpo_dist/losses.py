@@ -7,8 +7,9 @@ Public API:
   all tensors of shape [pairs]. ``losses`` are per pair (the engine reduces them); rewards are
   ``beta * (policy - reference)`` per side (``beta * policy`` for reference-free losses), detached.
 - ``LOSS_NAMES``: the valid ``name`` values: sigmoid, robust, hinge, ipo, kto_pair, simpo, exo_pair,
-  nca_pair, sppo_hard, apo_zero, apo_down, discopop (the names TRL's ``loss_type`` uses), and orpo
-  and cpo (TRL's ORPOTrainer and CPOTrainer).
+  nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop (the names TRL's ``loss_type`` uses),
+  and orpo and cpo (TRL's ORPOTrainer and CPOTrainer). TRL's ``sigmoid_norm`` is sigmoid on
+  per-token means (``loss.logp_normalization=mean``).
 - ``LOSS_OPTIONS``: name -> the ``options`` that loss accepts (with their defaults).
 - ``BATCH_STATISTICS``: name -> options that are statistics of a larger batch (kto_pair's
   ``kl_baselines``), computed by the caller with ``kl_ratio_sums`` over that batch.
@@ -30,7 +31,7 @@ TRL CPOTrainer's ``simpo_gamma`` is the same number, the SimPO repository's ``ga
 ``label_smoothing`` of 0 is accepted by every other loss so that one config can drive them all.
 
 Against TRL 1.16's own loss code (tests/unit/test_losses_vs_trl.py, float64): values, gradients and
-rewards agree to rounding for sigmoid, robust, hinge, exo_pair, nca_pair, sppo_hard, apo_zero,
+rewards agree to rounding for sigmoid, robust, hinge, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero,
 apo_down and discopop (DPOTrainer), simpo and cpo (CPOTrainer) and orpo (ORPOTrainer). Where TRL
 differs, ours follows the paper:
 TRL's DPOTrainer "sigmoid" ignores label_smoothing (ours is cDPO, as TRL's CPOTrainer computes it);
@@ -146,6 +147,13 @@ def _nca_pair(pairs: _Pairs, beta: float) -> torch.Tensor:
     return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
 
 
+def _bco_pair(pairs: _Pairs, beta: float) -> torch.Tensor:
+    """BCO, Jung et al. 2024 (arXiv 2404.04656), the binary cross-entropy of its Theorem 1 (an upper
+    bound of the DPO loss) for a pair: the chosen reward beta * (pi_c - ref_c) classified as good,
+    the rejected one as bad; the paper's reward shift delta is 0 here, as in TRL 1.16's bco_pair."""
+    return -F.logsigmoid(beta * pairs.chosen_ratio()) - F.logsigmoid(-beta * pairs.rejected_ratio())
+
+
 def _sppo_hard(pairs: _Pairs, beta: float) -> torch.Tensor:
     """SPPO, Wu et al. 2024 (arXiv 2405.00675) eq. 4.7 with hard win probabilities (chosen 1, rejected 0)."""
     return (pairs.chosen_ratio() - 0.5 / beta) ** 2 + (pairs.rejected_ratio() + 0.5 / beta) ** 2
@@ -207,6 +215,7 @@ _LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "simpo": _simpo,
     "exo_pair": _exo_pair,
     "nca_pair": _nca_pair,
+    "bco_pair": _bco_pair,
     "sppo_hard": _sppo_hard,
     "apo_zero": _apo_zero,
     "apo_down": _apo_down,

@@ -60,6 +60,8 @@ def expected_loss(name, pc, pr, rc, rr, beta, eps=0.0, gamma=0.5, tau=0.05):
         return s * torch.log(s / (1 - eps)) + (1 - s) * torch.log((1 - s) / eps)
     if name == "nca_pair":
         return -log_sigmoid(beta * a) - 0.5 * log_sigmoid(-beta * a) - 0.5 * log_sigmoid(-beta * b)
+    if name == "bco_pair":
+        return -log_sigmoid(beta * a) - log_sigmoid(-beta * b)
     if name == "sppo_hard":
         return (a - 1 / (2 * beta)) ** 2 + (b + 1 / (2 * beta)) ** 2
     if name == "apo_zero":
@@ -163,6 +165,7 @@ def test_values_where_policy_equals_reference():
     at_zero = {
         "exo_pair": 0.5 * math.log(0.5 / (1 - eps)) + 0.5 * math.log(0.5 / eps),
         "nca_pair": 2 * ln2,
+        "bco_pair": 2 * ln2,
         "sppo_hard": 2 * (1 / (2 * beta)) ** 2,
         "apo_zero": 1.0,
         "apo_down": 1.0,
@@ -255,7 +258,7 @@ def test_sft_nll_is_mean_token_nll_of_chosen():
             "dpo",
             {"beta": 0.1},
             "unknown preference loss 'dpo'; valid names: sigmoid, robust, hinge, ipo, kto_pair, simpo, exo_pair, "
-            "nca_pair, sppo_hard, apo_zero, apo_down, discopop, orpo, cpo",
+            "nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, orpo, cpo",
         ),
         ("sigmoid", {"beta": 0.0}, "beta must be a finite number > 0, got 0.0"),
         ("ipo", {"beta": -0.1}, "beta must be a finite number > 0"),

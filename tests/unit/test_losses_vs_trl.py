@@ -54,6 +54,7 @@ DPO_TRAINER_LOSSES = {
     "hinge": [0.0],
     "exo_pair": [1e-3, 0.1, 0.3],
     "nca_pair": [0.0],
+    "bco_pair": [0.0],
     "sppo_hard": [0.0],
     "apo_zero": [0.0],
     "apo_down": [0.0],
