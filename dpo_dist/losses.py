@@ -8,11 +8,13 @@ Public API:
   ``beta * (policy - reference)`` per side (``beta * policy`` for reference-free losses), detached.
 - ``LOSS_NAMES``: the valid ``name`` values: sigmoid, robust, hinge, ipo, kto_pair, simpo, exo_pair,
   nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop (the names TRL's ``loss_type`` uses),
-  and orpo and cpo (TRL's ORPOTrainer and CPOTrainer). TRL's ``sigmoid_norm`` is sigmoid on
-  per-token means (``loss.logp_normalization=mean``).
+  and orpo and cpo (TRL's ORPOTrainer and CPOTrainer), rpo (sigmoid + alpha * NLL) and sft (the
+  NLL alone; both take ``chosen_tokens``). TRL's ``sigmoid_norm`` is sigmoid on per-token means
+  (``loss.logp_normalization=mean``).
 - ``LOSS_OPTIONS``: name -> the ``options`` that loss accepts (with their defaults).
 - ``BATCH_STATISTICS``: name -> options that are statistics of a larger batch (kto_pair's
   ``kl_baselines``), computed by the caller with ``kl_ratio_sums`` over that batch.
+- ``PAIR_INPUTS``: name -> required per-pair data (rpo's and sft's ``chosen_tokens``).
 - ``REFERENCE_FREE_LOSSES``: losses that ignore the reference (the ref arguments may be None).
 - ``MEAN_LOGP_LOSSES``: losses defined on length-normalized (mean per-token) log-probs; the config
   forces ``loss.logp_normalization=mean`` for them. Every other loss expects summed log-probs.
@@ -186,6 +188,21 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
+def _sft(pairs: _Pairs, beta: float, *, chosen_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Supervised fine-tuning on the chosen response: its NLL per token (``sft_nll``; TRL's loss_type
+    "sft" per pair). Reference-free; beta only scales the logged rewards."""
+    return sft_nll(pairs.policy_chosen, chosen_tokens)
+
+
+def _rpo(
+    pairs: _Pairs, beta: float, *, alpha: float = 1.0, label_smoothing: float = 0.0, chosen_tokens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """RPO, Pang et al. 2024 (arXiv 2404.19733) eq. 1: DPO (cDPO with eps) plus alpha times the
+    chosen response's NLL per token. The engine computes the same sum itself (``loss=rpo`` runs the
+    sigmoid kernel and adds ``loss.alpha * sft_nll``, as for every loss with alpha > 0)."""
+    return _sigmoid(pairs, beta, label_smoothing=label_smoothing) + alpha * _sft(pairs, beta, chosen_tokens=chosen_tokens)
+
+
 def _orpo(pairs: _Pairs, beta: float) -> torch.Tensor:
     """ORPO, Hong et al. 2024 (arXiv 2403.07691) eq. 7: -log sigmoid of the log odds ratio of chosen
     to rejected, odds(y) = P(y) / (1 - P(y)) with P(y) the exp of the mean per-token log-prob, weighted
@@ -222,20 +239,25 @@ _LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "discopop": _discopop,
     "orpo": _orpo,
     "cpo": _cpo,
+    "rpo": _rpo,
+    "sft": _sft,
 }
 LOSS_NAMES = tuple(_LOSSES)
 BATCH_STATISTICS = {"kto_pair": ("kl_baselines",)}
 """Keyword arguments a loss takes that are statistics of a batch larger than the pairs passed in
 (the engine computes them), not ``loss.*`` settings."""
+PAIR_INPUTS = {"rpo": ("chosen_tokens",), "sft": ("chosen_tokens",)}
+"""Keyword arguments a loss requires that are data of the pairs passed in, not ``loss.*`` settings:
+the chosen responses' token counts ([pairs]) for a per-token NLL of summed log-probs."""
 LOSS_OPTIONS = {
     name: {
         p.name: p.default
         for p in inspect.signature(fn).parameters.values()
-        if p.kind is p.KEYWORD_ONLY and p.name not in BATCH_STATISTICS.get(name, ())
+        if p.kind is p.KEYWORD_ONLY and p.name not in BATCH_STATISTICS.get(name, ()) + PAIR_INPUTS.get(name, ())
     }
     for name, fn in _LOSSES.items()
 }
-REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "cpo"})
+REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "cpo", "sft"})
 MEAN_LOGP_LOSSES = frozenset({"simpo", "orpo"})
 
 
@@ -258,6 +280,10 @@ def preference_loss(
     pairs = _checked_pairs(
         name, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, reference_free
     )
+    for key in PAIR_INPUTS.get(name, ()):
+        options[key] = torch.as_tensor(options[key], device=pairs.policy_chosen.device)
+        if tuple(options[key].shape) != tuple(pairs.policy_chosen.shape):
+            raise ValueError(f"{key} must have the log-probs' shape [pairs], got {tuple(options[key].shape)}")
     losses = _LOSSES[name](pairs, beta, **options)
     with torch.no_grad():
         if reference_free:
@@ -286,8 +312,11 @@ def _check_beta(beta) -> None:
 def _checked_options(name: str, options: dict) -> dict:
     accepted = LOSS_OPTIONS[name]
     checked = {}
+    for needed in PAIR_INPUTS.get(name, ()):
+        if options.get(needed) is None:
+            raise ValueError(f"loss {name!r} needs {needed}= (the chosen responses' token counts, [pairs]) for its per-token NLL")
     for key, value in options.items():
-        if key in BATCH_STATISTICS.get(name, ()):
+        if key in BATCH_STATISTICS.get(name, ()) + PAIR_INPUTS.get(name, ()):
             checked[key] = value
             continue
         if key == "label_smoothing" and key not in accepted and value == 0:
@@ -306,6 +335,9 @@ def _checked_options(name: str, options: dict) -> dict:
     tau = checked.get("discopop_tau", 1.0)
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
         raise ValueError(f"discopop_tau for loss {name!r} must be a finite number > 0, got {tau!r}")
+    alpha = checked.get("alpha", 0.0)
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha for loss {name!r} must be a finite number >= 0, got {alpha!r}")
     gamma = checked.get("gamma", 0.0)
     if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
         raise ValueError(f"gamma for loss {name!r} must be a finite number >= 0, got {gamma!r}")

@@ -13,6 +13,7 @@ from dpo_dist.losses import (
     LOSS_NAMES,
     LOSS_OPTIONS,
     MEAN_LOGP_LOSSES,
+    PAIR_INPUTS,
     REFERENCE_FREE_LOSSES,
     preference_loss,
     sft_nll,
@@ -32,7 +33,10 @@ def sigmoid(x: torch.Tensor) -> torch.Tensor:
     return 1 / (1 + torch.exp(-x))
 
 
-def expected_loss(name, pc, pr, rc, rr, beta, eps=0.0, gamma=0.5, tau=0.05):
+CHOSEN_TOKENS = torch.arange(1, 17)  # rpo's and sft's per-token NLL: chosen lengths 1..16 of 16 pairs
+
+
+def expected_loss(name, pc, pr, rc, rr, beta, eps=0.0, gamma=0.5, tau=0.05, alpha=1.0):
     """Each paper's per-pair loss, from the brief's formulas, in float64."""
     if rc is None:  # a reference-free loss
         rc = rr = torch.zeros_like(pc)
@@ -77,6 +81,11 @@ def expected_loss(name, pc, pr, rc, rr, beta, eps=0.0, gamma=0.5, tau=0.05):
     if name == "cpo":
         margin = beta * (pc - pr)
         return -(1 - eps) * log_sigmoid(margin) - eps * log_sigmoid(-margin)
+    nll = -pc / CHOSEN_TOKENS[: len(pc)]
+    if name == "rpo":
+        return -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h) + alpha * nll
+    if name == "sft":
+        return nll
     raise AssertionError(name)
 
 
@@ -88,6 +97,10 @@ def random_logps(seed: int, pairs: int = 16, scale: float = 20.0) -> list[torch.
     tensors[0] = tensors[2] + torch.randn(pairs, generator=generator, dtype=torch.float64) * 3
     tensors[1] = tensors[3] + torch.randn(pairs, generator=generator, dtype=torch.float64) * 3
     return [t.requires_grad_(True) for t in tensors]
+
+
+def pair_inputs(name: str, pairs: int = 16) -> dict:
+    return {"chosen_tokens": CHOSEN_TOKENS[:pairs]} if name in PAIR_INPUTS else {}
 
 
 def cases():
@@ -111,9 +124,12 @@ def test_loss_matches_formula_in_value_and_gradient(name, beta, eps, seed):
         options["gamma"] = 0.3 + seed * 0.4
     if name == "discopop":
         options["discopop_tau"] = 0.05 * (1 + seed)
-    losses, chosen_rewards, rejected_rewards = preference_loss(name, *inputs, beta=beta, **options)
+    if name == "rpo":
+        options["alpha"] = 0.5 * seed
+    losses, chosen_rewards, rejected_rewards = preference_loss(name, *inputs, beta=beta, **options, **pair_inputs(name))
     expected = expected_loss(
-        name, *inputs, beta=beta, eps=eps, gamma=options.get("gamma", 0.5), tau=options.get("discopop_tau", 0.05)
+        name, *inputs, beta=beta, eps=eps, gamma=options.get("gamma", 0.5), tau=options.get("discopop_tau", 0.05),
+        alpha=options.get("alpha", 1.0),
     )
 
     assert losses.shape == (16,)
@@ -150,12 +166,12 @@ def test_defaults_and_special_values():
     # one config can drive every other loss.
     for name in set(LOSS_NAMES) - {"exo_pair"}:
         ref = (None, None) if name in REFERENCE_FREE_LOSSES else (rc, rr)
-        options = {"kl_baselines": torch.tensor([0.1, 0.2])} if name == "kto_pair" else {}
+        options = {"kl_baselines": torch.tensor([0.1, 0.2])} if name == "kto_pair" else pair_inputs(name)
         smoothed = preference_loss(name, pc, pr, *ref, beta=0.1, label_smoothing=0.0, **options)
         plain = preference_loss(name, pc, pr, *ref, beta=0.1, **options)
         for got, want in zip(smoothed, plain):
             torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
-    assert REFERENCE_FREE_LOSSES == {"simpo", "orpo", "cpo"} and MEAN_LOGP_LOSSES == {"simpo", "orpo"}
+    assert REFERENCE_FREE_LOSSES == {"simpo", "orpo", "cpo", "sft"} and MEAN_LOGP_LOSSES == {"simpo", "orpo"}
 
 
 def test_values_where_policy_equals_reference():
@@ -184,7 +200,7 @@ def grads(name, chosen_ratio, rejected_ratio):
     pc = torch.tensor([chosen_ratio], dtype=torch.float64, requires_grad=True)
     pr = torch.tensor([rejected_ratio], dtype=torch.float64, requires_grad=True)
     zero = torch.zeros(1, dtype=torch.float64)
-    losses = preference_loss(name, pc, pr, zero, zero, beta=0.1)[0]
+    losses = preference_loss(name, pc, pr, zero, zero, beta=0.1, **pair_inputs(name, 1))[0]
     return [g.item() for g in torch.autograd.grad(losses.sum(), (pc, pr))]
 
 
@@ -195,7 +211,7 @@ def test_losses_point_the_gradient_the_way_their_papers_say():
     DiscoPOP is non-convex where its mix switches: within a few tau of margin 0 its exponential part
     (1 at 0, above the logistic ln 2) takes over as the margin grows, so there it pushes the margin
     down; from beta * margin = +-1 on it pushes the margin up like the others."""
-    for name in set(LOSS_NAMES) - {"apo_down", "discopop"}:
+    for name in set(LOSS_NAMES) - {"apo_down", "discopop", "sft"}:  # sft: see test_rpo_and_sft_...
         grad_chosen, grad_rejected = grads(name, 0.0, 0.0)
         assert grad_chosen < 0 < grad_rejected, name
     for margin in (-10.0, 10.0):
@@ -241,6 +257,27 @@ def test_orpo_stays_finite_for_a_response_the_policy_is_certain_of():
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
 
 
+def test_rpo_and_sft_need_the_chosen_token_counts_and_are_what_the_engine_computes():
+    """rpo = sigmoid + alpha * sft_nll, the sum the engine forms for loss=rpo; sft is the NLL alone,
+    reaching only the chosen log-probs. Both refuse to guess the lengths of summed log-probs."""
+    pc, pr, rc, rr = random_logps(7, pairs=4)
+    tokens = torch.tensor([3, 1, 8, 5])
+    rpo = preference_loss("rpo", pc, pr, rc, rr, beta=0.1, alpha=0.7, chosen_tokens=tokens)[0]
+    engine = preference_loss("sigmoid", pc, pr, rc, rr, beta=0.1)[0] + 0.7 * sft_nll(pc, tokens)
+    torch.testing.assert_close(rpo, engine, rtol=0, atol=0)
+    sft, chosen_rewards, _ = preference_loss("sft", pc, pr, None, None, beta=0.1, chosen_tokens=tokens)
+    torch.testing.assert_close(sft, -pc / tokens)
+    assert torch.autograd.grad(sft.sum(), (pc, pr), allow_unused=True)[1] is None
+    torch.testing.assert_close(chosen_rewards, 0.1 * pc.detach())
+    for name in ("rpo", "sft"):
+        with pytest.raises(ValueError, match=f"loss '{name}' needs chosen_tokens="):
+            preference_loss(name, pc, pr, rc, rr, beta=0.1)
+        with pytest.raises(ValueError, match=r"chosen_tokens must have the log-probs' shape \[pairs\], got \(3,\)"):
+            preference_loss(name, pc, pr, rc, rr, beta=0.1, chosen_tokens=tokens[:3])
+    with pytest.raises(ValueError, match="alpha for loss 'rpo' must be a finite number >= 0"):
+        preference_loss("rpo", pc, pr, rc, rr, beta=0.1, alpha=-1.0, chosen_tokens=tokens)
+
+
 def test_sft_nll_is_mean_token_nll_of_chosen():
     sums = torch.tensor([-12.0, -3.0, -7.5], requires_grad=True)
     counts = torch.tensor([4, 1, 3])
@@ -258,7 +295,7 @@ def test_sft_nll_is_mean_token_nll_of_chosen():
             "dpo",
             {"beta": 0.1},
             "unknown preference loss 'dpo'; valid names: sigmoid, robust, hinge, ipo, kto_pair, simpo, exo_pair, "
-            "nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, orpo, cpo",
+            "nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, orpo, cpo, rpo, sft",
         ),
         ("sigmoid", {"beta": 0.0}, "beta must be a finite number > 0, got 0.0"),
         ("ipo", {"beta": -0.1}, "beta must be a finite number > 0"),

@@ -306,6 +306,12 @@ def test_rpo_matches_trl_sigmoid_plus_sft_for_equal_lengths(beta, alpha):
     trl_loss = trl_dpo(["sigmoid", "sft"], inputs, lengths, beta=beta, loss_weights=[1.0, alpha])[0]
     torch.testing.assert_close(ours.mean(), trl_loss, rtol=1e-10, atol=1e-12)
     assert_same_gradients(ours.mean(), trl_loss, inputs)
+    rpo = preference_loss("rpo", *inputs, beta=beta, alpha=alpha, chosen_tokens=lengths[0])[0]
+    torch.testing.assert_close(rpo, ours, rtol=0, atol=0)  # the public rpo is the engine's sum
+    sft = preference_loss("sft", inputs[0], inputs[1], None, None, beta=beta, chosen_tokens=lengths[0])[0]
+    trl_sft = trl_dpo(["sft"], inputs, lengths, beta=beta)[0]
+    torch.testing.assert_close(sft.mean(), trl_sft, rtol=1e-10, atol=1e-12)
+    assert_same_gradients(sft.mean(), trl_sft, inputs)
 
 
 def test_rpo_nll_differs_from_trl_for_unequal_lengths():
@@ -388,7 +394,7 @@ def test_every_loss_is_compared_or_absent_from_trl():
     """Each LOSS_NAMES entry is compared above, or TRL 1.16 does not have it: kto_pair was removed
     (DPOTrainer rejects the name and CPOTrainer says to use KTOTrainer, an unpaired loss with a
     separate KL batch, not this one)."""
-    compared = set(DPO_TRAINER_LOSSES) | {"ipo", "simpo", "cpo", "orpo"}
+    compared = set(DPO_TRAINER_LOSSES) | {"ipo", "simpo", "cpo", "orpo", "rpo", "sft"}
     assert set(LOSS_NAMES) == compared | NOT_IN_TRL
     inputs, lengths = random_inputs(0, pairs=2)
     with pytest.raises(ValueError, match="Unknown loss type: kto_pair"):
