@@ -213,6 +213,7 @@ def _sdpa_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, dropout=0.
     bounds = _sequence_bounds(cu_q, bounds)
     if bounds is not None:
         return _sdpa_per_sequence(q, k, v, bounds, scale, window, dropout)
+    _warn_row_mask_once(q.device)
     mask = _block_causal_mask(cu_q, q.shape[0], window, q.device)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1),
@@ -233,11 +234,26 @@ def _sequence_bounds(cu_q: torch.Tensor, bounds: tuple[int, ...] | None) -> tupl
     return tuple(cu_q.tolist()) if cu_q.device.type == "cpu" else None
 
 
-def _expands_kv_heads(device: torch.device) -> bool:
-    """CUDA's memory-efficient SDPA kernel (fp32, or GPUs without flash) takes no grouped kv heads
-    and would fall to the math path; expanded heads cost T x heads x head_dim, not L x L scores.
-    PyTorch's CPU kernels take grouped heads as they are."""
-    return device.type != "cpu"
+@functools.cache
+def _warn_row_mask_once(device: torch.device) -> None:
+    logger.warning(
+        "sdpa packed attention on %s got no cu_seq_lens_host (host boundaries): one masked call over "
+        "each packed row, T x T scores; pass dpo_dist.attention.packed_forward_kwargs(batch) instead",
+        device,
+    )
+
+
+def _expands_kv_heads(q: torch.Tensor, window: int | None) -> bool:
+    """Whether grouped kv heads must be expanded to every query head for a fused SDPA kernel.
+
+    PyTorch's CPU kernels take grouped heads as they are. On CUDA only the flash kernel (fp16/bf16,
+    sm80+, no mask) does; the memory-efficient one (fp32, older GPUs, or a sliding-window mask)
+    does not and would fall to the math path with [heads, L, L] scores. Expanded heads cost
+    T x heads x head_dim instead."""
+    if q.device.type == "cpu":
+        return False
+    flash = q.dtype in _HALF_DTYPES and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) >= (8, 0)
+    return not flash or window is not None
 
 
 def _sdpa_per_sequence(q, k, v, bounds, scale, window, dropout):
@@ -247,7 +263,7 @@ def _sdpa_per_sequence(q, k, v, bounds, scale, window, dropout):
     that sequence's own."""
     groups = q.shape[1] // k.shape[1]
     gqa = groups > 1
-    if gqa and _expands_kv_heads(q.device):
+    if gqa and _expands_kv_heads(q, window):
         k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
         gqa = False
     pieces = []

@@ -133,7 +133,7 @@ class PackedPolicy(nn.Module):
     def forward(self, *tensors: torch.Tensor, **host) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # Plain tensors in and out (PackedBatch.split): ZeRO-3 hooks the backward of the tensors it
         # finds among a module's inputs and outputs.
-        batch = PackedBatch(*tensors, **host)
+        batch = PackedBatch.join(tensors, host)
         out = sequence_logps(
             self.model, batch, chunk_tokens=self.chunk_tokens, normalize=self.normalize, num_chunks=self.num_chunks
         )

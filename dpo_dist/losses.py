@@ -29,7 +29,7 @@ Notation: with summed response log-probs pi_c, pi_r (policy) and ref_c, ref_r (r
 (eps, the assumed label-flip rate) for sigmoid, robust and simpo, and EXO's target (1 - eps, eps),
 which needs eps > 0; ``gamma`` (the absolute target reward margin, default 0.5 like ``loss.gamma``;
 TRL CPOTrainer's ``simpo_gamma`` is the same number, the SimPO repository's ``gamma_beta_ratio`` is
-``gamma / beta``) for simpo; ``discopop_tau`` for discopop; ``label_smoothing`` for cpo too. A
+``gamma / beta``) for simpo; ``discopop_tau`` for discopop; ``label_smoothing`` for rpo and cpo too. A
 ``label_smoothing`` of 0 is accepted by every other loss so that one config can drive them all.
 
 Against TRL 1.16's own loss code (tests/unit/test_losses_vs_trl.py, float64): values, gradients and
@@ -39,7 +39,8 @@ differs, ours follows the paper:
 TRL's DPOTrainer "sigmoid" ignores label_smoothing (ours is cDPO, as TRL's CPOTrainer computes it);
 TRL's IPO length-normalises inside the loss (ours is fed per-token means by conf/loss/ipo.yaml, the
 same loss); TRL's RPO, ORPO and CPO NLL is one token-level mean over the batch (ours, ``sft_nll``, is
-per response, RPO eq. 1); TRL's DiscoPOP overflows to nan at very negative margins; kto_pair is not in TRL 1.x.
+per response, RPO eq. 1), and TRL's ORPO NLL also scores the prompt tokens (ORPO eq. 6 scores the
+response given the prompt, as ours does); TRL's DiscoPOP overflows to nan at very negative margins; kto_pair is not in TRL 1.x.
 """
 
 from __future__ import annotations
@@ -182,12 +183,6 @@ def _discopop(pairs: _Pairs, beta: float, *, discopop_tau: float = 0.05) -> torc
     return -F.logsigmoid(margin) * (1 - mix) + exponential
 
 
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, accurate on both sides of -ln 2 (Maechler 2012, "Accurately
-    computing log(1 - exp(-|a|))")."""
-    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
-
-
 def _sft(pairs: _Pairs, beta: float, *, chosen_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Supervised fine-tuning on the chosen response: its NLL per token (``sft_nll``; TRL's loss_type
     "sft" per pair). Reference-free; beta only scales the logged rewards."""
@@ -203,15 +198,29 @@ def _rpo(
     return _sigmoid(pairs, beta, label_smoothing=label_smoothing) + alpha * _sft(pairs, beta, chosen_tokens=chosen_tokens)
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -ln 2 (Maechler 2012, "Accurately
+    computing log(1 - exp(-|a|))"). Each branch gets only inputs in its own range: torch.where
+    back-propagates through the branch it did not pick too, and an inf there is a nan gradient."""
+    near_zero = x > -math.log(2)
+    return torch.where(
+        near_zero,
+        torch.log(-torch.expm1(x.clamp(min=-math.log(2)))),
+        torch.log1p(-torch.exp(x.clamp(max=-math.log(2)))),
+    )
+
+
 def _orpo(pairs: _Pairs, beta: float) -> torch.Tensor:
     """ORPO, Hong et al. 2024 (arXiv 2403.07691) eq. 7: -log sigmoid of the log odds ratio of chosen
     to rejected, odds(y) = P(y) / (1 - P(y)) with P(y) the exp of the mean per-token log-prob, weighted
     by beta (the paper's lambda, TRL ORPOConfig's beta). Reference-free; eq. 6's L_SFT is the NLL term
     the engine adds (``loss.alpha``, 1.0 in conf/loss/orpo.yaml)."""
-    # A response whose mean log-prob is 0 (certain) has infinite odds: log(1 - 1) = -inf, and a nan
-    # gradient from the unselected branch of _log1mexp. Capping mean log-probs at -1e-6 (log-odds at
-    # most 13.8) leaves every response the policy is less than certain of as it is.
-    chosen, rejected = (x.clamp(max=-1e-6) for x in (pairs.policy_chosen, pairs.policy_rejected))
+    # At least float32, as TRL computes it: in bf16, exp(x) rounds to 1 for x above about -4e-3.
+    dtype = torch.promote_types(pairs.policy_chosen.dtype, torch.float32)
+    # A response whose mean log-prob is 0 (certain) has infinite odds. Capping mean log-probs at
+    # -1e-6 (log-odds at most 13.8) leaves every response the policy is less than certain of as it
+    # is; a capped side gets no gradient from the odds term (the NLL term still reaches the chosen).
+    chosen, rejected = (x.to(dtype).clamp(max=-1e-6) for x in (pairs.policy_chosen, pairs.policy_rejected))
     log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
     return -beta * F.logsigmoid(log_odds)
 

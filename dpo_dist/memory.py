@@ -21,7 +21,7 @@ Memory model (bytes per GPU; N = ranks, P = parameters, Pt = trainable parameter
   the SwiGLU MLP (gate, up, silu(gate), product).
 - ``model.attn_backend=sdpa`` (or ``auto`` with fp32 weights): one fused SDPA call per sequence, no
   T x T matrix, but per layer kept it saves each sequence's output besides the concatenated one and,
-  with grouped kv heads, k and v expanded to every query head (see ``activation_items``).
+  with grouped kv heads and fp32 weights, k and v expanded to every query head (see ``activation_items``).
 - logits: one chunk of ``model.logits_chunk_tokens`` positions x vocab at a time, forward and
   recomputed in backward: bf16 logits, fp32 upcast, fp32 log-softmax, fp32 and bf16 gradients:
   ``(2b + 12)*chunk*V``.
@@ -476,13 +476,16 @@ def activation_items(shape: ModelShape, s: PlanSettings, a: PlanAssumptions) -> 
     ]
     if s.sdpa_backend:
         # attention._sdpa_per_sequence: SDPA saves each sequence's output for its backward besides
-        # the concatenated output o_proj saves, and on GPUs grouped kv heads are expanded to every
-        # query head (k and v) so that a fused kernel runs. No T x T matrix exists.
-        grouped = shape.kv_heads != shape.heads
-        per_layer = b * t * shape.q_dim * (3 if grouped else 1)
+        # the concatenated output o_proj saves. With fp32 weights only the memory-efficient kernel
+        # runs fused and it takes no grouped kv heads: k and v are expanded to every query head
+        # (saved per kept layer, and their gradients in the layer being back-propagated). bf16
+        # runs the flash kernel on grouped heads (sm80+). No T x T matrix exists.
+        expanded = shape.kv_heads != shape.heads and s.dtype_bytes == 4
         kept = 1 if s.activation_checkpointing else shape.layers
-        copies = "outputs per sequence" + (" + k, v expanded to every query head" if grouped else "")
-        items.append(MemoryItem("sdpa per-sequence copies", per_layer * kept, f"{copies}: {kept} layer(s) x {t} tokens", "fwd_bwd"))
+        per_layer = b * t * shape.q_dim * (3 if expanded else 1)
+        copies = "outputs per sequence" + (" + k, v expanded to every query head (+ their grads)" if expanded else "")
+        total = per_layer * kept + (2 * b * t * shape.q_dim if expanded else 0)
+        items.append(MemoryItem("sdpa per-sequence copies", total, f"{copies}: {kept} layer(s) x {t} tokens", "fwd_bwd"))
     return items
 
 

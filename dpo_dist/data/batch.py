@@ -60,14 +60,22 @@ class PackedBatch:
         return _move(self, device)
 
     def split(self) -> tuple[list[torch.Tensor], dict]:
-        """(tensor fields in order, host fields by name): ``PackedBatch(*tensors, **host)`` rebuilds it.
+        """(tensor fields in ``TENSOR_FIELDS`` order, host fields by name); ``join`` rebuilds the batch.
 
         A DeepSpeed engine's forward takes the two apart: ZeRO-3 finds the tensors among a module's
         positional inputs to hook its backward, and cannot look inside a dataclass.
         """
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        tensors = [v for v in values.values() if isinstance(v, torch.Tensor)]
-        return tensors, {k: v for k, v in values.items() if not isinstance(v, torch.Tensor)}
+        host = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in PACKED_TENSOR_FIELDS}
+        return [getattr(self, name) for name in PACKED_TENSOR_FIELDS], host
+
+    @classmethod
+    def join(cls, tensors, host: dict) -> PackedBatch:
+        """The batch ``split`` took apart."""
+        return cls(**dict(zip(PACKED_TENSOR_FIELDS, tensors, strict=True)), **host)
+
+
+PACKED_TENSOR_FIELDS = ("input_ids", "position_ids", "labels", "cu_seqlens", "seq_index", "example_ids")
+"""The tensor fields of ``PackedBatch`` (the rest are host values), in ``split``'s order."""
 
 
 @dataclass

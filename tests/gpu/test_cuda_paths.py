@@ -64,16 +64,36 @@ def test_gpu_backend_applies_a_sliding_window_within_each_sequence(backend):
     assert_backend_matches_sdpa(backend, lambda: seeded(MistralForCausalLM, config))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_gpu_sdpa_per_sequence_matches_one_masked_call_over_the_row(shape, monkeypatch):
-    """The GPU fallback for fp32 weights: per-sequence calls reading host boundaries, grouped kv
-    heads expanded, against the block-diagonal mask a caller without host boundaries gets."""
+FUSED_SDPA = ("EFFICIENT_ATTENTION", "FLASH_ATTENTION", "CUDNN_ATTENTION")
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, "mistral_window"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_sdpa_per_sequence_runs_fused_and_matches_one_masked_call_over_the_row(shape, dtype, monkeypatch):
+    """The SDPA backend on a GPU (the fallback for fp32 weights): per-sequence calls reading host
+    boundaries, grouped kv heads expanded where the kernel needs it, run with PyTorch's math path
+    disabled (so a fallback to [heads, L, L] scores fails here), and agree with the block-diagonal
+    mask a caller without host boundaries gets."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import MistralConfig, MistralForCausalLM
+
     from dpo_dist import attention
+    from tests.unit.tiny_models import seeded, tiny_config
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    got, got_grads = scored("sdpa", lambda: tiny_llama(**SHAPES[shape]), torch.float32)
+    if shape == "mistral_window":
+        config = tiny_config(MistralConfig, sliding_window=16, hidden_size=256, intermediate_size=512)
+        make = lambda: seeded(MistralForCausalLM, config)  # noqa: E731
+    else:
+        make = lambda: tiny_llama(**SHAPES[shape])  # noqa: E731
+    with sdpa_kernel([getattr(SDPBackend, name) for name in FUSED_SDPA]):
+        got, got_grads = scored("sdpa", make, dtype)
     monkeypatch.setattr(attention, "_sequence_bounds", lambda *a: None)
-    want, want_grads = scored("sdpa", lambda: tiny_llama(**SHAPES[shape]), torch.float32)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(got_grads, want_grads, rtol=1e-3, atol=1e-5)
+    want, want_grads = scored("sdpa", make, dtype)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got_grads, want_grads, rtol=1e-3, atol=1e-5)
+    else:
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-1)
+        assert torch.nn.functional.cosine_similarity(got_grads, want_grads, dim=0) > 0.999

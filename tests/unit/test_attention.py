@@ -153,10 +153,11 @@ def test_sliding_window_model_matches_unpacked(backend):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
-def test_mask_is_built_once_per_forward_and_the_cache_stays_bounded(monkeypatch):
+def test_mask_is_built_once_per_forward_and_the_cache_stays_bounded(monkeypatch, caplog):
     from dpo_dist import attention
 
     monkeypatch.setattr(attention, "_sequence_bounds", lambda *a: None)  # a GPU caller without host bounds
+    attention._warn_row_mask_once.cache_clear()
     monkeypatch.setattr(attention, "_mask_cache", {})
     builds = []
     searchsorted = torch.searchsorted
@@ -173,6 +174,9 @@ def test_mask_is_built_once_per_forward_and_the_cache_stays_bounded(monkeypatch)
         model(input_ids=batch.input_ids, **packed_forward_kwargs(batch)).logits.sum().backward()
         assert len(builds) == 1  # 3 layers forward + 3 recomputed in backward share one mask
     assert len(attention._mask_cache) == 1
+    # The row mask is what a GPU caller without host boundaries gets: said once.
+    warnings = [r.getMessage() for r in caplog.records if "no cu_seq_lens_host" in r.getMessage()]
+    assert len(warnings) == 1 and "T x T scores" in warnings[0], warnings
 
 
 def test_mask_cache_follows_in_place_changes_of_cu_seqlens(monkeypatch):
@@ -219,7 +223,7 @@ def test_per_sequence_and_masked_sdpa_agree_in_values_and_gradients(monkeypatch,
 
     def run(path: str):
         monkeypatch.setattr(attention, "_sequence_bounds", (lambda *a: None) if path == "mask" else bounds)
-        monkeypatch.setattr(attention, "_expands_kv_heads", lambda device: path == "expanded")
+        monkeypatch.setattr(attention, "_expands_kv_heads", lambda *a: path == "expanded")
         if model_class == "llama":
             model = tiny_llama()
         else:

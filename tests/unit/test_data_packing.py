@@ -57,9 +57,26 @@ def test_collate_packed_fields():
     assert batch.seq_index.tolist() == [0] * 5 + [1] * 6 + [2] * 6 + [3] * 3
     assert batch.example_ids.tolist() == [5, 9]
     assert batch.max_seqlen == 6 and isinstance(batch.max_seqlen, int)
+    assert batch.cu_seqlens_host == (0, 5, 11, 17, 20) and all(type(b) is int for b in batch.cu_seqlens_host)
     assert (batch.num_pairs, batch.num_sequences, batch.num_tokens) == (2, 4, 20)
     for tensor in (batch.input_ids, batch.labels, batch.position_ids, batch.seq_index, batch.example_ids):
         assert tensor.dtype == torch.int64
+
+
+def test_packed_batch_splits_into_tensors_and_host_values_and_joins_back():
+    """What crosses a DeepSpeed engine's forward: every tensor positionally, host ints by name."""
+    from dataclasses import fields
+
+    from dpo_dist.data.batch import PACKED_TENSOR_FIELDS, PackedBatch
+
+    batch = collate_packed(PAIRS)
+    tensors, host = batch.split()
+    assert all(isinstance(t, torch.Tensor) for t in tensors) and len(tensors) == len(PACKED_TENSOR_FIELDS)
+    assert host == {"max_seqlen": 6, "cu_seqlens_host": (0, 5, 11, 17, 20)}
+    assert set(PACKED_TENSOR_FIELDS) | set(host) == {f.name for f in fields(PackedBatch)}
+    joined = PackedBatch.join(tensors, host)
+    for f in fields(PackedBatch):
+        assert getattr(joined, f.name) is getattr(batch, f.name), f.name
 
 
 def test_collate_padded_same_order_right_padded():

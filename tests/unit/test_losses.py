@@ -255,6 +255,19 @@ def test_orpo_stays_finite_for_a_response_the_policy_is_certain_of():
     got = preference_loss("orpo", near, other, None, None, beta=1.0)[0]
     want = expected_loss("orpo", near.double(), other.double(), None, None, beta=1.0)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    # torch.where back-propagates through both branches: each must stay finite where it is unused.
+    from dpo_dist.losses import _log1mexp
+
+    x = torch.tensor([-1e-9, -0.5, -0.9, -30.0], requires_grad=True)
+    (grad,) = torch.autograd.grad(_log1mexp(x).sum(), x)
+    torch.testing.assert_close(_log1mexp(x.detach().double()), torch.log(-torch.expm1(x.detach().double())))
+    assert torch.isfinite(grad).all(), grad
+    # bf16 log-probs from a direct caller: computed in float32 (as TRL does), no nan gradients.
+    for dtype in (torch.bfloat16, torch.float16):
+        half = torch.tensor([-5e-4, -2e-6, -0.5], dtype=dtype, requires_grad=True)
+        loss = preference_loss("orpo", half, torch.full((3,), -2.0, dtype=dtype), None, None, beta=0.1)[0]
+        (grad,) = torch.autograd.grad(loss.sum(), half)
+        assert loss.dtype == torch.float32 and torch.isfinite(grad).all(), (dtype, grad)
 
 
 def test_rpo_and_sft_need_the_chosen_token_counts_and_are_what_the_engine_computes():

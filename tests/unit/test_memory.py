@@ -277,21 +277,26 @@ def test_memory_table_pairs_items_by_name(monkeypatch):
 
 def test_sdpa_backend_plans_its_per_sequence_copies_and_no_t_by_t_matrix():
     """model.attn_backend=sdpa runs one fused call per sequence (attention._sdpa_per_sequence): per
-    kept layer, each sequence's output (saved by SDPA) besides the concatenated one and, with
-    grouped kv heads (Llama 3 70B: 64 heads, 8 kv heads), k and v expanded to every query head;
-    every layer without checkpointing. Nothing grows with T x T."""
+    kept layer each sequence's output (saved by SDPA) besides the concatenated one; with fp32
+    weights and grouped kv heads (Llama 3 70B: 64 heads, 8 kv heads) also k and v expanded to every
+    query head, plus their gradients in the layer being back-propagated. bf16 runs flash on the
+    grouped heads. Every layer keeps its copies without checkpointing; nothing grows with T x T."""
     s, t = shape("llama3_70b"), 8192
+    output = 2 * t * 64 * 128  # bf16 x tokens x query heads x head_dim
     varlen = plan_memory(s, settings(64))
-    per_sequence = plan_memory(s, settings(64, sdpa_backend=True))
-    copies = 3 * 2 * t * 64 * 128  # (output + k + v) x bf16 x tokens x query heads x head_dim
-    assert per_sequence.item("sdpa per-sequence copies") == copies
-    assert per_sequence.peak - varlen.peak == pytest.approx(copies * 1.1) and per_sequence.fits  # + 10% margin
-    no_ckpt = plan_memory(s, settings(64, sdpa_backend=True, activation_checkpointing=False))
-    assert no_ckpt.item("sdpa per-sequence copies") == 80 * copies
-    long = plan_memory(s, settings(64, sdpa_backend=True, micro_batch_tokens=4 * t))
-    assert long.item("sdpa per-sequence copies") == 4 * copies  # linear in T, not quadratic
+    bf16 = plan_memory(s, settings(64, sdpa_backend=True))
+    assert bf16.item("sdpa per-sequence copies") == output
+    assert bf16.peak - varlen.peak == pytest.approx(output * 1.1) and bf16.fits  # + 10% margin
+    fp32 = settings(16, sdpa_backend=True, dtype_bytes=4, grad_accum_bytes=4)
+    expanded = 2 * output  # fp32
+    assert plan_memory(s, fp32).item("sdpa per-sequence copies") == 3 * expanded + 2 * expanded
+    no_ckpt = plan_memory(s, replace(fp32, activation_checkpointing=False))
+    assert no_ckpt.item("sdpa per-sequence copies") == 80 * 3 * expanded + 2 * expanded
+    long = plan_memory(s, replace(fp32, micro_batch_tokens=4 * t))
+    assert long.item("sdpa per-sequence copies") == 4 * (3 * expanded + 2 * expanded)  # linear in T
     mha = ModelShape.from_hf_config({**hf_config("llama3_1b"), "num_key_value_heads": 32})  # nothing to expand
-    assert plan_memory(mha, settings(8, sdpa_backend=True)).item("sdpa per-sequence copies") == 2 * t * 2048
+    mha_fp32 = settings(8, sdpa_backend=True, dtype_bytes=4, grad_accum_bytes=4)
+    assert plan_memory(mha, mha_fp32).item("sdpa per-sequence copies") == 4 * t * 2048
 
 
 def test_host_memory_is_checked_in_gib_as_slurm_is_asked_for_it():
