@@ -146,9 +146,11 @@ class DataConfig:
 
 LOSS_NAMES = (
     "sigmoid", "robust", "hinge", "ipo", "kto_pair", "simpo", "rpo",
-    "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "orpo", "cpo",
+    "exo_pair", "nca_pair", "bco_pair", "aot", "aot_unpaired", "sppo_hard", "apo_zero", "apo_down", "discopop",
+    "orpo", "cpo",
 )
-SMOOTHED_LOSSES = ("sigmoid", "robust", "simpo", "rpo", "exo_pair", "cpo")
+SMOOTHED_LOSSES = ("sigmoid", "robust", "simpo", "rpo", "exo_pair", "cpo", "aot", "aot_unpaired")
+BATCH_STATISTICS_LOSSES = ("kto_pair", "aot", "aot_unpaired")
 REFERENCE_FREE_LOSSES = ("simpo", "orpo", "cpo")
 MEAN_LOGP_LOSSES = ("simpo", "orpo")
 """As dpo_dist.losses' sets of the same names (a test keeps them in step; config imports no torch)."""
@@ -163,8 +165,8 @@ class LossConfig:
 
     name: str = "sigmoid"
     """sigmoid (DPO) | robust | hinge | ipo | kto_pair | simpo | rpo (sigmoid + alpha * NLL of chosen) |
-    exo_pair | nca_pair | bco_pair | sppo_hard | apo_zero | apo_down | discopop | orpo | cpo (papers:
-    dpo_dist/losses.py). simpo, orpo and cpo are reference-free."""
+    exo_pair | nca_pair | bco_pair | aot | aot_unpaired | sppo_hard | apo_zero | apo_down | discopop |
+    orpo | cpo (papers: dpo_dist/losses.py). simpo, orpo and cpo are reference-free."""
     beta: float = 0.1
     """Inverse temperature of the implicit reward (KL strength)."""
     label_smoothing: float = 0.0
@@ -214,8 +216,9 @@ class LossConfig:
 
     def uses_batch_statistics(self) -> bool:
         """Whether the loss needs statistics of the whole step (``losses.BATCH_STATISTICS``: kto_pair's
-        KL baselines), which the engine gets from one extra no-grad forward per micro-batch."""
-        return self.kernel_name() == "kto_pair"
+        KL baselines, aot's rank partners), which the engine gets from one extra no-grad forward per
+        micro-batch."""
+        return self.kernel_name() in BATCH_STATISTICS_LOSSES
 
 
 @dataclass

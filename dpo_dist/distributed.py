@@ -309,6 +309,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def rank() -> int:
+    """This process's rank in the default group (0 in a single process)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` (one shape on all ranks) concatenated in rank order along dim 0;
+    ``tensor`` itself in a single process."""
+    if not _multi_rank():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
 def broadcast_object(value):
     """Rank 0's ``value`` (any picklable object) on every rank; a no-op in a single process."""
     if _multi_rank():

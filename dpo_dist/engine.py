@@ -45,7 +45,14 @@ from dpo_dist.data import collate_packed, load_tokenized, pack_pairs
 from dpo_dist.data.batch import PackedBatch
 from dpo_dist.export import merged_lora_weight, write_atomically, zero3_loading_paused
 from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
-from dpo_dist.losses import BATCH_STATISTICS, LOSS_OPTIONS, kl_ratio_sums, preference_loss, sft_nll
+from dpo_dist.losses import (
+    BATCH_STATISTICS,
+    LOSS_OPTIONS,
+    aot_targets_for,
+    kl_ratio_sums,
+    preference_loss,
+    sft_nll,
+)
 from dpo_dist.runinfo import MetricsLog, read_metrics, write_run_info
 
 log = logging.getLogger("dpo_dist.engine")
@@ -611,7 +618,8 @@ def with_online_reference(ctx: StepContext, batches: list[MicroBatch]) -> list[M
 def forward_backward(ctx: StepContext, mb: MicroBatch, denominator: float, sums: torch.Tensor, statistics: dict) -> None:
     """One packed micro-batch of a training step: losses, backward, metric sums (on device).
 
-    ``denominator`` is the step's ``loss_denominator``; ``statistics``: the step's ``batch_statistics``."""
+    ``denominator`` is the step's ``loss_denominator``; ``statistics``: this micro-batch's entry of
+    the step's ``batch_statistics``."""
     result = micro_batch_losses(ctx, mb, train=True, statistics=statistics)
     ctx.engine.backward(result.losses.sum() * (mb.weight * ctx.world / denominator))
     accumulate(sums, mb.weight, mb.batch, result)
@@ -633,7 +641,7 @@ class PairResults(NamedTuple):
 def micro_batch_losses(ctx: StepContext, mb: MicroBatch, train: bool, statistics: dict | None = None) -> PairResults:
     """Losses, rewards and log-probs of a micro-batch's pairs; ``train`` picks the reference store
     of the training split, else the eval split's. SFT losses are per-sequence summed NLLs.
-    ``statistics``: the loss's batch statistics (``batch_statistics``) over the whole step or set."""
+    ``statistics``: the micro-batch's entry of ``batch_statistics`` (over the whole step or set)."""
     cfg = ctx.cfg
     out = run_packed(ctx.engine, mb.batch)
     if cfg.stage == "sft":
@@ -711,32 +719,66 @@ def train_step(ctx: StepContext, dataset, plans: list[MicroBatchPlan], denominat
     sums = metric_sums(ctx.device)
     # All of the step's micro-batches collated up front: no host work between backward and forward.
     batches = with_online_reference(ctx, list(micro_batches(ctx, dataset, plans)))
-    statistics = batch_statistics(ctx, batches, train=True)
-    for i, mb in enumerate(batches):
+    statistics = batch_statistics(ctx, batches, train=True, capacity=ctx.cfg.train.pairs_per_step)
+    for i, (mb, mb_statistics) in enumerate(zip(batches, statistics, strict=True)):
         ctx.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
-        forward_backward(ctx, mb, denominator, sums, statistics)
+        forward_backward(ctx, mb, denominator, sums, mb_statistics)
     ctx.engine.step()
     return sums
 
 
 @torch.no_grad()
-def batch_statistics(ctx: StepContext, batches: Iterable[MicroBatch], train: bool) -> dict[str, torch.Tensor]:
-    """The loss's statistics over all pairs of ``batches`` on all ranks (``losses.BATCH_STATISTICS``):
-    kto_pair's KL baselines are means over the whole optimizer step (or eval set), so its loss does
-    not depend on how the pairs are split into micro-batches and ranks. Costs one extra no-grad
-    forward per micro-batch, for kto_pair only; every other loss returns {} at once."""
-    if ctx.cfg.stage == "sft" or "kl_baselines" not in BATCH_STATISTICS.get(ctx.cfg.loss.kernel_name(), ()):
-        return {}
-    sums = torch.zeros(3, device=ctx.device, dtype=torch.float64 if ctx.device.type == "cpu" else torch.float32)
+def batch_statistics(ctx: StepContext, batches: Iterable[MicroBatch], train: bool, capacity: int) -> list[dict]:
+    """The loss's statistics over all pairs of ``batches`` on all ranks (``losses.BATCH_STATISTICS``),
+    one dict of loss keyword arguments per micro-batch. kto_pair's KL baselines are means over the
+    whole optimizer step (or eval set), and aot's rank partners come from sorting all of its pairs,
+    so neither loss depends on how the pairs are split into micro-batches and ranks. Costs one extra
+    no-grad forward per micro-batch, for those losses only; ``capacity``: the most pairs one rank
+    can hold (the step's or eval set's pairs), the padded size of aot's gather."""
+    needed = () if ctx.cfg.stage == "sft" else BATCH_STATISTICS.get(ctx.cfg.loss.kernel_name(), ())
+    if not needed:
+        return [{} for _ in batches]
+    weights, logps = [], []
     for mb in batches:  # the same micro-batches (fillers too) on every rank: ZeRO-3 forwards are collective
         out = run_packed(ctx.engine, mb.batch)
-        policy_chosen, policy_rejected = split_pairs(out.logps)
-        ref_chosen, ref_rejected = reference_logps(ctx, mb, out, train)
-        ratios = kl_ratio_sums(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-        sums[:2] += mb.weight * ratios.to(sums.dtype)
-        sums[2] += mb.weight * mb.batch.num_pairs
+        weights.append(mb.weight)
+        logps.append((*split_pairs(out.logps), *reference_logps(ctx, mb, out, train)))
+    if "kl_baselines" in needed:
+        return [{"kl_baselines": kl_baselines(weights, logps, ctx.device)}] * len(weights)
+    return aot_statistics(ctx.cfg.loss.kernel_name(), weights, logps, capacity)
+
+
+def kl_baselines(weights: list[float], logps: list[tuple], device: torch.device) -> torch.Tensor:
+    """kto_pair's [2] clamped mean (chosen, rejected) log-ratios over every rank's pairs."""
+    sums = torch.zeros(3, device=device, dtype=torch.float64 if device.type == "cpu" else torch.float32)
+    for weight, values in zip(weights, logps):
+        sums[:2] += weight * kl_ratio_sums(*values).to(sums.dtype)
+        sums[2] += weight * len(values[0])
     D.all_reduce_sum(sums)
-    return {"kl_baselines": (sums[:2] / sums[2].clamp(min=1)).clamp(min=0).float()}
+    return (sums[:2] / sums[2].clamp(min=1)).clamp(min=0).float()
+
+
+def aot_statistics(name: str, weights: list[float], logps: list[tuple], capacity: int) -> list[dict]:
+    """aot's rank partners (``losses.aot_targets_for``) from all ranks' pairs, split back per micro-batch.
+
+    Each rank pads its real pairs (filler micro-batches left out) to ``capacity`` with +inf, which
+    sorts last on both sides of every comparison, so one equal-size all-gather and no host sync
+    suffice. A filler micro-batch gets no targets: its loss (in-batch sorted) is weighted 0."""
+    real = [values for weight, values in zip(weights, logps) if weight > 0]
+    counts = [len(values[0]) for values in real]
+    if sum(counts) > capacity:
+        raise ValueError(f"aot statistics: {sum(counts)} pairs on this rank, more than the capacity {capacity}")
+    device, columns = logps[0][0].device, []
+    for j in range(4):  # policy chosen, policy rejected, reference chosen, reference rejected
+        # Every rank gathers, also one holding only fillers (fewer pairs in the step than ranks).
+        mine = torch.cat([values[j] for values in real]).float() if real else torch.zeros(0, device=device)
+        padding = torch.full((capacity - len(mine),), math.inf, device=device)
+        columns.append(D.all_gather_cat(torch.cat([mine, padding])))
+    targets = aot_targets_for(name, columns[:2], columns[2:])
+    start = D.rank() * capacity
+    mine = targets[..., start : start + sum(counts)].split(counts, dim=-1) if real else ()
+    per_real = iter(mine)
+    return [{"aot_targets": next(per_real)} if weight > 0 else {} for weight in weights]
 
 
 @torch.no_grad()
@@ -749,9 +791,9 @@ def evaluate(ctx: StepContext, dataset, env: D.DistEnv) -> dict[str, float]:
     )
     sums = metric_sums(ctx.device)
     # One micro-batch at a time (the eval set need not fit on the device at once).
-    statistics = batch_statistics(ctx, micro_batches(ctx, dataset, plans), train=False)
-    for mb in micro_batches(ctx, dataset, plans):
-        accumulate(sums, mb.weight, mb.batch, micro_batch_losses(ctx, mb, train=False, statistics=statistics))
+    statistics = batch_statistics(ctx, micro_batches(ctx, dataset, plans), train=False, capacity=len(dataset))
+    for mb, mb_statistics in zip(micro_batches(ctx, dataset, plans), statistics, strict=True):
+        accumulate(sums, mb.weight, mb.batch, micro_batch_losses(ctx, mb, train=False, statistics=mb_statistics))
     ctx.engine.train()
     totals = dict(zip(_SUMS, D.all_reduce_sum(sums).tolist()))
     return {f"eval/{k}": v for k, v in summarize(totals, ctx.cfg.stage).items() if k not in ("tokens",)}

@@ -7,13 +7,14 @@ Public API:
   all tensors of shape [pairs]. ``losses`` are per pair (the engine reduces them); rewards are
   ``beta * (policy - reference)`` per side (``beta * policy`` for reference-free losses), detached.
 - ``LOSS_NAMES``: the valid ``name`` values: sigmoid, robust, hinge, ipo, kto_pair, simpo, exo_pair,
-  nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop (the names TRL's ``loss_type`` uses),
-  and orpo and cpo (TRL's ORPOTrainer and CPOTrainer), rpo (sigmoid + alpha * NLL) and sft (the
-  NLL alone; both take ``chosen_tokens``). TRL's ``sigmoid_norm`` is sigmoid on per-token means
-  (``loss.logp_normalization=mean``).
+  nca_pair, bco_pair, aot, aot_unpaired, sppo_hard, apo_zero, apo_down, discopop (the names TRL's
+  ``loss_type`` uses), orpo and cpo (TRL's ORPOTrainer and CPOTrainer), rpo (sigmoid + alpha * NLL)
+  and sft (the NLL alone; both take ``chosen_tokens``). TRL's ``sigmoid_norm`` is sigmoid on
+  per-token means (``loss.logp_normalization=mean``).
 - ``LOSS_OPTIONS``: name -> the ``options`` that loss accepts (with their defaults).
 - ``BATCH_STATISTICS``: name -> options that are statistics of a larger batch (kto_pair's
-  ``kl_baselines``), computed by the caller with ``kl_ratio_sums`` over that batch.
+  ``kl_baselines``, computed by the caller with ``kl_ratio_sums`` over that batch; aot's and
+  aot_unpaired's ``aot_targets``, with ``aot_targets_for``).
 - ``PAIR_INPUTS``: name -> required per-pair data (rpo's and sft's ``chosen_tokens``).
 - ``REFERENCE_FREE_LOSSES``: losses that ignore the reference (the ref arguments may be None).
 - ``MEAN_LOGP_LOSSES``: losses defined on length-normalized (mean per-token) log-probs; the config
@@ -23,24 +24,26 @@ Public API:
   loss, Sec. 2), of ORPO and of CPO; the engine adds ``alpha * sft_nll(...)`` to the preference
   losses (``loss.alpha``, 1.0 in conf/loss/rpo.yaml, orpo.yaml and cpo.yaml).
 
-Notation: with summed response log-probs pi_c, pi_r (policy) and ref_c, ref_r (reference),
-``logits = (pi_c - pi_r) - (ref_c - ref_r)`` and the per-side log-ratios ``pi_c - ref_c``,
-``pi_r - ref_r``. Options, named as the ``loss.*`` config fields that feed them: ``label_smoothing``
-(eps, the assumed label-flip rate) for sigmoid, robust and simpo, and EXO's target (1 - eps, eps),
+Notation: with summed response log-probs pi_c, pi_r (policy) and ref_c, ref_r (reference), ``logits
+= (pi_c - pi_r) - (ref_c - ref_r)`` and the per-side log-ratios ``pi_c - ref_c``, ``pi_r - ref_r``.
+Options, named as the ``loss.*`` config fields that feed them: ``label_smoothing`` (eps, the assumed
+label-flip rate) for sigmoid, robust, simpo, aot and aot_unpaired, and EXO's target (1 - eps, eps),
 which needs eps > 0; ``gamma`` (the absolute target reward margin, default 0.5 like ``loss.gamma``;
 TRL CPOTrainer's ``simpo_gamma`` is the same number, the SimPO repository's ``gamma_beta_ratio`` is
-``gamma / beta``) for simpo; ``discopop_tau`` for discopop; ``label_smoothing`` for rpo and cpo too. A
-``label_smoothing`` of 0 is accepted by every other loss so that one config can drive them all.
+``gamma / beta``) for simpo; ``discopop_tau`` for discopop; ``label_smoothing`` for rpo and cpo too.
+A ``label_smoothing`` of 0 is accepted by every other loss so that one config can drive them all.
 
 Against TRL 1.16's own loss code (tests/unit/test_losses_vs_trl.py, float64): values, gradients and
-rewards agree to rounding for sigmoid, robust, hinge, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero,
-apo_down and discopop (DPOTrainer), simpo and cpo (CPOTrainer) and orpo (ORPOTrainer). Where TRL
-differs, ours follows the paper:
-TRL's DPOTrainer "sigmoid" ignores label_smoothing (ours is cDPO, as TRL's CPOTrainer computes it);
-TRL's IPO length-normalises inside the loss (ours is fed per-token means by conf/loss/ipo.yaml, the
-same loss); TRL's RPO, ORPO and CPO NLL is one token-level mean over the batch (ours, ``sft_nll``, is
-per response, RPO eq. 1), and TRL's ORPO NLL also scores the prompt tokens (ORPO eq. 6 scores the
-response given the prompt, as ours does); TRL's DiscoPOP overflows to nan at very negative margins; kto_pair is not in TRL 1.x.
+rewards agree to rounding for sigmoid, robust, hinge, exo_pair, nca_pair, bco_pair, aot,
+aot_unpaired, sppo_hard, apo_zero, apo_down and discopop (DPOTrainer), simpo and cpo (CPOTrainer)
+and orpo (ORPOTrainer). TRL sorts aot's terms within each device's micro-batch; the engine passes
+``aot_targets`` from the whole optimizer step on all ranks, as it does kto_pair's baselines. Where
+TRL differs, ours follows the paper: TRL's DPOTrainer "sigmoid" ignores label_smoothing (ours is
+cDPO, as TRL's CPOTrainer computes it); TRL's IPO length-normalises inside the loss (ours is fed
+per-token means by conf/loss/ipo.yaml, the same loss); TRL's RPO, ORPO and CPO NLL is one
+token-level mean over the batch (ours, ``sft_nll``, is per response, RPO eq. 1), and TRL's ORPO NLL
+also scores the prompt tokens (ORPO eq. 6 scores the response given the prompt, as ours does); TRL's
+DiscoPOP overflows to nan at very negative margins; kto_pair is not in TRL 1.x.
 """
 
 from __future__ import annotations
@@ -183,6 +186,60 @@ def _discopop(pairs: _Pairs, beta: float, *, discopop_tau: float = 0.05) -> torc
     return -F.logsigmoid(margin) * (1 - mix) + exponential
 
 
+def _aot(
+    pairs: _Pairs, beta: float, *, label_smoothing: float = 0.0, aot_targets: torch.Tensor | None = None
+) -> torch.Tensor:
+    """AOT paired, Melnyk et al. 2024 (arXiv 2406.05882): first-order stochastic dominance of the
+    policy's margins pi_c - pi_r over the reference's ref_c - ref_r, as 1-D optimal transport with
+    the (label-smoothed) logistic cost, solved by sorting: the k-th smallest policy margin against
+    the k-th smallest reference margin (TRL's "aot"). Without ``aot_targets`` the pairs passed in are
+    the batch (the returned terms are in rank order). ``aot_targets`` ([pairs], detached) gives each
+    pair the reference margin of its policy margin's rank in a larger batch (``aot_targets_for``):
+    the same terms, so the loss does not depend on how that batch is split."""
+    margins = pairs.policy_chosen - pairs.policy_rejected
+    if aot_targets is None:
+        margins, aot_targets = margins.sort().values, (pairs.ref_chosen - pairs.ref_rejected).sort().values
+    return _smoothed_logistic(beta * (margins - aot_targets), label_smoothing)
+
+
+def _aot_unpaired(
+    pairs: _Pairs, beta: float, *, label_smoothing: float = 0.0, aot_targets: torch.Tensor | None = None
+) -> torch.Tensor:
+    """AOT unpaired, Melnyk et al. 2024 (arXiv 2406.05882): first-order stochastic dominance of the
+    chosen log-ratios pi_c - ref_c over the rejected ones pi_r - ref_r, the k-th smallest of each
+    compared (TRL's "aot_unpaired"). ``aot_targets`` ([2, pairs], detached): for each pair the
+    rejected log-ratio of its chosen log-ratio's rank, and the chosen log-ratio of its rejected one's
+    rank, in a larger batch. Then each chosen and each rejected ratio meets its rank's partner: the
+    values count every rank once (the chosen side), the gradient reaches both sides."""
+    chosen, rejected = pairs.chosen_ratio(), pairs.rejected_ratio()
+    if aot_targets is None:
+        return _smoothed_logistic(beta * (chosen.sort().values - rejected.sort().values), label_smoothing)
+    rejected_of_chosen_rank, chosen_of_rejected_rank = aot_targets
+    chosen_side = _smoothed_logistic(beta * (chosen - rejected_of_chosen_rank), label_smoothing)
+    rejected_side = _smoothed_logistic(beta * (chosen_of_rejected_rank - rejected), label_smoothing)
+    return chosen_side + (rejected_side - rejected_side.detach())
+
+
+def aot_targets_for(name: str, all_policy, all_reference) -> torch.Tensor:
+    """``aot_targets`` of every pair of a batch from its log-probs ((chosen, rejected), each a
+    [pairs] tensor, in any order; extra entries at +inf on every side sort last and meet each
+    other): for aot [pairs], for aot_unpaired [2, pairs] (see ``_aot`` and ``_aot_unpaired``)."""
+    policy_chosen, policy_rejected = all_policy
+    ref_chosen, ref_rejected = all_reference
+    with torch.no_grad():
+        if name == "aot":
+            return _partner_of_rank(policy_chosen - policy_rejected, ref_chosen - ref_rejected)
+        chosen, rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+        return torch.stack([_partner_of_rank(chosen, rejected), _partner_of_rank(rejected, chosen)])
+
+
+def _partner_of_rank(values: torch.Tensor, partners: torch.Tensor) -> torch.Tensor:
+    """For each entry of ``values``: the entry of ``partners`` with the same rank (k-th smallest)."""
+    rank = torch.empty_like(values, dtype=torch.long)
+    rank[values.argsort()] = torch.arange(len(values), device=values.device)
+    return partners.sort().values[rank]
+
+
 def _sft(pairs: _Pairs, beta: float, *, chosen_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Supervised fine-tuning on the chosen response: its NLL per token (``sft_nll``; TRL's loss_type
     "sft" per pair). Reference-free; beta only scales the logged rewards."""
@@ -242,6 +299,8 @@ _LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "exo_pair": _exo_pair,
     "nca_pair": _nca_pair,
     "bco_pair": _bco_pair,
+    "aot": _aot,
+    "aot_unpaired": _aot_unpaired,
     "sppo_hard": _sppo_hard,
     "apo_zero": _apo_zero,
     "apo_down": _apo_down,
@@ -252,7 +311,7 @@ _LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "sft": _sft,
 }
 LOSS_NAMES = tuple(_LOSSES)
-BATCH_STATISTICS = {"kto_pair": ("kl_baselines",)}
+BATCH_STATISTICS = {"kto_pair": ("kl_baselines",), "aot": ("aot_targets",), "aot_unpaired": ("aot_targets",)}
 """Keyword arguments a loss takes that are statistics of a batch larger than the pairs passed in
 (the engine computes them), not ``loss.*`` settings."""
 PAIR_INPUTS = {"rpo": ("chosen_tokens",), "sft": ("chosen_tokens",)}

@@ -275,8 +275,8 @@ class PlanSettings:
     in its forwards) | replicate (whole on every GPU, never gathered) | auto (decided per plan by
     ``replicate_frozen_copy`` from the model's weights and ``gpu_memory_gib``: ``reference_replicated``)."""
     statistics_pass: bool = False
-    """The loss needs step-wide statistics (kto_pair): one more no-grad forward of the policy per
-    micro-batch (``engine.batch_statistics``; an online reference's log-probs are reused)."""
+    """The loss needs step-wide statistics (kto_pair, aot, aot_unpaired): one more no-grad forward
+    of the policy per micro-batch (``engine.batch_statistics``; an online reference's log-probs are reused)."""
     lora_r: int = 0
     lora_targets: tuple[str, ...] = LORA_MODULES
     quantized_base: bool = False
@@ -736,7 +736,7 @@ def forward_flops_per_token(shape: ModelShape, seq_len: float) -> tuple[float, f
 
 def train_flops_per_token(shape: ModelShape, seq_len: float, *, lora: bool, recompute: bool, no_grad_forwards: int) -> float:
     """FLOPs per token of one training micro-batch: forward, backward, recompute, and
-    ``no_grad_forwards`` more forwards (an online reference, kto_pair's statistics pass).
+    ``no_grad_forwards`` more forwards (an online reference, the statistics pass of kto_pair and aot).
 
     Backward is twice the forward (input and weight gradients); with LoRA the frozen weights need
     input gradients only, so its matmul backward is one forward's worth (adapters are negligible).
@@ -771,7 +771,7 @@ def project_step(
 
     Compute: FLOPs of this rank's tokens at the measured single-GPU efficiency. Communication, per
     micro-batch: ZeRO-3 all-gathers the partitioned parameters for the forward and again for the
-    backward (plus once more for each no-grad forward: a partitioned online reference, kto_pair's
+    backward (plus once more for each no-grad forward: a partitioned online reference, the
     statistics pass; a replicated reference copy gathers nothing) and reduce-scatters the trainable
     gradients; persistent parameters (``deepspeed.param_persistence_threshold``) stay gathered and
     are re-gathered once per step, after the optimizer updated them;

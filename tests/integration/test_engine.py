@@ -106,11 +106,13 @@ def test_world_size_invariance(assets, tmp_path):
     assert abs(one[-1]["loss"] - one[0]["loss"]) > 1e-3, one  # it trained, by far more than the tolerance
 
 
-def test_kto_pair_is_world_size_invariant_with_step_wide_kl_baselines(assets, tmp_path):
+@pytest.mark.parametrize("loss", ["kto_pair", "aot_unpaired"])
+def test_losses_with_step_statistics_are_world_size_invariant(assets, tmp_path, loss):
     """kto_pair's KL baselines are batch means: taken per micro-batch, 1 rank x 8 and 2 ranks x 4
     differed by 2e-3 relative; over the whole step (an all-reduced no-grad pre-pass) they agree
-    like every other loss, in training and in the held-out eval."""
-    settings = {"loss": "kto_pair", "optim.eps": 1e-3, "optim.grad_clip": 0, "optim.lr": 2e-3, "optim.warmup_steps": 0}
+    like every other loss, in training and in the held-out eval. aot_unpaired sorts the step's
+    log-ratios: its rank partners come from all ranks (an all-gather in the same pre-pass)."""
+    settings = {"loss": loss, "optim.eps": 1e-3, "optim.grad_clip": 0, "optim.lr": 2e-3, "optim.warmup_steps": 0}
     one = train(assets, tmp_path / "w1", **settings, **{"cluster.nproc_per_node": 1})
     two = train(assets, tmp_path / "w2", **settings, **{"cluster.nproc_per_node": 2})
     assert [r["step"] for r in one] == [r["step"] for r in two] and len(train_rows(one)) == 3

@@ -73,3 +73,37 @@ def test_online_reference_forwards_all_run_before_the_policys(loss):
     # -log sigmoid(0) = ln 2, kto_pair's 1 - sigmoid(0) = 1/2 per response.
     want = {"sigmoid": math.log(2), "kto_pair": 0.5}[loss]
     assert totals["pairs"] == 6 and totals["loss"] / 6 == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["aot", "aot_unpaired"])
+def test_aot_step_is_one_sort_over_all_of_the_steps_pairs(loss):
+    """AOT sorts its pairs' margins (or log-ratios): split into micro-batches, each sorted on its own,
+    the step would take a different loss. With the step's rank partners (engine.batch_statistics)
+    three micro-batches and a filler give the loss and gradients of one sort over all six pairs."""
+    from dpo_dist.data import collate_packed
+    from dpo_dist.logprobs import split_pairs
+    from dpo_dist.losses import preference_loss
+
+    calls: list[str] = []
+    ctx = context(loss, calls)
+    torch.manual_seed(1)
+    reference_model = tiny_llama(seed=1)  # differs from the policy: the log-ratios are not 0
+    enable_packed_attention(reference_model, "sdpa")
+    reference_policy = E.PackedPolicy(reference_model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64)
+    ctx.reference.engine = RecordingEngine(reference_policy, "reference", calls)
+    data = pairs(6)
+    plans = [E.MicroBatchPlan([0, 3]), E.MicroBatchPlan([1, 4]), E.MicroBatchPlan([2, 5]), E.MicroBatchPlan([0], weight=0.0)]
+    sums = E.train_step(ctx, data, plans, denominator=6.0)
+    policy = ctx.engine.module.model
+    got_loss = dict(zip(E._SUMS, sums.tolist()))["loss"] / 6
+    got_grads = [p.grad.clone() for p in policy.parameters()]
+
+    policy.zero_grad()
+    batch = collate_packed([data[i] for i in (0, 3, 1, 4, 2, 5)])
+    with torch.no_grad():
+        ref = split_pairs(reference_policy(*batch.split()[0], **batch.split()[1])[0])
+    losses = preference_loss(loss, *split_pairs(ctx.engine.module(*batch.split()[0], **batch.split()[1])[0]), *ref, beta=0.1)[0]
+    (losses.sum() / 6).backward()
+    assert got_loss == pytest.approx(losses.sum().item() / 6, rel=1e-6)
+    for got, want in zip(got_grads, (p.grad for p in policy.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)

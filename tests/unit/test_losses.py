@@ -66,6 +66,10 @@ def expected_loss(name, pc, pr, rc, rr, beta, eps=0.0, gamma=0.5, tau=0.05, alph
         return -log_sigmoid(beta * a) - 0.5 * log_sigmoid(-beta * a) - 0.5 * log_sigmoid(-beta * b)
     if name == "bco_pair":
         return -log_sigmoid(beta * a) - log_sigmoid(-beta * b)
+    if name in ("aot", "aot_unpaired"):  # k-th smallest against k-th smallest
+        x, y = ((pc - pr), (rc - rr)) if name == "aot" else (a, b)
+        d = beta * (torch.sort(x).values - torch.sort(y).values)
+        return -(1 - eps) * log_sigmoid(d) - eps * log_sigmoid(-d)
     if name == "sppo_hard":
         return (a - 1 / (2 * beta)) ** 2 + (b + 1 / (2 * beta)) ** 2
     if name == "apo_zero":
@@ -270,6 +274,32 @@ def test_orpo_stays_finite_for_a_response_the_policy_is_certain_of():
         assert loss.dtype == torch.float32 and torch.isfinite(grad).all(), (dtype, grad)
 
 
+@pytest.mark.parametrize("name", ["aot", "aot_unpaired"])
+def test_aot_with_rank_partners_from_the_whole_batch_splits_into_any_parts(name):
+    """aot sorts the batch: parts sorted on their own give another loss, while each part given its
+    pairs' rank partners in the whole batch (aot_targets_for) sums to the whole batch's loss, with
+    its gradients; extra +inf entries (the engine's padding) change no partner."""
+    from dpo_dist.losses import aot_targets_for
+
+    inputs = random_logps(11, pairs=10)
+    whole = preference_loss(name, *inputs, beta=0.3, label_smoothing=0.1)[0].sum()
+    want = torch.autograd.grad(whole, inputs[:2])
+    inf = torch.full((3,), math.inf, dtype=torch.float64)
+    padded = [torch.cat([t.detach(), inf]) for t in inputs]
+    targets = aot_targets_for(name, padded[:2], padded[2:])[..., :10]
+    assert torch.equal(targets, aot_targets_for(name, [t.detach() for t in inputs[:2]], [t.detach() for t in inputs[2:]]))
+    parts = (slice(0, 3), slice(3, 4), slice(4, 10))
+    split = sum(
+        preference_loss(name, *(t[p] for t in inputs), beta=0.3, label_smoothing=0.1, aot_targets=targets[..., p])[0].sum()
+        for p in parts
+    )
+    torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(torch.autograd.grad(split, inputs[:2]), want):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    own = sum(preference_loss(name, *(t[p] for t in inputs), beta=0.3)[0].sum() for p in parts)
+    assert abs(own.item() - preference_loss(name, *inputs, beta=0.3)[0].sum().item()) > 1e-3
+
+
 def test_rpo_and_sft_need_the_chosen_token_counts_and_are_what_the_engine_computes():
     """rpo = sigmoid + alpha * sft_nll, the sum the engine forms for loss=rpo; sft is the NLL alone,
     reaching only the chosen log-probs. Both refuse to guess the lengths of summed log-probs."""
@@ -308,7 +338,7 @@ def test_sft_nll_is_mean_token_nll_of_chosen():
             "dpo",
             {"beta": 0.1},
             "unknown preference loss 'dpo'; valid names: sigmoid, robust, hinge, ipo, kto_pair, simpo, exo_pair, "
-            "nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, orpo, cpo, rpo, sft",
+            "nca_pair, bco_pair, aot, aot_unpaired, sppo_hard, apo_zero, apo_down, discopop, orpo, cpo, rpo, sft",
         ),
         ("sigmoid", {"beta": 0.0}, "beta must be a finite number > 0, got 0.0"),
         ("ipo", {"beta": -0.1}, "beta must be a finite number > 0"),

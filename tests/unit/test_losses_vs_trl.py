@@ -390,11 +390,25 @@ def test_orpo_matches_trl_orpo_trainer(beta, seed):
     torch.testing.assert_close(rejected_rewards.float(), trl_rejected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["aot", "aot_unpaired"])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_aot_matches_trl_on_one_batch(name, eps, seed):
+    """TRL's aot / aot_unpaired sort the batch they are given: the batch mean and its gradients
+    (w.r.t. all four inputs) agree with ours on the same pairs. Per pair they cannot: a pair's term
+    is that of its rank, not its own."""
+    inputs, lengths = random_inputs(seed)
+    ours = preference_loss(name, *inputs, beta=0.1, label_smoothing=eps)[0]
+    trl_loss = trl_dpo([name], inputs, lengths, beta=0.1, label_smoothing=eps)[0]
+    torch.testing.assert_close(ours.mean(), trl_loss, rtol=1e-10, atol=1e-12)
+    assert_same_gradients(ours.mean(), trl_loss, inputs)
+
+
 def test_every_loss_is_compared_or_absent_from_trl():
     """Each LOSS_NAMES entry is compared above, or TRL 1.16 does not have it: kto_pair was removed
     (DPOTrainer rejects the name and CPOTrainer says to use KTOTrainer, an unpaired loss with a
     separate KL batch, not this one)."""
-    compared = set(DPO_TRAINER_LOSSES) | {"ipo", "simpo", "cpo", "orpo", "rpo", "sft"}
+    compared = set(DPO_TRAINER_LOSSES) | {"ipo", "simpo", "cpo", "orpo", "rpo", "sft", "aot", "aot_unpaired"}
     assert set(LOSS_NAMES) == compared | NOT_IN_TRL
     inputs, lengths = random_inputs(0, pairs=2)
     with pytest.raises(ValueError, match="Unknown loss type: kto_pair"):

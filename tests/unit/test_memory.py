@@ -533,7 +533,7 @@ def test_kto_pair_projection_counts_its_statistics_forward():
     from dpo_dist.losses import BATCH_STATISTICS
     from dpo_dist.memory import forward_flops_per_token
 
-    assert {n for n in ("sigmoid", "kto_pair", "ipo", "simpo", "rpo") if config_from_dict({"loss": {"name": n, "logp_normalization": "mean" if n == "simpo" else "sum"}}).loss.uses_batch_statistics()} == set(BATCH_STATISTICS)
+    assert {n for n in ("sigmoid", "kto_pair", "ipo", "simpo", "rpo", "aot", "aot_unpaired") if config_from_dict({"loss": {"name": n, "logp_normalization": "mean" if n == "simpo" else "sum"}}).loss.uses_batch_statistics()} == set(BATCH_STATISTICS)
     kto = config_from_dict({"loss": {"name": "kto_pair"}})
     assert PlanSettings.from_config(kto).statistics_pass and not PlanSettings.from_config(config_from_dict({})).statistics_pass
     assert not PlanSettings.from_config(config_from_dict({"stage": "sft", "loss": {"name": "kto_pair"}})).statistics_pass
