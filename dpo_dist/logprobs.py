@@ -10,8 +10,9 @@ b-byte weights (2.1 GB at 1024 x 128k in bf16; ``dpo_dist.memory`` plans with th
 where full fp32 logits of a 16k-token micro-batch would take 8.4 GB before any gradient.
 
 Scoring rule: the hidden state at position t scores token t+1 when ``labels[t + 1] != -100`` and
-both positions belong to the same sequence, so nothing is scored across a sequence boundary even
-if a collate function marked a sequence's first token as a response token.
+both positions belong to the same sequence (``PackedBatch.scored_positions``, computed on the host
+at collate time). Only those positions go through the LM head: prompt positions, about half of a
+preference pair's tokens, cost no vocabulary projection and no log-softmax.
 
 Output-logit transforms that some models apply after the LM head are reproduced from the config:
 ``logit_scale`` (Cohere: multiply), ``logits_scaling`` (Granite: divide) and
@@ -82,21 +83,19 @@ def sequence_logps(
         raise TypeError(f"{type(causal_lm).__name__} has no separate decoder and LM head to score with")
 
     hidden = decoder(input_ids=batch.input_ids, **packed_forward_kwargs(batch))[0][0]  # [T, H]
-    targets = _next_token_targets(batch)  # [T - 1]
-    positions = hidden.shape[0] - 1
+    positions = batch.scored_positions  # only these reach the LM head (prompt positions score nothing)
+    targets = batch.labels[0].index_select(0, positions + 1)
     if num_chunks is not None:
         if num_chunks < 1:
             raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
-        chunk_tokens = max(1, -(-positions // num_chunks))
+        chunk_tokens = max(1, -(-len(positions) // num_chunks))
     token_logps = _chunked_token_logps(
-        lm_head, hidden[:-1], targets, chunk_tokens, _logit_transform(causal_lm.config), num_chunks
+        lm_head, hidden.index_select(0, positions), targets, chunk_tokens, _logit_transform(causal_lm.config), num_chunks
     )
-
-    positions_sequence = batch.seq_index[:-1]
+    sequence = batch.seq_index.index_select(0, positions)
     num_sequences = batch.num_sequences
-    sum_logps = token_logps.new_zeros(num_sequences).index_add(0, positions_sequence, token_logps)
-    scored = (targets != IGNORE_INDEX).long()
-    token_counts = scored.new_zeros(num_sequences).index_add(0, positions_sequence, scored)
+    sum_logps = token_logps.new_zeros(num_sequences).index_add(0, sequence, token_logps)
+    token_counts = sequence.new_zeros(num_sequences).index_add(0, sequence, torch.ones_like(sequence))
     return _normalized(sum_logps, token_counts, normalize)
 
 
@@ -130,13 +129,6 @@ def _check_normalize(normalize: str) -> None:
 def _normalized(sum_logps: torch.Tensor, token_counts: torch.Tensor, normalize: str) -> SequenceLogps:
     logps = sum_logps if normalize == "sum" else sum_logps / token_counts.clamp(min=1)
     return SequenceLogps(logps=logps, sum_logps=sum_logps, token_counts=token_counts)
-
-
-def _next_token_targets(batch: PackedBatch) -> torch.Tensor:
-    """[T - 1]: the token each position predicts, or IGNORE_INDEX where it is not scored."""
-    labels = batch.labels[0]
-    same_sequence = batch.seq_index[1:] == batch.seq_index[:-1]
-    return torch.where(same_sequence, labels[1:], IGNORE_INDEX)
 
 
 def _logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor] | None:

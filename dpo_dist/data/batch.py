@@ -37,6 +37,10 @@ class PackedBatch:
     """[T] int64: index of the sequence each token belongs to (for per-sequence sums)."""
     example_ids: torch.Tensor
     """[P] int64 example id of each pair (its 0-based record position in its input file)."""
+    scored_positions: torch.Tensor
+    """[N] int64, ascending: the positions t whose hidden state scores a response token
+    (``scored_positions_of``). Only they go through the LM head: a prompt position costs no
+    vocabulary projection, and N is a shape known on the host (no device sync to learn it)."""
     max_seqlen: int
     """Longest sequence in the row; a host int so attention kernels need no device sync."""
     cu_seqlens_host: tuple[int, ...]
@@ -74,8 +78,17 @@ class PackedBatch:
         return cls(**dict(zip(PACKED_TENSOR_FIELDS, tensors, strict=True)), **host)
 
 
-PACKED_TENSOR_FIELDS = ("input_ids", "position_ids", "labels", "cu_seqlens", "seq_index", "example_ids")
+PACKED_TENSOR_FIELDS = ("input_ids", "position_ids", "labels", "cu_seqlens", "seq_index", "example_ids", "scored_positions")
 """The tensor fields of ``PackedBatch`` (the rest are host values), in ``split``'s order."""
+
+
+def scored_positions_of(labels: torch.Tensor, seq_index: torch.Tensor) -> torch.Tensor:
+    """``PackedBatch.scored_positions`` of a row from its [1, T] labels and [T] seq_index (host
+    tensors, at collate time). Position t scores token t + 1 when ``labels[t + 1]`` is scored and
+    both are in one sequence, so nothing is scored across a sequence boundary even if a collate
+    function marked a sequence's first token as a response token."""
+    scored = (labels[0, 1:] != IGNORE_INDEX) & (seq_index[1:] == seq_index[:-1])
+    return scored.nonzero().flatten()
 
 
 @dataclass

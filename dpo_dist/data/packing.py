@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from dpo_dist.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
+from dpo_dist.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch, scored_positions_of
 from dpo_dist.data.tokenize import TokenizedPair
 
 
@@ -61,13 +61,16 @@ def collate_packed(pairs: Sequence[TokenizedPair], chosen_only: bool = False) ->
     total = int(cu_seqlens[-1])
     seq_index = np.repeat(np.arange(len(sequences), dtype=np.int64), lengths)
     position_ids = np.arange(total, dtype=np.int64) - np.repeat(cu_seqlens[:-1].astype(np.int64), lengths)
+    labels_row = torch.from_numpy(np.concatenate(labels)).unsqueeze(0)
+    seq_index_row = torch.from_numpy(seq_index)
     return PackedBatch(
         input_ids=torch.from_numpy(np.concatenate(sequences).astype(np.int64)).unsqueeze(0),
         position_ids=torch.from_numpy(position_ids).unsqueeze(0),
-        labels=torch.from_numpy(np.concatenate(labels)).unsqueeze(0),
+        labels=labels_row,
         cu_seqlens=torch.from_numpy(cu_seqlens),
-        seq_index=torch.from_numpy(seq_index),
+        seq_index=seq_index_row,
         example_ids=_example_ids(pairs),
+        scored_positions=scored_positions_of(labels_row, seq_index_row),
         max_seqlen=int(lengths.max()),
         cu_seqlens_host=tuple(cu_seqlens.tolist()),
     )

@@ -58,6 +58,8 @@ def test_collate_packed_fields():
     assert batch.example_ids.tolist() == [5, 9]
     assert batch.max_seqlen == 6 and isinstance(batch.max_seqlen, int)
     assert batch.cu_seqlens_host == (0, 5, 11, 17, 20) and all(type(b) is int for b in batch.cu_seqlens_host)
+    # The positions whose next token is a response token of the same sequence: the LM head's rows.
+    assert batch.scored_positions.tolist() == [2, 3, 7, 8, 9, 12, 13, 14, 15, 18]
     assert (batch.num_pairs, batch.num_sequences, batch.num_tokens) == (2, 4, 20)
     for tensor in (batch.input_ids, batch.labels, batch.position_ids, batch.seq_index, batch.example_ids):
         assert tensor.dtype == torch.int64

@@ -170,6 +170,7 @@ def test_backward_graph_never_holds_full_logits():
 
     chunked = SavedTensorMeter(model, vocab)
     logps = chunked.measure(lambda: sequence_logps(model, batch, chunk_tokens=chunk_tokens).logps)
+    forward_rows = sum(rows for rows, _ in head_calls)
     naive = SavedTensorMeter(model, vocab)
     naive.measure(lambda: full_logits_logps(model, batch))
 
@@ -179,7 +180,11 @@ def test_backward_graph_never_holds_full_logits():
     assert chunked.vocab_bytes == 0
     assert chunked.total_bytes < full_logits_bytes // 2
 
-    chunks = -(-(tokens - 1) // chunk_tokens)
+    # Only positions that score a response token reach the LM head: prompt positions (a third of
+    # each sequence here) and each sequence's last position cost no vocabulary projection.
+    scored = len(batch.scored_positions)
+    assert forward_rows == scored < tokens - 1 - 30
+    chunks = -(-scored // chunk_tokens)
     head_calls.clear()
     logps.sum().backward()
     # Backward recomputes every chunk's logits (one chunk at a time) instead of storing them.
@@ -206,7 +211,7 @@ def test_reference_pass_under_no_grad_skips_checkpointing(monkeypatch):
     assert not out.logps.requires_grad
     assert len(calls) == 0
     recorded = sequence_logps(model, batch, chunk_tokens=8).logps
-    chunks = -(-(sum(LENGTHS) - 1) // 8)
+    chunks = -(-len(batch.scored_positions) // 8)
     assert len(calls) == chunks  # every chunk of the graph-recording pass is checkpointed
     torch.testing.assert_close(out.logps, recorded.detach())
 

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dpo_dist.attention import available_backends
-from dpo_dist.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch
+from dpo_dist.data.batch import IGNORE_INDEX, PackedBatch, PaddedBatch, scored_positions_of
 
 VOCAB = 128
 PAD_ID = 0
@@ -72,13 +72,16 @@ def packed_batch(sequences: list[tuple[torch.Tensor, torch.Tensor]]) -> PackedBa
     lengths = torch.tensor([len(ids) for ids, _ in sequences])
     cu_seqlens = torch.zeros(len(sequences) + 1, dtype=torch.int32)
     cu_seqlens[1:] = lengths.cumsum(0)
+    labels = torch.cat([labels for _, labels in sequences]).unsqueeze(0)
+    seq_index = torch.repeat_interleave(torch.arange(len(sequences)), lengths)
     return PackedBatch(
         input_ids=torch.cat([ids for ids, _ in sequences]).unsqueeze(0),
         position_ids=torch.cat([torch.arange(n) for n in lengths.tolist()]).unsqueeze(0),
-        labels=torch.cat([labels for _, labels in sequences]).unsqueeze(0),
+        labels=labels,
         cu_seqlens=cu_seqlens,
-        seq_index=torch.repeat_interleave(torch.arange(len(sequences)), lengths),
+        seq_index=seq_index,
         example_ids=torch.arange(len(sequences) // 2),
+        scored_positions=scored_positions_of(labels, seq_index),
         max_seqlen=int(lengths.max()),
         cu_seqlens_host=tuple(cu_seqlens.tolist()),
     )
