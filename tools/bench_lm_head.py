@@ -16,16 +16,21 @@ import argparse
 import dataclasses
 import json
 import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dpo_dist.attention import enable_packed_attention
-from dpo_dist.data import TokenizedPair, collate_packed
-from dpo_dist.logprobs import sequence_logps
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # this checkout's dpo_dist, not another installed copy
+
+from dpo_dist.attention import enable_packed_attention  # noqa: E402
+from dpo_dist.data import TokenizedPair, collate_packed  # noqa: E402
+from dpo_dist.logprobs import sequence_logps  # noqa: E402
 
 SHAPE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
 """cpu-small's model shape (tools/bench.py), with a real vocabulary instead of the bundled one."""
@@ -64,11 +69,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per packed row")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--chunk-tokens", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"])
     args = parser.parse_args()
     torch.manual_seed(0)
     results = []
     for vocab in args.vocab:
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, tie_word_embeddings=False, **SHAPE)).float()
+        shape = SHAPE | {"num_hidden_layers": args.layers}
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, tie_word_embeddings=False, **shape)).float()
         enable_packed_attention(model, "auto")
         scored = packed_rows(vocab, args.tokens, args.steps)
         every = [dataclasses.replace(b, scored_positions=torch.arange(b.num_tokens - 1)) for b in scored]
@@ -90,7 +97,7 @@ def main() -> None:
         "device": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "config": {"model": SHAPE, "dtype": "fp32", "chunk_tokens": args.chunk_tokens, "steps": args.steps},
+        "config": {"model": SHAPE | {"num_hidden_layers": args.layers}, "dtype": "fp32", "chunk_tokens": args.chunk_tokens, "steps": args.steps},
         "results": results,
     }
     with open(args.out, "w") as f:

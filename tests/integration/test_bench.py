@@ -127,3 +127,19 @@ def test_bench_export_smoke(tmp_path):
         for system in ("streaming", "whole_model"):
             assert model[allocator][system]["peak_anon_gb_runs"] == [model[allocator][system]["peak_anon_gb"]]
             assert model[allocator][system]["shards"] == 1
+
+
+def test_bench_lm_head_smoke(tmp_path):
+    """tools/bench_lm_head.py on a 1-layer model: both heads timed on the same rows, about half the
+    positions scored (cpu-small's prompt and response spread), the JSON benchmarks/README.md quotes."""
+    out = tmp_path / "head.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_lm_head.py"), "--vocab", "4096", "--tokens", "600",
+         "--steps", "1", "--layers", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["vocab_size"] == 4096 and 0.3 < row["scored_fraction"] < 0.7
+    assert row["all_positions_tokens_per_s"] > 0 and row["scored_positions_tokens_per_s"] > 0
+    assert row["speedup"] == pytest.approx(row["scored_positions_tokens_per_s"] / row["all_positions_tokens_per_s"])
