@@ -48,6 +48,7 @@ from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
 from dpo_dist.losses import (
     BATCH_STATISTICS,
     LOSS_OPTIONS,
+    aot_sort_keys,
     aot_targets_for,
     kl_ratio_sums,
     preference_loss,
@@ -719,7 +720,9 @@ def train_step(ctx: StepContext, dataset, plans: list[MicroBatchPlan], denominat
     sums = metric_sums(ctx.device)
     # All of the step's micro-batches collated up front: no host work between backward and forward.
     batches = with_online_reference(ctx, list(micro_batches(ctx, dataset, plans)))
-    statistics = batch_statistics(ctx, batches, train=True, capacity=ctx.cfg.train.pairs_per_step)
+    # A rank holds every world-th pair of the step (plan_micro_batches).
+    capacity = -(-ctx.cfg.train.pairs_per_step // ctx.world)
+    statistics = batch_statistics(ctx, batches, train=True, capacity=capacity)
     for i, (mb, mb_statistics) in enumerate(zip(batches, statistics, strict=True)):
         ctx.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
         forward_backward(ctx, mb, denominator, sums, mb_statistics)
@@ -734,7 +737,9 @@ def batch_statistics(ctx: StepContext, batches: Iterable[MicroBatch], train: boo
     whole optimizer step (or eval set), and aot's rank partners come from sorting all of its pairs,
     so neither loss depends on how the pairs are split into micro-batches and ranks. Costs one extra
     no-grad forward per micro-batch, for those losses only; ``capacity``: the most pairs one rank
-    can hold (the step's or eval set's pairs), the padded size of aot's gather."""
+    holds, the padded size of aot's gather. The pass runs in the model's current mode: with
+    dropout (model.lora.dropout) its masks differ from the gradient forward's, so the statistics
+    are those of another draw."""
     needed = () if ctx.cfg.stage == "sft" else BATCH_STATISTICS.get(ctx.cfg.loss.kernel_name(), ())
     if not needed:
         return [{} for _ in batches]
@@ -761,23 +766,24 @@ def kl_baselines(weights: list[float], logps: list[tuple], device: torch.device)
 def aot_statistics(name: str, weights: list[float], logps: list[tuple], capacity: int) -> list[dict]:
     """aot's rank partners (``losses.aot_targets_for``) from all ranks' pairs, split back per micro-batch.
 
-    Each rank pads its real pairs (filler micro-batches left out) to ``capacity`` with +inf, which
-    sorts last on both sides of every comparison, so one equal-size all-gather and no host sync
-    suffice. A filler micro-batch gets no targets: its loss (in-batch sorted) is weighted 0."""
-    real = [values for weight, values in zip(weights, logps) if weight > 0]
-    counts = [len(values[0]) for values in real]
+    Each rank pads the sort keys of its real pairs (filler micro-batches left out) to ``capacity``
+    columns of +inf, which sort last on both rows, so one equal-size all-gather and no host sync
+    suffice: 2 x world x capacity floats. A filler micro-batch gets no targets: its loss (in-batch
+    sorted) is weighted 0."""
+    real = [aot_sort_keys(name, *values).float() for weight, values in zip(weights, logps) if weight > 0]
+    counts = [keys.shape[1] for keys in real]
+    # Cannot happen (plan_micro_batches gives a rank at most ceil(pairs / world)); were it to, the
+    # other ranks would wait in the gather below.
     if sum(counts) > capacity:
         raise ValueError(f"aot statistics: {sum(counts)} pairs on this rank, more than the capacity {capacity}")
-    device, columns = logps[0][0].device, []
-    for j in range(4):  # policy chosen, policy rejected, reference chosen, reference rejected
-        # Every rank gathers, also one holding only fillers (fewer pairs in the step than ranks).
-        mine = torch.cat([values[j] for values in real]).float() if real else torch.zeros(0, device=device)
-        padding = torch.full((capacity - len(mine),), math.inf, device=device)
-        columns.append(D.all_gather_cat(torch.cat([mine, padding])))
-    targets = aot_targets_for(name, columns[:2], columns[2:])
+    device = logps[0][0].device
+    # Every rank gathers, also one holding only fillers (fewer pairs in the step than ranks).
+    mine = torch.cat(real, dim=1) if real else torch.zeros(2, 0, device=device)
+    padding = torch.full((2, capacity - mine.shape[1]), math.inf, device=device, dtype=torch.float32)
+    keys = D.all_gather_cat(torch.cat([mine, padding], dim=1).T.contiguous()).T  # [2, world x capacity]
+    targets = aot_targets_for(name, keys)
     start = D.rank() * capacity
-    mine = targets[..., start : start + sum(counts)].split(counts, dim=-1) if real else ()
-    per_real = iter(mine)
+    per_real = iter(targets[..., start : start + sum(counts)].split(counts, dim=-1) if real else ())
     return [{"aot_targets": next(per_real)} if weight > 0 else {} for weight in weights]
 
 
@@ -791,7 +797,8 @@ def evaluate(ctx: StepContext, dataset, env: D.DistEnv) -> dict[str, float]:
     )
     sums = metric_sums(ctx.device)
     # One micro-batch at a time (the eval set need not fit on the device at once).
-    statistics = batch_statistics(ctx, micro_batches(ctx, dataset, plans), train=False, capacity=len(dataset))
+    capacity = -(-len(dataset) // env.world_size)
+    statistics = batch_statistics(ctx, micro_batches(ctx, dataset, plans), train=False, capacity=capacity)
     for mb, mb_statistics in zip(micro_batches(ctx, dataset, plans), statistics, strict=True):
         accumulate(sums, mb.weight, mb.batch, micro_batch_losses(ctx, mb, train=False, statistics=mb_statistics))
     ctx.engine.train()

@@ -14,7 +14,7 @@ Public API:
 - ``LOSS_OPTIONS``: name -> the ``options`` that loss accepts (with their defaults).
 - ``BATCH_STATISTICS``: name -> options that are statistics of a larger batch (kto_pair's
   ``kl_baselines``, computed by the caller with ``kl_ratio_sums`` over that batch; aot's and
-  aot_unpaired's ``aot_targets``, with ``aot_targets_for``).
+  aot_unpaired's ``aot_targets``, with ``aot_sort_keys`` and ``aot_targets_for``).
 - ``PAIR_INPUTS``: name -> required per-pair data (rpo's and sft's ``chosen_tokens``).
 - ``REFERENCE_FREE_LOSSES``: losses that ignore the reference (the ref arguments may be None).
 - ``MEAN_LOGP_LOSSES``: losses defined on length-normalized (mean per-token) log-probs; the config
@@ -34,9 +34,10 @@ TRL CPOTrainer's ``simpo_gamma`` is the same number, the SimPO repository's ``ga
 A ``label_smoothing`` of 0 is accepted by every other loss so that one config can drive them all.
 
 Against TRL 1.16's own loss code (tests/unit/test_losses_vs_trl.py, float64): values, gradients and
-rewards agree to rounding for sigmoid, robust, hinge, exo_pair, nca_pair, bco_pair, aot,
-aot_unpaired, sppo_hard, apo_zero, apo_down and discopop (DPOTrainer), simpo and cpo (CPOTrainer)
-and orpo (ORPOTrainer). TRL sorts aot's terms within each device's micro-batch; the engine passes
+rewards agree to rounding for sigmoid, robust, hinge, exo_pair, nca_pair, bco_pair, sppo_hard,
+apo_zero, apo_down and discopop (DPOTrainer), simpo and cpo (CPOTrainer) and orpo (ORPOTrainer); for
+aot and aot_unpaired the batch mean and its gradients do (a per-pair term is its rank's, not its
+own). TRL sorts aot's terms within each device's micro-batch; the engine passes
 ``aot_targets`` from the whole optimizer step on all ranks, as it does kto_pair's baselines. Where
 TRL differs, ours follows the paper: TRL's DPOTrainer "sigmoid" ignores label_smoothing (ours is
 cDPO, as TRL's CPOTrainer computes it); TRL's IPO length-normalises inside the loss (ours is fed
@@ -220,24 +221,31 @@ def _aot_unpaired(
     return chosen_side + (rejected_side - rejected_side.detach())
 
 
-def aot_targets_for(name: str, all_policy, all_reference) -> torch.Tensor:
-    """``aot_targets`` of every pair of a batch from its log-probs ((chosen, rejected), each a
-    [pairs] tensor, in any order; extra entries at +inf on every side sort last and meet each
-    other): for aot [pairs], for aot_unpaired [2, pairs] (see ``_aot`` and ``_aot_unpaired``)."""
-    policy_chosen, policy_rejected = all_policy
-    ref_chosen, ref_rejected = all_reference
+def aot_sort_keys(name: str, policy_chosen, policy_rejected, ref_chosen, ref_rejected) -> torch.Tensor:
+    """[2, pairs] detached: what aot sorts (policy margins, reference margins) or aot_unpaired sorts
+    (chosen log-ratios, rejected log-ratios). The engine gathers these from every rank."""
     with torch.no_grad():
         if name == "aot":
-            return _partner_of_rank(policy_chosen - policy_rejected, ref_chosen - ref_rejected)
-        chosen, rejected = policy_chosen - ref_chosen, policy_rejected - ref_rejected
-        return torch.stack([_partner_of_rank(chosen, rejected), _partner_of_rank(rejected, chosen)])
+            return torch.stack([policy_chosen - policy_rejected, ref_chosen - ref_rejected])
+        return torch.stack([policy_chosen - ref_chosen, policy_rejected - ref_rejected])
+
+
+def aot_targets_for(name: str, keys: torch.Tensor) -> torch.Tensor:
+    """``aot_targets`` of every pair of a batch from its ``aot_sort_keys`` ([2, pairs], in any
+    order; extra columns at +inf on both rows sort last and meet each other): for aot [pairs], for
+    aot_unpaired [2, pairs] (see ``_aot`` and ``_aot_unpaired``)."""
+    values, partners = keys
+    if name == "aot":
+        return _partner_of_rank(values, partners)
+    return torch.stack([_partner_of_rank(values, partners), _partner_of_rank(partners, values)])
 
 
 def _partner_of_rank(values: torch.Tensor, partners: torch.Tensor) -> torch.Tensor:
     """For each entry of ``values``: the entry of ``partners`` with the same rank (k-th smallest)."""
     rank = torch.empty_like(values, dtype=torch.long)
-    rank[values.argsort()] = torch.arange(len(values), device=values.device)
-    return partners.sort().values[rank]
+    # Stable: tied values get their ranks in one order on every rank and every run.
+    rank[values.argsort(stable=True)] = torch.arange(len(values), device=values.device)
+    return partners.sort(stable=True).values[rank]
 
 
 def _sft(pairs: _Pairs, beta: float, *, chosen_tokens: torch.Tensor | None = None) -> torch.Tensor:

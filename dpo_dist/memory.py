@@ -22,9 +22,10 @@ Memory model (bytes per GPU; N = ranks, P = parameters, Pt = trainable parameter
 - ``model.attn_backend=sdpa`` (or ``auto`` with fp32 weights): one fused SDPA call per sequence, no
   T x T matrix, but per layer kept it saves each sequence's output besides the concatenated one and,
   with grouped kv heads and fp32 weights, k and v expanded to every query head (see ``activation_items``).
-- logits: one chunk of ``model.logits_chunk_tokens`` positions x vocab at a time, forward and
-  recomputed in backward: bf16 logits, fp32 upcast, fp32 log-softmax, fp32 and bf16 gradients:
-  ``(2b + 12)*chunk*V``.
+- logits: one chunk of (at most) ``model.logits_chunk_tokens`` positions x vocab at a time, forward
+  and recomputed in backward: bf16 logits, fp32 upcast, fp32 log-softmax, fp32 and bf16 gradients:
+  ``(2b + 12)*chunk*V``. An upper bound: only scored positions (about half) reach the head, in
+  ``ceil(micro_batch_tokens / chunk)`` chunks, so a real chunk is about half as long.
 - ZeRO-3 buffers: the largest fetch unit gathered in full plus its full gradient before the
   reduce-scatter (DeepSpeed's own estimate counts the same ``4*largest_layer``), the prefetch bucket
   and two reduce buckets. A fetch unit is one module, or a whole transformer block when blocks are
@@ -459,7 +460,8 @@ def activation_items(shape: ModelShape, s: PlanSettings, a: PlanAssumptions) -> 
     """Saved activations, the one-layer working set, SDPA's copies and the logits chunk for one micro-batch."""
     t, b = s.micro_batch_tokens, s.dtype_bytes
     layer = activation_bytes_per_token_layer(shape, b) * t
-    # Embedding output, final-norm output (kept for the checkpointed logits chunks) and its gradient.
+    # Embedding output, final-norm output (its scored rows are kept for the checkpointed logits
+    # chunks) and its gradient: an upper bound, the scored rows are about half.
     around = 3 * b * t * shape.hidden
     if s.activation_checkpointing:
         saved = shape.layers * b * t * shape.hidden + around

@@ -106,7 +106,6 @@ from tqdm.auto import tqdm
 from dpo_dist import distributed as D
 from dpo_dist.attention import unwrap_model
 from dpo_dist.data import (
-    IGNORE_INDEX,
     PackedBatch,
     collate_packed,
     data_fingerprint,
@@ -694,10 +693,8 @@ class RunReference:
 def _batch_logps(store: ReferenceStore, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     chosen, rejected = store.lookup(batch.example_ids)
     if batch.labels.device.type == "cpu":  # on an accelerator this check would cost a host sync
-        scored = (batch.labels[0, 1:] != IGNORE_INDEX) & (batch.seq_index[1:] == batch.seq_index[:-1])
-        counts = torch.zeros(batch.num_sequences, dtype=torch.int64).index_add_(
-            0, batch.seq_index[1:], scored.long()
-        )
+        sequence = batch.seq_index[batch.scored_positions]  # one entry per scored token (logprobs' rule)
+        counts = torch.zeros(batch.num_sequences, dtype=torch.int64).index_add_(0, sequence, torch.ones_like(sequence))
         cached_chosen, cached_rejected = store.token_counts(batch.example_ids)
         chosen_counts, rejected_counts = split_pairs(counts)
         bad = (chosen_counts != cached_chosen) | (rejected_counts != cached_rejected)

@@ -107,3 +107,42 @@ def test_aot_step_is_one_sort_over_all_of_the_steps_pairs(loss):
     assert got_loss == pytest.approx(losses.sum().item() / 6, rel=1e-6)
     for got, want in zip(got_grads, (p.grad for p in policy.parameters())):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def _aot_rank(rank: int, world: int, init_file: str, name: str, per_rank: list, out: dict) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        weights = [w for w, _ in per_rank[rank]]
+        logps = [tuple(torch.tensor(v) for v in values) for _, values in per_rank[rank]]
+        out[rank] = [{k: v.tolist() for k, v in d.items()} for d in E.aot_statistics(name, weights, logps, capacity=3)]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["aot", "aot_unpaired"])
+def test_aot_statistics_across_ranks_equal_one_sort(tmp_path, name):
+    """Three gloo ranks: rank 0 with a filler between two real micro-batches, rank 1 with one, rank 2
+    with only a filler (fewer pairs than ranks would do that). Every real micro-batch gets the
+    partners of one sort over all six pairs; fillers get none, and nobody hangs."""
+    import torch.multiprocessing as mp
+
+    from dpo_dist.losses import aot_sort_keys, aot_targets_for
+
+    rng = np.random.default_rng(3)
+
+    def values(pairs: int):
+        return [(-20 * rng.random(pairs)).tolist() for _ in range(4)]
+
+    filler = (0.0, values(1))
+    per_rank = [[(1.0, values(2)), filler, (1.0, values(1))], [(1.0, values(3))], [filler]]
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_aot_rank, args=(3, str(tmp_path / "init"), name, per_rank, out), nprocs=3, join=True)
+    real = [torch.tensor(v) for r in per_rank for w, v in r if w > 0]  # rank order, micro-batch order
+    columns = [torch.cat([values[j] for values in real]).float() for j in range(4)]
+    want = aot_targets_for(name, aot_sort_keys(name, *columns))
+    got = [torch.tensor(d["aot_targets"]) for r in range(3) for d in out[r] if d]
+    assert [bool(d) for r in range(3) for d in out[r]] == [True, False, True, True, False]
+    torch.testing.assert_close(torch.cat(got, dim=-1), want)

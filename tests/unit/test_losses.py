@@ -279,15 +279,15 @@ def test_aot_with_rank_partners_from_the_whole_batch_splits_into_any_parts(name)
     """aot sorts the batch: parts sorted on their own give another loss, while each part given its
     pairs' rank partners in the whole batch (aot_targets_for) sums to the whole batch's loss, with
     its gradients; extra +inf entries (the engine's padding) change no partner."""
-    from dpo_dist.losses import aot_targets_for
+    from dpo_dist.losses import aot_sort_keys, aot_targets_for
 
     inputs = random_logps(11, pairs=10)
     whole = preference_loss(name, *inputs, beta=0.3, label_smoothing=0.1)[0].sum()
     want = torch.autograd.grad(whole, inputs[:2])
-    inf = torch.full((3,), math.inf, dtype=torch.float64)
-    padded = [torch.cat([t.detach(), inf]) for t in inputs]
-    targets = aot_targets_for(name, padded[:2], padded[2:])[..., :10]
-    assert torch.equal(targets, aot_targets_for(name, [t.detach() for t in inputs[:2]], [t.detach() for t in inputs[2:]]))
+    keys = aot_sort_keys(name, *inputs)
+    padded = torch.cat([keys, torch.full((2, 3), math.inf, dtype=keys.dtype)], dim=1)
+    targets = aot_targets_for(name, padded)[..., :10]
+    assert torch.isfinite(targets).all() and torch.equal(targets, aot_targets_for(name, keys))
     parts = (slice(0, 3), slice(3, 4), slice(4, 10))
     split = sum(
         preference_loss(name, *(t[p] for t in inputs), beta=0.3, label_smoothing=0.1, aot_targets=targets[..., p])[0].sum()
