@@ -8,6 +8,7 @@ targets are ignored by the loss, so the work is the old path's). Real-vocabulary
 bench presets' bundled tokenizer is character-level, where the head costs next to nothing.
 
     python tools/bench_lm_head.py --out benchmarks/lm-head-cpu.json
+    python tools/bench_lm_head.py --device cuda --out benchmarks/lm-head-h100.json   # bf16 on a GPU
 """
 
 from __future__ import annotations
@@ -53,12 +54,15 @@ def packed_rows(vocab: int, tokens: int, rows: int, seed: int = 0):
     return batches
 
 
-def timed(model, batches, chunk_tokens: int, steps: int) -> float:
+def timed(model, batches, chunk_tokens: int, steps: int, device: torch.device) -> float:
     """Seconds per row of forward + backward (after one untimed row)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i, batch in enumerate([batches[0], *batches[:steps]]):
         if i == 1:
+            sync()
             start = time.perf_counter()
-        sequence_logps(model, batch, chunk_tokens=chunk_tokens).logps.sum().backward()
+        sequence_logps(model, batch.to(device), chunk_tokens=chunk_tokens).logps.sum().backward()
+    sync()
     return (time.perf_counter() - start) / steps
 
 
@@ -70,18 +74,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--chunk-tokens", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"])
+    parser.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     results = []
     for vocab in args.vocab:
         shape = SHAPE | {"num_hidden_layers": args.layers}
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, tie_word_embeddings=False, **shape)).float()
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, tie_word_embeddings=False, **shape)).to(device, dtype)
         enable_packed_attention(model, "auto")
         scored = packed_rows(vocab, args.tokens, args.steps)
         every = [dataclasses.replace(b, scored_positions=torch.arange(b.num_tokens - 1)) for b in scored]
         tokens = sum(b.num_tokens for b in scored) / len(scored)
         fraction = sum(len(b.scored_positions) for b in scored) / sum(b.num_tokens - 1 for b in scored)
-        all_s, scored_s = timed(model, every, args.chunk_tokens, args.steps), timed(model, scored, args.chunk_tokens, args.steps)
+        all_s = timed(model, every, args.chunk_tokens, args.steps, device)
+        scored_s = timed(model, scored, args.chunk_tokens, args.steps, device)
         results.append(
             {
                 "vocab_size": vocab,
@@ -94,10 +102,10 @@ def main() -> None:
         )
         print(json.dumps(results[-1]))
     record = {
-        "device": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "config": {"model": SHAPE | {"num_hidden_layers": args.layers}, "dtype": "fp32", "chunk_tokens": args.chunk_tokens, "steps": args.steps},
+        "config": {"model": SHAPE | {"num_hidden_layers": args.layers}, "dtype": str(dtype).removeprefix("torch."), "chunk_tokens": args.chunk_tokens, "steps": args.steps},
         "results": results,
     }
     with open(args.out, "w") as f:

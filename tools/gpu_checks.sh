@@ -16,11 +16,13 @@
 #       and stage 1 (ours only)                                          -> $OUT/h100-1b-zero1.json
 #   call D (optional):           bash tools/gpu_checks.sh precision
 #       TRL with fp32 master weights (our engine's precision)            -> $OUT/h100-1b-trl-fp32.json
+#   call E (optional):           bash tools/gpu_checks.sh head
+#       LM head at scored positions vs every position, bf16              -> $OUT/lm-head-h100.json
 #
 # Every step has its own time limit and writes its whole log under $OUT, so one that fails or
 # runs long leaves the others' results; the bench rewrites its JSON after every system.
 set -uo pipefail
-stage=${1:?usage: gpu_checks.sh core|fa4|equal|precision}
+stage=${1:?usage: gpu_checks.sh core|fa4|equal|precision|head}
 OUT=${OUT:-/tmp/gpu_checks_out}
 SITE=/tmp/site
 mkdir -p "$OUT"
@@ -88,6 +90,11 @@ precision)
     [ -d "$SITE/deepspeed" ] || { echo "no $SITE/deepspeed: run stage core first on this machine"; exit 1; }
     step 500 bench_trl_fp32 python3 tools/bench.py --preset gpu-1b --scaling "" --trl-fp32-weights \
         --systems trl_online,trl_precomputed --out "$OUT/h100-1b-trl-fp32.json"
+    ;;
+head)
+    # Optional call E: what running the LM head only at scored positions saves on a GPU (bf16,
+    # 8k-token rows of cpu-small's length spread, 32k and 128k vocabularies).
+    step 240 lm_head python3 tools/bench_lm_head.py --device cuda --tokens 8192 --steps 8 --out "$OUT/lm-head-h100.json"
     ;;
 *)
     echo "unknown stage $stage (core|fa4|equal|precision)"
