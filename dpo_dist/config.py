@@ -166,13 +166,18 @@ class LossConfig:
     name: str = "sigmoid"
     """sigmoid (DPO) | robust | hinge | ipo | kto_pair | simpo | rpo (sigmoid + alpha * NLL of chosen) |
     exo_pair | nca_pair | bco_pair | aot | aot_unpaired | sppo_hard | apo_zero | apo_down | discopop |
-    orpo | cpo (papers: dpo_dist/losses.py). simpo, orpo and cpo are reference-free."""
+    orpo | cpo (papers: dpo_dist/losses.py). simpo, orpo and cpo are reference-free; kto_pair, aot and
+    aot_unpaired need statistics of the whole step, one more no-grad forward per micro-batch. (TRL's
+    loss_type "sft" is ``stage=sft``.)"""
     beta: float = 0.1
-    """Inverse temperature of the implicit reward (KL strength)."""
+    """Inverse temperature of the implicit reward (KL strength); for orpo the weight of the odds-ratio
+    term (the paper's lambda); for simpo and cpo the scale of the policy-only margin."""
     label_smoothing: float = 0.0
-    """Assumed label-noise rate epsilon (cDPO for sigmoid, rDPO for robust; EXO's target (1 - eps, eps))."""
+    """Assumed label-noise rate epsilon (cDPO for sigmoid, rpo, simpo, cpo, aot and aot_unpaired, rDPO
+    for robust; EXO's target (1 - eps, eps)); the other losses refuse a non-zero value."""
     logp_normalization: str = "sum"
-    """sum: summed response log-probs (DPO) | mean: per-token average (IPO, SimPO)."""
+    """sum: summed response log-probs (DPO) | mean: per-token average (IPO by its preset; required by
+    simpo and orpo)."""
     gamma: float = 0.5
     """SimPO target reward margin (simpo only)."""
     alpha: float = 0.0
@@ -183,6 +188,7 @@ class LossConfig:
     (discopop only)."""
 
     def __post_init__(self) -> None:
+        _check(self.name != "sft", "loss.name", "supervised fine-tuning is stage=sft (TRL's loss_type sft), not a preference loss")
         _one_of(self.name, "loss.name", LOSS_NAMES)
         _check(self.beta > 0, "loss.beta", f"must be > 0, got {self.beta}")
         _check(0.0 <= self.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)")

@@ -30,21 +30,23 @@ Options, named as the ``loss.*`` config fields that feed them: ``label_smoothing
 label-flip rate) for sigmoid, robust, simpo, aot and aot_unpaired, and EXO's target (1 - eps, eps),
 which needs eps > 0; ``gamma`` (the absolute target reward margin, default 0.5 like ``loss.gamma``;
 TRL CPOTrainer's ``simpo_gamma`` is the same number, the SimPO repository's ``gamma_beta_ratio`` is
-``gamma / beta``) for simpo; ``discopop_tau`` for discopop; ``label_smoothing`` for rpo and cpo too.
-A ``label_smoothing`` of 0 is accepted by every other loss so that one config can drive them all.
+``gamma / beta``) for simpo; ``discopop_tau`` for discopop; ``label_smoothing`` for rpo and cpo too;
+``alpha`` (default 1.0) for rpo, whose NLL term is part of the loss, while for orpo and cpo the
+caller adds ``alpha * sft_nll(...)`` (the engine does). A ``label_smoothing`` of 0 is accepted by
+every other loss so that one config can drive them all.
 
 Against TRL 1.16's own loss code (tests/unit/test_losses_vs_trl.py, float64): values, gradients and
 rewards agree to rounding for sigmoid, robust, hinge, exo_pair, nca_pair, bco_pair, sppo_hard,
 apo_zero, apo_down and discopop (DPOTrainer), simpo and cpo (CPOTrainer) and orpo (ORPOTrainer); for
 aot and aot_unpaired the batch mean and its gradients do (a per-pair term is its rank's, not its
-own). TRL sorts aot's terms within each device's micro-batch; the engine passes
-``aot_targets`` from the whole optimizer step on all ranks, as it does kto_pair's baselines. Where
-TRL differs, ours follows the paper: TRL's DPOTrainer "sigmoid" ignores label_smoothing (ours is
-cDPO, as TRL's CPOTrainer computes it); TRL's IPO length-normalises inside the loss (ours is fed
-per-token means by conf/loss/ipo.yaml, the same loss); TRL's RPO, ORPO and CPO NLL is one
-token-level mean over the batch (ours, ``sft_nll``, is per response, RPO eq. 1), and TRL's ORPO NLL
-also scores the prompt tokens (ORPO eq. 6 scores the response given the prompt, as ours does); TRL's
-DiscoPOP overflows to nan at very negative margins; kto_pair is not in TRL 1.x.
+own). TRL sorts aot's terms within each device's micro-batch; the engine passes ``aot_targets`` from
+the whole optimizer step on all ranks, as it does kto_pair's baselines. Where TRL differs, ours
+follows the paper: TRL's DPOTrainer "sigmoid" ignores label_smoothing (ours is cDPO, as TRL's
+CPOTrainer computes it); TRL's IPO length-normalises inside the loss (ours is fed per-token means by
+conf/loss/ipo.yaml, the same loss); TRL's RPO, ORPO and CPO NLL is one token-level mean over the
+batch (ours, ``sft_nll``, is per response, RPO eq. 1), and TRL's ORPO NLL also scores the prompt
+tokens (ORPO eq. 6 scores the response given the prompt, as ours does); TRL's DiscoPOP overflows to
+nan at very negative margins; kto_pair is not in TRL 1.x.
 """
 
 from __future__ import annotations

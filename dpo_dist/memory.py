@@ -582,7 +582,7 @@ def zero3_buffer_items(shape: ModelShape, s: PlanSettings) -> list[MemoryItem]:
         ref = b * shape.num_params() / s.gpus + b * (largest + prefetch)
         items.append(MemoryItem("reference model (online copy)", ref, "partitioned bf16 copy + its gathered module", "fwd_bwd"))
     else:
-        detail = "policy with adapters disabled, no copy" if s.reference == "adapters" else "precomputed log-probs"
+        detail = "policy with adapters disabled, no copy" if s.reference == "adapters" else "none on the GPU (precomputed log-probs or a reference-free loss)"
         items.append(MemoryItem("reference model", 0.0, detail, "fwd_bwd"))
     return items
 

@@ -94,10 +94,11 @@ precision)
 head)
     # Optional call E: what running the LM head only at scored positions saves on a GPU (bf16,
     # 8k-token rows of cpu-small's length spread, 32k and 128k vocabularies).
+    [ -d "$SITE/deepspeed" ] || { echo "no $SITE/deepspeed: run stage core first on this machine"; exit 1; }
     step 240 lm_head python3 tools/bench_lm_head.py --device cuda --tokens 8192 --steps 8 --out "$OUT/lm-head-h100.json"
     ;;
 *)
-    echo "unknown stage $stage (core|fa4|equal|precision)"
+    echo "unknown stage $stage (core|fa4|equal|precision|head)"
     exit 2
     ;;
 esac

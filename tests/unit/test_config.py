@@ -25,6 +25,7 @@ def test_defaults_are_valid_and_round_trip():
         ({"loss": {"name": "nope"}}, "loss.name: got 'nope'"),
         ({"loss": {"name": "simpo"}}, "loss.logp_normalization: simpo"),
         ({"loss": {"name": "orpo"}}, "loss.logp_normalization: orpo is defined on length-normalised log-probs"),
+        ({"loss": {"name": "sft"}}, "loss.name: supervised fine-tuning is stage=sft"),
         ({"loss": {"name": "orpo", "logp_normalization": "mean", "label_smoothing": 0.1}}, "loss.label_smoothing: loss=orpo does not use it"),
         ({"model": {"attn_backend": "xformers"}}, "model.attn_backend"),
         ({"model": {"lora": {"r": -1}}}, "model.lora.r"),
