@@ -720,9 +720,7 @@ def train_step(ctx: StepContext, dataset, plans: list[MicroBatchPlan], denominat
     sums = metric_sums(ctx.device)
     # All of the step's micro-batches collated up front: no host work between backward and forward.
     batches = with_online_reference(ctx, list(micro_batches(ctx, dataset, plans)))
-    # A rank holds every world-th pair of the step (plan_micro_batches).
-    capacity = -(-ctx.cfg.train.pairs_per_step // ctx.world)
-    statistics = batch_statistics(ctx, batches, train=True, capacity=capacity)
+    statistics = batch_statistics(ctx, batches, train=True, pairs=ctx.cfg.train.pairs_per_step)
     for i, (mb, mb_statistics) in enumerate(zip(batches, statistics, strict=True)):
         ctx.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
         forward_backward(ctx, mb, denominator, sums, mb_statistics)
@@ -731,13 +729,13 @@ def train_step(ctx: StepContext, dataset, plans: list[MicroBatchPlan], denominat
 
 
 @torch.no_grad()
-def batch_statistics(ctx: StepContext, batches: Iterable[MicroBatch], train: bool, capacity: int) -> list[dict]:
+def batch_statistics(ctx: StepContext, batches: Iterable[MicroBatch], train: bool, pairs: int) -> list[dict]:
     """The loss's statistics over all pairs of ``batches`` on all ranks (``losses.BATCH_STATISTICS``),
     one dict of loss keyword arguments per micro-batch. kto_pair's KL baselines are means over the
     whole optimizer step (or eval set), and aot's rank partners come from sorting all of its pairs,
     so neither loss depends on how the pairs are split into micro-batches and ranks. Costs one extra
-    no-grad forward per micro-batch, for those losses only; ``capacity``: the most pairs one rank
-    holds, the padded size of aot's gather. The pass runs in the model's current mode: with
+    no-grad forward per micro-batch, for those losses only; ``pairs``: the step's (or eval set's)
+    pairs on all ranks. The pass runs in the model's current mode: with
     dropout (model.lora.dropout) its masks differ from the gradient forward's, so the statistics
     are those of another draw."""
     needed = () if ctx.cfg.stage == "sft" else BATCH_STATISTICS.get(ctx.cfg.loss.kernel_name(), ())
@@ -750,7 +748,8 @@ def batch_statistics(ctx: StepContext, batches: Iterable[MicroBatch], train: boo
         logps.append((*split_pairs(out.logps), *reference_logps(ctx, mb, out, train)))
     if "kl_baselines" in needed:
         return [{"kl_baselines": kl_baselines(weights, logps, ctx.device)}] * len(weights)
-    return aot_statistics(ctx.cfg.loss.kernel_name(), weights, logps, capacity)
+    # A rank holds every world-th pair (plan_micro_batches): aot's gather pads to that many.
+    return aot_statistics(ctx.cfg.loss.kernel_name(), weights, logps, capacity=-(-pairs // ctx.world))
 
 
 def kl_baselines(weights: list[float], logps: list[tuple], device: torch.device) -> torch.Tensor:
@@ -797,8 +796,7 @@ def evaluate(ctx: StepContext, dataset, env: D.DistEnv) -> dict[str, float]:
     )
     sums = metric_sums(ctx.device)
     # One micro-batch at a time (the eval set need not fit on the device at once).
-    capacity = -(-len(dataset) // env.world_size)
-    statistics = batch_statistics(ctx, micro_batches(ctx, dataset, plans), train=False, capacity=capacity)
+    statistics = batch_statistics(ctx, micro_batches(ctx, dataset, plans), train=False, pairs=len(dataset))
     for mb, mb_statistics in zip(micro_batches(ctx, dataset, plans), statistics, strict=True):
         accumulate(sums, mb.weight, mb.batch, micro_batch_losses(ctx, mb, train=False, statistics=mb_statistics))
     ctx.engine.train()

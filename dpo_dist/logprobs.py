@@ -93,10 +93,8 @@ def sequence_logps(
         lm_head, hidden.index_select(0, positions), targets, chunk_tokens, _logit_transform(causal_lm.config), num_chunks
     )
     sequence = batch.seq_index.index_select(0, positions)
-    num_sequences = batch.num_sequences
-    sum_logps = token_logps.new_zeros(num_sequences).index_add(0, sequence, token_logps)
-    token_counts = sequence.new_zeros(num_sequences).index_add(0, sequence, torch.ones_like(sequence))
-    return _normalized(sum_logps, token_counts, normalize)
+    sum_logps = token_logps.new_zeros(batch.num_sequences).index_add(0, sequence, token_logps)
+    return _normalized(sum_logps, batch.scored_token_counts(), normalize)
 
 
 def padded_sequence_logps(model: nn.Module, batch: PaddedBatch, normalize: str = "sum") -> SequenceLogps:

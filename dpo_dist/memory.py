@@ -283,7 +283,8 @@ class PlanSettings:
     quantized_base: bool = False
     """QLoRA: the decoder blocks' linear weights are 4-bit (``QLORA_WEIGHT_BYTES``)."""
     sdpa_backend: bool = False
-    """Packed attention through the SDPA backend: one call per sequence, grouped kv heads expanded."""
+    """Packed attention through the SDPA backend: one call per sequence (grouped kv heads expanded
+    with fp32 weights)."""
     prefetch_bucket: int = 50_000_000
     reduce_bucket: int = 50_000_000
     max_live_parameters: int = 1_000_000_000

@@ -693,10 +693,8 @@ class RunReference:
 def _batch_logps(store: ReferenceStore, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     chosen, rejected = store.lookup(batch.example_ids)
     if batch.labels.device.type == "cpu":  # on an accelerator this check would cost a host sync
-        sequence = batch.seq_index[batch.scored_positions]  # one entry per scored token (logprobs' rule)
-        counts = torch.zeros(batch.num_sequences, dtype=torch.int64).index_add_(0, sequence, torch.ones_like(sequence))
         cached_chosen, cached_rejected = store.token_counts(batch.example_ids)
-        chosen_counts, rejected_counts = split_pairs(counts)
+        chosen_counts, rejected_counts = split_pairs(batch.scored_token_counts())
         bad = (chosen_counts != cached_chosen) | (rejected_counts != cached_rejected)
         if bad.any():
             i = int(bad.nonzero()[0, 0])

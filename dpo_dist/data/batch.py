@@ -55,6 +55,11 @@ class PackedBatch:
     def num_sequences(self) -> int:
         return self.cu_seqlens.numel() - 1
 
+    def scored_token_counts(self) -> torch.Tensor:
+        """[S] int64: response tokens scored per sequence (one per ``scored_positions`` entry)."""
+        sequence = self.seq_index.index_select(0, self.scored_positions)
+        return sequence.new_zeros(self.num_sequences).index_add(0, sequence, torch.ones_like(sequence))
+
     @property
     def num_tokens(self) -> int:
         """Real tokens in the row (there is no padding in a packed row)."""
@@ -64,7 +69,7 @@ class PackedBatch:
         return _move(self, device)
 
     def split(self) -> tuple[list[torch.Tensor], dict]:
-        """(tensor fields in ``TENSOR_FIELDS`` order, host fields by name); ``join`` rebuilds the batch.
+        """(tensor fields in ``PACKED_TENSOR_FIELDS`` order, host fields by name); ``join`` rebuilds it.
 
         A DeepSpeed engine's forward takes the two apart: ZeRO-3 finds the tensors among a module's
         positional inputs to hook its backward, and cannot look inside a dataclass.
