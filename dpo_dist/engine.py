@@ -720,29 +720,59 @@ def train_step(ctx: StepContext, dataset, plans: list[MicroBatchPlan], denominat
     sums = metric_sums(ctx.device)
     # All of the step's micro-batches collated up front: no host work between backward and forward.
     batches = with_online_reference(ctx, list(micro_batches(ctx, dataset, plans)))
-    statistics = batch_statistics(ctx, batches, train=True, pairs=ctx.cfg.train.pairs_per_step)
+    replay = DropoutReplay(ctx.device, active=ctx.engine.module.training)
+    statistics = batch_statistics(ctx, batches, train=True, pairs=ctx.cfg.train.pairs_per_step, replay=replay)
     for i, (mb, mb_statistics) in enumerate(zip(batches, statistics, strict=True)):
         ctx.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+        replay.replay(i)
         forward_backward(ctx, mb, denominator, sums, mb_statistics)
     ctx.engine.step()
     return sums
 
 
+class DropoutReplay:
+    """Makes a step's gradient forwards draw the random numbers (dropout masks, e.g.
+    model.lora.dropout) that its statistics pass drew for the same micro-batches: the statistics
+    then describe the very log-probs the loss is taken of, as when a loss computes them in its own
+    forward (TRL). The generator's state is recorded before each statistics forward and set again
+    before the matching gradient forward: host-side seed and offset on CUDA, no device sync."""
+
+    def __init__(self, device: torch.device, active: bool):
+        self.device = device
+        self.active = active
+        """False in eval mode (no random draws in a forward): nothing to record."""
+        self.states: list[torch.Tensor] = []
+
+    def _generator(self) -> torch.Generator:
+        return torch.cuda.default_generators[self.device.index or 0] if self.device.type == "cuda" else torch.default_generator
+
+    def record(self) -> None:
+        if self.active:
+            self.states.append(self._generator().get_state())
+
+    def replay(self, i: int) -> None:
+        """Before micro-batch ``i``'s gradient forward; a no-op when no statistics pass ran."""
+        if self.states:
+            self._generator().set_state(self.states[i])
+
+
 @torch.no_grad()
-def batch_statistics(ctx: StepContext, batches: Iterable[MicroBatch], train: bool, pairs: int) -> list[dict]:
+def batch_statistics(
+    ctx: StepContext, batches: Iterable[MicroBatch], train: bool, pairs: int, replay: DropoutReplay | None = None
+) -> list[dict]:
     """The loss's statistics over all pairs of ``batches`` on all ranks (``losses.BATCH_STATISTICS``),
     one dict of loss keyword arguments per micro-batch. kto_pair's KL baselines are means over the
     whole optimizer step (or eval set), and aot's rank partners come from sorting all of its pairs,
     so neither loss depends on how the pairs are split into micro-batches and ranks. Costs one extra
     no-grad forward per micro-batch, for those losses only; ``pairs``: the step's (or eval set's)
-    pairs on all ranks. The pass runs in the model's current mode: with
-    dropout (model.lora.dropout) its masks differ from the gradient forward's, so the statistics
-    are those of another draw."""
+    pairs on all ranks. ``replay`` records the random state of each forward (``DropoutReplay``)."""
     needed = () if ctx.cfg.stage == "sft" else BATCH_STATISTICS.get(ctx.cfg.loss.kernel_name(), ())
     if not needed:
         return [{} for _ in batches]
     weights, logps = [], []
     for mb in batches:  # the same micro-batches (fillers too) on every rank: ZeRO-3 forwards are collective
+        if replay is not None:
+            replay.record()
         out = run_packed(ctx.engine, mb.batch)
         weights.append(mb.weight)
         logps.append((*split_pairs(out.logps), *reference_logps(ctx, mb, out, train)))

@@ -21,10 +21,14 @@ class RecordingEngine:
 
     def __init__(self, policy: E.PackedPolicy, name: str, calls: list[str]):
         self.module, self.name, self.calls = policy, name, calls
+        self.logps: list[torch.Tensor] = []
+        """Each forward's per-sequence log-probs, in call order."""
 
     def __call__(self, *tensors, **host):
         self.calls.append(self.name if torch.is_grad_enabled() else f"{self.name} (no grad)")
-        return self.module(*tensors, **host)
+        out = self.module(*tensors, **host)
+        self.logps.append(out[0].detach().clone())
+        return out
 
     def backward(self, loss):
         self.calls.append("backward")
@@ -146,3 +150,35 @@ def test_aot_statistics_across_ranks_equal_one_sort(tmp_path, name):
     got = [torch.tensor(d["aot_targets"]) for r in range(3) for d in out[r] if d]
     assert [bool(d) for r in range(3) for d in out[r]] == [True, False, True, True, False]
     torch.testing.assert_close(torch.cat(got, dim=-1), want)
+
+
+@pytest.mark.parametrize("loss", ["kto_pair", "aot"])
+def test_statistics_pass_sees_the_gradient_forwards_dropout_masks(loss):
+    """With LoRA dropout each forward draws new masks. The statistics (kto_pair's KL baselines, aot's
+    rank partners) must describe the log-probs the loss is taken of, as in TRL where one forward
+    gives both: the gradient forward of each micro-batch replays its statistics forward's draws."""
+    from dpo_dist.config import LoraConfig
+    from dpo_dist.data import collate_packed
+
+    calls: list[str] = []
+    ctx = context(loss, calls)
+    lora = LoraConfig(r=4, alpha=8.0, dropout=0.5, target_modules=["q_proj", "v_proj", "o_proj"])
+    model = E.apply_lora(ctx.engine.module.model, lora, seed=0)
+    for name, param in model.named_parameters():  # PEFT zero-inits lora_B: the adapters (and their dropout) would be inert
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    ctx.engine.module.model = model
+    ctx.engine.module.train()
+    data = pairs(6)
+    plans = [E.MicroBatchPlan([0, 1]), E.MicroBatchPlan([2, 3]), E.MicroBatchPlan([4, 5])]
+    E.train_step(ctx, data, plans, denominator=6.0)
+    assert calls == ["reference (no grad)"] * 3 + ["policy (no grad)"] * 3 + ["policy", "backward"] * 3 + ["step"]
+    statistics, gradient = ctx.engine.logps[:3], ctx.engine.logps[3:]  # the policy's forwards (the reference logs its own)
+    for stats_logps, grad_logps in zip(statistics, gradient, strict=True):
+        torch.testing.assert_close(grad_logps, stats_logps, rtol=0, atol=0)
+    # The masks are live: a forward with fresh draws gives other log-probs.
+    ctx.engine.logps.clear()
+    batch = collate_packed([data[0], data[1]])
+    with torch.no_grad():
+        ctx.engine(*batch.split()[0], **batch.split()[1])
+    assert not torch.allclose(ctx.engine.logps[0], statistics[0])
