@@ -702,6 +702,10 @@ class ThroughputAssumptions:
     """Shape of that measurement: a preset name or a config.json path."""
     measured_seq_len: float = 555.0
     """Mean sequence length of that measurement (8,877 tokens in 16 sequences)."""
+    scored_fraction: float = 0.5
+    """Fraction of a preference pair's packed tokens that score a response token, where the engine
+    runs the LM head: the response's share of a sequence (the prompt is counted in both of a pair's
+    sequences but scored in neither). The calibration run scored every token."""
     inter_node_gbit: float = 400.0
     """Network bandwidth per GPU between nodes, Gbit/s (one 400G InfiniBand NDR NIC per GPU)."""
     intra_node_gbyte: float = 360.0
@@ -730,27 +734,43 @@ class ThroughputAssumptions:
         return self.achieved_flops() / (self.peak_tflops * 1e12)
 
 
-def forward_flops_per_token(shape: ModelShape, seq_len: float) -> tuple[float, float]:
-    """(matmul, attention) forward FLOPs per token; causal attention over ``seq_len`` tokens."""
-    matmul = 2 * shape.matmul_params()
+def forward_flops_per_token(shape: ModelShape, seq_len: float, scored_fraction: float = 1.0) -> tuple[float, float]:
+    """(matmul, attention) forward FLOPs per token; causal attention over ``seq_len`` tokens; the LM
+    head at ``scored_fraction`` of the tokens (1.0: every position, as plain LM training runs it)."""
+    head = 2 * shape.embedding_params()
+    matmul = 2 * shape.matmul_params() - head + scored_fraction * head
     attention = 2 * shape.layers * seq_len * shape.q_dim  # QK^T and AV over ~seq_len/2 keys
     return matmul, attention
 
 
-def train_flops_per_token(shape: ModelShape, seq_len: float, *, lora: bool, recompute: bool, no_grad_forwards: int) -> float:
+def train_flops_per_token(
+    shape: ModelShape,
+    seq_len: float,
+    *,
+    lora: bool,
+    recompute: bool,
+    no_grad_forwards: int,
+    scored_fraction: float = 1.0,
+    head_checkpointed: bool = False,
+) -> float:
     """FLOPs per token of one training micro-batch: forward, backward, recompute, and
     ``no_grad_forwards`` more forwards (an online reference, the statistics pass of kto_pair and aot).
 
     Backward is twice the forward (input and weight gradients); with LoRA the frozen weights need
     input gradients only, so its matmul backward is one forward's worth (adapters are negligible).
-    The LM head is counted at every token, while the engine runs it only where a response token is
-    scored (``PackedBatch.scored_positions``, about half the tokens): the projection errs high by
-    half the head's share of the matmuls (about 4% for Llama 3 8B, 11% for 1B).
+    ``recompute`` (activation checkpointing) runs the decoder's forward again. The engine runs the
+    LM head only where a response token is scored (``scored_fraction`` of the tokens,
+    ``PackedBatch.scored_positions``) and, its logits chunks being checkpointed
+    (``head_checkpointed``, ``logprobs.sequence_logps``), computes them twice under autograd
+    whatever ``recompute`` says. The defaults describe plain LM training (the calibration run).
     """
-    matmul, attention = forward_flops_per_token(shape, seq_len)
+    matmul, attention = forward_flops_per_token(shape, seq_len, scored_fraction)
+    head = 2 * shape.embedding_params() * scored_fraction
     forward = matmul + attention
     backward = (matmul if lora else 2 * matmul) + 2 * attention
-    return forward + backward + (forward if recompute else 0.0) + no_grad_forwards * forward
+    decoder_again = forward - head if recompute else 0.0  # the decoder's checkpoints end before the LM head
+    head_again = head if head_checkpointed else 0.0
+    return forward + backward + decoder_again + head_again + no_grad_forwards * forward
 
 
 @dataclass(frozen=True)
@@ -796,6 +816,8 @@ def project_step(
         lora=lora,
         recompute=settings.activation_checkpointing,
         no_grad_forwards=settings.no_grad_forwards(),
+        scored_fraction=a.scored_fraction,
+        head_checkpointed=True,
     )
     compute = tokens_per_rank * flops / a.achieved_flops()
 

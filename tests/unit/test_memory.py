@@ -409,6 +409,30 @@ def test_step_projection_is_communication_bound_for_70b():
     assert lora.compute_s < full.compute_s < online.compute_s and lora.comm_s < full.comm_s < online.comm_s
 
 
+def test_lm_head_flops_count_scored_positions_and_the_checkpointed_chunks():
+    """The engine runs the LM head only at scored positions, and its logits chunks are checkpointed
+    (computed again in backward) with or without activation checkpointing of the decoder, which in
+    turn never recomputes the head. Per scored token the head costs forward + recompute + backward."""
+    from dpo_dist.memory import forward_flops_per_token, train_flops_per_token
+
+    s1 = shape("llama3_1b")
+    head = 2 * s1.vocab * s1.hidden  # one forward of the head at one position
+
+    def flops(**kw):
+        return train_flops_per_token(s1, 555, no_grad_forwards=0, head_checkpointed=True, **({"lora": False, "recompute": False} | kw))
+
+    assert flops(scored_fraction=0.5) - flops(scored_fraction=0.0) == pytest.approx(0.5 * head * (1 + 2 + 1))
+    assert flops(scored_fraction=0.5, lora=True) - flops(scored_fraction=0.0, lora=True) == pytest.approx(0.5 * head * (1 + 1 + 1))
+    decoder_forward = sum(forward_flops_per_token(s1, 555, 0.0))
+    assert flops(scored_fraction=0.5, recompute=True) - flops(scored_fraction=0.5) == pytest.approx(decoder_forward)
+    # Plain LM training (the calibration run): the head at every token, once forward, twice backward.
+    plain = train_flops_per_token(s1, 555, lora=False, recompute=False, no_grad_forwards=0)
+    assert plain - flops(scored_fraction=0.0) == pytest.approx(3 * head)
+    # The projection scores half the tokens: for the 1B shape (a fifth of its matmuls is the head)
+    # that is a few percent fewer FLOPs than counting the head at every token.
+    assert 0.9 < flops(scored_fraction=0.5) / train_flops_per_token(s1, 555, lora=False, recompute=False, no_grad_forwards=0) < 0.97
+
+
 def test_docs_hold_the_current_generated_tables():
     from tools.plan import generated
 
@@ -538,8 +562,8 @@ def test_kto_pair_projection_counts_its_statistics_forward():
     assert PlanSettings.from_config(kto).statistics_pass and not PlanSettings.from_config(config_from_dict({})).statistics_pass
     assert not PlanSettings.from_config(config_from_dict({"stage": "sft", "loss": {"name": "kto_pair"}})).statistics_pass
     s8, tokens = shape("llama3_8b"), 64 * 2 * 8192 * 0.9
-    fwd = sum(forward_flops_per_token(s8, 1024))
     a = ThroughputAssumptions()
+    fwd = sum(forward_flops_per_token(s8, 1024, a.scored_fraction))
     for reference, extra in (("none", 1), ("copy", 1)):
         plain = project_step(s8, settings(64, reference=reference), tokens, 1024, a)
         stats = project_step(s8, settings(64, reference=reference, statistics_pass=True), tokens, 1024, a)
