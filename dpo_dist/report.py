@@ -122,15 +122,22 @@ def _is_run_dir(path: Path) -> bool:
     return (path / "config.yaml").is_file() or (path / ".hydra").is_dir()
 
 
-def _read_json(path: Path, run_dir: Path, notes: list[str]) -> dict[str, Any] | None:
-    """``path``'s JSON object; None when there is no such file, or when it is unreadable (then
-    with a note naming it in ``notes``)."""
+def _read_text(path: Path, run_dir: Path, notes: list[str]) -> str | None:
+    """``path``'s text; None when there is no such file or it cannot be read (then noted)."""
     try:
-        text = path.read_text()
+        return path.read_text()
     except FileNotFoundError:
         return None
     except OSError as e:
         return _unreadable(path, run_dir, notes, e.strerror or str(e))
+
+
+def _read_json(path: Path, run_dir: Path, notes: list[str]) -> dict[str, Any] | None:
+    """``path``'s JSON object; None when there is no such file, or when it is unreadable (then
+    with a note naming it in ``notes``)."""
+    text = _read_text(path, run_dir, notes)
+    if text is None:
+        return None
     try:
         data = json.loads(text)
     except ValueError as e:
@@ -141,12 +148,9 @@ def _read_json(path: Path, run_dir: Path, notes: list[str]) -> dict[str, Any] | 
 def _read_yaml(path: Path, run_dir: Path, notes: list[str], expected: type = dict) -> Any:
     """``path``'s YAML value, which must be an ``expected``; None when there is no such file, or
     when it is unreadable (then with a note naming it in ``notes``)."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
+    text = _read_text(path, run_dir, notes)
+    if text is None:
         return None
-    except OSError as e:
-        return _unreadable(path, run_dir, notes, e.strerror or str(e))
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
