@@ -154,7 +154,15 @@ BATCH_STATISTICS_LOSSES = ("kto_pair", "aot", "aot_unpaired")
 REFERENCE_FREE_LOSSES = ("simpo", "orpo", "cpo")
 MEAN_LOGP_LOSSES = ("simpo", "orpo")
 """As dpo_dist.losses' sets of the same names (a test keeps them in step; config imports no torch)."""
-OPTION_LOSSES = {"label_smoothing": SMOOTHED_LOSSES, "gamma": ("simpo",), "discopop_tau": ("discopop",)}
+F_DIVERGENCE_LOSSES = ("sigmoid", "rpo", "robust", "hinge", "ipo", "exo_pair", "discopop")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+OPTION_LOSSES = {
+    "label_smoothing": SMOOTHED_LOSSES,
+    "gamma": ("simpo",),
+    "discopop_tau": ("discopop",),
+    "f_divergence_type": F_DIVERGENCE_LOSSES,
+    "f_alpha_divergence_coef": F_DIVERGENCE_LOSSES,
+}
 """The losses that read each loss-specific ``loss.*`` option (a test keeps this in step with
 dpo_dist.losses): setting one for another loss would change nothing, so it is refused."""
 
@@ -186,6 +194,13 @@ class LossConfig:
     discopop_tau: float = 0.05
     """DiscoPOP temperature: how sharply its logistic/exponential mix switches with the margin
     (discopop only)."""
+    f_divergence_type: str = "reverse_kl"
+    """f-DPO (Wang et al. 2023): the divergence from the reference that the margin losses regularise,
+    reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence; for sigmoid, rpo, robust, hinge,
+    ipo, exo_pair and discopop (TRL's f_divergence_type)."""
+    f_alpha_divergence_coef: float = 0.5
+    """alpha of f_divergence_type=alpha_divergence, in (0, 1): f'(u) = (1 - u^-alpha) / alpha, near
+    reverse_kl for small alpha and forward_kl near 1 (TRL's code takes 1 - alpha: see losses.py)."""
 
     def __post_init__(self) -> None:
         _check(self.name != "sft", "loss.name", "supervised fine-tuning is stage=sft (TRL's loss_type sft), not a preference loss")
@@ -195,6 +210,13 @@ class LossConfig:
         _one_of(self.logp_normalization, "loss.logp_normalization", ("sum", "mean"))
         _check(self.alpha >= 0, "loss.alpha", "must be >= 0")
         _check(self.discopop_tau > 0, "loss.discopop_tau", "must be > 0")
+        _one_of(self.f_divergence_type, "loss.f_divergence_type", F_DIVERGENCES)
+        _check(0 < self.f_alpha_divergence_coef < 1, "loss.f_alpha_divergence_coef", f"must be in (0, 1), got {self.f_alpha_divergence_coef}")
+        _check(
+            self.f_alpha_divergence_coef == 0.5 or self.f_divergence_type == "alpha_divergence",
+            "loss.f_alpha_divergence_coef",
+            "is alpha_divergence's alpha: set loss.f_divergence_type=alpha_divergence too",
+        )
         for option, users in OPTION_LOSSES.items():
             default = next(f.default for f in dataclasses.fields(self) if f.name == option)
             _check(

@@ -12,6 +12,8 @@ Public API:
   and sft (the NLL alone; both take ``chosen_tokens``). TRL's ``sigmoid_norm`` is sigmoid on
   per-token means (``loss.logp_normalization=mean``).
 - ``LOSS_OPTIONS``: name -> the ``options`` that loss accepts (with their defaults).
+- ``F_DIVERGENCE_LOSSES``: the margin losses that take f-DPO's ``f_divergence_type`` and
+  ``f_alpha_divergence_coef`` (``f_divergence_score``): each side's log-ratio becomes f' of it.
 - ``BATCH_STATISTICS``: name -> options that are statistics of a larger batch (kto_pair's
   ``kl_baselines``, computed by the caller with ``kl_ratio_sums`` over that batch; aot's and
   aot_unpaired's ``aot_targets``, with ``aot_sort_keys`` and ``aot_targets_for``).
@@ -65,8 +67,12 @@ class _Pairs(NamedTuple):
     policy_rejected: torch.Tensor
     ref_chosen: torch.Tensor | None
     ref_rejected: torch.Tensor | None
+    score: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """f-DPO's f' of a side's log-ratio (``f_divergence_score``); None: the log-ratio itself (DPO)."""
 
     def logits(self) -> torch.Tensor:
+        if self.score is not None:
+            return self.score(self.chosen_ratio()) - self.score(self.rejected_ratio())
         return (self.policy_chosen - self.policy_rejected) - (self.ref_chosen - self.ref_rejected)
 
     def chosen_ratio(self) -> torch.Tensor:
@@ -74,6 +80,31 @@ class _Pairs(NamedTuple):
 
     def rejected_ratio(self) -> torch.Tensor:
         return self.policy_rejected - self.ref_rejected
+
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# exp() arguments are capped here (TRL caps its alpha-divergence's the same way): an extreme
+# log-ratio then gives a huge finite score instead of inf, and inf - inf = nan in the margin.
+_MAX_EXPONENT = 80.0
+
+
+def f_divergence_score(log_ratio: torch.Tensor, f_divergence_type: str, alpha: float) -> torch.Tensor:
+    """f-DPO, Wang et al. 2023 (arXiv 2309.16240): DPO's margin with each side's log-ratio log u
+    (u = pi / pi_ref) replaced by f'(u) of the divergence that regularises the policy. reverse_kl:
+    log u (DPO itself); forward_kl: 1 - 1/u; js_divergence: log(2u / (1 + u)); alpha_divergence:
+    (1 - u^-alpha) / alpha, alpha in (0, 1), reverse_kl as alpha -> 0 and forward_kl as alpha -> 1.
+
+    TRL 1.16's code computes (u^(c-1) - 1) / (c - 1) for its f_alpha_divergence_coef c, which is
+    this with alpha = 1 - c (its docstring names u^-alpha, as here); both agree at its default 0.5."""
+    if f_divergence_type == "reverse_kl":
+        return log_ratio
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp((-log_ratio).clamp(max=_MAX_EXPONENT))
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(log_ratio)
+    if f_divergence_type == "alpha_divergence":
+        return (1 - torch.exp((-alpha * log_ratio).clamp(max=_MAX_EXPONENT))) / alpha
+    raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; valid: {', '.join(F_DIVERGENCES)}")
 
 
 def _smoothed_logistic(margin: torch.Tensor, eps: float) -> torch.Tensor:
@@ -335,6 +366,15 @@ LOSS_OPTIONS = {
     }
     for name, fn in _LOSSES.items()
 }
+F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "rpo", "robust", "hinge", "ipo", "exo_pair", "discopop"})
+"""The losses of the margin (chosen minus rejected log-ratio) that f-DPO generalises (TRL 1.16's
+list, its sigmoid_norm being our sigmoid on mean log-probs): they take the options
+``f_divergence_type`` (``F_DIVERGENCES``, default reverse_kl) and ``f_alpha_divergence_coef``
+(alpha_divergence's alpha, default 0.5). With mean log-probs f' applies to the per-token mean
+log-ratio, where TRL's sigmoid_norm and ipo divide f' of the summed one by the length."""
+_F_OPTIONS = {"f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5}
+for _name in F_DIVERGENCE_LOSSES:
+    LOSS_OPTIONS[_name] = LOSS_OPTIONS[_name] | _F_OPTIONS
 REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo", "cpo", "sft"})
 MEAN_LOGP_LOSSES = frozenset({"simpo", "orpo"})
 
@@ -358,6 +398,10 @@ def preference_loss(
     pairs = _checked_pairs(
         name, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, reference_free
     )
+    divergence = options.pop("f_divergence_type", "reverse_kl")
+    f_alpha = options.pop("f_alpha_divergence_coef", _F_OPTIONS["f_alpha_divergence_coef"])
+    if divergence != "reverse_kl":
+        pairs = pairs._replace(score=lambda log_ratio: f_divergence_score(log_ratio, divergence, f_alpha))
     for key in PAIR_INPUTS.get(name, ()):
         options[key] = torch.as_tensor(options[key], device=pairs.policy_chosen.device)
         if tuple(options[key].shape) != tuple(pairs.policy_chosen.shape):
@@ -397,7 +441,7 @@ def _checked_options(name: str, options: dict) -> dict:
         if key in BATCH_STATISTICS.get(name, ()) + PAIR_INPUTS.get(name, ()):
             checked[key] = value
             continue
-        if key == "label_smoothing" and key not in accepted and value == 0:
+        if key not in accepted and (key, value) in (("label_smoothing", 0), ("f_divergence_type", "reverse_kl")):
             continue
         if key not in accepted:
             valid = ", ".join(accepted) or "none"
@@ -416,6 +460,12 @@ def _checked_options(name: str, options: dict) -> dict:
     alpha = checked.get("alpha", 0.0)
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"alpha for loss {name!r} must be a finite number >= 0, got {alpha!r}")
+    divergence = checked.get("f_divergence_type", "reverse_kl")
+    if divergence not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence_type for loss {name!r} must be one of {', '.join(F_DIVERGENCES)}, got {divergence!r}")
+    f_alpha = checked.get("f_alpha_divergence_coef", 0.5)
+    if not (isinstance(f_alpha, (int, float)) and 0 < f_alpha < 1):
+        raise ValueError(f"f_alpha_divergence_coef for loss {name!r} must be in (0, 1), got {f_alpha!r}")
     gamma = checked.get("gamma", 0.0)
     if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
         raise ValueError(f"gamma for loss {name!r} must be a finite number >= 0, got {gamma!r}")

@@ -144,8 +144,29 @@ def test_every_loss_preset_feeds_exactly_its_options_to_the_loss():
         assert cfg.loss.uses_batch_statistics() == (cfg.loss.kernel_name() in BATCH_STATISTICS), name
         if cfg.loss.kernel_name() in MEAN_LOGP_LOSSES:
             assert cfg.loss.logp_normalization == "mean", name
-    assert loss_options(config_from_dict({"loss": presets["exo_pair"]})) == {"label_smoothing": 0.001}
-    assert loss_options(config_from_dict({"loss": {**presets["discopop"], "discopop_tau": 0.2}})) == {"discopop_tau": 0.2}
+    f_dpo = {"f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5}
+    assert loss_options(config_from_dict({"loss": presets["exo_pair"]})) == {"label_smoothing": 0.001} | f_dpo
+    assert loss_options(config_from_dict({"loss": {**presets["discopop"], "discopop_tau": 0.2}})) == {"discopop_tau": 0.2} | f_dpo
+    assert loss_options(config_from_dict({"loss": presets["bco_pair"]})) == {}
+    from dpo_dist import losses
+    from dpo_dist.config import F_DIVERGENCE_LOSSES, F_DIVERGENCES
+
+    assert set(F_DIVERGENCE_LOSSES) == set(losses.F_DIVERGENCE_LOSSES) and F_DIVERGENCES == losses.F_DIVERGENCES
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"name": "bco_pair", "f_divergence_type": "js_divergence"}, "loss.f_divergence_type: loss=bco_pair does not use it"),
+        ({"f_divergence_type": "chi2"}, "loss.f_divergence_type"),
+        ({"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 1.0}, "must be in (0, 1)"),
+        ({"f_alpha_divergence_coef": 0.3}, "set loss.f_divergence_type=alpha_divergence too"),
+    ],
+)
+def test_f_divergence_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict({"loss": overrides})
+    config_from_dict({"loss": {"name": "ipo", "logp_normalization": "mean", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}})
 
 
 def test_sweep_values_are_each_validated():

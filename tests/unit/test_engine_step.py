@@ -49,8 +49,8 @@ def pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
     ]
 
 
-def context(loss: str, calls: list[str]) -> E.StepContext:
-    cfg = config_from_dict({"loss": {"name": loss}, "reference": {"mode": "online"}, "model": {"attn_backend": "sdpa"}})
+def context(loss: str, calls: list[str], **loss_settings) -> E.StepContext:
+    cfg = config_from_dict({"loss": {"name": loss, **loss_settings}, "reference": {"mode": "online"}, "model": {"attn_backend": "sdpa"}})
     torch.manual_seed(0)
     model = tiny_llama()
     enable_packed_attention(model, "sdpa")
@@ -182,3 +182,30 @@ def test_statistics_pass_sees_the_gradient_forwards_dropout_masks(loss):
     with torch.no_grad():
         ctx.engine(*batch.split()[0], **batch.split()[1])
     assert not torch.allclose(ctx.engine.logps[0], statistics[0])
+
+
+@pytest.mark.parametrize("settings", [{"f_divergence_type": "js_divergence"}, {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}])
+def test_f_divergence_settings_reach_the_loss(settings):
+    """loss.f_divergence_type (and alpha) reach preference_loss: the step's loss is f-DPO's of the
+    policy and reference log-probs, not DPO's (which would differ: the reference is another model)."""
+    from dpo_dist.data import collate_packed
+    from dpo_dist.logprobs import split_pairs
+    from dpo_dist.losses import preference_loss
+
+    calls: list[str] = []
+    ctx = context("sigmoid", calls, **settings)
+    reference_model = tiny_llama(seed=1)
+    enable_packed_attention(reference_model, "sdpa")
+    reference_policy = E.PackedPolicy(reference_model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64)
+    ctx.reference.engine = RecordingEngine(reference_policy, "reference", calls)
+    data = pairs(4)
+    sums = E.train_step(ctx, data, [E.MicroBatchPlan([0, 1]), E.MicroBatchPlan([2, 3])], denominator=4.0)
+    got = dict(zip(E._SUMS, sums.tolist()))["loss"] / 4
+
+    batch = collate_packed(data)
+    with torch.no_grad():
+        policy = split_pairs(ctx.engine.module(*batch.split()[0], **batch.split()[1])[0])
+        ref = split_pairs(reference_policy(*batch.split()[0], **batch.split()[1])[0])
+    want = preference_loss("sigmoid", *policy, *ref, beta=0.1, **settings)[0].mean().item()
+    dpo = preference_loss("sigmoid", *policy, *ref, beta=0.1)[0].mean().item()
+    assert got == pytest.approx(want, rel=1e-6) and abs(want - dpo) > 1e-4

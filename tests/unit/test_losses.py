@@ -356,7 +356,7 @@ def test_sft_nll_is_mean_token_nll_of_chosen():
             {"beta": 0.1, "label_smoothing": 0.1},
             "loss 'hinge' does not take option label_smoothing=0.1",
         ),
-        ("ipo", {"beta": 0.1, "gamma": 1.0}, "loss 'ipo' does not take option gamma=1.0; its options: none"),
+        ("nca_pair", {"beta": 0.1, "gamma": 1.0}, "loss 'nca_pair' does not take option gamma=1.0; its options: none"),
         ("simpo", {"beta": 2.0, "gamma": -1.0}, "gamma for loss 'simpo' must be a finite number >= 0"),
         ("exo_pair", {"beta": 0.1, "label_smoothing": 0.0}, r"label_smoothing for loss 'exo_pair' must be in \(0, 0.5\)"),
         ("discopop", {"beta": 0.1, "discopop_tau": 0.0}, "discopop_tau for loss 'discopop' must be a finite number > 0"),
@@ -416,3 +416,66 @@ def test_kto_pair_takes_kl_baselines_from_a_larger_batch():
     want = 0.5 * (1 - torch.sigmoid(beta * ((pc - rc) - kl_r))) + 0.5 * (1 - torch.sigmoid(beta * (kl_c - (pr - rr))))
     torch.testing.assert_close(whole, want)
     assert LOSS_OPTIONS["kto_pair"] == {} and BATCH_STATISTICS["kto_pair"] == ("kl_baselines",)
+
+
+def _f_divergence_inputs():
+    torch.manual_seed(3)
+    return [torch.randn(16, dtype=torch.float64) * 2 for _ in range(4)]
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "ipo", "hinge", "rpo"])
+def test_f_divergence_scores_are_the_papers_f_prime(name):
+    """f-DPO replaces each side's log-ratio log u by f'(u): forward KL 1 - 1/u, JS log(2u/(1+u)),
+    alpha (1 - u^-alpha)/alpha; the loss is the plain one of the scores' margin, written out here
+    by feeding the scores as 'policy' log-probs against a zero reference."""
+    pc, pr, rc, rr = _f_divergence_inputs()
+    u_c, u_r = torch.exp(pc - rc), torch.exp(pr - rr)
+    f_primes = {
+        "forward_kl": lambda u: 1 - 1 / u,
+        "js_divergence": lambda u: torch.log(2 * u / (1 + u)),
+        "alpha_divergence": lambda u: (1 - u**-0.3) / 0.3,
+    }
+    extra = {"chosen_tokens": CHOSEN_TOKENS} if name == "rpo" else {}
+    zeros = torch.zeros(16, dtype=torch.float64)
+    for divergence, f_prime in f_primes.items():
+        got = preference_loss(name, pc, pr, rc, rr, beta=0.5, f_divergence_type=divergence, f_alpha_divergence_coef=0.3, **extra)[0]
+        # Rewritten as reverse KL on the scores (rpo's NLL term reads the policy log-probs themselves).
+        want = preference_loss(name, f_prime(u_c), f_prime(u_r), zeros, zeros, beta=0.5, **extra)[0]
+        if name == "rpo":
+            want = want - sft_nll(f_prime(u_c), CHOSEN_TOKENS) + sft_nll(pc, CHOSEN_TOKENS)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_alpha_divergence_lies_between_reverse_and_forward_kl():
+    inputs = _f_divergence_inputs()
+
+    def loss(divergence, alpha=0.5):
+        return preference_loss("sigmoid", *inputs, beta=0.1, f_divergence_type=divergence, f_alpha_divergence_coef=alpha)[0]
+
+    torch.testing.assert_close(loss("alpha_divergence", 1e-7), loss("reverse_kl"), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss("alpha_divergence", 1 - 1e-7), loss("forward_kl"), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "alpha_divergence"])
+def test_f_divergence_stays_finite_at_extreme_log_ratios(divergence):
+    """A response the policy has pushed far below the reference (log u = -500) overflows exp(-log u):
+    the exponent is capped, so the loss and its gradients stay finite."""
+    pc = torch.tensor([-600.0, -10.0], requires_grad=True)
+    pr = torch.tensor([-10.0, -600.0], requires_grad=True)
+    ref = torch.tensor([-100.0, -100.0])
+    losses = preference_loss("sigmoid", pc, pr, ref, ref, beta=0.1, f_divergence_type=divergence)[0]
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+    assert losses[0] > 1e30 and losses[1] == 0  # chosen crushed: a huge loss; rejected crushed: none
+
+
+def test_f_divergence_only_for_margin_losses():
+    inputs = _f_divergence_inputs()
+    with pytest.raises(ValueError, match="does not take option f_divergence_type='js_divergence'"):
+        preference_loss("bco_pair", *inputs, beta=0.1, f_divergence_type="js_divergence")
+    plain = preference_loss("bco_pair", *inputs, beta=0.1)[0]  # the default is accepted by every loss
+    torch.testing.assert_close(preference_loss("bco_pair", *inputs, beta=0.1, f_divergence_type="reverse_kl")[0], plain)
+    with pytest.raises(ValueError, match="must be one of reverse_kl"):
+        preference_loss("sigmoid", *inputs, beta=0.1, f_divergence_type="chi2")
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
+        preference_loss("sigmoid", *inputs, beta=0.1, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.0)

@@ -108,7 +108,7 @@ class _Accelerator:
 _DPO_DEFAULTS = {"f_divergence_type": "reverse_kl", "ld_alpha": None, "use_weighting": False}
 
 
-def _dpo_stand_in(loss_types, beta, label_smoothing, loss_weights, discopop_tau):
+def _dpo_stand_in(loss_types, beta, label_smoothing, loss_weights, discopop_tau, f_divergence_type=None, f_alpha_divergence_coef=0.5):
     """The attributes DPOTrainer.__init__ sets from a DPOConfig, with reference log-probs
     precomputed (they come in the batch, so gradients reach them like the policy's)."""
     return SimpleNamespace(
@@ -116,7 +116,8 @@ def _dpo_stand_in(loss_types, beta, label_smoothing, loss_weights, discopop_tau)
         label_smoothing=label_smoothing,
         loss_types=list(loss_types),
         loss_weights=loss_weights or [1.0] * len(loss_types),
-        f_divergence_type=_DPO_DEFAULTS["f_divergence_type"],
+        f_divergence_type=f_divergence_type or _DPO_DEFAULTS["f_divergence_type"],
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
         ld_alpha=_DPO_DEFAULTS["ld_alpha"],
         use_weighting=_DPO_DEFAULTS["use_weighting"],
         precompute_ref_logps=True,
@@ -152,9 +153,9 @@ def _stand_in_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, 
     return (lambda **kwargs: outputs), batch
 
 
-def trl_dpo(loss_types, inputs, lengths, *, beta, label_smoothing=0.0, loss_weights=None, discopop_tau=0.05):
+def trl_dpo(loss_types, inputs, lengths, *, beta, label_smoothing=0.0, loss_weights=None, discopop_tau=0.05, **f_divergence):
     """TRL DPOTrainer's loss (the mean over pairs it trains on) and its per-pair (chosen, rejected) rewards."""
-    stand_in = _dpo_stand_in(loss_types, beta, label_smoothing, loss_weights, discopop_tau)
+    stand_in = _dpo_stand_in(loss_types, beta, label_smoothing, loss_weights, discopop_tau, **f_divergence)
     model, batch = _stand_in_forward(*inputs, *lengths)
     with float64_default():
         loss = DPOTrainer._compute_loss(stand_in, model, batch, return_outputs=False)
@@ -226,6 +227,37 @@ def test_losses_match_trl_dpo_trainer(name, beta, eps, seed):
     assert_same_gradients(ours.mean(), trl_loss, inputs)
     torch.testing.assert_close(chosen_rewards, trl_chosen, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(rejected_rewards, trl_rejected, rtol=1e-12, atol=1e-12)
+
+
+F_DIVERGENCE_CASES = [("forward_kl", None), ("js_divergence", None), ("alpha_divergence", 0.5), ("alpha_divergence", 0.3), ("alpha_divergence", 0.8)]
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "robust", "hinge", "exo_pair", "discopop"])
+@pytest.mark.parametrize("divergence, alpha", F_DIVERGENCE_CASES)
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_f_divergence_matches_trl_dpo_trainer(name, divergence, alpha, beta):
+    """f-DPO's scores in place of the log-ratios, for every margin loss TRL generalises on summed
+    log-probs. TRL 1.16 computes its alpha-divergence with exponent c - 1 for its coefficient c:
+    ours at alpha is TRL's at 1 - alpha (the same at the default 0.5). Its alpha-divergence has
+    exp() caps for float16/bfloat16/float32 only, so those cases compare in float32."""
+    inputs, lengths = random_inputs(int(beta * 10))
+    tolerance = dict(rtol=1e-10, atol=1e-12)
+    if alpha:
+        inputs = [t.detach().float().requires_grad_() for t in inputs]
+        tolerance = dict(rtol=2e-5, atol=1e-6)
+    eps = 0.1 if name in ("robust", "exo_pair") else 0.0
+    options = {"label_smoothing": eps} if eps else {}
+    f_options = {"f_divergence_type": divergence} | ({"f_alpha_divergence_coef": alpha} if alpha else {})
+    ours, chosen_rewards, rejected_rewards = preference_loss(name, *inputs, beta=beta, **options, **f_options)
+    trl_coef = {"f_alpha_divergence_coef": 1 - alpha} if alpha else {}
+    trl_loss, trl_chosen, trl_rejected = trl_dpo([name], inputs, lengths, beta=beta, label_smoothing=eps, f_divergence_type=divergence, **trl_coef)
+    torch.testing.assert_close(ours.mean(), trl_loss, **tolerance)
+    for got, want in zip(torch.autograd.grad(ours.mean(), inputs, retain_graph=True), torch.autograd.grad(trl_loss, inputs)):
+        torch.testing.assert_close(got, want, **tolerance)
+    torch.testing.assert_close(chosen_rewards, trl_chosen, **tolerance)  # rewards stay beta * log-ratio
+    torch.testing.assert_close(rejected_rewards, trl_rejected, **tolerance)
+    plain = preference_loss(name, *inputs, beta=beta, **options)[0]
+    assert not torch.allclose(ours, plain)  # the divergence changed the loss
 
 
 @pytest.mark.parametrize("beta", BETAS)
