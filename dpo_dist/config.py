@@ -12,6 +12,7 @@ This module imports neither hydra nor omegaconf: the library takes plain datacla
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,11 @@ class LossConfig:
     f_alpha_divergence_coef: float = 0.5
     """alpha of f_divergence_type=alpha_divergence, in (0, 1): f'(u) = (1 - u^-alpha) / alpha, near
     reverse_kl for small alpha and forward_kl near 1 (TRL's code takes 1 - alpha: see losses.py)."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """A weighted sum of preference losses, {name: weight > 0} (TRL's loss_type list with
+    loss_weights), e.g. MPO's {sigmoid: 0.8, bco_pair: 0.2} with alpha: 1.0 as its SFT term
+    (``loss=mpo``). loss.name must be one of the names (the logged rewards are its); the terms share
+    beta and the other loss.* settings. Empty (default): loss.name alone."""
 
     def __post_init__(self) -> None:
         _check(self.name != "sft", "loss.name", "supervised fine-tuning is stage=sft (TRL's loss_type sft), not a preference loss")
@@ -217,36 +223,52 @@ class LossConfig:
             "loss.f_alpha_divergence_coef",
             "is alpha_divergence's alpha: set loss.f_divergence_type=alpha_divergence too",
         )
+        for term, weight in self.weights.items():
+            _check(term != "rpo", "loss.weights", "rpo is sigmoid plus loss.alpha times the NLL: weight sigmoid and set loss.alpha")
+            _one_of(term, "loss.weights", tuple(n for n in LOSS_NAMES if n != "rpo"))
+            _check(math.isfinite(weight) and weight > 0, f"loss.weights.{term}", f"must be a finite number > 0, got {weight}")
+        _check(
+            not self.weights or self.name in self.weights,
+            "loss.weights",
+            f"must include loss.name ({self.name}), whose rewards are logged: e.g. loss.name={next(iter(self.weights), '')}",
+        )
+        terms = self.terms()
+        described = self.name if not self.weights else f"{self.name} (loss.weights: {', '.join(terms)})"
         for option, users in OPTION_LOSSES.items():
             default = next(f.default for f in dataclasses.fields(self) if f.name == option)
             _check(
-                getattr(self, option) == default or self.name in users,
+                getattr(self, option) == default or self.name in users or any(t in users for t in terms),
                 f"loss.{option}",
-                f"loss={self.name} does not use it (only {', '.join(users)}): leave it at {default}",
+                f"loss={described} does not use it (only {', '.join(users)}): leave it at {default}",
             )
         _check(
-            self.name != "exo_pair" or self.label_smoothing > 0,
+            "exo_pair" not in terms or self.label_smoothing > 0,
             "loss.label_smoothing",
             "exo_pair needs eps > 0 (its target distribution is (1 - eps, eps)); conf/loss/exo_pair.yaml uses 0.001",
         )
+        mean_only = [t for t in terms if t in MEAN_LOGP_LOSSES]
         _check(
-            self.name not in MEAN_LOGP_LOSSES or self.logp_normalization == "mean",
+            not mean_only or self.logp_normalization == "mean",
             "loss.logp_normalization",
-            f"{self.name} is defined on length-normalised log-probs: set loss.logp_normalization=mean",
+            f"{mean_only[0] if mean_only else ''} is defined on length-normalised log-probs: set loss.logp_normalization=mean",
         )
 
     def kernel_name(self) -> str:
         """The ``dpo_dist.losses`` function behind this preset (rpo is sigmoid plus the NLL term)."""
         return "sigmoid" if self.name == "rpo" else self.name
 
+    def terms(self) -> dict[str, float]:
+        """{``dpo_dist.losses`` name: weight} of the loss: loss.weights, or loss.name's function alone."""
+        return dict(self.weights) if self.weights else {self.kernel_name(): 1.0}
+
     def uses_reference(self) -> bool:
-        return self.name not in REFERENCE_FREE_LOSSES
+        return any(term not in REFERENCE_FREE_LOSSES for term in self.terms())
 
     def uses_batch_statistics(self) -> bool:
         """Whether the loss needs statistics of the whole step (``losses.BATCH_STATISTICS``: kto_pair's
         KL baselines, aot's rank partners), which the engine gets from one extra no-grad forward per
         micro-batch."""
-        return self.kernel_name() in BATCH_STATISTICS_LOSSES
+        return any(term in BATCH_STATISTICS_LOSSES for term in self.terms())
 
 
 @dataclass

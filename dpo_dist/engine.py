@@ -648,18 +648,8 @@ def micro_batch_losses(ctx: StepContext, mb: MicroBatch, train: bool, statistics
     if cfg.stage == "sft":
         zeros = torch.zeros_like(out.sum_logps)
         return PairResults(-out.sum_logps, zeros, zeros, out.sum_logps, zeros, out.token_counts)
-    policy_chosen, policy_rejected = split_pairs(out.logps)
-    ref_chosen, ref_rejected = reference_logps(ctx, mb, out, train)
-    losses, chosen_r, rejected_r = preference_loss(
-        cfg.loss.kernel_name(),
-        policy_chosen,
-        policy_rejected,
-        ref_chosen,
-        ref_rejected,
-        beta=cfg.loss.beta,
-        **loss_options(cfg),
-        **(statistics or {}),
-    )
+    logps = (*split_pairs(out.logps), *reference_logps(ctx, mb, out, train))
+    losses, chosen_r, rejected_r = weighted_preference_loss(cfg, logps, statistics or {})
     chosen_sums, rejected_sums = split_pairs(out.sum_logps)
     chosen_counts, rejected_counts = split_pairs(out.token_counts)
     if cfg.loss.alpha > 0:
@@ -701,9 +691,25 @@ def reference_logps(ctx: StepContext, mb: MicroBatch, policy: SequenceLogps, tra
     return chosen.to(torch.float32), rejected.to(torch.float32)
 
 
-def loss_options(cfg: DPOConfig) -> dict[str, float]:
-    """The ``loss.*`` fields the chosen loss takes (its options are named as those fields)."""
-    return {key: getattr(cfg.loss, key) for key in LOSS_OPTIONS[cfg.loss.kernel_name()]}
+def weighted_preference_loss(cfg: DPOConfig, logps: tuple, statistics: dict[str, dict]) -> tuple[torch.Tensor, ...]:
+    """Per-pair losses of ``loss.terms()`` (one loss, or loss.weights' sum, as TRL adds its
+    loss_type list) and loss.name's detached rewards. ``logps``: (policy chosen, policy rejected,
+    reference chosen, reference rejected); ``statistics``: each term's ``batch_statistics`` entry."""
+    total, rewards = None, None
+    for name, weight in cfg.loss.terms().items():
+        losses, chosen_r, rejected_r = preference_loss(
+            name, *logps, beta=cfg.loss.beta, **loss_options(cfg, name), **statistics.get(name, {})
+        )
+        total = weight * losses if total is None else total + weight * losses
+        if rewards is None or name == cfg.loss.kernel_name():
+            rewards = (chosen_r, rejected_r)
+    return (total, *rewards)
+
+
+def loss_options(cfg: DPOConfig, name: str | None = None) -> dict[str, float]:
+    """The ``loss.*`` fields that loss ``name`` (default: loss.name's) takes (its options are named
+    as those fields)."""
+    return {key: getattr(cfg.loss, key) for key in LOSS_OPTIONS[name or cfg.loss.kernel_name()]}
 
 
 def metric_sums(device: torch.device) -> torch.Tensor:
@@ -761,12 +767,12 @@ def batch_statistics(
     ctx: StepContext, batches: Iterable[MicroBatch], train: bool, pairs: int, replay: DropoutReplay | None = None
 ) -> list[dict]:
     """The loss's statistics over all pairs of ``batches`` on all ranks (``losses.BATCH_STATISTICS``),
-    one dict of loss keyword arguments per micro-batch. kto_pair's KL baselines are means over the
+    per micro-batch one dict {loss term: its keyword arguments}. kto_pair's KL baselines are means over the
     whole optimizer step (or eval set), and aot's rank partners come from sorting all of its pairs,
     so neither loss depends on how the pairs are split into micro-batches and ranks. Costs one extra
     no-grad forward per micro-batch, for those losses only; ``pairs``: the step's (or eval set's)
     pairs on all ranks. ``replay`` records the random state of each forward (``DropoutReplay``)."""
-    needed = () if ctx.cfg.stage == "sft" else BATCH_STATISTICS.get(ctx.cfg.loss.kernel_name(), ())
+    needed = [] if ctx.cfg.stage == "sft" else [name for name in ctx.cfg.loss.terms() if name in BATCH_STATISTICS]
     if not needed:
         return [{} for _ in batches]
     weights, logps = [], []
@@ -776,10 +782,15 @@ def batch_statistics(
         out = run_packed(ctx.engine, mb.batch)
         weights.append(mb.weight)
         logps.append((*split_pairs(out.logps), *reference_logps(ctx, mb, out, train)))
-    if "kl_baselines" in needed:
-        return [{"kl_baselines": kl_baselines(weights, logps, ctx.device)}] * len(weights)
-    # A rank holds every world-th pair (plan_micro_batches): aot's gather pads to that many.
-    return aot_statistics(ctx.cfg.loss.kernel_name(), weights, logps, capacity=-(-pairs // ctx.world))
+    per_micro_batch: list[dict] = [{} for _ in weights]
+    for name in needed:  # the same order on every rank: each term's statistics are collective
+        if "kl_baselines" in BATCH_STATISTICS[name]:
+            term = [{"kl_baselines": kl_baselines(weights, logps, ctx.device)}] * len(weights)
+        else:  # A rank holds every world-th pair (plan_micro_batches): aot's gather pads to that many.
+            term = aot_statistics(name, weights, logps, capacity=-(-pairs // ctx.world))
+        for entry, value in zip(per_micro_batch, term, strict=True):
+            entry[name] = value
+    return per_micro_batch
 
 
 def kl_baselines(weights: list[float], logps: list[tuple], device: torch.device) -> torch.Tensor:
@@ -1347,6 +1358,7 @@ def run_info(cfg, env, device, backend, train_data, eval_data, reference, start)
         "resumed_from_step": start,
         "stage": cfg.stage,
         "loss": cfg.loss.name,
+        "loss_weights": cfg.loss.terms() if cfg.stage == "dpo" else {},
     }
 
 

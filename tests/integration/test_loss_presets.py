@@ -150,6 +150,18 @@ def test_rpo_adds_alpha_times_the_per_token_nll_of_each_chosen_response(assets, 
     assert math.isclose(first["chosen_logp"], mean(c for c, _, _, _ in hf_logps), rel_tol=1e-5)
 
 
+def test_mpo_is_the_weighted_sum_of_its_terms_plus_the_nll(assets, hf_logps, tmp_path):
+    """loss=mpo: 0.8 DPO + 0.2 BCO + 1.0 * the chosen NLL per token. At init (policy == reference)
+    DPO is ln 2 and BCO's -log sigmoid(0) - log sigmoid(-0) is 2 ln 2; run_info names the terms."""
+    out = tmp_path / "mpo"
+    first = train_rows(train(assets, out, loss="mpo"))[0]
+    nll = mean(-c / c_n for c, c_n, _, _ in hf_logps)
+    expected = 0.8 * math.log(2) + 0.2 * 2 * math.log(2) + 1.0 * nll
+    assert math.isclose(first["loss"], expected, rel_tol=1e-5), (first["loss"], expected, nll)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["loss"] == "sigmoid" and info["loss_weights"] == {"sigmoid": 0.8, "bco_pair": 0.2}
+
+
 def test_logged_lr_follows_the_schedule_and_logps_are_summed(assets, hf_logps, tmp_path):
     """optim.warmup_steps=2 over 6 steps (cosine, min_lr_ratio 0.1, the defaults): warmup step k
     runs at (k+1)/3 * lr, step 2 at lr, then cosine down to 0.1 * lr at the last step. Step 1's

@@ -130,9 +130,13 @@ def test_every_loss_preset_feeds_exactly_its_options_to_the_loss():
     )
 
     presets = {p.stem: yaml.safe_load(p.read_text()) for p in (REPO / "conf" / "loss").glob("*.yaml")}
+    mixtures = {name for name, values in presets.items() if values.get("weights")}
+    assert mixtures == {"mpo"}  # weighted sums of the losses below, checked in test_loss_weights_*
     # sft is stage=sft (chosen responses only, its own data path), not a preference-loss preset.
-    assert set(presets) == set(CONFIG_LOSS_NAMES) == set(LOSS_NAMES) - {"sft"}
+    assert set(presets) - mixtures == set(CONFIG_LOSS_NAMES) == set(LOSS_NAMES) - {"sft"}
     for name, values in presets.items():
+        if name in mixtures:
+            continue
         cfg = config_from_dict({"loss": values})
         options = loss_options(cfg)
         assert set(options) == set(LOSS_OPTIONS[cfg.loss.kernel_name()]), name
@@ -142,6 +146,7 @@ def test_every_loss_preset_feeds_exactly_its_options_to_the_loss():
         assert set(options) <= set(OPTION_LOSSES), name  # every loss-specific option is refused elsewhere
         assert cfg.loss.uses_reference() == (cfg.loss.kernel_name() not in REFERENCE_FREE_LOSSES), name
         assert cfg.loss.uses_batch_statistics() == (cfg.loss.kernel_name() in BATCH_STATISTICS), name
+        assert cfg.loss.terms() == {cfg.loss.kernel_name(): 1.0}
         if cfg.loss.kernel_name() in MEAN_LOGP_LOSSES:
             assert cfg.loss.logp_normalization == "mean", name
     f_dpo = {"f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5}
@@ -152,6 +157,49 @@ def test_every_loss_preset_feeds_exactly_its_options_to_the_loss():
     from dpo_dist.config import F_DIVERGENCE_LOSSES, F_DIVERGENCES
 
     assert set(F_DIVERGENCE_LOSSES) == set(losses.F_DIVERGENCE_LOSSES) and F_DIVERGENCES == losses.F_DIVERGENCES
+
+
+def test_loss_weights_describe_a_weighted_sum_of_losses():
+    """loss.weights (TRL's loss_type list with loss_weights): the terms decide whether a reference,
+    step statistics or mean log-probs are needed, and which loss.* options may be set."""
+    mpo = config_from_dict({"loss": {"name": "sigmoid", "weights": {"sigmoid": 0.8, "bco_pair": 0.2}, "alpha": 1.0}}).loss
+    assert mpo.terms() == {"sigmoid": 0.8, "bco_pair": 0.2} and mpo.uses_reference() and not mpo.uses_batch_statistics()
+    free = config_from_dict({"loss": {"name": "simpo", "logp_normalization": "mean", "weights": {"simpo": 1, "cpo": 0.5}}}).loss
+    assert not free.uses_reference()  # every term reference-free: no reference pass
+    assert config_from_dict({"loss": {"name": "simpo", "logp_normalization": "mean", "weights": {"simpo": 1, "sigmoid": 1}}}).loss.uses_reference()
+    stats = config_from_dict({"loss": {"weights": {"sigmoid": 1, "aot": 0.5}}}).loss
+    assert stats.uses_batch_statistics()
+    # An option is allowed when some term reads it.
+    assert config_from_dict({"loss": {"weights": {"sigmoid": 1, "discopop": 0.5}, "discopop_tau": 0.1}}).loss.discopop_tau == 0.1
+
+
+@pytest.mark.parametrize(
+    "loss, message",
+    [
+        ({"weights": {"hinge": 0.5}}, "loss.weights: must include loss.name (sigmoid)"),
+        ({"weights": {"sigmoid": 1, "rpo": 1}}, "loss.weights: rpo is sigmoid plus loss.alpha"),
+        ({"weights": {"sigmoid": 1, "dpo": 1}}, "loss.weights: got 'dpo', expected one of"),
+        ({"weights": {"sigmoid": 0}}, "loss.weights.sigmoid: must be a finite number > 0"),
+        ({"weights": {"sigmoid": 1, "simpo": 1}}, "loss.logp_normalization: simpo is defined on length-normalised"),
+        ({"weights": {"sigmoid": 1, "exo_pair": 1}}, "loss.label_smoothing: exo_pair needs eps > 0"),
+        ({"weights": {"sigmoid": 1, "hinge": 1}, "gamma": 1.0}, "loss.gamma: loss=sigmoid (loss.weights: sigmoid, hinge) does not use it"),
+    ],
+)
+def test_loss_weights_are_checked(loss, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict({"loss": loss})
+
+
+def test_loss_weights_from_the_command_line():
+    """A new dict needs Hydra's + (the schema's loss.weights is an empty dict); the mpo preset's
+    existing keys are plain overrides."""
+    result = run_cli("launch.train", "+loss.weights={sigmoid:1,hinge:0.5}", "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    assert "weights:\n    sigmoid: 1.0\n    hinge: 0.5" in result.stdout
+    result = run_cli("launch.train", "loss=mpo", "loss.weights.bco_pair=0.4", "--cfg", "job")
+    assert result.returncode == 0 and "bco_pair: 0.4" in result.stdout, result.stderr
+    result = run_cli("launch.train", "+loss.weights={hinge:0.5}")
+    assert result.returncode == 2 and result.stderr.strip().endswith("loss.weights: must include loss.name (sigmoid), whose rewards are logged: e.g. loss.name=hinge")
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,15 @@ def context(loss: str, calls: list[str], **loss_settings) -> E.StepContext:
     return E.StepContext(RecordingEngine(policy, "policy", calls), reference, cfg, torch.device("cpu"), world=1)
 
 
+def other_reference(ctx: E.StepContext, calls: list[str]) -> E.PackedPolicy:
+    """Makes ctx's reference another model than the policy (the log-ratios are not 0); returns it."""
+    reference_model = tiny_llama(seed=1)
+    enable_packed_attention(reference_model, "sdpa")
+    reference_policy = E.PackedPolicy(reference_model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64)
+    ctx.reference.engine = RecordingEngine(reference_policy, "reference", calls)
+    return reference_policy
+
+
 @pytest.mark.parametrize("loss", ["sigmoid", "kto_pair"])
 def test_online_reference_forwards_all_run_before_the_policys(loss):
     """ZeRO-3 prefetches along the recorded order of the policy's forward and backward: a reference
@@ -90,11 +99,7 @@ def test_aot_step_is_one_sort_over_all_of_the_steps_pairs(loss):
 
     calls: list[str] = []
     ctx = context(loss, calls)
-    torch.manual_seed(1)
-    reference_model = tiny_llama(seed=1)  # differs from the policy: the log-ratios are not 0
-    enable_packed_attention(reference_model, "sdpa")
-    reference_policy = E.PackedPolicy(reference_model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64)
-    ctx.reference.engine = RecordingEngine(reference_policy, "reference", calls)
+    reference_policy = other_reference(ctx, calls)
     data = pairs(6)
     plans = [E.MicroBatchPlan([0, 3]), E.MicroBatchPlan([1, 4]), E.MicroBatchPlan([2, 5]), E.MicroBatchPlan([0], weight=0.0)]
     sums = E.train_step(ctx, data, plans, denominator=6.0)
@@ -194,10 +199,7 @@ def test_f_divergence_settings_reach_the_loss(settings):
 
     calls: list[str] = []
     ctx = context("sigmoid", calls, **settings)
-    reference_model = tiny_llama(seed=1)
-    enable_packed_attention(reference_model, "sdpa")
-    reference_policy = E.PackedPolicy(reference_model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64)
-    ctx.reference.engine = RecordingEngine(reference_policy, "reference", calls)
+    reference_policy = other_reference(ctx, calls)
     data = pairs(4)
     sums = E.train_step(ctx, data, [E.MicroBatchPlan([0, 1]), E.MicroBatchPlan([2, 3])], denominator=4.0)
     got = dict(zip(E._SUMS, sums.tolist()))["loss"] / 4
@@ -209,3 +211,33 @@ def test_f_divergence_settings_reach_the_loss(settings):
     want = preference_loss("sigmoid", *policy, *ref, beta=0.1, **settings)[0].mean().item()
     dpo = preference_loss("sigmoid", *policy, *ref, beta=0.1)[0].mean().item()
     assert got == pytest.approx(want, rel=1e-6) and abs(want - dpo) > 1e-4
+
+
+def test_weighted_losses_share_one_statistics_pass():
+    """loss.weights with two statistics losses (kto_pair's KL baselines, aot's rank partners): one
+    no-grad forward per micro-batch serves both, and the step's loss is the weighted sum of each
+    term over the whole step (a filler micro-batch included), as one batch of all its pairs gives."""
+    from dpo_dist.data import collate_packed
+    from dpo_dist.logprobs import split_pairs
+    from dpo_dist.losses import preference_loss
+
+    calls: list[str] = []
+    weights = {"kto_pair": 0.7, "aot": 0.4, "sigmoid": 1.0}
+    ctx = context("kto_pair", calls, weights=weights)
+    reference_policy = other_reference(ctx, calls)
+    data = pairs(6)
+    plans = [E.MicroBatchPlan([0, 3]), E.MicroBatchPlan([1, 4]), E.MicroBatchPlan([2, 5]), E.MicroBatchPlan([0], weight=0.0)]
+    sums = E.train_step(ctx, data, plans, denominator=6.0)
+    assert calls == ["reference (no grad)"] * 4 + ["policy (no grad)"] * 4 + ["policy", "backward"] * 4 + ["step"]
+    got = dict(zip(E._SUMS, sums.tolist()))
+
+    batch = collate_packed([data[i] for i in (0, 3, 1, 4, 2, 5)])
+    with torch.no_grad():
+        policy = split_pairs(ctx.engine.module(*batch.split()[0], **batch.split()[1])[0])
+        ref = split_pairs(reference_policy(*batch.split()[0], **batch.split()[1])[0])
+    terms = {name: preference_loss(name, *policy, *ref, beta=0.1) for name in weights}
+    want = sum(weight * terms[name][0].sum().item() for name, weight in weights.items()) / 6
+    assert got["loss"] / 6 == pytest.approx(want, rel=1e-6)
+    # Rewards (and accuracy) are loss.name's: kto_pair's, beta * log-ratio like every loss with a reference.
+    chosen_rewards = terms["kto_pair"][1]
+    assert got["chosen_reward"] / 6 == pytest.approx(chosen_rewards.mean().item(), rel=1e-5)
