@@ -202,6 +202,10 @@ class LossConfig:
     f_alpha_divergence_coef: float = 0.5
     """alpha of f_divergence_type=alpha_divergence, in (0, 1): f'(u) = (1 - u^-alpha) / alpha, near
     reverse_kl for small alpha and forward_kl near 1 (TRL's code takes 1 - alpha: see losses.py)."""
+    use_weighting: bool = False
+    """WPO (Zhou et al. 2024, TRL's use_weighting): weight each pair's preference loss by the
+    policy's detached, sampling-aligned probability of its two responses (per-token geometric
+    means), so that pairs the policy would not generate count less. Not with aot/aot_unpaired."""
     weights: dict[str, float] = field(default_factory=dict)
     """A weighted sum of preference losses, {name: weight > 0} (TRL's loss_type list with
     loss_weights), e.g. MPO's {sigmoid: 0.8, bco_pair: 0.2} with alpha: 1.0 as its SFT term
@@ -245,6 +249,11 @@ class LossConfig:
             "exo_pair" not in terms or self.label_smoothing > 0,
             "loss.label_smoothing",
             "exo_pair needs eps > 0 (its target distribution is (1 - eps, eps)); conf/loss/exo_pair.yaml uses 0.001",
+        )
+        _check(
+            not self.use_weighting or not any(t in ("aot", "aot_unpaired") for t in terms),
+            "loss.use_weighting",
+            "aot and aot_unpaired pair each policy margin with another pair's by rank: per-pair weights have no meaning there",
         )
         mean_only = [t for t in terms if t in MEAN_LOGP_LOSSES]
         _check(

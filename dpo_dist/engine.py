@@ -53,6 +53,7 @@ from dpo_dist.losses import (
     kl_ratio_sums,
     preference_loss,
     sft_nll,
+    wpo_pair_weights,
 )
 from dpo_dist.runinfo import MetricsLog, read_metrics, write_run_info
 
@@ -130,22 +131,29 @@ def plan_micro_batches(
 class PackedPolicy(nn.Module):
     """Wraps a causal LM so that DeepSpeed's forward returns per-sequence log-probs of a packed row."""
 
-    def __init__(self, model: nn.Module, chunk_tokens: int, normalize: str, micro_batch_tokens: int):
+    def __init__(self, model: nn.Module, chunk_tokens: int, normalize: str, micro_batch_tokens: int, weighting: bool = False):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.normalize = normalize
         # The same LM-head call count on every rank (see logprobs.sequence_logps).
         self.num_chunks = -(-micro_batch_tokens // chunk_tokens)
+        self.weighting = weighting
+        """Also return WPO's aligned log-probs (loss.use_weighting)."""
 
-    def forward(self, *tensors: torch.Tensor, **host) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, *tensors: torch.Tensor, **host) -> tuple[torch.Tensor, ...]:
         # Plain tensors in and out (PackedBatch.split): ZeRO-3 hooks the backward of the tensors it
         # finds among a module's inputs and outputs.
         batch = PackedBatch.join(tensors, host)
         out = sequence_logps(
-            self.model, batch, chunk_tokens=self.chunk_tokens, normalize=self.normalize, num_chunks=self.num_chunks
+            self.model,
+            batch,
+            chunk_tokens=self.chunk_tokens,
+            normalize=self.normalize,
+            num_chunks=self.num_chunks,
+            weighting=self.weighting,
         )
-        return out.logps, out.sum_logps, out.token_counts
+        return (out.logps, out.sum_logps, out.token_counts) + ((out.aligned_logps,) if self.weighting else ())
 
 
 def run_packed(engine, batch: PackedBatch) -> SequenceLogps:
@@ -395,7 +403,8 @@ def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora, cfg.train.seed)
     mark_fetch_units(model, cfg.deepspeed)
-    policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, policy_normalization(cfg), cfg.train.micro_batch_tokens)
+    weighting = cfg.stage == "dpo" and cfg.loss.use_weighting
+    policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, policy_normalization(cfg), cfg.train.micro_batch_tokens, weighting)
     optimizer = build_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad], device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -650,6 +659,8 @@ def micro_batch_losses(ctx: StepContext, mb: MicroBatch, train: bool, statistics
         return PairResults(-out.sum_logps, zeros, zeros, out.sum_logps, zeros, out.token_counts)
     logps = (*split_pairs(out.logps), *reference_logps(ctx, mb, out, train))
     losses, chosen_r, rejected_r = weighted_preference_loss(cfg, logps, statistics or {})
+    if cfg.loss.use_weighting:  # WPO: pairs the policy would not sample count less
+        losses = losses * wpo_pair_weights(*split_pairs(out.aligned_logps))
     chosen_sums, rejected_sums = split_pairs(out.sum_logps)
     chosen_counts, rejected_counts = split_pairs(out.token_counts)
     if cfg.loss.alpha > 0:

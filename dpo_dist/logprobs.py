@@ -49,6 +49,10 @@ class SequenceLogps:
     """[S] float32: summed response-token log-probs whatever the normalization (for NLL terms)."""
     token_counts: torch.Tensor
     """[S] int64: number of scored response tokens per sequence."""
+    aligned_logps: torch.Tensor | None = None
+    """[S] float32, detached, when asked for (``weighting=True``): the mean over the response's
+    tokens of log p(token) - log sum_v p(v)^2, the exponent of WPO's sequence weight (Zhou et al.
+    2024, arXiv 2406.11827, eq. 2, with its sampling-aligned per-token probability, as TRL computes it)."""
 
 
 def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +67,10 @@ def sequence_logps(
     chunk_tokens: int = 1024,
     normalize: str = "sum",
     num_chunks: int | None = None,
+    weighting: bool = False,
 ) -> SequenceLogps:
     """Response log-probs of every sequence of one packed row; differentiable w.r.t. the model.
+    ``weighting`` also returns WPO's ``aligned_logps`` (one more no-grad reduction per LM-head chunk).
 
     ``model`` is a causal LM switched to packed attention (``dpo_dist.attention.enable_packed_attention``),
     possibly wrapped by PEFT, DDP or DeepSpeed. No device-to-host synchronisation happens here.
@@ -89,12 +95,16 @@ def sequence_logps(
         if num_chunks < 1:
             raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
         chunk_tokens = max(1, -(-len(positions) // num_chunks))
-    token_logps = _chunked_token_logps(
-        lm_head, hidden.index_select(0, positions), targets, chunk_tokens, _logit_transform(causal_lm.config), num_chunks
+    token_logps, log_sum_sq = _chunked_token_logps(
+        lm_head, hidden.index_select(0, positions), targets, chunk_tokens, _logit_transform(causal_lm.config), num_chunks, weighting
     )
     sequence = batch.seq_index.index_select(0, positions)
     sum_logps = token_logps.new_zeros(batch.num_sequences).index_add(0, sequence, token_logps)
-    return _normalized(sum_logps, batch.scored_token_counts(), normalize)
+    out = _normalized(sum_logps, batch.scored_token_counts(), normalize)
+    if weighting:
+        aligned = sum_logps.detach().new_zeros(batch.num_sequences).index_add(0, sequence, token_logps.detach() - log_sum_sq)
+        out.aligned_logps = aligned / out.token_counts.clamp(min=1)
+    return out
 
 
 def padded_sequence_logps(model: nn.Module, batch: PaddedBatch, normalize: str = "sum") -> SequenceLogps:
@@ -149,21 +159,29 @@ def _logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor] | None:
     return transform
 
 
-def _token_logps(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, transform) -> torch.Tensor:
-    """log p(target | hidden) per position in fp32; 0 where the target is IGNORE_INDEX."""
+def _token_logps(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, transform, weighting: bool = False):
+    """log p(target | hidden) per position in fp32; 0 where the target is IGNORE_INDEX. With
+    ``weighting`` also log sum_v p(v)^2 per position (detached): (log p, log sum p^2)."""
     logits = lm_head(hidden).float()
     if transform is not None:
         logits = transform(logits)
     # cross_entropy is log_softmax + nll_loss: the log-softmax is its only [chunk, V] tensor (kept for backward).
-    return -F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    token_logps = -F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    if not weighting:
+        return token_logps
+    with torch.no_grad():  # log sum softmax(z)^2 = logsumexp(2z) - 2 logsumexp(z), no [chunk, V] probabilities kept
+        log_sum_sq = torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1)
+    return token_logps, log_sum_sq
 
 
 def _chunked_token_logps(
-    lm_head, hidden, targets, chunk_tokens: int, transform, num_chunks: int | None = None
-) -> torch.Tensor:
+    lm_head, hidden, targets, chunk_tokens: int, transform, num_chunks: int | None = None, weighting: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-position (log p, log sum p^2 or None without ``weighting``) over all chunks."""
     if num_chunks is None:
         if hidden.shape[0] == 0:
-            return hidden.new_zeros(0, dtype=torch.float32)
+            empty = hidden.new_zeros(0, dtype=torch.float32)
+            return empty, (empty if weighting else None)
         num_chunks = -(-hidden.shape[0] // chunk_tokens)
     # Checkpointing only matters when a graph is being recorded; the reference pass runs under no_grad.
     recording = torch.is_grad_enabled()
@@ -174,9 +192,12 @@ def _chunked_token_logps(
             hidden[start : start + chunk_tokens],
             targets[start : start + chunk_tokens],
             transform,
+            weighting,
         )
         if recording:
             pieces.append(checkpoint(_token_logps, *chunk, use_reentrant=False))
         else:
             pieces.append(_token_logps(*chunk))
-    return torch.cat(pieces)
+    if not weighting:
+        return torch.cat(pieces), None
+    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])

@@ -21,6 +21,8 @@ Public API:
 - ``REFERENCE_FREE_LOSSES``: losses that ignore the reference (the ref arguments may be None).
 - ``MEAN_LOGP_LOSSES``: losses defined on length-normalized (mean per-token) log-probs; the config
   forces ``loss.logp_normalization=mean`` for them. Every other loss expects summed log-probs.
+- ``wpo_pair_weights(chosen_aligned_logps, rejected_aligned_logps) -> [pairs]``: WPO's per-pair
+  weights of the preference loss (``loss.use_weighting``).
 - ``sft_nll(chosen_sum_logps, chosen_token_counts) -> [pairs]``: the per-token NLL of each chosen
   response, the SFT term of RPO (Pang et al. 2024, arXiv 2404.19733, the NLL term of the DPO+NLL
   loss, Sec. 2), of ORPO and of CPO; the engine adds ``alpha * sft_nll(...)`` to the preference
@@ -423,6 +425,14 @@ def sft_nll(chosen_sum_logps: torch.Tensor, chosen_token_counts: torch.Tensor) -
     pairs; TRL 1.16's "sft" term instead divides the batch's summed chosen NLL by its chosen token
     count, which weighs long responses more (the two agree when chosen lengths are equal)."""
     return -chosen_sum_logps / chosen_token_counts.clamp(min=1)
+
+
+def wpo_pair_weights(chosen_aligned_logps: torch.Tensor, rejected_aligned_logps: torch.Tensor) -> torch.Tensor:
+    """[pairs] WPO weights, Zhou et al. 2024 (arXiv 2406.11827) eq. 2: w(x, y_w) * w(x, y_l), each
+    w the exp of a response's mean aligned token log-prob (``SequenceLogps.aligned_logps``:
+    log p(token) - log sum_v p(v)^2), detached. The caller multiplies the preference losses by it;
+    TRL 1.16 also weights its "sft" term, while the engine's loss.alpha NLL stays unweighted."""
+    return torch.exp(chosen_aligned_logps.detach() + rejected_aligned_logps.detach())
 
 
 def _check_beta(beta) -> None:

@@ -278,6 +278,9 @@ class PlanSettings:
     statistics_pass: bool = False
     """The loss needs step-wide statistics (kto_pair, aot, aot_unpaired): one more no-grad forward
     of the policy per micro-batch (``engine.batch_statistics``; an online reference's log-probs are reused)."""
+    wpo: bool = False
+    """loss.use_weighting: WPO's log sum p^2 per scored position, one more fp32 chunk x vocab
+    temporary in the LM head (``logprobs._token_logps``)."""
     lora_r: int = 0
     lora_targets: tuple[str, ...] = LORA_MODULES
     quantized_base: bool = False
@@ -322,6 +325,7 @@ class PlanSettings:
             # The setting, not a decision: auto needs the model's size, which the shape gives at plan time.
             reference_partition=cfg.reference.partition,
             statistics_pass=cfg.stage == "dpo" and cfg.loss.uses_batch_statistics(),
+            wpo=cfg.stage == "dpo" and cfg.loss.use_weighting,
             lora_r=cfg.model.lora.r,
             lora_targets=tuple(cfg.model.lora.target_modules),
             quantized_base=cfg.model.lora.quantized,
@@ -475,7 +479,12 @@ def activation_items(shape: ModelShape, s: PlanSettings, a: PlanAssumptions) -> 
     items = [
         MemoryItem("activations (saved)", saved, saved_detail, "fwd_bwd"),
         MemoryItem("activations (one layer, backward)", working, "recomputed layer + its backward working set", "fwd_bwd"),
-        MemoryItem("logits chunk", (2 * b + 12) * chunk * shape.vocab, f"{chunk} positions x vocab {shape.vocab}", "fwd_bwd"),
+        MemoryItem(
+            "logits chunk",
+            (2 * b + 12 + (4 if s.wpo else 0)) * chunk * shape.vocab,
+            f"{chunk} positions x vocab {shape.vocab}" + (" (+ WPO's fp32 2 x logits)" if s.wpo else ""),
+            "fwd_bwd",
+        ),
     ]
     if s.sdpa_backend:
         # attention._sdpa_per_sequence: SDPA saves each sequence's output for its backward besides

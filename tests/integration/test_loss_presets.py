@@ -58,10 +58,28 @@ def hf_logps(assets):
     for i in range(len(data)):
         pair = data[i]
         rows.append((*response_logp(pair.prompt_ids, pair.chosen_ids), *response_logp(pair.prompt_ids, pair.rejected_ids)))
+    hf_logps_aligned.update(
+        (i, tuple(aligned_logp(model, data[i].prompt_ids, response) for response in (data[i].chosen_ids, data[i].rejected_ids)))
+        for i in range(len(data))
+    )
     # The check below is only as strong as the pairs differ in length (mean vs sum, per-response vs
     # batch-wide token means): they do.
     assert len({c_n for _, c_n, _, _ in rows}) > 1
     return rows
+
+
+hf_logps_aligned: dict[int, tuple[float, float]] = {}
+"""Filled by ``hf_logps``: per pair, WPO's aligned log-prob (mean over the response of log p(token)
+- log sum_v p(v)^2) of the chosen and the rejected response."""
+
+
+def aligned_logp(model, prompt, response) -> float:
+    ids = torch.tensor([*prompt, *response])
+    with torch.no_grad():
+        probs = torch.softmax(model(ids[None]).logits[0].double(), dim=-1)
+    scored = torch.arange(len(prompt) - 1, len(ids) - 1)
+    token_p = probs[scored, ids[scored + 1]]
+    return (torch.log(token_p) - torch.log((probs[scored] ** 2).sum(dim=-1))).mean().item()
 
 
 def train(assets, out, **extra) -> list[dict]:
@@ -160,6 +178,16 @@ def test_mpo_is_the_weighted_sum_of_its_terms_plus_the_nll(assets, hf_logps, tmp
     assert math.isclose(first["loss"], expected, rel_tol=1e-5), (first["loss"], expected, nll)
     info = json.loads((out / "run_info.json").read_text())
     assert info["loss"] == "sigmoid" and info["loss_weights"] == {"sigmoid": 0.8, "bco_pair": 0.2}
+
+
+def test_wpo_weights_the_pairs_by_their_aligned_probability(assets, hf_logps, tmp_path):
+    """loss.use_weighting=true: at init (policy == reference) each pair's DPO loss ln 2 times
+    exp(aligned chosen + aligned rejected), WPO's weight from the policy's own softmax."""
+    first = train_rows(train(assets, tmp_path / "wpo", **{"loss.use_weighting": "true"}))[0]
+    weights = [math.exp(c + r) for c, r in hf_logps_aligned.values()]
+    assert len(weights) == TRAIN_PAIRS and max(weights) / min(weights) > 1.01  # unequal: the weighting shows
+    expected = mean(math.log(2) * w for w in weights)
+    assert math.isclose(first["loss"], expected, rel_tol=1e-5), (first["loss"], expected)
 
 
 def test_logged_lr_follows_the_schedule_and_logps_are_summed(assets, hf_logps, tmp_path):

@@ -183,6 +183,8 @@ def test_loss_weights_describe_a_weighted_sum_of_losses():
         ({"weights": {"sigmoid": 1, "simpo": 1}}, "loss.logp_normalization: simpo is defined on length-normalised"),
         ({"weights": {"sigmoid": 1, "exo_pair": 1}}, "loss.label_smoothing: exo_pair needs eps > 0"),
         ({"weights": {"sigmoid": 1, "hinge": 1}, "gamma": 1.0}, "loss.gamma: loss=sigmoid (loss.weights: sigmoid, hinge) does not use it"),
+        ({"name": "aot", "use_weighting": True}, "loss.use_weighting: aot and aot_unpaired pair each policy margin"),
+        ({"weights": {"sigmoid": 1, "aot_unpaired": 1}, "use_weighting": True}, "loss.use_weighting: aot and aot_unpaired"),
     ],
 )
 def test_loss_weights_are_checked(loss, message):

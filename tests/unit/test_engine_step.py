@@ -241,3 +241,33 @@ def test_weighted_losses_share_one_statistics_pass():
     # Rewards (and accuracy) are loss.name's: kto_pair's, beta * log-ratio like every loss with a reference.
     chosen_rewards = terms["kto_pair"][1]
     assert got["chosen_reward"] / 6 == pytest.approx(chosen_rewards.mean().item(), rel=1e-5)
+
+
+def test_wpo_weights_each_pairs_preference_loss_not_the_nll():
+    """loss.use_weighting: each pair's preference loss times exp(aligned chosen + aligned rejected)
+    of the policy (detached), the loss.alpha NLL added unweighted; the policy engine returns the
+    aligned log-probs only when asked (PackedPolicy(weighting=True), as build_engine does for it)."""
+    from dpo_dist.data import collate_packed
+    from dpo_dist.logprobs import sequence_logps, split_pairs
+    from dpo_dist.losses import preference_loss, sft_nll
+
+    calls: list[str] = []
+    ctx = context("sigmoid", calls, use_weighting=True, alpha=0.5)
+    ctx.engine.module.weighting = True
+    reference_policy = other_reference(ctx, calls)
+    data = pairs(4)
+    sums = E.train_step(ctx, data, [E.MicroBatchPlan([0, 1]), E.MicroBatchPlan([2, 3])], denominator=4.0)
+    got = dict(zip(E._SUMS, sums.tolist()))["loss"] / 4
+
+    batch = collate_packed(data)
+    with torch.no_grad():
+        policy = sequence_logps(ctx.engine.module.model, batch, chunk_tokens=64, weighting=True)
+        ref = split_pairs(reference_policy(*batch.split()[0], **batch.split()[1])[0])
+    chosen_aligned, rejected_aligned = split_pairs(policy.aligned_logps)
+    losses = preference_loss("sigmoid", *split_pairs(policy.logps), *ref, beta=0.1)[0]
+    chosen_sums, _ = split_pairs(policy.sum_logps)
+    chosen_counts, _ = split_pairs(policy.token_counts)
+    weights = torch.exp(chosen_aligned + rejected_aligned)
+    want = (losses * weights + 0.5 * sft_nll(chosen_sums, chosen_counts)).mean().item()
+    assert got == pytest.approx(want, rel=1e-6)
+    assert not torch.allclose(weights, torch.ones_like(weights), atol=1e-3)  # the weights matter here

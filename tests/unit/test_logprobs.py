@@ -310,3 +310,30 @@ def test_fixed_chunk_count_calls_the_lm_head_that_often_and_agrees(num_chunks):
         hook.remove()
     assert len(calls) == num_chunks  # 100 > T: the surplus chunks are empty calls, not skipped
     assert max_relative_diff(got, full_logits_logps(model, batch)) <= 1e-6
+
+
+@pytest.mark.parametrize("chunk_tokens", [5, 1024])
+def test_wpo_aligned_logps_from_each_sequence_alone(chunk_tokens):
+    """weighting=True adds, per sequence, the mean over its response tokens of log p(token) minus
+    log sum_v p(v)^2 (WPO's aligned log-prob), from each sequence's own full-vocabulary softmax;
+    the log-probs and their gradients are those of weighting=False, the new output is detached."""
+    stock, packed_model = stock_and_packed(tiny_llama())
+    sequences = random_sequences(LENGTHS)
+    batch = packed_batch(sequences)
+    want = []
+    with torch.no_grad():
+        for ids, labels in sequences:
+            probs = stock(input_ids=ids[None]).logits[0, :-1].double().softmax(dim=-1)
+            scored = labels[1:] != IGNORE_INDEX
+            token_p = probs.gather(1, ids[1:, None])[:, 0]
+            aligned = torch.log(token_p) - torch.log((probs**2).sum(dim=-1))
+            want.append(aligned[scored].mean())
+    out = sequence_logps(packed_model, batch, chunk_tokens=chunk_tokens, weighting=True)
+    torch.testing.assert_close(out.aligned_logps.double(), torch.stack(want), rtol=1e-5, atol=1e-6)
+    assert not out.aligned_logps.requires_grad
+    plain = sequence_logps(packed_model, batch, chunk_tokens=chunk_tokens)
+    assert plain.aligned_logps is None
+    torch.testing.assert_close(out.logps, plain.logps, rtol=0, atol=0)
+    grads = [torch.autograd.grad(o.logps.sum(), packed_model.parameters()) for o in (out, plain)]
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

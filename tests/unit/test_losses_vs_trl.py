@@ -283,6 +283,33 @@ def test_loss_weights_match_trl_loss_type_lists(seed):
         torch.testing.assert_close(rejected_rewards, trl_rejected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_wpo_weights_match_trl_use_weighting(seed):
+    """use_weighting: TRL multiplies each pair's loss by exp(mean over the completion of log p -
+    log sum p^2) of chosen times rejected; ours is wpo_pair_weights of the per-sequence means
+    (SequenceLogps.aligned_logps, checked against a full softmax in test_logprobs.py)."""
+    from dpo_dist.losses import wpo_pair_weights
+
+    inputs, lengths = random_inputs(seed)
+    model, batch = _stand_in_forward(*inputs, *lengths)
+    outputs = model()
+    generator = torch.Generator().manual_seed(seed)
+    # log sum_v p(v)^2 lies in [log(1/V), 0]: any such per-token values exercise the formula.
+    log_sum_sq = -3 * torch.rand(outputs.log_probs.shape, generator=generator, dtype=torch.float64)
+    outputs.log_sum_sq_probs = log_sum_sq
+    stand_in = _dpo_stand_in(["sigmoid"], 0.1, 0.0, None, 0.05)
+    stand_in.use_weighting = True
+    with float64_default():
+        trl_loss = DPOTrainer._compute_loss(stand_in, lambda **kwargs: outputs, batch, return_outputs=False)
+    mask = batch["completion_mask"][:, 1:]
+    aligned = ((outputs.log_probs.detach() - log_sum_sq) * mask).sum(dim=1) / mask.sum(dim=1)
+    weights = wpo_pair_weights(*aligned.chunk(2))
+    ours = (preference_loss("sigmoid", *inputs, beta=0.1)[0] * weights).mean()
+    torch.testing.assert_close(ours, trl_loss, rtol=1e-10, atol=1e-12)
+    assert_same_gradients(ours, trl_loss, inputs)  # the weights are constants to both
+    assert weights.std() > 0.1  # not a uniform rescaling
+
+
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_ipo_matches_trl_on_per_token_means(beta, seed):

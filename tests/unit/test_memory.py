@@ -433,6 +433,18 @@ def test_lm_head_flops_count_scored_positions_and_the_checkpointed_chunks():
     assert 0.9 < flops(scored_fraction=0.5) / train_flops_per_token(s1, 555, lora=False, recompute=False, no_grad_forwards=0) < 0.97
 
 
+def test_wpo_plans_its_extra_lm_head_temporary():
+    """loss.use_weighting computes log sum p^2 from one more fp32 chunk x vocab tensor (2 x logits)."""
+    s8 = shape("llama3_8b")
+    plain = PlanSettings.from_config(config_from_dict({}))
+    wpo = PlanSettings.from_config(config_from_dict({"loss": {"use_weighting": True}}))
+    assert wpo.wpo and not plain.wpo
+    assert not PlanSettings.from_config(config_from_dict({"stage": "sft", "loss": {"use_weighting": True}})).wpo
+    chunk = min(plain.logits_chunk_tokens, plain.micro_batch_tokens)
+    extra = plan_memory(s8, wpo).item("logits chunk") - plan_memory(s8, plain).item("logits chunk")
+    assert extra == 4 * chunk * s8.vocab
+
+
 def test_docs_hold_the_current_generated_tables():
     from tools.plan import generated
 
