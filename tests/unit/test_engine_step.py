@@ -69,6 +69,17 @@ def other_reference(ctx: E.StepContext, calls: list[str]) -> E.PackedPolicy:
     return reference_policy
 
 
+def four_pair_step(ctx: E.StepContext, calls: list[str]):
+    """One step of 4 pairs in 2 micro-batches against another reference: (the step's mean loss,
+    the 4 pairs collated into one batch, the reference)."""
+    from dpo_dist.data import collate_packed
+
+    reference_policy = other_reference(ctx, calls)
+    data = pairs(4)
+    sums = E.train_step(ctx, data, [E.MicroBatchPlan([0, 1]), E.MicroBatchPlan([2, 3])], denominator=4.0)
+    return dict(zip(E._SUMS, sums.tolist()))["loss"] / 4, collate_packed(data), reference_policy
+
+
 @pytest.mark.parametrize("loss", ["sigmoid", "kto_pair"])
 def test_online_reference_forwards_all_run_before_the_policys(loss):
     """ZeRO-3 prefetches along the recorded order of the policy's forward and backward: a reference
@@ -193,18 +204,12 @@ def test_statistics_pass_sees_the_gradient_forwards_dropout_masks(loss):
 def test_f_divergence_settings_reach_the_loss(settings):
     """loss.f_divergence_type (and alpha) reach preference_loss: the step's loss is f-DPO's of the
     policy and reference log-probs, not DPO's (which would differ: the reference is another model)."""
-    from dpo_dist.data import collate_packed
     from dpo_dist.logprobs import split_pairs
     from dpo_dist.losses import preference_loss
 
     calls: list[str] = []
     ctx = context("sigmoid", calls, **settings)
-    reference_policy = other_reference(ctx, calls)
-    data = pairs(4)
-    sums = E.train_step(ctx, data, [E.MicroBatchPlan([0, 1]), E.MicroBatchPlan([2, 3])], denominator=4.0)
-    got = dict(zip(E._SUMS, sums.tolist()))["loss"] / 4
-
-    batch = collate_packed(data)
+    got, batch, reference_policy = four_pair_step(ctx, calls)
     with torch.no_grad():
         policy = split_pairs(ctx.engine.module(*batch.split()[0], **batch.split()[1])[0])
         ref = split_pairs(reference_policy(*batch.split()[0], **batch.split()[1])[0])
@@ -247,19 +252,13 @@ def test_wpo_weights_each_pairs_preference_loss_not_the_nll():
     """loss.use_weighting: each pair's preference loss times exp(aligned chosen + aligned rejected)
     of the policy (detached), the loss.alpha NLL added unweighted; the policy engine returns the
     aligned log-probs only when asked (PackedPolicy(weighting=True), as build_engine does for it)."""
-    from dpo_dist.data import collate_packed
     from dpo_dist.logprobs import sequence_logps, split_pairs
     from dpo_dist.losses import preference_loss, sft_nll
 
     calls: list[str] = []
     ctx = context("sigmoid", calls, use_weighting=True, alpha=0.5)
     ctx.engine.module.weighting = True
-    reference_policy = other_reference(ctx, calls)
-    data = pairs(4)
-    sums = E.train_step(ctx, data, [E.MicroBatchPlan([0, 1]), E.MicroBatchPlan([2, 3])], denominator=4.0)
-    got = dict(zip(E._SUMS, sums.tolist()))["loss"] / 4
-
-    batch = collate_packed(data)
+    got, batch, reference_policy = four_pair_step(ctx, calls)
     with torch.no_grad():
         policy = sequence_logps(ctx.engine.module.model, batch, chunk_tokens=64, weighting=True)
         ref = split_pairs(reference_policy(*batch.split()[0], **batch.split()[1])[0])
