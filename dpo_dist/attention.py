@@ -316,7 +316,8 @@ def _check_call(backend: str, module: nn.Module, query, key, attention_mask, dro
             )
     if dropout and backend != "sdpa":
         raise AttentionBackendError(
-            f"the {backend} packed-attention backend has no attention dropout; set config.attention_dropout=0"
+            f"the {backend} packed-attention backend has no attention dropout; set model.disable_dropout=true "
+            "(the default) or config.attention_dropout=0"
         )
 
 

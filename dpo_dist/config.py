@@ -103,6 +103,11 @@ class ModelConfig:
     """Training precision: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward (saves activation memory, costs ~1/3 more compute)."""
+    disable_dropout: bool = True
+    """Zero the base model's dropout before training (TRL's disable_dropout, on by default): its
+    nn.Dropout modules and the attention dropout its attention layers keep. The policy's step-0
+    log-probs then equal the reference's (always scored without dropout), and the flash/varlen
+    kernels, which have no dropout, can run. LoRA's own dropout is model.lora.dropout."""
     logits_chunk_tokens: int = 1024
     """Tokens per chunk when computing log-probs; bounds fp32 logits memory to chunk x vocab."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -198,7 +203,7 @@ class LossConfig:
     f_divergence_type: str = "reverse_kl"
     """f-DPO (Wang et al. 2023): the divergence from the reference that the margin losses regularise,
     reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence; for sigmoid, rpo, robust, hinge,
-    ipo, exo_pair and discopop (TRL's f_divergence_type)."""
+    ipo, exo_pair and discopop on summed log-probs (TRL's f_divergence_type)."""
     f_alpha_divergence_coef: float = 0.5
     """alpha of f_divergence_type=alpha_divergence, in (0, 1): f'(u) = (1 - u^-alpha) / alpha, near
     reverse_kl for small alpha and forward_kl near 1 (TRL's code takes 1 - alpha: see losses.py)."""
@@ -207,10 +212,11 @@ class LossConfig:
     policy's detached, sampling-aligned probability of its two responses (per-token geometric
     means), so that pairs the policy would not generate count less. Not with aot/aot_unpaired."""
     weights: dict[str, float] = field(default_factory=dict)
-    """A weighted sum of preference losses, {name: weight > 0} (TRL's loss_type list with
-    loss_weights), e.g. MPO's {sigmoid: 0.8, bco_pair: 0.2} with alpha: 1.0 as its SFT term
-    (``loss=mpo``). loss.name must be one of the names (the logged rewards are its); the terms share
-    beta and the other loss.* settings. Empty (default): loss.name alone."""
+    """A weighted sum of preference losses, {name: weight >= 0} (TRL's loss_type list with
+    loss_weights; a 0 drops the term), e.g. MPO's {sigmoid: 0.8, bco_pair: 0.2} with alpha: 1.0 as
+    its SFT term (``loss=mpo``). loss.name must be one of the names, weighted > 0 (the logged rewards
+    are its); the terms share beta and the other loss.* settings, so at most one of them may read
+    label_smoothing, and an f-divergence needs every term to take it. Empty (default): loss.name alone."""
 
     def __post_init__(self) -> None:
         _check(self.name != "sft", "loss.name", "supervised fine-tuning is stage=sft (TRL's loss_type sft), not a preference loss")
@@ -227,15 +233,7 @@ class LossConfig:
             "loss.f_alpha_divergence_coef",
             "is alpha_divergence's alpha: set loss.f_divergence_type=alpha_divergence too",
         )
-        for term, weight in self.weights.items():
-            _check(term != "rpo", "loss.weights", "rpo is sigmoid plus loss.alpha times the NLL: weight sigmoid and set loss.alpha")
-            _one_of(term, "loss.weights", tuple(n for n in LOSS_NAMES if n != "rpo"))
-            _check(math.isfinite(weight) and weight > 0, f"loss.weights.{term}", f"must be a finite number > 0, got {weight}")
-        _check(
-            not self.weights or self.name in self.weights,
-            "loss.weights",
-            f"must include loss.name ({self.name}), whose rewards are logged: e.g. loss.name={next(iter(self.weights), '')}",
-        )
+        self._check_weights()
         terms = self.terms()
         described = self.name if not self.weights else f"{self.name} (loss.weights: {', '.join(terms)})"
         for option, users in OPTION_LOSSES.items():
@@ -250,6 +248,25 @@ class LossConfig:
             "loss.label_smoothing",
             "exo_pair needs eps > 0 (its target distribution is (1 - eps, eps)); conf/loss/exo_pair.yaml uses 0.001",
         )
+        smoothed = [t for t in terms if t in SMOOTHED_LOSSES]
+        _check(
+            self.label_smoothing == 0 or len(smoothed) <= 1,
+            "loss.label_smoothing",
+            f"the terms {', '.join(smoothed)} would all read this one eps (sigmoid's becoming cDPO): "
+            "weight at most one loss that takes label_smoothing",
+        )
+        if self.f_divergence_type != "reverse_kl":
+            others = [t for t in terms if t not in F_DIVERGENCE_LOSSES]
+            _check(
+                not others,
+                "loss.f_divergence_type",
+                f"{', '.join(others)} has no f-divergence form (only {', '.join(F_DIVERGENCE_LOSSES)}); TRL refuses this mix too",
+            )
+            _check(
+                self.logp_normalization == "sum",
+                "loss.f_divergence_type",
+                "f-DPO scores sequence probability ratios: it needs loss.logp_normalization=sum",
+            )
         _check(
             not self.use_weighting or not any(t in ("aot", "aot_unpaired") for t in terms),
             "loss.use_weighting",
@@ -262,13 +279,34 @@ class LossConfig:
             f"{mean_only[0] if mean_only else ''} is defined on length-normalised log-probs: set loss.logp_normalization=mean",
         )
 
+    def _check_weights(self) -> None:
+        _check(isinstance(self.weights, dict), "loss.weights", f"must be a mapping {{loss name: weight}}, got {self.weights!r}")
+        hints = {
+            "rpo": "rpo is sigmoid plus loss.alpha times the NLL: weight sigmoid and set loss.alpha",
+            "sft": "TRL's sft term is loss.alpha (the chosen responses' NLL added to the loss)",
+        }
+        for term, weight in self.weights.items():
+            _check(term not in hints, "loss.weights", hints.get(term, ""))
+            _one_of(term, "loss.weights", tuple(n for n in LOSS_NAMES if n != "rpo"))
+            valid = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight) and weight >= 0
+            _check(valid, f"loss.weights.{term}", f"must be a finite number >= 0, got {weight!r}")
+        _check(
+            not self.weights or self.weights.get(self.name, 0) > 0,
+            "loss.weights",
+            f"must give loss.name ({self.name}), whose rewards are logged, a weight > 0: "
+            f"e.g. loss.name={next((t for t, w in self.weights.items() if w > 0), self.name)}",
+        )
+
     def kernel_name(self) -> str:
         """The ``dpo_dist.losses`` function behind this preset (rpo is sigmoid plus the NLL term)."""
         return "sigmoid" if self.name == "rpo" else self.name
 
     def terms(self) -> dict[str, float]:
-        """{``dpo_dist.losses`` name: weight} of the loss: loss.weights, or loss.name's function alone."""
-        return dict(self.weights) if self.weights else {self.kernel_name(): 1.0}
+        """{``dpo_dist.losses`` name: weight} of the loss: loss.weights without its zero weights (a
+        sweep may switch a term off), or loss.name's function alone."""
+        if not self.weights:
+            return {self.kernel_name(): 1.0}
+        return {name: float(weight) for name, weight in self.weights.items() if weight > 0}
 
     def uses_reference(self) -> bool:
         return any(term not in REFERENCE_FREE_LOSSES for term in self.terms())

@@ -281,6 +281,24 @@ def load_causal_lm(path: str, dtype: torch.dtype, ds_cfg: dict[str, Any], quanti
     return model
 
 
+def disable_dropout(model: nn.Module) -> int:
+    """Zero every dropout of ``model`` (``model.disable_dropout``): its nn.Dropout modules and the
+    float ``attention_dropout`` that Hugging Face attention layers copy from the config at init
+    (and the config's, for anything built from it later). Returns how many were non-zero."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.p = 0.0
+            changed += 1
+        elif isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout > 0:
+            module.attention_dropout = 0.0
+            changed += 1
+    config = getattr(model, "config", None)
+    if isinstance(getattr(config, "attention_dropout", None), float):
+        config.attention_dropout = 0.0
+    return changed
+
+
 def apply_lora(model: nn.Module, lora: LoraConfig, seed: int) -> nn.Module:
     """Wrap ``model`` with PEFT LoRA adapters on ``lora.target_modules``; only the adapters train.
 
@@ -398,6 +416,8 @@ def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
 
     model, dsc = load_for_deepspeed(cfg, cfg.model.path, device, frozen=False, quantize=cfg.model.lora.quantize)
     enable_packed_attention(model, backend, device)
+    if cfg.model.disable_dropout and (dropped := disable_dropout(model)):
+        log.info("model.disable_dropout: zeroed %d dropout layers of the model", dropped)
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)
     if cfg.model.lora.enabled:
@@ -410,6 +430,9 @@ def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=policy, optimizer=optimizer, lr_scheduler=scheduler, config=dsc
     )
+    # from_pretrained hands the model over in eval mode: without this, dropout (model.lora.dropout)
+    # stayed off until the first evaluation switched the engine to train mode.
+    engine.train()
     return engine
 
 
@@ -761,7 +784,10 @@ class DropoutReplay:
         self.states: list[torch.Tensor] = []
 
     def _generator(self) -> torch.Generator:
-        return torch.cuda.default_generators[self.device.index or 0] if self.device.type == "cuda" else torch.default_generator
+        if self.device.type != "cuda":
+            return torch.default_generator
+        index = torch.cuda.current_device() if self.device.index is None else self.device.index
+        return torch.cuda.default_generators[index]
 
     def record(self) -> None:
         if self.active:

@@ -86,7 +86,9 @@ class _Pairs(NamedTuple):
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # exp() arguments are capped here (TRL caps its alpha-divergence's the same way): an extreme
-# log-ratio then gives a huge finite score instead of inf, and inf - inf = nan in the margin.
+# log-ratio then gives a huge finite score instead of inf, and inf - inf = nan in the margin. Past
+# the cap the score is constant (no gradient), and a loss that squares it (ipo) can still overflow
+# float32 from a summed log-ratio of about -44 on: forward KL's f'(u) = 1 - 1/u grows as 1/u.
 _MAX_EXPONENT = 80.0
 
 
@@ -372,8 +374,9 @@ F_DIVERGENCE_LOSSES = frozenset({"sigmoid", "rpo", "robust", "hinge", "ipo", "ex
 """The losses of the margin (chosen minus rejected log-ratio) that f-DPO generalises (TRL 1.16's
 list, its sigmoid_norm being our sigmoid on mean log-probs): they take the options
 ``f_divergence_type`` (``F_DIVERGENCES``, default reverse_kl) and ``f_alpha_divergence_coef``
-(alpha_divergence's alpha, default 0.5). With mean log-probs f' applies to the per-token mean
-log-ratio, where TRL's sigmoid_norm and ipo divide f' of the summed one by the length."""
+(alpha_divergence's alpha, default 0.5). f-DPO's u is a sequence's probability ratio: pass summed
+log-probs (the config refuses a divergence with loss.logp_normalization=mean; TRL's sigmoid_norm and
+ipo divide f' of the summed log-ratio by the length, which this API does not do)."""
 _F_OPTIONS = {"f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5}
 for _name in F_DIVERGENCE_LOSSES:
     LOSS_OPTIONS[_name] = LOSS_OPTIONS[_name] | _F_OPTIONS

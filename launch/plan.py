@@ -43,7 +43,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--tokens-per-pair", type=float, default=2048.0, help="mean real tokens of one pair (chosen + rejected)")
     parser.add_argument("--bandwidth-gbit", type=float, default=400.0, help="network bandwidth per GPU between nodes, Gbit/s")
     parser.add_argument("--overlap", type=float, default=0.8, help="fraction of communication hidden behind compute")
-    parser.add_argument("--measured-tokens-per-s", type=float, default=53_900.0, help="single-GPU training tokens/s that calibrates compute")
+    parser.add_argument("--measured-tokens-per-s", type=float, default=53_900.0, help="single-GPU tokens/s of plain LM training (LM head at every token, no activation recompute, full weights) that calibrates compute")
     parser.add_argument("--measured-model", default="llama3_1b", help="preset shape of that measurement")
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if a.startswith("-") or "=" not in a]

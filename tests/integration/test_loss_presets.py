@@ -190,6 +190,25 @@ def test_wpo_weights_the_pairs_by_their_aligned_probability(assets, hf_logps, tm
     assert math.isclose(first["loss"], expected, rel_tol=1e-5), (first["loss"], expected)
 
 
+def test_disable_dropout_makes_step_one_the_reference(assets, tmp_path):
+    """A model whose config asks for attention dropout (0.5): with model.disable_dropout (default)
+    the policy at step 1 scores exactly as the precomputed reference (no dropout there), DPO's loss
+    is ln 2; with it off the train-mode policy draws dropout masks and the loss moves off ln 2.
+    (That also shows the policy trains in train mode from step 1: from_pretrained returns the model
+    in eval mode, and dropout, LoRA's too, used to stay off until the first evaluation.)"""
+    import shutil
+
+    model_dir = tmp_path / "dropout_model"
+    shutil.copytree(assets["model"], model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config | {"attention_dropout": 0.5}))
+    common = {"model.path": model_dir, "model.attn_backend": "sdpa", "reference.cache_dir": tmp_path / "cache"}
+    on = train_rows(train(assets, tmp_path / "on", **common))[0]
+    off = train_rows(train(assets, tmp_path / "off", **common, **{"model.disable_dropout": "false"}))[0]
+    assert abs(on["loss"] - math.log(2)) < 1e-6, on
+    assert abs(off["loss"] - math.log(2)) > 1e-3, off
+
+
 def test_logged_lr_follows_the_schedule_and_logps_are_summed(assets, hf_logps, tmp_path):
     """optim.warmup_steps=2 over 6 steps (cosine, min_lr_ratio 0.1, the defaults): warmup step k
     runs at (k+1)/3 * lr, step 2 at lr, then cosine down to 0.1 * lr at the last step. Step 1's

@@ -169,6 +169,9 @@ def test_loss_weights_describe_a_weighted_sum_of_losses():
     assert config_from_dict({"loss": {"name": "simpo", "logp_normalization": "mean", "weights": {"simpo": 1, "sigmoid": 1}}}).loss.uses_reference()
     stats = config_from_dict({"loss": {"weights": {"sigmoid": 1, "aot": 0.5}}}).loss
     assert stats.uses_batch_statistics()
+    # A zero weight drops its term (a sweep may switch one off).
+    off = config_from_dict({"loss": {"weights": {"sigmoid": 1, "aot": 0}}}).loss
+    assert off.terms() == {"sigmoid": 1.0} and not off.uses_batch_statistics()
     # An option is allowed when some term reads it.
     assert config_from_dict({"loss": {"weights": {"sigmoid": 1, "discopop": 0.5}, "discopop_tau": 0.1}}).loss.discopop_tau == 0.1
 
@@ -176,10 +179,18 @@ def test_loss_weights_describe_a_weighted_sum_of_losses():
 @pytest.mark.parametrize(
     "loss, message",
     [
-        ({"weights": {"hinge": 0.5}}, "loss.weights: must include loss.name (sigmoid)"),
+        ({"weights": {"hinge": 0.5}}, "loss.weights: must give loss.name (sigmoid), whose rewards are logged, a weight > 0"),
+        ({"weights": {"sigmoid": 0, "hinge": 0.5}}, "a weight > 0: e.g. loss.name=hinge"),
+        ({"weights": {"sigmoid": 1, "sft": 1}}, "loss.weights: TRL's sft term is loss.alpha"),
+        ({"weights": ["sigmoid"]}, "loss.weights: must be a mapping"),
+        ({"weights": {"sigmoid": "high"}}, "loss.weights.sigmoid: must be a finite number >= 0, got 'high'"),
+        ({"weights": {"sigmoid": 1, "robust": 1}, "label_smoothing": 0.1}, "the terms sigmoid, robust would all read this one eps"),
+        ({"weights": {"sigmoid": 1, "exo_pair": 1}, "label_smoothing": 0.001}, "the terms sigmoid, exo_pair would all read"),
+        ({"weights": {"sigmoid": 1, "bco_pair": 1}, "f_divergence_type": "js_divergence"}, "loss.f_divergence_type: bco_pair has no f-divergence form"),
+        ({"name": "ipo", "logp_normalization": "mean", "f_divergence_type": "forward_kl"}, "it needs loss.logp_normalization=sum"),
         ({"weights": {"sigmoid": 1, "rpo": 1}}, "loss.weights: rpo is sigmoid plus loss.alpha"),
         ({"weights": {"sigmoid": 1, "dpo": 1}}, "loss.weights: got 'dpo', expected one of"),
-        ({"weights": {"sigmoid": 0}}, "loss.weights.sigmoid: must be a finite number > 0"),
+        ({"weights": {"sigmoid": -1, "hinge": 1}}, "loss.weights.sigmoid: must be a finite number >= 0"),
         ({"weights": {"sigmoid": 1, "simpo": 1}}, "loss.logp_normalization: simpo is defined on length-normalised"),
         ({"weights": {"sigmoid": 1, "exo_pair": 1}}, "loss.label_smoothing: exo_pair needs eps > 0"),
         ({"weights": {"sigmoid": 1, "hinge": 1}, "gamma": 1.0}, "loss.gamma: loss=sigmoid (loss.weights: sigmoid, hinge) does not use it"),
@@ -200,8 +211,10 @@ def test_loss_weights_from_the_command_line():
     assert "weights:\n    sigmoid: 1.0\n    hinge: 0.5" in result.stdout
     result = run_cli("launch.train", "loss=mpo", "loss.weights.bco_pair=0.4", "--cfg", "job")
     assert result.returncode == 0 and "bco_pair: 0.4" in result.stdout, result.stderr
+    result = run_cli("launch.train", "loss=mpo", "~loss.weights.bco_pair", "--cfg", "job")
+    assert result.returncode == 0 and "bco_pair" not in result.stdout, result.stderr
     result = run_cli("launch.train", "+loss.weights={hinge:0.5}")
-    assert result.returncode == 2 and result.stderr.strip().endswith("loss.weights: must include loss.name (sigmoid), whose rewards are logged: e.g. loss.name=hinge")
+    assert result.returncode == 2 and result.stderr.strip().endswith("whose rewards are logged, a weight > 0: e.g. loss.name=hinge")
 
 
 @pytest.mark.parametrize(
@@ -216,7 +229,7 @@ def test_loss_weights_from_the_command_line():
 def test_f_divergence_settings_are_checked(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         config_from_dict({"loss": overrides})
-    config_from_dict({"loss": {"name": "ipo", "logp_normalization": "mean", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}})
+    config_from_dict({"loss": {"name": "ipo", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}})
 
 
 def test_sweep_values_are_each_validated():

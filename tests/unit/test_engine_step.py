@@ -270,3 +270,27 @@ def test_wpo_weights_each_pairs_preference_loss_not_the_nll():
     want = (losses * weights + 0.5 * sft_nll(chosen_sums, chosen_counts)).mean().item()
     assert got == pytest.approx(want, rel=1e-6)
     assert not torch.allclose(weights, torch.ones_like(weights), atol=1e-3)  # the weights matter here
+
+
+def test_disable_dropout_zeroes_dropout_modules_and_attention_dropout():
+    """model.disable_dropout (TRL's default): a model whose config has attention dropout, and any
+    nn.Dropout, scores in train mode exactly as in eval mode afterwards; before, it does not."""
+    from torch import nn
+
+    from dpo_dist.data import collate_packed
+
+    model = tiny_llama(attention_dropout=0.5)
+    enable_packed_attention(model, "sdpa")
+    model.model.layers[0].mlp.down_proj = nn.Sequential(model.model.layers[0].mlp.down_proj, nn.Dropout(0.3))
+    policy = E.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64)
+    batch = collate_packed(pairs(2))
+
+    def logps(train: bool) -> torch.Tensor:
+        policy.train(train)
+        with torch.no_grad():
+            return policy(*batch.split()[0], **batch.split()[1])[0]
+
+    assert not torch.equal(logps(True), logps(False))
+    assert E.disable_dropout(model) == 3  # two attention layers' dropout and the nn.Dropout
+    assert model.config.attention_dropout == 0.0 and E.disable_dropout(model) == 0
+    torch.testing.assert_close(logps(True), logps(False), rtol=0, atol=0)

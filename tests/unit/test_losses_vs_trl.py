@@ -263,15 +263,14 @@ def test_f_divergence_matches_trl_dpo_trainer(name, divergence, alpha, beta):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_loss_weights_match_trl_loss_type_lists(seed):
     """loss.weights is TRL's loss_type list with loss_weights: the weighted sum of the terms' batch
-    means (MPO's sigmoid 0.8 + bco_pair 0.2, here with a third term). With an f-divergence the
-    margin terms take it and bco_pair keeps its log-ratios, as in TRL's loss code (TRL's config
-    refuses that mix; ours allows it). The rewards are loss.name's, TRL's beta * log-ratios."""
+    means (MPO's sigmoid 0.8 + bco_pair 0.2, here with a third term; with an f-divergence, which
+    every term must take, margin terms only). The rewards are loss.name's, TRL's beta * log-ratios."""
     from dpo_dist.config import config_from_dict
     from dpo_dist.engine import weighted_preference_loss
 
     inputs, lengths = random_inputs(seed)
-    weights = {"sigmoid": 0.8, "bco_pair": 0.2, "hinge": 0.5}
-    for f_divergence in ("reverse_kl", "js_divergence"):
+    cases = {"reverse_kl": {"sigmoid": 0.8, "bco_pair": 0.2, "hinge": 0.5}, "js_divergence": {"sigmoid": 0.8, "hinge": 0.5, "robust": 0.3}}
+    for f_divergence, weights in cases.items():
         cfg = config_from_dict({"loss": {"name": "sigmoid", "beta": 0.3, "weights": weights, "f_divergence_type": f_divergence}})
         ours, chosen_rewards, rejected_rewards = weighted_preference_loss(cfg, tuple(inputs), {})
         trl_loss, trl_chosen, trl_rejected = trl_dpo(
