@@ -25,11 +25,12 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -281,22 +282,47 @@ def load_causal_lm(path: str, dtype: torch.dtype, ds_cfg: dict[str, Any], quanti
     return model
 
 
+_DROPOUT_NAME = re.compile(r"dropout|pdrop", re.IGNORECASE)
+
+
 def disable_dropout(model: nn.Module) -> int:
-    """Zero every dropout of ``model`` (``model.disable_dropout``): its nn.Dropout modules and the
-    float ``attention_dropout`` that Hugging Face attention layers copy from the config at init
-    (and the config's, for anything built from it later). Returns how many were non-zero."""
+    """Zero every dropout of ``model`` (``model.disable_dropout``): its nn.Dropout modules, the float
+    probabilities modules keep for ``F.dropout`` (``attention_dropout``, Starcoder2's
+    ``residual_dropout``, Bloom's ``hidden_dropout``, ...) and those some models read from their
+    config at every forward (Falcon). The config's original values are kept for the export
+    (``original_dropout_config``). Returns how many non-zero probabilities were zeroed."""
     changed = 0
     for module in model.modules():
-        if isinstance(module, nn.Dropout) and module.p > 0:
+        if isinstance(module, nn.Dropout):
+            changed += module.p > 0
             module.p = 0.0
-            changed += 1
-        elif isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout > 0:
-            module.attention_dropout = 0.0
-            changed += 1
+            continue
+        for name, value in list(vars(module).items()):
+            if _DROPOUT_NAME.search(name) and isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
+                changed += 1
     config = getattr(model, "config", None)
-    if isinstance(getattr(config, "attention_dropout", None), float):
-        config.attention_dropout = 0.0
+    if config is not None:
+        original = {k: v for k, v in vars(config).items() if _DROPOUT_NAME.search(k) and isinstance(v, float) and v > 0}
+        for name in original:
+            setattr(config, name, 0.0)
+        model._dpo_original_dropout = {**getattr(model, "_dpo_original_dropout", {}), **original}
     return changed
+
+
+@contextmanager
+def original_dropout_config(model: nn.Module):
+    """``model.config`` with the dropout probabilities ``disable_dropout`` zeroed in it put back
+    inside: the export writes the model's own config, not this run's training setting."""
+    original = getattr(model, "_dpo_original_dropout", {})
+    zeroed = {name: getattr(model.config, name) for name in original}
+    for name, value in original.items():
+        setattr(model.config, name, value)
+    try:
+        yield model.config
+    finally:
+        for name, value in zeroed.items():
+            setattr(model.config, name, value)
 
 
 def apply_lora(model: nn.Module, lora: LoraConfig, seed: int) -> nn.Module:
@@ -576,7 +602,9 @@ class OnlineReference:
         """Summed reference log-probs of (chosen, rejected) for every pair of ``batch``."""
         if self.engine is None:
             raise RuntimeError("OnlineReference with LoRA scores with the policy: call attach_policy(engine) first")
-        with adapters_disabled(self.engine) if self.uses_policy else nullcontext():
+        # The policy trains in train mode; as its reference it runs as the precomputed and
+        # frozen-copy references do: in eval mode (no dropout draws, none taken from the policy's).
+        with adapters_disabled(self.engine) if self.uses_policy else nullcontext(), eval_mode(self.engine):
             # sum_logps: the policy engine may normalise logps per token; the caller normalises.
             return split_pairs(run_packed(self.engine, batch).sum_logps)
 
@@ -584,6 +612,19 @@ class OnlineReference:
 
     def run_info(self) -> dict[str, Any]:
         return {"cache_dir": None, "computed": False, "mode": "online"}
+
+
+@contextmanager
+def eval_mode(engine):
+    """``engine`` (a DeepSpeed engine or module) in eval mode inside; its mode before restored
+    after, also on an exception (DeepSpeed's train() does not update the engine's own flag, so
+    the wrapped module's is the one read)."""
+    was_training = getattr(engine, "module", engine).training
+    engine.eval()
+    try:
+        yield
+    finally:
+        engine.train(was_training)
 
 
 def adapters_disabled(engine):
@@ -867,17 +908,16 @@ def aot_statistics(name: str, weights: list[float], logps: list[tuple], capacity
 @torch.no_grad()
 def evaluate(ctx: StepContext, dataset, env: D.DistEnv) -> dict[str, float]:
     """Loss, reward accuracy and margins on held-out pairs (each rank takes every world-th pair)."""
-    ctx.engine.eval()
     positions = np.arange(len(dataset))
     plans = plan_micro_batches(
         positions, packed_lengths(dataset, ctx.cfg.stage), env.rank, env.world_size, ctx.cfg.train.micro_batch_tokens
     )
     sums = metric_sums(ctx.device)
-    # One micro-batch at a time (the eval set need not fit on the device at once).
-    statistics = batch_statistics(ctx, micro_batches(ctx, dataset, plans), train=False, pairs=len(dataset))
-    for mb, mb_statistics in zip(micro_batches(ctx, dataset, plans), statistics, strict=True):
-        accumulate(sums, mb.weight, mb.batch, micro_batch_losses(ctx, mb, train=False, statistics=mb_statistics))
-    ctx.engine.train()
+    with eval_mode(ctx.engine):
+        # One micro-batch at a time (the eval set need not fit on the device at once).
+        statistics = batch_statistics(ctx, micro_batches(ctx, dataset, plans), train=False, pairs=len(dataset))
+        for mb, mb_statistics in zip(micro_batches(ctx, dataset, plans), statistics, strict=True):
+            accumulate(sums, mb.weight, mb.batch, micro_batch_losses(ctx, mb, train=False, statistics=mb_statistics))
     totals = dict(zip(_SUMS, D.all_reduce_sum(sums).tolist()))
     return {f"eval/{k}": v for k, v in summarize(totals, ctx.cfg.stage).items() if k not in ("tokens",)}
 
@@ -1038,7 +1078,8 @@ def export_hf(engine, cfg: DPOConfig, tokenizer, out_dir: Path, env: D.DistEnv) 
         hf_model = unwrap_model(engine.module.model)
 
         def write(tmp: Path) -> None:
-            hf_model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+            with original_dropout_config(hf_model):
+                hf_model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
 
         write_atomically(out_dir, write)
@@ -1058,7 +1099,8 @@ def _export_partitioned(engine, tokenizer, out_dir: Path, env: D.DistEnv) -> Non
     weights = partitioned_weights(model, keep=env.is_main)
     dtype = next(hf_model.parameters()).dtype
     tmp = staging_dir(out_dir) if env.is_main else out_dir
-    save_consolidated(weights, hf_model.config, dtype, tmp, DEFAULT_MAX_SHARD_SIZE, writer=env.is_main)
+    with original_dropout_config(hf_model) as config:
+        save_consolidated(weights, config, dtype, tmp, DEFAULT_MAX_SHARD_SIZE, writer=env.is_main)
     if env.is_main:
         hf_model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

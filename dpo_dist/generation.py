@@ -177,9 +177,12 @@ def render_prompt(prompt: Text, tokenizer) -> str:
 
 
 def encode_prompt(text: str, tokenizer) -> list[int]:
-    """Token ids of a rendered prompt, with the tokenizer's special tokens unless it already has BOS."""
+    """Token ids of a rendered prompt as training encodes it (``dpo_dist.data.tokenize``): with the
+    tokenizer's special tokens unless it already has BOS, without an EOS the tokenizer appends."""
+    from dpo_dist.data.tokenize import without_appended_eos
+
     has_bos = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
-    return tokenizer(text, add_special_tokens=not has_bos)["input_ids"]
+    return without_appended_eos(tokenizer(text, add_special_tokens=not has_bos)["input_ids"], text, tokenizer)
 
 
 def trained_prompt(prompt: Text, chat: bool) -> Text:

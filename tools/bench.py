@@ -301,6 +301,7 @@ def ours_train(cfg, dataset, device, backend, reference, preset, n_params):
     engine = E.build_engine(cfg, device, backend)
     if reference is None:
         reference = E.OnlineReference(cfg, device, backend)
+        reference.attach_policy(engine)  # with LoRA: the policy, adapters disabled
     ctx = E.StepContext(engine, reference, cfg, device, 1)
     sampler = E.PairSampler(len(dataset), cfg.train.pairs_per_step, cfg.train.seed)
     lengths = dataset.lengths()
@@ -321,7 +322,7 @@ def ours_train(cfg, dataset, device, backend, reference, preset, n_params):
                 seq = [dataset[p] for p in positions]
                 timing.seq_sq += float(sum(np.float64(p.chosen_seq_len) ** 2 + np.float64(p.rejected_seq_len) ** 2 for p in seq))
     E.release_engine(engine)
-    if isinstance(reference, E.OnlineReference):
+    if isinstance(reference, E.OnlineReference) and not reference.uses_policy:
         E.release_engine(reference.engine)
     return result(timing, mem, preset, n_params, train=True)
 

@@ -207,7 +207,7 @@ def data_fingerprint(path: str | os.PathLike) -> str:
 
 def _cannot_read(shown: str, err: OSError) -> DataError:
     """The one-line ``DataError`` for an OS error while reading ``shown``."""
-    return DataError(f"{shown}: cannot read: {err.strerror or err}")
+    return DataError(f"{shown}: cannot read: {err.strerror or _one_line(err)}")
 
 
 class _Unreadable(str):
@@ -276,12 +276,26 @@ def _read_json(path: Path, shown: str) -> list[Any]:
 def _read_parquet(path: Path, shown: str) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
+    # pyarrow raises several types for corrupt or non-Parquet files, also only when a damaged
+    # page is decoded, and its messages can span lines.
     try:
         parquet = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for corrupt or non-Parquet files
-        raise DataError(f"{shown}: cannot read Parquet file: {e}") from None
-    for batch in parquet.iter_batches():
-        yield from batch.to_pylist()
+    except Exception as e:
+        raise DataError(f"{shown}: cannot read Parquet file: {_one_line(e)}") from None
+    batches = parquet.iter_batches()
+    while True:
+        try:
+            batch = next(batches, None)
+            rows = None if batch is None else batch.to_pylist()  # decoding a damaged string fails here
+        except Exception as e:
+            raise DataError(f"{shown}: cannot read Parquet file: {_one_line(e)}") from None
+        if rows is None:
+            return
+        yield from rows
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _read_dataset_dir(path: Path, shown: str) -> Iterator[dict[str, Any]]:
@@ -292,8 +306,7 @@ def _read_dataset_dir(path: Path, shown: str) -> Iterator[dict[str, Any]]:
     except FileNotFoundError:
         raise DataError(f"{shown}: a directory must be a dataset saved with save_to_disk") from None
     except Exception as e:  # a damaged save fails in json, pyarrow or datasets, with any type
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise DataError(f"{shown}: cannot load saved dataset: {reason}") from None
+        raise DataError(f"{shown}: cannot load saved dataset: {_one_line(e)}") from None
     if isinstance(loaded, datasets.DatasetDict):
         splits = list(loaded)
         if len(splits) != 1:
@@ -302,7 +315,20 @@ def _read_dataset_dir(path: Path, shown: str) -> Iterator[dict[str, Any]]:
                 f"e.g. {os.path.join(shown, splits[0]) if splits else shown}"
             )
         loaded = loaded[splits[0]]
-    return iter(loaded)
+    return _rows_of(loaded, shown)
+
+
+def _rows_of(loaded, shown: str) -> Iterator[dict[str, Any]]:
+    """A loaded dataset's rows; a damaged Arrow file fails only when read, with any type."""
+    rows = iter(loaded)
+    while True:
+        try:
+            row = next(rows, None)
+        except Exception as e:
+            raise DataError(f"{shown}: cannot read saved dataset: {_one_line(e)}") from None
+        if row is None:
+            return
+        yield row
 
 
 def _validate_field(raw: dict[str, Any], name: str) -> str | None:

@@ -1,8 +1,12 @@
 """Tokenize preference records into prompt / chosen / rejected token ids.
 
 Plain-text records:
-  prompt ids   = ``tokenizer(prompt)`` with the tokenizer's special tokens (its BOS, if it adds one);
-  response ids = ``tokenizer(response, add_special_tokens=False)``, then ``eos_token_id``.
+  prompt ids   = ``tokenizer(prompt)`` with the tokenizer's special tokens (its BOS, if it adds one;
+                 not an EOS a tokenizer set to append one puts after it: the prompt ends nothing);
+  response ids = ``tokenizer(response, add_special_tokens=False)``, then ``eos_token_id``, as the
+                 response is encoded after its prompt: a SentencePiece tokenizer with a dummy prefix
+                 (Llama 2, Mistral) puts a "▁" in front of any text it encodes alone, which the
+                 same text following the prompt does not get (``_encode_responses``).
 
 Chat records (any of prompt / chosen / rejected is a messages list; a plain-string prompt then
 becomes one ``user`` message and a plain-string response one ``assistant`` message):
@@ -31,7 +35,9 @@ each truncated pair counts once in ``TruncationStats.truncated``, each dropped o
 ``max_length`` must be at least 3 (BOS + one prompt token + one response token), so the first
 two rules always produce a pair that fits.
 
-A pair whose chosen and rejected ids are identical after truncation (cutting both responses to
+A record whose chosen and rejected texts differ but encode to the same ids (e.g. "2</s>" and "2":
+EOS is appended only when missing) is an invalid record like textually identical ones (``problems``,
+under ``data.on_invalid``). A pair whose chosen and rejected ids are identical after truncation (cutting both responses to
 a shared prefix) is dropped and counted in ``TruncationStats.identical`` instead: it carries no
 preference signal and would count as wrong in reward accuracy. SFT, which trains on chosen
 alone, keeps them (``keep_identical``).
@@ -207,10 +213,16 @@ def _encode_batch(
     prompts = _encode_prompts([t[0] for t in texts], tokenizer)
     chosen = _encode_responses([t[1] for t in texts], tokenizer)
     rejected = _encode_responses([t[2] for t in texts], tokenizer)
-    return [
-        TokenizedPair(record.example_id, p, c, r)
-        for (record, _), p, c, r in zip(rendered, prompts, chosen, rejected)
-    ]
+    pairs = []
+    for (record, _), p, c, r in zip(rendered, prompts, chosen, rejected):
+        if c == r:
+            reason = "chosen and rejected encode to the same token ids"
+            if problems is None:
+                raise DataError(f"{source}:{record.line}: {reason}")
+            problems.append(Problem(source, record.line, reason))
+            continue
+        pairs.append(TokenizedPair(record.example_id, p, c, r))
+    return pairs
 
 
 def _encode_prompts(texts: list[str], tokenizer) -> list[list[int]]:
@@ -223,14 +235,41 @@ def _encode_prompts(texts: list[str], tokenizer) -> list[list[int]]:
         if positions:
             encoded = _encode([texts[i] for i in positions], tokenizer, add_special_tokens=not flag)
             for i, e in zip(positions, encoded):
-                ids[i] = e
+                ids[i] = without_appended_eos(e, texts[i], tokenizer)
     return ids
+
+
+def without_appended_eos(ids: list[int], text: str, tokenizer) -> list[int]:
+    """A prompt's ids without the EOS that a tokenizer set to append one (``add_eos_token``) put
+    after it (one the text itself ends with stays): the response, not the prompt, ends the sequence."""
+    eos = tokenizer.eos_token_id
+    if ids and ids[-1] == eos and not (tokenizer.eos_token and text.endswith(tokenizer.eos_token)):
+        return ids[:-1]
+    return ids
+
+
+_SENTINEL = "\n"
+"""Encoded in front of a response by tokenizers with a dummy prefix, then removed: after it the
+response starts mid-text, as it does after its prompt."""
 
 
 def _encode_responses(texts: list[str], tokenizer) -> list[list[int]]:
     eos = tokenizer.eos_token_id
     encoded = _encode(texts, tokenizer, add_special_tokens=False)
+    if _adds_dummy_prefix(tokenizer):
+        head = _encode([_SENTINEL], tokenizer, add_special_tokens=False)[0]
+        after = _encode([_SENTINEL + text for text in texts], tokenizer, add_special_tokens=False)
+        # A response whose start merges with the sentinel (one starting with a newline, in some
+        # vocabularies) keeps its own encoding.
+        encoded = [a[len(head) :] if a[: len(head)] == head else e for a, e in zip(after, encoded)]
     return [e if e and e[-1] == eos else [*e, eos] for e in encoded]
+
+
+def _adds_dummy_prefix(tokenizer) -> bool:
+    """Whether ``tokenizer`` encodes a text on its own differently from the same text mid-text
+    (SentencePiece's dummy "▁" prefix: "a" alone is "▁a"): byte-level BPE (GPT-2, Llama 3) does not."""
+    head, alone, after = _encode([_SENTINEL, "a", _SENTINEL + "a"], tokenizer, add_special_tokens=False)
+    return after[: len(head)] == head and after[len(head) :] != alone
 
 
 def _encode(texts: list[str], tokenizer, add_special_tokens: bool) -> list[list[int]]:

@@ -61,6 +61,19 @@ def test_bench_subset_with_config_overrides(tmp_path):
     assert report["config"]["trl_fp32_weights"] is True
 
 
+def test_bench_online_reference_with_lora(tmp_path):
+    """ours_online with LoRA scores the reference as the policy with adapters disabled (it must be
+    attached to the policy engine, and not released twice): step 0 at ln 2."""
+    out = tmp_path / "bench.json"
+    result = run_cli(
+        "tools.bench", "--preset", "cpu-smoke", "--steps", "1", "--systems", "ours_online", "--scaling", "",
+        "--set", "model.lora.r=4", "--out", str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    online = json.loads(out.read_text())["systems"]["ours_online"]
+    assert abs(online["step0_loss"] - math.log(2)) < 1e-5 and online["tokens_per_s"] > 0
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

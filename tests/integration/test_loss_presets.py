@@ -207,6 +207,8 @@ def test_disable_dropout_makes_step_one_the_reference(assets, tmp_path):
     off = train_rows(train(assets, tmp_path / "off", **common, **{"model.disable_dropout": "false"}))[0]
     assert abs(on["loss"] - math.log(2)) < 1e-6, on
     assert abs(off["loss"] - math.log(2)) > 1e-3, off
+    # The export keeps the model's own setting: dropout was off for this run only.
+    assert json.loads((tmp_path / "on" / "final" / "config.json").read_text())["attention_dropout"] == 0.5
 
 
 def test_logged_lr_follows_the_schedule_and_logps_are_summed(assets, hf_logps, tmp_path):

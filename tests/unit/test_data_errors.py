@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import random
 import stat
 from pathlib import Path
 
@@ -289,3 +290,31 @@ def test_a_rewrite_with_the_same_size_and_restored_mtime_is_rehashed(tmp_path, m
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert path.stat().st_mtime_ns == before.st_mtime_ns
     assert fingerprint.file_sha256(path) == hashlib.sha256(b"bbbb").hexdigest()
+
+
+def test_a_corrupted_parquet_file_is_a_one_line_data_error(tmp_path):
+    """Damaged bytes in a Parquet file fail in pyarrow when the file is opened or, for a damaged
+    page, only when it is decoded; with several exception types and messages over several lines.
+    Each becomes one line `PATH: cannot read Parquet file: ...` (flips at fixed random places)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dpo_dist.data import read_preferences
+
+    rows = 200
+    pq.write_table(pa.table({"prompt": ["p" * 50] * rows, "chosen": ["a" * 30] * rows, "rejected": ["b" * 30] * rows}), tmp_path / "ok.parquet")
+    good = (tmp_path / "ok.parquet").read_bytes()
+    rng = random.Random(0)
+    failures = 0
+    for _ in range(120):
+        data = bytearray(good)
+        for _ in range(3):
+            data[rng.randrange(4, len(data) // 2)] = rng.randrange(256)
+        path = tmp_path / "bad.parquet"
+        path.write_bytes(bytes(data))
+        try:
+            read_preferences(path)
+        except DataError as e:
+            failures += 1
+            assert "\n" not in str(e) and str(e).startswith(f"{path}: cannot read Parquet file: "), str(e)
+    assert failures > 10  # the flips did damage the file

@@ -283,3 +283,82 @@ def test_the_reference_fingerprint_covers_the_tokenization_rules():
     from dpo_dist.reference import reference_settings
 
     assert reference_settings(max_length=8, truncation="drop", dtype="fp32")["tokenization_format"] == CACHE_FORMAT
+
+
+def sentencepiece_style_tokenizer():
+    """A tiny tokenizer in the layout of Mistral's tokenizer.json (Metaspace, prepend_scheme
+    "first"): spaces become "▁" and every text encoded on its own gets a dummy "▁" in front
+    (built here: no hub access)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "Human what is two plus Assistant It four I think Paris The answer".split()
+    corpus = [" ".join(words[i:] + words[:i]) + "\n" for i in range(len(words))] * 20
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"])
+    backend.train_from_iterator(corpus, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize(
+    "prompt, response", [("Human what is two plus two Assistant", " It is four"), ("Human what is two plus two\n", "It is four")]
+)
+def test_responses_encode_as_after_their_prompt_without_a_dummy_prefix(prompt, response):
+    """A SentencePiece-style tokenizer encodes a text on its own with a dummy "▁" in front: a
+    response that starts a line ("It is four" after a newline) alone is "▁It", where the prompt
+    followed by the response, as generation sees it, has "It". The pair encodes as the joint text."""
+    sp = sentencepiece_style_tokenizer()
+    pair = tokenize_records([PreferenceRecord(0, 1, prompt, response, " I think Paris")], sp, 512)[0][0]
+    joint = sp(prompt + response)["input_ids"] + [sp.eos_token_id]
+    assert [*pair.prompt_ids, *pair.chosen_ids] == joint
+    alone = sp(response, add_special_tokens=False)["input_ids"]
+    if not response.startswith(" "):
+        assert sp.convert_ids_to_tokens(alone)[0] in ("▁", "▁It") and alone != pair.chosen_ids[:-1].tolist()
+
+
+def test_tokenizers_without_a_dummy_prefix_encode_responses_alone(tok):
+    """The bundled (and byte-level BPE) tokenizers encode a text the same alone and mid-text: the
+    responses are their plain encodings plus EOS."""
+    from dpo_dist.data.tokenize import _adds_dummy_prefix
+
+    assert not _adds_dummy_prefix(tok) and _adds_dummy_prefix(sentencepiece_style_tokenizer())
+    pair = tokenize_records([PreferenceRecord(0, 1, "1+1=", " 2", "3")], tok, 64)[0][0]
+    assert pair.chosen_ids.tolist() == [*chars(tok, " 2"), EOS]
+
+
+def test_an_eos_the_tokenizer_appends_stays_out_of_the_prompt(tmp_path):
+    """A tokenizer set to append EOS to every encoding (add_eos_token): the prompt ends without it
+    (training and generation alike), the response with its one EOS."""
+    import json
+    import shutil
+
+    from dpo_dist.generation import encode_prompt
+
+    shutil.copytree(bundled_tokenizer_path(), tmp_path / "tok")
+    spec = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    spec["post_processor"]["single"].append({"SpecialToken": {"id": "</s>", "type_id": 0}})
+    spec["post_processor"]["special_tokens"]["</s>"] = {"id": "</s>", "ids": [EOS], "tokens": ["</s>"]}
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(spec))
+    appending = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert appending("98+29=")["input_ids"][-1] == EOS  # the setting this test is about
+    pair = tokenize_records([PreferenceRecord(0, 1, "98+29=", "127", "126")], appending, 64)[0][0]
+    assert pair.prompt_ids.tolist() == [BOS, *chars(appending, "98+29=")]
+    assert pair.chosen_ids.tolist() == [*chars(appending, "127"), EOS]
+    assert encode_prompt("98+29=", appending) == pair.prompt_ids.tolist()
+    # A prompt that itself ends with the EOS text keeps it.
+    assert tokenize_records([PreferenceRecord(0, 1, "98+29=</s>", "127", "126")], appending, 64)[0][0].prompt_ids[-1] == EOS
+
+
+def test_responses_that_encode_identically_are_an_invalid_record(tmp_path, tok):
+    """"2</s>" and "2" differ as text but not as ids (EOS is appended only when missing): under
+    on_invalid=error the file stops with PATH:LINE, under skip the record is dropped as invalid,
+    not counted as made identical by truncation."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt":"1+1=","chosen":"2</s>","rejected":"2"}\n{"prompt":"1+2=","chosen":"3","rejected":"4"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:1: chosen and rejected encode to the same token ids"):
+        load_tokenized(path, tok, 64, on_invalid="error")
+    kept = load_tokenized(path, tok, 64, on_invalid="skip")
+    assert len(kept) == 1 and kept.num_invalid == 1 and kept.truncation.identical == 0

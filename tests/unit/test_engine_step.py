@@ -34,6 +34,12 @@ class RecordingEngine:
         self.calls.append("backward")
         loss.backward()
 
+    def train(self, mode: bool = True):  # DeepSpeed's train() sets the wrapped module's mode
+        self.module.train(mode)
+
+    def eval(self):
+        self.train(False)
+
     def set_gradient_accumulation_boundary(self, boundary):
         pass
 
@@ -272,7 +278,7 @@ def test_wpo_weights_each_pairs_preference_loss_not_the_nll():
     assert not torch.allclose(weights, torch.ones_like(weights), atol=1e-3)  # the weights matter here
 
 
-def test_disable_dropout_zeroes_dropout_modules_and_attention_dropout():
+def test_disable_dropout_zeroes_every_dropout_probability():
     """model.disable_dropout (TRL's default): a model whose config has attention dropout, and any
     nn.Dropout, scores in train mode exactly as in eval mode afterwards; before, it does not."""
     from torch import nn
@@ -290,7 +296,44 @@ def test_disable_dropout_zeroes_dropout_modules_and_attention_dropout():
         with torch.no_grad():
             return policy(*batch.split()[0], **batch.split()[1])[0]
 
+    model.model.layers[1].mlp.residual_dropout = 0.2  # a probability a module keeps for F.dropout (Starcoder2)
     assert not torch.equal(logps(True), logps(False))
-    assert E.disable_dropout(model) == 3  # two attention layers' dropout and the nn.Dropout
-    assert model.config.attention_dropout == 0.0 and E.disable_dropout(model) == 0
+    # Two attention layers' attention_dropout, the residual_dropout and the nn.Dropout.
+    assert E.disable_dropout(model) == 4
+    assert model.model.layers[1].mlp.residual_dropout == 0.0 and E.disable_dropout(model) == 0
     torch.testing.assert_close(logps(True), logps(False), rtol=0, atol=0)
+    # The config (read at every forward by some models, e.g. Falcon) is zeroed for training; the
+    # export writes the model's own value.
+    assert model.config.attention_dropout == 0.0
+    with E.original_dropout_config(model) as config:
+        assert config.attention_dropout == 0.5 and "_dpo_original_dropout" not in config.to_json_string()
+    assert model.config.attention_dropout == 0.0
+
+
+def test_lora_online_reference_scores_in_eval_mode_and_restores_the_mode():
+    """With LoRA the online reference is the policy with adapters disabled. The policy trains in
+    train mode; its reference forwards run in eval mode like every other reference (here the base
+    model keeps attention dropout, as with model.disable_dropout=false: no draws), and the policy
+    is in train mode again afterwards, also after an exception."""
+    from dpo_dist.config import LoraConfig
+    from dpo_dist.data import collate_packed
+
+    model = tiny_llama(attention_dropout=0.5)
+    enable_packed_attention(model, "sdpa")
+    model = E.apply_lora(model, LoraConfig(r=4, alpha=8.0, target_modules=["q_proj", "v_proj"]), seed=0)
+    engine = RecordingEngine(E.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64), "policy", [])
+    engine.train()
+    reference = object.__new__(E.OnlineReference)
+    reference.uses_policy, reference.engine = True, engine
+    batch = collate_packed(pairs(2))
+    first, second = reference.logps(batch), reference.logps(batch)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)  # no dropout draws
+    assert engine.module.training and model.training
+    engine.eval()
+    with E.adapters_disabled(engine), torch.no_grad():
+        torch.testing.assert_close(first[0], engine(*batch.split()[0], **batch.split()[1])[1][0::2], rtol=0, atol=0)
+    engine.train()
+    with pytest.raises(RuntimeError), E.eval_mode(engine):
+        assert not engine.module.training
+        raise RuntimeError("a failed forward")
+    assert engine.module.training
