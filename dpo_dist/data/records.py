@@ -267,7 +267,9 @@ def _read_json(path: Path, shown: str) -> list[Any]:
     except UnicodeDecodeError as e:
         raise DataError(f"{shown}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{shown}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}") from None
+        # datasets' to_json writes JSON Lines: one object, then "Extra data" where the next begins.
+        hint = "; one record per line is JSON Lines: name the file .jsonl" if e.msg == "Extra data" else ""
+        raise DataError(f"{shown}:{e.lineno}: invalid JSON: {e.msg} at column {e.colno}{hint}") from None
     if not isinstance(data, list):
         raise DataError(f"{shown}: a .json file must hold a list of records, got {_type_name(data)}")
     return data

@@ -318,3 +318,15 @@ def test_a_corrupted_parquet_file_is_a_one_line_data_error(tmp_path):
             failures += 1
             assert "\n" not in str(e) and str(e).startswith(f"{path}: cannot read Parquet file: "), str(e)
     assert failures > 10  # the flips did damage the file
+
+
+def test_a_json_lines_file_named_json_gets_a_hint(tmp_path):
+    """datasets' to_json writes one record per line: as .json that is "Extra data" on line 2."""
+    from dpo_dist.data import read_preferences
+
+    path = tmp_path / "pairs.json"
+    datasets.Dataset.from_list([GOOD, GOOD]).to_json(path)
+    with pytest.raises(DataError) as info:
+        read_preferences(path)
+    assert str(info.value) == f"{path}:2: invalid JSON: Extra data at column 1; one record per line is JSON Lines: name the file .jsonl"
+    assert len(read_preferences(path.rename(tmp_path / "pairs.jsonl")).records) == 2
