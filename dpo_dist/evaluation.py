@@ -101,7 +101,8 @@ def evaluate_run(cfg: DPOConfig) -> dict[str, float]:
     env, device, eval_data = job.env, job.device, job.eval_data
     source = policy_source(cfg)  # before a checkpoint is exported to a temporary directory
     policy_dir = policy_model_dir(cfg)
-    reference = prepare_reference(cfg, env, device, job.backend, job.train_data, eval_data, training=False)
+    # The eval split's reference only: the train split's would be a whole pass for nothing.
+    reference = prepare_reference(cfg, env, device, job.backend, None, eval_data, training=False)
     policy = build_inference_engine(cfg, str(policy_dir), device, job.backend, policy_normalization(cfg))
     metrics = evaluate(StepContext(policy, reference, cfg, device, env.world_size), eval_data, env)
     result = {"policy": str(policy_dir), **source, "reference": cfg.model.path, "eval_pairs": len(eval_data), **metrics}

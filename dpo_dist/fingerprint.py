@@ -129,7 +129,15 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
         raise FileNotFoundError(f"{model_dir}: no weight files ({names})")
     files = weights + ([root / "config.json"] if (root / "config.json").is_file() else [])
     digests = files_sha256(files)
-    return json_sha256({p.relative_to(root).as_posix(): d for p, d in zip(files, digests)})
+    identity = {p.relative_to(root).as_posix(): d for p, d in zip(files, digests)}
+    adapter_config = root / "adapter_config.json"
+    if adapter_config.is_file():
+        # A PEFT adapter scores as its base plus the adapter: its settings (alpha, r, targets)
+        # and the base's weights decide the log-probs, not where the base lives.
+        adapter = json.loads(adapter_config.read_text())
+        base = adapter.pop("base_model_name_or_path", None)
+        identity = {"files": identity, "adapter": adapter, "base": model_fingerprint(base) if base else None}
+    return json_sha256(identity)
 
 
 def _memo_key(st: os.stat_result) -> dict[str, int]:

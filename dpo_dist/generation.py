@@ -132,12 +132,8 @@ def model_identity(path: str | Path, tokenizer_path: str | Path | None = None) -
     settings = json.loads(generation_config.read_text()) if generation_config.is_file() else None
     if isinstance(settings, dict):
         settings.pop("transformers_version", None)  # who wrote it, not what it says
+    # model_fingerprint covers an adapter's settings and base weights too.
     identity = {"model": model_fingerprint(path), "tokenizer": tokenizer_fingerprint(load_tokenizer(path, tokenizer_path)), "generation": settings}
-    if base is not None:
-        # The same adapter on other base weights answers differently; the base's path does not matter.
-        adapter = json.loads((Path(path) / "adapter_config.json").read_text())
-        adapter.pop("base_model_name_or_path", None)
-        identity["adapter"] = {"config": adapter, "base": model_fingerprint(base)}
     return json_sha256(identity)
 
 

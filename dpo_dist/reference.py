@@ -671,11 +671,14 @@ class RunReference:
     cache_dir: Path
     computed: bool
     """True if this run computed any part of either split's cache."""
-    train: ReferenceStore
+    train: ReferenceStore | None
+    """None for dpo-eval, which needs the eval split only."""
     eval: ReferenceStore | None
 
     def logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed reference log-probs (chosen, rejected) of a train batch, on the batch's device."""
+        if self.train is None:
+            raise ReferenceCacheError("this reference was opened for evaluation: it has no train split")
         return _batch_logps(self.train, batch)
 
     def eval_logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -709,27 +712,33 @@ def _batch_logps(store: ReferenceStore, batch: PackedBatch) -> tuple[torch.Tenso
 def ensure_reference_for_run(
     cfg: DPOConfig, env: DistEnv, device: torch.device, backend: str, train_data, eval_data
 ) -> RunReference:
-    """Ensure the train (``cache_dir``) and eval (``cache_dir/eval``) caches, then open them.
+    """Ensure the train (``cache_dir``) and eval (``eval_cache_dir``) caches, then open them.
 
-    ``cache_dir`` is ``reference.cache_dir`` or ``default_cache_dir`` of the train and eval
-    fingerprints (a changed eval file must not meet the old ``eval/`` cache and be refused).
-    The reference model is built only if something is missing and freed afterwards.
+    ``cache_dir`` is ``reference.cache_dir`` or ``default_cache_dir`` of the train fingerprints;
+    each eval file has its own directory inside it, so a changed eval file neither meets another
+    file's cache nor costs the train pass again. ``train_data=None`` (dpo-eval) ensures the eval
+    split only. The reference model is built only if something is missing and freed afterwards.
     """
-    summaries, cache_dir, fingerprints = _ensure_run_splits(cfg, env, device, backend, train_data, eval_data)
+    summaries, dirs, fingerprints = _ensure_run_splits(cfg, env, device, backend, train_data, eval_data)
 
-    def open_split(name: str, directory: Path, data) -> ReferenceStore:
+    def open_split(name: str, data) -> ReferenceStore | None:
+        if data is None:
+            return None
         # Rank 0 hashed every shard of the split just now, under the lock: no rank hashes them again.
         verified = summaries[name].verified_shards
-        return ReferenceStore.open(directory, fingerprints[name], data.example_ids, verified=verified)
+        return ReferenceStore.open(dirs[name], fingerprints[name], data.example_ids, verified=verified)
 
-    train = open_split("train", cache_dir, train_data)
-    evals = None if eval_data is None else open_split("eval", cache_dir / "eval", eval_data)
     return RunReference(
-        cache_dir=cache_dir,
+        cache_dir=dirs["train"],
         computed=any(summary.computed for summary in summaries.values()),
-        train=train,
-        eval=evals,
+        train=open_split("train", train_data),
+        eval=open_split("eval", eval_data),
     )
+
+
+def eval_cache_dir(cache_dir: Path, eval_fingerprints: dict[str, Any]) -> Path:
+    """``cache_dir/eval-<eval fingerprint[:16]>``: one directory per eval file and settings."""
+    return cache_dir / f"eval-{combined_fingerprint(eval_fingerprints)[:16]}"
 
 
 def precompute_for_run(cfg: DPOConfig) -> dict[str, ReferenceSummary]:
@@ -755,22 +764,19 @@ def _ensure_run_splits(cfg, env, device, backend, train_data, eval_data, tokeniz
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
     dtype = training_dtype(cfg, device)
-    splits = {"train": (cfg.data.train_path, train_data)}
-    if eval_data is not None:
-        splits["eval"] = (cfg.data.eval_path, eval_data)
-    # Rank 0 hashes (a 70B checkpoint is 140 GB); the others take its answer.
+    paths = {"train": cfg.data.train_path, **({"eval": cfg.data.eval_path} if eval_data is not None else {})}
+    # Rank 0 hashes (a 70B checkpoint is 140 GB); the others take its answer. The train
+    # fingerprints name the cache directory even when only the eval split is ensured (dpo-eval).
     fingerprints = _on_rank0(
-        lambda: {
-            name: fingerprints_from_config(cfg, tokenizer, path, dtype=dtype)
-            for name, (path, _) in splits.items()
-        },
+        lambda: {name: fingerprints_from_config(cfg, tokenizer, path, dtype=dtype) for name, path in paths.items()},
         env.world_size,
     )
-    key = combined_fingerprint(fingerprints["train"])
-    if "eval" in fingerprints:  # the eval split's cache lives inside: other eval inputs, another directory
-        key = json_sha256([key, combined_fingerprint(fingerprints["eval"])])
-    cache_dir = Path(cfg.reference.cache_dir or default_cache_dir(key))
+    cache_dir = Path(cfg.reference.cache_dir or default_cache_dir(combined_fingerprint(fingerprints["train"])))
     cache_dir = cache_dir.expanduser().absolute()
+    dirs = {"train": cache_dir}
+    if "eval" in fingerprints:
+        dirs["eval"] = eval_cache_dir(cache_dir, fingerprints["eval"])
+    splits = {name: data for name, data in (("train", train_data), ("eval", eval_data)) if data is not None}
     built: list[torch.nn.Module] = []
 
     def model() -> torch.nn.Module:
@@ -779,11 +785,11 @@ def _ensure_run_splits(cfg, env, device, backend, train_data, eval_data, tokeniz
         return built[0]
 
     summaries = {}
-    for name, (_, data) in splits.items():
+    for name, data in splits.items():
         summaries[name] = ensure_reference(
             model,
             data,
-            cache_dir if name == "train" else cache_dir / "eval",
+            dirs[name],
             fingerprints=fingerprints[name],
             model_path=cfg.model.path,
             tokenizer_path=cfg.model.resolved_tokenizer_path(),
@@ -798,7 +804,7 @@ def _ensure_run_splits(cfg, env, device, backend, train_data, eval_data, tokeniz
 
         release_engine(built.pop().engine)
         free_memory()
-    return summaries, cache_dir, fingerprints
+    return summaries, dirs, fingerprints
 
 
 def _build_reference_model(

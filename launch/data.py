@@ -166,16 +166,16 @@ def _shards_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_shards(args: argparse.Namespace) -> int:
-    """Manifest summary, then every shard re-hashed, for DIR and (when present) the eval split's
-    cache DIR/eval: exit 0 if the caches check out, 1 if not."""
+    """Manifest summary, then every shard re-hashed, for DIR and the eval splits' caches in it
+    (DIR/eval-<fingerprint>, one per eval file): exit 0 if the caches check out, 1 if not."""
     from dpo_dist.reference import describe_cache, verify_cache
 
     cache_dir = Path(args.cache_dir)
     if not cache_dir.is_dir():
         reason = "not a directory" if cache_dir.exists() else "no such directory"
         raise UsageError(f"{args.cache_dir}: {reason}")
-    # A run with eval data writes the eval split's cache inside the train one.
-    splits = [cache_dir] + ([cache_dir / "eval"] if (cache_dir / "eval").is_dir() else [])
+    # A run with eval data writes the eval split's cache inside the train one, one per eval file.
+    splits = [cache_dir] + sorted(p for p in cache_dir.glob("eval-*") if p.is_dir())
     problems = []
     for split_dir in splits:
         if split_dir != cache_dir:

@@ -265,7 +265,7 @@ def test_precompute_then_train_reuses_cache_and_eval_matches(assets, tmp_path):
     common = {"reference.cache_dir": cache, "cluster.nproc_per_node": 2}
     pre = run_cli("launch.precompute", *overrides(assets, tmp_path / "pre", **common))
     assert pre.returncode == 0, pre.stderr[-2000:]
-    assert (cache / "manifest.json").exists() and (cache / "eval" / "manifest.json").exists()
+    assert (cache / "manifest.json").exists() and len(list(cache.glob("eval-*/manifest.json"))) == 1
     shards = run_cli("launch.data", "shards", str(cache))
     assert shards.returncode == 0 and "verified: all shards match their sha256" in shards.stdout
 
@@ -435,21 +435,24 @@ def test_gpu_engine_smoke_script_runs_on_cpu(tmp_path, dtype):
     assert memory["during"] > 0 and memory["after"] == memory["before"], memory
 
 
-def test_default_reference_cache_follows_the_eval_file_too(assets, tmp_path):
-    """Without reference.cache_dir the cache directory is keyed by the inputs; the eval split lives
-    inside it, so another eval file must get another directory, not meet the old eval/ cache and be
-    refused as "built from other inputs"."""
+def test_each_eval_file_gets_its_own_cache_beside_one_train_pass(assets, tmp_path):
+    """Without reference.cache_dir the cache directory is keyed by the train inputs; each eval file
+    gets its own eval-<fingerprint> directory inside it: another eval file neither meets the old
+    one's cache (refused as "built from other inputs") nor costs the train pass again."""
     from tests.helpers import make_pairs_jsonl
 
     env = {"DPO_DIST_CACHE": str(tmp_path / "root")}
     other_eval = make_pairs_jsonl(tmp_path / "other_eval.jsonl", 6, seed=11)
-    dirs = []
+    logs = []
     for eval_path in (assets["eval"], other_eval, assets["eval"]):
         settings = {"output_dir": tmp_path / "pre", "data.eval_path": eval_path}
         result = run_cli("launch.precompute", *tiny_run_overrides(assets, settings), env=env)
         assert result.returncode == 0, result.stderr[-2000:]
-        dirs.append(sorted((tmp_path / "root" / "reference").iterdir()))
-    assert len(dirs[0]) == 1 and len(dirs[1]) == 2 and dirs[2] == dirs[1]  # the first reused at the end
+        logs.append(result.stderr)
+    (cache,) = (tmp_path / "root" / "reference").iterdir()
+    assert len(list(cache.glob("eval-*/manifest.json"))) == 2
+    train_passes = [log.count(f"reference cache {cache} complete: computed") for log in logs]
+    assert train_passes == [1, 0, 0], logs[1][-2000:]
 
 
 def test_reference_pass_replicates_a_model_that_fits_and_partitions_on_request(assets, tmp_path):

@@ -231,13 +231,13 @@ def test_shards_checks_the_eval_split_too(tmp_path, capsys):
     write_cache(tmp_path / "cache")
     assert main(["shards", str(tmp_path / "cache")]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "verified: all shards match their sha256"
-    write_cache(tmp_path / "cache" / "eval", sha256=False)
+    write_cache(tmp_path / "cache" / "eval-0123456789abcdef", sha256=False)
     assert main(["shards", str(tmp_path / "cache")]) == 1
     lines = capsys.readouterr().out.splitlines()
-    assert f"eval split: {tmp_path / 'cache' / 'eval'}" in lines
+    assert f"eval split: {tmp_path / 'cache' / 'eval-0123456789abcdef'}" in lines
     assert lines[-2:] == ["problem: shard part-00000.arrow: manifest.json entry has no sha256", "1 problem"]
-    (tmp_path / "cache" / "eval").rename(tmp_path / "other")
-    write_cache(tmp_path / "cache" / "eval")
+    (tmp_path / "cache" / "eval-0123456789abcdef").rename(tmp_path / "other")
+    write_cache(tmp_path / "cache" / "eval-0123456789abcdef")
     assert main(["shards", str(tmp_path / "cache")]) == 0
     assert (
         capsys.readouterr().out.splitlines()[-1] == "verified: all shards match their sha256 (train and eval)"
@@ -246,7 +246,7 @@ def test_shards_checks_the_eval_split_too(tmp_path, capsys):
 
 def test_shards_counts_problems_in_plural(tmp_path, capsys):
     write_cache(tmp_path / "cache", sha256=False)
-    write_cache(tmp_path / "cache" / "eval", sha256=False)
+    write_cache(tmp_path / "cache" / "eval-0123456789abcdef", sha256=False)
     assert main(["shards", str(tmp_path / "cache")]) == 1
     assert capsys.readouterr().out.splitlines()[-1] == "2 problems"
 

@@ -110,9 +110,10 @@ def cfg(tmp_path_factory) -> DPOConfig:
 
 
 def cache_dirs(cfg: DPOConfig) -> tuple[Path, Path]:
-    """(train, eval) cache directories of ``cfg``."""
+    """(train, eval) cache directories of ``cfg`` (the eval one named by the eval file's fingerprints)."""
     train = Path(cfg.reference.cache_dir)
-    return train, train / "eval"
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
+    return train, ref.eval_cache_dir(train, fingerprints(cfg, tokenizer, cfg.data.eval_path))
 
 
 def copied(cfg: DPOConfig, tmp_path: Path) -> DPOConfig:
@@ -260,3 +261,31 @@ def test_an_unwritable_hash_memo_is_said_once(tmp_path, monkeypatch, caplog):
     assert len(warnings) == 1, warnings
     assert str(blocker / "cache" / "filehash.json") in warnings[0]
     assert "hashed again on every run" in warnings[0] and fingerprint.CACHE_ENV in warnings[0]
+
+
+def test_an_adapter_directory_is_fingerprinted_with_its_settings_and_base(tmp_path):
+    """A LoRA adapter as model.path scores as base + adapter: its adapter_config (alpha, r) and the
+    base's weights are part of the fingerprint (a cache filled for other ones is not reused);
+    where the base lives is not."""
+    from peft import LoraConfig, get_peft_model
+
+    from dpo_dist.fingerprint import model_fingerprint
+
+    base = make_tiny_model_dir(tmp_path / "base")
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "adapter")
+    adapter_config = tmp_path / "adapter" / "adapter_config.json"
+    settings = json.loads(adapter_config.read_text())
+    assert settings["base_model_name_or_path"] == str(base)
+    first = model_fingerprint(tmp_path / "adapter")
+
+    adapter_config.write_text(json.dumps(settings | {"lora_alpha": 64}))
+    assert model_fingerprint(tmp_path / "adapter") != first
+    adapter_config.write_text(json.dumps(settings))
+    assert model_fingerprint(tmp_path / "adapter") == first
+
+    shutil.move(base, tmp_path / "moved")  # the same weights elsewhere: the same scores
+    adapter_config.write_text(json.dumps(settings | {"base_model_name_or_path": str(tmp_path / "moved")}))
+    assert model_fingerprint(tmp_path / "adapter") == first
+    make_tiny_model_dir(tmp_path / "moved", seed=1)  # other base weights under the same path
+    assert model_fingerprint(tmp_path / "adapter") != first
