@@ -758,6 +758,7 @@ class DPOConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.stage, "stage", ("sft", "dpo"))
+        _check(bool(str(self.output_dir).strip()), "output_dir", "is empty: give the run a directory")
         _check(
             self.train.micro_batch_tokens >= 2 * self.data.max_length,
             "train.micro_batch_tokens",

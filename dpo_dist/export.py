@@ -58,6 +58,8 @@ def export_checkpoint(
     from transformers import AutoConfig, AutoTokenizer
 
     root, tag, run_dir = resolve_checkpoint(checkpoint)
+    out_dir = Path(out_dir).absolute()
+    check_replaceable(out_dir)  # before any work
     cfg = read_config(run_dir / "config.yaml")
     # Lazy: tensors are gathered from the memory-mapped partitions only when written.
     # A LoRA run's frozen base is model.path itself: only its adapters are read back.
@@ -229,8 +231,23 @@ def staging_dir(out_dir: Path) -> Path:
 
 
 def swap_in(tmp: Path, out_dir: Path) -> None:
+    check_replaceable(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """An export replaces ``out_dir`` whole: refuse (``ExportError``) one that holds anything but
+    an earlier export (a model's config.json or an adapter's adapter_config.json, no run files),
+    e.g. a run directory or a folder of models given as ``--out``."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ExportError(f"{out_dir}: exists and is not a directory")
+    names = {p.name for p in out_dir.iterdir()}
+    is_export = bool(names & {"config.json", "adapter_config.json"}) and not names & {"config.yaml", "metrics.jsonl", "checkpoints"}
+    if names and not is_export:
+        raise ExportError(f"{out_dir}: not empty and not an earlier export; an export would replace it whole: choose another --out")
 
 
 def lora_model(cfg, adapter_weights: dict[str, torch.Tensor], dtype: torch.dtype):

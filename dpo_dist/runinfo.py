@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from dpo_dist.config import DPOConfig, config_from_dict
+from dpo_dist.config import ConfigError, DPOConfig, config_from_dict
 
 
 def write_config(cfg: DPOConfig) -> Path:
@@ -21,6 +21,56 @@ def write_config(cfg: DPOConfig) -> Path:
     path = out / "config.yaml"
     _atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return path
+
+
+RESUMABLE_CHANGES = (
+    "output_dir", "model.name", "model.attn_backend", "model.activation_checkpointing", "model.logits_chunk_tokens",
+    "model.lora.merge_on_export", "data.cache_dir", "deepspeed.offload_optimizer", "deepspeed.offload_param",
+    "deepspeed.overlap_comm", "deepspeed.reduce_bucket_size", "deepspeed.prefetch_bucket_size",
+    "deepspeed.param_persistence_threshold", "deepspeed.max_live_parameters", "deepspeed.leaf_modules",
+    "deepspeed.comm_timeout_minutes", "cluster.", "train.micro_batch_tokens", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.eval_every", "train.log_every", "reference.", "wandb.", "eval.",
+)
+"""Settings a run may change between its jobs (a resume, a requeue, a re-run of a finished run):
+how and where it runs, not what it trains. Any other difference is another run (``check_same_run``)."""
+
+
+def check_same_run(cfg: DPOConfig) -> None:
+    """Refuse (``ConfigError``) to train into an ``output_dir`` that holds a run trained with other
+    settings: it would resume that run's checkpoints under the new settings (DeepSpeed restores
+    the old learning rate schedule, a lower max_steps stops past its end), or call it finished,
+    while config.yaml, which dpo-eval, dpo-export and dpo-report read, then names settings that
+    never trained it. ``RESUMABLE_CHANGES`` may differ."""
+    out = Path(cfg.output_dir)
+    path = out / "config.yaml"
+    if not path.is_file() or not any((out / name).exists() for name in ("metrics.jsonl", "checkpoints", "final")):
+        return
+    try:
+        before = _flat(config_from_dict(yaml.safe_load(path.read_text()) or {}).to_dict())
+    except Exception as exc:  # noqa: BLE001 - an unreadable or outdated config.yaml is itself the answer
+        raise ConfigError(f"output_dir={out}: holds a run whose config.yaml cannot be read ({' '.join(str(exc).split())}); train into a new output_dir") from None
+    now = _flat(cfg.to_dict())
+    changed = [
+        f"{key}: {before.get(key)!r} -> {now.get(key)!r}"
+        for key in sorted(set(before) | set(now))
+        if before.get(key) != now.get(key) and not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
+    ]
+    if changed:
+        shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise ConfigError(
+            f"output_dir={out} holds a run trained with other settings ({shown}): resume it with its own "
+            "settings, or train into a new output_dir"
+        )
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key not in ("weights", "additional_parameters"):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 COMMAND_ENV = "DPO_DIST_COMMAND"
@@ -93,11 +143,12 @@ def command_line() -> list[str]:
 
 
 def write_run_info(output_dir: str | Path, info: dict[str, Any]) -> None:
-    """Write ``run_info.json``. A resumed run (``resumed_from_step`` > 0) keeps ``reference.computed``
-    true if an earlier job of the run computed that same cache: the run computed it, not this job."""
+    """Write ``run_info.json``. A later job of the run (a resume, or a requeue before the first
+    checkpoint) keeps ``reference.computed`` true if an earlier job computed that same cache: the
+    run computed it, not this job."""
     info = dict(info)
     reference = info.get("reference")
-    if info.get("resumed_from_step") and isinstance(reference, dict) and not reference.get("computed"):
+    if isinstance(reference, dict) and not reference.get("computed"):
         try:
             before = read_run_info(output_dir).get("reference") or {}
         except (OSError, ValueError):
@@ -132,11 +183,17 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    rows = []
     with open(path) as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            # A writer that died mid-row (disk full, a node lost) leaves a partial last line: it is
+            # past the last checkpoint, so the resume writes that row again. Anywhere else: damage.
+            if i < len(lines) - 1:
+                raise
     return rows
 
 

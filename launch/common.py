@@ -186,6 +186,12 @@ def hydra_main(prog: str, task: Callable, config_name: str = "config", sweep_pre
     # user's flags (with their values, e.g. `-m`, `--cfg job`) after them, never in between.
     flags = [a for a in argv if a not in overrides]
     parsed = parse_overrides(prog, overrides)  # once: composing, the launcher and output_dir need it
+    swept = [raw for raw, override in zip(overrides, parsed) if override.is_sweep_override()]
+    if swept and not multirun:
+        fail(prog, f"{swept[0]} is a sweep (several values): add -m to run one job per value")
+    last = max((i for i, raw in enumerate(overrides) if raw.startswith("output_dir=")), default=None)
+    if last is not None and not overrides[last].split("=", 1)[1].strip():
+        fail(prog, "output_dir is empty: give the run a directory (it would train into the current one)")
     clusters: list = []
     printing = any(a in ("--cfg", "-c") for a in argv)  # prints the config and exits: nothing to preflight
     if multirun and (printing or any(a in ("--info", "-i") for a in argv)):
@@ -196,7 +202,6 @@ def hydra_main(prog: str, task: Callable, config_name: str = "config", sweep_pre
     extra = [f"hydra.job.name={prog}"]
     if multirun:
         extra += slurm_sweep_arguments(prog, overrides, parsed, clusters)
-    last = max((i for i, raw in enumerate(overrides) if raw.startswith("output_dir=")), default=None)
     output_dir = None if last is None else overrides[last].split("=", 1)[1]  # the last one wins
     if output_dir is not None and not multirun:
         # A single run's Hydra directory is its output_dir, so re-running a command resumes in place.

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
             args.dtype,
             args.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
         )
-    except (ExportError, FileNotFoundError) as exc:
-        print(f"dpo-export: error: {exc}", file=sys.stderr)
+    except (ExportError, OSError, ValueError) as exc:  # OSError: e.g. the run's model.path has moved
+        print(f"dpo-export: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(out)
     return 0

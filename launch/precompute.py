@@ -6,12 +6,18 @@ data and tokenization settings then reuses the cache (beta and lr are not part o
 
 from __future__ import annotations
 
-from launch.common import hydra_main, to_config
+from launch.common import UserError, hydra_main, to_config
 from launch.run import launch
 
 
 def _task(cfg) -> None:
-    launch("dpo-precompute", to_config(cfg), "precompute")
+    config = to_config(cfg)
+    if config.stage == "dpo" and config.sft_first.max_steps > 0:
+        raise UserError(
+            "sft_first: the DPO stage's reference is the SFT stage's export, which does not exist yet; "
+            "dpo-train computes it after the SFT stage (or precompute then with model.path=OUTPUT_DIR/sft/final)"
+        )
+    launch("dpo-precompute", config, "precompute")
 
 
 def main() -> None:

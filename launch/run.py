@@ -11,6 +11,14 @@ from launch.common import UserError, fail
 def launch(prog: str, cfg, task: str) -> None:
     """Run ``task`` for ``cfg`` on the configured cluster; exits non-zero if any rank failed."""
     logging.getLogger("dpo_dist").info("%s %s: run directory %s", prog, task, Path(cfg.output_dir).resolve())
+    if task == "train":
+        from dpo_dist.config import ConfigError
+        from dpo_dist.runinfo import check_same_run
+
+        try:
+            check_same_run(cfg)
+        except ConfigError as exc:
+            raise UserError(str(exc)) from None
     if cfg.cluster.name == "slurm":
         from slurm.submit import SlurmJobFailed, SlurmSubmitFailed, inside_allocation, submit_and_wait
 

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from dpo_dist.runinfo import write_config
+    from dpo_dist.config import ConfigError
+    from dpo_dist.runinfo import check_same_run, write_config
     from launch.common import CONF_DIR, UserError, check_overrides, fail, register_schema, to_config
 
     overrides = sys.argv[1:] if argv is None else argv
@@ -60,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose(config_name="config", overrides=overrides)
     try:
         config = to_config(cfg)
+        check_same_run(config)
         path = write_config(config)
-    except UserError as exc:
+    except (UserError, ConfigError) as exc:
         fail(PROG, str(exc))
     print(path.resolve())
     print(sbatch_command(path.parent.resolve(), config.cluster.signal_delay_s))

@@ -258,6 +258,14 @@ def test_export_round_trip(assets, tmp_path):
     bad = run_cli("launch.export", str(out), "--out", str(tmp_path / "bad"), "--max-shard-size", "5XB")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("dpo-export: error: max_shard_size='5XB': Unit 'XB'")
+    # An export replaces its --out whole: a run directory (or any folder but an earlier export) is refused.
+    bad = run_cli("launch.export", str(out), "--out", str(out))
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
+        f"dpo-export: error: {out}: not empty and not an earlier export; an export would replace it whole: choose another --out"
+    )
+    assert (out / "metrics.jsonl").is_file() and (out / "checkpoints").is_dir()
+    again = run_cli("launch.export", str(out), "--out", str(shards))  # an earlier export is replaced
+    assert again.returncode == 0, again.stderr[-2000:]
 
 
 def test_precompute_then_train_reuses_cache_and_eval_matches(assets, tmp_path):

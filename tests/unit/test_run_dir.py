@@ -1,0 +1,87 @@
+"""A run directory keeps its settings: training into one that holds a run trained otherwise is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpo_dist.config import ConfigError, config_from_dict
+from dpo_dist.runinfo import check_same_run, write_config
+from tests.helpers import run_cli
+
+
+def config(out, **sections):
+    return config_from_dict({"output_dir": str(out), **sections})
+
+
+def test_a_run_directory_refuses_other_training_settings(tmp_path):
+    out = tmp_path / "run"
+    write_config(config(out, loss={"beta": 0.1}, optim={"lr": 1e-3}))
+    check_same_run(config(out, loss={"beta": 0.5}))  # only config.yaml: nothing trained there yet
+    (out / "metrics.jsonl").write_text("")
+    check_same_run(config(out, loss={"beta": 0.1}, optim={"lr": 1e-3}))  # the same run: resume it
+    # How and where it runs may change between its jobs.
+    check_same_run(config(out, loss={"beta": 0.1}, optim={"lr": 1e-3}, cluster={"nproc_per_node": 2}, train={"eval_every": 5}, reference={"mode": "online"}))
+    with pytest.raises(ConfigError) as info:
+        check_same_run(config(out, loss={"beta": 0.5}, optim={"lr": 5e-4}))
+    message = str(info.value)
+    assert message.startswith(f"output_dir={out} holds a run trained with other settings (loss.beta: 0.1 -> 0.5; optim.lr: 0.001 -> 0.0005)")
+    assert message.endswith("resume it with its own settings, or train into a new output_dir")
+    with pytest.raises(ConfigError, match=r"train.max_steps: 200 -> 60"):
+        check_same_run(config(out, loss={"beta": 0.1}, optim={"lr": 1e-3}, train={"max_steps": 60}))
+
+
+def test_dpo_train_into_a_run_with_other_settings_is_one_line(tmp_path):
+    """A sweep re-run into the same output_dir with new values (points are numbered, not named by
+    their values) would otherwise call each point finished and relabel the old models."""
+    out = tmp_path / "run"
+    written = run_cli("slurm.write_config", f"output_dir={out}")  # the config dpo-train composes, nothing run
+    assert written.returncode == 0, written.stderr
+    (out / "final").mkdir()
+    result = run_cli("launch.train", f"output_dir={out}", "loss.beta=0.3")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dpo-train: error: output_dir={out} holds a run trained with other settings (loss.beta: 0.1 -> 0.3): "
+        "resume it with its own settings, or train into a new output_dir"
+    )
+    assert "beta: 0.1" in (out / "config.yaml").read_text()  # left as it was
+
+
+@pytest.mark.parametrize(
+    "module, args, message",
+    [
+        ("launch.train", ["loss.beta=0.1,0.2"], "dpo-train: error: loss.beta=0.1,0.2 is a sweep (several values): add -m to run one job per value"),
+        ("launch.train", ["output_dir="], "dpo-train: error: output_dir is empty: give the run a directory (it would train into the current one)"),
+        ("launch.precompute", ["experiment=sft_then_dpo"], "dpo-precompute: error: sft_first: the DPO stage's reference is the SFT stage's export"),
+    ],
+)
+def test_launch_refusals_are_one_line(module, args, message):
+    result = run_cli(module, *args)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
+
+
+def test_a_partial_last_metrics_row_does_not_block_the_resume(tmp_path):
+    """A writer that died mid-row leaves half a line at the end: it is past the last checkpoint
+    (the resume writes it again) and is dropped; a damaged row anywhere else still fails."""
+    from dpo_dist.runinfo import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.69}\n{"step": 2, "loss": 0.6}\n{"step": 3, "lo')
+    assert read_metrics(path) == [{"step": 1, "loss": 0.69}, {"step": 2, "loss": 0.6}]
+    path.write_text('{"step": 1, "lo\n{"step": 2, "loss": 0.6}\n')
+    with pytest.raises(ValueError):
+        read_metrics(path)
+
+
+def test_a_later_job_keeps_reference_computed(tmp_path):
+    """A job requeued before its first checkpoint reuses the cache its first job computed: the run
+    computed it (run_info.json), though this job did not."""
+    import json
+
+    from dpo_dist.runinfo import write_run_info
+
+    reference = {"cache_dir": "/c", "computed": True, "mode": "precompute"}
+    write_run_info(tmp_path, {"resumed_from_step": 0, "reference": reference})
+    write_run_info(tmp_path, {"resumed_from_step": 0, "reference": {**reference, "computed": False}})
+    assert json.loads((tmp_path / "run_info.json").read_text())["reference"]["computed"] is True
+    write_run_info(tmp_path, {"resumed_from_step": 0, "reference": {**reference, "cache_dir": "/other", "computed": False}})
+    assert json.loads((tmp_path / "run_info.json").read_text())["reference"]["computed"] is False
