@@ -1010,6 +1010,7 @@ def load_latest_checkpoint(engine, cfg: DPOConfig, env: D.DistEnv) -> int:
     if found is None:
         return 0
     tag, step = found
+    check_checkpoint_world(checkpoint_root(cfg) / tag, cfg, env.world_size)
     engine.load_checkpoint(str(checkpoint_root(cfg)), tag=tag, load_module_strict=not cfg.model.lora.enabled)
     rng_file = checkpoint_root(cfg) / tag / f"rng_rank{env.rank:05d}.pt"
     if rng_file.exists():
@@ -1026,6 +1027,19 @@ def load_latest_checkpoint(engine, cfg: DPOConfig, env: D.DistEnv) -> int:
         )
     log.info("resumed from %s (step %d)", checkpoint_root(cfg) / tag, step)
     return step
+
+
+def check_checkpoint_world(directory: Path, cfg: DPOConfig, world: int) -> None:
+    """Refuse (``ConfigError``) to resume ZeRO 1-3 partitions on another number of ranks than wrote
+    them (DeepSpeed fails deep inside with a multi-line error); stage 0 checkpoints resume on any."""
+    if cfg.deepspeed.stage == 0:
+        return
+    written = len(list(directory.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    if written and written != world:
+        raise ConfigError(
+            f"{directory} was written by {written} ranks, this run has {world}: resume with {written} ranks "
+            f"(cluster.nproc_per_node, or cluster.nodes x cluster.tasks_per_node), or train into a new output_dir"
+        )
 
 
 def _rng_state() -> dict[str, Any]:

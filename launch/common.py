@@ -192,6 +192,10 @@ def hydra_main(prog: str, task: Callable, config_name: str = "config", sweep_pre
     last = max((i for i, raw in enumerate(overrides) if raw.startswith("output_dir=")), default=None)
     if last is not None and not overrides[last].split("=", 1)[1].strip():
         fail(prog, "output_dir is empty: give the run a directory (it would train into the current one)")
+    if last is not None and not multirun:
+        given = Path(overrides[last].split("=", 1)[1])
+        if given.exists() and not given.is_dir():
+            fail(prog, f"output_dir={given}: exists and is not a directory")
     clusters: list = []
     printing = any(a in ("--cfg", "-c") for a in argv)  # prints the config and exits: nothing to preflight
     if multirun and (printing or any(a in ("--info", "-i") for a in argv)):

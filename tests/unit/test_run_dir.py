@@ -59,6 +59,13 @@ def test_launch_refusals_are_one_line(module, args, message):
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
 
 
+def test_an_output_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    result = run_cli("launch.train", f"output_dir={tmp_path / 'file'}")
+    message = f"dpo-train: error: output_dir={tmp_path / 'file'}: exists and is not a directory"
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(message), result.stderr[-2000:]
+
+
 def test_a_partial_last_metrics_row_does_not_block_the_resume(tmp_path):
     """A writer that died mid-row leaves half a line at the end: it is past the last checkpoint
     (the resume writes it again) and is dropped; a damaged row anywhere else still fails."""
@@ -85,3 +92,16 @@ def test_a_later_job_keeps_reference_computed(tmp_path):
     assert json.loads((tmp_path / "run_info.json").read_text())["reference"]["computed"] is True
     write_run_info(tmp_path, {"resumed_from_step": 0, "reference": {**reference, "cache_dir": "/other", "computed": False}})
     assert json.loads((tmp_path / "run_info.json").read_text())["reference"]["computed"] is False
+
+
+def test_a_zero_checkpoint_resumes_on_the_ranks_that_wrote_it(tmp_path):
+    """ZeRO 1-3 checkpoints are partitioned per rank: another world size is refused in one line
+    (DeepSpeed fails deep inside); stage 0's single file resumes on any."""
+    from dpo_dist.engine import check_checkpoint_world
+
+    for rank in range(2):
+        (tmp_path / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    check_checkpoint_world(tmp_path, config_from_dict({}), 2)
+    with pytest.raises(ConfigError, match=r"was written by 2 ranks, this run has 4: resume with 2 ranks"):
+        check_checkpoint_world(tmp_path, config_from_dict({}), 4)
+    check_checkpoint_world(tmp_path, config_from_dict({"deepspeed": {"stage": 0}}), 4)
