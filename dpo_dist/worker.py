@@ -157,6 +157,23 @@ def setup_rank_logging(rank: str) -> None:
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
 
+def install_early_stop_handler() -> None:
+    """Until training installs its preemption flag (before its first step: after loading the model,
+    the reference pass and a resume's pending eval), a stop signal finds nothing to checkpoint:
+    exit ``PREEMPTED_EXIT_CODE`` at once, so that whatever requeues on it runs the job again (the
+    reference cache keeps its finished shards). Without this the signal killed the rank (143)."""
+    import signal
+
+    def stop(signum, _frame) -> None:
+        logging.getLogger("dpo_dist").warning(
+            "received %s with nothing to checkpoint yet; exiting %d (run again to go on)", signal.Signals(signum).name, PREEMPTED_EXIT_CODE
+        )
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[1] not in TASKS:
@@ -170,12 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     from dpo_dist.runinfo import read_config
 
     cfg = None
+    install_early_stop_handler()
     try:
         cfg = read_config(argv[0])
         D.export_slurm_env(cfg.cluster.master_port)
         run_task(cfg, argv[1])
     except Preempted:
         return PREEMPTED_EXIT_CODE
+    except SystemExit as exc:
+        if exc.code == PREEMPTED_EXIT_CODE:
+            return PREEMPTED_EXIT_CODE
+        raise
     except Exception as exc:
         message = user_error_message(exc, cfg)
         if message is None:

@@ -105,3 +105,22 @@ def test_a_zero_checkpoint_resumes_on_the_ranks_that_wrote_it(tmp_path):
     with pytest.raises(ConfigError, match=r"was written by 2 ranks, this run has 4: resume with 2 ranks"):
         check_checkpoint_world(tmp_path, config_from_dict({}), 4)
     check_checkpoint_world(tmp_path, config_from_dict({"deepspeed": {"stage": 0}}), 4)
+
+
+@pytest.mark.parametrize("name", ["SIGUSR1", "SIGUSR2", "SIGTERM"])
+def test_a_stop_signal_before_training_exits_75(tmp_path, monkeypatch, name):
+    """A rank signalled before training installs its preemption flag (loading, the reference pass)
+    has nothing to checkpoint: it exits 75 (requeue me), not killed by the signal (143)."""
+    import os
+    import signal
+
+    from dpo_dist import worker
+
+    path = write_config(config(tmp_path / "run"))
+    monkeypatch.setattr(worker, "run_task", lambda cfg, task: os.kill(os.getpid(), getattr(signal, name)))
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)}
+    try:
+        assert worker.main([str(path), "train"]) == worker.PREEMPTED_EXIT_CODE
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
