@@ -63,9 +63,12 @@ def export_checkpoint(
     cfg = read_config(run_dir / "config.yaml")
     # Lazy: tensors are gathered from the memory-mapped partitions only when written.
     # A LoRA run's frozen base is model.path itself: only its adapters are read back.
-    state = get_fp32_state_dict_from_zero_checkpoint(
-        str(root), tag=tag, exclude_frozen_parameters=cfg.model.lora.enabled, lazy_mode=True
-    )
+    if cfg.deepspeed.stage == 0:
+        state = _unpartitioned_state(root / tag, trainable_only=cfg.model.lora.enabled)
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(
+            str(root), tag=tag, exclude_frozen_parameters=cfg.model.lora.enabled, lazy_mode=True
+        )
     weights = {k.removeprefix("model."): v for k, v in state.items()}
     hf_config = AutoConfig.from_pretrained(cfg.model.path)
     target = _dtype(dtype, hf_config)
@@ -214,6 +217,20 @@ def merged_lora_weight(layer, weight: torch.Tensor, a: torch.Tensor, b: torch.Te
     if getattr(layer, "fan_in_fan_out", False):
         delta = delta.T
     return (weight.float() + delta).to(weight.dtype)
+
+
+def _unpartitioned_state(directory: Path, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """A ``deepspeed.stage=0`` checkpoint's weights: its model-states file holds them whole
+    (DeepSpeed's zero_to_fp32 reads ZeRO 1-3 partitions only). ``trainable_only`` (LoRA): the
+    adapters, as zero_to_fp32's exclude_frozen_parameters gives them."""
+    path = directory / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        raise ExportError(f"{directory}: no {path.name}; not a complete deepspeed.stage=0 checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    module = state["module"]
+    if trainable_only:
+        module = {name: tensor for name, tensor in module.items() if "lora_" in name}
+    return {name: tensor.float() for name, tensor in module.items()}
 
 
 def write_atomically(out_dir: Path, write) -> None:

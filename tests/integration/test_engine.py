@@ -131,13 +131,21 @@ def test_single_rank_without_zero3_is_the_same_training(assets, tmp_path):
     frozen reference model runs as stage 0 under stage 1 (DeepSpeed refuses stage 1 without an
     optimizer); online here, so the reference pass and the policy both run every step."""
     zero3 = train_rows(train(assets, tmp_path / "z3"))
-    for stage, extra in ((0, {}), (1, {"reference.mode": "online"})):
+    for stage, extra in ((0, {"train.checkpoint_every": 3}), (1, {"reference.mode": "online"})):
         rows = train_rows(train(assets, tmp_path / f"z{stage}", **{"deepspeed.stage": stage, **extra}))
         for a, b in zip(zero3, rows):
             assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (stage, a["loss"], b["loss"])
         assert [r["step"] for r in rows] == [r["step"] for r in zero3] == [1, 2, 3]
         assert rows[-1]["loss"] != rows[0]["loss"]
         assert_same_trained_weights(tmp_path / f"z{stage}", tmp_path / "z3", assets["model"])
+    # dpo-export of a stage-0 checkpoint (one unpartitioned file; DeepSpeed's zero_to_fp32 reads
+    # partitions only) is the model final/ holds.
+    exported = run_cli("launch.export", str(tmp_path / "z0"), "--out", str(tmp_path / "z0_export"))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    got, want = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "z0_export", tmp_path / "z0" / "final"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_block_fetch_units_and_activation_checkpointing_train_the_same(assets, tmp_path):
