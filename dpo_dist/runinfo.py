@@ -40,7 +40,7 @@ def check_same_run(cfg: DPOConfig) -> None:
     settings: it would resume that run's checkpoints under the new settings (DeepSpeed restores
     the old learning rate schedule, a lower max_steps stops past its end), or call it finished,
     while config.yaml, which dpo-eval, dpo-export and dpo-report read, then names settings that
-    never trained it. ``RESUMABLE_CHANGES`` may differ."""
+    never trained it. ``RESUMABLE_CHANGES`` may differ, and train.max_steps may grow."""
     out = Path(cfg.output_dir)
     path = out / "config.yaml"
     if not path.is_file() or not any((out / name).exists() for name in ("metrics.jsonl", "checkpoints", "final")):
@@ -50,10 +50,15 @@ def check_same_run(cfg: DPOConfig) -> None:
     except Exception as exc:  # noqa: BLE001 - an unreadable or outdated config.yaml is itself the answer
         raise ConfigError(f"output_dir={out}: holds a run whose config.yaml cannot be read ({' '.join(str(exc).split())}); train into a new output_dir") from None
     now = _flat(cfg.to_dict())
+    # Training longer continues the run (the schedule stretches from the resumed step on); a
+    # lower max_steps would stop a run already past it, or call one finished that went further.
+    longer = now["train.max_steps"] >= before["train.max_steps"]
     changed = [
         f"{key}: {before.get(key)!r} -> {now.get(key)!r}"
         for key in sorted(set(before) | set(now))
-        if before.get(key) != now.get(key) and not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
+        if before.get(key) != now.get(key)
+        and not (key == "train.max_steps" and longer)
+        and not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
     ]
     if changed:
         shown = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")

@@ -28,6 +28,7 @@ def test_a_run_directory_refuses_other_training_settings(tmp_path):
     assert message.endswith("resume it with its own settings, or train into a new output_dir")
     with pytest.raises(ConfigError, match=r"train.max_steps: 200 -> 60"):
         check_same_run(config(out, loss={"beta": 0.1}, optim={"lr": 1e-3}, train={"max_steps": 60}))
+    check_same_run(config(out, loss={"beta": 0.1}, optim={"lr": 1e-3}, train={"max_steps": 400}))  # train longer
 
 
 def test_dpo_train_into_a_run_with_other_settings_is_one_line(tmp_path):
