@@ -61,6 +61,9 @@ def export_checkpoint(
     out_dir = Path(out_dir).absolute()
     check_replaceable(out_dir)  # before any work
     cfg = read_config(run_dir / "config.yaml")
+    sources = {Path(p).expanduser().resolve() for p in (cfg.model.path, cfg.model.resolved_tokenizer_path())}
+    if out_dir.resolve() in sources:
+        raise ExportError(f"{out_dir}: is the run's model.path (or tokenizer): an export would replace the model it starts from")
     # Lazy: tensors are gathered from the memory-mapped partitions only when written.
     # A LoRA run's frozen base is model.path itself: only its adapters are read back.
     if cfg.deepspeed.stage == 0:

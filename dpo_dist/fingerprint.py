@@ -136,6 +136,7 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
         # and the base's weights decide the log-probs, not where the base lives.
         adapter = json.loads(adapter_config.read_text())
         base = adapter.pop("base_model_name_or_path", None)
+        adapter.pop("peft_version", None)  # who wrote it, not what it computes
         identity = {"files": identity, "adapter": adapter, "base": model_fingerprint(base) if base else None}
     return json_sha256(identity)
 

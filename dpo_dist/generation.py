@@ -178,7 +178,8 @@ def encode_prompt(text: str, tokenizer) -> list[int]:
     from dpo_dist.data.tokenize import without_appended_eos
 
     has_bos = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
-    return without_appended_eos(tokenizer(text, add_special_tokens=not has_bos)["input_ids"], text, tokenizer)
+    ids = tokenizer(text, add_special_tokens=not has_bos)["input_ids"]
+    return ids if has_bos else without_appended_eos(ids, text, tokenizer)
 
 
 def trained_prompt(prompt: Text, chat: bool) -> Text:

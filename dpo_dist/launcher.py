@@ -4,7 +4,8 @@ Every rank runs ``dpo_dist.worker`` with torchrun-style variables, exactly as a 
 does, so the local and cluster code paths are the same. One rank failing stops all of them:
 a job never hangs on a dead peer. A preemption signal to the launcher (SIGTERM, SIGUSR1,
 SIGUSR2, e.g. Slurm's warning to a batch script that runs ``cluster=local``) is forwarded to the
-ranks, which checkpoint and exit 75; the launcher waits for them meanwhile.
+ranks, which checkpoint (once training has started; before, there is nothing to save) and exit
+75; the launcher waits for them meanwhile.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ def _wait_all(procs: list[subprocess.Popen]) -> None:
 
 def _describe(rank: int, code: int) -> str:
     if code == PREEMPTED_EXIT_CODE:
-        return f"rank {rank} was preempted and exited with status {code} after saving a checkpoint; run again to resume"
+        return f"rank {rank} was preempted and exited with status {code} (after a checkpoint once training has started); run again to resume"
     if code < 0:
         return f"rank {rank} was killed by {signal_name(-code)}; stopped the other ranks"
     return f"rank {rank} exited with status {code}; stopped the other ranks"

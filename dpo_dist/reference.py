@@ -31,7 +31,7 @@ The reading and file side (schema, manifest, shard digests and atomic writes, ``
 inspection) is ``dpo_dist.reference_store``; its public names are importable from here too.
 
 The same functions serve any ``TokenizedDataset``; the engine uses ``cache_dir`` for the train
-split and ``cache_dir/eval`` for the eval split.
+split and ``cache_dir/eval-<fingerprint>`` for each eval file (``eval_cache_dir``).
 
 On-disk layout
 --------------

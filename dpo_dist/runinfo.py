@@ -50,6 +50,10 @@ def check_same_run(cfg: DPOConfig) -> None:
     except Exception as exc:  # noqa: BLE001 - an unreadable or outdated config.yaml is itself the answer
         raise ConfigError(f"output_dir={out}: holds a run whose config.yaml cannot be read ({' '.join(str(exc).split())}); train into a new output_dir") from None
     now = _flat(cfg.to_dict())
+    for flat in (before, now):  # the same file named relative or absolute (runs/x vs $PWD/runs/x)
+        for key in _PATH_KEYS:
+            if flat.get(key):
+                flat[key] = str(Path(flat[key]).expanduser().resolve())
     # Training longer continues the run (the schedule stretches from the resumed step on); a
     # lower max_steps would stop a run already past it, or call one finished that went further.
     longer = now["train.max_steps"] >= before["train.max_steps"]
@@ -66,6 +70,9 @@ def check_same_run(cfg: DPOConfig) -> None:
             f"output_dir={out} holds a run trained with other settings ({shown}): resume it with its own "
             "settings, or train into a new output_dir"
         )
+
+
+_PATH_KEYS = ("model.path", "model.tokenizer_path", "data.train_path", "data.eval_path")
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Local launches, Slurm tasks (submitit) and hand-written ``srun`` scripts all end here with
 torchrun-style rank variables set. Exit status: 0 done, 2 a user error (one line on stderr),
-75 preempted after a checkpoint (requeue me), anything else a bug (with its traceback).
+75 preempted (after a checkpoint once training has started: requeue me), anything else a bug.
 """
 
 from __future__ import annotations

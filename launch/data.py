@@ -121,8 +121,9 @@ def run_stats(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-length must be positive, got {args.max_length}")
     tokenizer = _load_tokenizer(args.tokenizer or bundled_tokenizer_path())
     result = read_preferences(args.path)
-    pairs = encode_records(result.records, tokenizer, source=result.path)
-    print(f"{result.path}: {result.num_records} records, {len(result.problems)} bad, {len(pairs)} pairs")
+    unencodable: list = []  # chat records the template cannot render, responses that encode identically
+    pairs = encode_records(result.records, tokenizer, source=result.path, problems=unencodable)
+    print(f"{result.path}: {result.num_records} records, {len(result.problems) + len(unencodable)} bad, {len(pairs)} pairs")
     if not pairs:
         return EXIT_OK
     prompt = np.array([p.prompt_len for p in pairs])

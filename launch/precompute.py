@@ -15,7 +15,8 @@ def _task(cfg) -> None:
     if config.stage == "dpo" and config.sft_first.max_steps > 0:
         raise UserError(
             "sft_first: the DPO stage's reference is the SFT stage's export, which does not exist yet; "
-            "dpo-train computes it after the SFT stage (or precompute then with model.path=OUTPUT_DIR/sft/final)"
+            "dpo-train computes it after the SFT stage (or precompute then with "
+            "sft_first.max_steps=0 model.path=OUTPUT_DIR/sft/final)"
         )
     launch("dpo-precompute", config, "precompute")
 

@@ -11,14 +11,8 @@ from launch.common import UserError, fail
 def launch(prog: str, cfg, task: str) -> None:
     """Run ``task`` for ``cfg`` on the configured cluster; exits non-zero if any rank failed."""
     logging.getLogger("dpo_dist").info("%s %s: run directory %s", prog, task, Path(cfg.output_dir).resolve())
-    if task == "train":
-        from dpo_dist.config import ConfigError
-        from dpo_dist.runinfo import check_same_run
-
-        try:
-            check_same_run(cfg)
-        except ConfigError as exc:
-            raise UserError(str(exc)) from None
+    if task in ("train", "precompute"):  # both write output_dir/config.yaml, which later jobs trust
+        check_run_dir(cfg)
     if cfg.cluster.name == "slurm":
         from slurm.submit import SlurmJobFailed, SlurmSubmitFailed, inside_allocation, submit_and_wait
 
@@ -39,6 +33,17 @@ def launch(prog: str, cfg, task: str) -> None:
         # Otherwise which rank died how, with its status: a crash (1) is not a usage error, and
         # a preemption (75) must stay 75 for whatever requeues the command.
         fail(prog, str(exc), status=exit_status(exc.status))
+
+
+def check_run_dir(cfg) -> None:
+    """``runinfo.check_same_run`` as a ``UserError``."""
+    from dpo_dist.config import ConfigError
+    from dpo_dist.runinfo import check_same_run
+
+    try:
+        check_same_run(cfg)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
 
 
 def check_data(cfg) -> None:

@@ -45,12 +45,15 @@ alone, keeps them (``keep_identical``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from dpo_dist.data.records import DataError, Messages, PreferenceRecord, Problem, Text
+
+logger = logging.getLogger(__name__)
 
 TRUNCATION_MODES = ("keep_end_of_prompt", "keep_start", "drop")
 MIN_MAX_LENGTH = 3
@@ -235,17 +238,20 @@ def _encode_prompts(texts: list[str], tokenizer) -> list[list[int]]:
         if positions:
             encoded = _encode([texts[i] for i in positions], tokenizer, add_special_tokens=not flag)
             for i, e in zip(positions, encoded):
-                ids[i] = without_appended_eos(e, texts[i], tokenizer)
+                # Without special tokens (a text with its own BOS) nothing was appended.
+                ids[i] = e if flag else without_appended_eos(e, texts[i], tokenizer)
     return ids
 
 
 def without_appended_eos(ids: list[int], text: str, tokenizer) -> list[int]:
-    """A prompt's ids without the EOS that a tokenizer set to append one (``add_eos_token``) put
-    after it (one the text itself ends with stays): the response, not the prompt, ends the sequence."""
+    """A prompt's ids (encoded with special tokens) without the EOS that a tokenizer set to append
+    one (``add_eos_token``) put after it: the response, not the prompt, ends the sequence. An EOS
+    the text itself ends with stays (the encoding without special tokens ends with it too)."""
     eos = tokenizer.eos_token_id
-    if ids and ids[-1] == eos and not (tokenizer.eos_token and text.endswith(tokenizer.eos_token)):
-        return ids[:-1]
-    return ids
+    if not ids or ids[-1] != eos:
+        return ids
+    own = _encode([text], tokenizer, add_special_tokens=False)[0]
+    return ids if own and own[-1] == eos else ids[:-1]
 
 
 _SENTINEL = "\n"
@@ -259,8 +265,14 @@ def _encode_responses(texts: list[str], tokenizer) -> list[list[int]]:
     if _adds_dummy_prefix(tokenizer):
         head = _encode([_SENTINEL], tokenizer, add_special_tokens=False)[0]
         after = _encode([_SENTINEL + text for text in texts], tokenizer, add_special_tokens=False)
-        # A response whose start merges with the sentinel (one starting with a newline, in some
-        # vocabularies) keeps its own encoding.
+        # A response whose start merges with the sentinel (a vocabulary with pieces like "\nThe";
+        # not Llama 2's or Mistral's, whose newline is a byte token) keeps its own encoding: said.
+        merged = sum(a[: len(head)] != head for a in after)
+        if merged:
+            logger.warning(
+                "%d of %d responses start with text the tokenizer merges with a newline: encoded on "
+                "their own, with the tokenizer's leading '▁' (dummy prefix)", merged, len(texts)
+            )
         encoded = [a[len(head) :] if a[: len(head)] == head else e for a, e in zip(after, encoded)]
     return [e if e and e[-1] == eos else [*e, eos] for e in encoded]
 

@@ -362,3 +362,23 @@ def test_responses_that_encode_identically_are_an_invalid_record(tmp_path, tok):
         load_tokenized(path, tok, 64, on_invalid="error")
     kept = load_tokenized(path, tok, 64, on_invalid="skip")
     assert len(kept) == 1 and kept.num_invalid == 1 and kept.truncation.identical == 0
+
+
+def test_stats_counts_responses_that_encode_identically_as_bad(tmp_path, capsys):
+    from launch.data import main
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt":"1+1=","chosen":"2</s>","rejected":"2"}\n{"prompt":"1+2=","chosen":"3","rejected":"4"}\n')
+    assert main(["stats", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"{path}: 2 records, 1 bad, 1 pairs"
+
+
+def test_a_prompt_ending_with_its_own_eos_keeps_it_whatever_follows(tmp_path):
+    """An EOS token that swallows the whitespace after it (rstrip): "...</s>\\n" ends in EOS as ids
+    but not as text; it is the prompt's own, not one the tokenizer appended."""
+    from tokenizers import AddedToken
+
+    appending_not = load_tokenizer()
+    appending_not.add_special_tokens({"eos_token": AddedToken("</s>", rstrip=True, special=True)})
+    pair = tokenize_records([PreferenceRecord(0, 1, "98+29=</s>\n", "127", "126")], appending_not, 64)[0][0]
+    assert pair.prompt_ids[-1] == EOS

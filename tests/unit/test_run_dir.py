@@ -125,3 +125,15 @@ def test_a_stop_signal_before_training_exits_75(tmp_path, monkeypatch, name):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_paths_named_relative_or_absolute_are_the_same_run(tmp_path, monkeypatch):
+    """An sft_first chain builds the DPO stage's model.path from output_dir: runs/x/sft/final and
+    $PWD/runs/x/sft/final are the same file, not other settings."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    write_config(config(out, model={"path": "models/base"}))
+    (out / "metrics.jsonl").write_text("")
+    check_same_run(config(out, model={"path": str(tmp_path / "models" / "base")}))
+    with pytest.raises(ConfigError, match="model.path"):
+        check_same_run(config(out, model={"path": str(tmp_path / "models" / "other")}))
