@@ -216,14 +216,15 @@ def describe_cache(cache_dir: str | os.PathLike) -> list[str]:
     cache_dir, manifest, problem = _inspect(cache_dir, "no manifest.json (not a reference cache, or never started)")
     if problem:
         return [problem]
-    shards = manifest.get("shards", {})
+    # A hand-edited or damaged manifest is described as far as it can be; verify_cache reports it.
+    shards = _mapping(manifest.get("shards"))
     if manifest.get("complete"):
         status = "complete"
     else:  # sidecars appear as shards finish, so they show a running pass's progress
         finished = len(list(cache_dir.glob("part-*.arrow.sha256")))
         status = f"incomplete ({finished} of {manifest.get('num_shards')} shards written)"
-    settings = manifest.get("settings") or {}
-    fps = manifest.get("fingerprints", {})
+    settings = _mapping(manifest.get("settings"))
+    fps = _mapping(manifest.get("fingerprints"))
     lines = [
         f"cache: {cache_dir}",
         f"status: {status}",
@@ -236,7 +237,6 @@ def describe_cache(cache_dir: str | os.PathLike) -> list[str]:
         f"examples: {manifest.get('num_examples')} in {manifest.get('num_shards')} shards "
         f"of up to {manifest.get('pairs_per_shard')} pairs",
     ]
-    # .get: a hand-edited or damaged manifest is described as is; verify_cache reports it.
     lines += [
         f"{name}: {_entry(entry).get('rows')} rows, sha256 {_entry(entry).get('sha256')}"
         for name, entry in sorted(shards.items())
@@ -245,7 +245,11 @@ def describe_cache(cache_dir: str | os.PathLike) -> list[str]:
 
 
 def _entry(entry: Any) -> dict[str, Any]:
-    return entry if isinstance(entry, dict) else {}
+    return _mapping(entry)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _inspect(cache_dir: str | os.PathLike, missing: str) -> tuple[Path, dict[str, Any] | None, str | None]:
@@ -271,7 +275,9 @@ def verify_cache(cache_dir: str | os.PathLike) -> list[str]:
     if not manifest.get("complete"):
         problems.append(f"{cache_dir}: incomplete (complete=false in manifest.json)")
     ids = []
-    for name, entry in sorted(manifest.get("shards", {}).items()):
+    if not isinstance(manifest.get("shards"), dict):
+        problems.append(f"{cache_dir}: manifest.json's shards is not a mapping of shard names to entries")
+    for name, entry in sorted(_mapping(manifest.get("shards")).items()):
         entry = _entry(entry)
         try:
             if isinstance(entry.get("sha256"), str):

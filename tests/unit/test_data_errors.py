@@ -330,3 +330,14 @@ def test_a_json_lines_file_named_json_gets_a_hint(tmp_path):
         read_preferences(path)
     assert str(info.value) == f"{path}:2: invalid JSON: Extra data at column 1; one record per line is JSON Lines: name the file .jsonl"
     assert len(read_preferences(path.rename(tmp_path / "pairs.jsonl")).records) == 2
+
+
+def test_shards_of_a_hand_edited_manifest_is_described_not_a_traceback(tmp_path, capsys):
+    write_cache(tmp_path / "cache")
+    path = tmp_path / "cache" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps(manifest | {"shards": ["part-00000.arrow"], "settings": "edited", "fingerprints": None}))
+    status = main(["shards", str(tmp_path / "cache")])
+    lines = capsys.readouterr().out.splitlines()
+    assert status == 1 and lines[0] == f"cache: {tmp_path / 'cache'}"
+    assert f"problem: {tmp_path / 'cache'}: manifest.json's shards is not a mapping of shard names to entries" in lines
