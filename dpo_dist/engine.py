@@ -296,18 +296,21 @@ def disable_dropout(model: nn.Module) -> int:
         if isinstance(module, nn.Dropout):
             changed += module.p > 0
             module.p = 0.0
-            continue
-        for name, value in list(vars(module).items()):
-            if _DROPOUT_NAME.search(name) and isinstance(value, float) and value > 0:
-                setattr(module, name, 0.0)
-                changed += 1
+        else:
+            changed += len(_zero_dropout_attributes(module))
     config = getattr(model, "config", None)
     if config is not None:
-        original = {k: v for k, v in vars(config).items() if _DROPOUT_NAME.search(k) and isinstance(v, float) and v > 0}
-        for name in original:
-            setattr(config, name, 0.0)
+        original = _zero_dropout_attributes(config)
         model._dpo_original_dropout = {**getattr(model, "_dpo_original_dropout", {}), **original}
     return changed
+
+
+def _zero_dropout_attributes(obj) -> dict[str, float]:
+    """Set ``obj``'s non-zero float attributes named like a dropout probability to 0; their values before."""
+    original = {k: v for k, v in vars(obj).items() if _DROPOUT_NAME.search(k) and isinstance(v, float) and v > 0}
+    for name in original:
+        setattr(obj, name, 0.0)
+    return original
 
 
 @contextmanager

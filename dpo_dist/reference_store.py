@@ -238,14 +238,10 @@ def describe_cache(cache_dir: str | os.PathLike) -> list[str]:
         f"of up to {manifest.get('pairs_per_shard')} pairs",
     ]
     lines += [
-        f"{name}: {_entry(entry).get('rows')} rows, sha256 {_entry(entry).get('sha256')}"
+        f"{name}: {_mapping(entry).get('rows')} rows, sha256 {_mapping(entry).get('sha256')}"
         for name, entry in sorted(shards.items())
     ]
     return lines
-
-
-def _entry(entry: Any) -> dict[str, Any]:
-    return _mapping(entry)
 
 
 def _mapping(value: Any) -> dict[str, Any]:
@@ -278,7 +274,7 @@ def verify_cache(cache_dir: str | os.PathLike) -> list[str]:
     if not isinstance(manifest.get("shards"), dict):
         problems.append(f"{cache_dir}: manifest.json's shards is not a mapping of shard names to entries")
     for name, entry in sorted(_mapping(manifest.get("shards")).items()):
-        entry = _entry(entry)
+        entry = _mapping(entry)
         try:
             if isinstance(entry.get("sha256"), str):
                 data = checked_shard_bytes(cache_dir, name, entry["sha256"])

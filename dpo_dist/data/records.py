@@ -284,16 +284,26 @@ def _read_parquet(path: Path, shown: str) -> Iterator[dict[str, Any]]:
         parquet = pq.ParquetFile(path)
     except Exception as e:
         raise DataError(f"{shown}: cannot read Parquet file: {_one_line(e)}") from None
-    batches = parquet.iter_batches()
+    # to_pylist: decoding a damaged string fails there.
+    batches = (batch.to_pylist() for batch in parquet.iter_batches())
+    for rows in _read_failing_as(batches, f"{shown}: cannot read Parquet file"):
+        yield from rows
+
+
+_END = object()
+
+
+def _read_failing_as(items: Iterator[Any], what: str) -> Iterator[Any]:
+    """``items``, with any error while reading one (a damaged file fails only when read, with any
+    type and messages over several lines) raised as the one-line ``DataError`` "what: reason"."""
     while True:
         try:
-            batch = next(batches, None)
-            rows = None if batch is None else batch.to_pylist()  # decoding a damaged string fails here
+            item = next(items, _END)
         except Exception as e:
-            raise DataError(f"{shown}: cannot read Parquet file: {_one_line(e)}") from None
-        if rows is None:
+            raise DataError(f"{what}: {_one_line(e)}") from None
+        if item is _END:
             return
-        yield from rows
+        yield item
 
 
 def _one_line(error: Exception) -> str:
@@ -317,20 +327,7 @@ def _read_dataset_dir(path: Path, shown: str) -> Iterator[dict[str, Any]]:
                 f"e.g. {os.path.join(shown, splits[0]) if splits else shown}"
             )
         loaded = loaded[splits[0]]
-    return _rows_of(loaded, shown)
-
-
-def _rows_of(loaded, shown: str) -> Iterator[dict[str, Any]]:
-    """A loaded dataset's rows; a damaged Arrow file fails only when read, with any type."""
-    rows = iter(loaded)
-    while True:
-        try:
-            row = next(rows, None)
-        except Exception as e:
-            raise DataError(f"{shown}: cannot read saved dataset: {_one_line(e)}") from None
-        if row is None:
-            return
-        yield row
+    return _read_failing_as(iter(loaded), f"{shown}: cannot read saved dataset")
 
 
 def _validate_field(raw: dict[str, Any], name: str) -> str | None:
