@@ -590,10 +590,25 @@ class ReferenceConfig:
     capacity; on CPU the host's available memory shared by the node's ranks) and, for the online
     copy on GPUs, training still fits beside it (the memory plan); else zero3. The numbers are the
     same either way."""
+    sync_every: int = 0
+    """TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656): every this many optimizer steps the
+    reference moves toward the policy, ``ref = sync_alpha * policy + (1 - sync_alpha) * ref``
+    (TRL's ``sync_ref_model`` with ``ref_model_sync_steps``); 0: a fixed reference (DPO). Needs
+    ``mode=online`` and full-weight training: a precomputed reference cannot move, and a LoRA
+    reference is the policy with its adapters off, not a copy. Checkpoints keep the moved
+    reference (``checkpoints/step_N/reference/``, a Hugging Face model) so a resume is exact."""
+    sync_alpha: float = 0.6
+    """TR-DPO's alpha (TRL's ``ref_model_mixup_alpha``): the policy's share of each update, in (0, 1]."""
 
     def __post_init__(self) -> None:
         _one_of(self.mode, "reference.mode", ("precompute", "online"))
         _one_of(self.partition, "reference.partition", ("auto", "replicate", "zero3"))
+        _check(self.sync_every >= 0, "reference.sync_every", f"got {self.sync_every}, expected >= 0 (0: a fixed reference)")
+        _check(0.0 < self.sync_alpha <= 1.0, "reference.sync_alpha", f"got {self.sync_alpha}, expected in (0, 1]")
+
+    def syncs(self) -> bool:
+        """Whether the reference moves during training (TR-DPO)."""
+        return self.sync_every > 0
 
 
 @dataclass
@@ -764,8 +779,25 @@ class DPOConfig:
             "train.micro_batch_tokens",
             f"must be >= 2 * data.max_length ({2 * self.data.max_length}) so any pair fits one micro-batch",
         )
+        if self.reference.syncs() and self.stage == "dpo":
+            self._check_moving_reference()
         if self.model.dtype == "bf16":  # before any work; model.dtype=auto is checked on the device
             self.deepspeed.to_dict(bf16=True, grad_clip=self.optim.grad_clip)
+
+    def _check_moving_reference(self) -> None:
+        """TR-DPO's refusals (TRL refuses the same): the reference it moves must be a model copy."""
+        key = "reference.sync_every"
+        _check(self.loss.uses_reference(), key, f"loss={self.loss.name} uses no reference, so there is none to move")
+        _check(
+            self.reference.mode == "online",
+            key,
+            "needs reference.mode=online: precomputed reference log-probs are of the initial model and cannot move",
+        )
+        _check(
+            not self.model.lora.enabled,
+            key,
+            "does not work with LoRA: its reference is the policy with the adapters off, not a copy that can move",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

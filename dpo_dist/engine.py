@@ -580,19 +580,23 @@ class OnlineReference:
     LoRA the policy itself with its adapters disabled, since its base weights are the initial
     model (no second copy; ``attach_policy`` hands it the policy engine once that exists)."""
 
-    def __init__(self, cfg: DPOConfig, device: torch.device, backend: str, training: bool = True):
+    def __init__(self, cfg: DPOConfig, device: torch.device, backend: str, training: bool = True, path: str | None = None):
         """``training=False`` (dpo-eval): a frozen copy of ``model.path`` even with LoRA (4-bit as the
         policy's base with QLoRA), since an evaluated policy is usually merged, with no adapters to
-        disable; and no training states beside the copy to plan for."""
+        disable; and no training states beside the copy to plan for. ``path``: the weights to load
+        instead of ``model.path`` (a moved TR-DPO reference saved with a checkpoint)."""
         self.uses_policy = cfg.model.lora.enabled and training
+        self.moving = cfg.reference if training and cfg.reference.syncs() else None
         self.engine = None
         if not self.uses_policy:
             # A partitioned copy all-gathers every layer in every micro-batch's reference forward;
             # a whole copy per rank (what fits beside training) runs with no collectives.
             replicate, why = online_reference_replicates(cfg, device, training_dtype(cfg, device), training)
             log.info("online reference: %s (%s)", "a whole copy of the model per rank" if replicate else "partitioned with ZeRO-3", why)
+            if path is not None:
+                log.info("online reference: the moved reference (reference.sync_every) saved at %s", path)
             self.engine = build_inference_engine(
-                cfg, cfg.model.path, device, backend, quantize=cfg.model.lora.quantize, replicate=replicate
+                cfg, path or cfg.model.path, device, backend, quantize=cfg.model.lora.quantize, replicate=replicate
             )
 
     def attach_policy(self, policy_engine) -> None:
@@ -613,8 +617,41 @@ class OnlineReference:
 
     eval_logps = logps
 
+    def syncs_after(self, step: int) -> bool:
+        """Whether TR-DPO moves the reference after optimizer step ``step`` (1-based), as TRL's
+        callback does at the end of every ``ref_model_sync_steps``-th step."""
+        return self.moving is not None and step % self.moving.sync_every == 0
+
+    def moved(self, step: int) -> bool:
+        """Whether the reference after ``step`` steps differs from the initial model."""
+        return self.moving is not None and step >= self.moving.sync_every
+
+    @torch.no_grad()
+    def move_toward(self, policy_engine) -> None:
+        """TR-DPO's soft update (arXiv 2404.09656 eq. 5): ``ref = alpha * policy + (1 - alpha) * ref``
+        for every weight. Each parameter is gathered whole (ZeRO-3) on every rank and, for a
+        partitioned copy, repartitioned from rank 0's result (DeepSpeed's way to modify ZeRO-3
+        weights): a collective per parameter, every ``sync_every`` steps."""
+        import deepspeed
+
+        alpha = self.moving.sync_alpha
+        ref = self.engine.module.model.named_parameters()
+        policy = policy_engine.module.model.named_parameters()
+        for (name, target), (source_name, source) in zip(ref, policy, strict=True):
+            assert name == source_name, (name, source_name)
+            with deepspeed.zero.GatheredParameters([source]), deepspeed.zero.GatheredParameters([target], modifier_rank=0):
+                target.data.mul_(1.0 - alpha).add_(source.data.to(target.dtype), alpha=alpha)
+
+    def save(self, cfg: DPOConfig, tokenizer, directory: Path, env: D.DistEnv) -> None:
+        """Write the moved reference as a Hugging Face model (any rank count or partitioning
+        resumes from it), streamed one shard at a time like the final export."""
+        export_hf(self.engine, cfg, tokenizer, directory, env)
+
     def run_info(self) -> dict[str, Any]:
-        return {"cache_dir": None, "computed": False, "mode": "online"}
+        info = {"cache_dir": None, "computed": False, "mode": "online"}
+        if self.moving is not None:
+            info.update(sync_every=self.moving.sync_every, sync_alpha=self.moving.sync_alpha)
+        return info
 
 
 @contextmanager
@@ -961,7 +998,13 @@ def latest_complete_checkpoint(root: Path) -> tuple[str, int] | None:
     return (done[-1], int(done[-1].split("_")[1])) if done else None
 
 
-def save_checkpoint(engine, cfg: DPOConfig, env: D.DistEnv, step: int) -> None:
+MOVED_REFERENCE = "reference"
+"""A checkpoint's sub-directory holding the TR-DPO reference as moved so far (``reference.sync_every``)."""
+
+
+def save_checkpoint(engine, cfg: DPOConfig, env: D.DistEnv, step: int, reference=None, tokenizer=None) -> None:
+    """DeepSpeed's checkpoint of ``engine`` plus every rank's RNG state and, once a TR-DPO
+    ``reference`` (an ``OnlineReference``) has moved, that reference; COMPLETE marks it whole."""
     root = checkpoint_root(cfg)
     tag = _tag(step)
     # With LoRA the frozen base is model.path itself: saving its partitions again would cost the
@@ -974,6 +1017,8 @@ def save_checkpoint(engine, cfg: DPOConfig, env: D.DistEnv, step: int) -> None:
         exclude_frozen_parameters=cfg.model.lora.enabled,
     )
     torch.save(_rng_state(), root / tag / f"rng_rank{env.rank:05d}.pt")
+    if reference is not None and reference.moved(step):
+        reference.save(cfg, tokenizer, root / tag / MOVED_REFERENCE, env)
     D.barrier()
     if env.is_main:
         (root / tag / "COMPLETE").write_text(f"{step}\n")
@@ -1003,6 +1048,16 @@ def _rmtree(path: Path) -> list[str]:
     else:
         shutil.rmtree(path, onerror=lambda _fn, entry, info: failures.append(f"{entry}: {info[1]}"))
     return failures
+
+
+def moved_reference_path(cfg: DPOConfig, env: D.DistEnv) -> str | None:
+    """The TR-DPO reference saved with the checkpoint a resume starts from, or None (no
+    checkpoint, or none moved yet: the reference is still ``model.path``). Rank 0 decides."""
+    if not cfg.reference.syncs():
+        return None
+    found = latest_complete_checkpoint(checkpoint_root(cfg)) if env.is_main else None
+    path = checkpoint_root(cfg) / found[0] / MOVED_REFERENCE if found else None
+    return D.broadcast_object(str(path) if path is not None and path.is_dir() else None)
 
 
 def load_latest_checkpoint(engine, cfg: DPOConfig, env: D.DistEnv) -> int:
@@ -1277,11 +1332,13 @@ def load_splits(cfg: DPOConfig, tokenizer):
 
 def prepare_reference(cfg: DPOConfig, env: D.DistEnv, device, backend, train_data, eval_data, training: bool = True):
     """The reference source for this run: the Arrow store (computing what is missing) or online
-    (``training=False``: for dpo-eval, see ``OnlineReference``)."""
+    (``training=False``: for dpo-eval, see ``OnlineReference``; a resumed TR-DPO run loads its
+    reference as moved so far)."""
     if cfg.stage == "sft" or not cfg.loss.uses_reference():
         return None
     if cfg.reference.mode == "online":
-        return OnlineReference(cfg, device, backend, training)
+        moved = moved_reference_path(cfg, env) if training else None
+        return OnlineReference(cfg, device, backend, training, path=moved)
     from dpo_dist.reference import ensure_reference_for_run
 
     return ensure_reference_for_run(cfg, env, device, backend, train_data, eval_data)
@@ -1328,6 +1385,8 @@ def train(cfg: DPOConfig) -> dict[str, float]:
         plans = plan_micro_batches(positions, lengths, env.rank, env.world_size, cfg.train.micro_batch_tokens)
         lr = engine.get_lr()[0]
         sums = train_step(ctx, train_data, plans, loss_denominator(cfg, train_data, positions))
+        if isinstance(reference, OnlineReference) and reference.syncs_after(step + 1):
+            reference.move_toward(engine)  # before this step's eval and checkpoint, as TRL's callback
         sums[_SUMS.index("stop")] = float(preempt.requested)
         totals = dict(zip(_SUMS, D.all_reduce_sum(sums).tolist()))
         done = step + 1
@@ -1353,7 +1412,7 @@ def train(cfg: DPOConfig) -> dict[str, float]:
             bar.set_postfix(loss=f"{row['loss']:.4f}", **accuracy)
         wandb_run.log({**row, **last_eval} if eval_row else row, step=done)
         if _due(done, cfg.train.checkpoint_every) or stop:
-            save_checkpoint(engine, cfg, env, done)
+            save_checkpoint(engine, cfg, env, done, reference if isinstance(reference, OnlineReference) else None, tokenizer)
         if stop:
             log.warning("preempted at step %d: checkpoint saved, exiting for requeue", done)
             raise Preempted(done)

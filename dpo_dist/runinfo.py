@@ -29,7 +29,8 @@ RESUMABLE_CHANGES = (
     "deepspeed.overlap_comm", "deepspeed.reduce_bucket_size", "deepspeed.prefetch_bucket_size",
     "deepspeed.param_persistence_threshold", "deepspeed.max_live_parameters", "deepspeed.leaf_modules",
     "deepspeed.comm_timeout_minutes", "cluster.", "train.micro_batch_tokens", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.eval_every", "train.log_every", "reference.", "wandb.", "eval.",
+    "train.keep_checkpoints", "train.eval_every", "train.log_every", "reference.mode", "reference.cache_dir",
+    "reference.partition", "wandb.", "eval.",
 )
 """Settings a run may change between its jobs (a resume, a requeue, a re-run of a finished run):
 how and where it runs, not what it trains. Any other difference is another run (``check_same_run``)."""

@@ -42,6 +42,17 @@ def test_defaults_are_valid_and_round_trip():
         ({"loss": {"name": "ipo", "discopop_tau": 0.2}}, "loss.discopop_tau: loss=ipo does not use it (only discopop)"),
         ({"eval": {"judge": {"name": "rule", "tie_margin": 0.5}}}, "eval.judge.tie_margin: only judge=reward_model"),
         ({"loss": {"name": "discopop", "discopop_tau": 0}}, "loss.discopop_tau: must be > 0"),
+        ({"reference": {"sync_every": -1}}, "reference.sync_every: got -1, expected >= 0"),
+        ({"reference": {"mode": "online", "sync_every": 8, "sync_alpha": 0}}, "reference.sync_alpha: got 0, expected in (0, 1]"),
+        ({"reference": {"sync_every": 8}}, "reference.sync_every: needs reference.mode=online"),
+        (
+            {"reference": {"mode": "online", "sync_every": 8}, "model": {"lora": {"r": 8}}},
+            "reference.sync_every: does not work with LoRA",
+        ),
+        (
+            {"reference": {"mode": "online", "sync_every": 8}, "loss": {"name": "simpo", "logp_normalization": "mean"}},
+            "reference.sync_every: loss=simpo uses no reference",
+        ),
     ],
 )
 def test_invalid_values_name_the_key(values, message):
@@ -49,6 +60,15 @@ def test_invalid_values_name_the_key(values, message):
         config_from_dict(values)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_tr_dpo_settings_apply_to_the_dpo_stage_only():
+    cfg = config_from_dict({"reference": {"mode": "online", "sync_every": 4, "sync_alpha": 0.5}})
+    assert cfg.reference.syncs() and not config_from_dict({}).reference.syncs()
+    # An SFT stage (also sft_first's) has no reference: its settings there are inert.
+    config_from_dict({"stage": "sft", "reference": {"sync_every": 4}})
+    sft, dpo = config_from_dict({"sft_first": {"max_steps": 2}, "reference": {"mode": "online", "sync_every": 4}}).stages()
+    assert dpo.reference.syncs()
 
 
 def test_bf16_runs_sum_gradients_in_fp32_where_deepspeed_can():

@@ -29,6 +29,9 @@ def test_a_run_directory_refuses_other_training_settings(tmp_path):
     with pytest.raises(ConfigError, match=r"train.max_steps: 200 -> 60"):
         check_same_run(config(out, loss={"beta": 0.1}, optim={"lr": 1e-3}, train={"max_steps": 60}))
     check_same_run(config(out, loss={"beta": 0.1}, optim={"lr": 1e-3}, train={"max_steps": 400}))  # train longer
+    # A moving reference (TR-DPO) is what the run trains against, not how it runs.
+    with pytest.raises(ConfigError, match=r"reference.sync_every: 0 -> 4"):
+        check_same_run(config(out, loss={"beta": 0.1}, optim={"lr": 1e-3}, reference={"mode": "online", "sync_every": 4}))
 
 
 def test_dpo_train_into_a_run_with_other_settings_is_one_line(tmp_path):
