@@ -49,6 +49,7 @@ from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
 from dpo_dist.losses import (
     BATCH_STATISTICS,
     LOSS_OPTIONS,
+    REFERENCE_FREE_LOSSES,
     aot_sort_keys,
     aot_targets_for,
     kl_ratio_sums,
@@ -761,11 +762,19 @@ def micro_batch_losses(ctx: StepContext, mb: MicroBatch, train: bool, statistics
     if cfg.stage == "sft":
         zeros = torch.zeros_like(out.sum_logps)
         return PairResults(-out.sum_logps, zeros, zeros, out.sum_logps, zeros, out.token_counts)
-    logps = (*split_pairs(out.logps), *reference_logps(ctx, mb, out, train))
+    reference = reference_sums(ctx, mb, train)
+    logps = (*split_pairs(out.logps), *normalized_like_policy(cfg, reference, out))
     losses, chosen_r, rejected_r = weighted_preference_loss(cfg, logps, statistics or {})
     if cfg.loss.use_weighting:  # WPO: pairs the policy would not sample count less
         losses = losses * wpo_pair_weights(*split_pairs(out.aligned_logps))
     chosen_sums, rejected_sums = split_pairs(out.sum_logps)
+    if cfg.loss.logp_normalization == "mean" and cfg.loss.kernel_name() not in REFERENCE_FREE_LOSSES:
+        # The implicit reward is beta times the response's whole log-ratio (DPO eq. 5), also where
+        # the loss compares per-token means (ipo, sigmoid_norm): as TRL logs it. Per-token margins
+        # can have the other sign (a long chosen response with the larger total log-ratio).
+        with torch.no_grad():
+            chosen_r = cfg.loss.beta * (chosen_sums - reference[0])
+            rejected_r = cfg.loss.beta * (rejected_sums - reference[1])
     chosen_counts, rejected_counts = split_pairs(out.token_counts)
     if cfg.loss.alpha > 0:
         losses = losses + cfg.loss.alpha * sft_nll(chosen_sums, chosen_counts)
@@ -792,18 +801,29 @@ def accumulate(sums: torch.Tensor, weight: float, batch: PackedBatch, result: Pa
 
 
 def reference_logps(ctx: StepContext, mb: MicroBatch, policy: SequenceLogps, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference log-probs normalised like the policy's (the store keeps sums; ``mean`` divides by
-    the policy's scored-token counts): the micro-batch's own (an online pass ran already) or looked
-    up; eval pairs have their own store because example ids restart at 0 in every file."""
-    if ctx.reference is None:  # reference-free losses (simpo, orpo, cpo) ignore these
+    """Reference log-probs of ``mb``'s (chosen, rejected) responses normalised like the policy's."""
+    return normalized_like_policy(ctx.cfg, reference_sums(ctx, mb, train), policy)
+
+
+def reference_sums(ctx: StepContext, mb: MicroBatch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed fp32 reference log-probs of ``mb``'s (chosen, rejected) responses: the micro-batch's
+    own (an online pass ran already) or looked up; eval pairs have their own store because example
+    ids restart at 0 in every file. Zeros for reference-free losses (simpo, orpo, cpo ignore them)."""
+    if ctx.reference is None:
         zeros = torch.zeros(mb.batch.num_pairs, device=mb.batch.input_ids.device)
         return zeros, zeros
     lookup = ctx.reference.logps if train else ctx.reference.eval_logps
     chosen, rejected = mb.reference if mb.reference is not None else lookup(mb.batch)
-    if ctx.cfg.loss.logp_normalization == "mean":
-        c_counts, r_counts = split_pairs(policy.token_counts)
-        chosen, rejected = chosen / c_counts.clamp(min=1), rejected / r_counts.clamp(min=1)
     return chosen.to(torch.float32), rejected.to(torch.float32)
+
+
+def normalized_like_policy(cfg: DPOConfig, sums: tuple[torch.Tensor, torch.Tensor], policy: SequenceLogps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference sums as the loss sees the policy's log-probs: ``mean`` divides each by the
+    policy's scored-token count of the same response."""
+    if cfg.loss.logp_normalization != "mean":
+        return sums
+    c_counts, r_counts = split_pairs(policy.token_counts)
+    return sums[0] / c_counts.clamp(min=1), sums[1] / r_counts.clamp(min=1)
 
 
 def weighted_preference_loss(cfg: DPOConfig, logps: tuple, statistics: dict[str, dict]) -> tuple[torch.Tensor, ...]:

@@ -337,3 +337,36 @@ def test_lora_online_reference_scores_in_eval_mode_and_restores_the_mode():
         assert not engine.module.training
         raise RuntimeError("a failed forward")
     assert engine.module.training
+
+
+@pytest.mark.parametrize("loss", ["ipo", "sigmoid"])
+def test_per_token_losses_log_rewards_of_the_whole_responses(loss):
+    """With loss.logp_normalization=mean (ipo, TRL's sigmoid_norm) the loss compares per-token
+    mean log-ratios, but the logged rewards, margins and accuracy are beta times each response's
+    summed log-ratio, DPO's implicit reward, as TRL logs them (per-token ones can differ in sign)."""
+    from dpo_dist.logprobs import split_pairs
+    from dpo_dist.losses import preference_loss
+
+    calls: list[str] = []
+    ctx = context(loss, calls, logp_normalization="mean")
+    ctx.engine.module.normalize = E.policy_normalization(ctx.cfg)  # as build_engine makes it
+    assert ctx.engine.module.normalize == "mean"
+    reference_policy = other_reference(ctx, calls)
+    data = pairs(4)
+    sums = E.train_step(ctx, data, [E.MicroBatchPlan([0, 1]), E.MicroBatchPlan([2, 3])], denominator=4.0)
+    got = dict(zip(E._SUMS, sums.tolist()))
+    from dpo_dist.data import collate_packed
+
+    batch = collate_packed(data)
+    with torch.no_grad():
+        out = ctx.engine.module(*batch.split()[0], **batch.split()[1])
+        policy_means, policy_sums, counts = split_pairs(out[0]), split_pairs(out[1]), split_pairs(out[2])
+        ref_sums = split_pairs(reference_policy(*batch.split()[0], **batch.split()[1])[1])
+    ref_means = [s / n for s, n in zip(ref_sums, counts)]
+    losses = preference_loss(loss, *policy_means, *ref_means, beta=0.1)[0]
+    assert got["loss"] / 4 == pytest.approx(losses.mean().item(), rel=1e-6)
+    chosen = 0.1 * (policy_sums[0] - ref_sums[0])
+    rejected = 0.1 * (policy_sums[1] - ref_sums[1])
+    assert got["chosen_reward"] / 4 == pytest.approx(chosen.mean().item(), rel=1e-5)
+    assert got["rejected_reward"] / 4 == pytest.approx(rejected.mean().item(), rel=1e-5)
+    assert got["correct"] == (chosen > rejected).sum().item()

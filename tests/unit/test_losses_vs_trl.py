@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from dpo_dist.losses import LOSS_NAMES, preference_loss, sft_nll
+from tests.helpers import REPO
 
 pytest.importorskip("trl", minversion="1.16")
 from trl import DPOConfig  # noqa: E402
@@ -316,7 +317,8 @@ def test_ipo_matches_trl_on_per_token_means(beta, seed):
     completion length (the IPO authors' setting, per TRL). Our kernel takes the log-probs it is
     given; conf/loss/ipo.yaml sets logp_normalization=mean, so the engine feeds it policy and
     reference sums divided by the policy's token counts, which is this call. The rewards differ by
-    that normalisation: TRL logs beta * summed log-ratio for IPO too, ours are per token."""
+    that normalisation here: TRL logs beta * summed log-ratio for IPO too, and so does the engine
+    (test_engine_step.py::test_per_token_losses_log_rewards_of_the_whole_responses); the kernel's are per token."""
     inputs, (chosen_n, rejected_n) = random_inputs(seed)
     pc, pr, rc, rr = inputs
     ours, chosen_rewards, rejected_rewards = preference_loss(
@@ -329,6 +331,26 @@ def test_ipo_matches_trl_on_per_token_means(beta, seed):
     assert_same_gradients(ours.mean(), trl_loss, inputs)
     torch.testing.assert_close(chosen_rewards * chosen_n, trl_chosen, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(rejected_rewards * rejected_n, trl_rejected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigmoid_norm_preset_matches_trl_sigmoid_norm(beta, seed):
+    """TRL's sigmoid_norm divides each side's summed log-ratio by its completion length; our
+    conf/loss/sigmoid_norm.yaml is sigmoid with logp_normalization=mean, which feeds the kernel
+    policy and reference sums divided by the token counts: the same loss and gradients."""
+    import yaml
+
+    preset = yaml.safe_load((REPO / "conf" / "loss" / "sigmoid_norm.yaml").read_text())
+    assert preset["name"] == "sigmoid" and preset["logp_normalization"] == "mean" and preset["label_smoothing"] == 0
+    inputs, (chosen_n, rejected_n) = random_inputs(seed)
+    pc, pr, rc, rr = inputs
+    ours = preference_loss("sigmoid", pc / chosen_n, pr / rejected_n, rc / chosen_n, rr / rejected_n, beta=beta)[0]
+    lengths = [chosen_n, rejected_n]
+    torch.testing.assert_close(ours, trl_dpo_per_pair(["sigmoid_norm"], inputs, lengths, beta=beta), rtol=1e-10, atol=1e-12)
+    trl_loss = trl_dpo(["sigmoid_norm"], inputs, lengths, beta=beta)[0]
+    torch.testing.assert_close(ours.mean(), trl_loss, rtol=1e-10, atol=1e-12)
+    assert_same_gradients(ours.mean(), trl_loss, inputs)
 
 
 @pytest.mark.parametrize("beta", [0.5, 2.0, 10.0])
