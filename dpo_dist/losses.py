@@ -103,11 +103,12 @@ def f_divergence_score(log_ratio: torch.Tensor, f_divergence_type: str, alpha: f
     if f_divergence_type == "reverse_kl":
         return log_ratio
     if f_divergence_type == "forward_kl":
-        return 1 - torch.exp((-log_ratio).clamp(max=_MAX_EXPONENT))
+        return -torch.expm1((-log_ratio).clamp(max=_MAX_EXPONENT))
     if f_divergence_type == "js_divergence":
         return math.log(2) + F.logsigmoid(log_ratio)
     if f_divergence_type == "alpha_divergence":
-        return (1 - torch.exp((-alpha * log_ratio).clamp(max=_MAX_EXPONENT))) / alpha
+        # expm1: 1 - exp(x) cancels to 0 in float32 for |x| below ~1e-7 (small alpha or log-ratio).
+        return -torch.expm1((-alpha * log_ratio).clamp(max=_MAX_EXPONENT)) / alpha
     raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; valid: {', '.join(F_DIVERGENCES)}")
 
 

@@ -479,3 +479,15 @@ def test_f_divergence_only_for_margin_losses():
         preference_loss("sigmoid", *inputs, beta=0.1, f_divergence_type="chi2")
     with pytest.raises(ValueError, match=r"must be in \(0, 1\)"):
         preference_loss("sigmoid", *inputs, beta=0.1, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.0)
+
+
+@pytest.mark.parametrize("alpha", [1e-2, 1e-4, 1e-6])
+def test_alpha_divergence_score_is_accurate_in_float32_for_small_alpha(alpha):
+    """(1 - u^-alpha) / alpha cancels in float32 when alpha * log u is tiny (1 - exp(-1e-9) == 0):
+    the score of a log-ratio of 1e-3 at alpha 1e-6 would be 0 instead of ~1e-3."""
+    from dpo_dist.losses import f_divergence_score
+
+    log_ratio = torch.tensor([1e-3, -0.5, 2.0, -30.0])
+    got = f_divergence_score(log_ratio, "alpha_divergence", alpha)
+    want = f_divergence_score(log_ratio.double(), "alpha_divergence", alpha)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
