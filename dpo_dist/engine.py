@@ -57,7 +57,7 @@ from dpo_dist.losses import (
     sft_nll,
     wpo_pair_weights,
 )
-from dpo_dist.runinfo import MetricsLog, read_metrics, write_run_info
+from dpo_dist.runinfo import MetricsLog, RunLock, read_metrics, write_run_info
 
 log = logging.getLogger("dpo_dist.engine")
 
@@ -1366,10 +1366,22 @@ def prepare_reference(cfg: DPOConfig, env: D.DistEnv, device, backend, train_dat
 
 def train(cfg: DPOConfig) -> dict[str, float]:
     """Run a whole training job on this rank; returns the final eval metrics (rank 0's view)."""
-    from tqdm import tqdm
-
     check_trainable_start(cfg)
     job = setup_job(cfg)
+    # Rank 0 holds output_dir for the job (another job training into it is refused); the other
+    # ranks wait for it, or raise its refusal.
+    lock = RunLock(cfg.output_dir)
+    D.rank0_then_wait(lock.acquire)
+    try:
+        return train_locked(cfg, job)
+    finally:
+        lock.release()
+
+
+def train_locked(cfg: DPOConfig, job: JobSetup) -> dict[str, float]:
+    """``train`` once ``job`` is set up and its ``output_dir`` is this job's."""
+    from tqdm import tqdm
+
     env, device, tokenizer, backend = job.env, job.device, job.tokenizer, job.backend
     # Rank 0 decides: every rank must take the same branch.
     finished = D.broadcast_object(finished_metrics(cfg) if env.is_main else None)

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
 import platform
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from dpo_dist.config import ConfigError, DPOConfig, config_from_dict
+
+log = logging.getLogger(__name__)
 
 
 def write_config(cfg: DPOConfig) -> Path:
@@ -217,3 +224,65 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+RUN_LOCK = ".lock"
+"""The file a training job's rank 0 holds an exclusive ``flock`` on (``RunLock``)."""
+
+
+class RunLock:
+    """Rank 0's exclusive lock on ``output_dir`` for a training job's life: a second job training
+    into the same directory (a sweep submitted twice, a resubmission while the first job still
+    runs) is refused in one line, instead of both writing its checkpoints, metrics and final/.
+    The lock goes with the process (the kernel releases a dead process's ``flock``), so a killed or
+    preempted job leaves none behind; a requeued Slurm job (the same job id) waits up to
+    ``requeue_wait_s`` for its previous run's, which NFS can keep for a lease period after that
+    node died. Where the filesystem has no locks (NFS mounted ``nolock``) it warns and goes on."""
+
+    def __init__(self, output_dir: str | Path, requeue_wait_s: float = 300.0, poll_s: float = 1.0):
+        self.path = Path(output_dir) / RUN_LOCK
+        self.requeue_wait_s, self.poll_s = requeue_wait_s, poll_s
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        job = os.environ.get("SLURM_JOB_ID")
+        me = f"host {socket.gethostname()} pid {os.getpid()}" + (f" Slurm job {job}" if job else "")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.requeue_wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+                if not (job and holder.endswith(f" Slurm job {job}") and time.monotonic() < deadline):
+                    os.close(fd)
+                    raise ConfigError(
+                        f"output_dir={self.path.parent} is in use by another training job ({holder}): "
+                        "let it finish (or stop it), or train into another output_dir"
+                    ) from None
+                time.sleep(self.poll_s)  # this job's own previous run, before a requeue: its lock lapses
+            except OSError as exc:
+                os.close(fd)
+                log.warning("output_dir %s cannot be locked (%s): a second job training into it would not be refused", self.path.parent, exc)
+                return self
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me.encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -140,3 +140,46 @@ def test_paths_named_relative_or_absolute_are_the_same_run(tmp_path, monkeypatch
     check_same_run(config(out, model={"path": str(tmp_path / "models" / "base")}))
     with pytest.raises(ConfigError, match="model.path"):
         check_same_run(config(out, model={"path": str(tmp_path / "models" / "other")}))
+
+
+def test_a_second_job_into_a_held_output_dir_is_refused(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from dpo_dist.runinfo import RunLock
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    first = RunLock(tmp_path).acquire()
+    with pytest.raises(ConfigError) as info:
+        RunLock(tmp_path).acquire()
+    message = str(info.value)
+    assert message.startswith(f"output_dir={tmp_path} is in use by another training job (host ")
+    assert "let it finish (or stop it), or train into another output_dir" in message and "\n" not in message
+    first.release()
+    RunLock(tmp_path).acquire().release()  # free again once released (or its process died)
+
+    # A requeued Slurm job waits out its own previous run's lock (the same job id), not a stranger's.
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    previous = RunLock(tmp_path).acquire()
+    threading.Timer(0.3, previous.release).start()
+    t0 = time.monotonic()
+    RunLock(tmp_path, poll_s=0.05).acquire().release()
+    assert time.monotonic() - t0 >= 0.25
+    held = RunLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    with pytest.raises(ConfigError, match="Slurm job 77"):
+        RunLock(tmp_path, poll_s=0.05).acquire()
+    held.release()
+
+
+def test_dpo_train_into_an_output_dir_another_job_holds_is_one_line(tmp_path, monkeypatch):
+    from dpo_dist.runinfo import RunLock
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    out = tmp_path / "run"
+    with RunLock(out):
+        result = run_cli("launch.train", f"output_dir={out}", "train.max_steps=1", "wandb.mode=disabled")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [ln for ln in result.stderr.splitlines() if "error" in ln.lower()]
+    assert any(f"output_dir={out} is in use by another training job" in ln for ln in lines), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
