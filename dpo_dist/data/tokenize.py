@@ -18,7 +18,11 @@ becomes one ``user`` message and a plain-string response one ``assistant`` messa
   - no double BOS: a prompt text that already starts with the BOS token text (templates such as
     Llama 3's write it) is encoded without special tokens;
   - no double EOS: EOS is appended to a response only if its ids do not already end with it
-    (templates usually close an assistant turn with the EOS token text).
+    (templates usually close an assistant turn with the EOS token text), nor to a chat response
+    whose template closes the turn with another special token (Llama 3's ``<|eot_id|>`` where the
+    tokenizer's EOS is ``<|end_of_text|>``, Gemma's ``<end_of_turn>``): that token is where the
+    chat model stops, as TRL adds no EOS to conversational data. Whitespace a template writes
+    after such a closing token (ChatML's ``<|im_end|>\n``) is layout between turns: not scored.
   The guards apply to plain-text records too, so a prompt written as "<s>..." gets one BOS.
 
 A pair is the sequences prompt + chosen and prompt + rejected. Labels cover response tokens only.
@@ -202,10 +206,11 @@ def _keep_prompt_end(prompt: np.ndarray, keep: int, has_bos: bool) -> np.ndarray
 def _encode_batch(
     records: Sequence[PreferenceRecord], tokenizer, source: str, problems: list[Problem] | None
 ) -> list[TokenizedPair]:
+    closing = _closing_tokens(tokenizer)
     rendered = []
     for record in records:
         try:
-            rendered.append((record, _render(record, tokenizer)))
+            rendered.append((record, _render(record, tokenizer, closing)))
         except _TemplateError as error:
             if problems is None:
                 raise DataError(f"{source}:{record.line}: {error}") from None
@@ -214,8 +219,8 @@ def _encode_batch(
         return []
     texts = [text for _, text in rendered]
     prompts = _encode_prompts([t[0] for t in texts], tokenizer)
-    chosen = _encode_responses([t[1] for t in texts], tokenizer)
-    rejected = _encode_responses([t[2] for t in texts], tokenizer)
+    chosen = _encode_responses([t[1] for t in texts], tokenizer, closing)
+    rejected = _encode_responses([t[2] for t in texts], tokenizer, closing)
     pairs = []
     for (record, _), p, c, r in zip(rendered, prompts, chosen, rejected):
         if c == r:
@@ -259,8 +264,11 @@ _SENTINEL = "\n"
 response starts mid-text, as it does after its prompt."""
 
 
-def _encode_responses(texts: list[str], tokenizer) -> list[list[int]]:
+def _encode_responses(texts: list[str], tokenizer, closing: dict[str, int]) -> list[list[int]]:
+    """Response ids as after their prompt, ending with EOS unless their text ends with EOS or
+    another of ``closing``'s special tokens (a chat template's end of turn)."""
     eos = tokenizer.eos_token_id
+    closed = [any(text.endswith(token) and text != token for token in closing) for text in texts]
     encoded = _encode(texts, tokenizer, add_special_tokens=False)
     if _adds_dummy_prefix(tokenizer):
         head = _encode([_SENTINEL], tokenizer, add_special_tokens=False)[0]
@@ -274,7 +282,17 @@ def _encode_responses(texts: list[str], tokenizer) -> list[list[int]]:
                 "their own, with the tokenizer's leading '▁' (dummy prefix)", merged, len(texts)
             )
         encoded = [a[len(head) :] if a[: len(head)] == head else e for a, e in zip(after, encoded)]
-    return [e if e and e[-1] == eos else [*e, eos] for e in encoded]
+    return [e if e and (e[-1] == eos or (shut and e[-1] in closing.values())) else [*e, eos] for e, shut in zip(encoded, closed)]
+
+
+def _closing_tokens(tokenizer) -> dict[str, int]:
+    """The tokenizer's special tokens other than BOS/PAD/UNK (text -> id): a response whose text
+    ends with one (a chat template's end-of-turn token) ends there."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    texts = set(tokenizer.all_special_tokens) | {t.content for t in added.values() if getattr(t, "special", False)}
+    texts -= {tokenizer.bos_token, tokenizer.pad_token, tokenizer.unk_token, None}
+    ids = tokenizer.convert_tokens_to_ids(sorted(texts))
+    return {text: i for text, i in zip(sorted(texts), ids) if i is not None and i != tokenizer.unk_token_id}
 
 
 def _adds_dummy_prefix(tokenizer) -> bool:
@@ -292,8 +310,9 @@ class _TemplateError(Exception):
     """A chat record the tokenizer's template cannot render; the message is the reason."""
 
 
-def _render(record: PreferenceRecord, tokenizer) -> tuple[str, str, str]:
-    """Prompt, chosen and rejected text, through the chat template for chat records."""
+def _render(record: PreferenceRecord, tokenizer, closing: dict[str, int]) -> tuple[str, str, str]:
+    """Prompt, chosen and rejected text, through the chat template for chat records
+    (``closing``: ``_closing_tokens``)."""
     if not record.is_chat:
         return record.prompt, record.chosen, record.rejected
     if not getattr(tokenizer, "chat_template", None):
@@ -309,16 +328,16 @@ def _render(record: PreferenceRecord, tokenizer) -> tuple[str, str, str]:
                 "the chat template's rendering of the prompt is not a prefix of its "
                 f"rendering with the {name} response; cannot split prompt and response"
             )
-        responses.append(_end_at_eos(full[len(prompt_text) :], tokenizer.eos_token))
+        responses.append(_end_at_turn_end(full[len(prompt_text) :], closing))
     return prompt_text, responses[0], responses[1]
 
 
-def _end_at_eos(response: str, eos: str | None) -> str:
-    """The rendered response without the whitespace a template writes after its end-of-turn EOS
-    (ChatML's ``<|im_end|>\n``): it is layout between turns, not something the model says, and
-    scoring it would put a second EOS after it."""
+def _end_at_turn_end(response: str, closing: dict[str, int]) -> str:
+    """The rendered response without the whitespace a template writes after its end-of-turn
+    token (ChatML's ``<|im_end|>\n``): it is layout between turns, not something the model says,
+    and scoring it would put an EOS after it."""
     stripped = response.rstrip()
-    return stripped if eos and stripped.endswith(eos) else response
+    return stripped if any(stripped.endswith(token) for token in closing) else response
 
 
 def _apply_template(tokenizer, messages: Messages, add_generation_prompt: bool) -> str:

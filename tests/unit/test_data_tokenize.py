@@ -276,6 +276,26 @@ def test_whitespace_after_a_chat_turns_eos_is_not_scored():
     assert pair.rejected_ids.tolist() == [*chars(tok, "No"), EOS]
 
 
+def test_a_chat_turn_closed_by_another_special_token_gets_no_eos():
+    """Templates that end an assistant turn with their own special token, not the tokenizer's EOS
+    (Llama 3's <|eot_id|> beside <|end_of_text|>, ChatML's <|im_end|> beside <|endoftext|>): the
+    response ends at that token, where the chat model stops (TRL adds no EOS to chat data), not
+    with a second end token; the newline after it is layout. Plain records still end with EOS."""
+    tok = load_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})
+    eot = tok.convert_tokens_to_ids("<|eot|>")
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|eot|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    chat = record([{"role": "user", "content": "Hi"}], "Yo", "No")
+    plain = record("Hi", "Yo", "No")
+    (chat_pair, plain_pair), _ = tokenize_records([chat, plain], tok, max_length=256)
+    assert chat_pair.chosen_ids.tolist() == [*chars(tok, "Yo"), eot]
+    assert chat_pair.rejected_ids.tolist() == [*chars(tok, "No"), eot]
+    assert plain_pair.chosen_ids.tolist() == [*chars(tok, "Yo"), EOS]
+
+
 def test_the_reference_fingerprint_covers_the_tokenization_rules():
     """A change of tokenization rules bumps CACHE_FORMAT; reference caches keyed on the old ids
     must miss too (their data component hashes only the file's bytes)."""
