@@ -581,6 +581,9 @@ class OnlineReference:
     LoRA the policy itself with its adapters disabled, since its base weights are the initial
     model (no second copy; ``attach_policy`` hands it the policy engine once that exists)."""
 
+    moving = None
+    """TR-DPO's settings (``ReferenceConfig``) when the copy moves toward the policy, else None."""
+
     def __init__(self, cfg: DPOConfig, device: torch.device, backend: str, training: bool = True, path: str | None = None):
         """``training=False`` (dpo-eval): a frozen copy of ``model.path`` even with LoRA (4-bit as the
         policy's base with QLoRA), since an evaluated policy is usually merged, with no adapters to
