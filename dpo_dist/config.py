@@ -554,7 +554,8 @@ class TrainConfig:
     micro_batch_tokens: int = 4096
     """Token budget of one packed micro-batch (chosen + rejected of every pair in it)."""
     checkpoint_every: int = 50
-    """Save a resumable checkpoint every N steps (0: never; ``final/`` is exported at the end either way)."""
+    """Save a resumable checkpoint every N steps and after the last one, so that a finished run can
+    train longer (0: never; ``final/`` is exported at the end either way)."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept on disk (older ones are deleted)."""
     eval_every: int = 50

@@ -1446,7 +1446,9 @@ def train_locked(cfg: DPOConfig, job: JobSetup) -> dict[str, float]:
             accuracy = {"acc": f"{row['reward_accuracy']:.2f}"} if "reward_accuracy" in row else {}  # SFT has none
             bar.set_postfix(loss=f"{row['loss']:.4f}", **accuracy)
         wandb_run.log({**row, **last_eval} if eval_row else row, step=done)
-        if _due(done, cfg.train.checkpoint_every) or stop:
+        # The last step too, so that a finished run can train longer (a grown train.max_steps).
+        last = done == cfg.train.max_steps and cfg.train.checkpoint_every > 0
+        if _due(done, cfg.train.checkpoint_every) or last or stop:
             save_checkpoint(engine, cfg, env, done, reference if isinstance(reference, OnlineReference) else None, tokenizer)
         if stop:
             log.warning("preempted at step %d: checkpoint saved, exiting for requeue", done)

@@ -78,6 +78,18 @@ def check_same_run(cfg: DPOConfig) -> None:
             f"output_dir={out} holds a run trained with other settings ({shown}): resume it with its own "
             "settings, or train into a new output_dir"
         )
+    grown = now["train.max_steps"] > before["train.max_steps"]
+    if grown and (out / "final").exists() and not _has_complete_checkpoint(out / "checkpoints"):
+        # Training would start again from step 0 and overwrite the finished run's metrics and final/.
+        raise ConfigError(
+            f"output_dir={out} holds a finished {before['train.max_steps']}-step run with no checkpoint to go on from "
+            f"(train.checkpoint_every={before['train.checkpoint_every']}): train longer into a new output_dir "
+            f"(e.g. with model.path={out / 'final'})"
+        )
+
+
+def _has_complete_checkpoint(root: Path) -> bool:
+    return root.is_dir() and any((p / "COMPLETE").exists() for p in root.iterdir() if p.is_dir())
 
 
 _PATH_KEYS = ("model.path", "model.tokenizer_path", "data.train_path", "data.eval_path")

@@ -51,6 +51,19 @@ def fail(prog: str, message: str, status: int = 2) -> None:
     sys.exit(status)
 
 
+_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--info", "-i", "--experimental-rerun")
+"""Hydra's flags that take the next word as their value (``--cfg job``, ``-cn NAME``)."""
+
+
+def check_words(prog: str, argv: list[str]) -> None:
+    """Exit 2 with one line on a word that is neither an override nor a Hydra flag (``dpo-train
+    train``, ``loss.beta = 0.5``): Hydra would answer with a multi-line grammar error."""
+    for before, word in zip([None, *argv], argv):
+        if word.startswith("-") or "=" in word or before in _VALUE_FLAGS:
+            continue
+        fail(prog, f"{word!r} is not an override: write key=value, without spaces around '=' (e.g. loss.beta=0.5)")
+
+
 def _config_overrides(argv: list[str]) -> tuple[list[str], bool]:
     """The key=value overrides in argv (Hydra flags removed) and whether -m/--multirun was given."""
     multirun = any(a in ("-m", "--multirun") for a in argv)
@@ -181,6 +194,7 @@ def hydra_main(prog: str, task: Callable, config_name: str = "config", sweep_pre
     register_schema()
     argv = sys.argv[1:]
     record_command([prog, *argv])
+    check_words(prog, argv)
     overrides, multirun = _config_overrides(argv)
     # argparse takes one run of positional overrides: ours and the user's together, and the
     # user's flags (with their values, e.g. `-m`, `--cfg job`) after them, never in between.
@@ -203,6 +217,8 @@ def hydra_main(prog: str, task: Callable, config_name: str = "config", sweep_pre
     if not any(a in ("--help", "-h", "--info", "--hydra-help") for a in argv):
         preflight = sweep_preflight if multirun else None
         clusters = check_overrides(prog, overrides, config_name, parsed, preflight, validate=not printing)
+    if last is not None and not printing:
+        make_directory(prog, overrides[last].split("=", 1)[1], "output_dir")
     extra = [f"hydra.job.name={prog}"]
     if multirun:
         extra += slurm_sweep_arguments(prog, overrides, parsed, clusters)
@@ -227,6 +243,17 @@ def hydra_main(prog: str, task: Callable, config_name: str = "config", sweep_pre
             fail(prog, str(exc))
 
     _app()
+
+
+def make_directory(prog: str, path: str, key: str) -> None:
+    """Create ``path`` (a run or sweep directory) now, or exit 2 with one line saying why not:
+    Hydra creates it later with a traceback."""
+    if any(c in path for c in "${},"):
+        return  # an interpolation or a swept value: each point's directory is made by its run
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(prog, f"{key}={path}: cannot create it ({exc.strerror or exc})")
 
 
 def to_config(cfg):

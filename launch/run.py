@@ -13,6 +13,8 @@ def launch(prog: str, cfg, task: str) -> None:
     logging.getLogger("dpo_dist").info("%s %s: run directory %s", prog, task, Path(cfg.output_dir).resolve())
     if task in ("train", "precompute"):  # both write output_dir/config.yaml, which later jobs trust
         check_run_dir(cfg)
+    check_paths(cfg)
+    warn_unused_lora_settings(cfg)
     if cfg.cluster.name == "slurm":
         from slurm.submit import SlurmJobFailed, SlurmSubmitFailed, inside_allocation, submit_and_wait
 
@@ -44,6 +46,44 @@ def check_run_dir(cfg) -> None:
         check_same_run(cfg)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
+
+
+def check_paths(cfg) -> None:
+    """One line, before any rank starts, for a ``model.path`` that is not there (transformers
+    would answer with a Hub repo-id message) and a reference cache directory that cannot be made
+    (the ranks would fail with tracebacks)."""
+    from dpo_dist.fingerprint import cache_root
+
+    for key, path in (("model.path", cfg.model.path), ("model.tokenizer_path", cfg.model.tokenizer_path)):
+        if path and not Path(path).expanduser().exists():
+            raise UserError(f"{key}={path}: no model/tokenizer there (no such directory; models are read from local directories, nothing is downloaded)")
+    if cfg.stage == "sft" or cfg.reference.mode != "precompute" or not cfg.loss.uses_reference():
+        return
+    cache = Path(cfg.reference.cache_dir).expanduser() if cfg.reference.cache_dir else cache_root() / "reference"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        key = "reference.cache_dir" if cfg.reference.cache_dir else "the reference cache root ($DPO_DIST_CACHE or ~/.cache/dpo_dist)"
+        raise UserError(f"{key}={cache}: cannot create it ({exc.strerror or exc})") from None
+
+
+def warn_unused_lora_settings(cfg) -> None:
+    """``model.lora.*`` given without ``model.lora.r`` trains the full weights: say so (a sweep over
+    r=0,16 legitimately shares the other settings, so it is not refused)."""
+    import dataclasses
+
+    from dpo_dist.config import LoraConfig
+
+    lora = cfg.model.lora
+    if lora.enabled:
+        return
+    default = LoraConfig()
+    changed = [f.name for f in dataclasses.fields(lora) if f.name != "r" and getattr(lora, f.name) != getattr(default, f.name)]
+    if changed:
+        logging.getLogger("dpo_dist").warning(
+            "model.lora.%s set but model.lora.r=0: this run trains the full weights and ignores %s",
+            ", model.lora.".join(changed), "it" if len(changed) == 1 else "them",
+        )
 
 
 def check_data(cfg) -> None:

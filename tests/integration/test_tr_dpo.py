@@ -54,7 +54,8 @@ def test_sync_changes_training_only_from_the_sync_on(assets, tmp_path):
 
 def test_resume_continues_from_the_moved_reference_exactly(assets, tmp_path):
     # A constant lr: a 3-step run grown to 5 steps then follows the 5-step run's schedule.
-    settings = {"reference.sync_every": 2, "reference.sync_alpha": 0.5, "train.checkpoint_every": 3, "optim.schedule": "constant"}
+    # checkpoint_every=2: step 3's checkpoint is the last step's, which every run saves.
+    settings = {"reference.sync_every": 2, "reference.sync_alpha": 0.5, "train.checkpoint_every": 2, "optim.schedule": "constant"}
     whole = train(assets, tmp_path / "whole", **{**settings, "train.max_steps": 5})
     out = tmp_path / "resumed"
     first = train(assets, out, **{**settings, "train.max_steps": 3})
@@ -63,6 +64,7 @@ def test_resume_continues_from_the_moved_reference_exactly(assets, tmp_path):
     resumed = train(assets, out, **{**settings, "train.max_steps": 5})
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5]
     assert first == resumed[:3]
+    assert json.loads((out / "run_info.json").read_text())["resumed_from_step"] == 3
     # Exact: steps 4 and 5 score against the reference moved at step 2 (and step 4), not model.path.
     for a, b in zip(whole, resumed):
         assert a["loss"] == b["loss"] and a["chosen_reward"] == b["chosen_reward"], (a, b)

@@ -30,10 +30,43 @@ def one_error_line(stderr: str, prog: str) -> str:
 )
 def test_unloadable_model_path_is_one_line_from_all_ranks(tmp_path, module, prog, extra):
     missing = tmp_path / "nomodel"
+    missing.mkdir()  # there, but no model in it: the ranks find out
     result = run_cli(module, f"model.path={missing}", f"output_dir={tmp_path / 'run'}", *extra, env=OFFLINE)
     assert result.returncode == 2, result.stderr[-3000:]
     line = one_error_line(result.stderr, prog)
     assert line.startswith(f"{prog}: error: model.path={missing}: no model/tokenizer there ("), line
+
+
+@pytest.mark.parametrize("key", ["model.path", "model.tokenizer_path"])
+def test_a_model_directory_that_is_not_there_is_one_line_before_any_rank(tmp_path, key):
+    missing = tmp_path / "nomodel"
+    result = run_cli("launch.train", f"{key}={missing}", f"output_dir={tmp_path / 'run'}", env=OFFLINE)
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = one_error_line(result.stderr, "dpo-train")
+    assert line == f"dpo-train: error: {key}={missing}: no model/tokenizer there (no such directory; models are read from local directories, nothing is downloaded)"
+    assert "[rank" not in result.stderr  # refused by the launcher: no rank started
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("output_dir=/proc/dpo_dist_cannot", "dpo-train: error: output_dir=/proc/dpo_dist_cannot: cannot create it ("),
+        ("reference.cache_dir=/proc/dpo_dist_cannot", "dpo-train: error: reference.cache_dir=/proc/dpo_dist_cannot: cannot create it ("),
+    ],
+)
+def test_directories_that_cannot_be_made_are_one_line(tmp_path, override, expected):
+    args = [override] if override.startswith("output_dir") else [override, f"output_dir={tmp_path / 'run'}"]
+    result = run_cli("launch.train", *args, "train.max_steps=1")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert one_error_line(result.stderr, "dpo-train").startswith(expected)
+
+
+@pytest.mark.parametrize("argv", [["train", "output_dir=x"], ["loss.beta", "=", "0.5"]])
+def test_a_word_that_is_not_an_override_is_one_line(argv):
+    result = run_cli("launch.train", *argv)
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = one_error_line(result.stderr, "dpo-train")
+    assert line.startswith(f"dpo-train: error: {argv[0]!r} is not an override: write key=value"), line
 
 
 def test_load_failures_name_their_key_and_other_os_errors_stay_bugs(tmp_path):

@@ -183,3 +183,22 @@ def test_dpo_train_into_an_output_dir_another_job_holds_is_one_line(tmp_path, mo
     lines = [ln for ln in result.stderr.splitlines() if "error" in ln.lower()]
     assert any(f"output_dir={out} is in use by another training job" in ln for ln in lines), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_a_finished_run_without_a_checkpoint_cannot_train_longer(tmp_path):
+    """Growing train.max_steps resumes from the newest checkpoint (the last step gets one); with
+    none (checkpoint_every=0), training would start again at step 0 over the finished run."""
+    out = tmp_path / "run"
+    write_config(config(out, train={"max_steps": 20, "checkpoint_every": 0}))
+    (out / "final").mkdir()
+    (out / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError) as info:
+        check_same_run(config(out, train={"max_steps": 25, "checkpoint_every": 0}))
+    assert str(info.value) == (
+        f"output_dir={out} holds a finished 20-step run with no checkpoint to go on from (train.checkpoint_every=0): "
+        f"train longer into a new output_dir (e.g. with model.path={out / 'final'})"
+    )
+    check_same_run(config(out, train={"max_steps": 20, "checkpoint_every": 0}))  # the same run: finished, returns
+    (out / "checkpoints" / "step_00000020").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000020" / "COMPLETE").write_text("20\n")
+    check_same_run(config(out, train={"max_steps": 25, "checkpoint_every": 0}))  # goes on from step 20
