@@ -36,6 +36,12 @@ def _one_of(value: str, key: str, allowed: tuple[str, ...]) -> None:
     _check(value in allowed, key, f"got {value!r}, expected one of {', '.join(allowed)}")
 
 
+def _finite_number(value: Any) -> bool:
+    """A finite int or float (not a bool, a string or nan): what an untyped value (a dict entry, a
+    saved config.yaml read back) must be to be compared as one."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 QUANTIZE_TYPES = ("none", "nf4", "fp4")
 """``model.lora.quantize``: bitsandbytes' 4-bit data types (NormalFloat4 is QLoRA's)."""
 
@@ -211,6 +217,16 @@ class LossConfig:
     """WPO (Zhou et al. 2024, TRL's use_weighting): weight each pair's preference loss by the
     policy's detached, sampling-aligned probability of its two responses (per-token geometric
     means), so that pairs the policy would not generate count less. Not with aot/aot_unpaired."""
+    ld_alpha: float | None = None
+    """LD-DPO (Liu et al. 2024, arXiv 2409.06411; TRL's ld_alpha), in [0, 1]: with l the shorter
+    response's token count of a pair, each response's log-prob, policy's and reference's alike, is
+    the sum over its first l tokens plus ld_alpha times the sum over the rest (its "verbose" tail),
+    so that the loss is less driven by length. 1 is plain DPO, 0 ignores the tail; null (default):
+    off. Everything the loss and the rewards see takes these log-probs (with
+    logp_normalization=mean divided by the full response length, as TRL's ipo); the loss.alpha NLL,
+    WPO's weights and the logged logps stay on whole responses. Needs a loss with a reference (not
+    simpo, orpo, cpo). The reference cache then also stores each response's tail sum (not ld_alpha:
+    a sweep over it shares one cache)."""
     weights: dict[str, float] = field(default_factory=dict)
     """A weighted sum of preference losses, {name: weight >= 0} (TRL's loss_type list with
     loss_weights; a 0 drops the term), e.g. MPO's {sigmoid: 0.8, bco_pair: 0.2} with alpha: 1.0 as
@@ -272,11 +288,29 @@ class LossConfig:
             "loss.use_weighting",
             "aot and aot_unpaired pair each policy margin with another pair's by rank: per-pair weights have no meaning there",
         )
+        self._check_ld_alpha(terms)
         mean_only = [t for t in terms if t in MEAN_LOGP_LOSSES]
         _check(
             not mean_only or self.logp_normalization == "mean",
             "loss.logp_normalization",
             f"{mean_only[0] if mean_only else ''} is defined on length-normalised log-probs: set loss.logp_normalization=mean",
+        )
+
+    def _check_ld_alpha(self, terms: dict[str, float]) -> None:
+        if self.ld_alpha is None:
+            return
+        _check(
+            _finite_number(self.ld_alpha) and 0 <= self.ld_alpha <= 1,
+            "loss.ld_alpha",
+            f"must be in [0, 1] (1: plain DPO) or null (off), got {self.ld_alpha!r}",
+        )
+        reference_free = [t for t in terms if t in REFERENCE_FREE_LOSSES]
+        # LD-DPO reweights the tokens of DPO's implicit reward log(pi / pi_ref); the reference-free
+        # losses have none and handle length their own way (TRL's CPO and ORPO trainers have no ld_alpha).
+        _check(
+            not reference_free,
+            "loss.ld_alpha",
+            f"{', '.join(reference_free)} has no reference log-ratio to desensitise (LD-DPO is for losses with a reference)",
         )
 
     def _check_weights(self) -> None:
@@ -288,8 +322,7 @@ class LossConfig:
         for term, weight in self.weights.items():
             _check(term not in hints, "loss.weights", hints.get(term, ""))
             _one_of(term, "loss.weights", tuple(n for n in LOSS_NAMES if n != "rpo"))
-            valid = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight) and weight >= 0
-            _check(valid, f"loss.weights.{term}", f"must be a finite number >= 0, got {weight!r}")
+            _check(_finite_number(weight) and weight >= 0, f"loss.weights.{term}", f"must be a finite number >= 0, got {weight!r}")
         _check(
             not self.weights or self.weights.get(self.name, 0) > 0,
             "loss.weights",
@@ -802,6 +835,11 @@ class DPOConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def uses_tail_logps(self) -> bool:
+        """Whether forwards also sum each response's tail, for LD-DPO (``loss.ld_alpha``): DPO runs
+        only, since an SFT stage (``sft_first``) shares the loss settings of the DPO one but no loss."""
+        return self.stage == "dpo" and self.loss.ld_alpha is not None
 
     def stages(self) -> list[DPOConfig]:
         """The runs this config stands for: itself, or with ``sft_first.max_steps > 0`` an SFT run

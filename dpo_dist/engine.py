@@ -45,7 +45,7 @@ from dpo_dist.config import ConfigError, DeepSpeedConfig, DPOConfig, LoraConfig
 from dpo_dist.data import collate_packed, load_tokenized, pack_pairs
 from dpo_dist.data.batch import PackedBatch
 from dpo_dist.export import merged_lora_weight, write_atomically, zero3_loading_paused
-from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
+from dpo_dist.logprobs import SequenceLogps, normalized_logps, sequence_logps, split_pairs
 from dpo_dist.losses import (
     BATCH_STATISTICS,
     LOSS_OPTIONS,
@@ -133,7 +133,15 @@ def plan_micro_batches(
 class PackedPolicy(nn.Module):
     """Wraps a causal LM so that DeepSpeed's forward returns per-sequence log-probs of a packed row."""
 
-    def __init__(self, model: nn.Module, chunk_tokens: int, normalize: str, micro_batch_tokens: int, weighting: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        chunk_tokens: int,
+        normalize: str,
+        micro_batch_tokens: int,
+        weighting: bool = False,
+        tails: bool = False,
+    ):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
@@ -142,6 +150,13 @@ class PackedPolicy(nn.Module):
         self.num_chunks = -(-micro_batch_tokens // chunk_tokens)
         self.weighting = weighting
         """Also return WPO's aligned log-probs (loss.use_weighting)."""
+        self.tails = tails
+        """Also return LD-DPO's tail sums (loss.ld_alpha)."""
+
+    def output_names(self) -> tuple[str, ...]:
+        """The ``SequenceLogps`` fields ``forward`` returns, in order (``run_packed`` names them)."""
+        optional = {"aligned_logps": self.weighting, "tail_logps": self.tails}
+        return ("logps", "sum_logps", "token_counts") + tuple(name for name, wanted in optional.items() if wanted)
 
     def forward(self, *tensors: torch.Tensor, **host) -> tuple[torch.Tensor, ...]:
         # Plain tensors in and out (PackedBatch.split): ZeRO-3 hooks the backward of the tensors it
@@ -154,14 +169,15 @@ class PackedPolicy(nn.Module):
             normalize=self.normalize,
             num_chunks=self.num_chunks,
             weighting=self.weighting,
+            tails=self.tails,
         )
-        return (out.logps, out.sum_logps, out.token_counts) + ((out.aligned_logps,) if self.weighting else ())
+        return tuple(getattr(out, name) for name in self.output_names())
 
 
 def run_packed(engine, batch: PackedBatch) -> SequenceLogps:
     """Per-sequence log-probs of a packed micro-batch through a DeepSpeed engine of PackedPolicy."""
     tensors, host = batch.split()
-    return SequenceLogps(*engine(*tensors, **host))
+    return SequenceLogps(**dict(zip(engine.module.output_names(), engine(*tensors, **host), strict=True)))
 
 
 def training_dtype(cfg: DPOConfig, device: torch.device) -> torch.dtype:
@@ -454,7 +470,9 @@ def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
         model = apply_lora(model, cfg.model.lora, cfg.train.seed)
     mark_fetch_units(model, cfg.deepspeed)
     weighting = cfg.stage == "dpo" and cfg.loss.use_weighting
-    policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, policy_normalization(cfg), cfg.train.micro_batch_tokens, weighting)
+    policy = PackedPolicy(
+        model, cfg.model.logits_chunk_tokens, policy_normalization(cfg), cfg.train.micro_batch_tokens, weighting, cfg.uses_tail_logps()
+    )
     optimizer = build_optimizer(cfg, [p for p in policy.parameters() if p.requires_grad], device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -514,7 +532,8 @@ def build_inference_engine(
     replicate: bool = False,
 ):
     """A frozen model as a ZeRO-3 inference engine of ``PackedPolicy`` (partitioned like the policy),
-    or with ``replicate`` a whole copy on every rank (no collectives in its forwards)."""
+    or with ``replicate`` a whole copy on every rank (no collectives in its forwards). It returns
+    tail sums when the run needs them (``DPOConfig.uses_tail_logps``)."""
     import deepspeed
 
     model, dsc = load_for_deepspeed(cfg, path, device, frozen=True, quantize=quantize, replicate=replicate)
@@ -522,7 +541,7 @@ def build_inference_engine(
         mark_fetch_units(model, cfg.deepspeed)
     enable_packed_attention(model, backend, device)
     model.requires_grad_(False)
-    policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, normalize, cfg.train.micro_batch_tokens)
+    policy = PackedPolicy(model, cfg.model.logits_chunk_tokens, normalize, cfg.train.micro_batch_tokens, tails=cfg.uses_tail_logps())
     engine = deepspeed.initialize(model=policy, config=dsc)[0]
     engine.eval()
     return engine
@@ -583,6 +602,8 @@ class OnlineReference:
 
     moving = None
     """TR-DPO's settings (``ReferenceConfig``) when the copy moves toward the policy, else None."""
+    ld_alpha = None
+    """LD-DPO's alpha (loss.ld_alpha) applied to the reference's sums as to the policy's, or None."""
 
     def __init__(self, cfg: DPOConfig, device: torch.device, backend: str, training: bool = True, path: str | None = None):
         """``training=False`` (dpo-eval): a frozen copy of ``model.path`` even with LoRA (4-bit as the
@@ -591,6 +612,7 @@ class OnlineReference:
         instead of ``model.path`` (a moved TR-DPO reference saved with a checkpoint)."""
         self.uses_policy = cfg.model.lora.enabled and training
         self.moving = cfg.reference if training and cfg.reference.syncs() else None
+        self.ld_alpha = cfg.loss.ld_alpha
         self.engine = None
         if not self.uses_policy:
             # A partitioned copy all-gathers every layer in every micro-batch's reference forward;
@@ -610,14 +632,15 @@ class OnlineReference:
 
     @torch.no_grad()
     def logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed reference log-probs of (chosen, rejected) for every pair of ``batch``."""
+        """Summed reference log-probs of (chosen, rejected) for every pair of ``batch`` (LD-DPO's
+        with loss.ld_alpha)."""
         if self.engine is None:
             raise RuntimeError("OnlineReference with LoRA scores with the policy: call attach_policy(engine) first")
         # The policy trains in train mode; as its reference it runs as the precomputed and
         # frozen-copy references do: in eval mode (no dropout draws, none taken from the policy's).
         with adapters_disabled(self.engine) if self.uses_policy else nullcontext(), eval_mode(self.engine):
-            # sum_logps: the policy engine may normalise logps per token; the caller normalises.
-            return split_pairs(run_packed(self.engine, batch).sum_logps)
+            # Sums: the policy engine may normalise logps per token; the caller normalises.
+            return split_pairs(run_packed(self.engine, batch).desensitized_sums(self.ld_alpha))
 
     eval_logps = logps
 
@@ -766,7 +789,7 @@ def micro_batch_losses(ctx: StepContext, mb: MicroBatch, train: bool, statistics
         zeros = torch.zeros_like(out.sum_logps)
         return PairResults(-out.sum_logps, zeros, zeros, out.sum_logps, zeros, out.token_counts)
     reference = reference_sums(ctx, mb, train)
-    logps = (*split_pairs(out.logps), *normalized_like_policy(cfg, reference, out))
+    logps = (*split_pairs(loss_logps(cfg, out)), *normalized_like_policy(cfg, reference, out))
     losses, chosen_r, rejected_r = weighted_preference_loss(cfg, logps, statistics or {})
     if cfg.loss.use_weighting:  # WPO: pairs the policy would not sample count less
         losses = losses * wpo_pair_weights(*split_pairs(out.aligned_logps))
@@ -775,13 +798,24 @@ def micro_batch_losses(ctx: StepContext, mb: MicroBatch, train: bool, statistics
         # The implicit reward is beta times the response's whole log-ratio (DPO eq. 5), also where
         # the loss compares per-token means (ipo, sigmoid_norm): as TRL logs it. Per-token margins
         # can have the other sign (a long chosen response with the larger total log-ratio).
+        # With loss.ld_alpha both sides are LD-DPO's sums, as TRL's log-ratios are.
         with torch.no_grad():
-            chosen_r = cfg.loss.beta * (chosen_sums - reference[0])
-            rejected_r = cfg.loss.beta * (rejected_sums - reference[1])
+            policy_c, policy_r = split_pairs(out.desensitized_sums(cfg.loss.ld_alpha))
+            chosen_r = cfg.loss.beta * (policy_c - reference[0])
+            rejected_r = cfg.loss.beta * (policy_r - reference[1])
     chosen_counts, rejected_counts = split_pairs(out.token_counts)
     if cfg.loss.alpha > 0:
         losses = losses + cfg.loss.alpha * sft_nll(chosen_sums, chosen_counts)
     return PairResults(losses, chosen_r, rejected_r, chosen_sums, rejected_sums, chosen_counts + rejected_counts)
+
+
+def loss_logps(cfg: DPOConfig, policy: SequenceLogps) -> torch.Tensor:
+    """The policy's per-sequence log-probs as the preference loss takes them: ``policy.logps``, or
+    with loss.ld_alpha LD-DPO's sums (``logprobs.length_desensitized``), normalised the same way
+    (per token of the whole response for ``mean``, as the reference's are in ``reference_logps``)."""
+    if cfg.loss.ld_alpha is None:
+        return policy.logps
+    return normalized_logps(policy.desensitized_sums(cfg.loss.ld_alpha), policy.token_counts, cfg.loss.logp_normalization)
 
 
 def accumulate(sums: torch.Tensor, weight: float, batch: PackedBatch, result: PairResults) -> None:
@@ -821,12 +855,11 @@ def reference_sums(ctx: StepContext, mb: MicroBatch, train: bool) -> tuple[torch
 
 
 def normalized_like_policy(cfg: DPOConfig, sums: tuple[torch.Tensor, torch.Tensor], policy: SequenceLogps) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference sums as the loss sees the policy's log-probs: ``mean`` divides each by the
-    policy's scored-token count of the same response."""
-    if cfg.loss.logp_normalization != "mean":
-        return sums
+    """Reference sums (LD-DPO's with loss.ld_alpha) as the loss sees the policy's log-probs:
+    ``mean`` divides each by the policy's scored-token count of the same response."""
     c_counts, r_counts = split_pairs(policy.token_counts)
-    return sums[0] / c_counts.clamp(min=1), sums[1] / r_counts.clamp(min=1)
+    normalize = cfg.loss.logp_normalization
+    return normalized_logps(sums[0], c_counts, normalize), normalized_logps(sums[1], r_counts, normalize)
 
 
 def weighted_preference_loss(cfg: DPOConfig, logps: tuple, statistics: dict[str, dict]) -> tuple[torch.Tensor, ...]:
@@ -922,7 +955,7 @@ def batch_statistics(
             replay.record()
         out = run_packed(ctx.engine, mb.batch)
         weights.append(mb.weight)
-        logps.append((*split_pairs(out.logps), *reference_logps(ctx, mb, out, train)))
+        logps.append((*split_pairs(loss_logps(ctx.cfg, out)), *reference_logps(ctx, mb, out, train)))
     per_micro_batch: list[dict] = [{} for _ in weights]
     for name in needed:  # the same order on every rank: each term's statistics are collective
         if "kl_baselines" in BATCH_STATISTICS[name]:

@@ -19,8 +19,13 @@ Output-logit transforms that some models apply after the LM head are reproduced 
 ``final_logit_softcapping`` (Gemma 2/3: tanh soft-cap). Any other post-head transform in a model's
 ``forward`` is not seen here, because only the decoder and the LM head are called.
 
+LD-DPO (``tails=True``, for ``loss.ld_alpha``): each response's "tail", its tokens past the
+shorter response of its pair, is summed too, from the same per-token log-probs (no further LM-head
+work). The shared length comes from the row's own token counts on the device: both responses of a
+pair are always in one row, so the host passes nothing and nothing is synchronised.
+
 Public API: ``SequenceLogps``, ``sequence_logps``, ``padded_sequence_logps``, ``split_pairs``,
-``LOGP_NORMALIZATIONS``.
+``response_tail_sums``, ``length_desensitized``, ``normalized_logps``, ``LOGP_NORMALIZATIONS``.
 """
 
 from __future__ import annotations
@@ -53,11 +58,46 @@ class SequenceLogps:
     """[S] float32, detached, when asked for (``weighting=True``): the mean over the response's
     tokens of log p(token) - log sum_v p(v)^2, the exponent of WPO's sequence weight (Zhou et al.
     2024, arXiv 2406.11827, eq. 2, with its sampling-aligned per-token probability, as TRL computes it)."""
+    tail_logps: torch.Tensor | None = None
+    """[S] float32, when asked for (``tails=True``): the sum of the response's token log-probs past
+    its pair's shared length (``response_tail_sums``), differentiable like ``sum_logps``."""
+
+    def desensitized_sums(self, ld_alpha: float | None) -> torch.Tensor:
+        """[S] summed log-probs with LD-DPO's ``ld_alpha`` (``length_desensitized``); None: ``sum_logps``."""
+        return length_desensitized(self.sum_logps, self.tail_logps, ld_alpha)
 
 
 def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split per-sequence values ordered chosen_0, rejected_0, chosen_1, ... into (chosen, rejected)."""
     return x[0::2], x[1::2]
+
+
+def length_desensitized(sum_logps: torch.Tensor, tail_logps: torch.Tensor | None, ld_alpha: float | None) -> torch.Tensor:
+    """LD-DPO's log-prob of a response (Liu et al. 2024, arXiv 2409.06411; TRL's ld_alpha):
+    the sum over its first l_p tokens (l_p: the shorter response of its pair) plus ``ld_alpha``
+    times the sum over the rest, its ``tail_logps``. Written as ``sum - (1 - ld_alpha) * tail`` so
+    that ld_alpha = 1 gives ``sum_logps`` exactly. ``ld_alpha`` None (LD off): ``sum_logps``."""
+    if ld_alpha is None:
+        return sum_logps
+    if tail_logps is None:
+        raise ValueError("ld_alpha needs the tail sums: score with tails=True")
+    return sum_logps - (1.0 - ld_alpha) * tail_logps
+
+
+def response_tail_sums(token_logps: torch.Tensor, sequence: torch.Tensor, token_counts: torch.Tensor) -> torch.Tensor:
+    """[S] per sequence, the sum of ``token_logps`` at 0-based response positions >= its pair's
+    shared length min(chosen tokens, rejected tokens): 0 for the shorter response of a pair.
+
+    ``token_logps`` [N]: the scored tokens of all sequences, each sequence's in order and the
+    sequences one after another (as ``scored_positions`` lists them); ``sequence`` [N] the sequence
+    of each; ``token_counts`` [S] the tokens per sequence, sequences paired chosen_i, rejected_i.
+    Device ops only, no host sync."""
+    shared = torch.minimum(*split_pairs(token_counts))
+    shared = torch.stack([shared, shared], dim=1).flatten()  # per sequence, in chosen_i, rejected_i order
+    first = torch.cumsum(token_counts, dim=0) - token_counts  # index of each sequence's first scored token
+    position = torch.arange(sequence.numel(), device=sequence.device) - first.index_select(0, sequence)
+    tail = position >= shared.index_select(0, sequence)
+    return token_logps.new_zeros(token_counts.numel()).index_add(0, sequence, torch.where(tail, token_logps, 0.0))
 
 
 def sequence_logps(
@@ -68,9 +108,11 @@ def sequence_logps(
     normalize: str = "sum",
     num_chunks: int | None = None,
     weighting: bool = False,
+    tails: bool = False,
 ) -> SequenceLogps:
     """Response log-probs of every sequence of one packed row; differentiable w.r.t. the model.
-    ``weighting`` also returns WPO's ``aligned_logps`` (one more no-grad reduction per LM-head chunk).
+    ``weighting`` also returns WPO's ``aligned_logps`` (one more no-grad reduction per LM-head chunk),
+    ``tails`` LD-DPO's ``tail_logps`` (a row of pairs: chosen_0, rejected_0, ...).
 
     ``model`` is a causal LM switched to packed attention (``dpo_dist.attention.enable_packed_attention``),
     possibly wrapped by PEFT, DDP or DeepSpeed. No device-to-host synchronisation happens here.
@@ -83,6 +125,8 @@ def sequence_logps(
     _check_normalize(normalize)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if tails and batch.num_sequences != 2 * batch.num_pairs:
+        raise ValueError(f"tails need a row of pairs, got {batch.num_sequences} sequences for {batch.num_pairs} pairs")
     causal_lm = unwrap_model(model)
     decoder, lm_head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
     if decoder is causal_lm or lm_head is None:
@@ -104,6 +148,8 @@ def sequence_logps(
     if weighting:
         aligned = sum_logps.detach().new_zeros(batch.num_sequences).index_add(0, sequence, token_logps.detach() - log_sum_sq)
         out.aligned_logps = aligned / out.token_counts.clamp(min=1)
+    if tails:
+        out.tail_logps = response_tail_sums(token_logps, sequence, out.token_counts)
     return out
 
 
@@ -134,8 +180,13 @@ def _check_normalize(normalize: str) -> None:
         raise ValueError(f"normalize must be one of {', '.join(LOGP_NORMALIZATIONS)}, got {normalize!r}")
 
 
+def normalized_logps(sum_logps: torch.Tensor, token_counts: torch.Tensor, normalize: str) -> torch.Tensor:
+    """Summed log-probs as ``normalize`` asks: themselves, or per token (``mean``)."""
+    return sum_logps if normalize == "sum" else sum_logps / token_counts.clamp(min=1)
+
+
 def _normalized(sum_logps: torch.Tensor, token_counts: torch.Tensor, normalize: str) -> SequenceLogps:
-    logps = sum_logps if normalize == "sum" else sum_logps / token_counts.clamp(min=1)
+    logps = normalized_logps(sum_logps, token_counts, normalize)
     return SequenceLogps(logps=logps, sum_logps=sum_logps, token_counts=token_counts)
 
 

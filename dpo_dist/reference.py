@@ -6,7 +6,7 @@ training run and every sweep point (beta and lr are not inputs) reads back.
 
 Public API
 ----------
-- ``reference_fingerprints(model_path, tokenizer, data_path, *, max_length, truncation, dtype, quantize)``
+- ``reference_fingerprints(model_path, tokenizer, data_path, *, max_length, truncation, dtype, quantize, tail_logps)``
   and ``fingerprints_from_config(config, tokenizer, data_path, *, dtype)``: the fingerprint dict
   ``{"model", "tokenizer", "data", "settings"}`` (sha256 hex strings) plus ``"settings_values"``
   (the plain settings, so a mismatch can say *which* setting changed).
@@ -44,6 +44,10 @@ On-disk layout
     DIR/part-00001.arrow ...     rows sorted by example_id. Sidecar: ``sha256sum`` format, written
                                  after its shard, so ``sha256sum -c *.sha256`` checks a cache
     DIR/.lock                    flock target (see Locking)
+
+A cache for LD-DPO runs (``loss.ld_alpha``; settings ``tail_logps: true``) has two more float32
+columns, ``chosen_tail_logp`` and ``rejected_tail_logp``: each response's log-probs summed past its
+pair's shorter response (``reference_store.TAIL_COLUMNS``), from which any ld_alpha is a sum away.
 
 Shard ``k`` holds the dataset positions ``[k * P, (k + 1) * P)`` with ``P = pairs_per_shard``
 (recorded in the manifest): ``RRRRR`` is a *global shard index*, not a rank. Shards go to ranks
@@ -121,10 +125,12 @@ from dpo_dist.reference_store import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     SCHEMA,
+    TAIL_SETTING,
     ReferenceCacheError,
     ReferenceStore,
     combined_fingerprint,
     describe_cache,
+    has_tails,
     matching_manifest,
     read_manifest,
     require_components,
@@ -132,6 +138,7 @@ from dpo_dist.reference_store import (
     shard_digest,
     shard_name,
     shard_rows,
+    shard_schema,
     verify_cache,
     verify_shards,
     write_bytes_atomic,
@@ -217,13 +224,18 @@ def dtype_name(dtype: torch.dtype | str) -> str:
 
 
 def reference_settings(
-    *, max_length: int, truncation: str, dtype: torch.dtype | str, quantize: str = "none"
+    *, max_length: int, truncation: str, dtype: torch.dtype | str, quantize: str = "none", tail_logps: bool = False
 ) -> dict[str, Any]:
     """Everything besides model, tokenizer and data that changes the cached numbers. ``quantize``
-    (QLoRA's 4-bit base) is recorded only when set, so 16-bit caches keep their fingerprints."""
+    (QLoRA's 4-bit base) and ``tail_logps`` (LD-DPO's tail columns, ``reference_store.TAIL_SETTING``)
+    are recorded only when set, so 16-bit caches without tails keep their fingerprints. A cache
+    without tails is then never taken for an LD-DPO run, and ld_alpha itself is not recorded: a
+    sweep over it shares one cache."""
     quantized = {"quantize": quantize} if quantize != "none" else {}
+    tails = {TAIL_SETTING: True} if tail_logps else {}
     return {
         **quantized,
+        **tails,
         "max_length": int(max_length),
         "truncation": truncation,
         "dtype": dtype_name(dtype),
@@ -243,10 +255,13 @@ def reference_fingerprints(
     truncation: str,
     dtype: torch.dtype | str,
     quantize: str = "none",
+    tail_logps: bool = False,
 ) -> dict[str, Any]:
     """Fingerprints of one reference pass. Hashing a big model is slow the first time only
     (memoized per file); still, compute this on rank 0 and broadcast it on large jobs."""
-    settings = reference_settings(max_length=max_length, truncation=truncation, dtype=dtype, quantize=quantize)
+    settings = reference_settings(
+        max_length=max_length, truncation=truncation, dtype=dtype, quantize=quantize, tail_logps=tail_logps
+    )
     return {
         "model": model_fingerprint(model_path),
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -260,7 +275,8 @@ def fingerprints_from_config(
     config: DPOConfig, tokenizer, data_path: str | os.PathLike, *, dtype: torch.dtype | str
 ) -> dict[str, Any]:
     """``reference_fingerprints`` for a run config (train or eval ``data_path``); only model path
-    and tokenization settings are read from it, so loss and optimizer settings never matter."""
+    and tokenization settings are read from it, and of the loss settings whether loss.ld_alpha is
+    set (not its value), so beta, lr and ld_alpha sweeps share one cache."""
     return reference_fingerprints(
         config.model.path,
         tokenizer,
@@ -269,6 +285,7 @@ def fingerprints_from_config(
         truncation=config.data.truncation,
         dtype=dtype,
         quantize=config.model.lora.quantize,
+        tail_logps=config.uses_tail_logps(),
     )
 
 
@@ -349,6 +366,8 @@ def precompute_reference(
     (see ``_scorer``). It must run in the dtype fingerprinted in ``settings_values``.
     ``micro_batch_tokens`` and ``chunk_tokens`` shape the forwards, not the results, and
     ``pairs_per_shard`` applies only when a new cache is started (a resumed one keeps its own).
+    Settings with ``tail_logps`` also write LD-DPO's tail columns (a module must then return
+    ``tail_logps``).
     ``computed`` in the summary is True when this call ran any forward.
     """
     start = time.perf_counter()
@@ -368,6 +387,7 @@ def precompute_reference(
                 dataset,
                 cache_dir,
                 plan,
+                tails=has_tails(fingerprints.get("settings_values")),
                 rank=rank,
                 world_size=world_size,
                 micro_batch_tokens=micro_batch_tokens,
@@ -512,7 +532,7 @@ def _new_manifest(
         "num_examples": num_examples,
         "pairs_per_shard": pairs_per_shard,
         "num_shards": -(-num_examples // pairs_per_shard),
-        "columns": [field.name for field in SCHEMA],
+        "columns": shard_schema(has_tails(fingerprints.get("settings_values"))).names,
         "shards": {},
         "created_at": _now(),
     }
@@ -548,7 +568,7 @@ def _finalize(cache_dir: Path, num_shards: int) -> dict[str, Any]:
 
 
 def _run_shards(
-    model, dataset, cache_dir, plan, *, rank, world_size, micro_batch_tokens, chunk_tokens, device, progress
+    model, dataset, cache_dir, plan, *, tails, rank, world_size, micro_batch_tokens, chunk_tokens, device, progress
 ):
     """This rank's missing shards (round-robin), then filler forwards up to the busiest rank."""
     lengths = np.asarray(dataset.lengths())
@@ -560,10 +580,10 @@ def _run_shards(
         enabled=progress and rank == 0,
         desc=f"reference (rank 0 of {world_size})",
     )
-    score = _scorer(model, chunk_tokens)
+    score = _scorer(model, chunk_tokens, tails)
     with meter:
         for index in mine:
-            table = _compute_shard(score, dataset, packs[index], device, meter)
+            table = _compute_shard(score, dataset, packs[index], device, meter, tails)
             _write_shard(cache_dir, index, table, plan.fingerprint)
         # ZeRO-3 gathers each layer's weights collectively: every rank needs as many forwards.
         filler = max(forwards) - forwards[rank] if getattr(model, "collective", True) else 0
@@ -579,8 +599,8 @@ def _pack_shard(shard: tuple[int, int], lengths: np.ndarray, micro_batch_tokens:
     return [[begin + i for i in group] for group in pack_pairs(lengths[begin:stop], micro_batch_tokens)]
 
 
-def _scorer(model: torch.nn.Module, chunk_tokens: int) -> Callable[[PackedBatch], SequenceLogps]:
-    """How to get summed log-probs of a packed row from ``model``.
+def _scorer(model: torch.nn.Module, chunk_tokens: int, tails: bool = False) -> Callable[[PackedBatch], SequenceLogps]:
+    """How to get summed log-probs (and with ``tails`` tail sums) of a packed row from ``model``.
 
     A causal LM (possibly wrapped by DDP, PEFT or a DeepSpeed engine) is scored with
     ``sequence_logps``. Any other module must itself map a ``PackedBatch`` to summed
@@ -592,35 +612,36 @@ def _scorer(model: torch.nn.Module, chunk_tokens: int) -> Callable[[PackedBatch]
         unwrap_model(model)
     except TypeError:
         return model
-    return lambda batch: sequence_logps(model, batch, chunk_tokens=chunk_tokens, normalize=LOGP_REDUCTION)
+    return lambda batch: sequence_logps(model, batch, chunk_tokens=chunk_tokens, normalize=LOGP_REDUCTION, tails=tails)
 
 
-def _compute_shard(score, dataset, micro_batches, device, meter) -> pa.Table:
-    """Summed response log-probs of a shard's pairs, as a table sorted by example_id.
+def _compute_shard(score, dataset, micro_batches, device, meter, tails: bool = False) -> pa.Table:
+    """Summed response log-probs of a shard's pairs (with ``tails`` also their tail sums), as a
+    table sorted by example_id.
 
     The outputs stay on the device until the shard is done: one host sync per shard, so the host
     collates the next micro-batch while the device still runs this one."""
-    example_ids, logps, counts = [], [], []
+    example_ids, outputs = [], {"logp": [], "tokens": [], **({"tail_logp": []} if tails else {})}
     for positions in micro_batches:
         pairs = [dataset[p] for p in positions]
         batch = collate_packed(pairs).to(device)
         out = score(batch)
+        if tails and out.tail_logps is None:
+            raise ValueError("the reference cache records tail sums, but the reference model returned none (tail_logps)")
         example_ids.extend(pair.example_id for pair in pairs)
-        logps.append(out.sum_logps.detach().float())
-        counts.append(out.token_counts.detach())
+        outputs["logp"].append(out.sum_logps.detach().float())
+        outputs["tokens"].append(out.token_counts.detach().int())
+        if tails:
+            outputs["tail_logp"].append(out.tail_logps.detach().float())
         meter.update(len(positions), batch.num_tokens)
-    # Sequences run chosen_0, rejected_0, chosen_1, ... in every micro-batch, so also concatenated.
-    chosen, rejected = (t.numpy() for t in split_pairs(torch.cat(logps).cpu()))
-    chosen_tokens, rejected_tokens = (t.numpy() for t in split_pairs(torch.cat(counts).cpu()))
-    arrays = {
-        "example_id": np.asarray(example_ids, dtype=np.int64),
-        "chosen_logp": chosen.astype(np.float32),
-        "rejected_logp": rejected.astype(np.float32),
-        "chosen_tokens": chosen_tokens.astype(np.int32),
-        "rejected_tokens": rejected_tokens.astype(np.int32),
-    }
+    arrays = {"example_id": np.asarray(example_ids, dtype=np.int64)}
+    for column, pieces in outputs.items():
+        # Sequences run chosen_0, rejected_0, chosen_1, ... in every micro-batch, so also concatenated.
+        chosen, rejected = split_pairs(torch.cat(pieces).cpu())
+        arrays |= {f"chosen_{column}": chosen.numpy(), f"rejected_{column}": rejected.numpy()}
+    schema = shard_schema(tails)
     order = np.argsort(arrays["example_id"], kind="stable")
-    return pa.table({name: values[order] for name, values in arrays.items()}, schema=SCHEMA)
+    return pa.table({name: arrays[name][order] for name in schema.names}, schema=schema)
 
 
 def _check_forward_dtype(model: torch.nn.Module, fingerprints: dict[str, Any]) -> None:
@@ -675,17 +696,20 @@ class RunReference:
     """None for dpo-eval, which needs the eval split only."""
     eval: ReferenceStore | None
 
+    ld_alpha: float | None = None
+    """LD-DPO's alpha (loss.ld_alpha): the sums looked up are ``logprobs.length_desensitized``'s."""
+
     def logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed reference log-probs (chosen, rejected) of a train batch, on the batch's device."""
         if self.train is None:
             raise ReferenceCacheError("this reference was opened for evaluation: it has no train split")
-        return _batch_logps(self.train, batch)
+        return _batch_logps(self.train, batch, self.ld_alpha)
 
     def eval_logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed reference log-probs (chosen, rejected) of an eval batch."""
         if self.eval is None:
             raise ReferenceCacheError("this run has no eval reference cache (data.eval_path was null)")
-        return _batch_logps(self.eval, batch)
+        return _batch_logps(self.eval, batch, self.ld_alpha)
 
     def run_info(self) -> dict[str, Any]:
         """The ``run_info.json`` ``"reference"`` entry: the same keys as an online or absent
@@ -693,8 +717,8 @@ class RunReference:
         return {"cache_dir": str(self.cache_dir), "computed": self.computed, "mode": "precompute"}
 
 
-def _batch_logps(store: ReferenceStore, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    chosen, rejected = store.lookup(batch.example_ids)
+def _batch_logps(store: ReferenceStore, batch: PackedBatch, ld_alpha: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    chosen, rejected = store.lookup(batch.example_ids, ld_alpha=ld_alpha)
     if batch.labels.device.type == "cpu":  # on an accelerator this check would cost a host sync
         cached_chosen, cached_rejected = store.token_counts(batch.example_ids)
         chosen_counts, rejected_counts = split_pairs(batch.scored_token_counts())
@@ -733,6 +757,7 @@ def ensure_reference_for_run(
         computed=any(summary.computed for summary in summaries.values()),
         train=open_split("train", train_data),
         eval=open_split("eval", eval_data),
+        ld_alpha=cfg.loss.ld_alpha,
     )
 
 

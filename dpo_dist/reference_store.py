@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 
 from dpo_dist.fingerprint import NEW_FILE_MODE, json_sha256
+from dpo_dist.logprobs import length_desensitized, normalized_logps
 
 FORMAT_VERSION = 1
 """Bump when the shard or manifest layout, or the meaning of a column, changes."""
@@ -39,6 +40,25 @@ SCHEMA = pa.schema(
         ("rejected_tokens", pa.int32()),
     ]
 )
+"""The shard columns of every cache."""
+
+TAIL_COLUMNS = (("chosen_tail_logp", pa.float32()), ("rejected_tail_logp", pa.float32()))
+"""LD-DPO (loss.ld_alpha): the summed log-probs of each response's tokens past its pair's shorter
+response (``logprobs.response_tail_sums``), in caches whose settings say ``tail_logps`` (written
+only for runs that need them, so every other cache keeps ``SCHEMA`` and its fingerprint)."""
+
+TAIL_SETTING = "tail_logps"
+"""The reference setting recorded (True) when a cache has ``TAIL_COLUMNS``; absent otherwise."""
+
+
+def shard_schema(tails: bool) -> pa.Schema:
+    """The columns of a cache's shards: ``SCHEMA``, and ``TAIL_COLUMNS`` when it has tail sums."""
+    return pa.schema([*SCHEMA, *TAIL_COLUMNS]) if tails else SCHEMA
+
+
+def has_tails(settings: Any) -> bool:
+    """Whether reference settings (a manifest's ``settings``, ``settings_values``) include tail sums."""
+    return isinstance(settings, dict) and settings.get(TAIL_SETTING) is True
 
 _MISMATCH = {
     # The model fingerprint covers config.json too, not only the weights.
@@ -81,7 +101,7 @@ class ReferenceStore:
         ids = table.column("example_id").to_numpy()
         order = np.argsort(ids, kind="stable")
         self._ids = ids[order]
-        self._columns = {name: table.column(name).to_numpy()[order] for name in SCHEMA.names[1:]}
+        self._columns = {name: table.column(name).to_numpy()[order] for name in table.schema.names[1:]}
         duplicated = self._ids[1:][self._ids[1:] == self._ids[:-1]]
         if duplicated.size:
             raise ReferenceCacheError(
@@ -131,7 +151,7 @@ class ReferenceStore:
             else:
                 data = checked_shard_bytes(cache_dir, name, entry["sha256"])
             tables.append(pa.ipc.open_file(data).read_all().replace_schema_metadata(None))
-        table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
+        table = pa.concat_tables(tables) if tables else shard_schema(has_tails(manifest.get("settings"))).empty_table()
         store = cls(cache_dir, manifest, table)
         store._rows(example_ids)  # every id the run will ask for must be there
         return store
@@ -144,9 +164,14 @@ class ReferenceStore:
         return self.manifest["fingerprint"]
 
     def lookup(
-        self, example_ids: np.ndarray | torch.Tensor | Sequence[int], *, normalize: str = "sum"
+        self,
+        example_ids: np.ndarray | torch.Tensor | Sequence[int],
+        *,
+        normalize: str = "sum",
+        ld_alpha: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen_logp, rejected_logp) float32 tensors for ``example_ids``; ``normalize="mean"``
+        """(chosen_logp, rejected_logp) float32 tensors for ``example_ids``; ``ld_alpha`` makes them
+        LD-DPO's (``logprobs.length_desensitized``, from the tail columns), ``normalize="mean"``
         divides by the response token counts.
 
         Ids on an accelerator are looked up there, without a host sync; such ids are not checked
@@ -154,7 +179,12 @@ class ReferenceStore:
         """
         if normalize not in ("sum", "mean"):
             raise ValueError(f"normalize must be 'sum' or 'mean', got {normalize!r}")
+        if ld_alpha is not None and not self.has_tails:
+            raise ReferenceCacheError(
+                f"reference cache {self.cache_dir} has no tail sums (it was computed for a run without loss.ld_alpha)"
+            )
         wanted = ("chosen_logp", "rejected_logp") + (("chosen_tokens", "rejected_tokens") if normalize == "mean" else ())
+        wanted += tuple(name for name, _ in TAIL_COLUMNS) if ld_alpha is not None else ()
         if isinstance(example_ids, torch.Tensor) and example_ids.device.type != "cpu":
             columns = self._device_columns(example_ids.device)
             rows = torch.searchsorted(columns["example_id"], example_ids).clamp_(max=max(len(self) - 1, 0))
@@ -162,11 +192,16 @@ class ReferenceStore:
         else:
             rows = self._rows(example_ids)
             values = {name: torch.from_numpy(self._columns[name][rows]) for name in wanted}
-        chosen, rejected = values["chosen_logp"], values["rejected_logp"]
-        if normalize == "mean":
-            chosen = chosen / values["chosen_tokens"].clamp(min=1)
-            rejected = rejected / values["rejected_tokens"].clamp(min=1)
-        return chosen.float(), rejected.float()
+        sides = []
+        for side in ("chosen", "rejected"):
+            logps = length_desensitized(values[f"{side}_logp"], values.get(f"{side}_tail_logp"), ld_alpha)
+            sides.append(normalized_logps(logps, values.get(f"{side}_tokens"), normalize).float())
+        return sides[0], sides[1]
+
+    @property
+    def has_tails(self) -> bool:
+        """Whether the cache holds LD-DPO's tail sums (``TAIL_COLUMNS``)."""
+        return all(name in self._columns for name, _ in TAIL_COLUMNS)
 
     def token_counts(
         self, example_ids: np.ndarray | torch.Tensor | Sequence[int]
@@ -285,8 +320,9 @@ def verify_cache(cache_dir: str | os.PathLike) -> list[str]:
         except (ReferenceCacheError, pa.ArrowInvalid, OSError) as err:
             problems.append(str(err))
             continue
-        if table.schema.remove_metadata() != SCHEMA:
-            problems.append(f"shard {name} has columns {table.schema.names}, expected {SCHEMA.names}")
+        expected = shard_schema(has_tails(manifest.get("settings")))
+        if table.schema.remove_metadata() != expected:
+            problems.append(f"shard {name} has columns {table.schema.names}, expected {expected.names}")
             continue
         if table.num_rows != entry.get("rows"):
             problems.append(f"shard {name} has {table.num_rows} rows, manifest says {entry.get('rows')}")

@@ -263,7 +263,8 @@ class TensorReference:
 
 
 def reference_pass(cfg, dataset, device, backend, preset, n_params):
-    """(e) forward-only over every pair; returns the timing and the [pairs, 2] log-prob table."""
+    """(e) forward-only over every pair; returns the timing and the [pairs, 2] log-prob table
+    (summed, LD-DPO's with loss.ld_alpha, as the Arrow store's lookup gives them)."""
     import numpy as np
     import torch
 
@@ -280,7 +281,7 @@ def reference_pass(cfg, dataset, device, backend, preset, n_params):
             batch = collate_packed([dataset[p] for p in group]).to(device)
             _sync(device)
             t0 = time.perf_counter()
-            chosen, rejected = split_pairs(run_packed(engine, batch).logps)
+            chosen, rejected = split_pairs(run_packed(engine, batch).desensitized_sums(cfg.loss.ld_alpha))
             table[batch.example_ids] = torch.stack([chosen, rejected], 1)
             _sync(device)
             if i >= 2:

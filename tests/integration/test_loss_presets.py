@@ -247,3 +247,101 @@ def test_eval_of_the_reference_itself_is_chance(assets, tmp_path):
     assert abs(evaluated["eval/loss"] - math.log(2)) < 1e-6, evaluated
     assert abs(evaluated["eval/reward_margin"]) < 1e-7, evaluated
     assert evaluated["eval/reward_accuracy"] == 0.0, evaluated
+
+
+def make_uneven_pairs_jsonl(path, n: int, seed: int):
+    """``n`` arithmetic pairs whose responses differ in length either way (or not: every third),
+    so that LD-DPO's tails are not all empty."""
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            answer = str(a + b)
+            longer = f"{a + b + 1}, since {a} plus {b} carries one"
+            chosen, rejected = [(answer, str(a + b + 1)), (answer, longer), (f"{answer}, that is {a} plus {b}", longer[:4])][i % 3]
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "chosen": chosen, "rejected": rejected}) + "\n")
+    return path
+
+
+def hf_ld_logps(model_dir, data_path, ld_alpha: float) -> list[tuple[float, float]]:
+    """Per pair of ``data_path``: LD-DPO's (chosen, rejected) log-probs under the model at
+    ``model_dir``, from a plain HF forward per response in float64: the sum over the first
+    min(chosen, rejected) response tokens plus ld_alpha times the rest."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_dist.data import load_tokenized
+
+    data = load_tokenized(data_path, AutoTokenizer.from_pretrained(model_dir), max_length=64)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = []
+    for pair in data:
+        shared = min(len(pair.chosen_ids), len(pair.rejected_ids))
+        sides = []
+        for response in (pair.chosen_ids, pair.rejected_ids):
+            ids = torch.tensor([*pair.prompt_ids, *response])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids[None]).logits[0].double(), dim=-1)
+            scored = torch.arange(len(pair.prompt_ids) - 1, len(ids) - 1)
+            tokens = logp[scored, ids[scored + 1]]
+            sides.append((tokens[:shared].sum() + ld_alpha * tokens[shared:].sum()).item())
+        rows.append(tuple(sides))
+    return rows
+
+
+def test_ld_dpo_trains_from_ln2_and_evaluates_on_ld_log_probs(assets, tmp_path):
+    """loss.ld_alpha=0.5 with a precomputed reference: the cache (train and eval splits) gets the
+    tail columns, step 1 (policy == reference) has loss ln 2 and margin 0, and the loss falls over
+    the steps; reference.mode=online trains the same. dpo-eval of another model against that cache
+    scores LD-DPO's log-probs on both sides, as a plain HF forward computes them (TRL evaluates on
+    the same log-probs it trains on)."""
+    import pyarrow as pa
+
+    from tests.helpers import make_tiny_model_dir
+
+    data = {
+        "train": make_uneven_pairs_jsonl(tmp_path / "train.jsonl", 8, seed=3),
+        "eval": make_uneven_pairs_jsonl(tmp_path / "eval.jsonl", 6, seed=4),
+    }
+    ld_assets = {**assets, **data}
+    cache = tmp_path / "cache"
+    settings = {"output_dir": tmp_path / "ld", "reference.cache_dir": cache, "loss.ld_alpha": 0.5, "train.max_steps": 4}
+    result = run_cli("launch.train", *tiny_run_overrides(ld_assets, settings))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "ld" / "metrics.jsonl").read_text().splitlines()]
+    steps = train_rows(rows)
+    assert abs(steps[0]["loss"] - math.log(2)) < 1e-6 and abs(steps[0]["reward_margin"]) < 1e-7, steps[0]
+    assert steps[-1]["step"] == 4 and steps[-1]["loss"] < steps[0]["loss"] - 0.01, steps
+    assert "eval/reward_accuracy" in rows[-1]
+    for shard in [*cache.glob("part-*.arrow"), *cache.glob("eval-*/part-*.arrow")]:
+        names = pa.ipc.open_file(pa.memory_map(str(shard))).schema.names
+        assert names[-2:] == ["chosen_tail_logp", "rejected_tail_logp"], shard
+    assert list(cache.glob("eval-*/part-*.arrow"))
+    # An online reference computes the same tail sums: the same training.
+    settings = {**settings, "output_dir": tmp_path / "online", "reference.mode": "online"}
+    result = run_cli("launch.train", *tiny_run_overrides(ld_assets, settings))
+    assert result.returncode == 0, result.stderr[-3000:]
+    online = [json.loads(line) for line in (tmp_path / "online" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows, online, strict=True):
+        for key in ("loss", "chosen_reward", "rejected_reward", "eval/loss", "eval/reward_margin"):
+            if key in a:
+                assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-6), (a["step"], key, a[key], b[key])
+
+    policy = make_tiny_model_dir(tmp_path / "policy", seed=5)
+    settings = {"output_dir": tmp_path / "ev", "reference.cache_dir": cache, "loss.ld_alpha": 0.5, "eval.policy_path": policy}
+    result = run_cli("launch.eval", *tiny_run_overrides(ld_assets, settings))
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "ev" / "eval.json").read_text())
+
+    def margins(ld_alpha: float) -> list[float]:
+        sides = zip(hf_ld_logps(policy, data["eval"], ld_alpha), hf_ld_logps(assets["model"], data["eval"], ld_alpha))
+        return [0.1 * ((pc - rc) - (pr - rr)) for (pc, pr), (rc, rr) in sides]
+
+    def dpo_loss(margins: list[float]) -> float:
+        return mean(-F.logsigmoid(torch.tensor(m, dtype=torch.float64)).item() for m in margins)
+
+    expected = dpo_loss(margins(0.5))
+    assert math.isclose(evaluated["eval/loss"], expected, rel_tol=1e-5), (evaluated["eval/loss"], expected)
+    assert math.isclose(evaluated["eval/reward_margin"], mean(margins(0.5)), rel_tol=1e-4, abs_tol=1e-6), evaluated
+    assert abs(dpo_loss(margins(1.0)) - expected) > 1e-3  # plain DPO's would not do: the tails matter here

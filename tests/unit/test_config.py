@@ -255,6 +255,44 @@ def test_f_divergence_settings_are_checked(overrides, message):
     config_from_dict({"loss": {"name": "ipo", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}})
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"ld_alpha": 1.5}, "loss.ld_alpha: must be in [0, 1] (1: plain DPO) or null (off), got 1.5"),
+        ({"ld_alpha": -0.1}, "loss.ld_alpha: must be in [0, 1]"),
+        ({"ld_alpha": float("nan")}, "loss.ld_alpha: must be in [0, 1]"),
+        ({"ld_alpha": "half"}, "loss.ld_alpha: must be in [0, 1] (1: plain DPO) or null (off), got 'half'"),
+        ({"name": "cpo", "alpha": 1.0, "ld_alpha": 0.5}, "loss.ld_alpha: cpo has no reference log-ratio to desensitise"),
+        ({"name": "simpo", "logp_normalization": "mean", "ld_alpha": 0.5}, "loss.ld_alpha: simpo has no reference"),
+        ({"weights": {"sigmoid": 1, "orpo": 0.5}, "logp_normalization": "mean", "ld_alpha": 0.5}, "loss.ld_alpha: orpo has no reference"),
+    ],
+)
+def test_ld_alpha_is_checked(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict({"loss": overrides})
+
+
+def test_ld_alpha_composes_with_the_other_loss_options():
+    """LD-DPO changes the log-probs every loss with a reference reads (TRL applies its ld_alpha
+    before the loss, whatever the loss): f-divergences, WPO, statistics losses, per-token means
+    (IPO's preset) and the NLL term all take it. Only DPO runs sum tails (an SFT stage of
+    sft_first shares these settings but has no preference loss)."""
+    for loss in (
+        {"ld_alpha": 0.0},
+        {"ld_alpha": 1},
+        {"ld_alpha": 0.5, "f_divergence_type": "js_divergence", "use_weighting": True, "alpha": 1.0},
+        {"name": "ipo", "logp_normalization": "mean", "ld_alpha": 0.5},
+        {"weights": {"sigmoid": 1, "kto_pair": 0.5, "aot": 0.5}, "ld_alpha": 0.5},
+    ):
+        assert config_from_dict({"loss": loss}).uses_tail_logps(), loss
+    assert not config_from_dict({}).uses_tail_logps()
+    assert not config_from_dict({"stage": "sft", "loss": {"ld_alpha": 0.5}}).uses_tail_logps()
+    sft, dpo = config_from_dict({"sft_first": {"max_steps": 2}, "loss": {"ld_alpha": 0.5}}).stages()
+    assert not sft.uses_tail_logps() and dpo.uses_tail_logps()
+    result = run_cli("launch.train", "loss.ld_alpha=2")
+    assert result.returncode == 2 and result.stderr.strip().endswith("loss.ld_alpha: must be in [0, 1] (1: plain DPO) or null (off), got 2.0")
+
+
 def test_sweep_values_are_each_validated():
     result = run_cli("launch.train", "-m", "loss.beta=0.1,-2")
     assert result.returncode == 2

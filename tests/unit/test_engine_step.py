@@ -60,9 +60,11 @@ def context(loss: str, calls: list[str], **loss_settings) -> E.StepContext:
     torch.manual_seed(0)
     model = tiny_llama()
     enable_packed_attention(model, "sdpa")
-    policy = E.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64)
+    # The tail sums, as build_engine and build_inference_engine ask for them.
+    policy = E.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64, tails=cfg.uses_tail_logps())
     reference = object.__new__(E.OnlineReference)  # a frozen copy: here the same weights, no DeepSpeed
     reference.uses_policy, reference.engine = False, RecordingEngine(policy, "reference", calls)
+    reference.ld_alpha = cfg.loss.ld_alpha
     return E.StepContext(RecordingEngine(policy, "policy", calls), reference, cfg, torch.device("cpu"), world=1)
 
 
@@ -70,7 +72,8 @@ def other_reference(ctx: E.StepContext, calls: list[str]) -> E.PackedPolicy:
     """Makes ctx's reference another model than the policy (the log-ratios are not 0); returns it."""
     reference_model = tiny_llama(seed=1)
     enable_packed_attention(reference_model, "sdpa")
-    reference_policy = E.PackedPolicy(reference_model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64)
+    tails = ctx.cfg.uses_tail_logps()
+    reference_policy = E.PackedPolicy(reference_model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64, tails=tails)
     ctx.reference.engine = RecordingEngine(reference_policy, "reference", calls)
     return reference_policy
 
@@ -278,6 +281,27 @@ def test_wpo_weights_each_pairs_preference_loss_not_the_nll():
     assert not torch.allclose(weights, torch.ones_like(weights), atol=1e-3)  # the weights matter here
 
 
+@pytest.mark.parametrize("loss", ["sigmoid", "aot"])
+def test_ld_alpha_reaches_policy_reference_and_statistics(loss):
+    """loss.ld_alpha: the step's loss is that of LD-DPO's log-probs, sum - (1 - alpha) * tail, on the
+    policy's side and the (online) reference's, and aot's statistics pass sorts those too (its two
+    micro-batches give the loss of one sort over all four pairs); the loss.alpha NLL stays on the
+    whole chosen responses. Not DPO's loss: the pairs differ in length and the reference is another model."""
+    from dpo_dist.logprobs import sequence_logps, split_pairs
+    from dpo_dist.losses import preference_loss, sft_nll
+
+    calls: list[str] = []
+    ctx = context(loss, calls, ld_alpha=0.25, alpha=0.5)
+    got, batch, reference_policy = four_pair_step(ctx, calls)
+    with torch.no_grad():
+        policy, ref = (sequence_logps(m.model, batch, chunk_tokens=64, tails=True) for m in (ctx.engine.module, reference_policy))
+    ld = [split_pairs(out.sum_logps - 0.75 * out.tail_logps) for out in (policy, ref)]
+    nll = sft_nll(split_pairs(policy.sum_logps)[0], split_pairs(policy.token_counts)[0])
+    want = (preference_loss(loss, *ld[0], *ld[1], beta=0.1)[0] + 0.5 * nll).mean().item()
+    plain = (preference_loss(loss, *split_pairs(policy.sum_logps), *split_pairs(ref.sum_logps), beta=0.1)[0] + 0.5 * nll).mean().item()
+    assert got == pytest.approx(want, rel=1e-6) and abs(want - plain) > 1e-4
+
+
 def test_disable_dropout_zeroes_every_dropout_probability():
     """model.disable_dropout (TRL's default): a model whose config has attention dropout, and any
     nn.Dropout, scores in train mode exactly as in eval mode afterwards; before, it does not."""
@@ -324,7 +348,7 @@ def test_lora_online_reference_scores_in_eval_mode_and_restores_the_mode():
     engine = RecordingEngine(E.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64), "policy", [])
     engine.train()
     reference = object.__new__(E.OnlineReference)
-    reference.uses_policy, reference.engine = True, engine
+    reference.uses_policy, reference.engine, reference.ld_alpha = True, engine, None
     batch = collate_packed(pairs(2))
     first, second = reference.logps(batch), reference.logps(batch)
     torch.testing.assert_close(first, second, rtol=0, atol=0)  # no dropout draws

@@ -337,3 +337,43 @@ def test_wpo_aligned_logps_from_each_sequence_alone(chunk_tokens):
     grads = [torch.autograd.grad(o.logps.sum(), packed_model.parameters()) for o in (out, plain)]
     for got, expected in zip(*grads):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk_tokens, num_chunks", [(5, None), (1024, None), (64, 7)])
+def test_ld_tail_sums_from_each_sequence_alone(chunk_tokens, num_chunks):
+    """tails=True adds LD-DPO's tail sums: per sequence, its response tokens' log-probs at 0-based
+    response positions >= min(chosen tokens, rejected tokens) of its pair, from one plain forward
+    per sequence. Pairs of differing lengths either way round, and one of equal lengths (no tail on
+    either side); the log-probs are those of tails=False, and ld_alpha = 1 gives them exactly."""
+    from dpo_dist.logprobs import length_desensitized
+
+    stock, packed_model = stock_and_packed(tiny_llama())
+    # (prompt, response) lengths of chosen_i, rejected_i: longer chosen, longer rejected, equal, 1 vs 1.
+    shapes = [(4, 9), (4, 3), (6, 5), (6, 12), (3, 7), (3, 7), (2, 1), (2, 1)]
+    sequences = []
+    for i, (prompt, response) in enumerate(shapes):
+        ids, _ = random_sequences([prompt + response], seed=i)[0]
+        labels = ids.clone()
+        labels[:prompt] = IGNORE_INDEX
+        sequences.append((ids, labels))
+    batch = packed_batch(sequences)
+    want = []
+    with torch.no_grad():
+        for i, (ids, labels) in enumerate(sequences):
+            log_probs = stock(input_ids=ids[None]).logits[0, :-1].double().log_softmax(dim=-1)
+            token_logps = log_probs.gather(1, ids[1:, None])[:, 0][labels[1:] != IGNORE_INDEX]
+            shared = min(shapes[i][1], shapes[i ^ 1][1])  # i ^ 1: the other response of the pair
+            want.append(token_logps[shared:].sum())
+    out = sequence_logps(packed_model, batch, chunk_tokens=chunk_tokens, num_chunks=num_chunks, tails=True)
+    torch.testing.assert_close(out.tail_logps.double(), torch.stack(want), rtol=1e-5, atol=1e-6)
+    assert out.tail_logps[4:6].tolist() == [0.0, 0.0] and (out.tail_logps[[0, 3]] < 0).all()
+    assert out.tail_logps.requires_grad  # the tails' tokens take ld_alpha's share of the gradient
+    plain = sequence_logps(packed_model, batch, chunk_tokens=chunk_tokens, num_chunks=num_chunks)
+    assert plain.tail_logps is None
+    torch.testing.assert_close(out.logps, plain.logps, rtol=0, atol=0)
+    assert torch.equal(length_desensitized(out.sum_logps, out.tail_logps, 1.0), plain.sum_logps)
+    assert torch.equal(out.desensitized_sums(None), plain.sum_logps)
+    half = out.desensitized_sums(0.5)
+    torch.testing.assert_close(half, out.sum_logps - 0.5 * out.tail_logps)
+    with pytest.raises(ValueError, match="tails need a row of pairs"):
+        sequence_logps(packed_model, packed_batch(sequences[:3]), tails=True)

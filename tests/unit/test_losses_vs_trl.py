@@ -19,6 +19,9 @@ SimPO and CPO are compared with ``trl.experimental.cpo.CPOTrainer.cpo_loss``, OR
   token-level mean over the whole batch; RPO (Pang et al. 2024, eq. 1) normalises each chosen response's NLL by its own
   length, as ``sft_nll`` does. Equal for equal lengths only.
 - ``kto_pair``: not in TRL 1.16 (removed; CPOTrainer rejects the name), so nothing to compare.
+- ``loss.ld_alpha`` (LD-DPO): TRL splits each completion's per-token log-probs at the pair's
+  shared length itself, for the policy and for its precomputed reference; ours start from the same
+  per-token log-probs through ``response_tail_sums`` and ``length_desensitized``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dpo_dist.logprobs import SequenceLogps, normalized_logps, response_tail_sums, split_pairs
 from dpo_dist.losses import LOSS_NAMES, preference_loss, sft_nll
 from tests.helpers import REPO
 
@@ -104,6 +108,9 @@ class _Accelerator:
     def gather_for_metrics(self, tensor):
         return tensor
 
+    def autocast(self):
+        return contextlib.nullcontext()
+
 
 # The DPOConfig defaults that _compute_loss reads and the stand-in copies (checked in a test).
 _DPO_DEFAULTS = {"f_divergence_type": "reverse_kl", "ld_alpha": None, "use_weighting": False}
@@ -123,8 +130,8 @@ def _dpo_stand_in(loss_types, beta, label_smoothing, loss_weights, discopop_tau,
         use_weighting=_DPO_DEFAULTS["use_weighting"],
         precompute_ref_logps=True,
         aux_loss_enabled=False,
-        args=SimpleNamespace(discopop_tau=discopop_tau),
-        model=SimpleNamespace(training=True),
+        args=SimpleNamespace(discopop_tau=discopop_tau, gradient_checkpointing_kwargs=None),
+        model=SimpleNamespace(training=True, is_gradient_checkpointing=False),
         accelerator=_Accelerator(),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _total_train_tokens=0,
@@ -134,24 +141,34 @@ def _dpo_stand_in(loss_types, beta, label_smoothing, loss_weights, discopop_tau,
 
 def _stand_in_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths):
     """A model whose outputs give each completion the log-prob under test, spread evenly over its
-    tokens (TRL sums them; its IPO and sft terms also count them), and the batch it reads.
-    Rows are [chosen..., rejected...] with one prompt token in front, as TRL's collator lays them out."""
+    tokens (TRL sums them; its IPO and sft terms also count them), and the batch it reads."""
     logps = torch.cat([policy_chosen, policy_rejected])
     lengths = torch.cat([chosen_lengths, rejected_lengths])
+    completion_mask = _completion_mask(lengths)
+    return _token_model((logps / lengths)[:, None] * completion_mask[:, 1:]), _batch(completion_mask, ref_chosen, ref_rejected)
+
+
+def _completion_mask(lengths: torch.Tensor) -> torch.Tensor:
+    """Rows [chosen..., rejected...] with one prompt token in front, as TRL's collator lays them out."""
     positions = torch.arange(int(lengths.max()) + 1)
-    completion_mask = ((positions >= 1) & (positions <= lengths[:, None])).long()
-    shift_mask = completion_mask[:, 1:]
-    per_token_logps = (logps / lengths)[:, None] * shift_mask
+    return ((positions >= 1) & (positions <= lengths[:, None])).long()
+
+
+def _token_model(per_token_logps: torch.Tensor):
+    """A model whose forward gives these per-token log-probs (shifted: position t scores token t + 1)."""
     zeros = torch.zeros_like(per_token_logps.detach())
     outputs = SimpleNamespace(log_probs=per_token_logps, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
-    batch = {
+    return lambda **kwargs: outputs
+
+
+def _batch(completion_mask, ref_chosen, ref_rejected) -> dict:
+    return {
         "input_ids": torch.zeros_like(completion_mask),
         "attention_mask": torch.ones_like(completion_mask),
         "completion_mask": completion_mask,
         "ref_chosen_logps": ref_chosen,
         "ref_rejected_logps": ref_rejected,
     }
-    return (lambda **kwargs: outputs), batch
 
 
 def trl_dpo(loss_types, inputs, lengths, *, beta, label_smoothing=0.0, loss_weights=None, discopop_tau=0.05, **f_divergence):
@@ -524,3 +541,89 @@ def test_stand_in_uses_trl_defaults():
     defaults = {f.name: f.default for f in dataclasses.fields(DPOConfig)}
     assert {key: defaults[key] for key in _DPO_DEFAULTS} == _DPO_DEFAULTS
     assert "precompute_ref_log_probs" in defaults and "discopop_tau" in defaults
+
+
+def per_token_inputs(seed: int, pairs: int = PAIRS):
+    """Per-token log-probs of policy (a float64 leaf with grad) and reference, [2 * pairs, L] in
+    TRL's shifted layout (rows chosen..., rejected...; 0 past each completion), and the (chosen,
+    rejected) lengths: random, with every third pair of equal lengths (no tail on either side)."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen_n, rejected_n = (torch.randint(1, 9, (pairs,), generator=generator) for _ in range(2))
+    rejected_n[::3] = chosen_n[::3]
+    mask = _completion_mask(torch.cat([chosen_n, rejected_n]))[:, 1:]
+    reference = -3 * torch.rand(mask.shape, generator=generator, dtype=torch.float64) * mask
+    policy = (reference + 0.5 * torch.randn(mask.shape, generator=generator, dtype=torch.float64)) * mask
+    return policy.requires_grad_(True), reference, (chosen_n, rejected_n)
+
+
+def packed_sequences(per_token: torch.Tensor, lengths, normalize: str = "sum") -> SequenceLogps:
+    """The per-token log-probs of TRL's rows as our packed row lists them (chosen_0, rejected_0,
+    chosen_1, ...), summed per sequence (``logps`` as ``normalize`` asks), with LD-DPO's tail sums
+    (``response_tail_sums``)."""
+    counts = torch.stack(lengths, dim=1).flatten()  # [2 * pairs]: chosen_i, rejected_i
+    pairs = len(lengths[0])
+    rows = torch.stack([torch.arange(pairs), torch.arange(pairs) + pairs], dim=1).flatten()
+    token_logps = torch.cat([per_token[row, :n] for row, n in zip(rows.tolist(), counts.tolist())])
+    sequence = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    sums = token_logps.new_zeros(len(counts)).index_add(0, sequence, token_logps)
+    tails = response_tail_sums(token_logps, sequence, counts)
+    return SequenceLogps(logps=normalized_logps(sums, counts, normalize), sum_logps=sums, token_counts=counts, tail_logps=tails)
+
+
+def ours_ld(settings: dict, ld_alpha, policy, reference, lengths):
+    """Our (losses, chosen rewards, rejected rewards) of loss ``settings`` with ``ld_alpha``: the
+    engine's loss_logps of the policy's sums and tail sums; the reference's sums and tail sums as the
+    cache stores them, made LD-DPO's as the store's lookup does (``desensitized_sums``) and
+    normalised as the engine's reference_logps does; then the engine's loss."""
+    from dpo_dist.config import config_from_dict
+    from dpo_dist.engine import loss_logps, weighted_preference_loss
+
+    cfg = config_from_dict({"loss": {"beta": 0.3, "ld_alpha": ld_alpha, **settings}})
+    normalize = cfg.loss.logp_normalization
+    policy_logps = split_pairs(loss_logps(cfg, packed_sequences(policy, lengths, normalize)))
+    ref_sums = split_pairs(packed_sequences(reference, lengths).desensitized_sums(ld_alpha))
+    ref_logps = [normalized_logps(sums, n, normalize) for sums, n in zip(ref_sums, lengths)]
+    return weighted_preference_loss(cfg, (*policy_logps, *ref_logps), {})
+
+
+LD_CASES = {
+    "sigmoid": {"name": "sigmoid"},
+    "sigmoid-js": {"name": "sigmoid", "f_divergence_type": "js_divergence"},
+    "bco_pair": {"name": "bco_pair"},
+    "ipo-mean": {"name": "ipo", "logp_normalization": "mean"},
+}
+
+
+@pytest.mark.parametrize("case", list(LD_CASES))
+@pytest.mark.parametrize("ld_alpha", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ld_dpo_matches_trl_ld_alpha(case, ld_alpha, seed):
+    """loss.ld_alpha against TRL's ld_alpha on the same per-token log-probs (``ours_ld``): TRL's
+    precompute pass (compute_ref_log_probs) gives the reference's LD log-probs, its _compute_loss
+    the policy's and the loss. Loss, gradients w.r.t. each policy token log-prob and rewards agree
+    (IPO's rewards are per token in ours, as without LD). ld_alpha = 1 is plain DPO."""
+    settings = LD_CASES[case]
+    policy, reference, lengths = per_token_inputs(seed)
+    completion_mask = _completion_mask(torch.cat(lengths))
+    stand_in = _dpo_stand_in([settings["name"]], 0.3, 0.0, None, 0.05, settings.get("f_divergence_type"))
+    stand_in.ld_alpha, stand_in.ref_model = ld_alpha, _token_model(reference)  # a separate reference model (no PEFT)
+    with float64_default():
+        ref_batch = {"input_ids": completion_mask, "completion_mask": completion_mask}
+        ref_chosen, ref_rejected = DPOTrainer.compute_ref_log_probs(stand_in, stand_in.ref_model, ref_batch)
+        batch = _batch(completion_mask, ref_chosen, ref_rejected)
+        trl_loss = DPOTrainer._compute_loss(stand_in, _token_model(policy), batch, return_outputs=False)
+    trl_chosen, trl_rejected = stand_in.accelerator.gathered[:2]
+    ours, chosen_rewards, rejected_rewards = ours_ld(settings, ld_alpha, policy, reference, lengths)
+
+    torch.testing.assert_close(ours.mean(), trl_loss, rtol=1e-10, atol=1e-12)
+    got, want = (torch.autograd.grad(loss, policy, retain_graph=True)[0] for loss in (ours.mean(), trl_loss))
+    # On the completions' tokens: TRL's masks also cover the padding after a completion, where
+    # its model's log-probs are the constant 0 (the stand-in's would carry a gradient).
+    completion = completion_mask[:, 1:].bool()
+    torch.testing.assert_close(got[completion], want[completion], rtol=1e-9, atol=1e-12)
+    scale = lengths if settings.get("logp_normalization") == "mean" else (1, 1)
+    torch.testing.assert_close(chosen_rewards * scale[0], trl_chosen, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(rejected_rewards * scale[1], trl_rejected, rtol=1e-10, atol=1e-12)
+    # Some pairs differ in length, so the tails change the loss, unless ld_alpha = 1 (exactly DPO).
+    plain = ours_ld(settings, None, policy, reference, lengths)[0]
+    assert torch.equal(ours, plain) == (ld_alpha == 1.0)

@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -110,11 +111,16 @@ def read_rows(cache_dir: Path) -> pa.Table:
 
 def hf_response_logps(model, prompt_ids, response_ids) -> float:
     """Summed log-probs of the response tokens, one plain unpacked HF forward."""
+    return sum(hf_token_logps(model, prompt_ids, response_ids))
+
+
+def hf_token_logps(model, prompt_ids, response_ids) -> list[float]:
+    """The log-prob of each response token, one plain unpacked HF forward."""
     ids = torch.tensor(np.concatenate([prompt_ids, response_ids]), dtype=torch.long)
     logits = model(input_ids=ids.unsqueeze(0), use_cache=False).logits[0].double()
     log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
     start = len(prompt_ids)
-    return sum(float(log_probs[p - 1, ids[p]]) for p in range(start, len(ids)))
+    return [float(log_probs[p - 1, ids[p]]) for p in range(start, len(ids))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,26 +403,110 @@ def test_shards_without_manifest_are_refused_not_overwritten(setup, built, tmp_p
         setup.ensure(cache)
 
 
+def run_fingerprints(setup, max_length=MAX_LENGTH, **groups):
+    """``fingerprints_from_config`` of a run on the setup's model and data with these config groups."""
+    cfg = DPOConfig(
+        model=ModelConfig(path=str(setup.model_dir)),
+        data=DataConfig(train_path=str(setup.data_path), max_length=max_length),
+        train=TrainConfig(micro_batch_tokens=512),
+        **groups,
+    )
+    return ref.fingerprints_from_config(cfg, setup.tokenizer, setup.data_path, dtype="fp32")
+
+
 def test_beta_and_lr_are_not_inputs(setup):
-    def config(max_length=MAX_LENGTH, **groups):
-        return DPOConfig(
-            model=ModelConfig(path=str(setup.model_dir)),
-            data=DataConfig(train_path=str(setup.data_path), max_length=max_length),
-            train=TrainConfig(micro_batch_tokens=512),
-            **groups,
-        )
-
-    def fingerprints(cfg):
-        return ref.fingerprints_from_config(cfg, setup.tokenizer, setup.data_path, dtype="fp32")
-
-    base = fingerprints(config(loss=LossConfig(beta=0.1), optim=OptimConfig(lr=1e-3)))
-    swept = fingerprints(config(loss=LossConfig(beta=0.5), optim=OptimConfig(lr=1e-7)))
+    base = run_fingerprints(setup, loss=LossConfig(beta=0.1), optim=OptimConfig(lr=1e-3))
+    swept = run_fingerprints(setup, loss=LossConfig(beta=0.5), optim=OptimConfig(lr=1e-7))
     assert swept == base == setup.fingerprints
     assert ref.default_cache_dir(ref.combined_fingerprint(swept)) == ref.default_cache_dir(
         ref.combined_fingerprint(base)
     )
-    longer = fingerprints(config(max_length=80))
+    longer = run_fingerprints(setup, max_length=80)
     assert longer["settings"] != base["settings"]
+
+
+def test_ld_runs_fingerprint_the_tail_sums_not_ld_alpha(setup, built):
+    """loss.ld_alpha: the cache must hold tail sums, which the settings record (``tail_logps``), so a
+    cache without them is refused, naming the setting; ld_alpha's value is not recorded (a sweep over
+    it shares one cache). Without ld_alpha the settings, and so every existing cache's fingerprint,
+    are what they were; an SFT stage has no tails either."""
+    plain = run_fingerprints(setup)
+    assert plain == setup.fingerprints
+    assert set(plain["settings_values"]) == {
+        "max_length", "truncation", "dtype", "logp_reduction", "format_version", "tokenization_format"
+    }
+    ld = run_fingerprints(setup, loss=LossConfig(ld_alpha=0.5))
+    assert ld == run_fingerprints(setup, loss=LossConfig(ld_alpha=0.0, beta=0.3)) == setup.fingerprints_for(tail_logps=True)
+    assert ld["settings_values"] == plain["settings_values"] | {"tail_logps": True}
+    assert {k: ld[k] for k in ("model", "tokenizer", "data")} == {k: plain[k] for k in ("model", "tokenizer", "data")}
+    assert run_fingerprints(setup, stage="sft", loss=LossConfig(ld_alpha=0.5)) == plain
+    with pytest.raises(ReferenceCacheError, match=re.escape("reference settings changed (tail_logps None -> True)")):
+        setup.open(built[0], fingerprints=ld)
+
+
+@pytest.fixture(scope="module")
+def built_tails(setup, tmp_path_factory):
+    """(cache, fingerprints, dataset) of a complete cache for LD-DPO runs (with tail sums), built
+    once, of pairs whose responses differ in length either way (or not at all: every third)."""
+    root = tmp_path_factory.mktemp("tails")
+    with open(root / "pairs.jsonl", "w") as f:
+        for i in range(NUM_PAIRS):
+            chosen, rejected = f"{i}" * (1 + i % 4), f"{i + 1}" * (1 + i % 4 if i % 3 == 0 else 1 + (i * 7) % 5)
+            f.write(json.dumps({"prompt": f"{i}+{i}=", "chosen": chosen, "rejected": rejected}) + "\n")
+    dataset = setup.load(root / "pairs.jsonl")
+    fingerprints = setup.fingerprints_for(data_path=root / "pairs.jsonl", tail_logps=True)
+    setup.ensure(root / "cache", dataset, fingerprints=fingerprints)
+    return root / "cache", fingerprints, dataset
+
+
+def test_tail_columns_are_written_only_for_ld_runs(setup, built, built_tails):
+    """A cache for LD-DPO runs adds chosen_tail_logp and rejected_tail_logp (float32): per
+    response, its response tokens' log-probs past the shorter response of its pair, from a plain
+    HF forward; its other columns hold the same numbers as a cache without them. Every other cache
+    keeps the five columns."""
+    assert read_rows(built[0]).schema == ref.SCHEMA
+    assert json.loads((built[0] / "manifest.json").read_text())["columns"] == ref.SCHEMA.names
+    table = read_rows(built_tails[0])
+    names = [*ref.SCHEMA.names, "chosen_tail_logp", "rejected_tail_logp"]
+    assert table.column_names == names and table.schema.field("chosen_tail_logp").type == pa.float32()
+    manifest = json.loads((built_tails[0] / "manifest.json").read_text())
+    assert manifest["columns"] == names and manifest["settings"]["tail_logps"] is True
+    plain = LlamaForCausalLM.from_pretrained(setup.model_dir).eval()
+    rows = {row["example_id"]: row for row in table.to_pylist()}
+    tails = []
+    with torch.no_grad():
+        for pair in built_tails[2]:
+            shared = min(len(pair.chosen_ids), len(pair.rejected_ids))
+            for side, response in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
+                token_logps = hf_token_logps(plain, pair.prompt_ids, response)
+                assert rows[pair.example_id][f"{side}_logp"] == pytest.approx(sum(token_logps), rel=1e-5)
+                assert rows[pair.example_id][f"{side}_tail_logp"] == pytest.approx(sum(token_logps[shared:]), rel=1e-5, abs=1e-6)
+                tails.append(sum(token_logps[shared:]))
+    assert sum(t < 0 for t in tails) >= NUM_PAIRS // 2 and sum(t == 0 for t in tails) > NUM_PAIRS  # unequal and equal pairs
+    assert ref.verify_cache(built_tails[0]) == []
+    assert "tail_logps=True" in "\n".join(ref.describe_cache(built_tails[0]))
+
+
+def test_ld_lookup_gives_ld_dpo_sums(setup, built, built_tails):
+    """lookup(..., ld_alpha) and RunReference(ld_alpha=...) give sum - (1 - alpha) * tail (per token
+    with normalize="mean"); a cache without tails refuses an ld_alpha."""
+    cache, fingerprints, dataset = built_tails
+    store = ReferenceStore.open(cache, fingerprints, dataset.example_ids)
+    table = read_rows(cache).to_pandas().set_index("example_id")
+    ids = np.array([7, 1, 8, 2])
+    assert (table.loc[ids, "chosen_tail_logp"] + table.loc[ids, "rejected_tail_logp"] < 0).all()  # pairs of unequal lengths
+    chosen, rejected = store.lookup(ids, ld_alpha=0.3)
+    for side, got in (("chosen", chosen), ("rejected", rejected)):
+        want = table.loc[ids, f"{side}_logp"].to_numpy() - 0.7 * table.loc[ids, f"{side}_tail_logp"].to_numpy()
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+    mean_chosen, _ = store.lookup(ids, normalize="mean", ld_alpha=0.3)
+    np.testing.assert_allclose(mean_chosen.numpy(), chosen.numpy() / table.loc[ids, "chosen_tokens"].to_numpy(), rtol=1e-6)
+    assert [t.tolist() for t in store.lookup(ids, ld_alpha=1.0)] == [t.tolist() for t in store.lookup(ids)]
+    run = ref.RunReference(cache_dir=cache, computed=False, train=store, eval=None, ld_alpha=0.3)
+    batch = collate_packed([dataset[i] for i in (2, 5)])
+    assert [t.tolist() for t in run.logps(batch)] == [t.tolist() for t in store.lookup([2, 5], ld_alpha=0.3)]
+    with pytest.raises(ReferenceCacheError, match="has no tail sums"):
+        setup.open(built[0]).lookup(ids, ld_alpha=0.3)
 
 
 def test_forward_dtype_must_match_the_fingerprint(setup, tmp_path):
