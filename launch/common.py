@@ -59,7 +59,7 @@ def check_words(prog: str, argv: list[str]) -> None:
     """Exit 2 with one line on a word that is neither an override nor a Hydra flag (``dpo-train
     train``, ``loss.beta = 0.5``): Hydra would answer with a multi-line grammar error."""
     for before, word in zip([None, *argv], argv):
-        if word.startswith("-") or "=" in word or before in _VALUE_FLAGS:
+        if word.startswith(("-", "~")) or "=" in word or before in _VALUE_FLAGS:  # ~key deletes a key
             continue
         fail(prog, f"{word!r} is not an override: write key=value, without spaces around '=' (e.g. loss.beta=0.5)")
 
