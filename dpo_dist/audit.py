@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpo_dist.data import PreferenceRecord, Problem, encode_records, read_preferences
+from dpo_dist.data import DataError, PreferenceRecord, Problem, encode_records, read_preferences
 
 log = logging.getLogger("dpo_dist.audit")
 
@@ -108,9 +108,13 @@ def record_text(record: PreferenceRecord) -> str:
 
 
 def audit(path: str, tokenizer, *, eval_path: str | None = None, max_length: int = 512) -> AuditResult:
-    """Run every check on ``path`` (and leakage against ``eval_path``)."""
+    """Run every check on ``path`` (and leakage against ``eval_path``); a file without records
+    raises ``DataError`` (``PATH: no records``), as training does."""
     train = read_preferences(path)
     evaluation = read_preferences(eval_path) if eval_path else None
+    for read in (train, evaluation):
+        if read is not None and not read.num_records:
+            raise DataError(f"{read.path}: no records")  # as training refuses it: nothing to audit
     result = AuditResult(train.path, eval_path, len(train.records), evaluation.num_records if evaluation else 0, max_length)
     where = {r.example_id: f"{train.path}:{r.line}" for r in train.records}
     for problem in [*train.problems, *(evaluation.problems if evaluation else [])]:

@@ -32,11 +32,22 @@ class ExportError(ValueError):
     """The checkpoint cannot be exported (one line saying why)."""
 
 
+RUN_FILES = ("config.yaml", "run_info.json", "metrics.jsonl")
+"""Files a run directory holds (``dpo_dist.runinfo``): a directory with one is a run, not a checkpoint."""
+
+
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str, Path]:
     """(checkpoints dir, tag, run dir) for a run dir, a checkpoints dir or one checkpoint dir."""
+    given = path
     path = Path(path).resolve()
+    if not path.exists():
+        raise ExportError(f"{given}: does not exist")
+    if not path.is_dir():
+        raise ExportError(f"{given}: not a directory (give a run dir, its checkpoints/ dir or one checkpoint dir)")
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
+    elif any((path / name).is_file() for name in RUN_FILES):
+        raise ExportError(f"{path}: no checkpoints under {path / 'checkpoints'}")
     if path.name == "checkpoints":
         done = sorted(p.name for p in path.iterdir() if (p / "COMPLETE").exists())
         if not done:
@@ -47,6 +58,27 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str, Path]:
     return path.parent, path.name, path.parent.parent
 
 
+SHARD_SIZE_HINT = "not a size: give a positive number and a unit (KB, MB, GB or TB), e.g. 5GB"
+
+
+def parse_shard_size(size: str | int) -> int:
+    """``size`` (``max_shard_size``: a number and a unit, KB, MB, GB or TB, e.g. ``5GB``; or bytes
+    as an int) in bytes; ``ExportError`` (``SHARD_SIZE_HINT``) when it is not one. Checked up
+    front: the shard writer would only read it once the whole checkpoint is consolidated."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        try:
+            value = parse_size_to_int(str(size))
+        except ValueError:
+            value = 0
+    if value <= 0:
+        raise ExportError(SHARD_SIZE_HINT)
+    return value
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -54,6 +86,10 @@ def export_checkpoint(
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
     """Write a Hugging Face model (safetensors + config + tokenizer) for ``checkpoint`` to ``out_dir``."""
+    try:  # before any work: consolidating a 70B checkpoint takes long
+        parse_shard_size(max_shard_size)
+    except ExportError as exc:
+        raise ExportError(f"max_shard_size={max_shard_size!r}: {exc}") from None
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoTokenizer
 

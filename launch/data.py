@@ -1,12 +1,21 @@
 """``dpo-data``: check and describe preference data files.
 
-``dpo-data check PATH [PATH ...]`` prints one ``PATH:LINE: reason`` line per bad record (and
-``PATH: no records`` for a file without any, which training refuses), then ``N good, M bad``; it
-exits 0 when all records are good, 1 when any is bad or a file is empty, 2 on a usage error (no
-path, a missing file, an unsupported or unreadable format).
+``dpo-data check PATH [PATH ...] [--tokenizer DIR]`` prints one ``PATH:LINE: reason`` line per
+bad record (and ``PATH: no records`` for a file without any, which training refuses), then ``N
+good, M bad`` over the files it could read; it exits 0 when all records are good, 1 when any is
+bad or a file is empty, 2 on a usage error (no path, a missing file, an unsupported or unreadable
+format, a tokenizer that cannot be loaded). Records are tokenized as training tokenizes them
+(``encode_records``), so the bad ones are exactly those training's data step refuses: invalid
+records, chat records the tokenizer's template cannot render, and pairs whose chosen and
+rejected encode to the same token ids.
+
+``--tokenizer DIR`` (check, stats, audit) is the run's tokenizer: ``model.tokenizer_path``, or
+``model.path`` when that is unset; the default is the bundled tokenizer, which the default
+``model.path`` holds. ``--max-length N`` (stats, audit) defaults to ``DataConfig.max_length``.
 
 ``dpo-data stats PATH [--tokenizer DIR] [--max-length N]`` prints record counts, token-length
-percentiles and how many pairs ``data.max_length=N`` would truncate.
+percentiles and how many pairs ``data.max_length=N`` would truncate. A file without records is
+refused as training refuses it (``PATH: no records``, exit 2).
 
 ``dpo-data audit PATH [--eval PATH] [--out DIR] [--tokenizer DIR] [--max-length N]`` prints one
 ``name: count`` line per check (``dpo_dist.audit.CHECKS``; ``leakage: -`` without ``--eval``: not
@@ -34,10 +43,16 @@ from pathlib import Path
 
 import numpy as np
 
-from dpo_dist.data import DataError, bundled_tokenizer_path, encode_records, read_preferences
+from dpo_dist.config import DataConfig
+from dpo_dist.data import DataError, ReadResult, bundled_tokenizer_path, encode_records, read_preferences
 from launch.common import ArgumentParser
 
 EXIT_OK, EXIT_BAD_DATA, EXIT_USAGE = 0, 1, 2
+DEFAULT_MAX_LENGTH = DataConfig.max_length
+"""``--max-length``'s default: the config schema's ``data.max_length`` (one default for every subcommand)."""
+_CHECK_CHUNK = 16384
+"""Records ``dpo-data check`` encodes at a time (``encode_records`` batches within): its memory
+stays bounded on big files, as it keeps only counts and problems, not token ids."""
 
 
 @dataclass(frozen=True)
@@ -77,11 +92,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help=".jsonl, .json, .parquet or datasets dir")
+    _tokenizer_argument(parser)
+
+
+def _tokenizer_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tokenizer", metavar="DIR", default=None,
+        help="the run's tokenizer: its model.tokenizer_path, or model.path when unset "
+        "(default: the bundled one, as the default model.path)",
+    )
+
+
+def _max_length_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument(
+        "--max-length", type=int, default=DEFAULT_MAX_LENGTH, metavar="N",
+        help=f"{help} (default: %(default)s, data.max_length's default in the config schema)",
+    )
 
 
 def run_check(args: argparse.Namespace) -> int:
+    # Before any output: a --tokenizer that cannot be loaded is a usage error, not a bad file.
+    tokenizer = _load_tokenizer(args.tokenizer or bundled_tokenizer_path())
     good = bad = 0
-    unreadable = empty = False
+    read = unreadable = empty = False
     for path in args.paths:
         try:
             result = read_preferences(path)
@@ -90,17 +123,40 @@ def run_check(args: argparse.Namespace) -> int:
             print(f"dpo-data: error: {e}", file=sys.stderr)
             unreadable = True
             continue
-        for problem in result.problems:
+        read = True
+        num_good, problems = _check_records(result, tokenizer)
+        for problem in problems:
             print(problem)
         if not result.num_records:
             print(f"{path}: no records")
             empty = True
-        good += len(result.records)
-        bad += len(result.problems)
-    print(f"{good} good, {bad} bad")
+        good += num_good
+        bad += len(problems)
+    if read:  # no summary of files that could not be read: "0 good, 0 bad" would say they were
+        print(f"{good} good, {bad} bad")
     if unreadable:
         return EXIT_USAGE
     return EXIT_BAD_DATA if bad or empty else EXIT_OK
+
+
+def _check_records(result: ReadResult, tokenizer) -> tuple[int, list]:
+    """(good records, every problem in line order) of one file, as training's data step finds
+    them: the read problems, then what tokenizing finds (a chat template that fails, chosen and
+    rejected that encode to the same ids)."""
+    unencodable: list = []
+    good = 0
+    for start in range(0, len(result.records), _CHECK_CHUNK):
+        chunk = result.records[start : start + _CHECK_CHUNK]
+        good += len(encode_records(chunk, tokenizer, source=result.path, problems=unencodable))
+    return good, sorted(result.problems + unencodable, key=lambda problem: problem.line)
+
+
+def _read_records(path: str) -> ReadResult:
+    """``read_preferences``, refusing a file without records as training does (``PATH: no records``)."""
+    result = read_preferences(path)
+    if not result.num_records:
+        raise DataError(f"{result.path}: no records")
+    return result
 
 
 # ---- stats ---------------------------------------------------------------------------------------
@@ -110,17 +166,15 @@ _PERCENTILES = (50, 90, 99)
 
 def _stats_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="PATH", help=".jsonl, .json, .parquet or datasets dir")
-    parser.add_argument(
-        "--tokenizer", metavar="DIR", default=None, help="local tokenizer folder (default: the bundled one)"
-    )
-    parser.add_argument("--max-length", type=int, default=1024, metavar="N", help="data.max_length to test")
+    _tokenizer_argument(parser)
+    _max_length_argument(parser, "data.max_length to test")
 
 
 def run_stats(args: argparse.Namespace) -> int:
     if args.max_length < 1:
         raise UsageError(f"--max-length must be positive, got {args.max_length}")
     tokenizer = _load_tokenizer(args.tokenizer or bundled_tokenizer_path())
-    result = read_preferences(args.path)
+    result = _read_records(args.path)
     unencodable: list = []  # chat records the template cannot render, responses that encode identically
     pairs = encode_records(result.records, tokenizer, source=result.path, problems=unencodable)
     print(f"{result.path}: {result.num_records} records, {len(result.problems) + len(unencodable)} bad, {len(pairs)} pairs")
@@ -153,10 +207,13 @@ def _load_tokenizer(directory: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as e:
         one_line = " ".join(str(e).split()) or type(e).__name__
         raise UsageError(f"--tokenizer {directory}: cannot load a tokenizer: {one_line}") from None
+    if tokenizer.eos_token_id is None:  # training refuses it too (encode_records), for every file
+        raise UsageError(f"--tokenizer {directory}: the tokenizer has no EOS token; responses must end with one")
+    return tokenizer
 
 
 # ---- shards --------------------------------------------------------------------------------------
@@ -200,10 +257,8 @@ def _audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="PATH", help="preference data to audit (.jsonl, .json, .parquet, datasets dir)")
     parser.add_argument("--eval", metavar="PATH", default=None, help="held-out data: count prompts leaked from PATH")
     parser.add_argument("--out", metavar="DIR", default="audit", help="where audit.md and audit.png go (default: ./audit)")
-    parser.add_argument(
-        "--tokenizer", metavar="DIR", default=None, help="local tokenizer folder (default: the bundled one)"
-    )
-    parser.add_argument("--max-length", type=int, default=512, metavar="N", help="data.max_length for the truncation count")
+    _tokenizer_argument(parser)
+    _max_length_argument(parser, "data.max_length for the truncation count")
 
 
 def _make_dir(flag: str, directory: Path) -> None:

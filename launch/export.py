@@ -24,8 +24,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
-    from dpo_dist.export import DEFAULT_MAX_SHARD_SIZE, ExportError, export_checkpoint, resolve_checkpoint
+    from dpo_dist.export import (
+        DEFAULT_MAX_SHARD_SIZE,
+        ExportError,
+        export_checkpoint,
+        parse_shard_size,
+        resolve_checkpoint,
+    )
 
+    if args.max_shard_size is not None:
+        try:
+            parse_shard_size(args.max_shard_size)
+        except ExportError as exc:
+            print(f"dpo-export: error: --max-shard-size {args.max_shard_size}: {exc}", file=sys.stderr)
+            return 2
     try:
         _, tag, run_dir = resolve_checkpoint(args.checkpoint)
         out = export_checkpoint(

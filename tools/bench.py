@@ -606,6 +606,26 @@ def without_torchrun_variables():
         os.environ.update(saved)
 
 
+def out_problem(path: str) -> str | None:
+    """Why the report cannot be written to ``path`` (a folder, a folder of it that cannot be
+    created, one where no file can be made), or None. Creates the folder; leaves no file behind."""
+    out = Path(path)
+    if out.is_dir():
+        return "is a directory"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # it, or a folder above it, is a file
+        return f"cannot create the directory {out.parent}: a file is in the way"
+    except OSError as e:
+        return f"cannot create the directory {out.parent}: {e.strerror or e}"
+    try:
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as e:  # EACCES, EROFS, ...
+        return f"cannot write in {out.parent}: {e.strerror or e}"
+    return None
+
+
 def write_report(path: str, report: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(report, indent=2) + "\n")
@@ -676,6 +696,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-trl", action="store_true", help="only our systems (smoke tests)")
     parser.add_argument("--zero-stage", type=int, default=3, choices=(0, 1, 2, 3))
     args = parser.parse_args(argv)
+    problem = out_problem(args.out)
+    if problem:  # before measuring: the report is first written after the first system ran
+        print(f"dpo-bench: error: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     from dpo_dist.attention import AttentionBackendError
     from dpo_dist.config import ConfigError

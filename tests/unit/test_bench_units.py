@@ -194,3 +194,25 @@ def test_script_imports_the_checkout_before_other_copies(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "usage: dpo-bench" in result.stdout
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_directory"])
+def test_an_unwritable_out_is_refused_before_measuring(tmp_path, monkeypatch, capsys, where):
+    """--out is checked before the first system runs, not by the report write after it."""
+
+    def must_not_run(args):
+        raise AssertionError("the bench ran")
+
+    monkeypatch.setattr(bench, "run", must_not_run)
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "b.json" if where == "under_a_file" else tmp_path
+    assert bench.main(["--preset", "cpu-smoke", "--skip-trl", "--steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    reason = f"cannot create the directory {out.parent}: a file is in the way" if where == "under_a_file" else "is a directory"
+    assert err == f"dpo-bench: error: --out {out}: {reason}\n"
+
+
+def test_out_folder_is_created_before_measuring_and_no_probe_is_left(tmp_path, stubs):
+    code, report = bench_main(tmp_path / "new" / "dir")
+    assert code == 0 and sorted(p.name for p in (tmp_path / "new" / "dir").iterdir()) == ["bench.json"]

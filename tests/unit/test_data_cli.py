@@ -1,12 +1,18 @@
 """``dpo-data check`` and ``dpo-data stats``: exact output and exit codes."""
 
+import json
+import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
-from launch.data import main
+from dpo_dist.config import DataConfig
+from dpo_dist.data import DataError, bundled_tokenizer_path, load_tokenized
+from launch.data import build_parser, main
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = "tests/fixtures/data"
@@ -107,3 +113,111 @@ def test_generate_refuses_a_tie_margin_with_the_rule_judge(tmp_path, capsys):
     # The default margin with the rule judge gets past that check (to the next one, here).
     assert main([*common, "--model", str(tmp_path / "none"), "--tie-margin", "0"]) == 2
     assert capsys.readouterr().err == f"dpo-data: error: --model {tmp_path / 'none'}: not a directory\n"
+
+
+# ---- check tokenizes as training does ------------------------------------------------------------
+
+UNTOKENIZABLE = [
+    {"prompt": "1+1=", "chosen": "2", "rejected": "3"},  # 1: good
+    {"prompt": [{"role": "usr", "content": "2+2="}], "chosen": "4", "rejected": "5"},  # 2: template fails
+    {"prompt": "3+3=", "chosen": "6</s>", "rejected": "6"},  # 3: same ids (EOS is appended when missing)
+    {"prompt": "4+4="},  # 4: invalid record
+]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_check_reports_exactly_what_training_refuses(tmp_path, capsys, caplog):
+    """The records training's data step refuses (read problems, a chat template that fails, chosen
+    and rejected that encode alike) are the ones check lists: its hint sends users there."""
+    path = write_jsonl(tmp_path / "d.jsonl", UNTOKENIZABLE)
+    assert main(["check", str(path)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"{path}:2: chat template failed: unknown chat role: usr",
+        f"{path}:3: chosen and rejected encode to the same token ids",
+        f"{path}:4: missing key 'chosen'",
+        "1 good, 3 bad",
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(bundled_tokenizer_path(), local_files_only=True)
+    # data.on_invalid=skip drops exactly these records (and logs them in the same words) ...
+    with caplog.at_level(logging.WARNING, logger="dpo_dist.data"):
+        dataset = load_tokenized(path, tokenizer, DataConfig.max_length, on_invalid="skip")
+    assert len(dataset) == 1
+    assert [m.strip() for m in caplog.messages if m.startswith("  ")] == lines[:3]
+    # ... and data.on_invalid=error refuses the file for them (for the read problems first, before
+    # tokenizing; check lists all at once).
+    path = write_jsonl(tmp_path / "d.jsonl", UNTOKENIZABLE[:3])
+    with pytest.raises(DataError, match=f"2 invalid records \\(first: {path}:2: chat template failed"):
+        load_tokenized(path, tokenizer, DataConfig.max_length)
+    assert main(["check", str(path)]) == 1
+    assert capsys.readouterr().out.splitlines() == [*lines[:2], "1 good, 2 bad"]
+
+
+def test_check_uses_the_given_tokenizer(tmp_path, capsys):
+    """--tokenizer is the run's tokenizer: one without a chat template cannot render chat records."""
+    plain = tmp_path / "plain"
+    shutil.copytree(bundled_tokenizer_path(), plain)
+    (plain / "chat_template.jinja").unlink()
+    chat = {"prompt": [{"role": "user", "content": "2+2="}], "chosen": "4", "rejected": "5"}
+    path = write_jsonl(tmp_path / "d.jsonl", [chat])
+    assert main(["check", str(path)]) == 0
+    assert capsys.readouterr().out == "1 good, 0 bad\n"
+    assert main(["check", str(path), "--tokenizer", str(plain)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{path}:1: chat messages need a tokenizer with a chat template",
+        "0 good, 1 bad",
+    ]
+    assert main(["check", str(path), "--tokenizer", str(tmp_path / "none")]) == 2
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", f"dpo-data: error: --tokenizer {tmp_path / 'none'}: not a directory\n")
+
+
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [
+        ("dir", None, "a directory must be a dataset saved with save_to_disk"),
+        ("missing.jsonl", "", "no such file or directory"),
+        ("d.csv", "prompt,chosen,rejected\n", "unsupported format '.csv'"),
+        ("d.json", '{"prompt": "p", "chosen": "a", "rejected": "b"}', "a .json file must hold a list of records, got object"),
+    ],
+)
+def test_check_prints_no_summary_when_no_file_could_be_read(tmp_path, capsys, name, content, reason):
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    elif name != "missing.jsonl":
+        path.write_text(content)
+    assert main(["check", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"dpo-data: error: {path}: {reason}") and captured.err.count("\n") == 1
+
+
+# ---- stats and audit -----------------------------------------------------------------------------
+
+
+def test_max_length_has_one_default_from_the_config_and_help_shows_it(capsys):
+    parser = build_parser()
+    for command in ("stats", "audit"):
+        assert parser.parse_args([command, "x.jsonl"]).max_length == DataConfig.max_length
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        assert f"(default: {DataConfig.max_length}," in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("command", ["stats", "audit", "audit --eval"])
+def test_stats_and_audit_refuse_a_file_without_records_as_training_does(tmp_path, capsys, command):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    if command == "audit --eval":
+        good = write_jsonl(tmp_path / "good.jsonl", UNTOKENIZABLE[:1])
+        args = ["audit", str(good), "--eval", str(empty), "--out", str(tmp_path / "out")]
+    else:
+        args = [command, str(empty), *(["--out", str(tmp_path / "out")] if command == "audit" else [])]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", f"dpo-data: error: {empty}: no records\n")

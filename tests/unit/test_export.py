@@ -12,7 +12,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from dpo_dist import export
-from dpo_dist.export import ExportError, save_consolidated
+from dpo_dist.export import ExportError, export_checkpoint, save_consolidated
+from launch.export import main as export_main
 from tests.unit.tiny_models import seeded, tiny_llama_config
 
 
@@ -114,3 +115,39 @@ def test_the_base_models_generation_config_is_kept(tmp_path):
     GenerationConfig(eos_token_id=[2, 7], do_sample=True, temperature=0.6).save_pretrained(tmp_path / "chat")
     kept = base_generation_config(str(tmp_path / "chat"), model.config)
     assert kept.eos_token_id == [2, 7] and kept.temperature == 0.6
+
+
+# ---- dpo-export's one-line errors ------------------------------------------------------------------
+
+
+def test_a_missing_path_and_a_run_without_checkpoints_say_so(tmp_path, capsys):
+    missing = tmp_path / "nope_dir"
+    assert export_main([str(missing)]) == 2
+    assert capsys.readouterr().err == f"dpo-export: error: {missing}: does not exist\n"
+    run = tmp_path / "run"  # a run that has not saved a checkpoint yet
+    run.mkdir()
+    (run / "config.yaml").write_text("stage: dpo\n")
+    assert export_main([str(run)]) == 2
+    run = run.resolve()
+    assert capsys.readouterr().err == f"dpo-export: error: {run}: no checkpoints under {run / 'checkpoints'}\n"
+    (tmp_path / "step_1").mkdir()  # a folder that is neither: still the checkpoint message
+    assert export_main([str(tmp_path / "step_1")]) == 2
+    assert "not a complete dpo_dist checkpoint (no COMPLETE marker)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", ["lots", "5XB", "0GB", "-1MB", "GB"])
+def test_a_bad_max_shard_size_is_refused_before_any_work(tmp_path, capsys, monkeypatch, size):
+    """Checked up front: the shard writer reads it only after the whole checkpoint is consolidated."""
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the checkpoint was read")
+
+    monkeypatch.setattr(export, "resolve_checkpoint", must_not_run)
+    monkeypatch.setattr(export, "export_checkpoint", must_not_run)
+    assert export_main([str(tmp_path), f"--max-shard-size={size}"]) == 2
+    hint = "not a size: give a positive number and a unit (KB, MB, GB or TB), e.g. 5GB"
+    assert capsys.readouterr().err == f"dpo-export: error: --max-shard-size {size}: {hint}\n"
+    with pytest.raises(ExportError) as info:
+        export_checkpoint(tmp_path, tmp_path / "out", max_shard_size=size)
+    assert str(info.value) == f"max_shard_size={size!r}: {hint}"
+    assert export.parse_shard_size("500MB") == 500 * 10**6 and export.parse_shard_size("5gb") == 5 * 10**9
