@@ -17,6 +17,8 @@ This module depends on nothing else in dpo_dist, so any package (data, reference
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -189,3 +191,11 @@ def _update_memo(new_entries: dict[str, dict[str, Any]]) -> None:
                 "run (minutes for a large model); set $%s to a writable directory to keep the digests",
                 path, e.strerror or e, CACHE_ENV,
             )
+
+
+def release_flock(fd: int) -> None:
+    """Empty a lock file that names its holder, release its ``flock`` and close it."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)

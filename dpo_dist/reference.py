@@ -88,7 +88,6 @@ many as the busiest rank.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -117,7 +116,7 @@ from dpo_dist.data import (
     tokenizer_fingerprint,
 )
 from dpo_dist.data.cache import CACHE_FORMAT
-from dpo_dist.fingerprint import cache_root, json_sha256, model_fingerprint
+from dpo_dist.fingerprint import cache_root, json_sha256, model_fingerprint, release_flock
 from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
 from dpo_dist.memory import replicate_frozen_copy
 from dpo_dist.reference_store import (
@@ -988,13 +987,9 @@ class _CacheLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.ftruncate(self._fd, 0)
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
-        self._fd = None
+        if self._fd is not None:
+            release_flock(self._fd)
+            self._fd = None
 
     def _try_acquire(self, token: str) -> bool:
         """Rank 0: take the lock if it is free; False (the file kept open) if another job holds it."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
@@ -17,6 +16,7 @@ from typing import Any
 import yaml
 
 from dpo_dist.config import ConfigError, DPOConfig, config_from_dict
+from dpo_dist.fingerprint import release_flock
 
 log = logging.getLogger(__name__)
 
@@ -285,13 +285,9 @@ class RunLock:
         return self
 
     def release(self) -> None:
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.ftruncate(self._fd, 0)
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
-        self._fd = None
+        if self._fd is not None:
+            release_flock(self._fd)
+            self._fd = None
 
     def __enter__(self) -> RunLock:
         return self.acquire()
