@@ -235,14 +235,37 @@ def hydra_main(prog: str, task: Callable, config_name: str = "config", sweep_pre
         overrides = [o for o in overrides if not o.startswith("output_dir=")]
     sys.argv[:] = [prog, *extra, *overrides, *flags]
 
+    failed: list[str] = []
+
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)
     def _app(cfg):
         try:
             return task(cfg)
         except UserError as exc:
-            fail(prog, str(exc))
+            if not multirun:
+                fail(prog, str(exc))
+            failed.append(_failed_point(prog, str(exc)))
+        except SystemExit as exc:  # a point's ranks failed (fail() printed why); preemption stops the sweep
+            from dpo_dist.worker import PREEMPTED_EXIT_CODE
+
+            if not multirun or exc.code in (0, None, PREEMPTED_EXIT_CODE):
+                raise
+            failed.append(_failed_point(prog, f"exit status {exc.code}"))
 
     _app()
+    if failed:
+        # A local sweep goes on past a failed point (as a Slurm array does), then says which failed.
+        fail(prog, f"{len(failed)} sweep point(s) failed: {'; '.join(failed)}", status=1)
+
+
+def _failed_point(prog: str, why: str) -> str:
+    """Log a local sweep point's failure (its number and swept values) and describe it in a few words."""
+    from hydra.core.hydra_config import HydraConfig
+
+    job = HydraConfig.get().job
+    point = f"point {job.num} ({' '.join(job.override_dirname.split(',')) or 'defaults'})"
+    print(f"{prog}: error: {point}: {why}; going on with the other points", file=sys.stderr)
+    return point
 
 
 def make_directory(prog: str, path: str, key: str) -> None:

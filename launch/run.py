@@ -32,9 +32,22 @@ def launch(prog: str, cfg, task: str) -> None:
     except LaunchError as exc:
         if exc.status == 2:
             raise UserError(str(exc)) from None  # the ranks' own line
+        if task == "train":
+            record_local_failure(cfg, exc)
         # Otherwise which rank died how, with its status: a crash (1) is not a usage error, and
         # a preemption (75) must stay 75 for whatever requeues the command.
         fail(prog, str(exc), status=exit_status(exc.status))
+
+
+def record_local_failure(cfg, exc) -> None:
+    """``status.json`` for a local training run that crashed or was preempted, as a Slurm run's
+    ranks write it, so that ``dpo-report`` says ``failed``/``preempted`` (with why) instead of
+    ``incomplete``. Not for refusals (status 2): the directory may be another job's."""
+    from dpo_dist.worker import PREEMPTED_EXIT_CODE
+    from slurm.runtime import RunStatus
+
+    state = "preempted" if exc.status == PREEMPTED_EXIT_CODE else "failed"
+    RunStatus(cfg.output_dir, rank=0, job_id=None).write(state, str(exc))
 
 
 def check_run_dir(cfg) -> None:

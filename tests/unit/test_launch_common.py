@@ -237,3 +237,40 @@ def test_printing_a_composable_config_is_handed_to_hydra(monkeypatch, argv):
     handed, _ = hand_over(monkeypatch, *argv)
     overrides = [a for a in argv if "=" in a]
     assert handed == [f"hydra.job.name={PROG}", *overrides, *[a for a in argv if a not in overrides]]
+
+
+def test_a_local_sweep_goes_on_past_a_failed_point_and_names_it(tmp_path):
+    """Point 0's data has a bad record, point 1's file is empty: both run (the second is not
+    skipped because the first failed), each failure names its point, and the command exits 1."""
+    from tests.helpers import run_cli
+
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "chosen": "b"}\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    paths = f"{tmp_path / 'bad.jsonl'},{tmp_path / 'empty.jsonl'}"
+    result = run_cli(
+        "launch.train", "-m", "data=custom", f"data.train_path={paths}", "data.eval_path=null",
+        "train.max_steps=1", f"output_dir={tmp_path / 'sweep'}", "wandb.mode=disabled",
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("dpo-train: error: ")]
+    assert errors[0].startswith("dpo-train: error: point 0 (") and "missing key 'rejected'" in errors[0]
+    assert errors[1].startswith("dpo-train: error: point 1 (") and "going on with the other points" in errors[1]
+    assert errors[-1].startswith("dpo-train: error: 2 sweep point(s) failed: point 0 (")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("status, state", [(1, "failed"), (75, "preempted")])
+def test_a_crashed_local_run_says_so_in_status_json(tmp_path, status, state):
+    """dpo-report reads status.json: a local training run whose ranks crashed or were preempted
+    gets the state (and why), as a Slurm run's ranks write it, not "incomplete"."""
+    from dpo_dist.config import config_from_dict
+    from dpo_dist.launcher import LaunchError
+    from dpo_dist.report import run_status
+    from launch.run import record_local_failure
+    from slurm.runtime import read_status
+
+    cfg = config_from_dict({"output_dir": str(tmp_path)})
+    record_local_failure(cfg, LaunchError("rank 1 exited with status 1", status))
+    record = read_status(tmp_path)
+    assert record["state"] == state and record["message"] == "rank 1 exited with status 1"
+    assert run_status(tmp_path, record) == state
