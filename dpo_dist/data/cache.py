@@ -130,16 +130,16 @@ def load_tokenized(
     cached = _read_cache(files, key, shown, log) if files else None
     if cached:
         dataset, problems = cached
-        _apply_on_invalid(shown, dataset.num_invalid, problems, on_invalid, log)
+        _apply_on_invalid(shown, dataset.num_invalid, problems, on_invalid, log, tokenizer)
     else:
         result = read_preferences(shown)
         # Before tokenizing: under on_invalid=error a bad file fails fast. Under skip the drop is
         # logged once below, when the records the chat template cannot render are known too.
-        check_invalid(log, shown, result.problems, on_invalid)
+        check_invalid(log, shown, result.problems, on_invalid, tokenizer=_hint_tokenizer(tokenizer))
         unrendered: list[Problem] = []  # chat records the template cannot render
         dataset = _tokenize(result, tokenizer, max_length, truncation, key, unrendered, keep_identical)
         problems = sorted(result.problems + unrendered, key=lambda problem: problem.line)
-        _apply_on_invalid(shown, len(problems), problems, on_invalid, log)
+        _apply_on_invalid(shown, len(problems), problems, on_invalid, log, tokenizer)
         if files:
             _write_cache(files, dataset, problems)
     if not dataset.num_records:
@@ -187,10 +187,20 @@ def _sha256(state) -> str:
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
-def _apply_on_invalid(shown: str, num_invalid: int, problems: list[Problem], on_invalid: str, log) -> None:
+def _apply_on_invalid(shown: str, num_invalid: int, problems: list[Problem], on_invalid: str, log, tokenizer) -> None:
     if num_invalid:
-        check_invalid(log, shown, problems, on_invalid, total=num_invalid)
+        check_invalid(log, shown, problems, on_invalid, total=num_invalid, tokenizer=_hint_tokenizer(tokenizer))
         log_dropped(log, shown, problems, total=num_invalid)
+
+
+def _hint_tokenizer(tokenizer) -> str | None:
+    """The tokenizer directory to name in the ``dpo-data check`` hint: None for the bundled one."""
+    from dpo_dist.data import bundled_tokenizer_path
+
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    if not name or os.path.realpath(name) == os.path.realpath(bundled_tokenizer_path()):
+        return None
+    return name
 
 
 def _tokenize(

@@ -142,10 +142,12 @@ def load_preferences(
 
 
 def check_invalid(
-    log: logging.Logger, path: str, problems: list[Problem], on_invalid: str, total: int | None = None
+    log: logging.Logger, path: str, problems: list[Problem], on_invalid: str, total: int | None = None, tokenizer: str | None = None
 ) -> None:
     """Under ``on_invalid=error``, log the first ``LOGGED_PROBLEMS`` problems as ``PATH:LINE:
     reason`` lines and raise the standard ``DataError`` (``total`` if more exist than listed).
+    ``tokenizer``: the run's tokenizer directory, for the ``dpo-data check`` hint when it is not
+    the bundled one (check's default), which could find other problems.
 
     The error is one line, so it names only the first problem; the log lines let a user fix
     several at once without a round trip through ``dpo-data check``."""
@@ -159,7 +161,7 @@ def check_invalid(
     noun = "record" if total == 1 else "records"
     raise DataError(
         f"{path}: {total} invalid {noun} (first: {problems[0]}); fix them or set data.on_invalid=skip "
-        f"(run `dpo-data check {path}` to list all)"
+        f"(run `dpo-data check {path}{f' --tokenizer {tokenizer}' if tokenizer else ''}` to list all)"
     )
 
 

@@ -407,7 +407,7 @@ def test_bad_data_on_two_ranks_is_one_line_exit_2(assets, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines[-1] == (
         f"dpo-train: error: {bad}: 2 invalid records (first: {bad}:1: missing key 'rejected'); "
-        f"fix them or set data.on_invalid=skip (run `dpo-data check {bad}` to list all)"
+        f"fix them or set data.on_invalid=skip (run `dpo-data check {bad} --tokenizer {assets['model']}` to list all)"
     ), result.stderr[-2000:]
     logged = [line.split(" ERROR ", 1)[1] for line in lines if " dpo_dist.data ERROR " in line]
     assert logged == [f"{bad}:1: missing key 'rejected'", f"{bad}:2: chosen and rejected are identical"], lines

@@ -227,3 +227,18 @@ def test_cache_format_covers_dropping_identical_pairs():
     from dpo_dist.data.cache import CACHE_FORMAT
 
     assert CACHE_FORMAT >= 3
+
+
+def test_the_check_hint_names_a_tokenizer_that_is_not_the_bundled_one(data, tmp_path):
+    """dpo-data check tokenizes with the bundled tokenizer unless told: the hint of a run with
+    another tokenizer passes it on, so check finds what training found."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from dpo_dist.data import bundled_tokenizer_path
+
+    own = shutil.copytree(bundled_tokenizer_path(), tmp_path / "own_tokenizer")
+    with pytest.raises(DataError) as info:
+        load_tokenized(data, AutoTokenizer.from_pretrained(own), 40, on_invalid="error")
+    assert str(info.value).endswith(f"(run `dpo-data check {data} --tokenizer {own}` to list all)")
