@@ -290,7 +290,8 @@ def _closing_tokens(tokenizer) -> dict[str, int]:
     ends with one (a chat template's end-of-turn token) ends there."""
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     texts = set(tokenizer.all_special_tokens) | {t.content for t in added.values() if getattr(t, "special", False)}
-    texts -= {tokenizer.bos_token, tokenizer.pad_token, tokenizer.unk_token, None}
+    # EOS stays even where it doubles as PAD or BOS (Zephyr's pad is </s>, GPT-2's bos is eos).
+    texts -= {tokenizer.bos_token, tokenizer.pad_token, tokenizer.unk_token, None} - {tokenizer.eos_token}
     ids = tokenizer.convert_tokens_to_ids(sorted(texts))
     return {text: i for text, i in zip(sorted(texts), ids) if i is not None and i != tokenizer.unk_token_id}
 

@@ -262,10 +262,13 @@ def test_pair_ids_are_int32_arrays(tok, tmp_path):
         assert cached.table.schema.field(name).type.value_type == pa.int32(), name
 
 
-def test_whitespace_after_a_chat_turns_eos_is_not_scored():
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_whitespace_after_a_chat_turns_eos_is_not_scored(pad_is_eos):
     """ChatML-style templates end every turn with EOS + newline; the response ends at its EOS
-    (no newline label, no second EOS after it)."""
+    (no newline label, no second EOS after it), also where EOS doubles as the pad token (Zephyr)."""
     tok = load_tokenizer()
+    if pad_is_eos:
+        tok.pad_token = tok.eos_token
     tok.chat_template = (
         "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
