@@ -57,7 +57,7 @@ from dpo_dist.losses import (
     sft_nll,
     wpo_pair_weights,
 )
-from dpo_dist.runinfo import MetricsLog, RunLock, read_metrics, write_run_info
+from dpo_dist.runinfo import MetricsLog, claim_run_dir, read_metrics, release_run_dir, write_run_info
 
 log = logging.getLogger("dpo_dist.engine")
 
@@ -1405,13 +1405,13 @@ def train(cfg: DPOConfig) -> dict[str, float]:
     check_trainable_start(cfg)
     job = setup_job(cfg)
     # Rank 0 holds output_dir for the job (another job training into it is refused); the other
-    # ranks wait for it, or raise its refusal.
-    lock = RunLock(cfg.output_dir)
-    D.rank0_then_wait(lock.acquire)
+    # ranks wait for it, or raise its refusal. A launcher may hold it already (claim_run_dir).
+    D.rank0_then_wait(lambda: claim_run_dir(cfg.output_dir))
     try:
         return train_locked(cfg, job)
     finally:
-        lock.release()
+        if job.env.is_main:
+            release_run_dir(cfg.output_dir)
 
 
 def train_locked(cfg: DPOConfig, job: JobSetup) -> dict[str, float]:

@@ -26,7 +26,7 @@ import torch
 
 from dpo_dist.config import DPOConfig
 from dpo_dist.distributed import DistEnv, free_port
-from dpo_dist.runinfo import write_config
+from dpo_dist.runinfo import RUN_LOCK_ENV, RunDirInUse, claim_run_dir, release_run_dir, write_config
 from dpo_dist.worker import ERROR_DIR_ENV, PREEMPTED_EXIT_CODE
 
 log = logging.getLogger("dpo_dist.launcher")
@@ -101,9 +101,24 @@ def rendezvous_port(master_port: int | None) -> int:
 def run_local(cfg: DPOConfig, task: str) -> None:
     """Run ``task`` on ``cluster.nproc_per_node`` ranks of this machine and wait for them."""
     nproc = cfg.cluster.nproc_per_node
-    # Refusals first: nothing is written for a launch that cannot run.
+    # Refusals first: nothing is written for a launch that cannot run, nor into an output_dir
+    # another training job holds (its config.yaml and error files are that job's).
     check_local_gpus(nproc)
     port = rendezvous_port(cfg.cluster.master_port)
+    locked = {}
+    if task == "train":
+        try:
+            claim_run_dir(cfg.output_dir)
+        except RunDirInUse as exc:
+            raise LaunchError(str(exc), 2) from None
+        locked = {RUN_LOCK_ENV: os.path.realpath(cfg.output_dir)}  # the ranks' train() then takes it as held
+    try:
+        _run_ranks(cfg, task, nproc, port, locked)
+    finally:
+        release_run_dir(cfg.output_dir)
+
+
+def _run_ranks(cfg: DPOConfig, task: str, nproc: int, port: int, extra_env: dict[str, str]) -> None:
     config_path = write_config(cfg)
     errors = Path(cfg.output_dir) / ".rank_errors"
     shutil.rmtree(errors, ignore_errors=True)
@@ -114,7 +129,7 @@ def run_local(cfg: DPOConfig, task: str) -> None:
             for rank in range(nproc):
                 env = DistEnv(rank, rank, nproc, "127.0.0.1", port, None)
                 cmd = [sys.executable, "-m", "dpo_dist.worker", str(config_path), task]
-                variables = {**rank_environment(env), ERROR_DIR_ENV: str(errors)}
+                variables = {**rank_environment(env), ERROR_DIR_ENV: str(errors), **extra_env}
                 procs.append(subprocess.Popen(cmd, env=variables, preexec_fn=_die_with_parent))
             _wait_all(procs)
     except LaunchError as exc:

@@ -240,6 +240,42 @@ def _atomic_write(path: Path, text: str) -> None:
 
 RUN_LOCK = ".lock"
 """The file a training job's rank 0 holds an exclusive ``flock`` on (``RunLock``)."""
+RUN_LOCK_ENV = "DPO_DIST_RUN_LOCKED"
+"""Set by a launcher holding the lock of this (resolved) output_dir for the ranks it starts."""
+
+
+class RunDirInUse(ConfigError):
+    """Another training job holds the output_dir: nothing of this job may be written there."""
+
+
+_claims: dict[str, Any] = {}
+"""This process's ``claim_run_dir`` results by resolved output_dir: its RunLock, or the refusal."""
+
+
+def claim_run_dir(output_dir: str | Path):
+    """Hold ``output_dir`` for this process's training job before anything is written into it:
+    a ``RunLock`` taken now, or earlier by this process (a Slurm rank 0 claims it first thing,
+    ``train`` again later), or None where the launcher that started this rank holds it
+    (``RUN_LOCK_ENV``). Raises ``RunDirInUse`` (again on every call) if another job holds it."""
+    key = os.path.realpath(output_dir)
+    if os.environ.get(RUN_LOCK_ENV) == key:
+        return None
+    if key not in _claims:
+        try:
+            _claims[key] = RunLock(output_dir).acquire()
+        except RunDirInUse as exc:
+            _claims[key] = exc
+    claim = _claims[key]
+    if isinstance(claim, RunDirInUse):
+        raise claim
+    return claim
+
+
+def release_run_dir(output_dir: str | Path) -> None:
+    """Give up this process's ``claim_run_dir`` of ``output_dir`` (if it holds one)."""
+    claim = _claims.pop(os.path.realpath(output_dir), None)
+    if isinstance(claim, RunLock):
+        claim.release()
 
 
 class RunLock:
@@ -267,11 +303,13 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-                if not (job and holder.endswith(f" Slurm job {job}") and time.monotonic() < deadline):
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                # An empty holder is a lock being released (its holder empties the file first).
+                mine = not holder or (job and holder.endswith(f" Slurm job {job}"))
+                if not (mine and time.monotonic() < deadline):
                     os.close(fd)
-                    raise ConfigError(
-                        f"output_dir={self.path.parent} is in use by another training job ({holder}): "
+                    raise RunDirInUse(
+                        f"output_dir={self.path.parent} is in use by another training job ({holder or 'unknown'}): "
                         "let it finish (or stop it), or train into another output_dir"
                     ) from None
                 time.sleep(self.poll_s)  # this job's own previous run, before a requeue: its lock lapses

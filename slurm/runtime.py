@@ -119,11 +119,19 @@ def restart_count() -> int:
 
 def run_in_allocation(cfg, task: str) -> Any:
     """Run ``task`` as this Slurm task's rank; returns its result, or exits (see the module doc)."""
+    from dpo_dist.runinfo import RunDirInUse, claim_run_dir, write_config
+
     env = _prepare_rank(cfg)
     status = RunStatus(cfg.output_dir, env.rank, env.slurm_job_id)
-    if env.is_main:
-        from dpo_dist.runinfo import write_config
-
+    in_use = False
+    if env.is_main and task == "train":
+        # Before writing anything there: if another job holds output_dir, this job writes nothing
+        # into it, and train() raises the refusal on every rank (claim_run_dir remembers it).
+        try:
+            claim_run_dir(cfg.output_dir)
+        except RunDirInUse:
+            in_use = True
+    if env.is_main and not in_use:
         write_config(cfg)  # a sweep point has none yet; a single job rewrites the same content
         status.write("running", f"{task} on {env.world_size} rank(s)")
     _install_early_preemption_handler(cfg, env, status)
@@ -140,7 +148,8 @@ def run_in_allocation(cfg, task: str) -> Any:
     except Exception as exc:
         message = user_error_message(exc, cfg)
         if message is not None:
-            status.write("failed", f"rank {env.rank}: {message}")
+            if not isinstance(exc, RunDirInUse):  # the status there is the other job's
+                status.write("failed", f"rank {env.rank}: {message}")
             print(f"dpo_dist: error: {message}", file=sys.stderr)
             raise SystemExit(USER_ERROR_EXIT_CODE) from None
         # a bug: keep the traceback in the task's log

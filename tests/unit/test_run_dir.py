@@ -177,12 +177,22 @@ def test_dpo_train_into_an_output_dir_another_job_holds_is_one_line(tmp_path, mo
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     out = tmp_path / "run"
+    settings = ["train.max_steps=1", "wandb.mode=disabled"]
+    # The running job's files: the refused job must not rewrite them (config.yaml is what
+    # dpo-eval/export/report trust; .rank_errors carries the running ranks' error lines).
+    write_config(config(out, train={"max_steps": 1}, wandb={"mode": "disabled"}))
+    with open(out / "config.yaml", "a") as f:
+        f.write("# the running job's\n")
+    (out / ".rank_errors").mkdir()
+    (out / ".rank_errors" / "rank0").write_text("x")
     with RunLock(out):
-        result = run_cli("launch.train", f"output_dir={out}", "train.max_steps=1", "wandb.mode=disabled")
+        result = run_cli("launch.train", f"output_dir={out}", *settings)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [ln for ln in result.stderr.splitlines() if "error" in ln.lower()]
     assert any(f"output_dir={out} is in use by another training job" in ln for ln in lines), result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "[rank" not in result.stderr  # refused before any rank
+    assert (out / "config.yaml").read_text().endswith("# the running job's\n")
+    assert (out / ".rank_errors" / "rank0").read_text() == "x"
 
 
 def test_a_finished_run_without_a_checkpoint_cannot_train_longer(tmp_path):
@@ -202,3 +212,31 @@ def test_a_finished_run_without_a_checkpoint_cannot_train_longer(tmp_path):
     (out / "checkpoints" / "step_00000020").mkdir(parents=True)
     (out / "checkpoints" / "step_00000020" / "COMPLETE").write_text("20\n")
     check_same_run(config(out, train={"max_steps": 25, "checkpoint_every": 0}))  # goes on from step 20
+
+
+def test_a_claim_is_taken_once_per_process_and_remembers_a_refusal(tmp_path, monkeypatch):
+    """A Slurm rank 0 claims output_dir before writing anything, train() claims it again: the same
+    lock; a refusal stays a refusal for the job (train() raises it on every rank); the ranks a
+    local launcher starts find it held by that launcher (RUN_LOCK_ENV)."""
+    import os
+
+    from dpo_dist.runinfo import RUN_LOCK_ENV, RunDirInUse, RunLock, claim_run_dir, release_run_dir
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    mine = claim_run_dir(tmp_path / "a")
+    assert mine is not None and claim_run_dir(tmp_path / "a") is mine
+    release_run_dir(tmp_path / "a")
+    RunLock(tmp_path / "a").acquire().release()  # released
+
+    other = RunLock(tmp_path / "b").acquire()
+    with pytest.raises(RunDirInUse):
+        claim_run_dir(tmp_path / "b")
+    other.release()
+    with pytest.raises(RunDirInUse):  # remembered: this job was refused
+        claim_run_dir(tmp_path / "b")
+    release_run_dir(tmp_path / "b")
+
+    monkeypatch.setenv(RUN_LOCK_ENV, os.path.realpath(tmp_path / "c"))
+    held_by_launcher = RunLock(tmp_path / "c").acquire()
+    assert claim_run_dir(tmp_path / "c") is None
+    held_by_launcher.release()
