@@ -57,7 +57,14 @@ from dpo_dist.losses import (
     sft_nll,
     wpo_pair_weights,
 )
-from dpo_dist.runinfo import MetricsLog, claim_run_dir, read_metrics, release_run_dir, write_run_info
+from dpo_dist.runinfo import (
+    MetricsLog,
+    claim_run_dir,
+    latest_complete_checkpoint,
+    read_metrics,
+    release_run_dir,
+    write_run_info,
+)
 
 log = logging.getLogger("dpo_dist.engine")
 
@@ -1046,14 +1053,6 @@ def _tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def latest_complete_checkpoint(root: Path) -> tuple[str, int] | None:
-    """The newest checkpoint with a COMPLETE marker; half-written ones are never picked."""
-    if not root.is_dir():
-        return None
-    done = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "COMPLETE").exists())
-    return (done[-1], int(done[-1].split("_")[1])) if done else None
-
-
 MOVED_REFERENCE = "reference"
 """A checkpoint's sub-directory holding the TR-DPO reference as moved so far (``reference.sync_every``)."""
 
@@ -1108,12 +1107,24 @@ def _rmtree(path: Path) -> list[str]:
 
 def moved_reference_path(cfg: DPOConfig, env: D.DistEnv) -> str | None:
     """The TR-DPO reference saved with the checkpoint a resume starts from, or None (no
-    checkpoint, or none moved yet: the reference is still ``model.path``). Rank 0 decides."""
+    checkpoint, or none moved yet: the reference is still ``model.path``). Rank 0 decides;
+    a checkpoint past a sync without its reference is refused (every rank raises)."""
     if not cfg.reference.syncs():
         return None
-    found = latest_complete_checkpoint(checkpoint_root(cfg)) if env.is_main else None
-    path = checkpoint_root(cfg) / found[0] / MOVED_REFERENCE if found else None
-    return D.broadcast_object(str(path) if path is not None and path.is_dir() else None)
+
+    def find() -> str | None:
+        found = latest_complete_checkpoint(checkpoint_root(cfg))
+        if found is None or found[1] < cfg.reference.sync_every:
+            return None
+        path = checkpoint_root(cfg) / found[0] / MOVED_REFERENCE
+        if not path.is_dir():
+            raise ConfigError(
+                f"{path.parent} has no {MOVED_REFERENCE}/: the reference moved at step {cfg.reference.sync_every} "
+                "(reference.sync_every) is lost, so this run cannot resume exactly; train into a new output_dir"
+            )
+        return str(path)
+
+    return D.on_rank0(find)
 
 
 def load_latest_checkpoint(engine, cfg: DPOConfig, env: D.DistEnv) -> int:

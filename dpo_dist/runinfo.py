@@ -79,7 +79,7 @@ def check_same_run(cfg: DPOConfig) -> None:
             "settings, or train into a new output_dir"
         )
     grown = now["train.max_steps"] > before["train.max_steps"]
-    if grown and (out / "final").exists() and not _has_complete_checkpoint(out / "checkpoints"):
+    if grown and (out / "final").exists() and latest_complete_checkpoint(out / "checkpoints") is None:
         # Training would start again from step 0 and overwrite the finished run's metrics and final/.
         raise ConfigError(
             f"output_dir={out} holds a finished {before['train.max_steps']}-step run with no checkpoint to go on from "
@@ -88,8 +88,13 @@ def check_same_run(cfg: DPOConfig) -> None:
         )
 
 
-def _has_complete_checkpoint(root: Path) -> bool:
-    return root.is_dir() and any((p / "COMPLETE").exists() for p in root.iterdir() if p.is_dir())
+def latest_complete_checkpoint(root: Path) -> tuple[str, int] | None:
+    """The newest checkpoint with a COMPLETE marker under ``root`` (``OUTPUT_DIR/checkpoints``),
+    as (directory name, step); half-written ones are never picked."""
+    if not root.is_dir():
+        return None
+    done = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "COMPLETE").exists())
+    return (done[-1], int(done[-1].split("_")[1])) if done else None
 
 
 _PATH_KEYS = ("model.path", "model.tokenizer_path", "data.train_path", "data.eval_path")
@@ -135,6 +140,10 @@ def inherit_run_settings(values: dict[str, Any], run: dict[str, Any], overridden
                 source, target = source[part], target.setdefault(part, {})
             target[path[-1]] = source[path[-1]]
         result[section] = merged
+    if isinstance(result.get("reference"), dict):
+        # An evaluation scores against the initial model and never moves it (TR-DPO's
+        # reference.sync_every would refuse e.g. reference.mode=precompute here).
+        result["reference"] = {**result["reference"], "sync_every": 0}
     return result
 
 

@@ -101,9 +101,9 @@ def user_error_message(exc: BaseException, cfg=None) -> str | None:
 
     A model or tokenizer that ``from_pretrained`` cannot load (a missing folder, one without
     ``config.json``, an unknown hub id) is named by its config key, e.g.
-    ``model.path=/tmp/nomodel: no model/tokenizer there (<transformers' first line>)``; the
-    path may legitimately be a hub id, so it is not checked up front, only its load failure
-    reported."""
+    ``model.path=/tmp/nomodel: no model/tokenizer there (<transformers' first line>)``. The
+    launcher refuses a path that does not exist (``launch.run.check_paths``); this reports a
+    directory that holds no loadable model, or a rank started without the launcher."""
     path = pretrained_load_path(exc)
     if path is not None:
         keys = _config_keys_of(cfg, path) if cfg is not None else []

@@ -214,10 +214,11 @@ def hydra_main(prog: str, task: Callable, config_name: str = "config", sweep_pre
     printing = any(a in ("--cfg", "-c") for a in argv)  # prints the config and exits: nothing to preflight
     if multirun and (printing or any(a in ("--info", "-i") for a in argv)):
         fail(prog, "-m cannot be combined with --cfg or --info (Hydra runs one mode): leave out -m and give one value per key")
-    if not any(a in ("--help", "-h", "--info", "--hydra-help") for a in argv):
+    informing = any(a in ("--help", "-h", "--info", "--hydra-help") for a in argv)  # nothing runs
+    if not informing:
         preflight = sweep_preflight if multirun else None
         clusters = check_overrides(prog, overrides, config_name, parsed, preflight, validate=not printing)
-    if last is not None and not printing:
+    if last is not None and not (printing or informing):
         make_directory(prog, overrides[last].split("=", 1)[1], "output_dir")
     extra = [f"hydra.job.name={prog}"]
     if multirun:

@@ -99,6 +99,12 @@ def test_an_evaluation_inherits_the_runs_settings_unless_overridden():
     assert merged["output_dir"] == "RUN" and merged["eval"] == {"max_prompts": 5}  # never inherited
     assert inherit_run_settings(composed, run, ["loss"])["loss"] == composed["loss"]  # loss=<preset> chosen anew
     assert run["model"]["lora"]["alpha"] == 32  # the run's dict is not modified
+    # A TR-DPO run's moving reference: the evaluation scores against the initial model, with
+    # any reference.mode (its sync_every would refuse mode=precompute).
+    tr_dpo = {**run, "reference": {"mode": "online", "sync_every": 4, "sync_alpha": 0.5}}
+    evaluated = inherit_run_settings({**composed, "reference": {"mode": "precompute"}}, tr_dpo, ["reference.mode"])
+    assert evaluated["reference"] == {"mode": "precompute", "sync_every": 0, "sync_alpha": 0.5}
+    assert tr_dpo["reference"]["sync_every"] == 4
 
 
 def test_a_resumed_run_still_says_it_computed_its_reference_cache(tmp_path):

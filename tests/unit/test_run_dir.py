@@ -240,3 +240,24 @@ def test_a_claim_is_taken_once_per_process_and_remembers_a_refusal(tmp_path, mon
     held_by_launcher = RunLock(tmp_path / "c").acquire()
     assert claim_run_dir(tmp_path / "c") is None
     held_by_launcher.release()
+
+
+def test_a_tr_dpo_resume_finds_its_moved_reference_or_refuses(tmp_path):
+    """A checkpoint past the first sync must hold the moved reference: without it the run would
+    silently score against model.path again (not exact); before the first sync none is needed."""
+    from dpo_dist import engine as E
+    from dpo_dist.distributed import DistEnv
+
+    cfg = config(tmp_path, reference={"mode": "online", "sync_every": 2})
+    env = DistEnv(0, 0, 1, "127.0.0.1", 0, None)
+    step1 = tmp_path / "checkpoints" / "step_00000001"
+    step1.mkdir(parents=True)
+    (step1 / "COMPLETE").write_text("1\n")
+    assert E.moved_reference_path(cfg, env) is None  # not moved yet
+    step3 = tmp_path / "checkpoints" / "step_00000003"
+    step3.mkdir()
+    (step3 / "COMPLETE").write_text("3\n")
+    with pytest.raises(ConfigError, match=r"step_00000003 has no reference/: the reference moved at step 2"):
+        E.moved_reference_path(cfg, env)
+    (step3 / "reference").mkdir()
+    assert E.moved_reference_path(cfg, env) == str(step3 / "reference")
