@@ -236,27 +236,32 @@ def hydra_main(prog: str, task: Callable, config_name: str = "config", sweep_pre
         overrides = [o for o in overrides if not o.startswith("output_dir=")]
     sys.argv[:] = [prog, *extra, *overrides, *flags]
 
-    failed: list[str] = []
+    # A local sweep runs its points here one after another and goes on past a failed one, as a
+    # Slurm array does; a Slurm sweep's points fail their own jobs (this closure runs inside them,
+    # with keep_going as decided here), which slurm.submit reports.
+    keep_going = multirun and all(cluster.name == "local" for cluster in clusters)
+    points: list[str | None] = []  # per point run here: None, or how it failed
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)
     def _app(cfg):
+        points.append(None)
         try:
             return task(cfg)
         except UserError as exc:
-            if not multirun:
+            if not keep_going:
                 fail(prog, str(exc))
-            failed.append(_failed_point(prog, str(exc)))
+            points[-1] = _failed_point(prog, str(exc))
         except SystemExit as exc:  # a point's ranks failed (fail() printed why); preemption stops the sweep
             from dpo_dist.worker import PREEMPTED_EXIT_CODE
 
-            if not multirun or exc.code in (0, None, PREEMPTED_EXIT_CODE):
+            if not keep_going or exc.code in (0, None, PREEMPTED_EXIT_CODE):
                 raise
-            failed.append(_failed_point(prog, f"exit status {exc.code}"))
+            points[-1] = _failed_point(prog, f"exit status {exc.code}")
 
     _app()
+    failed = [point for point in points if point]
     if failed:
-        # A local sweep goes on past a failed point (as a Slurm array does), then says which failed.
-        fail(prog, f"{len(failed)} sweep point(s) failed: {'; '.join(failed)}", status=1)
+        fail(prog, f"{len(failed)} of {len(points)} sweep points failed: {'; '.join(failed)}", status=1)
 
 
 def _failed_point(prog: str, why: str) -> str:

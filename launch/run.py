@@ -73,11 +73,29 @@ def check_paths(cfg) -> None:
     if cfg.stage == "sft" or cfg.reference.mode != "precompute" or not cfg.loss.uses_reference():
         return
     cache = Path(cfg.reference.cache_dir).expanduser() if cfg.reference.cache_dir else cache_root() / "reference"
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
+    why = uncreatable(cache)
+    if why:
         key = "reference.cache_dir" if cfg.reference.cache_dir else "the reference cache root ($DPO_DIST_CACHE or ~/.cache/dpo_dist)"
-        raise UserError(f"{key}={cache}: cannot create it ({exc.strerror or exc})") from None
+        raise UserError(f"{key}={cache}: cannot create it ({why})")
+
+
+def uncreatable(path: Path) -> str | None:
+    """Why directory ``path`` could not be created (or used) here, or None; creates nothing (a
+    refused run leaves no empty cache directory behind)."""
+    import os
+    import tempfile
+
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if existing != path.absolute():
+        try:  # a probe, removed at once: permissions alone do not tell (root, read-only mounts, /proc)
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".dpo_dist_probe"))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 def warn_unused_lora_settings(cfg) -> None:

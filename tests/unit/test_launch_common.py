@@ -261,7 +261,7 @@ def test_a_local_sweep_goes_on_past_a_failed_point_and_names_it(tmp_path):
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("dpo-train: error: ")]
     assert errors[0].startswith("dpo-train: error: point 0 (") and "missing key 'rejected'" in errors[0]
     assert errors[1].startswith("dpo-train: error: point 1 (") and "going on with the other points" in errors[1]
-    assert errors[-1].startswith("dpo-train: error: 2 sweep point(s) failed: point 0 (")
+    assert errors[-1].startswith("dpo-train: error: 2 of 2 sweep points failed: point 0 (")
     assert "Traceback" not in result.stderr
 
 
