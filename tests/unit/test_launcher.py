@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -57,15 +56,16 @@ def test_an_explicit_output_dir_is_the_sweep_directory(tmp_path):
     "status, expected",
     [(1, 1), (-9, 128 + 9), (75, 75), (2, 2)],
 )
-def test_local_launch_exits_with_the_ranks_status(monkeypatch, capsys, status, expected):
+def test_local_launch_exits_with_the_ranks_status(monkeypatch, capsys, tmp_path, status, expected):
     """Only a user error is 2: a crash (1), an OOM kill (-9) and a preemption (75) keep their own."""
     import dpo_dist.launcher
+    from dpo_dist.config import config_from_dict
 
     def failing(cfg, task):
         raise LaunchError(f"rank 1 exited with status {status}", status)
 
     monkeypatch.setattr(dpo_dist.launcher, "run_local", failing)
-    cfg = SimpleNamespace(output_dir="unused", cluster=SimpleNamespace(name="local"))
+    cfg = config_from_dict({"output_dir": str(tmp_path / "run")})
     if status == 2:  # a user error goes up to hydra_main, which prints it and exits 2
         from launch.common import UserError
 
@@ -82,6 +82,7 @@ def test_bad_data_stops_a_slurm_submission_before_the_job_is_queued(monkeypatch,
     """data.on_invalid=error: a bad record is one line on the login node, not a job that waited
     for its allocation; skip (or good data) submits."""
     import slurm.submit
+    from dpo_dist.config import config_from_dict
     from launch.common import UserError
 
     submitted = []
@@ -92,8 +93,8 @@ def test_bad_data_stops_a_slurm_submission_before_the_job_is_queued(monkeypatch,
     bad.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n{"prompt": "2+2=", "chosen": "4"}\n')
 
     def cfg(eval_path, on_invalid="error"):
-        data = SimpleNamespace(train_path=str(good), eval_path=str(eval_path), on_invalid=on_invalid)
-        return SimpleNamespace(output_dir=str(tmp_path / "run"), cluster=SimpleNamespace(name="slurm"), data=data)
+        data = {"train_path": str(good), "eval_path": str(eval_path), "on_invalid": on_invalid}
+        return config_from_dict({"output_dir": str(tmp_path / "run"), "cluster": {"name": "slurm"}, "data": data})
 
     with pytest.raises(UserError, match=rf"^{bad}: 1 invalid record \(first: {bad}:2: missing key 'rejected'\)"):
         launch("dpo-train", cfg(bad), "train")
