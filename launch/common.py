@@ -181,11 +181,15 @@ def _short_hydra_error(exc: BaseException) -> str:
     return ": ".join(parts) or name
 
 
-def hydra_main(prog: str, task: Callable, config_name: str = "config", sweep_preflight: Callable | None = None) -> None:
+def hydra_main(
+    prog: str, task: Callable, config_name: str = "config", sweep_preflight: Callable | None = None, trains: bool = False
+) -> None:
     """Run ``task(cfg: DictConfig)`` as a Hydra app after validating the command line.
 
     ``sweep_preflight(DPOConfig)``: with ``-m``, run on every point before anything is submitted
-    (a Slurm array's points run ``task`` inside their jobs, after waiting for the allocation)."""
+    (a Slurm array's points run ``task`` inside their jobs, after waiting for the allocation).
+    ``trains``: the task trains into ``output_dir``: refuse at once (before Hydra writes its files
+    there, before a Slurm job is queued) one that another training job holds."""
     import hydra
 
     from dpo_dist.runinfo import record_command
@@ -219,7 +223,10 @@ def hydra_main(prog: str, task: Callable, config_name: str = "config", sweep_pre
         preflight = sweep_preflight if multirun else None
         clusters = check_overrides(prog, overrides, config_name, parsed, preflight, validate=not printing)
     if last is not None and not (printing or informing):
-        make_directory(prog, overrides[last].split("=", 1)[1], "output_dir")
+        given = overrides[last].split("=", 1)[1]
+        make_directory(prog, given, "output_dir")
+        if trains and not multirun and not any(c in given for c in "${},"):
+            check_not_held(prog, given)
     extra = [f"hydra.job.name={prog}"]
     if multirun:
         extra += slurm_sweep_arguments(prog, overrides, parsed, clusters)
@@ -272,6 +279,18 @@ def _failed_point(prog: str, why: str) -> str:
     point = f"point {job.num} ({' '.join(job.override_dirname.split(',')) or 'defaults'})"
     print(f"{prog}: error: {point}: {why}; going on with the other points", file=sys.stderr)
     return point
+
+
+def check_not_held(prog: str, output_dir: str) -> None:
+    """Exit 2 with one line if another training job holds ``output_dir`` (``runinfo.RunLock``):
+    taken and released at once; the job's own launcher or rank 0 takes it for the run."""
+    from dpo_dist.config import ConfigError
+    from dpo_dist.runinfo import RunLock
+
+    try:
+        RunLock(output_dir, requeue_wait_s=0).acquire().release()
+    except ConfigError as exc:
+        fail(prog, str(exc))
 
 
 def make_directory(prog: str, path: str, key: str) -> None:

@@ -36,7 +36,7 @@ def check_memory_plans(stages) -> None:
 
 
 def main() -> None:
-    hydra_main("dpo-train", _task, sweep_preflight=_sweep_preflight)
+    hydra_main("dpo-train", _task, sweep_preflight=_sweep_preflight, trains=True)
 
 
 if __name__ == "__main__":

@@ -193,6 +193,7 @@ def test_dpo_train_into_an_output_dir_another_job_holds_is_one_line(tmp_path, mo
     assert "Traceback" not in result.stderr and "[rank" not in result.stderr  # refused before any rank
     assert (out / "config.yaml").read_text().endswith("# the running job's\n")
     assert (out / ".rank_errors" / "rank0").read_text() == "x"
+    assert not (out / ".hydra").exists() and not (out / "dpo-train.log").exists()  # refused before Hydra ran
 
 
 def test_a_finished_run_without_a_checkpoint_cannot_train_longer(tmp_path):
