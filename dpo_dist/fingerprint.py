@@ -193,6 +193,14 @@ def _update_memo(new_entries: dict[str, dict[str, Any]]) -> None:
             )
 
 
+def write_holder(fd: int, holder: str) -> None:
+    """Name the holder of a just-taken ``flock`` in its lock file (read by waiting jobs and ranks,
+    possibly on other nodes: flushed to the file system)."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, holder.encode(), 0)
+    os.fsync(fd)
+
+
 def release_flock(fd: int) -> None:
     """Empty a lock file that names its holder, release its ``flock`` and close it."""
     with contextlib.suppress(OSError):

@@ -116,7 +116,7 @@ from dpo_dist.data import (
     tokenizer_fingerprint,
 )
 from dpo_dist.data.cache import CACHE_FORMAT
-from dpo_dist.fingerprint import cache_root, json_sha256, model_fingerprint, release_flock
+from dpo_dist.fingerprint import cache_root, json_sha256, model_fingerprint, release_flock, write_holder
 from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
 from dpo_dist.memory import replicate_frozen_copy
 from dpo_dist.reference_store import (
@@ -1015,7 +1015,5 @@ class _CacheLock:
         self._own(fd, token)
 
     def _own(self, fd: int, token: str) -> None:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, token.encode(), 0)
-        os.fsync(fd)
+        write_holder(fd, token)
         self._fd = fd

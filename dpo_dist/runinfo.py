@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from dpo_dist.config import ConfigError, DPOConfig, config_from_dict
-from dpo_dist.fingerprint import release_flock
+from dpo_dist.fingerprint import release_flock, write_holder
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,8 @@ def release_run_dir(output_dir: str | Path) -> None:
 
 
 class RunLock:
-    """Rank 0's exclusive lock on ``output_dir`` for a training job's life: a second job training
+    """A training job's exclusive lock on ``output_dir`` for its life (taken by the local launcher
+    for its ranks or a Slurm job's rank 0, see ``claim_run_dir``): a second job training
     into the same directory (a sweep submitted twice, a resubmission while the first job still
     runs) is refused in one line, instead of both writing its checkpoints, metrics and final/.
     The lock goes with the process (the kernel releases a dead process's ``flock``), so a killed or
@@ -326,8 +327,7 @@ class RunLock:
                 os.close(fd)
                 log.warning("output_dir %s cannot be locked (%s): a second job training into it would not be refused", self.path.parent, exc)
                 return self
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, me.encode(), 0)
+        write_holder(fd, me)
         self._fd = fd
         return self
 
