@@ -644,6 +644,15 @@ class ReferenceConfig:
         """Whether the reference moves during training (TR-DPO)."""
         return self.sync_every > 0
 
+    def syncs_after(self, step: int) -> bool:
+        """Whether the reference moves after optimizer step ``step`` (1-based), as TRL's callback
+        does at the end of every ``ref_model_sync_steps``-th step."""
+        return self.syncs() and step % self.sync_every == 0
+
+    def moved_after(self, step: int) -> bool:
+        """Whether the reference after ``step`` optimizer steps differs from the initial model."""
+        return self.syncs() and step >= self.sync_every
+
 
 @dataclass
 class WandbConfig:

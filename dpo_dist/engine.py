@@ -652,13 +652,12 @@ class OnlineReference:
     eval_logps = logps
 
     def syncs_after(self, step: int) -> bool:
-        """Whether TR-DPO moves the reference after optimizer step ``step`` (1-based), as TRL's
-        callback does at the end of every ``ref_model_sync_steps``-th step."""
-        return self.moving is not None and step % self.moving.sync_every == 0
+        """Whether TR-DPO moves this copy after optimizer step ``step`` (``ReferenceConfig.syncs_after``)."""
+        return self.moving is not None and self.moving.syncs_after(step)
 
     def moved(self, step: int) -> bool:
-        """Whether the reference after ``step`` steps differs from the initial model."""
-        return self.moving is not None and step >= self.moving.sync_every
+        """Whether this copy after ``step`` steps differs from the initial model."""
+        return self.moving is not None and self.moving.moved_after(step)
 
     @torch.no_grad()
     def move_toward(self, policy_engine) -> None:
@@ -1114,7 +1113,7 @@ def moved_reference_path(cfg: DPOConfig, env: D.DistEnv) -> str | None:
 
     def find() -> str | None:
         found = latest_complete_checkpoint(checkpoint_root(cfg))
-        if found is None or found[1] < cfg.reference.sync_every:
+        if found is None or not cfg.reference.moved_after(found[1]):
             return None
         path = checkpoint_root(cfg) / found[0] / MOVED_REFERENCE
         if not path.is_dir():

@@ -51,7 +51,7 @@ def check_same_run(cfg: DPOConfig) -> None:
     never trained it. ``RESUMABLE_CHANGES`` may differ, and train.max_steps may grow."""
     out = Path(cfg.output_dir)
     path = out / "config.yaml"
-    if not path.is_file() or not any((out / name).exists() for name in ("metrics.jsonl", "checkpoints", "final")):
+    if not path.is_file() or not has_trained(out):
         return
     try:
         before = _flat(config_from_dict(yaml.safe_load(path.read_text()) or {}).to_dict())
@@ -86,6 +86,28 @@ def check_same_run(cfg: DPOConfig) -> None:
             f"(train.checkpoint_every={before['train.checkpoint_every']}): train longer into a new output_dir "
             f"(e.g. with model.path={out / 'final'})"
         )
+
+
+def check_sft_chain(sft: DPOConfig, dpo: DPOConfig) -> None:
+    """Refuse (``ConfigError``) to train an ``sft_first`` chain's SFT stage longer once its DPO
+    stage has trained: the longer SFT run replaces ``sft/final``, the model that DPO stage started
+    from and scored against, so the DPO stage would be called finished, or resume, under a policy
+    and reference it never had. (``check_same_run`` of the DPO stage cannot see it: its settings,
+    ``model.path=sft/final`` included, are unchanged.)"""
+    saved = Path(sft.output_dir) / "config.yaml"
+    if not saved.is_file() or not has_trained(Path(dpo.output_dir)):
+        return
+    before = (yaml.safe_load(saved.read_text()) or {}).get("train", {}).get("max_steps")
+    if before is not None and sft.train.max_steps != before:
+        raise ConfigError(
+            f"output_dir={dpo.output_dir}: its DPO stage trained from the {before}-step SFT stage in {sft.output_dir}; "
+            f"sft_first.max_steps={sft.train.max_steps} would replace that model under it: train the longer chain into a new output_dir"
+        )
+
+
+def has_trained(out: Path) -> bool:
+    """Whether run directory ``out`` holds any training: metrics, checkpoints or an export."""
+    return any((out / name).exists() for name in ("metrics.jsonl", "checkpoints", "final"))
 
 
 def latest_complete_checkpoint(root: Path) -> tuple[str, int] | None:

@@ -52,11 +52,27 @@ def record_local_failure(cfg, exc) -> None:
 
 def check_run_dir(cfg) -> None:
     """``runinfo.check_same_run`` as a ``UserError``."""
-    from dpo_dist.config import ConfigError
     from dpo_dist.runinfo import check_same_run
 
+    _as_user_error(check_same_run, cfg)
+
+
+def check_run_dirs(stages) -> None:
+    """Every stage's run directory (``check_run_dir``) and, for an sft_first chain [sft, dpo], that
+    the SFT stage does not grow under a DPO stage already trained from it."""
+    from dpo_dist.runinfo import check_sft_chain
+
+    for config in stages:
+        check_run_dir(config)
+    if len(stages) == 2:
+        _as_user_error(check_sft_chain, *stages)
+
+
+def _as_user_error(check, *args) -> None:
+    from dpo_dist.config import ConfigError
+
     try:
-        check_same_run(cfg)
+        check(*args)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from launch.common import hydra_main, to_config
 from launch.plan import check_memory_plan
-from launch.run import check_data, check_run_dir, launch
+from launch.run import check_data, check_run_dirs, launch
 
 
 def _task(cfg) -> None:
     stages = to_config(cfg).stages()  # [run] or, with sft_first.max_steps > 0, [sft run, dpo run]
     check_memory_plans(stages)  # a GPU plan that cannot fit is refused before anything starts
-    for config in stages:  # and a stage's run directory holding a run trained otherwise
-        check_run_dir(config)
+    check_run_dirs(stages)  # and a stage's run directory holding a run trained otherwise
     for config in stages:
         launch("dpo-train", config, "train")
 
@@ -23,8 +22,7 @@ def _sweep_preflight(cfg) -> None:
     if cfg.cluster.name != "slurm":
         return  # local points run one after another from here, each checked first by _task
     check_memory_plans(cfg.stages())
-    for config in cfg.stages():
-        check_run_dir(config)
+    check_run_dirs(cfg.stages())
     check_data(cfg)
 
 

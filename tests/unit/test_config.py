@@ -65,6 +65,11 @@ def test_invalid_values_name_the_key(values, message):
 def test_tr_dpo_settings_apply_to_the_dpo_stage_only():
     cfg = config_from_dict({"reference": {"mode": "online", "sync_every": 4, "sync_alpha": 0.5}})
     assert cfg.reference.syncs() and not config_from_dict({}).reference.syncs()
+    # TRL syncs at the end of every 4th step; from the first sync on the reference is not model.path.
+    assert [s for s in range(1, 13) if cfg.reference.syncs_after(s)] == [4, 8, 12]
+    assert [s for s in range(0, 6) if cfg.reference.moved_after(s)] == [4, 5]
+    fixed = config_from_dict({}).reference
+    assert not any(fixed.syncs_after(s) or fixed.moved_after(s) for s in range(0, 9))
     # An SFT stage (also sft_first's) has no reference: its settings there are inert.
     config_from_dict({"stage": "sft", "reference": {"sync_every": 4}})
     sft, dpo = config_from_dict({"sft_first": {"max_steps": 2}, "reference": {"mode": "online", "sync_every": 4}}).stages()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dpo_dist.config import ConfigError, config_from_dict
@@ -262,3 +264,49 @@ def test_a_tr_dpo_resume_finds_its_moved_reference_or_refuses(tmp_path):
         E.moved_reference_path(cfg, env)
     (step3 / "reference").mkdir()
     assert E.moved_reference_path(cfg, env) == str(step3 / "reference")
+
+
+def test_an_sft_first_chain_cannot_grow_its_sft_stage_under_a_trained_dpo_stage(tmp_path):
+    """The DPO stage's own settings (model.path=sft/final) do not change when sft_first.max_steps
+    grows, so only this check stops a longer SFT run from replacing the model under a DPO stage
+    that trained from the old one (it would then be called finished)."""
+    from dpo_dist.runinfo import check_sft_chain
+
+    out = tmp_path / "chain"
+    sft, dpo = config(out, sft_first={"max_steps": 3}).stages()
+    write_config(sft)
+    (out / "sft" / "metrics.jsonl").write_text("")
+    longer_sft, longer_dpo = config(out, sft_first={"max_steps": 5}).stages()
+    check_same_run(longer_sft)  # the SFT stage alone may train longer
+    check_sft_chain(longer_sft, longer_dpo)  # DPO has not started yet: nothing trained from sft/final
+    write_config(dpo)
+    check_sft_chain(longer_sft, longer_dpo)  # a DPO config.yaml alone: still nothing trained
+    (out / "final").mkdir()
+    check_same_run(longer_dpo)  # blind to it: the DPO stage's settings are the same
+    check_sft_chain(sft, dpo)  # the same chain again (a resume or a re-run) is fine
+    with pytest.raises(ConfigError) as info:
+        check_sft_chain(longer_sft, longer_dpo)
+    assert str(info.value) == (
+        f"output_dir={out}: its DPO stage trained from the 3-step SFT stage in {out / 'sft'}; sft_first.max_steps=5 "
+        "would replace that model under it: train the longer chain into a new output_dir"
+    )
+
+
+
+def test_dpo_train_growing_the_sft_stage_of_a_trained_chain_is_one_line(tmp_path):
+    import yaml
+
+    out = tmp_path / "chain"
+    written = run_cli("slurm.write_config", f"output_dir={out}", "sft_first.max_steps=3")  # dpo-train's config
+    assert written.returncode == 0, written.stderr
+    for stage in config_from_dict(yaml.safe_load((out / "config.yaml").read_text())).stages():
+        write_config(stage)
+        (Path(stage.output_dir) / "checkpoints" / "step_3").mkdir(parents=True)  # finished, and can go on
+        (Path(stage.output_dir) / "checkpoints" / "step_3" / "COMPLETE").touch()
+        (Path(stage.output_dir) / "final").mkdir()
+    result = run_cli("launch.train", f"output_dir={out}", "sft_first.max_steps=5")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dpo-train: error: output_dir={out}: its DPO stage trained from the 3-step SFT stage in {out / 'sft'}; "
+        "sft_first.max_steps=5 would replace that model under it: train the longer chain into a new output_dir"
+    )
