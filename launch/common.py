@@ -118,9 +118,10 @@ def check_overrides(
     clusters = []
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        for combo in itertools.product(*choices):
+        for index, combo in enumerate(itertools.product(*choices)):  # Hydra's job numbers, in its order
+            where = sweep_point_dir(overrides, parsed, list(combo), index) if preflight is not None else None
             try:
-                cfg = compose(config_name=config_name, overrides=list(combo) + ["output_dir=_check_"])
+                cfg = compose(config_name=config_name, overrides=[*combo, f"output_dir={where or '_check_'}"])
                 if not validate:
                     continue
                 checked = config_from_dict(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
@@ -133,6 +134,27 @@ def check_overrides(
                 fail(prog, _short_hydra_error(exc))
     GlobalHydra.instance().clear()
     return clusters
+
+
+def sweep_point_dir(overrides: list[str], parsed: list, combo: list[str], index: int) -> str | None:
+    """The ``output_dir`` of sweep point ``index`` (Hydra's job number) with overrides ``combo``,
+    where the command fixes it: its own value of a swept ``output_dir=a,b``, else ``D/index`` for
+    ``hydra.sweep.dir=D`` or ``output_dir=D`` (``hydra_main`` hands the latter to Hydra as the
+    former; Hydra's own, given later, wins). None where Hydra picks a new directory (the default
+    ``multirun/DATE/TIME``) or the command changes ``hydra.sweep.subdir``."""
+    def last(key: str) -> int | None:
+        return max((i for i, o in enumerate(parsed) if o.get_key_element().lstrip("+") == key), default=None)
+
+    if last("hydra.sweep.subdir") is not None:
+        return None
+    sweep_dir, output_dir = last("hydra.sweep.dir"), last("output_dir")
+    if output_dir is not None and parsed[output_dir].is_sweep_override():
+        return next(o.split("=", 1)[1] for o in reversed(combo) if o.startswith("output_dir="))
+    chosen = sweep_dir if sweep_dir is not None else output_dir
+    if chosen is None:
+        return None
+    root = overrides[chosen].split("=", 1)[1]
+    return None if "${now:" in root else f"{root.rstrip('/')}/{index}"
 
 
 def slurm_sweep_arguments(prog: str, overrides: list[str], parsed: list, clusters: list) -> list[str]:

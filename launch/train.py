@@ -3,7 +3,9 @@ Hydra overrides; ``-m`` runs sweeps."""
 
 from __future__ import annotations
 
-from launch.common import hydra_main, to_config
+from pathlib import Path
+
+from launch.common import check_not_held, hydra_main, to_config
 from launch.plan import check_memory_plan
 from launch.run import check_data, check_run_dirs, launch
 
@@ -19,10 +21,15 @@ def _task(cfg) -> None:
 def _sweep_preflight(cfg) -> None:
     """A Slurm sweep's points check their plan and data inside their array jobs, after waiting for
     GPUs: check every point here first, as a single job is checked before it is submitted."""
+    from dpo_dist.runinfo import RUN_LOCK
+
     if cfg.cluster.name != "slurm":
         return  # local points run one after another from here, each checked first by _task
     check_memory_plans(cfg.stages())
-    check_run_dirs(cfg.stages())
+    check_run_dirs(cfg.stages())  # a point's own directory, where the command fixes it (sweep_point_dir)
+    for config in cfg.stages():
+        if (Path(config.output_dir) / RUN_LOCK).exists():  # a point of an earlier sweep still training there
+            check_not_held("dpo-train", config.output_dir)
     check_data(cfg)
 
 

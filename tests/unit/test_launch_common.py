@@ -193,6 +193,58 @@ def test_a_slurm_sweep_is_checked_point_by_point_before_submitting(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing was submitted
 
 
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["loss.beta=0.1,0.2", "output_dir=/runs/s"], ["/runs/s/0", "/runs/s/1"]),  # hydra_main's hydra.sweep.dir
+        (["loss.beta=0.1,0.2", "hydra.sweep.dir=/runs/h/"], ["/runs/h/0", "/runs/h/1"]),
+        (["output_dir=/runs/s", "loss.beta=0.1,0.2", "hydra.sweep.dir=/runs/h"], ["/runs/h/0", "/runs/h/1"]),  # Hydra's wins
+        (["output_dir=/runs/a,/runs/b", "loss.beta=0.1,0.2"], ["/runs/a", "/runs/a", "/runs/b", "/runs/b"]),
+        (["loss.beta=0.1,0.2", "optim.lr=1e-4,2e-4,3e-4", "output_dir=/runs/s"], [f"/runs/s/{i}" for i in range(6)]),
+        (["loss.beta=0.1,0.2"], [None, None]),  # multirun/DATE/TIME: a new directory
+        (["loss.beta=0.1,0.2", "hydra.sweep.dir=m/${now:%H-%M-%S}"], [None, None]),
+        (["loss.beta=0.1,0.2", "output_dir=/runs/s", "hydra.sweep.subdir=b${loss.beta}"], [None, None]),
+    ],
+)
+def test_a_sweep_points_output_dir_is_known_where_the_command_fixes_it(argv, expected):
+    """What the Slurm sweep preflight checks (run dir settings, lock) before submitting: the
+    directory each of Hydra's job numbers (the product of the swept values, in order) trains in."""
+    parsed = common.parse_overrides(PROG, argv)
+    choices = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [raw]
+        for raw, o in zip(argv, parsed)
+        if not o.get_key_element().startswith("hydra.")
+    ]
+    import itertools
+
+    combos = list(itertools.product(*choices))
+    assert [common.sweep_point_dir(argv, parsed, list(c), i) for i, c in enumerate(combos)] == expected
+
+
+def test_a_slurm_sweep_into_points_that_hold_other_runs_is_refused_before_submitting(tmp_path):
+    """Re-running a sweep into the same sweep directory with new values: each point's ranks
+    refused its directory inside the array job, after queueing; a point another job still trains
+    in likewise. Both are now refused on the login node, in one line, before anything is queued."""
+    from dpo_dist.runinfo import RunLock
+    from tests.helpers import run_cli
+
+    sweep = tmp_path / "sweep"
+    written = run_cli("slurm.write_config", f"output_dir={sweep / '1'}", "loss.beta=0.5")
+    assert written.returncode == 0, written.stderr
+    (sweep / "1" / "final").mkdir()
+    result = run_cli("launch.train", "-m", "cluster=slurm", "loss.beta=0.1,0.2", f"output_dir={sweep}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dpo-train: error: output_dir={sweep / '1'} holds a run trained with other settings (loss.beta: 0.5 -> 0.2): "
+        "resume it with its own settings, or train into a new output_dir"
+    )
+    with RunLock(sweep / "0"):  # an earlier sweep's point 0, still training
+        held = run_cli("launch.train", "-m", "cluster=slurm", "loss.beta=0.1,0.2", f"output_dir={sweep}")
+    assert held.returncode == 2
+    assert held.stderr.strip().splitlines()[-1].startswith(f"dpo-train: error: output_dir={sweep / '0'} is in use by another training job (host ")
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1"] and not (sweep / ".submitit").exists()
+
+
 def test_hydra_settings_are_not_validated_against_the_schema():
     """hydra.launcher.array_parallelism exists on the Slurm launcher only; validation composes with
     Hydra's basic launcher and refused it (README's sweep command)."""
