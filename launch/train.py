@@ -19,18 +19,21 @@ def _task(cfg) -> None:
 
 
 def _sweep_preflight(cfg) -> None:
-    """A Slurm sweep's points check their plan and data inside their array jobs, after waiting for
-    GPUs: check every point here first, as a single job is checked before it is submitted."""
+    """Every point of a sweep, before any runs: its run directory, where the command fixes it
+    (``launch.common.sweep_point_dir``), must not hold a run trained otherwise (the same sweep
+    directory re-run with new values) or be held by a job still training there. A Slurm sweep's
+    points check their plan and data inside their array jobs, after waiting for GPUs: those are
+    checked here first too, as a single job is checked before it is submitted (a local sweep's
+    points are checked by ``_task`` as they start, one after another)."""
     from dpo_dist.runinfo import RUN_LOCK
 
-    if cfg.cluster.name != "slurm":
-        return  # local points run one after another from here, each checked first by _task
-    check_memory_plans(cfg.stages())
-    check_run_dirs(cfg.stages())  # a point's own directory, where the command fixes it (sweep_point_dir)
+    check_run_dirs(cfg.stages())
     for config in cfg.stages():
-        if (Path(config.output_dir) / RUN_LOCK).exists():  # a point of an earlier sweep still training there
+        if (Path(config.output_dir) / RUN_LOCK).exists():
             check_not_held("dpo-train", config.output_dir)
-    check_data(cfg)
+    if cfg.cluster.name == "slurm":
+        check_memory_plans(cfg.stages())
+        check_data(cfg)
 
 
 def check_memory_plans(stages) -> None:

@@ -221,10 +221,12 @@ def test_a_sweep_points_output_dir_is_known_where_the_command_fixes_it(argv, exp
     assert [common.sweep_point_dir(argv, parsed, list(c), i) for i, c in enumerate(combos)] == expected
 
 
-def test_a_slurm_sweep_into_points_that_hold_other_runs_is_refused_before_submitting(tmp_path):
-    """Re-running a sweep into the same sweep directory with new values: each point's ranks
-    refused its directory inside the array job, after queueing; a point another job still trains
-    in likewise. Both are now refused on the login node, in one line, before anything is queued."""
+@pytest.mark.parametrize("cluster", ["slurm", "local"])
+def test_a_sweep_into_points_that_hold_other_runs_is_refused_before_any_runs(tmp_path, cluster):
+    """Re-running a sweep into the same sweep directory with new values: each Slurm point's ranks
+    refused its directory inside the array job, after queueing (a local sweep trained point 0 and
+    then failed point 1); a point another job still trains in likewise. Both are now refused
+    before any point runs or is queued, in one line."""
     from dpo_dist.runinfo import RunLock
     from tests.helpers import run_cli
 
@@ -232,14 +234,14 @@ def test_a_slurm_sweep_into_points_that_hold_other_runs_is_refused_before_submit
     written = run_cli("slurm.write_config", f"output_dir={sweep / '1'}", "loss.beta=0.5")
     assert written.returncode == 0, written.stderr
     (sweep / "1" / "final").mkdir()
-    result = run_cli("launch.train", "-m", "cluster=slurm", "loss.beta=0.1,0.2", f"output_dir={sweep}")
+    result = run_cli("launch.train", "-m", f"cluster={cluster}", "loss.beta=0.1,0.2", f"output_dir={sweep}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"dpo-train: error: output_dir={sweep / '1'} holds a run trained with other settings (loss.beta: 0.5 -> 0.2): "
         "resume it with its own settings, or train into a new output_dir"
     )
     with RunLock(sweep / "0"):  # an earlier sweep's point 0, still training
-        held = run_cli("launch.train", "-m", "cluster=slurm", "loss.beta=0.1,0.2", f"output_dir={sweep}")
+        held = run_cli("launch.train", "-m", f"cluster={cluster}", "loss.beta=0.1,0.2", f"output_dir={sweep}")
     assert held.returncode == 2
     assert held.stderr.strip().splitlines()[-1].startswith(f"dpo-train: error: output_dir={sweep / '0'} is in use by another training job (host ")
     assert sorted(p.name for p in sweep.iterdir()) == ["0", "1"] and not (sweep / ".submitit").exists()
