@@ -454,3 +454,7 @@ class PreemptionFlag:
         self.requested = True
         self.signal_name = signal.Signals(signum).name
         log.warning("received %s: will checkpoint at the end of this step and exit", self.signal_name)
+
+    def any_rank(self, device: torch.device) -> bool:
+        """Whether any rank was asked to stop (a collective: every rank calls it at the same point)."""
+        return all_reduce_sum(torch.tensor([float(self.requested)], device=device)).item() > 0

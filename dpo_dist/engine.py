@@ -1190,7 +1190,7 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------- export
 
 
-def export_hf(engine, cfg: DPOConfig, tokenizer, out_dir: Path, env: D.DistEnv) -> None:
+def export_hf(engine, cfg: DPOConfig, tokenizer, out_dir: Path, env: D.DistEnv, stop=None) -> None:
     """Consolidated Hugging Face checkpoint (safetensors + config + tokenizer) on rank 0.
 
     A ZeRO-3 model is gathered parameter by parameter and written one 5GB shard at a time
@@ -1198,13 +1198,14 @@ def export_hf(engine, cfg: DPOConfig, tokenizer, out_dir: Path, env: D.DistEnv) 
     (``W + scale * B @ A``: a plain model) or, with ``model.lora.merge_on_export=false``, as its
     adapter alone (``adapter_config.json`` + ``adapter_model.safetensors``, loaded onto the base
     with PEFT). QLoRA merges into ``model.path``'s unquantized weights (see ``_export_adapters``).
+    ``stop``: asked between the shards of a ZeRO-3 export (``export.save_consolidated``).
     """
     lora = _is_peft(engine.module.model)
     if lora and (cfg.model.lora.quantized or not cfg.model.lora.merge_on_export):
         _export_adapters(engine, cfg, tokenizer, out_dir, env)
         return
     if engine.zero_optimization_partition_weights():
-        _export_partitioned(engine, tokenizer, out_dir, env)
+        _export_partitioned(engine, tokenizer, out_dir, env, stop)
         return
     state = engine.module.state_dict()
     if env.is_main:
@@ -1225,7 +1226,7 @@ def export_hf(engine, cfg: DPOConfig, tokenizer, out_dir: Path, env: D.DistEnv) 
     D.barrier()
 
 
-def _export_partitioned(engine, tokenizer, out_dir: Path, env: D.DistEnv) -> None:
+def _export_partitioned(engine, tokenizer, out_dir: Path, env: D.DistEnv, stop=None) -> None:
     """A ZeRO-3 model exported one safetensors shard at a time (5GB, as ``save_pretrained``):
     every rank gathers each parameter in turn (a LoRA layer's weight with its adapters, merged),
     rank 0 keeps it until its shard is written. Rank 0's host holds one shard, not the whole
@@ -1238,7 +1239,7 @@ def _export_partitioned(engine, tokenizer, out_dir: Path, env: D.DistEnv) -> Non
     dtype = next(hf_model.parameters()).dtype
     tmp = staging_dir(out_dir) if env.is_main else out_dir
     with original_dropout_config(hf_model) as config:
-        save_consolidated(weights, config, dtype, tmp, DEFAULT_MAX_SHARD_SIZE, writer=env.is_main)
+        save_consolidated(weights, config, dtype, tmp, DEFAULT_MAX_SHARD_SIZE, writer=env.is_main, stop=stop)
     if env.is_main:
         hf_model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -1497,9 +1498,26 @@ def train_locked(cfg: DPOConfig, job: JobSetup) -> dict[str, float]:
             log.warning("preempted at step %d: checkpoint saved, exiting for requeue", done)
             raise Preempted(done)
     bar.close()
-    export_hf(engine, cfg, tokenizer, Path(cfg.output_dir) / "final", env)
+    export_final(engine, cfg, tokenizer, env, preempt, device)
     wandb_run.finish()
     return last_eval
+
+
+def export_final(engine, cfg: DPOConfig, tokenizer, env: D.DistEnv, preempt: D.PreemptionFlag, device: torch.device) -> None:
+    """``final/`` after the last step; a stop signal before or during it (a ZeRO-3 export asks
+    between shards) requeues instead, when the last step's checkpoint is there to resume from: a
+    70B export takes minutes, and a job killed halfway was not requeued. The resumed job starts
+    at the last step and exports (``final/`` is swapped in whole, so a stopped export left none)."""
+    from dpo_dist.export import ExportStopped
+
+    stop = (lambda: preempt.any_rank(device)) if cfg.train.checkpoint_every > 0 else None
+    try:
+        if stop is not None and stop():
+            raise ExportStopped("before the export")
+        export_hf(engine, cfg, tokenizer, Path(cfg.output_dir) / "final", env, stop=stop)
+    except ExportStopped as exc:
+        log.warning("preempted during the final export (%s): exiting for requeue; the resumed job exports", exc)
+        raise Preempted(cfg.train.max_steps) from None
 
 
 def finished_metrics(cfg: DPOConfig) -> dict[str, float] | None:

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -30,6 +30,10 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"  # Hugging Face's default for save_pretrained
 
 class ExportError(ValueError):
     """The checkpoint cannot be exported (one line saying why)."""
+
+
+class ExportStopped(Exception):
+    """``save_consolidated``'s ``stop`` said to stop between shards (a preemption warning)."""
 
 
 RUN_FILES = ("config.yaml", "run_info.json", "metrics.jsonl")
@@ -135,6 +139,7 @@ def save_consolidated(
     out_dir: Path,
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
     writer: bool = True,
+    stop: Callable[[], bool] | None = None,
 ) -> None:
     """Save ``weights`` (name -> tensor, or a lazy tensor: ``.shape``, ``.dtype``, ``.contiguous()``,
     as zero_to_fp32's or ``PartitionedTensor``) as the Hugging Face model of ``hf_config``, one
@@ -145,7 +150,8 @@ def save_consolidated(
     ``save_pretrained`` does. Shards are cut by huggingface_hub the way ``save_pretrained`` cuts
     them (``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``). Every rank of
     a ZeRO-3 job calls it with ``PartitionedTensor`` values (their gathers are collectives, made
-    in the same order everywhere); only the ``writer`` writes.
+    in the same order everywhere); only the ``writer`` writes. ``stop`` (a collective there too)
+    is asked before each shard: True raises ``ExportStopped``, leaving ``out_dir`` half written.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
@@ -186,6 +192,8 @@ def save_consolidated(
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
     for filename, names in split.filename_to_tensors.items():
+        if stop is not None and stop():
+            raise ExportStopped(f"stopped before {filename}")
         shard = {name: weights[name].contiguous().to(target_dtype(name)) for name in names}
         if writer:
             save_file(shard, str(out_dir / filename), metadata={"format": "pt"})

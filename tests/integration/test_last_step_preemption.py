@@ -49,9 +49,9 @@ def compose_config(overrides: list[str]):
         GlobalHydra.instance().clear()
 
 
-def run_rank(cfg, out: Path, preempt_at: int = 0) -> tuple[int, dict]:
-    """Train ``cfg`` with output_dir ``out`` as one rank (SIGUSR1 during step ``preempt_at`` if
-    given); returns the exit status and what ``train()`` returned."""
+def run_rank(cfg, out: Path, preempt_at: int | str = 0) -> tuple[int, dict]:
+    """Train ``cfg`` with output_dir ``out`` as one rank (SIGUSR1 at ``preempt_at``, see ``_rank``,
+    if given); returns the exit status and what ``train()`` returned."""
     from dpo_dist.distributed import free_port
     from dpo_dist.runinfo import write_config
 
@@ -150,19 +150,62 @@ def test_preempted_at_an_eval_step_logs_its_train_and_eval_rows(setup, tmp_path)
     assert_same_run(out, baseline, returned)
 
 
-def _rank(config: str, result: str, preempt_at: int) -> int:
+@pytest.mark.parametrize("when", ["save", "export"])
+def test_a_signal_after_the_last_step_requeues_and_the_resumed_job_exports(setup, tmp_path, when):
+    """A signal while the last step's checkpoint is saved ("save": after the step agreed not to
+    stop) or once the export has begun ("export": asked before each shard) requeues, instead of
+    a long export that the scheduler kills halfway; the resumed job starts at the last step,
+    logs nothing twice and exports the same final/."""
+    cfg, baseline = setup
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_every=4))  # same numbers
+    out = tmp_path / "run"
+    status, _ = run_rank(cfg, out, preempt_at=when)
+    assert status == PREEMPTED_EXIT_CODE
+    assert (out / "checkpoints" / "step_00000004" / "COMPLETE").exists() and not (out / "final").exists()
+    assert [row_key(r) for r in read_rows(out)] == [row_key(r) for r in baseline["rows"]]  # the last eval ran
+
+    status, returned = run_rank(cfg, out)
+    assert status == 0
+    assert json.loads((out / "run_info.json").read_text())["resumed_from_step"] == 4
+    assert_same_run(out, baseline, returned)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("final")) == ["final"]
+
+
+def _rank(config: str, result: str, preempt_at: str) -> int:
     """One rank of ``dpo_dist.worker``, sent SIGUSR1 (a preemption warning) while it runs step
-    ``preempt_at`` (1-based) if not 0, writing ``train()``'s return value to ``result``."""
+    ``preempt_at`` (1-based), or after the last step's checkpoint ("save") or as the ZeRO-3
+    export begins ("export"); none for "0". ``train()``'s return value goes to ``result``."""
     import signal
 
-    from dpo_dist import engine, worker
+    from dpo_dist import engine, export, worker
 
-    if preempt_at:
+    def warn() -> None:
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    if preempt_at == "save":
+        save_checkpoint = engine.save_checkpoint
+
+        def saved_then_signalled(engine_, cfg, env, step, *args, **kwargs):
+            save_checkpoint(engine_, cfg, env, step, *args, **kwargs)
+            if step == cfg.train.max_steps:
+                warn()
+
+        engine.save_checkpoint = saved_then_signalled
+    elif preempt_at == "export":
+        save_consolidated = export.save_consolidated
+
+        def signalled_then_saved(*args, **kwargs):
+            warn()
+            return save_consolidated(*args, **kwargs)
+
+        export.save_consolidated = signalled_then_saved  # engine imports it at call time
+    elif int(preempt_at):
+        preempt_at = int(preempt_at)
         pairs_for_step = engine.PairSampler.pairs_for_step
 
         def signalled(self, step):  # step is 0-based: called at the start of step ``step + 1``
             if step + 1 == preempt_at:
-                os.kill(os.getpid(), signal.SIGUSR1)
+                warn()
             return pairs_for_step(self, step)
 
         engine.PairSampler.pairs_for_step = signalled
@@ -178,7 +221,7 @@ def _rank(config: str, result: str, preempt_at: int) -> int:
 
 
 if __name__ == "__main__":
-    status = _rank(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    status = _rank(sys.argv[1], sys.argv[2], sys.argv[3])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)  # as dpo_dist.worker does: no interpreter teardown under gloo/DeepSpeed threads
