@@ -37,13 +37,14 @@ from dpo_dist.data.records import (
 )
 from dpo_dist.data.tokenize import TokenizedPair, TruncationStats, check_truncation, tokenize_records
 
-CACHE_FORMAT = 5
+CACHE_FORMAT = 6
 """Bumped whenever the tokenization rules or the cache layout change, to invalidate old caches
 (and reference caches: it is part of their fingerprint). 2: no whitespace after a chat turn's EOS.
 3: pairs with identical chosen and rejected ids after truncation are dropped. 4: responses encoded
 without a SentencePiece dummy prefix, no appended EOS in prompts, records whose responses encode
 identically are invalid. 5: a chat response its template ends with a special end-of-turn token
-(Llama 3's <|eot_id|>, Gemma's <end_of_turn>) gets no EOS after it."""
+(Llama 3's <|eot_id|>, Gemma's <end_of_turn>) gets no EOS after it. 6: implicit prompts, taken out
+of the responses that hold them (``records.split_prompt``)."""
 _ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _PROBE = "Hello world 123.\n"
 """Encoded into the tokenizer fingerprint: catches BOS/EOS behaviour that lives outside the vocab."""

@@ -13,6 +13,17 @@ Supported inputs, chosen by suffix (or by being a directory):
 A record has ``prompt``, ``chosen`` and ``rejected``; each is a non-empty string or a non-empty
 list of chat messages ``{"role": str, "content": str}``. Extra keys are ignored.
 
+Implicit prompts (TRL's ``maybe_extract_prompt``, for datasets such as Anthropic HH and
+UltraFeedback binarized): without a ``prompt`` key, the prompt is what ``chosen`` and ``rejected``
+share at their start: their common leading messages, or for text their common leading
+characters, less a space that ends them (``"...Assistant:"``, responses ``" Sure..."``). Where a
+``prompt`` string is given but both responses are conversations that begin with a non-assistant
+message (UltraFeedback binarized: ``prompt`` is the user's text, ``chosen`` is ``[user,
+assistant]``), the conversations carry the prompt and it is taken from them, provided the given
+string is one of its messages (else the record is refused, not silently re-read); a ``prompt``
+messages list that both conversations begin with is taken out of them. Rendering the prompt
+twice, in front of a conversation that holds it again, would train on a duplicated turn.
+
 Locations. Every bad record becomes a ``Problem`` printed as ``PATH:LINE: reason``. For JSONL,
 LINE is the 1-based physical line number. For JSON, Parquet and datasets directories there are
 no meaningful lines, so LINE is the record's 0-based index in the file (the same number as its
@@ -111,11 +122,11 @@ def read_preferences(path: str | os.PathLike) -> ReadResult:
     result = ReadResult(path=shown)
     try:
         for example_id, line, raw in _iter_raw(Path(path), shown):
-            reason = raw if isinstance(raw, _Unreadable) else validate_record(raw)
-            if reason is None:
-                result.records.append(_to_record(example_id, line, raw))
+            parsed = raw if isinstance(raw, _Unreadable) else parse_record(raw)
+            if isinstance(parsed, str):
+                result.problems.append(Problem(shown, line, str(parsed)))
             else:
-                result.problems.append(Problem(shown, line, str(reason)))
+                result.records.append(PreferenceRecord(example_id, line, *parsed))
     except OSError as e:  # permissions, I/O errors, special files: any reader, any time
         raise _cannot_read(shown, e) from None
     return result
@@ -177,15 +188,66 @@ def log_dropped(log: logging.Logger, path: str, problems: list[Problem], total: 
 
 def validate_record(raw: Any) -> str | None:
     """The first reason ``raw`` is not a valid record, or None if it is valid."""
+    parsed = parse_record(raw)
+    return parsed if isinstance(parsed, str) else None
+
+
+def parse_record(raw: Any) -> tuple[Text, Text, Text] | str:
+    """A raw record's (prompt, chosen, rejected), the prompt taken out of the responses where they
+    hold it (module docstring: implicit prompts), or the first reason it is not a valid record."""
     if not isinstance(raw, dict):
         return "record is not a JSON object"
-    for name in FIELDS:
+    for name in FIELDS if "prompt" in raw else FIELDS[1:]:
         reason = _validate_field(raw, name)
         if reason:
             return reason
-    if _as_response(raw["chosen"]) == _as_response(raw["rejected"]):
+    split = split_prompt(raw.get("prompt"), _normalise(raw["chosen"]), _normalise(raw["rejected"]))
+    if isinstance(split, str):
+        return split
+    if _as_response(split[1]) == _as_response(split[2]):
         return "chosen and rejected are identical"
-    return None
+    return split
+
+
+def split_prompt(prompt: Text | None, chosen: Text, rejected: Text) -> tuple[Text, Text, Text] | str:
+    """(prompt, chosen, rejected) with an implicit prompt taken out of the responses (module
+    docstring), or the reason it cannot be; an explicit prompt the responses do not repeat is kept."""
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        if isinstance(prompt, list):
+            n = len(prompt)
+            if chosen[:n] == prompt and rejected[:n] == prompt and len(chosen) > n and len(rejected) > n:
+                return _normalise(prompt), chosen[n:], rejected[n:]
+            return _normalise(prompt), chosen, rejected
+        if prompt is not None and chosen[0]["role"] == "assistant":
+            return prompt, chosen, rejected  # a text prompt followed by assistant turns
+    elif prompt is not None:
+        return prompt, chosen, rejected
+    elif isinstance(chosen, list) or isinstance(rejected, list):
+        return "no 'prompt', and one of chosen and rejected is text, the other messages: nothing shared to take it from"
+    if chosen == rejected:
+        return "chosen and rejected are identical"
+    shared = _shared_prefix(chosen, rejected)
+    if isinstance(chosen, str) and shared and chosen[shared - 1] == " ":
+        shared -= 1  # TRL's extract_prompt: the space before the responses goes with them
+    implicit, chosen_rest, rejected_rest = chosen[:shared], chosen[shared:], rejected[shared:]
+    where = "no 'prompt'" if prompt is None else "'prompt' is text, but chosen and rejected are conversations"
+    if not implicit or (isinstance(implicit, str) and not implicit.strip()):
+        return f"{where}, and chosen and rejected share no leading {'messages' if isinstance(chosen, list) else 'text'} to take the prompt from"
+    if not _has_text(chosen_rest) or not _has_text(rejected_rest):
+        side = "chosen" if not _has_text(chosen_rest) else "rejected"
+        return f"{where}: {side} has nothing after the prompt it shares with the other response"
+    if prompt is not None and not any(m["content"].strip() == prompt.strip() for m in implicit):
+        return f"{where} whose shared start does not hold it: give the prompt as messages, or leave it out"
+    return implicit, chosen_rest, rejected_rest
+
+
+def _shared_prefix(a: Text, b: Text) -> int:
+    """How many leading characters (text) or messages (lists) ``a`` and ``b`` have in common."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _has_text(value: Text) -> bool:
+    return bool(value.strip()) if isinstance(value, str) else any(m["content"].strip() for m in value)
 
 
 def data_fingerprint(path: str | os.PathLike) -> str:
@@ -364,11 +426,6 @@ def _as_response(value: Text) -> Messages:
     if isinstance(value, str):
         return [{"role": "assistant", "content": value}]
     return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
-def _to_record(example_id: int, line: int, raw: dict[str, Any]) -> PreferenceRecord:
-    values = [_normalise(raw[name]) for name in FIELDS]
-    return PreferenceRecord(example_id, line, *values)
 
 
 def _normalise(value: Text) -> Text:

@@ -215,3 +215,70 @@ def test_data_fingerprint_tracks_content(tmp_path):
     assert data_fingerprint(tmp_path / "ds") == data_fingerprint(tmp_path / "ds")
     with pytest.raises(DataError, match="no such file"):
         data_fingerprint(tmp_path / "nope.jsonl")
+
+
+# ---- implicit prompts (TRL's maybe_extract_prompt) -----------------------------------------------
+
+USER = {"role": "user", "content": "What is 2+2?"}
+SYSTEM = {"role": "system", "content": "Be brief."}
+
+
+def said(text):
+    return {"role": "assistant", "content": text}
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        # Anthropic HH: the text both share, less the space before the responses (as TRL).
+        (
+            {"chosen": "\n\nHuman: 2+2?\n\nAssistant: Four.", "rejected": "\n\nHuman: 2+2?\n\nAssistant: No idea."},
+            ("\n\nHuman: 2+2?\n\nAssistant:", " Four.", " No idea."),
+        ),
+        # Shared characters past a word boundary stay in the prompt, as TRL splits them.
+        ({"chosen": "Q: hi A: Sure thing", "rejected": "Q: hi A: Surely not"}, ("Q: hi A: Sure", " thing", "ly not")),
+        # Conversations: their common leading messages, a multi-turn prompt included.
+        ({"chosen": [USER, said("4")], "rejected": [USER, said("5")]}, ([USER], [said("4")], [said("5")])),
+        (
+            {"chosen": [SYSTEM, USER, said("4"), USER, said("Still 4")], "rejected": [SYSTEM, USER, said("4"), USER, said("5")]},
+            ([SYSTEM, USER, said("4"), USER], [said("Still 4")], [said("5")]),
+        ),
+        # UltraFeedback binarized: a prompt string that the conversations hold again.
+        ({"prompt": "What is 2+2?", "chosen": [USER, said("4")], "rejected": [USER, said("5")]}, ([USER], [said("4")], [said("5")])),
+        # A messages prompt both conversations begin with is taken out of them.
+        ({"prompt": [USER], "chosen": [USER, said("4")], "rejected": [USER, said("5")]}, ([USER], [said("4")], [said("5")])),
+        # Explicit prompts the responses do not repeat are kept as they are.
+        ({"prompt": "What is 2+2?", "chosen": [said("4")], "rejected": [said("5")]}, ("What is 2+2?", [said("4")], [said("5")])),
+        ({"prompt": [USER], "chosen": [said("4")], "rejected": [said("5")]}, ([USER], [said("4")], [said("5")])),
+        ({"prompt": "Q: hi A:", "chosen": "Q: hi A: x", "rejected": "Q: hi A: y"}, ("Q: hi A:", "Q: hi A: x", "Q: hi A: y")),
+    ],
+)
+def test_an_implicit_prompt_is_taken_out_of_the_responses(tmp_path, raw, expected):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(raw) + "\n")
+    (got,) = load_preferences(path)
+    assert (got.prompt, got.chosen, got.rejected) == expected
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        ({"chosen": "Four.", "rejected": "No idea."}, "no 'prompt', and chosen and rejected share no leading text to take the prompt from"),
+        ({"chosen": " Four.", "rejected": " No idea."}, "no 'prompt', and chosen and rejected share no leading text to take the prompt from"),
+        ({"chosen": [said("4")], "rejected": [said("5")]}, "no 'prompt', and chosen and rejected share no leading messages to take the prompt from"),
+        ({"chosen": "Q? A", "rejected": "Q? AB"}, "no 'prompt': chosen has nothing after the prompt it shares with the other response"),
+        ({"chosen": [USER, said("4")], "rejected": [USER]}, "no 'prompt': rejected has nothing after the prompt it shares with the other response"),
+        ({"chosen": "Q? A", "rejected": "Q? A"}, "chosen and rejected are identical"),
+        ({"chosen": [USER, said("4")], "rejected": "Q? A"}, "no 'prompt', and one of chosen and rejected is text, the other messages: nothing shared to take it from"),
+        (
+            {"prompt": "What is 3+3?", "chosen": [USER, said("4")], "rejected": [USER, said("5")]},
+            "'prompt' is text, but chosen and rejected are conversations whose shared start does not hold it: "
+            "give the prompt as messages, or leave it out",
+        ),
+        ({"prompt": None, "chosen": "Q? A", "rejected": "Q? B"}, "'prompt' is null"),
+    ],
+)
+def test_a_record_whose_prompt_cannot_be_found_is_invalid(tmp_path, raw, reason):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(raw) + "\n")
+    assert [p.reason for p in read_preferences(path).problems] == [reason]
