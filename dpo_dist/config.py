@@ -624,6 +624,13 @@ class ReferenceConfig:
     capacity; on CPU the host's available memory shared by the node's ranks) and, for the online
     copy on GPUs, training still fits beside it (the memory plan); else zero3. The numbers are the
     same either way."""
+    model_path: str | None = None
+    """The reference model's directory when it is not the policy's starting point ``model.path``
+    (TRL's ``ref_model``, OpenRLHF's ``--ref_pretrain``): e.g. DPO continued from an earlier round's
+    model against the SFT model. It scores the policy's tokens, so it needs the policy's vocabulary;
+    loaded as the policy's base is (``model.dtype``, QLoRA's ``model.lora.quantize``). Not with
+    LoRA and ``mode=online``, whose reference is the policy with its adapters off (as TRL refuses
+    a ``ref_model`` beside a PEFT config); with LoRA, precompute it. null: ``model.path``."""
     sync_every: int = 0
     """TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656): every this many optimizer steps the
     reference moves toward the policy, ``ref = sync_alpha * policy + (1 - sync_alpha) * ref``
@@ -824,6 +831,8 @@ class DPOConfig:
         )
         if self.reference.syncs() and self.stage == "dpo":
             self._check_moving_reference()
+        if self.reference.model_path and self.stage == "dpo":
+            self._check_reference_model()
         if self.model.dtype == "bf16":  # before any work; model.dtype=auto is checked on the device
             self.deepspeed.to_dict(bf16=True, grad_clip=self.optim.grad_clip)
 
@@ -841,6 +850,20 @@ class DPOConfig:
             key,
             "does not work with LoRA: its reference is the policy with the adapters off, not a copy that can move",
         )
+
+    def _check_reference_model(self) -> None:
+        key = "reference.model_path"
+        _check(self.loss.uses_reference(), key, f"loss={self.loss.name} uses no reference")
+        _check(
+            not (self.model.lora.enabled and self.reference.mode == "online"),
+            key,
+            "does not work with LoRA and reference.mode=online, whose reference is the policy with the "
+            "adapters off: set reference.mode=precompute to score against another model",
+        )
+
+    def reference_model_path(self) -> str:
+        """The reference model's directory: ``reference.model_path``, else ``model.path``."""
+        return self.reference.model_path or self.model.path
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

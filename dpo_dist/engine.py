@@ -588,7 +588,7 @@ def online_reference_replicates(cfg: DPOConfig, device: torch.device, dtype: tor
     world = dist.get_world_size() if dist.is_initialized() else 1
     per_node = D.first_env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=world)
     try:
-        shape = ModelShape.from_path(cfg.model.path)
+        shape = ModelShape.from_path(cfg.model.path)  # the policy's: its states and activations dominate
         memory = torch.cuda.get_device_properties(device).total_memory / GIB
         settings = PlanSettings.from_config(cfg, gpus=world)
         whole = dataclasses.replace(settings, gpus_per_node=per_node, gpu_memory_gib=memory, reference_partition="replicate")
@@ -613,10 +613,11 @@ class OnlineReference:
     """LD-DPO's alpha (loss.ld_alpha) applied to the reference's sums as to the policy's, or None."""
 
     def __init__(self, cfg: DPOConfig, device: torch.device, backend: str, training: bool = True, path: str | None = None):
-        """``training=False`` (dpo-eval): a frozen copy of ``model.path`` even with LoRA (4-bit as the
-        policy's base with QLoRA), since an evaluated policy is usually merged, with no adapters to
-        disable; and no training states beside the copy to plan for. ``path``: the weights to load
-        instead of ``model.path`` (a moved TR-DPO reference saved with a checkpoint)."""
+        """``training=False`` (dpo-eval): a frozen copy of the reference model
+        (``DPOConfig.reference_model_path``) even with LoRA (4-bit as the policy's base with
+        QLoRA), since an evaluated policy is usually merged, with no adapters to disable; and no
+        training states beside the copy to plan for. ``path``: the weights to load instead (a
+        moved TR-DPO reference saved with a checkpoint)."""
         self.uses_policy = cfg.model.lora.enabled and training
         self.moving = cfg.reference if training and cfg.reference.syncs() else None
         self.ld_alpha = cfg.loss.ld_alpha
@@ -629,7 +630,7 @@ class OnlineReference:
             if path is not None:
                 log.info("online reference: the moved reference (reference.sync_every) saved at %s", path)
             self.engine = build_inference_engine(
-                cfg, path or cfg.model.path, device, backend, quantize=cfg.model.lora.quantize, replicate=replicate
+                cfg, path or cfg.reference_model_path(), device, backend, quantize=cfg.model.lora.quantize, replicate=replicate
             )
 
     def attach_policy(self, policy_engine) -> None:
@@ -1106,7 +1107,7 @@ def _rmtree(path: Path) -> list[str]:
 
 def moved_reference_path(cfg: DPOConfig, env: D.DistEnv) -> str | None:
     """The TR-DPO reference saved with the checkpoint a resume starts from, or None (no
-    checkpoint, or none moved yet: the reference is still ``model.path``). Rank 0 decides;
+    checkpoint, or none moved yet: the reference is still the initial one). Rank 0 decides;
     a checkpoint past a sync without its reference is refused (every rank raises)."""
     if not cfg.reference.syncs():
         return None

@@ -1,8 +1,8 @@
 """Standalone evaluation (``dpo-eval``): held-out reward accuracy and margins of a trained policy.
 
 The numbers are the ones training logs as ``eval/*`` (the same ``engine.evaluate``), for any
-exported model or checkpoint, against the reference of the run config (``model.path``, its
-cached log-probs reused or computed). Results go to ``eval.output`` (default ``output_dir``) as
+exported model or checkpoint, against the reference of the run config (``reference.model_path``
+or ``model.path``, its cached log-probs reused or computed). Results go to ``eval.output`` (default ``output_dir``) as
 ``eval.json``; the ranks work in ``output_dir/eval`` (see ``rank_config``).
 """
 
@@ -105,7 +105,7 @@ def evaluate_run(cfg: DPOConfig) -> dict[str, float]:
     reference = prepare_reference(cfg, env, device, job.backend, None, eval_data, training=False)
     policy = build_inference_engine(cfg, str(policy_dir), device, job.backend, policy_normalization(cfg))
     metrics = evaluate(StepContext(policy, reference, cfg, device, env.world_size), eval_data, env)
-    result = {"policy": str(policy_dir), **source, "reference": cfg.model.path, "eval_pairs": len(eval_data), **metrics}
+    result = {"policy": str(policy_dir), **source, "reference": cfg.reference_model_path(), "eval_pairs": len(eval_data), **metrics}
     if env.is_main:
         out = Path(cfg.eval.resolved_output(cfg.output_dir))
         out.mkdir(parents=True, exist_ok=True)

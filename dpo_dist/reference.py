@@ -273,11 +273,11 @@ def reference_fingerprints(
 def fingerprints_from_config(
     config: DPOConfig, tokenizer, data_path: str | os.PathLike, *, dtype: torch.dtype | str
 ) -> dict[str, Any]:
-    """``reference_fingerprints`` for a run config (train or eval ``data_path``); only model path
-    and tokenization settings are read from it, and of the loss settings whether loss.ld_alpha is
-    set (not its value), so beta, lr and ld_alpha sweeps share one cache."""
+    """``reference_fingerprints`` for a run config (train or eval ``data_path``); only the reference
+    model's path and tokenization settings are read from it, and of the loss settings whether
+    loss.ld_alpha is set (not its value), so beta, lr and ld_alpha sweeps share one cache."""
     return reference_fingerprints(
-        config.model.path,
+        config.reference_model_path(),
         tokenizer,
         data_path,
         max_length=config.data.max_length,
@@ -815,7 +815,7 @@ def _ensure_run_splits(cfg, env, device, backend, train_data, eval_data, tokeniz
             data,
             dirs[name],
             fingerprints=fingerprints[name],
-            model_path=cfg.model.path,
+            model_path=cfg.reference_model_path(),
             tokenizer_path=cfg.model.resolved_tokenizer_path(),
             rank=env.rank,
             world_size=env.world_size,
@@ -843,7 +843,7 @@ def _build_reference_model(
     logger.info("reference pass: %s (%s)", "a whole copy of the model per rank" if replicate else "partitioned with ZeRO-3", why)
     # QLoRA: the reference is the quantized base the policy starts from, not model.path's weights.
     quantize = cfg.model.lora.quantize
-    engine = build_inference_engine(cfg, cfg.model.path, device, backend, LOGP_REDUCTION, quantize, replicate)
+    engine = build_inference_engine(cfg, cfg.reference_model_path(), device, backend, LOGP_REDUCTION, quantize, replicate)
     return _EngineScorer(engine)
 
 
@@ -859,7 +859,7 @@ def reference_replicates(cfg: DPOConfig, device: torch.device, dtype: torch.dtyp
     setting = cfg.reference.partition
     if setting != "auto":
         return setting == "replicate", f"reference.partition={setting}"
-    weights = _model_bytes(cfg.model.path, dtype)
+    weights = _model_bytes(cfg.reference_model_path(), dtype)
     if device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
         where = "of the GPU's"

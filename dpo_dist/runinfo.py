@@ -119,7 +119,7 @@ def latest_complete_checkpoint(root: Path) -> tuple[str, int] | None:
     return (done[-1], int(done[-1].split("_")[1])) if done else None
 
 
-_PATH_KEYS = ("model.path", "model.tokenizer_path", "data.train_path", "data.eval_path")
+_PATH_KEYS = ("model.path", "model.tokenizer_path", "reference.model_path", "data.train_path", "data.eval_path")
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

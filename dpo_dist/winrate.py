@@ -1,7 +1,7 @@
 """Win-rate of a trained policy against its reference (``dpo-eval winrate``).
 
 The policy (``eval.policy_path``: a Hugging Face directory or a checkpoint, resolved like
-``dpo-eval``) and the reference (``model.path``, with ``model.tokenizer_path``'s tokenizer when
+``dpo-eval``) and the reference (``DPOConfig.reference_model_path``, with ``model.tokenizer_path``'s tokenizer when
 that is set, as in training) each answer the held-out prompts of
 ``data.eval_path`` (the first ``eval.max_prompts``; greedy by default). The prompts, ordered by
 length, are cut into batches of ``eval.batch_size`` and rank ``r`` of ``W`` generates batches
@@ -157,7 +157,7 @@ def generation_fingerprint(cfg: DPOConfig, policy_dir: str, items: Sequence[Prom
         "policy": model_identity(policy_dir),
         # model.tokenizer_path, not resolved_tokenizer_path(): None keeps load_tokenizer's own
         # choice for model.path (an adapter directory without a tokenizer uses its base's).
-        "reference": model_identity(cfg.model.path, cfg.model.tokenizer_path),
+        "reference": model_identity(cfg.reference_model_path(), cfg.model.tokenizer_path),
         "prompts": json_sha256([[item.example_id, item.prompt] for item in items]),
         **generation_settings(cfg),
         "dtype": cfg.model.dtype,
@@ -297,7 +297,7 @@ def winrate_run(cfg: DPOConfig) -> dict[str, Any] | None:
     else:
         mine = rank_share(items, env.rank, env.world_size, cfg.eval.batch_size)
         policy = generate_with(policy_dir, mine, cfg, device, env, len(items))
-        reference = generate_with(cfg.model.path, mine, cfg, device, env, len(items), cfg.model.tokenizer_path)
+        reference = generate_with(cfg.reference_model_path(), mine, cfg, device, env, len(items), cfg.model.tokenizer_path)
         gathered = gather_to_main(list(zip(mine, policy, reference)), env)
         # No barrier after the judging: rank 0 may judge for longer than the collective timeout
         # (thousands of API requests with backoff), and the other ranks' work is done.
@@ -384,7 +384,7 @@ def judge_and_write(cfg: DPOConfig, policy_dir: str, rows, world_size: int, gene
     result = {
         "policy": policy_dir,
         **(source if source is not None else policy_source(cfg)),
-        "reference": cfg.model.path,
+        "reference": cfg.reference_model_path(),
         "judge": cfg.eval.judge.name,
         **({"judge_model": cfg.eval.judge.model} if cfg.eval.judge.name == "openai" else {}),
         "eval_path": cfg.data.eval_path,

@@ -79,13 +79,17 @@ def _as_user_error(check, *args) -> None:
 
 def check_paths(cfg) -> None:
     """One line, before any rank starts, for a ``model.path`` that is not there (transformers
-    would answer with a Hub repo-id message) and a reference cache directory that cannot be made
-    (the ranks would fail with tracebacks)."""
+    would answer with a Hub repo-id message), a ``reference.model_path`` that cannot score the
+    policy's tokens, and a reference cache directory that cannot be made (the ranks would fail
+    with tracebacks)."""
     from dpo_dist.fingerprint import cache_root
 
-    for key, path in (("model.path", cfg.model.path), ("model.tokenizer_path", cfg.model.tokenizer_path)):
+    paths = [("model.path", cfg.model.path), ("model.tokenizer_path", cfg.model.tokenizer_path)]
+    for key, path in [*paths, ("reference.model_path", cfg.reference.model_path if cfg.stage == "dpo" else None)]:
         if path and not Path(path).expanduser().exists():
             raise UserError(f"{key}={path}: no model/tokenizer there (no such directory; models are read from local directories, nothing is downloaded)")
+    if cfg.stage == "dpo" and cfg.reference.model_path:
+        check_reference_model(cfg)
     if cfg.stage == "sft" or cfg.reference.mode != "precompute" or not cfg.loss.uses_reference():
         return
     cache = Path(cfg.reference.cache_dir).expanduser() if cfg.reference.cache_dir else cache_root() / "reference"
@@ -93,6 +97,34 @@ def check_paths(cfg) -> None:
     if why:
         key = "reference.cache_dir" if cfg.reference.cache_dir else "the reference cache root ($DPO_DIST_CACHE or ~/.cache/dpo_dist)"
         raise UserError(f"{key}={cache}: cannot create it ({why})")
+
+
+def check_reference_model(cfg) -> None:
+    """``reference.model_path`` must score the policy's token ids (the same vocabulary) and, for
+    TR-DPO, which mixes its weights with the policy's, have the policy's architecture."""
+    policy, reference = _hf_config(cfg.model.path), _hf_config(cfg.reference.model_path)
+    if policy is None or reference is None:
+        return  # e.g. a planning-only shape file: the ranks' loading says what is missing
+    keys = ["vocab_size"] + (list(_ARCHITECTURE_KEYS) if cfg.reference.syncs() else [])
+    for key in keys:
+        if policy.get(key) != reference.get(key):
+            why = "it scores the policy's token ids" if key == "vocab_size" else "TR-DPO (reference.sync_every) mixes its weights with the policy's"
+            raise UserError(
+                f"reference.model_path={cfg.reference.model_path}: {key} {reference.get(key)} differs from model.path's "
+                f"{policy.get(key)}, but {why}"
+            )
+
+
+_ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+
+
+def _hf_config(path: str) -> dict | None:
+    import json
+
+    try:
+        return json.loads((Path(path).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def uncreatable(path: Path) -> str | None:

@@ -47,6 +47,36 @@ def test_a_model_directory_that_is_not_there_is_one_line_before_any_rank(tmp_pat
     assert "[rank" not in result.stderr  # refused by the launcher: no rank started
 
 
+def test_a_reference_model_that_cannot_score_the_policy_is_one_line_before_any_rank(tmp_path):
+    """reference.model_path must be there, share the policy's vocabulary and, for TR-DPO (whose
+    update mixes the two models' weights), its architecture."""
+    from tests.helpers import bundled_llama_config
+
+    def model_dir(name, **changes):
+        _, config = bundled_llama_config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)
+        for key, value in changes.items():
+            setattr(config, key, value)
+        config.save_pretrained(tmp_path / name)  # config.json is all the launcher reads
+        return tmp_path / name
+
+    policy, wide, other_vocab = model_dir("policy"), model_dir("wide", num_hidden_layers=3), model_dir("vocab", vocab_size=128)
+    base = [f"model.path={policy}", f"output_dir={tmp_path / 'run'}", "train.max_steps=1"]
+    cases = [
+        ([f"reference.model_path={tmp_path / 'missing'}"], f"reference.model_path={tmp_path / 'missing'}: no model/tokenizer there (no such directory"),
+        ([f"reference.model_path={other_vocab}"], f"reference.model_path={other_vocab}: vocab_size 128 differs from model.path's 101, but it scores the policy's token ids"),
+        (
+            [f"reference.model_path={wide}", "reference.mode=online", "reference.sync_every=2"],
+            f"reference.model_path={wide}: num_hidden_layers 3 differs from model.path's 2, but TR-DPO (reference.sync_every) mixes its weights with the policy's",
+        ),
+    ]
+    for extra, expected in cases:
+        result = run_cli("launch.train", *base, *extra, env=OFFLINE)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert one_error_line(result.stderr, "dpo-train").startswith(f"dpo-train: error: {expected}")
+        assert "[rank" not in result.stderr
+
+
 @pytest.mark.parametrize(
     "override, expected",
     [

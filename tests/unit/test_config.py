@@ -53,6 +53,11 @@ def test_defaults_are_valid_and_round_trip():
             {"reference": {"mode": "online", "sync_every": 8}, "loss": {"name": "simpo", "logp_normalization": "mean"}},
             "reference.sync_every: loss=simpo uses no reference",
         ),
+        ({"reference": {"model_path": "/m/sft"}, "loss": {"name": "cpo"}}, "reference.model_path: loss=cpo uses no reference"),
+        (
+            {"reference": {"mode": "online", "model_path": "/m/sft"}, "model": {"lora": {"r": 8}}},
+            "reference.model_path: does not work with LoRA and reference.mode=online",
+        ),
     ],
 )
 def test_invalid_values_name_the_key(values, message):
@@ -411,3 +416,12 @@ def test_a_loss_chosen_on_the_command_line_beats_an_experiment_preset(experiment
         GlobalHydra.instance().clear()
     loss = OmegaConf.to_container(cfg, resolve=True)["loss"]
     assert (loss["name"], loss["beta"], loss["logp_normalization"]) == ("simpo", 2.0, "mean"), loss
+
+
+def test_the_reference_model_is_model_path_unless_given():
+    assert config_from_dict({"model": {"path": "/m/base"}}).reference_model_path() == "/m/base"
+    cfg = config_from_dict({"model": {"path": "/m/round1"}, "reference": {"model_path": "/m/sft"}})
+    assert cfg.reference_model_path() == "/m/sft" and cfg.model.path == "/m/round1"
+    # With LoRA a precomputed reference may be another model; an SFT stage has no reference.
+    config_from_dict({"reference": {"model_path": "/m/sft"}, "model": {"lora": {"r": 8}}})
+    config_from_dict({"stage": "sft", "reference": {"model_path": "/m/sft"}, "loss": {"name": "cpo"}})
