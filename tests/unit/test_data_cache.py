@@ -242,3 +242,74 @@ def test_the_check_hint_names_a_tokenizer_that_is_not_the_bundled_one(data, tmp_
     with pytest.raises(DataError) as info:
         load_tokenized(data, AutoTokenizer.from_pretrained(own), 40, on_invalid="error")
     assert str(info.value).endswith(f"(run `dpo-data check {data} --tokenizer {own}` to list all)")
+
+
+def test_a_new_cache_format_misses_caches_of_the_old_one(tok, data, tmp_path, monkeypatch):
+    """CACHE_FORMAT is bumped when the tokenization rules change: caches written under the old
+    rules (other ids for the same file and tokenizer) must not be hit."""
+    from dpo_dist.data import cache as cache_module
+
+    cache = tmp_path / "cache"
+    first = load_tokenized(data, tok, 40, on_invalid="skip", cache_dir=cache)
+    monkeypatch.setattr(cache_module, "CACHE_FORMAT", cache_module.CACHE_FORMAT + 1)
+    second = load_tokenized(data, tok, 40, on_invalid="skip", cache_dir=cache)
+    assert not second.cache_hit and second.fingerprint != first.fingerprint
+
+
+def test_tokenizer_fingerprint_covers_the_vocabulary(tmp_path):
+    """Two tokenizers that differ only in which ids two characters get (same special tokens, chat
+    template and probe encoding) give other ids for other texts: other fingerprints."""
+    import json
+
+    shutil.copytree(bundled_tokenizer_path(), tmp_path / "tok")
+    spec = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["q"], vocab["z"] = vocab["z"], vocab["q"]
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(spec))
+    swapped = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    bundled = load_tokenizer()
+    assert swapped("quiz")["input_ids"] != bundled("quiz")["input_ids"]
+    assert swapped("Hello world 123.\n")["input_ids"] == bundled("Hello world 123.\n")["input_ids"]
+    assert tokenizer_fingerprint(swapped) != tokenizer_fingerprint(bundled)
+
+
+class _SlowTokenizer:
+    """A tokenizer without a fast backend (no ``backend_tokenizer``): one id per character."""
+
+    special_tokens_map = {"bos_token": "<s>", "eos_token": "</s>"}
+    chat_template = None
+
+    def __init__(self, adds_bos: bool):
+        self.adds_bos = adds_bos
+
+    def get_vocab(self):
+        return {"<s>": 1, "</s>": 2, **{chr(c): c for c in range(32, 127)}}
+
+    def __call__(self, text):
+        return {"input_ids": [1] * self.adds_bos + [ord(c) for c in text]}
+
+
+def test_tokenizer_fingerprint_without_a_backend_covers_the_special_tokens_it_adds():
+    """A slow tokenizer's vocabulary and special tokens do not say whether it adds BOS; the encoded
+    probe does, so a tokenizer set to add none gets another fingerprint."""
+    assert tokenizer_fingerprint(_SlowTokenizer(True)) == tokenizer_fingerprint(_SlowTokenizer(True))
+    assert tokenizer_fingerprint(_SlowTokenizer(True)) != tokenizer_fingerprint(_SlowTokenizer(False))
+
+
+def test_a_cache_with_fewer_rows_than_its_metadata_says_is_rebuilt(tok, data, tmp_path, caplog):
+    """An Arrow file that does not hold the pairs its metadata counts (replaced, or cut to fewer
+    rows) is not used: the file is tokenized again, with every pair."""
+    import pyarrow as pa
+
+    from dpo_dist.data.cache import _write_arrow
+
+    cache = tmp_path / "cache"
+    first = load_tokenized(data, tok, 40, on_invalid="skip", cache_dir=cache)
+    arrow = cache / f"{first.fingerprint}.arrow"
+    short = pa.ipc.open_file(pa.BufferReader(arrow.read_bytes())).read_all().slice(0, len(first) - 1)
+    with open(arrow, "wb") as f:
+        _write_arrow(f, short)
+    with caplog.at_level(logging.WARNING, logger="dpo_dist.data"):
+        again = load_tokenized(data, tok, 40, on_invalid="skip", cache_dir=cache)
+    assert not again.cache_hit and as_lists(again) == as_lists(first) and len(again) == 4
+    assert any("is incomplete; rebuilding it" in m for m in caplog.messages)

@@ -282,3 +282,13 @@ def test_a_record_whose_prompt_cannot_be_found_is_invalid(tmp_path, raw, reason)
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(raw) + "\n")
     assert [p.reason for p in read_preferences(path).problems] == [reason]
+
+
+def test_a_saved_dataset_directory_is_fingerprinted_by_its_content(tmp_path):
+    """A saved datasets directory hashes every file's bytes, not only their names: two saves of
+    different records (the same file names) must not share reference log-prob shards."""
+    datasets.Dataset.from_list([RECORDS[0]]).save_to_disk(tmp_path / "a")
+    datasets.Dataset.from_list([RECORDS[2]]).save_to_disk(tmp_path / "b")
+    names = {p.name for p in (tmp_path / "a").iterdir()}
+    assert names == {p.name for p in (tmp_path / "b").iterdir()}
+    assert data_fingerprint(tmp_path / "a") != data_fingerprint(tmp_path / "b")

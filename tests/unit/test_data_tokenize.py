@@ -405,3 +405,17 @@ def test_a_prompt_ending_with_its_own_eos_keeps_it_whatever_follows(tmp_path):
     appending_not.add_special_tokens({"eos_token": AddedToken("</s>", rstrip=True, special=True)})
     pair = tokenize_records([PreferenceRecord(0, 1, "98+29=</s>\n", "127", "126")], appending_not, 64)[0][0]
     assert pair.prompt_ids[-1] == EOS
+
+
+def test_whitespace_a_template_writes_without_a_closing_token_stays_in_the_response():
+    """Only whitespace after an end-of-turn special token is layout (not scored); a template that
+    closes a turn with a plain newline keeps it in the response, which then gets its EOS."""
+    tok = load_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    chat = record([{"role": "user", "content": "Hi"}], "Yo", "No")
+    (pair,), _ = tokenize_records([chat], tok, max_length=256)
+    assert pair.chosen_ids.tolist() == [*chars(tok, "Yo\n"), EOS]
+    assert pair.rejected_ids.tolist() == [*chars(tok, "No\n"), EOS]

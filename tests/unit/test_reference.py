@@ -784,3 +784,168 @@ def test_a_whole_reference_loads_whole_while_a_zero3_model_is_alive(setup):
     finally:  # a failure's traceback keeps policy_config alive: no later test may see ZeRO-3 on
         unset_hf_deepspeed_config()
     assert policy_config.is_zero3()
+
+
+# ---------------------------------------------------------------------------------------------
+# What decides reuse, and what a store joins (mutation-testing gaps)
+
+
+def test_every_fingerprint_component_names_its_own_cache_directory():
+    """The combined fingerprint (the default cache directory, an eval split's directory) changes
+    with each component: a max_length or dtype sweep gets a directory per setting, not a refusal."""
+    base = {"model": "m", "tokenizer": "t", "data": "d", "settings": "s", "settings_values": {"dtype": "fp32"}}
+    combined = ref.combined_fingerprint(base)
+    for name in ("model", "tokenizer", "data", "settings"):
+        changed = ref.combined_fingerprint({**base, name: name + "2"})
+        assert changed != combined, name
+        assert ref.default_cache_dir(changed) != ref.default_cache_dir(combined), name
+    assert ref.combined_fingerprint({**base, "settings_values": {"dtype": "bf16"}}) == combined  # covered by settings
+
+
+def test_truncation_rule_and_quantization_of_a_run_are_reference_inputs(setup):
+    """data.truncation decides which tokens are scored, model.lora.quantize the base's weights:
+    a run that changes either must not reuse the other's cache."""
+    from dpo_dist.config import LoraConfig
+
+    def fps(data=None, lora=None):
+        cfg = DPOConfig(
+            model=ModelConfig(path=str(setup.model_dir), **({"lora": lora} if lora else {})),
+            data=data or DataConfig(train_path=str(setup.data_path), max_length=MAX_LENGTH),
+            train=TrainConfig(micro_batch_tokens=512),
+        )
+        return ref.fingerprints_from_config(cfg, setup.tokenizer, setup.data_path, dtype="fp32")
+
+    base = fps()
+    keep_start = fps(data=DataConfig(train_path=str(setup.data_path), max_length=MAX_LENGTH, truncation="keep_start"))
+    assert keep_start["settings_values"]["truncation"] == "keep_start"
+    assert keep_start["settings"] != base["settings"]
+    assert fps(lora=LoraConfig(r=8))["settings"] == base["settings"]  # adapters train on the same base
+    nf4 = fps(lora=LoraConfig(r=8, quantize="nf4"))
+    assert nf4["settings_values"]["quantize"] == "nf4" and nf4["settings"] != base["settings"]
+
+
+def test_a_manifest_of_another_format_version_is_refused(setup, built, tmp_path):
+    cache = copy_cache(built, tmp_path)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").write_text(json.dumps({**manifest, "format_version": ref.FORMAT_VERSION + 1}))
+    message = rf"has format_version {ref.FORMAT_VERSION + 1}, this dpo_dist writes {ref.FORMAT_VERSION}"
+    with pytest.raises(ReferenceCacheError, match=message):
+        setup.open(cache)
+    with pytest.raises(ReferenceCacheError, match=message):
+        setup.ensure(cache)
+
+
+def store_of(ids, chosen_tokens=None, rejected_tokens=None) -> ReferenceStore:
+    """A store over rows in the given id order: logps -id (chosen) and -id - 0.5 (rejected)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    table = pa.table(
+        {
+            "example_id": ids,
+            "chosen_logp": (-ids).astype(np.float32),
+            "rejected_logp": (-ids - 0.5).astype(np.float32),
+            "chosen_tokens": np.asarray(chosen_tokens if chosen_tokens is not None else ids + 1, dtype=np.int32),
+            "rejected_tokens": np.asarray(rejected_tokens if rejected_tokens is not None else ids + 2, dtype=np.int32),
+        },
+        schema=ref.SCHEMA,
+    )
+    return ReferenceStore(Path("/cache"), {"fingerprint": "f"}, table)
+
+
+def test_store_joins_rows_stored_out_of_order_by_example_id():
+    store = store_of([4, 0, 2, 6])
+    chosen, rejected = store.lookup([0, 2, 4, 6])
+    assert chosen.tolist() == [0.0, -2.0, -4.0, -6.0]
+    assert rejected.tolist() == [-0.5, -2.5, -4.5, -6.5]
+    assert [t.tolist() for t in store.token_counts([6, 0])] == [[7, 1], [8, 2]]
+
+
+@pytest.mark.parametrize("wanted, missing", [([2, 3], 3), ([-1], -1), ([7], 7), ([1, 0], 1)])
+def test_store_refuses_an_id_between_or_beside_its_rows(wanted, missing):
+    """An id the cache lacks is never served the neighbouring row's log-probs."""
+    store = store_of([0, 2, 4, 6])
+    with pytest.raises(ReferenceCacheError, match=rf"1 example ids missing from the cache, e.g. {missing}$"):
+        store.lookup(wanted)
+
+
+def test_store_refuses_duplicate_example_ids():
+    with pytest.raises(ReferenceCacheError, match="has duplicate example ids, e.g. 2; delete it"):
+        store_of([0, 2, 1, 2])
+
+
+def test_mean_lookup_divides_each_side_by_its_own_token_count():
+    store = store_of([0, 1], chosen_tokens=[2, 4], rejected_tokens=[5, 3])
+    chosen, rejected = store.lookup([0, 1], normalize="mean")
+    np.testing.assert_allclose(chosen.numpy(), [0.0 / 2, -1.0 / 4])
+    np.testing.assert_allclose(rejected.numpy(), [-0.5 / 5, -1.5 / 3])
+
+
+def test_run_reference_refuses_a_batch_whose_rejected_counts_differ(setup, built):
+    """The CPU check compares both sides: a batch whose rejected response has another length than
+    the cached one (a stale cache) is refused even where the chosen one matches."""
+    from dpo_dist.data import TokenizedPair
+
+    run = ref.RunReference(cache_dir=built[0], computed=False, train=setup.open(built[0]), eval=None)
+    pair = setup.dataset[4]
+    longer = TokenizedPair(pair.example_id, pair.prompt_ids, pair.chosen_ids, np.append(pair.rejected_ids, 7))
+    with pytest.raises(ReferenceCacheError, match="wrong split or stale cache"):
+        run.logps(collate_packed([setup.dataset[1], longer]))
+
+
+def test_verify_reports_a_shard_whose_rows_differ_from_the_manifest(built, tmp_path):
+    cache = copy_cache(built, tmp_path)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["shards"]["part-00001.arrow"]["rows"] = 4
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    assert ref.verify_cache(cache) == ["shard part-00001.arrow has 3 rows, manifest says 4"]
+
+
+def test_an_unfinished_cache_for_another_number_of_examples_is_refused(setup, built, tmp_path):
+    cache = copy_cache(built, tmp_path)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").write_text(json.dumps({**manifest, "complete": False, "num_examples": NUM_PAIRS + 2}))
+    before = setup.forwards
+    with pytest.raises(ReferenceCacheError, match=f"was made for {NUM_PAIRS + 2} examples but the dataset has {NUM_PAIRS}"):
+        setup.ensure(cache)
+    assert setup.forwards == before
+
+
+def test_a_pass_that_wrote_fewer_rows_than_examples_is_not_marked_complete(setup, tmp_path, monkeypatch):
+    """A shard missing a row (a scoring bug) fails the pass instead of completing a cache that
+    every run would then find short."""
+    real_compute = ref._compute_shard
+
+    def lossy(*args, **kwargs):
+        table = real_compute(*args, **kwargs)
+        return table.slice(0, table.num_rows - 1) if table.column("example_id")[0].as_py() == 9 else table
+
+    monkeypatch.setattr(ref, "_compute_shard", lossy)
+    cache = tmp_path / "cache"
+    with pytest.raises(ReferenceCacheError, match=f"{NUM_PAIRS - 1} rows written for {NUM_PAIRS} examples"):
+        setup.ensure(cache)
+    assert json.loads((cache / "manifest.json").read_text())["complete"] is False
+
+
+def test_shard_rows_keep_each_pairs_values_when_packing_reorders_pairs(setup):
+    """First-fit packing can put a later pair in an earlier micro-batch ([[0, 2], [1]]): the shard is
+    sorted by example_id, and every value column moves with its id."""
+    from dpo_dist.logprobs import SequenceLogps
+
+    def score(batch):
+        ids = torch.as_tensor(batch.example_ids).repeat_interleave(2).double()
+        sides = torch.tensor([0.0, 0.5]).repeat(len(batch.example_ids)).double()
+        tokens = (ids * 10 + sides * 2).long()
+        return SequenceLogps(logps=-(ids + sides), sum_logps=-(ids + sides), token_counts=tokens)
+
+    class Meter:
+        def update(self, *_):
+            pass
+
+    table = ref._compute_shard(score, setup.dataset, [[0, 2], [1]], "cpu", Meter())
+    assert table.schema == ref.SCHEMA
+    assert table.to_pydict() == {
+        "example_id": [0, 1, 2],
+        "chosen_logp": [0.0, -1.0, -2.0],
+        "rejected_logp": [-0.5, -1.5, -2.5],
+        "chosen_tokens": [0, 10, 20],
+        "rejected_tokens": [1, 11, 21],
+    }
