@@ -6,6 +6,10 @@ Why memoize: the reference cache is keyed by the model's weights, and hashing 14
 inode and ``ctime_ns``; the digest is reused only while all are unchanged, so rewriting a file
 re-hashes it, even when the rewrite kept the size and restored the mtime (``cp -p``,
 ``rsync -t``): no call can set ctime, and writing to a file (or replacing it) changes it.
+A file modified less than ``RACY_S`` before it was hashed is not memoized (git's "racy clean"
+rule): a filesystem with coarse timestamps could give a same-size rewrite within the same tick
+the same mtime and ctime, and the old digest would be reused; an older file's next write always
+gets a later mtime.
 
 The cache root is ``$DPO_DIST_CACHE`` if set, else ``~/.cache/dpo_dist``. Several processes
 (ranks, sweep jobs) may update the memo at once: each write re-reads the file, merges its own
@@ -24,6 +28,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +49,8 @@ _MEMO_NAME = "filehash.json"
 _MEMO_VERSION = 1
 _BLOCK = 8 << 20
 _HASH_THREADS = 8
+RACY_S = 2.0
+"""A file modified this recently before hashing is re-hashed next time (module docstring)."""
 """hashlib releases the GIL on large updates, so sharded checkpoints hash in parallel."""
 _memo_unwritable_logged = False
 """Whether this process has said that the memo cannot be written (said once: it is retried on
@@ -102,12 +109,14 @@ def files_sha256(paths: Iterable[str | os.PathLike], *, memo: bool = True) -> li
         digests.append(entry["sha256"] if fresh else None)
     todo = [i for i, d in enumerate(digests) if d is None]
     if todo:
+        settled = time.time_ns() - int(RACY_S * 1e9)
         with ThreadPoolExecutor(max_workers=min(_HASH_THREADS, len(todo))) as pool:
             for i, digest in zip(todo, pool.map(bytes_sha256, [resolved[i] for i in todo])):
                 digests[i] = digest
-        if memo:
+        keep = [i for i in todo if stats[i].st_mtime_ns < settled]
+        if memo and keep:
             _update_memo(
-                {str(resolved[i]): {**_memo_key(stats[i]), "sha256": digests[i]} for i in todo}
+                {str(resolved[i]): {**_memo_key(stats[i]), "sha256": digests[i]} for i in keep}
             )
     return [d for d in digests if d is not None]
 
