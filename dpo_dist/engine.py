@@ -74,7 +74,7 @@ log = logging.getLogger("dpo_dist.engine")
 _DEVICE_SUMS = (
     "loss", "correct", "margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp", "scored_tokens"
 )
-_SUMS = (*_DEVICE_SUMS, "pairs", "tokens", "stop")
+_SUMS = (*_DEVICE_SUMS, "grad_norm", "pairs", "tokens", "stop")
 
 
 # ----------------------------------------------------------------------------- batching
@@ -910,8 +910,26 @@ def train_step(ctx: StepContext, dataset, plans: list[MicroBatchPlan], denominat
         ctx.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
         replay.replay(i)
         forward_backward(ctx, mb, denominator, sums, mb_statistics)
-    ctx.engine.step()
+    norm = optimizer_step(ctx.engine)
+    # The same global norm on every rank: summed over ranks by the step's all-reduce.
+    sums[_SUMS.index("grad_norm")] = norm.to(sums.device, sums.dtype) / ctx.world
     return sums
+
+
+def optimizer_step(engine) -> torch.Tensor:
+    """``engine.step()``; returns the step's global gradient 2-norm before clipping (the
+    ``grad_norm`` that HF's Trainer and torchtitan log), as DeepSpeed's optimizer computes it for
+    clipping (ZeRO stages 1-3, bf16); a stage-0 fp32 optimizer computes none, so it is taken here,
+    before the step clears the gradients. A tensor on the device: no host sync."""
+    own = None
+    if not engine.zero_optimization() and not engine.bfloat16_enabled():
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        own = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads else torch.zeros(())
+    engine.step()
+    norm = own if own is not None else engine.get_global_grad_norm()
+    if norm is None:  # e.g. zero_optimization.compute_grad_norm=false: shown as such, not as 0
+        return torch.tensor(float("nan"))
+    return norm if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
 
 
 class DropoutReplay:
@@ -1470,7 +1488,7 @@ def train_locked(cfg: DPOConfig, job: JobSetup) -> dict[str, float]:
         sums[_SUMS.index("stop")] = float(preempt.requested)
         totals = dict(zip(_SUMS, D.all_reduce_sum(sums).tolist()))
         done = step + 1
-        row = {"step": done, **summarize(totals, cfg.stage), "lr": lr}
+        row = {"step": done, **summarize(totals, cfg.stage), "lr": lr, "grad_norm": totals["grad_norm"]}
         row["tokens_per_s"] = row["tokens"] / (time.perf_counter() - t0)
         stop = totals["stop"] > 0
         eval_due = _eval_due(cfg, eval_data, done)

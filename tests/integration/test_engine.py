@@ -62,7 +62,7 @@ def test_step0_loss_is_ln2_and_run_dir_contract(assets, tmp_path):
     assert first["step"] == 1
     assert abs(first["loss"] - math.log(2)) < 1e-6
     assert first["reward_accuracy"] == 0.0 and abs(first["reward_margin"]) < 1e-7
-    for key in ("step", "loss", "lr", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "tokens", "tokens_per_s"):
+    for key in ("step", "loss", "lr", "grad_norm", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "tokens", "tokens_per_s"):
         assert key in first
     # Eval rows are rows of their own: step and eval/* keys (logged after the step's train row).
     last = rows[-1]
@@ -100,9 +100,10 @@ def test_world_size_invariance(assets, tmp_path):
     for a, b in zip(one, two):
         # Measured: 2e-8 relative apart; a gradient off by 2x is 5e-4 apart.
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
-        for key in ("chosen_reward", "rejected_reward", "reward_margin", "chosen_logp", "rejected_logp"):
+        for key in ("chosen_reward", "rejected_reward", "reward_margin", "chosen_logp", "rejected_logp", "grad_norm"):
             assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-7), (a["step"], key, a[key], b[key])
         assert a["tokens"] == b["tokens"] and a["reward_accuracy"] == b["reward_accuracy"]
+        assert a["grad_norm"] > 0
     assert abs(one[-1]["loss"] - one[0]["loss"]) > 1e-3, one  # it trained, by far more than the tolerance
 
 
@@ -135,6 +136,8 @@ def test_single_rank_without_zero3_is_the_same_training(assets, tmp_path):
         rows = train_rows(train(assets, tmp_path / f"z{stage}", **{"deepspeed.stage": stage, **extra}))
         for a, b in zip(zero3, rows):
             assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (stage, a["loss"], b["loss"])
+            # Stage 0's norm is measured by train_step, ZeRO's by DeepSpeed for clipping.
+            assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-3), (stage, a["grad_norm"], b["grad_norm"])
         assert [r["step"] for r in rows] == [r["step"] for r in zero3] == [1, 2, 3]
         assert rows[-1]["loss"] != rows[0]["loss"]
         assert_same_trained_weights(tmp_path / f"z{stage}", tmp_path / "z3", assets["model"])

@@ -46,6 +46,15 @@ class RecordingEngine:
     def step(self):
         self.calls.append("step")
 
+    def zero_optimization(self):  # a stage-0 fp32 engine: train_step measures the gradient norm itself
+        return False
+
+    def bfloat16_enabled(self):
+        return False
+
+    def get_global_grad_norm(self):
+        return None
+
 
 def pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
     rng = np.random.default_rng(seed)
@@ -394,3 +403,16 @@ def test_per_token_losses_log_rewards_of_the_whole_responses(loss):
     assert got["chosen_reward"] / 4 == pytest.approx(chosen.mean().item(), rel=1e-5)
     assert got["rejected_reward"] / 4 == pytest.approx(rejected.mean().item(), rel=1e-5)
     assert got["correct"] == (chosen > rejected).sum().item()
+
+
+def test_the_step_reports_the_global_gradient_norm_before_clipping():
+    """grad_norm (HF Trainer's and torchtitan's metric) is the 2-norm over every parameter's
+    accumulated gradient of the step: here a stage-0 fp32 engine, which computes none itself."""
+    calls = []
+    ctx = context("sigmoid", calls)
+    other_reference(ctx, calls)
+    sums = E.train_step(ctx, pairs(4), [E.MicroBatchPlan([0, 1]), E.MicroBatchPlan([2, 3])], denominator=4.0)
+    grads = [p.grad for p in ctx.engine.module.parameters() if p.grad is not None]  # the stand-in keeps them
+    expected = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+    got = dict(zip(E._SUMS, sums.tolist()))["grad_norm"]
+    assert expected > 0 and math.isclose(got, expected, rel_tol=1e-5), (got, expected)
