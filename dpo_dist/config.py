@@ -355,8 +355,8 @@ class LossConfig:
 class OptimConfig:
     """AdamW with warmup and decay."""
 
-    lr: float = 5e-4
-    """Peak learning rate."""
+    lr: float = 1e-6
+    """Peak learning rate (TRL's DPO default; conf/model/tiny.yaml sets 2e-4 for the tiny model)."""
     weight_decay: float = 0.0
     """Decoupled weight decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])

@@ -15,6 +15,7 @@ def launch(prog: str, cfg, task: str) -> None:
         check_run_dir(cfg)
     check_paths(cfg)
     warn_unused_lora_settings(cfg)
+    warn_high_learning_rate(cfg)
     if cfg.cluster.name == "slurm":
         from slurm.submit import SlurmJobFailed, SlurmSubmitFailed, inside_allocation, submit_and_wait
 
@@ -163,6 +164,33 @@ def warn_unused_lora_settings(cfg) -> None:
             "model.lora.%s set but model.lora.r=0: this run trains the full weights and ignores %s",
             ", model.lora.".join(changed), "it" if len(changed) == 1 else "them",
         )
+
+
+HIGH_LR = 1e-4
+"""A full-weight learning rate from which a model of ``LARGE_MODEL_PARAMS`` or more is warned about."""
+LARGE_MODEL_PARAMS = 1e9
+
+
+def warn_high_learning_rate(cfg) -> None:
+    """Full-weight training of a large model at a tiny-model learning rate wrecks it: warn, naming
+    the usual values (model=tiny's 2e-4 stays in force when model.path is pointed at a real model
+    without a model preset). Not refused: an lr is the user's call."""
+    from dpo_dist.memory import ModelShape, PlanError
+
+    if cfg.model.lora.enabled or cfg.optim.lr < HIGH_LR:
+        return
+    try:
+        params = ModelShape.from_path(cfg.model.path).num_params()
+    except (PlanError, OSError, ValueError, KeyError):
+        return  # a model the planner cannot describe: the ranks' loading reports what is wrong
+    if params < LARGE_MODEL_PARAMS:
+        return
+    preset = " (model=tiny's: choose a model preset, e.g. model=llama3_8b, or set optim.lr)" if cfg.model.name == "tiny" else ""
+    logging.getLogger("dpo_dist").warning(
+        "optim.lr=%g%s for full-weight %s of a %.1fB-parameter model: TRL's DPO default is 1e-6, Llama DPO "
+        "recipes use 5e-7 to 5e-6 and SFT 1e-5 to 2e-5; this rate is likely to wreck the model",
+        cfg.optim.lr, preset, cfg.stage.upper(), params / 1e9,
+    )
 
 
 def check_data(cfg) -> None:

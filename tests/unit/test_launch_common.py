@@ -334,3 +334,35 @@ def test_a_crashed_local_run_says_so_in_status_json(tmp_path, status, state):
     record = read_status(tmp_path)
     assert record["state"] == state and record["message"] == "rank 1 exited with status 1"
     assert run_status(tmp_path, record) == state
+
+
+def test_settings_that_do_not_do_what_they_seem_are_warned(caplog):
+    """LoRA settings without model.lora.r (full weights are trained), and a tiny-model learning rate
+    for full-weight training of a large model (model=tiny's 2e-4 with model.path at a real model)."""
+    import logging
+
+    from dpo_dist.config import config_from_dict
+    from launch.run import warn_high_learning_rate, warn_unused_lora_settings
+    from tests.helpers import REPO
+
+    shapes = REPO / "dpo_dist" / "assets" / "model_shapes"
+    caplog.set_level(logging.WARNING, logger="dpo_dist")
+
+    def warnings(check, **values):
+        caplog.clear()
+        check(config_from_dict({"output_dir": "x", **values}))
+        return [r.getMessage() for r in caplog.records]
+
+    assert warnings(warn_unused_lora_settings, model={"lora": {"alpha": 32, "dropout": 0.1}}) == [
+        "model.lora.alpha, model.lora.dropout set but model.lora.r=0: this run trains the full weights and ignores them"
+    ]
+    assert warnings(warn_unused_lora_settings, model={"lora": {"r": 8, "alpha": 32}}) == []
+    big = {"name": "tiny", "path": str(shapes / "llama3_8b.json")}
+    assert warnings(warn_high_learning_rate, model=big, optim={"lr": 2e-4}) == [
+        "optim.lr=0.0002 (model=tiny's: choose a model preset, e.g. model=llama3_8b, or set optim.lr) for full-weight "
+        "DPO of a 8.0B-parameter model: TRL's DPO default is 1e-6, Llama DPO recipes use 5e-7 to 5e-6 and SFT 1e-5 "
+        "to 2e-5; this rate is likely to wreck the model"
+    ]
+    assert warnings(warn_high_learning_rate, model=big, optim={"lr": 5e-7}) == []
+    assert warnings(warn_high_learning_rate, model={**big, "lora": {"r": 16}}, optim={"lr": 2e-4}) == []  # LoRA's usual rates
+    assert warnings(warn_high_learning_rate, optim={"lr": 2e-4}) == []  # the bundled tiny model
