@@ -581,7 +581,13 @@ class TrainConfig:
     """The optimisation loop."""
 
     max_steps: int = 200
-    """Optimizer steps."""
+    """Optimizer steps (unless ``epochs`` is set)."""
+    epochs: float | None = None
+    """Passes over the training pairs, when set instead of a step count (TRL's
+    ``num_train_epochs``, OpenRLHF's ``--max_epochs``): ``ceil(epochs * pairs / pairs_per_step)``
+    steps (``steps_for``), counted over the pairs that remain after invalid and dropped records;
+    it replaces ``max_steps``. A run's pairs are one seeded permutation per epoch, streamed, so
+    the step that crosses an epoch boundary ends one pass and begins the next."""
     pairs_per_step: int = 32
     """Preference pairs per optimizer step, over all ranks and micro-batches (the global batch)."""
     micro_batch_tokens: int = 4096
@@ -600,12 +606,24 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        _check(self.epochs is None or self.epochs > 0, "train.epochs", f"must be > 0 (or null: train.max_steps), got {self.epochs}")
         _check(self.pairs_per_step >= 1, "train.pairs_per_step", "must be >= 1")
         _check(self.micro_batch_tokens >= 2, "train.micro_batch_tokens", "must be >= 2")
         for key in ("checkpoint_every", "eval_every"):
             _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+
+    def steps_for(self, pairs: int) -> int:
+        """Optimizer steps of a run over ``pairs`` training pairs: ``max_steps``, or with ``epochs``
+        set the steps that take ``epochs`` passes over them (at least 1)."""
+        if self.epochs is None:
+            return self.max_steps
+        return max(1, math.ceil(round(self.epochs * pairs / self.pairs_per_step, 9)))
+
+    def resolved(self, pairs: int) -> TrainConfig:
+        """This config with ``max_steps`` = ``steps_for(pairs)``: what a run over ``pairs`` trains."""
+        return dataclasses.replace(self, max_steps=self.steps_for(pairs))
 
 
 @dataclass
@@ -888,7 +906,7 @@ class DPOConfig:
             output_dir=sft_dir,
             model=dataclasses.replace(self.model, lora=lora),
             sft_first=SFTFirstConfig(),
-            train=dataclasses.replace(self.train, max_steps=self.sft_first.max_steps),
+            train=dataclasses.replace(self.train, max_steps=self.sft_first.max_steps, epochs=None),
             optim=dataclasses.replace(self.optim, lr=self.sft_first.lr or self.optim.lr),
         )
         final = str(Path(sft_dir) / "final")

@@ -1449,6 +1449,9 @@ def train_locked(cfg: DPOConfig, job: JobSetup) -> dict[str, float]:
     from tqdm import tqdm
 
     env, device, tokenizer, backend = job.env, job.device, job.tokenizer, job.backend
+    # train.epochs becomes a step count here, where the pairs that remain are known.
+    cfg = dataclasses.replace(cfg, train=cfg.train.resolved(len(job.train_data)))
+    log_schedule(cfg, len(job.train_data))
     # Rank 0 decides: every rank must take the same branch.
     finished = D.broadcast_object(finished_metrics(cfg) if env.is_main else None)
     if finished is not None:
@@ -1489,6 +1492,7 @@ def train_locked(cfg: DPOConfig, job: JobSetup) -> dict[str, float]:
         totals = dict(zip(_SUMS, D.all_reduce_sum(sums).tolist()))
         done = step + 1
         row = {"step": done, **summarize(totals, cfg.stage), "lr": lr, "grad_norm": totals["grad_norm"]}
+        row["epoch"] = done * cfg.train.pairs_per_step / len(train_data)
         row["tokens_per_s"] = row["tokens"] / (time.perf_counter() - t0)
         stop = totals["stop"] > 0
         eval_due = _eval_due(cfg, eval_data, done)
@@ -1537,6 +1541,17 @@ def export_final(engine, cfg: DPOConfig, tokenizer, env: D.DistEnv, preempt: D.P
     except ExportStopped as exc:
         log.warning("preempted during the final export (%s): exiting for requeue; the resumed job exports", exc)
         raise Preempted(cfg.train.max_steps) from None
+
+
+def log_schedule(cfg: DPOConfig, pairs: int) -> None:
+    """How much of the data the run sees: a step count picked for the tiny default can be a few
+    percent of a real dataset's epoch."""
+    steps, per_step = cfg.train.max_steps, cfg.train.pairs_per_step
+    given = f"train.epochs={cfg.train.epochs:g}" if cfg.train.epochs is not None else "train.max_steps"
+    log.info(
+        "schedule: %d steps x %d pairs = %.3g epochs of the %d training pairs (%s)",
+        steps, per_step, steps * per_step / pairs, pairs, given,
+    )
 
 
 def finished_metrics(cfg: DPOConfig) -> dict[str, float] | None:
@@ -1626,6 +1641,7 @@ def run_info(cfg, env, device, backend, train_data, eval_data, reference, start)
         "slurm_job_id": env.slurm_job_id,
         "reference": ref_info,
         "train_pairs": len(train_data),
+        "max_steps": cfg.train.max_steps,
         "eval_pairs": len(eval_data) if eval_data is not None else 0,
         "resumed_from_step": start,
         "stage": cfg.stage,

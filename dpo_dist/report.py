@@ -76,6 +76,8 @@ class Run:
     evals: list[dict[str, Any]]
     status: str
     winrate: dict[str, Any] | None = None
+    info: dict[str, Any] | None = None
+    """run_info.json, once the run has started."""
     label: str = ""  # what distinguishes this run from the others (set by describe_runs)
     notes: list[str] = field(default_factory=list)
 
@@ -89,7 +91,11 @@ class Run:
 
     @property
     def max_steps(self) -> int | None:
-        return self.param("train.max_steps")
+        """The run's steps: run_info's (train.epochs resolved over its data), else config.yaml's."""
+        resolved = (self.info or {}).get("max_steps")
+        if resolved is not None:
+            return resolved
+        return None if self.param("train.epochs") is not None else self.param("train.max_steps")
 
     @property
     def last_step(self) -> int:
@@ -204,6 +210,7 @@ def load_run(path: Path, scheduler_state: Callable[[str], str | None] | None = N
         evals=evals,
         status="",
         winrate=_read_json(path / "winrate.json", path, notes),
+        info=_read_json(path / "run_info.json", path, notes),
         notes=notes,
     )
     run.status = run_status(path, _read_json(path / "status.json", path, run.notes), scheduler_state, run.notes)

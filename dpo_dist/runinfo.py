@@ -64,12 +64,16 @@ def check_same_run(cfg: DPOConfig) -> None:
                 flat[key] = str(Path(flat[key]).expanduser().resolve())
     # Training longer continues the run (the schedule stretches from the resumed step on); a
     # lower max_steps would stop a run already past it, or call one finished that went further.
-    longer = now["train.max_steps"] >= before["train.max_steps"]
+    # With train.epochs the length is the epochs (max_steps is not used), which may grow alike.
+    length = "train.epochs" if before.get("train.epochs") is not None and now.get("train.epochs") is not None else "train.max_steps"
+    longer = now[length] >= before[length]
+    unused = {"train.max_steps"} if length == "train.epochs" else set()
     changed = [
         f"{key}: {before.get(key)!r} -> {now.get(key)!r}"
         for key in sorted(set(before) | set(now))
         if before.get(key) != now.get(key)
-        and not (key == "train.max_steps" and longer)
+        and not (key == length and longer)
+        and key not in unused
         and not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
     ]
     if changed:
@@ -78,11 +82,12 @@ def check_same_run(cfg: DPOConfig) -> None:
             f"output_dir={out} holds a run trained with other settings ({shown}): resume it with its own "
             "settings, or train into a new output_dir"
         )
-    grown = now["train.max_steps"] > before["train.max_steps"]
+    grown = now[length] > before[length]
     if grown and (out / "final").exists() and latest_complete_checkpoint(out / "checkpoints") is None:
         # Training would start again from step 0 and overwrite the finished run's metrics and final/.
+        size = f"{before['train.epochs']:g}-epoch" if length == "train.epochs" else f"{before['train.max_steps']}-step"
         raise ConfigError(
-            f"output_dir={out} holds a finished {before['train.max_steps']}-step run with no checkpoint to go on from "
+            f"output_dir={out} holds a finished {size} run with no checkpoint to go on from "
             f"(train.checkpoint_every={before['train.checkpoint_every']}): train longer into a new output_dir "
             f"(e.g. with model.path={out / 'final'})"
         )

@@ -515,3 +515,25 @@ def test_rerunning_a_finished_run_does_not_train_again(assets, tmp_path):
     assert (out / "final" / "model.safetensors").stat().st_mtime_ns == exported
     longer = train(assets, out, **{**settings, "train.max_steps": 3})  # a longer run is not finished
     assert [r["step"] for r in train_rows(longer)] == [1, 2, 3]
+
+
+def test_train_epochs_sets_the_steps_from_the_data_and_can_grow(assets, tmp_path):
+    """train.epochs=0.25 over the 64 training pairs at 8 a step is 2 steps (whatever max_steps
+    says); each row says how far through the data it is; 0.375 epochs then resumes to 3."""
+    out = tmp_path / "epochs"
+    args = overrides(assets, out, **{"train.epochs": 0.25, "train.max_steps": 50, "train.checkpoint_every": 1})
+    result = run_cli("launch.train", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "schedule: 2 steps x 8 pairs = 0.25 epochs of the 64 training pairs (train.epochs=0.25)" in result.stderr
+    rows = train_rows([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
+    assert [(r["step"], r["epoch"]) for r in rows] == [(1, 0.125), (2, 0.25)]
+    assert json.loads((out / "run_info.json").read_text())["max_steps"] == 2
+    again = run_cli("launch.train", *args)  # finished: nothing to do
+    assert again.returncode == 0 and "already finished: step 2 trained" in again.stderr, again.stderr[-3000:]
+    longer = run_cli("launch.train", *overrides(assets, out, **{"train.epochs": 0.375, "train.checkpoint_every": 1}))
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    rows = train_rows([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
+    assert [(r["step"], r["epoch"]) for r in rows] == [(1, 0.125), (2, 0.25), (3, 0.375)]
+    assert json.loads((out / "run_info.json").read_text())["resumed_from_step"] == 2
+    report = run_cli("launch.report", str(out))
+    assert report.returncode == 0 and "3/3" in report.stdout, report.stdout + report.stderr[-2000:]

@@ -425,3 +425,17 @@ def test_the_reference_model_is_model_path_unless_given():
     # With LoRA a precomputed reference may be another model; an SFT stage has no reference.
     config_from_dict({"reference": {"model_path": "/m/sft"}, "model": {"lora": {"r": 8}}})
     config_from_dict({"stage": "sft", "reference": {"model_path": "/m/sft"}, "loss": {"name": "cpo"}})
+
+
+def test_train_epochs_become_steps_over_the_remaining_pairs():
+    train = config_from_dict({"train": {"epochs": 1, "pairs_per_step": 8, "max_steps": 500}}).train
+    assert [train.steps_for(n) for n in (64, 60, 3)] == [8, 8, 1]  # a partial last step counts
+    assert config_from_dict({"train": {"epochs": 3, "pairs_per_step": 8}}).train.steps_for(60) == 23
+    assert config_from_dict({"train": {"epochs": 0.1, "pairs_per_step": 8}}).train.steps_for(80) == 1  # 1.0, not 2
+    assert config_from_dict({"train": {"max_steps": 7}}).train.steps_for(10**6) == 7
+    assert train.resolved(64).max_steps == 8 and train.max_steps == 500  # a new config, not a changed one
+    with pytest.raises(ConfigError, match=r"train.epochs: must be > 0"):
+        config_from_dict({"train": {"epochs": 0}})
+    # sft_first's stage runs sft_first.max_steps, not the DPO stage's epochs.
+    sft, dpo = config_from_dict({"sft_first": {"max_steps": 5}, "train": {"epochs": 2}}).stages()
+    assert (sft.train.epochs, sft.train.max_steps, dpo.train.epochs) == (None, 5, 2)

@@ -310,3 +310,15 @@ def test_dpo_train_growing_the_sft_stage_of_a_trained_chain_is_one_line(tmp_path
         f"dpo-train: error: output_dir={out}: its DPO stage trained from the 3-step SFT stage in {out / 'sft'}; "
         "sft_first.max_steps=5 would replace that model under it: train the longer chain into a new output_dir"
     )
+
+
+def test_a_run_by_epochs_may_train_more_epochs_not_fewer(tmp_path):
+    out = tmp_path / "run"
+    write_config(config(out, train={"epochs": 1.0}))
+    (out / "metrics.jsonl").write_text("")
+    check_same_run(config(out, train={"epochs": 2.0}))  # train longer
+    check_same_run(config(out, train={"epochs": 1.0, "max_steps": 7}))  # max_steps is not used with epochs
+    with pytest.raises(ConfigError, match=r"train.epochs: 1.0 -> 0.5"):
+        check_same_run(config(out, train={"epochs": 0.5}))
+    with pytest.raises(ConfigError, match=r"train.epochs: 1.0 -> None"):
+        check_same_run(config(out, train={"max_steps": 400}))  # from epochs to steps: another run
