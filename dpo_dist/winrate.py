@@ -121,6 +121,9 @@ def eval_prompts(cfg: DPOConfig) -> list[PromptItem]:
     records = load_preferences(cfg.data.eval_path, cfg.data.on_invalid, log)
     if cfg.eval.max_prompts:
         records = records[: cfg.eval.max_prompts]
+    with_tools = sum(r.tools is not None for r in records)
+    if with_tools:  # a tool call would need the tool's answer to go on, and the judge to read it
+        log.warning("%d of %d prompts have tools: the win-rate asks them without their tool definitions", with_tools, len(records))
     return [PromptItem(r.example_id, trained_prompt(r.prompt, r.is_chat)) for r in records]
 
 

@@ -11,7 +11,12 @@ Supported inputs, chosen by suffix (or by being a directory):
   (``PATH/train``), which ``load_from_disk`` reads as a plain ``Dataset``.
 
 A record has ``prompt``, ``chosen`` and ``rejected``; each is a non-empty string or a non-empty
-list of chat messages ``{"role": str, "content": str}``. Extra keys are ignored.
+list of chat messages ``{"role": str, "content": str}``. A message keeps its other keys for the
+chat template (``tool_calls``, ``tool_call_id``, ``name``, ``reasoning_content``, ...; ``None``
+values are dropped, as Parquet and datasets fill absent struct fields with them); its
+``content`` may be null in an assistant turn that makes ``tool_calls``. A chat record may have
+``tools``, the tool definitions its template renders (a list of objects, or that list as a JSON
+string), as TRL passes a ``tools`` column to ``apply_chat_template``. Other record keys are ignored.
 
 Implicit prompts (TRL's ``maybe_extract_prompt``, for datasets such as Anthropic HH and
 UltraFeedback binarized): without a ``prompt`` key, the prompt is what ``chosen`` and ``rejected``
@@ -56,9 +61,9 @@ logger = logging.getLogger("dpo_dist.data")
 FIELDS = ("prompt", "chosen", "rejected")
 ON_INVALID = ("error", "skip")
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 Text = str | Messages
-"""A prompt or response: plain text, or chat messages with only ``role`` and ``content`` kept."""
+"""A prompt or response: plain text, or chat messages (``role``, ``content`` and any other keys)."""
 
 _SUFFIXES = (".jsonl", ".json", ".parquet")
 LOGGED_PROBLEMS = 10
@@ -90,6 +95,8 @@ class PreferenceRecord:
     prompt: Text
     chosen: Text
     rejected: Text
+    tools: list[dict[str, Any]] | None = None
+    """Tool definitions for the chat template (``apply_chat_template(tools=...)``), or None."""
 
     @property
     def is_chat(self) -> bool:
@@ -101,6 +108,24 @@ def is_chat(fields: Mapping[str, Any]) -> bool:
     """True when any of a record's ``prompt`` / ``chosen`` / ``rejected`` is a messages list: the
     whole record is then rendered as chat (a raw row too, e.g. of a prompt file)."""
     return any(isinstance(fields.get(name), list) for name in FIELDS)
+
+
+def tools_of(raw: Mapping[str, Any]) -> list[dict[str, Any]] | str | None:
+    """A raw record's ``tools`` as a list of tool definitions, None without any, or the reason
+    they are not valid (a string)."""
+    tools = raw.get("tools")
+    if tools is None or tools == [] or tools == "":
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            return f"'tools' is a string but not JSON: {e.msg} at column {e.colno}"
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        return f"'tools' must be a list of tool definitions (objects) or its JSON string, got {_type_name(tools)}"
+    if not is_chat(raw):
+        return "'tools' needs chat messages: a text record has no chat template to render them"
+    return tools or None
 
 
 @dataclass
@@ -192,9 +217,9 @@ def validate_record(raw: Any) -> str | None:
     return parsed if isinstance(parsed, str) else None
 
 
-def parse_record(raw: Any) -> tuple[Text, Text, Text] | str:
-    """A raw record's (prompt, chosen, rejected), the prompt taken out of the responses where they
-    hold it (module docstring: implicit prompts), or the first reason it is not a valid record."""
+def parse_record(raw: Any) -> tuple[Text, Text, Text, list | None] | str:
+    """A raw record's (prompt, chosen, rejected, tools), the prompt taken out of the responses where
+    they hold it (module docstring: implicit prompts), or the first reason it is not a valid record."""
     if not isinstance(raw, dict):
         return "record is not a JSON object"
     for name in FIELDS if "prompt" in raw else FIELDS[1:]:
@@ -206,7 +231,10 @@ def parse_record(raw: Any) -> tuple[Text, Text, Text] | str:
         return split
     if _as_response(split[1]) == _as_response(split[2]):
         return "chosen and rejected are identical"
-    return split
+    tools = tools_of(raw)
+    if isinstance(tools, str):
+        return tools
+    return (*split, tools)
 
 
 def split_prompt(prompt: Text | None, chosen: Text, rejected: Text) -> tuple[Text, Text, Text] | str:
@@ -236,7 +264,7 @@ def split_prompt(prompt: Text | None, chosen: Text, rejected: Text) -> tuple[Tex
     if not _has_text(chosen_rest) or not _has_text(rejected_rest):
         side = "chosen" if not _has_text(chosen_rest) else "rejected"
         return f"{where}: {side} has nothing after the prompt it shares with the other response"
-    if prompt is not None and not any(m["content"].strip() == prompt.strip() for m in implicit):
+    if prompt is not None and not any((m.get("content") or "").strip() == prompt.strip() for m in implicit):
         return f"{where} whose shared start does not hold it: give the prompt as messages, or leave it out"
     return implicit, chosen_rest, rejected_rest
 
@@ -247,7 +275,7 @@ def _shared_prefix(a: Text, b: Text) -> int:
 
 
 def _has_text(value: Text) -> bool:
-    return bool(value.strip()) if isinstance(value, str) else any(m["content"].strip() for m in value)
+    return bool(value.strip()) if isinstance(value, str) else any(_says_something(m) for m in value)
 
 
 def data_fingerprint(path: str | os.PathLike) -> str:
@@ -412,27 +440,31 @@ def _validate_messages(name: str, messages: list[Any]) -> str | None:
         if not isinstance(message, dict):
             return f"{name!r} message {i} is not an object"
         for key in ("role", "content"):
-            if message.get(key) is None:
+            if message.get(key) is None and not (key == "content" and message.get("tool_calls")):
                 return f"{name!r} message {i} has no {key!r}"
-            if not isinstance(message[key], str):
+            if message.get(key) is not None and not isinstance(message[key], str):
                 return f"{name!r} message {i} {key!r} must be a string, got {_type_name(message[key])}"
-    if not any(message["content"].strip() for message in messages):
+    if not any(_says_something(message) for message in messages):
         return f"{name!r} is empty"
     return None
 
 
+def _says_something(message: Mapping[str, Any]) -> bool:
+    """A message with text, or an assistant turn that calls tools."""
+    return bool((message.get("content") or "").strip() or message.get("tool_calls"))
+
+
 def _as_response(value: Text) -> Messages:
     """A response in messages form, so "x" and [{"role": "assistant", "content": "x"}] compare equal."""
-    if isinstance(value, str):
-        return [{"role": "assistant", "content": value}]
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    return [{"role": "assistant", "content": value}] if isinstance(value, str) else value
 
 
 def _normalise(value: Text) -> Text:
-    # Parquet/datasets fill absent struct fields with None; keep only what templates need.
+    """Messages with every key the template may read; Parquet and datasets fill absent struct
+    fields with None, dropped here (``content`` stays: templates index it)."""
     if isinstance(value, str):
         return value
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    return [{k: v for k, v in m.items() if v is not None or k == "content"} for m in value]
 
 
 def _type_name(value: Any) -> str:

@@ -319,11 +319,11 @@ def _render(record: PreferenceRecord, tokenizer, closing: dict[str, int]) -> tup
     if not getattr(tokenizer, "chat_template", None):
         raise _TemplateError("chat messages need a tokenizer with a chat template")
     prompt_messages = as_messages(record.prompt, "user")
-    prompt_text = _apply_template(tokenizer, prompt_messages, True)
+    prompt_text = _apply_template(tokenizer, prompt_messages, True, record.tools)
     responses = []
     for name in ("chosen", "rejected"):
         messages = prompt_messages + as_messages(getattr(record, name), "assistant")
-        full = _apply_template(tokenizer, messages, False)
+        full = _apply_template(tokenizer, messages, False, record.tools)
         if not full.startswith(prompt_text):
             raise _TemplateError(
                 "the chat template's rendering of the prompt is not a prefix of its "
@@ -341,10 +341,10 @@ def _end_at_turn_end(response: str, closing: dict[str, int]) -> str:
     return stripped if any(stripped.endswith(token) for token in closing) else response
 
 
-def _apply_template(tokenizer, messages: Messages, add_generation_prompt: bool) -> str:
+def _apply_template(tokenizer, messages: Messages, add_generation_prompt: bool, tools: list | None = None) -> str:
     try:
         return tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
         )
     except Exception as e:  # jinja raises TemplateError, templates raise_exception() anything
         raise _TemplateError(f"chat template failed: {e}") from None

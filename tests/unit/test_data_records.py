@@ -292,3 +292,30 @@ def test_a_saved_dataset_directory_is_fingerprinted_by_its_content(tmp_path):
     names = {p.name for p in (tmp_path / "a").iterdir()}
     assert names == {p.name for p in (tmp_path / "b").iterdir()}
     assert data_fingerprint(tmp_path / "a") != data_fingerprint(tmp_path / "b")
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        ({"prompt": "p", "chosen": "a", "rejected": "b", "tools": [{"name": "f"}]}, "'tools' needs chat messages: a text record has no chat template to render them"),
+        ({"prompt": [USER], "chosen": [said("4")], "rejected": [said("5")], "tools": {"name": "f"}}, "'tools' must be a list of tool definitions (objects) or its JSON string, got object"),
+        ({"prompt": [USER], "chosen": [said("4")], "rejected": [said("5")], "tools": "[{"}, "'tools' is a string but not JSON: Expecting property name enclosed in double quotes at column 3"),
+        ({"prompt": [USER], "chosen": [{"role": "assistant", "content": None}], "rejected": [said("5")]}, "'chosen' message 0 has no 'content'"),
+        ({"prompt": [USER], "chosen": [{"role": "assistant", "content": None, "tool_calls": []}], "rejected": [said("5")]}, "'chosen' message 0 has no 'content'"),
+    ],
+)
+def test_tools_and_tool_calls_are_validated(tmp_path, raw, reason):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(raw) + "\n")
+    assert [p.reason for p in read_preferences(path).problems] == [reason]
+
+
+def test_messages_keep_their_keys_but_not_the_nulls_columnar_formats_add(tmp_path):
+    """Parquet gives every message every field of the column's struct, None where absent."""
+    call = {"role": "assistant", "content": None, "tool_calls": [{"name": "add"}], "reasoning_content": None}
+    rows = [{"prompt": [USER], "chosen": [call], "rejected": [{**said("5"), "tool_calls": None, "reasoning_content": "hm"}], "tools": None}]
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    (rec,) = load_preferences(path)
+    assert rec.chosen == [{"role": "assistant", "content": None, "tool_calls": [{"name": "add"}]}]
+    assert rec.rejected == [{**said("5"), "reasoning_content": "hm"}] and rec.tools is None

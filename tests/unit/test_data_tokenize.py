@@ -419,3 +419,34 @@ def test_whitespace_a_template_writes_without_a_closing_token_stays_in_the_respo
     (pair,), _ = tokenize_records([chat], tok, max_length=256)
     assert pair.chosen_ids.tolist() == [*chars(tok, "Yo\n"), EOS]
     assert pair.rejected_ids.tolist() == [*chars(tok, "No\n"), EOS]
+
+
+def test_tools_and_message_keys_reach_the_chat_template(tmp_path):
+    """Agentic and reasoning data (TRL passes them on): a record's tools are rendered into its
+    prompt, and a response's tool_calls (content null) and reasoning_content into its ids."""
+    import json
+
+    from dpo_dist.data import load_preferences
+
+    tok = load_tokenizer()
+    tok.chat_template = (
+        "{% if tools %}[tools {{ tools | map(attribute='name') | join(',') }}]{% endif %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>{% if m.reasoning_content %}(think {{ m.reasoning_content }}){% endif %}"
+        "{{ m['content'] or '' }}{% for c in m.tool_calls or [] %}(call {{ c['name'] }}){% endfor %}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    call = {"role": "assistant", "content": None, "tool_calls": [{"name": "add", "arguments": {"a": 2}}]}
+    raw = {
+        "prompt": [{"role": "user", "content": "2+2?"}],
+        "chosen": [call],
+        "rejected": [{"role": "assistant", "content": "5", "reasoning_content": "guess"}],
+        "tools": json.dumps([{"name": "add"}, {"name": "mul"}]),  # datasets often keep it as a JSON string
+    }
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps(raw) + "\n")
+    (rec,) = load_preferences(path)
+    assert rec.tools == [{"name": "add"}, {"name": "mul"}] and rec.chosen == [call]
+    (pair,), _ = tokenize_records([rec], tok, max_length=256)
+    assert tok.decode(pair.prompt_ids) == "<s>[tools add,mul]<|user|>2+2?</s><|assistant|>"
+    assert tok.decode(pair.chosen_ids) == "(call add)</s>"
+    assert tok.decode(pair.rejected_ids) == "(think guess)5</s>"

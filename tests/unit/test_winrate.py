@@ -35,6 +35,19 @@ def test_string_prompts_of_chat_records_are_a_user_turn(tmp_path):
     ]
 
 
+def test_prompts_with_tools_are_asked_without_them_and_it_is_said(tmp_path, caplog):
+    path = tmp_path / "eval.jsonl"
+    user = [{"role": "user", "content": "2+2="}]
+    rows = [
+        {"prompt": user, "chosen": "4", "rejected": "5", "tools": [{"name": "add"}]},
+        {"prompt": user, "chosen": "4", "rejected": "3"},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    caplog.set_level(logging.WARNING, logger="dpo_dist.winrate")
+    assert [item.prompt for item in eval_prompts(DPOConfig(data=DataConfig(eval_path=str(path))))] == [user, user]
+    assert [r.getMessage() for r in caplog.records] == ["1 of 2 prompts have tools: the win-rate asks them without their tool definitions"]
+
+
 @pytest.mark.parametrize("count, batch_size", [(7, 2), (8, 4), (3, 5)])
 def test_ranks_share_whole_batches_of_similar_length(count, batch_size):
     items = [PromptItem(i, "x" * ((5 * i) % count + 1)) for i in range(count)]  # lengths shuffled
