@@ -134,7 +134,8 @@ class DataConfig:
     """Preference data: where it is and how it becomes token ids."""
 
     train_path: str | None = str(ASSETS_DIR / "data" / "train.jsonl")
-    """Training pairs: JSONL, JSON, Parquet or a saved ``datasets`` directory (required)."""
+    """Training pairs: JSONL, JSON (either may be gzipped), Parquet, a saved ``datasets`` directory,
+    or a glob pattern of such files read in sorted order as one (required)."""
     eval_path: str | None = str(ASSETS_DIR / "data" / "eval.jsonl")
     """Held-out pairs for reward accuracy and win-rate; null disables eval."""
     max_length: int = 512

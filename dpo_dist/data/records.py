@@ -2,13 +2,16 @@
 
 Supported inputs, chosen by suffix (or by being a directory):
 
-- ``.jsonl``: one JSON object per line. Blank or whitespace-only lines are skipped silently but
-  still count for line numbers.
-- ``.json``: a top-level JSON list of objects.
+- ``.jsonl`` (or ``.jsonl.gz``): one JSON object per line. Blank or whitespace-only lines are
+  skipped silently but still count for line numbers.
+- ``.json`` (or ``.json.gz``): a top-level JSON list of objects.
 - ``.parquet``: one record per row.
 - a directory written by ``datasets.Dataset.save_to_disk``. A saved ``DatasetDict`` is accepted
   only when it has exactly one split; with several, point at the split's own directory
   (``PATH/train``), which ``load_from_disk`` reads as a plain ``Dataset``.
+- a glob pattern (``data/train-*.parquet``, ``shards/**/*.jsonl``: a Hub snapshot's split, a
+  dataset in several files): its files in sorted order, read as one file of their records in
+  turn. Locations name each record's own file.
 
 A record has ``prompt``, ``chosen`` and ``rejected``; each is a non-empty string or a non-empty
 list of chat messages ``{"role": str, "content": str}``. A message keeps its other keys for the
@@ -48,6 +51,8 @@ a list, an unreadable Parquet file or saved dataset, an OS error while reading) 
 
 from __future__ import annotations
 
+import glob
+import gzip
 import json
 import logging
 import os
@@ -65,7 +70,7 @@ Messages = list[dict[str, Any]]
 Text = str | Messages
 """A prompt or response: plain text, or chat messages (``role``, ``content`` and any other keys)."""
 
-_SUFFIXES = (".jsonl", ".json", ".parquet")
+_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 LOGGED_PROBLEMS = 10
 """How many problems are logged one by one (under either on_invalid) before only the count is."""
 
@@ -145,16 +150,35 @@ def read_preferences(path: str | os.PathLike) -> ReadResult:
     """Read every record of ``path``, keeping the good ones and a ``Problem`` per bad one."""
     shown = os.fspath(path)
     result = ReadResult(path=shown)
-    try:
-        for example_id, line, raw in _iter_raw(Path(path), shown):
-            parsed = raw if isinstance(raw, _Unreadable) else parse_record(raw)
-            if isinstance(parsed, str):
-                result.problems.append(Problem(shown, line, str(parsed)))
-            else:
-                result.records.append(PreferenceRecord(example_id, line, *parsed))
-    except OSError as e:  # permissions, I/O errors, special files: any reader, any time
-        raise _cannot_read(shown, e) from None
+    offset = 0  # example ids count on across the files of a pattern
+    for file in data_files(path):
+        where = shown if file == Path(shown) else os.fspath(file)
+        seen = 0
+        try:
+            for example_id, line, raw in _iter_raw(file, where):
+                seen = example_id + 1
+                parsed = raw if isinstance(raw, _Unreadable) else parse_record(raw)
+                if isinstance(parsed, str):
+                    result.problems.append(Problem(where, line, str(parsed)))
+                else:
+                    result.records.append(PreferenceRecord(offset + example_id, line, *parsed))
+        except (OSError, EOFError) as e:  # permissions, I/O errors, special files, a cut .gz: any reader, any time
+            raise _cannot_read(where, e) from None
+        offset += seen
     return result
+
+
+def data_files(path: str | os.PathLike) -> list[Path]:
+    """The file (or saved dataset directory) ``path`` names, or the sorted matches of a glob
+    pattern (``*``, ``?``, ``[``; ``**`` recursive) when no file has that very name."""
+    shown, literal = os.fspath(path), Path(path).expanduser()
+    if literal.exists() or not any(c in shown for c in "*?["):
+        return [literal]
+    matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(shown), recursive=True))
+    files = [p for p in matches if p.is_file()]
+    if not files:
+        raise DataError(f"{shown}: no files match this pattern")
+    return files
 
 
 def load_preferences(
@@ -285,8 +309,12 @@ def data_fingerprint(path: str | os.PathLike) -> str:
     run asks at start, and re-reading a big file from shared storage each time is slow."""
     from dpo_dist.fingerprint import file_sha256, files_sha256, json_sha256
 
-    shown, path = os.fspath(path), Path(path)
+    shown, matched = os.fspath(path), data_files(path)
+    path = matched[0]
     try:
+        if len(matched) > 1 or path != Path(shown).expanduser():  # a pattern: its files in order
+            root = Path(os.path.commonpath([p.parent for p in matched]))
+            return json_sha256([[f.relative_to(root).as_posix(), d] for f, d in zip(matched, files_sha256(matched))])
         if not path.exists():
             raise DataError(f"{shown}: no such file or directory")
         if not path.is_dir():
@@ -299,7 +327,7 @@ def data_fingerprint(path: str | os.PathLike) -> str:
 
 def _cannot_read(shown: str, err: OSError) -> DataError:
     """The one-line ``DataError`` for an OS error while reading ``shown``."""
-    return DataError(f"{shown}: cannot read: {err.strerror or _one_line(err)}")
+    return DataError(f"{shown}: cannot read: {getattr(err, 'strerror', None) or _one_line(err)}")
 
 
 class _Unreadable(str):
@@ -312,10 +340,10 @@ def _iter_raw(path: Path, shown: str) -> Iterator[tuple[int, int, Any]]:
         raise DataError(f"{shown}: no such file or directory")
     if path.is_dir():
         return _enumerate_by_index(_read_dataset_dir(path, shown))
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
+    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
+    if suffix in (".jsonl", ".jsonl.gz"):
         return _read_jsonl(path)
-    if suffix == ".json":
+    if suffix in (".json", ".json.gz"):
         return _enumerate_by_index(_read_json(path, shown))
     if suffix == ".parquet":
         return _enumerate_by_index(_read_parquet(path, shown))
@@ -331,9 +359,14 @@ def _enumerate_by_index(rows: Iterable[Any]) -> Iterator[tuple[int, int, Any]]:
         yield index, index, row
 
 
+def _open_bytes(path: Path):
+    """``path`` opened for reading bytes, decompressed on the fly when it ends in ``.gz``."""
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, int, Any]]:
     example_id = 0
-    with open(path, "rb") as f:
+    with _open_bytes(path) as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -355,7 +388,8 @@ def _parse_json_line(line: bytes) -> Any:
 
 def _read_json(path: Path, shown: str) -> list[Any]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+        with _open_bytes(path) as f:
+            data = json.loads(f.read().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise DataError(f"{shown}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:

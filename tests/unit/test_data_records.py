@@ -319,3 +319,43 @@ def test_messages_keep_their_keys_but_not_the_nulls_columnar_formats_add(tmp_pat
     (rec,) = load_preferences(path)
     assert rec.chosen == [{"role": "assistant", "content": None, "tool_calls": [{"name": "add"}]}]
     assert rec.rejected == [{**said("5"), "reasoning_content": "hm"}] and rec.tools is None
+
+
+# ---- compressed files and file patterns -------------------------------------------------------------
+
+
+def test_gzipped_json_lines_and_json_read_as_their_plain_files(tmp_path):
+    import gzip
+
+    lines = "".join(json.dumps(r) + "\n" for r in RECORDS)
+    (tmp_path / "d.jsonl").write_text(lines)
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    (tmp_path / "d.json.gz").write_bytes(gzip.compress(json.dumps(RECORDS).encode()))
+    plain = read_preferences(tmp_path / "d.jsonl")
+    for name in ("d.jsonl.gz", "d.json.gz"):
+        got = read_preferences(tmp_path / name)
+        assert [(r.example_id, r.prompt, r.chosen) for r in got.records] == [(r.example_id, r.prompt, r.chosen) for r in plain.records]
+        assert [p.reason for p in got.problems] == [p.reason for p in plain.problems] == ["missing key 'rejected'"]
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(lines.encode())[:-12])
+    with pytest.raises(DataError, match=r"cut.jsonl.gz: cannot read: "):
+        read_preferences(tmp_path / "cut.jsonl.gz")
+
+
+def test_a_glob_pattern_reads_its_files_in_order_as_one_dataset(tmp_path):
+    """A Hub snapshot's split (train-0000k-of-0000n.parquet) or JSONL shards: ids count on across
+    the files, problems name their own file and line, and the fingerprint covers every file."""
+    shards = tmp_path / "data"
+    shards.mkdir()
+    (shards / "train-00001-of-00002.jsonl").write_text(json.dumps(RECORDS[2]) + "\n" + json.dumps(RECORDS[1]) + "\n")
+    (shards / "train-00000-of-00002.jsonl").write_text(json.dumps(RECORDS[0]) + "\n")
+    (shards / "test-00000-of-00001.jsonl").write_text(json.dumps(RECORDS[0]) + "\n")
+    pattern = str(shards / "train-*.jsonl")
+    got = read_preferences(pattern)
+    assert [(r.example_id, r.line, r.prompt) for r in got.records] == [(0, 1, "What is 2+2?"), (1, 1, "Hi")]
+    assert [str(p) for p in got.problems] == [f"{shards / 'train-00001-of-00002.jsonl'}:2: missing key 'rejected'"]
+    assert got.path == pattern and got.num_records == 3
+    before = data_fingerprint(pattern)
+    (shards / "train-00001-of-00002.jsonl").write_text(json.dumps(RECORDS[2]) + "\n")
+    assert data_fingerprint(pattern) != before
+    with pytest.raises(DataError, match=r"valid-\*.jsonl: no files match this pattern"):
+        read_preferences(str(shards / "valid-*.jsonl"))
