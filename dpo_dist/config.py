@@ -359,7 +359,8 @@ class OptimConfig:
     lr: float = 1e-6
     """Peak learning rate (TRL's DPO default; conf/model/tiny.yaml sets 2e-4 for the tiny model)."""
     weight_decay: float = 0.0
-    """Decoupled weight decay."""
+    """Decoupled weight decay, of weight matrices only (not of biases and norm weights, as HF's
+    Trainer, nanoGPT and torchtitan)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """Adam betas."""
     eps: float = 1e-8

@@ -421,11 +421,26 @@ def build_optimizer(cfg: DPOConfig, params: list[nn.Parameter], device: torch.de
     the host, where DeepSpeed takes only its own vectorised CPU Adam (it refuses a torch optimizer
     there: a per-tensor Python step over billions of host parameters would take minutes)."""
     settings = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    groups = decay_groups(params, cfg.optim.weight_decay)
     if cfg.deepspeed.offload_optimizer == "cpu":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(params, adamw_mode=True, **settings)
-    return torch.optim.AdamW(params, fused=device.type == "cuda", **settings)
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **settings)
+    return torch.optim.AdamW(groups, fused=device.type == "cuda", **settings)
+
+
+def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: weight decay on matrices only, not on biases and norm weights
+    (1-D), as HF's Trainer (bias and LayerNorm excluded), nanoGPT and torchtitan do. A ZeRO-3
+    parameter is flat on every rank: its ``ds_shape`` is the real one."""
+    if weight_decay == 0:
+        return [{"params": params}]
+
+    def is_matrix(p: nn.Parameter) -> bool:
+        return len(getattr(p, "ds_shape", p.shape)) >= 2
+
+    groups = [{"params": [p for p in params if is_matrix(p)]}, {"params": [p for p in params if not is_matrix(p)], "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def policy_normalization(cfg: DPOConfig) -> str:

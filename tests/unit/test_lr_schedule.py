@@ -32,3 +32,25 @@ def test_linear_without_warmup_starts_at_lr():
 def test_constant_after_warmup_and_single_step_runs():
     assert factors("constant", warmup=3, steps=5) == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])
     assert factors("cosine", warmup=0, steps=1) == [1.0]
+
+
+def test_weight_decay_applies_to_matrices_not_to_biases_and_norms():
+    """As HF's Trainer (bias and LayerNorm excluded), nanoGPT and torchtitan: one AdamW step with
+    a zero gradient moves only the decayed parameters."""
+    import torch
+
+    from dpo_dist.engine import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    params = list(model.parameters())
+    cfg = DPOConfig(optim=OptimConfig(lr=0.1, weight_decay=0.5))
+    optimizer = build_optimizer(cfg, params, torch.device("cpu"))
+    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 3]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.5, 0.0]
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    moved = [not torch.equal(a, p) for a, p in zip(before, params)]
+    assert moved == [True, False, False, False]  # weight decayed; bias, norm weight and norm bias kept
+    assert len(build_optimizer(DPOConfig(), params, torch.device("cpu")).param_groups) == 1  # no decay: one group
