@@ -72,7 +72,7 @@ log = logging.getLogger("dpo_dist.engine")
 # from a micro-batch's outputs, then host counts and the preemption flag, added as scalars (a
 # tensor built from a host number would sync with the device at every micro-batch).
 _DEVICE_SUMS = (
-    "loss", "correct", "margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp", "scored_tokens"
+    "loss", "correct", "margin", "chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp", "scored_tokens", "nll"
 )
 _SUMS = (*_DEVICE_SUMS, "grad_norm", "pairs", "tokens", "stop")
 
@@ -799,6 +799,9 @@ class PairResults(NamedTuple):
     rejected_logps: torch.Tensor
     scored_tokens: torch.Tensor
     """Response tokens scored in the pair's sequences."""
+    nll: torch.Tensor
+    """The chosen response's NLL per token (``losses.sft_nll``), the term ``loss.alpha`` weights
+    into ``losses``; zeros without one."""
 
 
 def micro_batch_losses(ctx: StepContext, mb: MicroBatch, train: bool, statistics: dict | None = None) -> PairResults:
@@ -809,7 +812,7 @@ def micro_batch_losses(ctx: StepContext, mb: MicroBatch, train: bool, statistics
     out = run_packed(ctx.engine, mb.batch)
     if cfg.stage == "sft":
         zeros = torch.zeros_like(out.sum_logps)
-        return PairResults(-out.sum_logps, zeros, zeros, out.sum_logps, zeros, out.token_counts)
+        return PairResults(-out.sum_logps, zeros, zeros, out.sum_logps, zeros, out.token_counts, zeros)
     reference = reference_sums(ctx, mb, train)
     logps = (*split_pairs(loss_logps(cfg, out)), *normalized_like_policy(cfg, reference, out))
     losses, chosen_r, rejected_r = weighted_preference_loss(cfg, logps, statistics or {})
@@ -826,9 +829,9 @@ def micro_batch_losses(ctx: StepContext, mb: MicroBatch, train: bool, statistics
             chosen_r = cfg.loss.beta * (policy_c - reference[0])
             rejected_r = cfg.loss.beta * (policy_r - reference[1])
     chosen_counts, rejected_counts = split_pairs(out.token_counts)
-    if cfg.loss.alpha > 0:
-        losses = losses + cfg.loss.alpha * sft_nll(chosen_sums, chosen_counts)
-    return PairResults(losses, chosen_r, rejected_r, chosen_sums, rejected_sums, chosen_counts + rejected_counts)
+    nll = sft_nll(chosen_sums, chosen_counts) if cfg.loss.alpha > 0 else torch.zeros_like(chosen_sums)
+    losses = losses + cfg.loss.alpha * nll if cfg.loss.alpha > 0 else losses
+    return PairResults(losses, chosen_r, rejected_r, chosen_sums, rejected_sums, chosen_counts + rejected_counts, nll)
 
 
 def loss_logps(cfg: DPOConfig, policy: SequenceLogps) -> torch.Tensor:
@@ -852,6 +855,7 @@ def accumulate(sums: torch.Tensor, weight: float, batch: PackedBatch, result: Pa
         "chosen_logp": r.chosen_logps.sum(),
         "rejected_logp": r.rejected_logps.sum(),
         "scored_tokens": r.scored_tokens.sum(),
+        "nll": r.nll.sum(),
     }
     device_sums = torch.stack([values[name].to(sums.dtype) for name in _DEVICE_SUMS])
     sums[: len(_DEVICE_SUMS)] += weight * device_sums
@@ -1055,13 +1059,15 @@ def evaluate(ctx: StepContext, dataset, env: D.DistEnv) -> dict[str, float]:
         for mb, mb_statistics in zip(micro_batches(ctx, dataset, plans), statistics, strict=True):
             accumulate(sums, mb.weight, mb.batch, micro_batch_losses(ctx, mb, train=False, statistics=mb_statistics))
     totals = dict(zip(_SUMS, D.all_reduce_sum(sums).tolist()))
-    return {f"eval/{k}": v for k, v in summarize(totals, ctx.cfg.stage).items() if k not in ("tokens",)}
+    return {f"eval/{k}": v for k, v in summarize(totals, ctx.cfg).items() if k not in ("tokens",)}
 
 
-def summarize(totals: dict[str, float], stage: str) -> dict[str, float]:
-    """Per-pair means of a step's summed metrics; SFT reports its NLL per scored token and no rewards."""
+def summarize(totals: dict[str, float], cfg: DPOConfig) -> dict[str, float]:
+    """Per-pair means of a step's summed metrics; SFT reports its NLL per scored token and no rewards.
+    A loss with an NLL term (``loss.alpha`` > 0: rpo, orpo, cpo) also reports that term (``nll_loss``,
+    unweighted, as TRL and OpenRLHF log it) and the preference loss beside it (``pref_loss``)."""
     pairs = max(totals["pairs"], 1.0)
-    if stage == "sft":
+    if cfg.stage == "sft":
         return {"loss": totals["loss"] / max(totals["scored_tokens"], 1.0), "tokens": int(totals["tokens"])}
     return {
         "loss": totals["loss"] / pairs,
@@ -1071,8 +1077,17 @@ def summarize(totals: dict[str, float], stage: str) -> dict[str, float]:
         "rejected_reward": totals["rejected_reward"] / pairs,
         "chosen_logp": totals["chosen_logp"] / pairs,
         "rejected_logp": totals["rejected_logp"] / pairs,
+        **split_nll(totals, pairs, cfg.loss.alpha),
         "tokens": int(totals["tokens"]),
     }
+
+
+def split_nll(totals: dict[str, float], pairs: float, alpha: float) -> dict[str, float]:
+    """``nll_loss`` and ``pref_loss`` (``loss = pref_loss + alpha * nll_loss``), when alpha > 0."""
+    if alpha <= 0:
+        return {}
+    nll = totals["nll"] / pairs
+    return {"nll_loss": nll, "pref_loss": totals["loss"] / pairs - alpha * nll}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -1506,7 +1521,7 @@ def train_locked(cfg: DPOConfig, job: JobSetup) -> dict[str, float]:
         sums[_SUMS.index("stop")] = float(preempt.requested)
         totals = dict(zip(_SUMS, D.all_reduce_sum(sums).tolist()))
         done = step + 1
-        row = {"step": done, **summarize(totals, cfg.stage), "lr": lr, "grad_norm": totals["grad_norm"]}
+        row = {"step": done, **summarize(totals, cfg), "lr": lr, "grad_norm": totals["grad_norm"]}
         row["epoch"] = done * cfg.train.pairs_per_step / len(train_data)
         row["tokens_per_s"] = row["tokens"] / (time.perf_counter() - t0)
         stop = totals["stop"] > 0

@@ -416,3 +416,29 @@ def test_the_step_reports_the_global_gradient_norm_before_clipping():
     expected = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
     got = dict(zip(E._SUMS, sums.tolist()))["grad_norm"]
     assert expected > 0 and math.isclose(got, expected, rel_tol=1e-5), (got, expected)
+
+
+def test_a_loss_with_an_nll_term_reports_both_terms():
+    """loss = pref_loss + alpha * nll_loss (RPO, ORPO, CPO), each term logged as TRL/OpenRLHF do;
+    nll_loss is the chosen response's NLL per token, the mean over pairs."""
+    from dpo_dist.data import collate_packed
+    from dpo_dist.logprobs import split_pairs
+
+    def step(alpha: float):
+        calls = []
+        ctx = context("sigmoid", calls, alpha=alpha)
+        other_reference(ctx, calls)
+        sums = E.train_step(ctx, pairs(4), [E.MicroBatchPlan([0, 1]), E.MicroBatchPlan([2, 3])], denominator=4.0)
+        return ctx, E.summarize(dict(zip(E._SUMS, sums.tolist())), ctx.cfg)
+
+    _, plain = step(0.0)
+    ctx, mixed = step(0.5)
+    assert "nll_loss" not in plain and "pref_loss" not in plain
+    with torch.no_grad():
+        out = E.run_packed(ctx.engine, collate_packed(pairs(4)))
+    chosen_sums, _ = split_pairs(out.sum_logps)
+    chosen_counts, _ = split_pairs(out.token_counts)
+    expected_nll = float((-chosen_sums / chosen_counts).mean())
+    assert math.isclose(mixed["nll_loss"], expected_nll, rel_tol=1e-5)
+    assert math.isclose(mixed["pref_loss"], plain["loss"], rel_tol=1e-5)
+    assert math.isclose(mixed["loss"], plain["loss"] + 0.5 * expected_nll, rel_tol=1e-5)
