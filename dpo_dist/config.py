@@ -368,6 +368,10 @@ class OptimConfig:
     warmup_steps: int = 0
     """Linear warmup over this many optimizer steps: step k (0-based) of it runs at (k+1)/(warmup_steps+1) * lr;
     step warmup_steps runs at lr."""
+    warmup_ratio: float | None = None
+    """Warmup as a fraction of the run's steps (HF's ``warmup_ratio``, OpenRLHF's
+    ``--lr_warmup_ratio``): ``ceil(warmup_ratio * steps)``; when set it replaces ``warmup_steps``
+    (useful with ``train.epochs``, whose step count depends on the data)."""
     schedule: str = "cosine"
     """Decay after warmup: cosine | linear | constant."""
     min_lr_ratio: float = 0.1
@@ -375,9 +379,16 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables clipping."""
 
+    def warmup_for(self, steps: int) -> int:
+        """Warmup steps of a run of ``steps`` optimizer steps (``warmup_ratio`` or ``warmup_steps``)."""
+        return self.warmup_steps if self.warmup_ratio is None else math.ceil(round(self.warmup_ratio * steps, 9))
+
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(
+            self.warmup_ratio is None or 0 <= self.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1) (or null), got {self.warmup_ratio}"
+        )
         _one_of(self.schedule, "optim.schedule", ("cosine", "linear", "constant"))
         _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
         _check(len(self.betas) == 2, "optim.betas", "needs two values")

@@ -399,10 +399,12 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 def lr_lambda(cfg: DPOConfig):
-    """The lr factor of optimizer step ``step`` (0-based): linear warmup over ``warmup_steps``
-    steps (never 0: the first step already learns), ``lr`` itself at step ``warmup_steps``, then
-    cosine/linear decay that reaches ``min_lr_ratio * lr`` at the last step, ``max_steps - 1``."""
-    warmup, total, floor = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio
+    """The lr factor of optimizer step ``step`` (0-based): linear warmup over the warmup steps
+    (``OptimConfig.warmup_for``; never 0: the first step already learns), ``lr`` itself at the
+    step after them, then cosine/linear decay that reaches ``min_lr_ratio * lr`` at the last step,
+    ``max_steps - 1``."""
+    total, floor = cfg.train.max_steps, cfg.optim.min_lr_ratio
+    warmup = cfg.optim.warmup_for(total)
 
     def factor(step: int) -> float:
         if step < warmup:

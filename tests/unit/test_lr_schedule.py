@@ -54,3 +54,13 @@ def test_weight_decay_applies_to_matrices_not_to_biases_and_norms():
     moved = [not torch.equal(a, p) for a, p in zip(before, params)]
     assert moved == [True, False, False, False]  # weight decayed; bias, norm weight and norm bias kept
     assert len(build_optimizer(DPOConfig(), params, torch.device("cpu")).param_groups) == 1  # no decay: one group
+
+
+def test_warmup_ratio_is_a_share_of_the_steps_and_replaces_warmup_steps():
+    cfg = DPOConfig(optim=OptimConfig(warmup_steps=50, warmup_ratio=0.1), train=TrainConfig(max_steps=25))
+    assert cfg.optim.warmup_for(25) == 3  # ceil(2.5)
+    assert cfg.optim.warmup_for(30) == 3 and OptimConfig(warmup_steps=7).warmup_for(30) == 7
+    factor = lr_lambda(cfg)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    with pytest.raises(Exception, match=r"optim.warmup_ratio: must be in \[0, 1\)"):
+        OptimConfig(warmup_ratio=1.0)
