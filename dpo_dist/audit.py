@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from dpo_dist.data import DataError, PreferenceRecord, Problem, encode_records, read_preferences
+from dpo_dist.data.records import FIELDS
 
 log = logging.getLogger("dpo_dist.audit")
 
@@ -107,11 +108,12 @@ def record_text(record: PreferenceRecord) -> str:
     return "\x1f".join(normalize(getattr(record, name)) for name in ("prompt", "chosen", "rejected"))
 
 
-def audit(path: str, tokenizer, *, eval_path: str | None = None, max_length: int = 512) -> AuditResult:
-    """Run every check on ``path`` (and leakage against ``eval_path``); a file without records
-    raises ``DataError`` (``PATH: no records``), as training does."""
-    train = read_preferences(path)
-    evaluation = read_preferences(eval_path) if eval_path else None
+def audit(path: str, tokenizer, *, eval_path: str | None = None, max_length: int = 512, columns: Sequence[str] = FIELDS) -> AuditResult:
+    """Run every check on ``path`` (and leakage against ``eval_path``), its records' fields under
+    the keys ``columns`` (``data.records``); a file without records raises ``DataError``
+    (``PATH: no records``), as training does."""
+    train = read_preferences(path, columns)
+    evaluation = read_preferences(eval_path, columns) if eval_path else None
     for read in (train, evaluation):
         if read is not None and not read.num_records:
             raise DataError(f"{read.path}: no records")  # as training refuses it: nothing to audit

@@ -144,6 +144,12 @@ class DataConfig:
     """keep_end_of_prompt | keep_start | drop (see dpo_dist.data.tokenize)."""
     on_invalid: str = "error"
     """error: stop before any model work on a bad record | skip: drop bad records and log the count."""
+    prompt_key: str = "prompt"
+    """The record key that holds the prompt (OpenRLHF's ``--prompt_key``)."""
+    chosen_key: str = "chosen"
+    """The record key that holds the chosen response."""
+    rejected_key: str = "rejected"
+    """The record key that holds the rejected response."""
     cache_dir: str | None = None
     """Tokenization cache; defaults to ``~/.cache/dpo_dist/tokenized``."""
 
@@ -152,6 +158,12 @@ class DataConfig:
         _check(self.max_length >= 3, "data.max_length", f"must be >= 3 (BOS, a prompt and a response token), got {self.max_length}")
         _one_of(self.truncation, "data.truncation", ("keep_end_of_prompt", "keep_start", "drop"))
         _one_of(self.on_invalid, "data.on_invalid", ("error", "skip"))
+        keys = self.columns()
+        _check(all(k.strip() for k in keys) and len(set(keys)) == 3, "data.prompt_key", f"the three data.*_key must be distinct names, got {list(keys)}")
+
+    def columns(self) -> tuple[str, str, str]:
+        """The record keys of the prompt, chosen and rejected fields (``data.records``' ``columns``)."""
+        return (self.prompt_key, self.chosen_key, self.rejected_key)
 
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else cache_root() / "tokenized"

@@ -1441,6 +1441,7 @@ def load_splits(cfg: DPOConfig, tokenizer):
             on_invalid=cfg.data.on_invalid,
             cache_dir=cfg.data.resolved_cache_dir(),
             keep_identical=cfg.stage == "sft",  # SFT trains on chosen alone
+            columns=cfg.data.columns(),
         )
 
     return D.rank0_first(

@@ -94,7 +94,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -116,6 +116,7 @@ from dpo_dist.data import (
     tokenizer_fingerprint,
 )
 from dpo_dist.data.cache import CACHE_FORMAT
+from dpo_dist.data.records import FIELDS
 from dpo_dist.fingerprint import cache_root, json_sha256, model_fingerprint, release_flock, write_holder
 from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
 from dpo_dist.memory import replicate_frozen_copy
@@ -255,16 +256,20 @@ def reference_fingerprints(
     dtype: torch.dtype | str,
     quantize: str = "none",
     tail_logps: bool = False,
+    columns: Sequence[str] = FIELDS,
 ) -> dict[str, Any]:
     """Fingerprints of one reference pass. Hashing a big model is slow the first time only
-    (memoized per file); still, compute this on rank 0 and broadcast it on large jobs."""
+    (memoized per file); still, compute this on rank 0 and broadcast it on large jobs. Records
+    read through other ``columns`` (``data.prompt_key``...) are other data."""
     settings = reference_settings(
         max_length=max_length, truncation=truncation, dtype=dtype, quantize=quantize, tail_logps=tail_logps
     )
     return {
         "model": model_fingerprint(model_path),
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "data": data_fingerprint(data_path),
+        "data": data_fingerprint(data_path) if tuple(columns) == FIELDS else json_sha256(
+            {"file": data_fingerprint(data_path), "columns": list(columns)}
+        ),
         "settings": json_sha256(settings),
         "settings_values": settings,
     }
@@ -285,6 +290,7 @@ def fingerprints_from_config(
         dtype=dtype,
         quantize=config.model.lora.quantize,
         tail_logps=config.uses_tail_logps(),
+        columns=config.data.columns(),
     )
 
 

@@ -118,7 +118,7 @@ def eval_prompts(cfg: DPOConfig) -> list[PromptItem]:
 
     if not cfg.data.eval_path:
         raise EvalError("data.eval_path is null: no held-out prompts for the win-rate")
-    records = load_preferences(cfg.data.eval_path, cfg.data.on_invalid, log)
+    records = load_preferences(cfg.data.eval_path, cfg.data.on_invalid, log, cfg.data.columns())
     if cfg.eval.max_prompts:
         records = records[: cfg.eval.max_prompts]
     with_tools = sum(r.tools is not None for r in records)

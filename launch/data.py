@@ -45,6 +45,7 @@ import numpy as np
 
 from dpo_dist.config import DataConfig
 from dpo_dist.data import DataError, ReadResult, bundled_tokenizer_path, encode_records, read_preferences
+from dpo_dist.data.records import FIELDS
 from launch.common import ArgumentParser
 
 EXIT_OK, EXIT_BAD_DATA, EXIT_USAGE = 0, 1, 2
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help=".jsonl, .json, .parquet or datasets dir")
     _tokenizer_argument(parser)
+    _columns_arguments(parser)
 
 
 def _tokenizer_argument(parser: argparse.ArgumentParser) -> None:
@@ -101,6 +103,23 @@ def _tokenizer_argument(parser: argparse.ArgumentParser) -> None:
         help="the run's tokenizer: its model.tokenizer_path, or model.path when unset "
         "(default: the bundled one, as the default model.path)",
     )
+
+
+def _columns_arguments(parser: argparse.ArgumentParser) -> None:
+    for field_name in FIELDS:
+        parser.add_argument(
+            f"--{field_name}-key", metavar="KEY", default=field_name,
+            help=f"the record key of the {field_name}{' response' if field_name != 'prompt' else ''} "
+            f"(data.{field_name}_key; default: %(default)s)",
+        )
+
+
+def _columns(args: argparse.Namespace) -> tuple[str, str, str]:
+    """The ``--*-key`` flags as ``read_preferences``' ``columns``."""
+    columns = (args.prompt_key, args.chosen_key, args.rejected_key)
+    if len(set(columns)) != 3 or not all(c.strip() for c in columns):
+        raise UsageError(f"--prompt-key, --chosen-key and --rejected-key must be distinct names, got {list(columns)}")
+    return columns
 
 
 def _max_length_argument(parser: argparse.ArgumentParser, help: str) -> None:
@@ -117,7 +136,7 @@ def run_check(args: argparse.Namespace) -> int:
     read = unreadable = empty = False
     for path in args.paths:
         try:
-            result = read_preferences(path)
+            result = read_preferences(path, _columns(args))
         except DataError as e:
             # Keep checking the other files; the exit code still reports the usage error.
             print(f"dpo-data: error: {e}", file=sys.stderr)
@@ -151,9 +170,9 @@ def _check_records(result: ReadResult, tokenizer) -> tuple[int, list]:
     return good, sorted(result.problems + unencodable, key=lambda problem: problem.line)
 
 
-def _read_records(path: str) -> ReadResult:
+def _read_records(path: str, columns) -> ReadResult:
     """``read_preferences``, refusing a file without records as training does (``PATH: no records``)."""
-    result = read_preferences(path)
+    result = read_preferences(path, columns)
     if not result.num_records:
         raise DataError(f"{result.path}: no records")
     return result
@@ -167,6 +186,7 @@ _PERCENTILES = (50, 90, 99)
 def _stats_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="PATH", help=".jsonl, .json, .parquet or datasets dir")
     _tokenizer_argument(parser)
+    _columns_arguments(parser)
     _max_length_argument(parser, "data.max_length to test")
 
 
@@ -174,7 +194,7 @@ def run_stats(args: argparse.Namespace) -> int:
     if args.max_length < 1:
         raise UsageError(f"--max-length must be positive, got {args.max_length}")
     tokenizer = _load_tokenizer(args.tokenizer or bundled_tokenizer_path())
-    result = _read_records(args.path)
+    result = _read_records(args.path, _columns(args))
     unencodable: list = []  # chat records the template cannot render, responses that encode identically
     pairs = encode_records(result.records, tokenizer, source=result.path, problems=unencodable)
     print(f"{result.path}: {result.num_records} records, {len(result.problems) + len(unencodable)} bad, {len(pairs)} pairs")
@@ -258,6 +278,7 @@ def _audit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval", metavar="PATH", default=None, help="held-out data: count prompts leaked from PATH")
     parser.add_argument("--out", metavar="DIR", default="audit", help="where audit.md and audit.png go (default: ./audit)")
     _tokenizer_argument(parser)
+    _columns_arguments(parser)
     _max_length_argument(parser, "data.max_length for the truncation count")
 
 
@@ -279,7 +300,7 @@ def run_audit(args: argparse.Namespace) -> int:
     _make_dir("--out", Path(args.out))
     tokenizer_dir = args.tokenizer or bundled_tokenizer_path()
     tokenizer = _load_tokenizer(tokenizer_dir)
-    result = audit(args.path, tokenizer, eval_path=args.eval, max_length=args.max_length)
+    result = audit(args.path, tokenizer, eval_path=args.eval, max_length=args.max_length, columns=_columns(args))
     for line in result.summary_lines():
         print(line)
     try:

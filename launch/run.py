@@ -203,7 +203,7 @@ def check_data(cfg) -> None:
 
     for path in dict.fromkeys(p for p in (cfg.data.train_path, cfg.data.eval_path) if p):
         try:
-            load_preferences(path, "error")
+            load_preferences(path, "error", columns=cfg.data.columns())
         except DataError as exc:
             raise UserError(str(exc)) from None
 

@@ -17,13 +17,14 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from dpo_dist.data.records import (
+    FIELDS,
     LOGGED_PROBLEMS,
     ON_INVALID,
     DataError,
@@ -116,8 +117,10 @@ def load_tokenized(
     cache_dir: str | os.PathLike | None = None,
     log: logging.Logger | None = None,
     keep_identical: bool = False,
+    columns: Sequence[str] = FIELDS,
 ) -> TokenizedDataset:
-    """Read, validate, tokenize and truncate ``path``, through the cache when ``cache_dir`` is set.
+    """Read, validate, tokenize and truncate ``path``, through the cache when ``cache_dir`` is set;
+    ``columns``: the keys of its prompt, chosen and rejected fields (``data.records``).
 
     ``cache_dir=None`` tokenizes in memory and writes nothing. ``keep_identical``: keep pairs whose
     responses are identical after truncation (SFT trains on chosen alone; see ``tokenize``).
@@ -127,21 +130,21 @@ def load_tokenized(
     check_truncation(max_length, truncation)
     log = log or logger
     shown = os.fspath(path)
-    key = _cache_key(path, tokenizer, max_length, truncation, keep_identical)
+    key = _cache_key(path, tokenizer, max_length, truncation, keep_identical, columns)
     files = _cache_files(cache_dir, key)
     cached = _read_cache(files, key, shown, log) if files else None
     if cached:
         dataset, problems = cached
-        _apply_on_invalid(shown, dataset.num_invalid, problems, on_invalid, log, tokenizer)
+        _apply_on_invalid(shown, dataset.num_invalid, problems, on_invalid, log, tokenizer, columns)
     else:
-        result = read_preferences(shown)
+        result = read_preferences(shown, columns)
         # Before tokenizing: under on_invalid=error a bad file fails fast. Under skip the drop is
         # logged once below, when the records the chat template cannot render are known too.
         check_invalid(log, shown, result.problems, on_invalid, tokenizer=_hint_tokenizer(tokenizer))
         unrendered: list[Problem] = []  # chat records the template cannot render
         dataset = _tokenize(result, tokenizer, max_length, truncation, key, unrendered, keep_identical)
         problems = sorted(result.problems + unrendered, key=lambda problem: problem.line)
-        _apply_on_invalid(shown, len(problems), problems, on_invalid, log, tokenizer)
+        _apply_on_invalid(shown, len(problems), problems, on_invalid, log, tokenizer, columns)
         if files:
             _write_cache(files, dataset, problems)
     if not dataset.num_records:
@@ -172,7 +175,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return _sha256(state)
 
 
-def _cache_key(path, tokenizer, max_length: int, truncation: str, keep_identical: bool = False) -> str:
+def _cache_key(path, tokenizer, max_length: int, truncation: str, keep_identical: bool = False, columns: Sequence[str] = FIELDS) -> str:
     return _sha256(
         {
             "format": CACHE_FORMAT,
@@ -181,6 +184,7 @@ def _cache_key(path, tokenizer, max_length: int, truncation: str, keep_identical
             "max_length": max_length,
             "truncation": truncation,
             **({"keep_identical": True} if keep_identical else {}),  # preference data keeps its key
+            **({"columns": list(columns)} if tuple(columns) != FIELDS else {}),
         }
     )
 
@@ -189,9 +193,9 @@ def _sha256(state) -> str:
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
-def _apply_on_invalid(shown: str, num_invalid: int, problems: list[Problem], on_invalid: str, log, tokenizer) -> None:
+def _apply_on_invalid(shown: str, num_invalid: int, problems: list[Problem], on_invalid: str, log, tokenizer, columns=FIELDS) -> None:
     if num_invalid:
-        check_invalid(log, shown, problems, on_invalid, total=num_invalid, tokenizer=_hint_tokenizer(tokenizer))
+        check_invalid(log, shown, problems, on_invalid, total=num_invalid, tokenizer=_hint_tokenizer(tokenizer), columns=columns)
         log_dropped(log, shown, problems, total=num_invalid)
 
 

@@ -21,6 +21,10 @@ values are dropped, as Parquet and datasets fill absent struct fields with them)
 ``tools``, the tool definitions its template renders (a list of objects, or that list as a JSON
 string), as TRL passes a ``tools`` column to ``apply_chat_template``. Other record keys are ignored.
 
+Other key names (OpenRLHF's ``--prompt_key``/``--chosen_key``/``--rejected_key``, the config's
+``data.prompt_key``...): ``columns``, the keys that hold the prompt, chosen and rejected fields
+(default ``FIELDS``), are read as those fields, and reasons name them as the file spells them.
+
 Implicit prompts (TRL's ``maybe_extract_prompt``, for datasets such as Anthropic HH and
 UltraFeedback binarized): without a ``prompt`` key, the prompt is what ``chosen`` and ``rejected``
 share at their start: their common leading messages, or for text their common leading
@@ -56,7 +60,7 @@ import gzip
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,8 +150,9 @@ class ReadResult:
         return len(self.records) + len(self.problems)
 
 
-def read_preferences(path: str | os.PathLike) -> ReadResult:
-    """Read every record of ``path``, keeping the good ones and a ``Problem`` per bad one."""
+def read_preferences(path: str | os.PathLike, columns: Sequence[str] = FIELDS) -> ReadResult:
+    """Read every record of ``path``, keeping the good ones and a ``Problem`` per bad one;
+    ``columns``: the keys of the prompt, chosen and rejected fields (module docstring)."""
     shown = os.fspath(path)
     result = ReadResult(path=shown)
     offset = 0  # example ids count on across the files of a pattern
@@ -157,7 +162,7 @@ def read_preferences(path: str | os.PathLike) -> ReadResult:
         try:
             for example_id, line, raw in _iter_raw(file, where):
                 seen = example_id + 1
-                parsed = raw if isinstance(raw, _Unreadable) else parse_record(raw)
+                parsed = raw if isinstance(raw, _Unreadable) else parse_record(raw, columns)
                 if isinstance(parsed, str):
                     result.problems.append(Problem(where, line, str(parsed)))
                 else:
@@ -182,9 +187,9 @@ def data_files(path: str | os.PathLike) -> list[Path]:
 
 
 def load_preferences(
-    path: str | os.PathLike, on_invalid: str = "error", log: logging.Logger | None = None
+    path: str | os.PathLike, on_invalid: str = "error", log: logging.Logger | None = None, columns: Sequence[str] = FIELDS
 ) -> list[PreferenceRecord]:
-    """Read ``path`` and apply the ``data.on_invalid`` policy.
+    """Read ``path`` (``read_preferences``) and apply the ``data.on_invalid`` policy.
 
     ``error`` raises ``DataError`` if any record is bad; ``skip`` logs what was dropped and
     returns the good records. A file with no good record at all raises either way.
@@ -192,9 +197,9 @@ def load_preferences(
     if on_invalid not in ON_INVALID:
         raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
     log = log or logger
-    result = read_preferences(path)
+    result = read_preferences(path, columns)
     if result.problems:
-        check_invalid(log, result.path, result.problems, on_invalid)
+        check_invalid(log, result.path, result.problems, on_invalid, columns=columns)
         log_dropped(log, result.path, result.problems)
     if not result.records:
         raise DataError(f"{result.path}: no valid records")
@@ -202,12 +207,14 @@ def load_preferences(
 
 
 def check_invalid(
-    log: logging.Logger, path: str, problems: list[Problem], on_invalid: str, total: int | None = None, tokenizer: str | None = None
+    log: logging.Logger, path: str, problems: list[Problem], on_invalid: str, total: int | None = None, tokenizer: str | None = None,
+    columns: Sequence[str] = FIELDS,
 ) -> None:
     """Under ``on_invalid=error``, log the first ``LOGGED_PROBLEMS`` problems as ``PATH:LINE:
     reason`` lines and raise the standard ``DataError`` (``total`` if more exist than listed).
     ``tokenizer``: the run's tokenizer directory, for the ``dpo-data check`` hint when it is not
-    the bundled one (check's default), which could find other problems.
+    the bundled one (check's default), which could find other problems; ``columns``, the record
+    keys read, go into the hint too.
 
     The error is one line, so it names only the first problem; the log lines let a user fix
     several at once without a round trip through ``dpo-data check``."""
@@ -219,9 +226,12 @@ def check_invalid(
     if total > LOGGED_PROBLEMS:
         log.error("... and %d more invalid records in %s", total - LOGGED_PROBLEMS, path)
     noun = "record" if total == 1 else "records"
+    flags = (f" --tokenizer {tokenizer}" if tokenizer else "") + "".join(
+        f" --{name}-key {key}" for name, key in zip(FIELDS, columns) if key != name
+    )
     raise DataError(
         f"{path}: {total} invalid {noun} (first: {problems[0]}); fix them or set data.on_invalid=skip "
-        f"(run `dpo-data check {path}{f' --tokenizer {tokenizer}' if tokenizer else ''}` to list all)"
+        f"(run `dpo-data check {path}{flags}` to list all)"
     )
 
 
@@ -241,11 +251,15 @@ def validate_record(raw: Any) -> str | None:
     return parsed if isinstance(parsed, str) else None
 
 
-def parse_record(raw: Any) -> tuple[Text, Text, Text, list | None] | str:
+def parse_record(raw: Any, columns: Sequence[str] = FIELDS) -> tuple[Text, Text, Text, list | None] | str:
     """A raw record's (prompt, chosen, rejected, tools), the prompt taken out of the responses where
-    they hold it (module docstring: implicit prompts), or the first reason it is not a valid record."""
+    they hold it (module docstring: implicit prompts), or the first reason it is not a valid record.
+    ``columns``: the keys of those three fields in ``raw``."""
     if not isinstance(raw, dict):
         return "record is not a JSON object"
+    if tuple(columns) != FIELDS:
+        parsed = parse_record({**{k: v for k, v in raw.items() if k not in FIELDS}, **{f: raw[c] for f, c in zip(FIELDS, columns) if c in raw}})
+        return _as_spelled(parsed, columns) if isinstance(parsed, str) else parsed
     for name in FIELDS if "prompt" in raw else FIELDS[1:]:
         reason = _validate_field(raw, name)
         if reason:
@@ -259,6 +273,13 @@ def parse_record(raw: Any) -> tuple[Text, Text, Text, list | None] | str:
     if isinstance(tools, str):
         return tools
     return (*split, tools)
+
+
+def _as_spelled(reason: str, columns: Sequence[str]) -> str:
+    """``reason`` naming each field by its key in the file (``'chosen'`` -> ``'response_a'``)."""
+    for field_name, column in zip(FIELDS, columns):
+        reason = reason.replace(f"'{field_name}'", f"'{column}'")
+    return reason
 
 
 def split_prompt(prompt: Text | None, chosen: Text, rejected: Text) -> tuple[Text, Text, Text] | str:

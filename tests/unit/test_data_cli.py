@@ -221,3 +221,31 @@ def test_stats_and_audit_refuse_a_file_without_records_as_training_does(tmp_path
     assert main(args) == 2
     captured = capsys.readouterr()
     assert (captured.out, captured.err) == ("", f"dpo-data: error: {empty}: no records\n")
+
+
+def test_other_key_names_are_read_by_training_and_check_alike(tmp_path, capsys):
+    """data.prompt_key/chosen_key/rejected_key (OpenRLHF's --prompt_key...): the fields under those
+    keys; reasons, and training's hint to dpo-data check, name the keys as the file spells them;
+    the tokenization cache keeps other columns apart."""
+    rows = [
+        {"question": "2+2=", "good": "4", "bad": "5", "prompt": "ignored: not the prompt key"},
+        {"question": "3+3=", "good": "6"},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    columns = ("question", "good", "bad")
+    flags = ["--prompt-key", "question", "--chosen-key", "good", "--rejected-key", "bad"]
+    assert main(["check", str(path), *flags]) == 1
+    assert capsys.readouterr().out.splitlines() == [f"{path}:2: missing key 'bad'", "1 good, 1 bad"]
+    tokenizer = AutoTokenizer.from_pretrained(bundled_tokenizer_path(), local_files_only=True)
+    cache = tmp_path / "cache"
+    dataset = load_tokenized(path, tokenizer, 64, on_invalid="skip", cache_dir=cache, columns=columns)
+    assert len(dataset) == 1 and tokenizer.decode(dataset[0].prompt_ids, skip_special_tokens=True) == "2+2="
+    with pytest.raises(DataError) as info:
+        load_tokenized(path, tokenizer, 64, cache_dir=cache, columns=columns)
+    assert str(info.value).endswith(f"(run `dpo-data check {path} --prompt-key question --chosen-key good --rejected-key bad` to list all)")
+    with pytest.raises(DataError, match="2 invalid records"):  # the default keys: another cache entry, both records bad
+        load_tokenized(path, tokenizer, 64, cache_dir=cache)
+    assert main(["check", str(path), "--chosen-key", "question", "--prompt-key", "question"]) == 2
+    assert "must be distinct names" in capsys.readouterr().err
+    with pytest.raises(Exception, match=r"data.prompt_key: the three data.\*_key must be distinct"):
+        DataConfig(prompt_key="x", chosen_key="x")

@@ -954,3 +954,19 @@ def test_shard_rows_keep_each_pairs_values_when_packing_reorders_pairs(setup):
         "chosen_tokens": [0, 10, 20],
         "rejected_tokens": [1, 11, 21],
     }
+
+
+def test_other_record_keys_are_other_data(setup):
+    """data.prompt_key & co. read other fields of the same file: another cache; the default keys keep
+    the file's own data fingerprint."""
+    cfg = DPOConfig(
+        model=ModelConfig(path=str(setup.model_dir)),
+        data=DataConfig(train_path=str(setup.data_path), max_length=MAX_LENGTH, chosen_key="rejected", rejected_key="chosen"),
+        train=TrainConfig(micro_batch_tokens=512),
+    )
+    swapped = ref.fingerprints_from_config(cfg, setup.tokenizer, setup.data_path, dtype="fp32")
+    from dpo_dist.data import data_fingerprint
+
+    assert run_fingerprints(setup)["data"] == data_fingerprint(setup.data_path)
+    assert swapped["data"] != data_fingerprint(setup.data_path)
+    assert {k: v for k, v in swapped.items() if k != "data"} == {k: v for k, v in run_fingerprints(setup).items() if k != "data"}
