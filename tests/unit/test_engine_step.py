@@ -154,7 +154,7 @@ def _aot_rank(rank: int, world: int, init_file: str, name: str, per_rank: list, 
     try:
         weights = [w for w, _ in per_rank[rank]]
         logps = [tuple(torch.tensor(v) for v in values) for _, values in per_rank[rank]]
-        out[rank] = [{k: v.tolist() for k, v in d.items()} for d in E.aot_statistics(name, weights, logps, capacity=3)]
+        out[rank] = [{k: v.tolist() for k, v in d.items()} for d in E.aot_statistics(name, weights, logps, capacity=4)]
     finally:
         dist.destroy_process_group()
 
@@ -163,7 +163,9 @@ def _aot_rank(rank: int, world: int, init_file: str, name: str, per_rank: list, 
 def test_aot_statistics_across_ranks_equal_one_sort(tmp_path, name):
     """Three gloo ranks: rank 0 with a filler between two real micro-batches, rank 1 with one, rank 2
     with only a filler (fewer pairs than ranks would do that). Every real micro-batch gets the
-    partners of one sort over all six pairs; fillers get none, and nobody hangs."""
+    partners of one sort over all six pairs; fillers get none, and nobody hangs. The capacity (4)
+    exceeds every rank's 3 pairs, as when a step's pairs do not divide evenly by the ranks: each
+    rank's partners start at its own padded slot, rank x capacity."""
     import torch.multiprocessing as mp
 
     from dpo_dist.losses import aot_sort_keys, aot_targets_for
@@ -442,3 +444,194 @@ def test_a_loss_with_an_nll_term_reports_both_terms():
     assert math.isclose(mixed["nll_loss"], expected_nll, rel_tol=1e-5)
     assert math.isclose(mixed["pref_loss"], plain["loss"], rel_tol=1e-5)
     assert math.isclose(mixed["loss"], plain["loss"] + 0.5 * expected_nll, rel_tol=1e-5)
+
+
+def test_step_sums_count_each_real_pair_once_and_scale_each_ranks_gradient():
+    """Every metric sum of a step (engine._SUMS) against its 4 pairs scored as one batch, with a
+    filler micro-batch (weight 0) that must add nothing, neither to the sums nor to the gradient.
+    Each micro-batch's backward gets its summed losses times world / denominator (DeepSpeed
+    averages gradients over the ranks), and only the last one ends the accumulation. Against the
+    policy itself every reward is 0: a tie is not a correct pair."""
+    from dpo_dist.data import collate_packed
+    from dpo_dist.logprobs import split_pairs
+    from dpo_dist.losses import preference_loss
+
+    calls: list[str] = []
+    ctx = context("sigmoid", calls)
+    ctx.world = 2
+    backward, boundaries = [], []
+    engine_backward = ctx.engine.backward
+    ctx.engine.backward = lambda loss: (backward.append(loss.item()), engine_backward(loss))
+    ctx.engine.set_gradient_accumulation_boundary = boundaries.append
+    data = pairs(4)
+    plans = [E.MicroBatchPlan([0, 1]), E.MicroBatchPlan([2, 3]), E.MicroBatchPlan([1], weight=0.0)]
+    same = dict(zip(E._SUMS, E.train_step(ctx, data, plans, denominator=4.0).tolist()))
+    assert same["correct"] == 0 and same["margin"] == 0 and same["loss"] == pytest.approx(4 * math.log(2), rel=1e-6)
+    assert boundaries == [False, False, True]
+
+    backward.clear()
+    reference_policy = other_reference(ctx, calls)
+    got = dict(zip(E._SUMS, E.train_step(ctx, data, plans, denominator=4.0).tolist()))
+    batch = collate_packed(data)
+    with torch.no_grad():
+        policy = split_pairs(ctx.engine.module(*batch.split()[0], **batch.split()[1])[0])
+        ref = split_pairs(reference_policy(*batch.split()[0], **batch.split()[1])[0])
+    losses, chosen, rejected = preference_loss("sigmoid", *policy, *ref, beta=0.1)
+    want = {
+        "loss": losses.sum(),
+        "correct": (chosen > rejected).sum(),
+        "margin": (chosen - rejected).sum(),
+        "chosen_reward": chosen.sum(),
+        "rejected_reward": rejected.sum(),
+        "chosen_logp": policy[0].sum(),
+        "rejected_logp": policy[1].sum(),
+        "scored_tokens": sum(len(p.chosen_ids) + len(p.rejected_ids) for p in data),
+        "nll": 0.0,  # loss.alpha = 0: no NLL term
+        "pairs": 4,
+        "tokens": batch.num_tokens,
+        "stop": 0,
+    }
+    for key in E._SUMS:
+        if key != "grad_norm":  # test_the_step_reports_the_global_gradient_norm_before_clipping
+            assert got[key] == pytest.approx(float(want[key]), rel=1e-5, abs=1e-6), key
+    assert 0 < got["correct"] < 4 and got["chosen_logp"] != pytest.approx(got["rejected_logp"], rel=1e-3)
+    assert backward == pytest.approx([(losses[:2].sum() * 2 / 4).item(), (losses[2:].sum() * 2 / 4).item(), 0.0], rel=1e-5)
+
+
+def test_summaries_are_per_real_pair_and_sft_per_scored_token():
+    totals = dict.fromkeys(E._SUMS, 0.0) | {
+        "loss": 6.0, "correct": 3.0, "margin": 1.5, "chosen_reward": 0.9, "rejected_reward": -0.6,
+        "chosen_logp": -120.0, "rejected_logp": -150.0, "scored_tokens": 500.0, "pairs": 4.0, "tokens": 801.0,
+    }
+    dpo, sft = config_from_dict({}), config_from_dict({"stage": "sft"})
+    assert E.summarize(totals, dpo) == pytest.approx(
+        {
+            "loss": 1.5,
+            "reward_accuracy": 0.75,
+            "reward_margin": 0.375,
+            "chosen_reward": 0.225,
+            "rejected_reward": -0.15,
+            "chosen_logp": -30.0,
+            "rejected_logp": -37.5,
+            "tokens": 801,
+        }
+    )
+    assert E.summarize(totals, sft) == pytest.approx({"loss": 6.0 / 500, "tokens": 801})
+    nothing = dict.fromkeys(E._SUMS, 0.0)  # a rank or an eval set without pairs: zeros, not nan
+    assert E.summarize(nothing, dpo)["loss"] == 0.0 and E.summarize(nothing, sft)["loss"] == 0.0
+
+
+def test_loss_denominator_is_the_steps_pairs_or_for_sft_its_chosen_tokens():
+    class Dataset:  # what loss_denominator reads of a TokenizedDataset: scored (chosen, rejected) tokens
+        def scored_tokens(self):
+            return np.array([[3, 9], [5, 1], [7, 2]])
+
+    positions = np.array([0, 2, 2])  # a position twice: a later epoch's pass over a small set
+    assert E.loss_denominator(config_from_dict({}), Dataset(), positions) == 3.0
+    assert E.loss_denominator(config_from_dict({"stage": "sft"}), Dataset(), positions) == 17.0
+
+
+def test_weighted_terms_log_the_rewards_of_loss_name():
+    """loss.weights mixing a reference-free term (cpo, loss.name) with one that has a reference:
+    the loss is the weighted sum, the logged rewards are cpo's (beta * policy), not the first term's."""
+    from dpo_dist.losses import preference_loss
+
+    cfg = config_from_dict({"loss": {"name": "cpo", "weights": {"sigmoid": 1.0, "cpo": 0.5}}})
+    generator = torch.Generator().manual_seed(0)
+    logps = tuple(-20 * torch.rand(5, generator=generator) for _ in range(4))
+    total, chosen, rejected = E.weighted_preference_loss(cfg, logps, {})
+    sigmoid, cpo = (preference_loss(name, *logps, beta=0.1)[0] for name in ("sigmoid", "cpo"))
+    torch.testing.assert_close(total, sigmoid + 0.5 * cpo)
+    torch.testing.assert_close(chosen, 0.1 * logps[0])
+    torch.testing.assert_close(rejected, 0.1 * logps[1])
+
+
+class EvalSet(list):
+    """Tokenized pairs with what evaluate reads of a TokenizedDataset besides them: packed lengths."""
+
+    def lengths(self) -> np.ndarray:
+        return np.array([pair.num_tokens for pair in self])
+
+
+class StoreReference:
+    """A precomputed reference: summed (chosen, rejected) log-probs by example id, one table per split."""
+
+    def __init__(self, train: torch.Tensor, eval: torch.Tensor):
+        self.train, self.eval = train, eval
+
+    def logps(self, batch):
+        return self.train[batch.example_ids].unbind(1)
+
+    def eval_logps(self, batch):
+        return self.eval[batch.example_ids].unbind(1)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "kto_pair"])
+def test_evaluate_reads_the_eval_reference_and_counts_no_filler(loss):
+    """5 eval pairs that fit one per micro-batch on 2 ranks: rank 0 gets pairs 0, 2 and 4, rank 1
+    pairs 1 and 3 and a filler (a weight-0 repeat of pair 1, to match rank 0's 3 micro-batches).
+    Each rank's metrics (a single process: no all-reduce) are those of its real pairs against the
+    eval split's reference (kto_pair's KL baselines too), the filler not counted."""
+    from dpo_dist import distributed as D
+    from dpo_dist.data import collate_packed
+    from dpo_dist.logprobs import split_pairs
+    from dpo_dist.losses import preference_loss
+
+    settings = {"model": {"attn_backend": "sdpa"}, "data": {"max_length": 16}, "train": {"micro_batch_tokens": 32}}
+    cfg = config_from_dict({"loss": {"name": loss}, **settings})
+    torch.manual_seed(0)
+    model = tiny_llama()
+    enable_packed_attention(model, "sdpa")
+    policy = E.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=32)
+    # Different (positive) log-ratios against the two splits: which one is read shows.
+    offsets = torch.arange(10, dtype=torch.float32).reshape(5, 2)
+    reference = StoreReference(train=-30.0 - offsets, eval=-40.0 - 2 * offsets)
+    ctx = E.StepContext(RecordingEngine(policy, "policy", []), reference, cfg, torch.device("cpu"), world=2)
+    data = EvalSet(pairs(5))
+    assert [p.weight for p in E.plan_micro_batches(np.arange(5), data.lengths(), 1, 2, 32)] == [1.0, 1.0, 0.0]
+    for rank, mine in ((0, [0, 2, 4]), (1, [1, 3])):
+        env = D.DistEnv(rank=rank, local_rank=rank, world_size=2, master_addr="localhost", master_port=0, slurm_job_id=None)
+        got = E.evaluate(ctx, data, env)
+        batch = collate_packed([data[i] for i in mine])
+        with torch.no_grad():
+            logps = split_pairs(policy(*batch.split()[0], **batch.split()[1])[0])
+        losses, chosen, rejected = preference_loss(loss, *logps, *reference.eval[mine].unbind(1), beta=0.1)
+        want = {
+            "eval/loss": losses.mean(),
+            "eval/reward_accuracy": (chosen > rejected).float().mean(),
+            "eval/reward_margin": (chosen - rejected).mean(),
+            "eval/chosen_reward": chosen.mean(),
+            "eval/rejected_reward": rejected.mean(),
+            "eval/chosen_logp": logps[0].mean(),
+            "eval/rejected_logp": logps[1].mean(),
+        }
+        assert got == pytest.approx({key: value.item() for key, value in want.items()}, rel=1e-5), rank
+
+
+def test_sft_step_sums_the_chosen_responses_nll_per_token():
+    """stage=sft packs the chosen responses alone: the step's loss sum is their summed NLL, its
+    scored tokens theirs, each backward its micro-batch's NLL over the step's chosen tokens
+    (loss_denominator), and the summary the NLL per token."""
+    from dpo_dist.data import collate_packed
+    from dpo_dist.logprobs import sequence_logps
+
+    cfg = config_from_dict({"stage": "sft", "model": {"attn_backend": "sdpa"}})
+    torch.manual_seed(0)
+    model = tiny_llama()
+    enable_packed_attention(model, "sdpa")
+    engine = RecordingEngine(E.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64), "policy", [])
+    backward = []
+    engine_backward = engine.backward
+    engine.backward = lambda loss: (backward.append(loss.item()), engine_backward(loss))
+    ctx = E.StepContext(engine, None, cfg, torch.device("cpu"), world=1)
+    data = pairs(4)
+    tokens = float(sum(len(p.chosen_ids) for p in data))
+    sums = E.train_step(ctx, data, [E.MicroBatchPlan([0, 1]), E.MicroBatchPlan([2, 3])], denominator=tokens)
+    got = dict(zip(E._SUMS, sums.tolist()))
+    batch = collate_packed(data, chosen_only=True)
+    with torch.no_grad():
+        nll = -sequence_logps(model, batch, chunk_tokens=64).sum_logps
+    assert got["loss"] == pytest.approx(nll.sum().item(), rel=1e-5)
+    assert (got["scored_tokens"], got["pairs"], got["tokens"]) == (tokens, 4, batch.num_tokens)
+    assert backward == pytest.approx([nll[:2].sum().item() / tokens, nll[2:].sum().item() / tokens], rel=1e-5)
+    assert E.summarize(got, ctx.cfg)["loss"] == pytest.approx(nll.sum().item() / tokens, rel=1e-5)

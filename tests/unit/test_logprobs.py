@@ -89,6 +89,20 @@ def test_mean_normalization_divides_by_response_tokens():
     torch.testing.assert_close(mean.logps, summed.logps / summed.token_counts)
 
 
+def test_mean_of_a_response_with_no_scored_token_is_zero_not_nan():
+    """An empty prompt's one-token response is scored nowhere (no position predicts a sequence's
+    first token): its per-token mean is 0, not 0 / 0, and the row's other means are unchanged."""
+    _, packed_model = stock_and_packed(tiny_llama())
+    sequences = random_sequences([7, 1])
+    ids, labels = sequences[1]
+    labels[0] = ids[0]
+    with torch.no_grad():
+        summed = sequence_logps(packed_model, packed_batch(sequences))
+        mean = sequence_logps(packed_model, packed_batch(sequences), normalize="mean")
+    assert mean.token_counts.tolist() == [5, 0] and mean.logps[1] == 0
+    torch.testing.assert_close(mean.logps[0], summed.logps[0] / 5)
+
+
 def test_padded_path_agrees_and_refuses_packed_models():
     stock, packed_model = stock_and_packed(tiny_llama())
     sequences = random_sequences(LENGTHS)

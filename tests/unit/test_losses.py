@@ -15,8 +15,10 @@ from dpo_dist.losses import (
     MEAN_LOGP_LOSSES,
     PAIR_INPUTS,
     REFERENCE_FREE_LOSSES,
+    f_divergence_score,
     preference_loss,
     sft_nll,
+    wpo_pair_weights,
 )
 from tests.unit.tiny_models import packed_batch, random_sequences, tiny_llama
 
@@ -418,6 +420,21 @@ def test_kto_pair_takes_kl_baselines_from_a_larger_batch():
     assert LOSS_OPTIONS["kto_pair"] == {} and BATCH_STATISTICS["kto_pair"] == ("kl_baselines",)
 
 
+def test_kto_pair_baselines_and_wpo_weights_pass_no_gradient():
+    """kto_pair's KL reference points are detached (the paper; TRL's KTOTrainer), also when the
+    caller's baselines carry a graph; WPO's weights are detached too: they scale a pair's
+    gradient, they are not optimised."""
+    pc, pr, rc, rr = random_logps(4, pairs=6)
+    baselines = torch.stack([(pc - rc).mean(), (pr - rr).mean()])
+    with_graph = preference_loss("kto_pair", pc, pr, rc, rr, beta=0.3, kl_baselines=baselines)[0]
+    detached = preference_loss("kto_pair", pc, pr, rc, rr, beta=0.3, kl_baselines=baselines.detach())[0]
+    for got, want in zip(torch.autograd.grad(with_graph.sum(), (pc, pr)), torch.autograd.grad(detached.sum(), (pc, pr))):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    weights = wpo_pair_weights(pc / 10, pr / 10)
+    assert not weights.requires_grad
+    torch.testing.assert_close(weights, torch.exp((pc + pr).detach() / 10))
+
+
 def _f_divergence_inputs():
     torch.manual_seed(3)
     return [torch.randn(16, dtype=torch.float64) * 2 for _ in range(4)]
@@ -444,6 +461,8 @@ def test_f_divergence_scores_are_the_papers_f_prime(name):
         if name == "rpo":
             want = want - sft_nll(f_prime(u_c), CHOSEN_TOKENS) + sft_nll(pc, CHOSEN_TOKENS)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        # The score itself, not only its margin (where a constant offset would cancel).
+        torch.testing.assert_close(f_divergence_score(pc - rc, divergence, 0.3), f_prime(u_c), rtol=1e-12, atol=1e-12)
 
 
 def test_alpha_divergence_lies_between_reverse_and_forward_kl():
@@ -485,8 +504,6 @@ def test_f_divergence_only_for_margin_losses():
 def test_alpha_divergence_score_is_accurate_in_float32_for_small_alpha(alpha):
     """(1 - u^-alpha) / alpha cancels in float32 when alpha * log u is tiny (1 - exp(-1e-9) == 0):
     the score of a log-ratio of 1e-3 at alpha 1e-6 would be 0 instead of ~1e-3."""
-    from dpo_dist.losses import f_divergence_score
-
     log_ratio = torch.tensor([1e-3, -0.5, 2.0, -30.0])
     got = f_divergence_score(log_ratio, "alpha_divergence", alpha)
     want = f_divergence_score(log_ratio.double(), "alpha_divergence", alpha)
