@@ -144,6 +144,10 @@ class DataConfig:
     """keep_end_of_prompt | keep_start | drop (see dpo_dist.data.tokenize)."""
     on_invalid: str = "error"
     """error: stop before any model work on a bad record | skip: drop bad records and log the count."""
+    chat_template: str | None = None
+    """A Jinja chat template, or the path of a file holding one, used instead of the tokenizer's
+    own (OpenRLHF's ``--tokenizer_chat_template``): chat data on a base model whose tokenizer has
+    none, or another format. Part of the tokenizer's fingerprint; saved with the exported model."""
     prompt_key: str = "prompt"
     """The record key that holds the prompt (OpenRLHF's ``--prompt_key``)."""
     chosen_key: str = "chosen"

@@ -44,6 +44,7 @@ from dpo_dist.attention import auto_skipped, enable_packed_attention, resolve_at
 from dpo_dist.config import ConfigError, DeepSpeedConfig, DPOConfig, LoraConfig
 from dpo_dist.data import collate_packed, load_tokenized, pack_pairs
 from dpo_dist.data.batch import PackedBatch
+from dpo_dist.data.tokenize import use_chat_template
 from dpo_dist.export import merged_lora_weight, write_atomically, zero3_loading_paused
 from dpo_dist.logprobs import SequenceLogps, normalized_logps, sequence_logps, split_pairs
 from dpo_dist.losses import (
@@ -1418,7 +1419,7 @@ def setup_job(cfg: DPOConfig) -> JobSetup:
     env = D.detect_env()
     D.init_distributed(env, cfg.deepspeed.comm_timeout_minutes)
     device = D.device_for(env)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
+    tokenizer = use_chat_template(AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path()), cfg.data.chat_template)
     train_data, eval_data = load_splits(cfg, tokenizer)
     dtype = training_dtype(cfg, device)
     backend = resolve_attn_backend(cfg.model.attn_backend, device, dtype)

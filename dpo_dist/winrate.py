@@ -43,6 +43,7 @@ from typing import Any
 
 from dpo_dist import distributed as D
 from dpo_dist.config import DPOConfig
+from dpo_dist.data.tokenize import use_chat_template
 from dpo_dist.evaluation import rank_config as evaluation_rank_config
 from dpo_dist.generation import (
     Completion,
@@ -163,6 +164,7 @@ def generation_fingerprint(cfg: DPOConfig, policy_dir: str, items: Sequence[Prom
         "reference": model_identity(cfg.reference_model_path(), cfg.model.tokenizer_path),
         "prompts": json_sha256([[item.example_id, item.prompt] for item in items]),
         **generation_settings(cfg),
+        **({"chat_template": cfg.data.chat_template} if cfg.data.chat_template else {}),
         "dtype": cfg.model.dtype,
         "device": device.type,
     }
@@ -220,6 +222,7 @@ def generate_with(model_dir: str, items: Sequence[PromptItem], cfg: DPOConfig, d
         return []
     log.info("generating %d answers with %s", len(items), model_dir)
     model, tokenizer = load_causal_lm(model_dir, device, cfg.model.dtype, tokenizer_path=tokenizer_path)
+    use_chat_template(tokenizer, cfg.data.chat_template)  # as training rendered the prompts
     completions = generate_texts(model, tokenizer, prompts, sampling_params(cfg), **options)
     del model
     if device.type == "cuda":
@@ -233,7 +236,7 @@ def _generate_sharded(model_dir, prompts, cfg: DPOConfig, device, env: D.DistEnv
     calls as the rank with the most prompts (``synced_batches``), each with ``synced_gpus``."""
     from dpo_dist.engine import build_generation_engine, free_memory, release_engine
 
-    tokenizer = load_tokenizer(model_dir, tokenizer_path)
+    tokenizer = use_chat_template(load_tokenizer(model_dir, tokenizer_path), cfg.data.chat_template)
     engine = build_generation_engine(cfg, model_dir, device)
     params = list(engine.module.parameters())
     held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)

@@ -46,6 +46,7 @@ import numpy as np
 from dpo_dist.config import DataConfig
 from dpo_dist.data import DataError, ReadResult, bundled_tokenizer_path, encode_records, read_preferences
 from dpo_dist.data.records import FIELDS
+from dpo_dist.data.tokenize import use_chat_template
 from launch.common import ArgumentParser
 
 EXIT_OK, EXIT_BAD_DATA, EXIT_USAGE = 0, 1, 2
@@ -103,6 +104,10 @@ def _tokenizer_argument(parser: argparse.ArgumentParser) -> None:
         help="the run's tokenizer: its model.tokenizer_path, or model.path when unset "
         "(default: the bundled one, as the default model.path)",
     )
+    parser.add_argument(
+        "--chat-template", metavar="JINJA_OR_FILE", default=None,
+        help="the run's data.chat_template, used instead of the tokenizer's own",
+    )
 
 
 def _columns_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,7 +136,7 @@ def _max_length_argument(parser: argparse.ArgumentParser, help: str) -> None:
 
 def run_check(args: argparse.Namespace) -> int:
     # Before any output: a --tokenizer that cannot be loaded is a usage error, not a bad file.
-    tokenizer = _load_tokenizer(args.tokenizer or bundled_tokenizer_path())
+    tokenizer = _load_tokenizer(args.tokenizer or bundled_tokenizer_path(), args.chat_template)
     good = bad = 0
     read = unreadable = empty = False
     for path in args.paths:
@@ -193,7 +198,7 @@ def _stats_arguments(parser: argparse.ArgumentParser) -> None:
 def run_stats(args: argparse.Namespace) -> int:
     if args.max_length < 1:
         raise UsageError(f"--max-length must be positive, got {args.max_length}")
-    tokenizer = _load_tokenizer(args.tokenizer or bundled_tokenizer_path())
+    tokenizer = _load_tokenizer(args.tokenizer or bundled_tokenizer_path(), args.chat_template)
     result = _read_records(args.path, _columns(args))
     unencodable: list = []  # chat records the template cannot render, responses that encode identically
     pairs = encode_records(result.records, tokenizer, source=result.path, problems=unencodable)
@@ -220,7 +225,8 @@ def run_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _load_tokenizer(directory: str):
+def _load_tokenizer(directory: str, chat_template: str | None = None):
+    """The tokenizer in ``directory``, with ``--chat-template`` (``data.chat_template``) if given."""
     # A name that is not a local folder would make transformers try the Hub; never download here.
     if not os.path.isdir(directory):
         raise UsageError(f"--tokenizer {directory}: not a directory")
@@ -233,7 +239,10 @@ def _load_tokenizer(directory: str):
         raise UsageError(f"--tokenizer {directory}: cannot load a tokenizer: {one_line}") from None
     if tokenizer.eos_token_id is None:  # training refuses it too (encode_records), for every file
         raise UsageError(f"--tokenizer {directory}: the tokenizer has no EOS token; responses must end with one")
-    return tokenizer
+    try:
+        return use_chat_template(tokenizer, chat_template)
+    except DataError as e:
+        raise UsageError(str(e).replace("data.chat_template=", "--chat-template ", 1)) from None
 
 
 # ---- shards --------------------------------------------------------------------------------------
@@ -299,7 +308,7 @@ def run_audit(args: argparse.Namespace) -> int:
     # Before the work: a bad --out found only when writing would waste the whole audit.
     _make_dir("--out", Path(args.out))
     tokenizer_dir = args.tokenizer or bundled_tokenizer_path()
-    tokenizer = _load_tokenizer(tokenizer_dir)
+    tokenizer = _load_tokenizer(tokenizer_dir, args.chat_template)
     result = audit(args.path, tokenizer, eval_path=args.eval, max_length=args.max_length, columns=_columns(args))
     for line in result.summary_lines():
         print(line)

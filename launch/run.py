@@ -91,6 +91,14 @@ def check_paths(cfg) -> None:
             raise UserError(f"{key}={path}: no model/tokenizer there (no such directory; models are read from local directories, nothing is downloaded)")
     if cfg.stage == "dpo" and cfg.reference.model_path:
         check_reference_model(cfg)
+    if cfg.data.chat_template:
+        from dpo_dist.data import DataError
+        from dpo_dist.data.tokenize import chat_template_text
+
+        try:
+            chat_template_text(cfg.data.chat_template)
+        except DataError as exc:
+            raise UserError(str(exc)) from None
     if cfg.stage == "sft" or cfg.reference.mode != "precompute" or not cfg.loss.uses_reference():
         return
     cache = Path(cfg.reference.cache_dir).expanduser() if cfg.reference.cache_dir else cache_root() / "reference"

@@ -353,3 +353,26 @@ def _apply_template(tokenizer, messages: Messages, add_generation_prompt: bool, 
 def as_messages(value: Text, role: str) -> Messages:
     """``value`` as chat messages: a messages list as is, a string as one ``role`` message."""
     return value if isinstance(value, list) else [{"role": role, "content": value}]
+
+
+def chat_template_text(setting: str) -> str:
+    """``data.chat_template``'s template: the Jinja text itself, or the contents of the file it
+    names; a name of no file that holds no Jinja tag either is a ``DataError``."""
+    from pathlib import Path
+
+    if "{{" in setting or "{%" in setting:
+        return setting
+    path = Path(setting).expanduser()
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise DataError(f"data.chat_template={setting}: neither a Jinja template nor a readable file ({e.strerror or e})") from None
+
+
+def use_chat_template(tokenizer, setting: str | None):
+    """``tokenizer`` with the run's ``data.chat_template`` (None: its own template), as every
+    tokenizer of a run is used: training, the reference pass, evaluation and generation; the
+    tokenizer saved with the exported model carries it. Returns ``tokenizer``."""
+    if setting:
+        tokenizer.chat_template = chat_template_text(setting)
+    return tokenizer

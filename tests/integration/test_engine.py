@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import os
 import signal
@@ -537,3 +538,31 @@ def test_train_epochs_sets_the_steps_from_the_data_and_can_grow(assets, tmp_path
     assert json.loads((out / "run_info.json").read_text())["resumed_from_step"] == 2
     report = run_cli("launch.report", str(out))
     assert report.returncode == 0 and "3/3" in report.stdout, report.stdout + report.stderr[-2000:]
+
+
+def test_a_run_chat_template_trains_chat_data_on_a_base_tokenizer_and_is_exported(assets, tmp_path):
+    """data.chat_template: chat records on a model whose tokenizer has no template (SFT then DPO on
+    a base model) train, and final/ carries the template, so generation and serving render alike."""
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(assets["model"], base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    chat = tmp_path / "chat.jsonl"
+    with open(chat, "w") as f:
+        for a in range(32):
+            row = {"prompt": [{"role": "user", "content": f"{a}+1="}], "chosen": str(a + 1), "rejected": str(a + 2)}
+            f.write(json.dumps(row) + "\n")
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    settings = {"model.path": base, "data.train_path": chat, "data.eval_path": "null", "train.max_steps": 1}
+    refused = run_cli("launch.train", *overrides(assets, tmp_path / "none", **settings))
+    assert refused.returncode == 2 and "chat messages need a tokenizer with a chat template" in refused.stderr.strip().splitlines()[-1]
+    out = tmp_path / "run"
+    result = run_cli("launch.train", *overrides(assets, out, **settings, **{"data.chat_template": template}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = AutoTokenizer.from_pretrained(out / "final", local_files_only=True)
+    assert exported.chat_template == template.read_text()

@@ -450,3 +450,27 @@ def test_tools_and_message_keys_reach_the_chat_template(tmp_path):
     assert tok.decode(pair.prompt_ids) == "<s>[tools add,mul]<|user|>2+2?</s><|assistant|>"
     assert tok.decode(pair.chosen_ids) == "(call add)</s>"
     assert tok.decode(pair.rejected_ids) == "(think guess)5</s>"
+
+
+def test_a_run_chat_template_replaces_the_tokenizers_own(tmp_path):
+    """data.chat_template (inline Jinja or a file): chat data on a tokenizer without a template, or
+    another format; it is part of the tokenizer's fingerprint, so caches do not mix formats."""
+    from dpo_dist.data import DataError, tokenizer_fingerprint
+    from dpo_dist.data.tokenize import use_chat_template
+
+    template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+    (tmp_path / "t.jinja").write_text(template)
+    chat = record([{"role": "user", "content": "Hi"}], "Yo", "No")
+    tok = load_tokenizer()
+    tok.chat_template = None
+    with pytest.raises(DataError, match="chat messages need a tokenizer with a chat template"):
+        tokenize_records([chat], tok, max_length=256)
+    before = tokenizer_fingerprint(tok)
+    for setting in (template, str(tmp_path / "t.jinja")):
+        tok = use_chat_template(load_tokenizer(), setting)
+        (pair,), _ = tokenize_records([chat], tok, max_length=256)
+        assert tok.decode(pair.prompt_ids) == "<s>[user]Hi</s>[assistant]" and tok.decode(pair.chosen_ids) == "Yo</s>"
+    assert tokenizer_fingerprint(tok) not in (before, tokenizer_fingerprint(load_tokenizer()))
+    assert use_chat_template(load_tokenizer(), None).chat_template == load_tokenizer().chat_template
+    with pytest.raises(DataError, match=r"data.chat_template=nope.jinja: neither a Jinja template nor a readable file"):
+        use_chat_template(load_tokenizer(), "nope.jinja")
