@@ -257,14 +257,17 @@ def parse_record(raw: Any, columns: Sequence[str] = FIELDS) -> tuple[Text, Text,
     ``columns``: the keys of those three fields in ``raw``."""
     if not isinstance(raw, dict):
         return "record is not a JSON object"
-    if tuple(columns) != FIELDS:
-        parsed = parse_record({**{k: v for k, v in raw.items() if k not in FIELDS}, **{f: raw[c] for f, c in zip(FIELDS, columns) if c in raw}})
+    if tuple(columns) != FIELDS:  # the fields under the file's own keys, named so in reasons
+        renamed = {key: value for key, value in raw.items() if key not in FIELDS}
+        renamed.update({name: raw[key] for name, key in zip(FIELDS, columns) if key in raw})
+        parsed = parse_record(renamed)
         return _as_spelled(parsed, columns) if isinstance(parsed, str) else parsed
     for name in FIELDS if "prompt" in raw else FIELDS[1:]:
         reason = _validate_field(raw, name)
         if reason:
             return reason
-    split = split_prompt(raw.get("prompt"), _normalise(raw["chosen"]), _normalise(raw["rejected"]))
+    prompt = _normalise(raw["prompt"]) if "prompt" in raw else None
+    split = split_prompt(prompt, _normalise(raw["chosen"]), _normalise(raw["rejected"]))
     if isinstance(split, str):
         return split
     if _as_response(split[1]) == _as_response(split[2]):
@@ -289,8 +292,8 @@ def split_prompt(prompt: Text | None, chosen: Text, rejected: Text) -> tuple[Tex
         if isinstance(prompt, list):
             n = len(prompt)
             if chosen[:n] == prompt and rejected[:n] == prompt and len(chosen) > n and len(rejected) > n:
-                return _normalise(prompt), chosen[n:], rejected[n:]
-            return _normalise(prompt), chosen, rejected
+                return prompt, chosen[n:], rejected[n:]
+            return prompt, chosen, rejected
         if prompt is not None and chosen[0]["role"] == "assistant":
             return prompt, chosen, rejected  # a text prompt followed by assistant turns
     elif prompt is not None:

@@ -359,3 +359,11 @@ def test_a_glob_pattern_reads_its_files_in_order_as_one_dataset(tmp_path):
     assert data_fingerprint(pattern) != before
     with pytest.raises(DataError, match=r"valid-\*.jsonl: no files match this pattern"):
         read_preferences(str(shards / "valid-*.jsonl"))
+
+
+def test_a_messages_prompt_before_text_responses_drops_the_nulls_of_columnar_formats(tmp_path):
+    rows = [{"prompt": [{**USER, "tool_calls": None}], "chosen": "4", "rejected": "5"}]
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    (rec,) = load_preferences(path)
+    assert rec.prompt == [USER]
