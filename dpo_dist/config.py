@@ -840,8 +840,8 @@ class SFTFirstConfig:
 
     max_steps: int = 0
     """SFT optimizer steps before DPO (on the chosen responses of data.train_path); 0: no SFT stage."""
-    lr: float | None = None
-    """SFT learning rate; defaults to optim.lr."""
+    lr: float | None = 2e-5
+    """SFT learning rate (TRL's SFT default; conf/model/tiny.yaml sets 1e-3); null: optim.lr."""
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 0, "sft_first.max_steps", "must be >= 0")
