@@ -27,6 +27,7 @@ import math
 import random
 import re
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -482,10 +483,14 @@ def check_lora_targets(cfg: DPOConfig) -> None:
         )
 
 
-def build_engine(cfg: DPOConfig, device: torch.device, backend: str):
+def build_engine(cfg: DPOConfig, device: torch.device, backend: str, load_universal: bool = False):
+    """The policy's DeepSpeed engine; ``load_universal``: it will resume from a universal
+    checkpoint (``load_latest_checkpoint`` on another number of ranks than wrote the checkpoint)."""
     import deepspeed
 
     model, dsc = load_for_deepspeed(cfg, cfg.model.path, device, frozen=False, quantize=cfg.model.lora.quantize)
+    if load_universal:
+        dsc = {**dsc, "checkpoint": {"load_universal": True}}
     enable_packed_attention(model, backend, device)
     if cfg.model.disable_dropout and (dropped := disable_dropout(model)):
         log.info("model.disable_dropout: zeroed %d dropout layers of the model", dropped)
@@ -1178,16 +1183,35 @@ def moved_reference_path(cfg: DPOConfig, env: D.DistEnv) -> str | None:
     return D.on_rank0(find)
 
 
-def load_latest_checkpoint(engine, cfg: DPOConfig, env: D.DistEnv) -> int:
-    """Resume from the newest complete checkpoint; returns the number of steps already done."""
-    # Rank 0 decides: on shared storage a rank's directory listing can lag (NFS attribute
-    # caches), and ranks loading partitions of different steps would silently corrupt the model.
-    found = D.broadcast_object(latest_complete_checkpoint(checkpoint_root(cfg)) if env.is_main else None)
+def resume_checkpoint(cfg: DPOConfig, env: D.DistEnv) -> tuple[str, int, bool] | None:
+    """(tag, step, whether its ZeRO partitions were written by another number of ranks) of the
+    newest complete checkpoint, or None. Rank 0 decides: on shared storage a rank's directory
+    listing can lag (NFS attribute caches), and ranks loading partitions of different steps would
+    silently corrupt the model."""
+
+    def find():
+        found = latest_complete_checkpoint(checkpoint_root(cfg))
+        if found is None:
+            return None
+        written = checkpoint_world(checkpoint_root(cfg) / found[0], cfg)
+        return (*found, written is not None and written != env.world_size)
+
+    return D.broadcast_object(find() if env.is_main else None)
+
+
+def load_latest_checkpoint(engine, cfg: DPOConfig, env: D.DistEnv, resume: tuple[str, int, bool] | None = None) -> int:
+    """Resume from the newest complete checkpoint (``resume``: ``resume_checkpoint``'s answer, asked
+    here when not given); returns the number of steps already done. Partitions written by another
+    number of ranks are converted once into a DeepSpeed universal checkpoint and loaded from it
+    (the engine must then be built with ``load_universal``): a run can go on on more or fewer GPUs."""
+    found = resume if resume is not None else resume_checkpoint(cfg, env)
     if found is None:
         return 0
-    tag, step = found
-    check_checkpoint_world(checkpoint_root(cfg) / tag, cfg, env.world_size)
-    engine.load_checkpoint(str(checkpoint_root(cfg)), tag=tag, load_module_strict=not cfg.model.lora.enabled)
+    tag, step, other_world = found
+    root = checkpoint_root(cfg)
+    if other_world:
+        root = universal_checkpoint(root / tag, env)
+    engine.load_checkpoint(str(root), tag=tag, load_module_strict=not cfg.model.lora.enabled)
     rng_file = checkpoint_root(cfg) / tag / f"rng_rank{env.rank:05d}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
@@ -1198,24 +1222,48 @@ def load_latest_checkpoint(engine, cfg: DPOConfig, env: D.DistEnv) -> int:
         log.warning(
             "resume from %s: no %s, so rank %d's Python/NumPy/torch RNG state is not restored and the "
             "resumed run is not exact (random draws such as dropout differ from an uninterrupted run); "
-            "expected when the checkpoint was written by fewer ranks (deepspeed.stage=0), else the file was lost",
+            "expected when the checkpoint was written by fewer ranks, else the file was lost",
             checkpoint_root(cfg) / tag, rng_file.name, env.rank,
         )
     log.info("resumed from %s (step %d)", checkpoint_root(cfg) / tag, step)
     return step
 
 
-def check_checkpoint_world(directory: Path, cfg: DPOConfig, world: int) -> None:
-    """Refuse (``ConfigError``) to resume ZeRO 1-3 partitions on another number of ranks than wrote
-    them (DeepSpeed fails deep inside with a multi-line error); stage 0 checkpoints resume on any."""
+def checkpoint_world(directory: Path, cfg: DPOConfig) -> int | None:
+    """How many ranks wrote the ZeRO 1-3 partitions in ``directory``; None for stage 0, whose
+    single unpartitioned file resumes on any number."""
     if cfg.deepspeed.stage == 0:
-        return
-    written = len(list(directory.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
-    if written and written != world:
-        raise ConfigError(
-            f"{directory} was written by {written} ranks, this run has {world}: resume with {written} ranks "
-            f"(cluster.nproc_per_node, or cluster.nodes x cluster.tasks_per_node), or train into a new output_dir"
-        )
+        return None
+    return len(list(directory.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))) or None
+
+
+UNIVERSAL = "universal"
+"""A checkpoint's DeepSpeed universal form, ``checkpoints/step_N/universal/step_N``."""
+
+
+def universal_checkpoint(directory: Path, env: D.DistEnv) -> Path:
+    """The load directory of ``directory``'s universal checkpoint (DeepSpeed's ``ds_to_universal``:
+    every parameter and optimizer state whole, re-partitioned on load for any number of ranks),
+    made once by rank 0 while the others wait."""
+    out = directory / UNIVERSAL
+
+    def convert() -> None:
+        if (out / "COMPLETE").exists():
+            return
+        log.info("resume from %s on another number of ranks: converting it to a universal checkpoint in %s", directory, out)
+        shutil.rmtree(out, ignore_errors=True)
+        command = [
+            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder", str(directory), "--output_folder", str(out / directory.name),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = " ".join(done.stderr.strip().splitlines()[-1:]) or f"exit status {done.returncode}"
+            raise ConfigError(f"{directory}: cannot convert to a universal checkpoint for another number of ranks ({tail})")
+        (out / "COMPLETE").write_text("universal\n")
+
+    D.rank0_then_wait(convert)
+    return out
 
 
 def _rng_state() -> dict[str, Any]:
@@ -1495,11 +1543,12 @@ def train_locked(cfg: DPOConfig, job: JobSetup) -> dict[str, float]:
     seed_everything(cfg.train.seed)
     wandb_run = init_wandb(cfg, env)  # before any model work: a missing W&B login fails at once
     reference = prepare_reference(cfg, env, device, backend, train_data, eval_data)
-    engine = build_engine(cfg, device, backend)
+    resume = resume_checkpoint(cfg, env)
+    engine = build_engine(cfg, device, backend, load_universal=resume is not None and resume[2])
     if isinstance(reference, OnlineReference):
         reference.attach_policy(engine)
     ctx = StepContext(engine, reference, cfg, device, env.world_size)
-    start = load_latest_checkpoint(engine, cfg, env)
+    start = load_latest_checkpoint(engine, cfg, env, resume)
 
     if env.is_main:
         write_run_info(cfg.output_dir, run_info(cfg, env, device, backend, train_data, eval_data, reference, start))

@@ -566,3 +566,24 @@ def test_a_run_chat_template_trains_chat_data_on_a_base_tokenizer_and_is_exporte
     assert result.returncode == 0, result.stderr[-3000:]
     exported = AutoTokenizer.from_pretrained(out / "final", local_files_only=True)
     assert exported.chat_template == template.read_text()
+
+
+def test_a_checkpoint_resumes_on_another_number_of_ranks(assets, tmp_path):
+    """A run checkpointed by 2 ranks goes on on 1 (resubmitted on fewer GPUs): the ZeRO-3 partitions
+    are converted once to DeepSpeed's universal checkpoint, and the steps after it are the
+    uninterrupted 2-rank run's (world-size invariance; a constant lr, so that the shorter first
+    job's schedule is the same)."""
+    settings = {"train.checkpoint_every": 2, "optim.schedule": "constant", "optim.warmup_steps": 0}
+    full = train_rows(train(assets, tmp_path / "full", **settings, **{"train.max_steps": 4, "cluster.nproc_per_node": 2}))
+    moved = tmp_path / "moved"
+    train(assets, moved, **settings, **{"train.max_steps": 2, "cluster.nproc_per_node": 2})
+    result = run_cli("launch.train", *overrides(assets, moved, **settings, **{"train.max_steps": 4, "cluster.nproc_per_node": 1}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on another number of ranks: converting it to a universal checkpoint" in result.stderr
+    assert (moved / "checkpoints" / "step_00000002" / "universal" / "COMPLETE").exists()
+    rows = train_rows([json.loads(line) for line in (moved / "metrics.jsonl").read_text().splitlines()])
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] == [r["step"] for r in full]
+    for a, b in zip(full[2:], rows[2:]):
+        for key in ("loss", "chosen_reward", "rejected_reward", "grad_norm"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-7), (a["step"], key, a[key], b[key])
+    assert abs(rows[3]["chosen_reward"]) + abs(rows[3]["rejected_reward"]) > 1e-3, rows[3]  # it trained: ratios moved

@@ -42,7 +42,7 @@ def test_a_resume_without_this_ranks_rng_file_warns_that_it_is_not_exact(tmp_pat
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert f"resume from {tag}: no rng_rank00000.pt" in warning
     assert "RNG state is not restored and the resumed run is not exact" in warning
-    assert "written by fewer ranks (deepspeed.stage=0)" in warning
+    assert "expected when the checkpoint was written by fewer ranks" in warning
 
 
 def test_a_resume_with_the_rng_file_restores_it_without_a_warning(tmp_path, caplog):
