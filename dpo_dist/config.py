@@ -141,7 +141,9 @@ class DataConfig:
     max_length: int = 512
     """Longest prompt + response, in tokens; longer pairs follow ``truncation``."""
     truncation: str = "keep_end_of_prompt"
-    """keep_end_of_prompt | keep_start | drop (see dpo_dist.data.tokenize)."""
+    """keep_end_of_prompt (cut the prompt's start, then the responses' ends) | keep_start (cut the
+    responses' ends; a pair whose prompt fills max_length is dropped, as TRL) | drop (see
+    dpo_dist.data.tokenize)."""
     on_invalid: str = "error"
     """error: stop before any model work on a bad record | skip: drop bad records and log the count."""
     chat_template: str | None = None

@@ -46,7 +46,8 @@ without a SentencePiece dummy prefix, no appended EOS in prompts, records whose 
 identically are invalid. 5: a chat response its template ends with a special end-of-turn token
 (Llama 3's <|eot_id|>, Gemma's <end_of_turn>) gets no EOS after it. 6: implicit prompts, taken out
 of the responses that hold them (``records.split_prompt``); messages keep all their keys and a
-record's ``tools`` reach the chat template."""
+record's ``tools`` reach the chat template; ``keep_start`` drops a pair whose prompt fills
+``max_length`` (as TRL)."""
 _ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _PROBE = "Hello world 123.\n"
 """Encoded into the tokenizer fingerprint: catches BOS/EOS behaviour that lives outside the vocab."""

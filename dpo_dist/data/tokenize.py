@@ -33,11 +33,12 @@ each truncated pair counts once in ``TruncationStats.truncated``, each dropped o
   response fits, keeping the BOS (if the prompt starts with it) and at least one other prompt
   token; if still too long, cut each response from its end to the room left (at least 1 token;
   a cut response loses its EOS, as it should: the text did not end there).
-- ``keep_start``: cut the responses from their end first (to at least 1 token), then the prompt
-  from its end: the start of every sequence is kept.
+- ``keep_start``: cut the responses from their end (to at least 1 token): the start of every
+  sequence is kept. A pair whose prompt alone fills ``max_length`` is dropped, as TRL drops it:
+  its responses would follow a prompt cut short, or be cut away.
 - ``drop``: drop the pair.
-``max_length`` must be at least 3 (BOS + one prompt token + one response token), so the first
-two rules always produce a pair that fits.
+``max_length`` must be at least 3 (BOS + one prompt token + one response token), so
+``keep_end_of_prompt`` always produces a pair that fits.
 
 A record whose chosen and rejected texts differ but encode to the same ids (e.g. "2</s>" and "2":
 EOS is appended only when missing) is an invalid record like textually identical ones (``problems``,
@@ -191,9 +192,9 @@ def truncate_pair(
         prompt = _keep_prompt_end(prompt, keep, has_bos)
         room = max_length - len(prompt)
     else:  # keep_start
-        room = max(max_length - len(prompt), 1)
-        longest = min(max(len(chosen), len(rejected)), room)
-        prompt = prompt[: max_length - longest]
+        if len(prompt) >= max_length:
+            return None
+        room = max_length - len(prompt)
     return TokenizedPair(pair.example_id, prompt, chosen[:room], rejected[:room])
 
 

@@ -193,7 +193,8 @@ def test_bad_and_unrenderable_records_are_logged_once_as_one_total(tok, tmp_path
 
 
 def test_pairs_identical_after_truncation_are_dropped_counted_and_logged(tok, tmp_path, caplog):
-    """keep_start at max_length=12 cuts 2144 bundled training pairs to identical responses."""
+    """keep_start at max_length=12 cuts 344 bundled training pairs to identical responses (and drops
+    2415 whose prompt alone fills it)."""
     train = Path(bundled_tokenizer_path()).parent / "data" / "train.jsonl"
     cache = tmp_path / "cache"
     for hit in (False, True):
@@ -201,12 +202,13 @@ def test_pairs_identical_after_truncation_are_dropped_counted_and_logged(tok, tm
         with caplog.at_level(logging.INFO, logger="dpo_dist.data"):
             dataset = load_tokenized(train, tok, 12, truncation="keep_start", cache_dir=cache)
         assert dataset.cache_hit == hit
-        assert (dataset.num_records, len(dataset), dataset.truncation.identical) == (6000, 3856, 2144)
+        assert (dataset.num_records, len(dataset), dataset.truncation.identical) == (6000, 3241, 344)
+        assert dataset.truncation.dropped == 2415
         assert not any(np.array_equal(p.chosen_ids, p.rejected_ids) for p in dataset)
-        assert f"{train}: 2144 pairs dropped: chosen and rejected identical after truncation" in "\n".join(
+        assert f"{train}: 344 pairs dropped: chosen and rejected identical after truncation" in "\n".join(
             caplog.messages
         )
-        assert "2144 dropped as identical after truncation" in next(m for m in caplog.messages if "records read" in m)
+        assert "344 dropped as identical after truncation" in next(m for m in caplog.messages if "records read" in m)
 
 
 def test_sft_keeps_pairs_identical_after_truncation_in_a_cache_of_its_own(tok, tmp_path):
@@ -215,10 +217,10 @@ def test_sft_keeps_pairs_identical_after_truncation_in_a_cache_of_its_own(tok, t
     train = Path(bundled_tokenizer_path()).parent / "data" / "train.jsonl"
     cache = tmp_path / "cache"
     sft = load_tokenized(train, tok, 12, truncation="keep_start", cache_dir=cache, keep_identical=True)
-    assert (len(sft), sft.truncation.identical) == (6000, 0)
-    assert sum(np.array_equal(p.chosen_ids, p.rejected_ids) for p in sft) == 2144
+    assert (len(sft), sft.truncation.identical) == (6000 - 2415, 0)
+    assert sum(np.array_equal(p.chosen_ids, p.rejected_ids) for p in sft) == 344
     dpo = load_tokenized(train, tok, 12, truncation="keep_start", cache_dir=cache)
-    assert (dpo.cache_hit, len(dpo), dpo.truncation.identical) == (False, 3856, 2144)
+    assert (dpo.cache_hit, len(dpo), dpo.truncation.identical) == (False, 3241, 344)
     assert load_tokenized(train, tok, 12, truncation="keep_start", cache_dir=cache, keep_identical=True).cache_hit
 
 

@@ -174,11 +174,15 @@ def test_pair_that_fits_is_returned_unchanged():
         ("keep_end_of_prompt", 6, ([BOS, 13], [20, 21, 22], [30, 31, 32, 33])),
         ("keep_end_of_prompt", 3, ([BOS, 13], [20], [30])),
         ("keep_start", 9, ([BOS, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33])),
-        ("keep_start", 4, ([BOS, 10, 11], [20], [30])),
+        ("keep_start", 6, ([BOS, 10, 11, 12, 13], [20], [30])),
+        ("keep_start", 5, None),  # the prompt alone fills max_length: dropped, as TRL drops it
     ],
 )
 def test_truncation_rules(mode, max_length, expected):
     truncated = truncate_pair(PAIR, max_length, mode, BOS)
+    if expected is None:
+        assert truncated is None
+        return
     assert ids(truncated) == expected
     assert truncated.example_id == 7
 
@@ -205,6 +209,9 @@ def test_truncation_always_fits_and_keeps_the_stated_parts(mode):
         rejected = [rng.randrange(4, 100) for _ in range(rng.randrange(1, 20))]
         max_length = rng.randrange(3, 45)
         pair = truncate_pair(TokenizedPair(0, prompt, chosen, rejected), max_length, mode, BOS)
+        if mode == "keep_start" and len(prompt) >= max_length:
+            assert pair is None  # the prompt alone fills max_length: dropped, as TRL drops it
+            continue
         p, c, r = ids(pair)
         assert max(len(p) + len(c), len(p) + len(r)) <= max_length
         assert c == chosen[: len(c)] and r == rejected[: len(r)] and min(len(c), len(r)) >= 1
@@ -212,7 +219,7 @@ def test_truncation_always_fits_and_keeps_the_stated_parts(mode):
             assert p[0] == BOS and p[1:] == prompt[len(prompt) - len(p) + 1 :]
             assert len(p) >= min(len(prompt), 2)
         else:
-            assert p == prompt[: len(p)] and len(p) >= 1
+            assert p == prompt  # the whole prompt: only the responses are cut
 
 
 def test_tokenize_records_counts_truncated_and_dropped(tok):
