@@ -558,7 +558,8 @@ def test_a_run_chat_template_trains_chat_data_on_a_base_tokenizer_and_is_exporte
             f.write(json.dumps(row) + "\n")
     template = tmp_path / "chat.jinja"
     template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
-    settings = {"model.path": base, "data.train_path": chat, "data.eval_path": "null", "train.max_steps": 1}
+    # Its own reference cache: the module's shared one holds the assets model's log-probs.
+    settings = {"model.path": base, "data.train_path": chat, "data.eval_path": "null", "train.max_steps": 1, "reference.cache_dir": tmp_path / "ref"}
     refused = run_cli("launch.train", *overrides(assets, tmp_path / "none", **settings))
     assert refused.returncode == 2 and "chat messages need a tokenizer with a chat template" in refused.stderr.strip().splitlines()[-1]
     out = tmp_path / "run"
