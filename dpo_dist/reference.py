@@ -267,9 +267,7 @@ def reference_fingerprints(
     return {
         "model": model_fingerprint(model_path),
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "data": data_fingerprint(data_path) if tuple(columns) == FIELDS else json_sha256(
-            {"file": data_fingerprint(data_path), "columns": list(columns)}
-        ),
+        "data": data_fingerprint(data_path, columns),
         "settings": json_sha256(settings),
         "settings_values": settings,
     }

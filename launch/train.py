@@ -27,12 +27,13 @@ def _sweep_preflight(cfg) -> None:
     points are checked by ``_task`` as they start, one after another)."""
     from dpo_dist.runinfo import RUN_LOCK
 
-    check_run_dirs(cfg.stages())
-    for config in cfg.stages():
+    stages = cfg.stages()
+    check_run_dirs(stages)
+    for config in stages:
         if (Path(config.output_dir) / RUN_LOCK).exists():
             check_not_held("dpo-train", config.output_dir)
     if cfg.cluster.name == "slurm":
-        check_memory_plans(cfg.stages())
+        check_memory_plans(stages)
         check_data(cfg)
 
 

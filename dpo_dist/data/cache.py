@@ -180,12 +180,11 @@ def _cache_key(path, tokenizer, max_length: int, truncation: str, keep_identical
     return _sha256(
         {
             "format": CACHE_FORMAT,
-            "data": data_fingerprint(path),
+            "data": data_fingerprint(path, columns),
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "max_length": max_length,
             "truncation": truncation,
             **({"keep_identical": True} if keep_identical else {}),  # preference data keeps its key
-            **({"columns": list(columns)} if tuple(columns) != FIELDS else {}),
         }
     )
 

@@ -326,12 +326,17 @@ def _has_text(value: Text) -> bool:
     return bool(value.strip()) if isinstance(value, str) else any(_says_something(m) for m in value)
 
 
-def data_fingerprint(path: str | os.PathLike) -> str:
-    """sha256 of the file's bytes, or over every file's relative path and sha256 in a directory.
+def data_fingerprint(path: str | os.PathLike, columns: Sequence[str] = FIELDS) -> str:
+    """sha256 of the file's bytes, or over every file's relative path and sha256 in a directory;
+    records read through other ``columns`` (``data.prompt_key``...) are other data, so those go
+    into it too (the default keys keep the file's own digest).
 
     Digests are memoized by path and stat (``dpo_dist.fingerprint``): every rank of every
     run asks at start, and re-reading a big file from shared storage each time is slow."""
     from dpo_dist.fingerprint import file_sha256, files_sha256, json_sha256
+
+    if tuple(columns) != FIELDS:
+        return json_sha256({"file": data_fingerprint(path), "columns": list(columns)})
 
     shown, matched = os.fspath(path), data_files(path)
     path = matched[0]
