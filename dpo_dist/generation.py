@@ -4,7 +4,8 @@ preference-data generation (``dpo-data generate``) and serving (``dpo-serve``).
 Prompts are encoded by the training rule (``dpo_dist.data.tokenize``): a plain-text prompt is
 ``tokenizer(prompt)`` with its special tokens (BOS); a chat prompt (a messages list) is rendered
 with the tokenizer's chat template and ``add_generation_prompt=True``, and a rendering that already
-starts with the BOS text gets no second BOS. So a model is asked exactly what it was trained on.
+starts with the BOS text gets no second BOS; a prompt's ``chat_template_kwargs`` (a record's, a
+request's) go to the template. So a model is asked exactly what it was trained on.
 
 Rows of a batch are left-padded. A completion ends at the tokenizer's EOS or at any EOS token of
 the model's generation config (a chat model's end-of-turn token); it is decoded without special
@@ -59,6 +60,8 @@ class PromptItem:
     example_id: int
     prompt: Text
     extra: dict[str, Any] = field(default_factory=dict)
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """The record's ``chat_template_kwargs``: variables its chat prompt is rendered with."""
 
 
 def load_causal_lm(path: str | Path, device=None, dtype: str = "auto", device_map: str | None = None,
@@ -160,14 +163,15 @@ def load_tokenizer(path: str | Path, tokenizer_path: str | Path | None = None):
         raise GenerationError(f"{source}: cannot load its tokenizer: {_first_line(e)}") from None
 
 
-def render_prompt(prompt: Text, tokenizer) -> str:
-    """The text a model continues: plain text as is, chat messages through the chat template."""
+def render_prompt(prompt: Text, tokenizer, template_kwargs: dict[str, Any] | None = None) -> str:
+    """The text a model continues: plain text as is, chat messages through the chat template
+    (with ``template_kwargs``, a record's ``chat_template_kwargs``)."""
     if isinstance(prompt, str):
         return prompt
     if not getattr(tokenizer, "chat_template", None):
         raise GenerationError("chat messages need a tokenizer with a chat template")
     try:
-        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, **(template_kwargs or {}))
     except Exception as e:  # jinja's TemplateError or a template's raise_exception()
         raise GenerationError(f"chat template failed: {' '.join(str(e).split())}") from None
 
@@ -282,8 +286,10 @@ def _completion(
 def generate_texts(
     model, tokenizer, prompts: Sequence[Text], params: SamplingParams, *, batch_size: int, seed: int = 0,
     seed_offsets: Sequence[int] | None = None, synced_batches: int | None = None,
+    template_kwargs: Sequence[dict[str, Any]] | None = None,
 ) -> list[Completion]:
-    """Completions of ``prompts`` in order, ``batch_size`` at a time.
+    """Completions of ``prompts`` in order, ``batch_size`` at a time; ``template_kwargs``: per
+    prompt, the variables its chat template is rendered with (``PromptItem.template_kwargs``).
 
     Before each batch torch is seeded with ``seed`` plus the ``seed_offsets`` entry of its first
     prompt (default: its position), so sampled outputs repeat for the same seed and batching.
@@ -294,7 +300,8 @@ def generate_texts(
     """
     import torch
 
-    encoded = [encode_prompt(render_prompt(p, tokenizer), tokenizer) for p in prompts]
+    kwargs = template_kwargs if template_kwargs is not None else [{}] * len(prompts)
+    encoded = [encode_prompt(render_prompt(p, tokenizer, k), tokenizer) for p, k in zip(prompts, kwargs, strict=True)]
     offsets = list(seed_offsets) if seed_offsets is not None else list(range(len(prompts)))
     synced = synced_batches is not None
     out: list[Completion] = []
@@ -320,8 +327,9 @@ def _filler_token(tokenizer) -> int:
 def read_prompts(path: str | Path) -> list[PromptItem]:
     """Prompts of a file: ``.jsonl`` / ``.json`` objects with a ``prompt`` key (preference files
     work: other keys are kept in ``extra``), or ``.txt`` with one prompt per non-blank line.
-    A string prompt of a row with chat-message responses is a user turn, as in training."""
-    from dpo_dist.data.records import is_chat
+    A string prompt of a row with chat-message responses is a user turn, as in training; a row's
+    ``chat_template_kwargs`` render its chat prompt, as in training."""
+    from dpo_dist.data.records import FieldError, is_chat, template_kwargs_of
 
     path = Path(path)
     if not path.is_file():
@@ -344,7 +352,11 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
         if not _is_text(prompt):
             raise GenerationError(f"{path}:{line}: needs a 'prompt' that is a non-empty string or messages list")
         extra = {k: v for k, v in row.items() if k != "prompt"}
-        items.append(PromptItem(example_id, trained_prompt(prompt, is_chat(row)), extra))
+        try:
+            template_kwargs = template_kwargs_of(row) or {}
+        except FieldError as e:
+            raise GenerationError(f"{path}:{line}: {e}") from None
+        items.append(PromptItem(example_id, trained_prompt(prompt, is_chat(row)), extra, template_kwargs))
     if not items:
         raise GenerationError(f"{path}: no prompts")
     return items
@@ -422,8 +434,9 @@ def generate_preferences(
     """Sample ``num_samples`` responses per prompt, score them with ``judge`` (a ScoringJudge) and
     keep the best and worst of each prompt as ``{"prompt", "chosen", "rejected", ...}`` records."""
     prompts = [item.prompt for item in items for _ in range(num_samples)]
+    template_kwargs = [item.template_kwargs for item in items for _ in range(num_samples)]
     # Samples of one prompt are separate rows, so each draws its own tokens.
-    completions = generate_texts(model, tokenizer, prompts, params, batch_size=batch_size, seed=seed)
+    completions = generate_texts(model, tokenizer, prompts, params, batch_size=batch_size, seed=seed, template_kwargs=template_kwargs)
     texts = [c.text for c in completions]
     scores = judge.score(prompts, texts)
     stats = PreferenceStats(prompts=len(items), samples=len(texts))
@@ -444,6 +457,8 @@ def generate_preferences(
                     "rejected": texts[worst],
                     "chosen_score": scores[best],
                     "rejected_score": scores[worst],
+                    # training renders the pair with them, as the answers were asked
+                    **({"chat_template_kwargs": item.template_kwargs} if item.template_kwargs else {}),
                 }
             )
     stats.pairs = len(records)

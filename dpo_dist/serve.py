@@ -3,7 +3,7 @@
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` and
 ``GET /health``. Supported request fields: ``model`` (required, must be the served name),
 ``prompt`` (a string or a list of strings) or ``messages`` (rendered with the tokenizer's chat
-template), ``max_tokens`` (or its newer name ``max_completion_tokens``, which wins if both are
+template, and with ``chat_template_kwargs`` as vLLM takes them), ``max_tokens`` (or its newer name ``max_completion_tokens``, which wins if both are
 given), ``temperature`` (0 is greedy), ``top_p``, ``n``, ``seed`` and ``stop`` (a string or up to
 four). Other OpenAI fields are accepted and ignored; ``stream=true`` is refused.
 Responses carry ``usage`` (prompt, completion and total tokens).
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpo_dist.data.records import RESERVED_TEMPLATE_ARGS
 from dpo_dist.generation import Completion, GenerationError, SamplingParams, encode_prompt, render_prompt
 
 log = logging.getLogger("dpo_dist.serve")
@@ -87,9 +88,10 @@ class ServedModel:
         self.created = int(time.time())
         self._lock = threading.Lock()
 
-    def encode(self, prompt) -> list[int]:
-        """Token ids of a prompt string or a chat messages list (GenerationError if it cannot render)."""
-        return encode_prompt(render_prompt(prompt, self.tokenizer), self.tokenizer)
+    def encode(self, prompt, template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Token ids of a prompt string or a chat messages list, the latter rendered with
+        ``template_kwargs`` (GenerationError if it cannot render)."""
+        return encode_prompt(render_prompt(prompt, self.tokenizer, template_kwargs), self.tokenizer)
 
     def generate(self, prompt_ids: Sequence[list[int]], params: SamplingParams, seed: int | None) -> list[Completion]:
         """One batch, one request at a time; ``seed`` makes a sampled answer repeatable."""
@@ -229,6 +231,8 @@ def create_app(served: ServedModel, limits: ServeLimits | None = None):
 
     class ChatRequest(_Sampling):
         messages: list[ChatMessage] = Field(min_length=1)
+        # vLLM's extension (``{"enable_thinking": false}``), as a record's chat_template_kwargs in training.
+        chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     app = FastAPI(title="dpo-serve", docs_url=None, redoc_url=None)
     app.add_middleware(BodySizeLimit, limit=limits.max_body_bytes)
@@ -258,9 +262,9 @@ def create_app(served: ServedModel, limits: ServeLimits | None = None):
             raise RequestError(400, "stream=true is not supported by dpo-serve", "stream")
         return parsed
 
-    def encode_all(prompts, param: str) -> list[list[int]]:
+    def encode_all(prompts, param: str, template_kwargs: dict[str, Any] | None = None) -> list[list[int]]:
         try:
-            return [served.encode(p) for p in prompts]
+            return [served.encode(p, template_kwargs) for p in prompts]
         except GenerationError as e:
             raise RequestError(400, str(e), param) from None
 
@@ -294,7 +298,10 @@ def create_app(served: ServedModel, limits: ServeLimits | None = None):
     async def chat_completions(request: Request):
         req = await parse(request, ChatRequest)
         messages = [{"role": m.role, "content": _content_text(m.content)} for m in req.messages]
-        ids = encode_all([messages], "messages")
+        reserved = sorted(RESERVED_TEMPLATE_ARGS & req.chat_template_kwargs.keys())
+        if reserved:
+            raise RequestError(400, f"chat_template_kwargs: may not set {', '.join(reserved)}", "chat_template_kwargs")
+        ids = encode_all([messages], "messages", req.chat_template_kwargs)
         params = sampling_params(req, [len(ids[0])], served, limits, default_max_tokens=None, prompt_param="messages")
         outs = await run_in_threadpool(served.generate, ids * req.n, params, req.seed)
         choices = [

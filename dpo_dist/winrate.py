@@ -125,7 +125,10 @@ def eval_prompts(cfg: DPOConfig) -> list[PromptItem]:
     with_tools = sum(r.tools is not None for r in records)
     if with_tools:  # a tool call would need the tool's answer to go on, and the judge to read it
         log.warning("%d of %d prompts have tools: the win-rate asks them without their tool definitions", with_tools, len(records))
-    return [PromptItem(r.example_id, trained_prompt(r.prompt, r.is_chat)) for r in records]
+    return [
+        PromptItem(r.example_id, trained_prompt(r.prompt, r.is_chat), template_kwargs=r.chat_template_kwargs or {})
+        for r in records
+    ]
 
 
 def rank_share(items: Sequence[PromptItem], rank: int, world_size: int, batch_size: int) -> list[PromptItem]:
@@ -162,7 +165,7 @@ def generation_fingerprint(cfg: DPOConfig, policy_dir: str, items: Sequence[Prom
         # model.tokenizer_path, not resolved_tokenizer_path(): None keeps load_tokenizer's own
         # choice for model.path (an adapter directory without a tokenizer uses its base's).
         "reference": model_identity(cfg.reference_model_path(), cfg.model.tokenizer_path),
-        "prompts": json_sha256([[item.example_id, item.prompt] for item in items]),
+        "prompts": json_sha256([[item.example_id, item.prompt, *([item.template_kwargs] if item.template_kwargs else [])] for item in items]),
         **generation_settings(cfg),
         **({"chat_template": cfg.data.chat_template} if cfg.data.chat_template else {}),
         "dtype": cfg.model.dtype,
@@ -215,7 +218,8 @@ def generate_with(model_dir: str, items: Sequence[PromptItem], cfg: DPOConfig, d
     import torch
 
     prompts = [item.prompt for item in items]
-    options = {"batch_size": cfg.eval.batch_size, "seed": cfg.eval.seed, "seed_offsets": [i.example_id for i in items]}
+    options = {"batch_size": cfg.eval.batch_size, "seed": cfg.eval.seed, "seed_offsets": [i.example_id for i in items],
+               "template_kwargs": [i.template_kwargs for i in items]}
     if cfg.eval.shard_generation and env.world_size > 1:
         return _generate_sharded(model_dir, prompts, cfg, device, env, total, options, tokenizer_path)
     if not items:

@@ -38,7 +38,7 @@ from dpo_dist.data.records import (
 )
 from dpo_dist.data.tokenize import TokenizedPair, TruncationStats, check_truncation, tokenize_records
 
-CACHE_FORMAT = 6
+CACHE_FORMAT = 7
 """Bumped whenever the tokenization rules or the cache layout change, to invalidate old caches
 (and reference caches: it is part of their fingerprint). 2: no whitespace after a chat turn's EOS.
 3: pairs with identical chosen and rejected ids after truncation are dropped. 4: responses encoded
@@ -47,7 +47,7 @@ identically are invalid. 5: a chat response its template ends with a special end
 (Llama 3's <|eot_id|>, Gemma's <end_of_turn>) gets no EOS after it. 6: implicit prompts, taken out
 of the responses that hold them (``records.split_prompt``); messages keep all their keys and a
 record's ``tools`` reach the chat template; ``keep_start`` drops a pair whose prompt fills
-``max_length`` (as TRL)."""
+``max_length`` (as TRL). 7: a record's ``chat_template_kwargs`` reach the chat template."""
 _ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _PROBE = "Hello world 123.\n"
 """Encoded into the tokenizer fingerprint: catches BOS/EOS behaviour that lives outside the vocab."""

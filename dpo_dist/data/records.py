@@ -19,7 +19,9 @@ chat template (``tool_calls``, ``tool_call_id``, ``name``, ``reasoning_content``
 values are dropped, as Parquet and datasets fill absent struct fields with them); its
 ``content`` may be null in an assistant turn that makes ``tool_calls``. A chat record may have
 ``tools``, the tool definitions its template renders (a list of objects, or that list as a JSON
-string), as TRL passes a ``tools`` column to ``apply_chat_template``. Other record keys are ignored.
+string), as TRL passes a ``tools`` column to ``apply_chat_template``, and ``chat_template_kwargs``,
+an object of further template variables (``{"enable_thinking": false}`` for Qwen3), as TRL passes
+that column too. Other record keys are ignored.
 
 Other key names (OpenRLHF's ``--prompt_key``/``--chosen_key``/``--rejected_key``, the config's
 ``data.prompt_key``...): ``columns``, the keys that hold the prompt, chosen and rejected fields
@@ -106,6 +108,8 @@ class PreferenceRecord:
     rejected: Text
     tools: list[dict[str, Any]] | None = None
     """Tool definitions for the chat template (``apply_chat_template(tools=...)``), or None."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Further variables for the chat template (``apply_chat_template(**chat_template_kwargs)``), or None."""
 
     @property
     def is_chat(self) -> bool:
@@ -119,22 +123,54 @@ def is_chat(fields: Mapping[str, Any]) -> bool:
     return any(isinstance(fields.get(name), list) for name in FIELDS)
 
 
-def tools_of(raw: Mapping[str, Any]) -> list[dict[str, Any]] | str | None:
-    """A raw record's ``tools`` as a list of tool definitions, None without any, or the reason
-    they are not valid (a string)."""
-    tools = raw.get("tools")
-    if tools is None or tools == [] or tools == "":
+class FieldError(ValueError):
+    """A record field that is not valid; the message is the reason (one line)."""
+
+
+def _chat_extra(raw: Mapping[str, Any], key: str, kind: type, expected: str) -> Any:
+    """``raw[key]``, decoded when given as a JSON string (Parquet and datasets columns often hold
+    nested data so), None when absent or empty. ``FieldError`` when it is not a ``kind`` (described
+    by ``expected``) or comes with a text record, which has no chat template to render it."""
+    value = raw.get(key)
+    if value is None or (isinstance(value, (str, list, dict)) and not value):
         return None
-    if isinstance(tools, str):
+    if isinstance(value, str):
         try:
-            tools = json.loads(tools)
+            value = json.loads(value)
         except json.JSONDecodeError as e:
-            return f"'tools' is a string but not JSON: {e.msg} at column {e.colno}"
-    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
-        return f"'tools' must be a list of tool definitions (objects) or its JSON string, got {_type_name(tools)}"
+            raise FieldError(f"'{key}' is a string but not JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(value, kind):
+        raise FieldError(f"'{key}' must be {expected} or its JSON string, got {_type_name(value)}")
     if not is_chat(raw):
-        return "'tools' needs chat messages: a text record has no chat template to render them"
-    return tools or None
+        raise FieldError(f"'{key}' needs chat messages: a text record has no chat template to render them")
+    return value or None
+
+
+def tools_of(raw: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """A raw record's ``tools`` as a list of tool definitions, or None without any."""
+    tools = _chat_extra(raw, "tools", list, "a list of tool definitions (objects)")
+    if tools and not all(isinstance(tool, dict) for tool in tools):
+        raise FieldError(f"'tools' must be a list of tool definitions (objects) or its JSON string, got {_type_name(tools)}")
+    return tools
+
+
+RESERVED_TEMPLATE_ARGS = frozenset(
+    {"conversation", "messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize",
+     "return_dict", "return_tensors", "padding", "truncation", "max_length", "chat_template", "tokenizer_kwargs"}
+)
+"""``apply_chat_template``'s own arguments: a record's ``chat_template_kwargs`` may not set them
+(training decides how prompt and responses are rendered)."""
+
+
+def template_kwargs_of(raw: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A raw record's ``chat_template_kwargs`` (template variables), or None without any."""
+    kwargs = _chat_extra(raw, "chat_template_kwargs", dict, "an object")
+    # Parquet and datasets fill a struct's absent fields with None: those variables are not set.
+    kwargs = {key: value for key, value in (kwargs or {}).items() if value is not None}
+    reserved = sorted(RESERVED_TEMPLATE_ARGS & kwargs.keys())
+    if reserved:
+        raise FieldError(f"'chat_template_kwargs' may not set {', '.join(reserved)} (an argument of apply_chat_template itself)")
+    return kwargs or None
 
 
 @dataclass
@@ -251,8 +287,8 @@ def validate_record(raw: Any) -> str | None:
     return parsed if isinstance(parsed, str) else None
 
 
-def parse_record(raw: Any, columns: Sequence[str] = FIELDS) -> tuple[Text, Text, Text, list | None] | str:
-    """A raw record's (prompt, chosen, rejected, tools), the prompt taken out of the responses where
+def parse_record(raw: Any, columns: Sequence[str] = FIELDS) -> tuple[Text, Text, Text, list | None, dict | None] | str:
+    """A raw record's (prompt, chosen, rejected, tools, chat_template_kwargs), the prompt taken out of the responses where
     they hold it (module docstring: implicit prompts), or the first reason it is not a valid record.
     ``columns``: the keys of those three fields in ``raw``."""
     if not isinstance(raw, dict):
@@ -272,10 +308,10 @@ def parse_record(raw: Any, columns: Sequence[str] = FIELDS) -> tuple[Text, Text,
         return split
     if _as_response(split[1]) == _as_response(split[2]):
         return "chosen and rejected are identical"
-    tools = tools_of(raw)
-    if isinstance(tools, str):
-        return tools
-    return (*split, tools)
+    try:
+        return (*split, tools_of(raw), template_kwargs_of(raw))
+    except FieldError as e:
+        return str(e)
 
 
 def _as_spelled(reason: str, columns: Sequence[str]) -> str:

@@ -24,6 +24,8 @@ becomes one ``user`` message and a plain-string response one ``assistant`` messa
     chat model stops, as TRL adds no EOS to conversational data. Whitespace a template writes
     after such a closing token (ChatML's ``<|im_end|>\n``) is layout between turns: not scored.
   The guards apply to plain-text records too, so a prompt written as "<s>..." gets one BOS.
+  A record's ``tools`` and ``chat_template_kwargs`` (``{"enable_thinking": false}``) go to every
+  ``apply_chat_template`` call of it, as TRL passes them.
 
 A pair is the sequences prompt + chosen and prompt + rejected. Labels cover response tokens only.
 
@@ -53,6 +55,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -320,11 +323,12 @@ def _render(record: PreferenceRecord, tokenizer, closing: dict[str, int]) -> tup
     if not getattr(tokenizer, "chat_template", None):
         raise _TemplateError("chat messages need a tokenizer with a chat template")
     prompt_messages = as_messages(record.prompt, "user")
-    prompt_text = _apply_template(tokenizer, prompt_messages, True, record.tools)
+    extras = {"tools": record.tools, **(record.chat_template_kwargs or {})}
+    prompt_text = _apply_template(tokenizer, prompt_messages, True, extras)
     responses = []
     for name in ("chosen", "rejected"):
         messages = prompt_messages + as_messages(getattr(record, name), "assistant")
-        full = _apply_template(tokenizer, messages, False, record.tools)
+        full = _apply_template(tokenizer, messages, False, extras)
         if not full.startswith(prompt_text):
             raise _TemplateError(
                 "the chat template's rendering of the prompt is not a prefix of its "
@@ -342,11 +346,10 @@ def _end_at_turn_end(response: str, closing: dict[str, int]) -> str:
     return stripped if any(stripped.endswith(token) for token in closing) else response
 
 
-def _apply_template(tokenizer, messages: Messages, add_generation_prompt: bool, tools: list | None = None) -> str:
+def _apply_template(tokenizer, messages: Messages, add_generation_prompt: bool, extras: dict[str, Any]) -> str:
+    """``extras``: the record's ``tools`` and its ``chat_template_kwargs``."""
     try:
-        return tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
-        )
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False, **extras)
     except Exception as e:  # jinja raises TemplateError, templates raise_exception() anything
         raise _TemplateError(f"chat template failed: {e}") from None
 

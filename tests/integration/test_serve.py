@@ -127,6 +127,10 @@ def test_max_completion_tokens_is_max_tokens_and_wins(server):
         ("/v1/chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
         ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "robot", "content": "x"}]}, 400, "unknown chat role"),
         ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "stream": True}, 400, "stream"),
+        ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"tokenize": True}},
+         400, "chat_template_kwargs: may not set tokenize"),
+        ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": [1]},
+         400, "chat_template_kwargs"),
     ],
 )
 def test_bad_requests_are_refused(server, path, payload, status, fragment):

@@ -302,6 +302,11 @@ def test_a_saved_dataset_directory_is_fingerprinted_by_its_content(tmp_path):
         ({"prompt": [USER], "chosen": [said("4")], "rejected": [said("5")], "tools": "[{"}, "'tools' is a string but not JSON: Expecting property name enclosed in double quotes at column 3"),
         ({"prompt": [USER], "chosen": [{"role": "assistant", "content": None}], "rejected": [said("5")]}, "'chosen' message 0 has no 'content'"),
         ({"prompt": [USER], "chosen": [{"role": "assistant", "content": None, "tool_calls": []}], "rejected": [said("5")]}, "'chosen' message 0 has no 'content'"),
+        ({"prompt": "p", "chosen": "a", "rejected": "b", "chat_template_kwargs": {"enable_thinking": False}}, "'chat_template_kwargs' needs chat messages: a text record has no chat template to render them"),
+        ({"prompt": [USER], "chosen": [said("4")], "rejected": [said("5")], "chat_template_kwargs": [1]}, "'chat_template_kwargs' must be an object or its JSON string, got list"),
+        ({"prompt": [USER], "chosen": [said("4")], "rejected": [said("5")], "chat_template_kwargs": "{x"}, "'chat_template_kwargs' is a string but not JSON: Expecting property name enclosed in double quotes at column 2"),
+        ({"prompt": [USER], "chosen": [said("4")], "rejected": [said("5")], "chat_template_kwargs": {"tokenize": True, "add_generation_prompt": False}},
+         "'chat_template_kwargs' may not set add_generation_prompt, tokenize (an argument of apply_chat_template itself)"),
     ],
 )
 def test_tools_and_tool_calls_are_validated(tmp_path, raw, reason):
@@ -319,6 +324,20 @@ def test_messages_keep_their_keys_but_not_the_nulls_columnar_formats_add(tmp_pat
     (rec,) = load_preferences(path)
     assert rec.chosen == [{"role": "assistant", "content": None, "tool_calls": [{"name": "add"}]}]
     assert rec.rejected == [{**said("5"), "reasoning_content": "hm"}] and rec.tools is None
+
+
+def test_chat_template_kwargs_are_read_as_trl_passes_them(tmp_path):
+    """An object, or its JSON string (datasets columns); Parquet's None-filled struct fields are not
+    variables; an empty object is none."""
+    rows = [
+        {"prompt": [USER], "chosen": [said("4")], "rejected": [said("5")], "chat_template_kwargs": {"enable_thinking": False, "lang": None}},
+        {"prompt": [USER], "chosen": [said("4")], "rejected": [said("5")], "chat_template_kwargs": {"enable_thinking": None, "lang": "fr"}},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    assert [r.chat_template_kwargs for r in load_preferences(tmp_path / "d.parquet")] == [{"enable_thinking": False}, {"lang": "fr"}]
+    rows = [{**rows[0], "chat_template_kwargs": json.dumps({"enable_thinking": True})}, {**rows[0], "chat_template_kwargs": {}}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r.chat_template_kwargs for r in load_preferences(tmp_path / "d.jsonl")] == [{"enable_thinking": True}, None]
 
 
 # ---- compressed files and file patterns -------------------------------------------------------------

@@ -459,6 +459,27 @@ def test_tools_and_message_keys_reach_the_chat_template(tmp_path):
     assert tok.decode(pair.rejected_ids) == "(think guess)5</s>"
 
 
+def test_chat_template_kwargs_reach_every_rendering_of_the_record(tmp_path):
+    """TRL's per-record chat_template_kwargs (Qwen3's enable_thinking): prompt and responses are
+    rendered with them, so the prompt stays a prefix of prompt + response; other records are not."""
+    import json
+
+    from dpo_dist.data import load_preferences
+
+    tok = load_tokenizer()
+    tok.chat_template = (
+        "{% set quiet = enable_thinking is defined and not enable_thinking %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' and quiet %}(no think){% endif %}"
+        "{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    raw = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5"}
+    path = tmp_path / "kw.jsonl"
+    path.write_text(json.dumps({**raw, "chat_template_kwargs": {"enable_thinking": False}}) + "\n" + json.dumps(raw) + "\n")
+    quiet, plain = tokenize_records(load_preferences(path), tok, max_length=256)[0]
+    assert tok.decode(quiet.prompt_ids) == tok.decode(plain.prompt_ids) == "<s><|user|>2+2?</s><|assistant|>"
+    assert tok.decode(quiet.chosen_ids) == "(no think)4</s>" and tok.decode(plain.chosen_ids) == "4</s>"
+
+
 def test_a_run_chat_template_replaces_the_tokenizers_own(tmp_path):
     """data.chat_template (inline Jinja or a file): chat data on a tokenizer without a template, or
     another format; it is part of the tokenizer's fingerprint, so caches do not mix formats."""

@@ -77,6 +77,47 @@ def test_prompt_files_ask_string_prompts_of_chat_records_as_a_user_turn(tmp_path
     assert items[0].extra == {"chosen": chat_reply, "rejected": "47"}
 
 
+def test_a_prompts_chat_template_kwargs_render_it_and_stay_with_its_pairs(tiny, tmp_path, monkeypatch):
+    """TRL's per-record chat_template_kwargs (Qwen3's enable_thinking) decide how a prompt is asked,
+    in generation as in training; dpo-data generate keeps them in the pairs it writes."""
+    import copy
+
+    from dpo_dist.generation import generate_preferences
+
+    model, tokenizer = tiny
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}"
+        "{% if enable_thinking is defined and not enable_thinking %}/no_think {% endif %}={% endif %}"
+    )
+    quiet = {"enable_thinking": False}
+    rows = [{"prompt": [{"role": "user", "content": "12+34"}], "chat_template_kwargs": quiet},
+            {"prompt": [{"role": "user", "content": "12+34"}]}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    items = read_prompts(path)
+    assert [item.template_kwargs for item in items] == [quiet, {}]
+    greedy = SamplingParams(max_new_tokens=2)
+    asked = generate_texts(model, tokenizer, [i.prompt for i in items], greedy, batch_size=1, template_kwargs=[i.template_kwargs for i in items])
+    assert [c.prompt_tokens for c in asked] == [1 + len("12+34/no_think ="), 1 + len("12+34=")]
+    from dpo_dist import generation, serve
+
+    monkeypatch.setattr(generation, "load_causal_lm", lambda *args: (model, tokenizer))
+    served = serve.ServedModel("/models/m", "m")  # dpo-serve: a request's chat_template_kwargs, as vLLM's
+    assert len(served.encode(items[0].prompt, quiet)) == asked[0].prompt_tokens
+
+    class Longest:  # a scoring judge: the longer answer wins
+        def score(self, prompts, texts):
+            return [float(len(t)) for t in texts]
+
+    records, _ = generate_preferences(model, tokenizer, items[:1], Longest(), num_samples=4,
+                                      params=SamplingParams(max_new_tokens=3, do_sample=True), batch_size=4, seed=0)
+    assert records and all(r["chat_template_kwargs"] == quiet for r in records)
+    path.write_text(json.dumps({**rows[0], "chat_template_kwargs": {"tokenize": True}}) + "\n")
+    with pytest.raises(GenerationError, match=r"prompts.jsonl:1: 'chat_template_kwargs' may not set tokenize"):
+        read_prompts(path)
+
+
 def make_tiny_adapter_dir(base, path, *, with_tokenizer: bool = True):
     """A LoRA adapter saved with PEFT on ``base`` (as a run's final/ with merge_on_export=false),
     with random B so that it changes the answers (PEFT's default B=0 would not)."""

@@ -48,6 +48,30 @@ def test_prompts_with_tools_are_asked_without_them_and_it_is_said(tmp_path, capl
     assert [r.getMessage() for r in caplog.records] == ["1 of 2 prompts have tools: the win-rate asks them without their tool definitions"]
 
 
+def test_prompts_keep_their_chat_template_kwargs_and_the_answers_depend_on_them(tmp_path, monkeypatch):
+    path = tmp_path / "eval.jsonl"
+    user = [{"role": "user", "content": "2+2="}]
+    row = {"prompt": user, "chosen": "4", "rejected": "5"}
+    path.write_text(json.dumps({**row, "chat_template_kwargs": {"enable_thinking": False}}) + "\n" + json.dumps(row) + "\n")
+    cfg = DPOConfig(data=DataConfig(eval_path=str(path)))
+    items = eval_prompts(cfg)
+    assert [item.template_kwargs for item in items] == [{"enable_thinking": False}, {}]
+    import torch
+
+    monkeypatch.setattr(winrate, "model_identity", lambda *paths: "a model")
+    plain = [dataclasses.replace(item, template_kwargs={}) for item in items]
+    fingerprints = [winrate.generation_fingerprint(cfg, str(tmp_path), i, torch.device("cpu"))["prompts"] for i in (items, plain)]
+    assert fingerprints[0] != fingerprints[1], "saved answers of prompts asked otherwise must not be reused"
+
+    from dpo_dist.distributed import DistEnv
+
+    asked = {}
+    monkeypatch.setattr(winrate, "load_causal_lm", lambda *a, **k: (object(), object()))
+    monkeypatch.setattr(winrate, "generate_texts", lambda model, tok, prompts, params, **options: asked.update(options) or [])
+    winrate.generate_with("policy", items, cfg, torch.device("cpu"), DistEnv(0, 0, 1, "127.0.0.1", 1, None), len(items))
+    assert asked["template_kwargs"] == [{"enable_thinking": False}, {}]
+
+
 @pytest.mark.parametrize("count, batch_size", [(7, 2), (8, 4), (3, 5)])
 def test_ranks_share_whole_batches_of_similar_length(count, batch_size):
     items = [PromptItem(i, "x" * ((5 * i) % count + 1)) for i in range(count)]  # lengths shuffled
