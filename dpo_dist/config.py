@@ -138,7 +138,7 @@ class DataConfig:
     or a glob pattern of such files read in sorted order as one (required)."""
     eval_path: str | None = str(ASSETS_DIR / "data" / "eval.jsonl")
     """Held-out pairs for reward accuracy and win-rate; null disables eval."""
-    max_length: int = 512
+    max_length: int = 256
     """Longest prompt + response, in tokens; longer pairs follow ``truncation``."""
     truncation: str = "keep_end_of_prompt"
     """keep_end_of_prompt (cut the prompt's start, then the responses' ends) | keep_start (cut the
@@ -383,7 +383,7 @@ class OptimConfig:
     """Adam betas."""
     eps: float = 1e-8
     """Adam epsilon."""
-    warmup_steps: int = 0
+    warmup_steps: int = 10
     """Linear warmup over this many optimizer steps: step k (0-based) of it runs at (k+1)/(warmup_steps+1) * lr;
     step warmup_steps runs at lr."""
     warmup_ratio: float | None = None
@@ -532,7 +532,7 @@ class ClusterConfig:
     cpus_per_task: int = 1
     """CPU cores per rank."""
     mem_gb: float = 0.0
-    """Host memory per node in GB; 0 leaves it to the partition default."""
+    """Host memory per node in GiB (Slurm ``--mem``); 0 leaves it to the partition default."""
     partition: str | None = None
     """Slurm partition."""
     account: str | None = None
@@ -611,7 +611,7 @@ class ClusterConfig:
 class TrainConfig:
     """The optimisation loop."""
 
-    max_steps: int = 200
+    max_steps: int = 120
     """Optimizer steps (unless ``epochs`` is set)."""
     epochs: float | None = None
     """Passes over the training pairs, when set instead of a step count (TRL's
@@ -621,14 +621,14 @@ class TrainConfig:
     the step that crosses an epoch boundary ends one pass and begins the next."""
     pairs_per_step: int = 32
     """Preference pairs per optimizer step, over all ranks and micro-batches (the global batch)."""
-    micro_batch_tokens: int = 4096
+    micro_batch_tokens: int = 2048
     """Token budget of one packed micro-batch (chosen + rejected of every pair in it)."""
-    checkpoint_every: int = 50
+    checkpoint_every: int = 40
     """Save a resumable checkpoint every N steps and after the last one, so that a finished run can
     train longer (0: never; ``final/`` is exported at the end either way)."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept on disk (older ones are deleted)."""
-    eval_every: int = 50
+    eval_every: int = 40
     """Evaluate on data.eval_path every N steps (0: only at the end)."""
     log_every: int = 1
     """Write a train metrics row every N steps (eval steps and the last step are always written)."""

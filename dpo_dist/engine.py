@@ -1635,6 +1635,11 @@ def log_schedule(cfg: DPOConfig, pairs: int) -> None:
         "schedule: %d steps x %d pairs = %.3g epochs of the %d training pairs (%s)",
         steps, per_step, steps * per_step / pairs, pairs, given,
     )
+    if cfg.reference.syncs() and cfg.reference.sync_every > steps:  # TRL's 512-step default on a short run
+        log.warning(
+            "reference.sync_every=%d is more than the run's %d steps: the reference never moves (plain online DPO)",
+            cfg.reference.sync_every, steps,
+        )
 
 
 def finished_metrics(cfg: DPOConfig) -> dict[str, float] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 from pathlib import Path
 
@@ -340,6 +341,30 @@ def test_every_preset_passes_validation_with_the_defaults():
                 check_overrides("dpo-train", [choice, *extra])
             except SystemExit as exc:
                 raise AssertionError(f"{choice} {extra} is refused (exit {exc.code}); stderr has the reason") from None
+
+
+def test_the_schema_defaults_are_what_dpo_train_runs():
+    """README sends readers to dpo_dist/config.py for each field and its default: those defaults
+    must be the composed default run's values, except where a preset is meant to differ
+    (model=tiny sets its own learning rates; the run directory comes from Hydra)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from launch.common import register_schema
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        composed = OmegaConf.to_container(compose(config_name="config", overrides=["output_dir=x"]), resolve=True)
+
+    def leaves(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+        return out
+
+    schema, run = leaves(dataclasses.asdict(DPOConfig())), leaves(composed)
+    differ = {key for key in schema if schema[key] != run.get(key)}
+    assert differ == {"output_dir", "optim.lr", "sft_first.lr"}, {key: (schema[key], run.get(key)) for key in differ}
 
 
 def test_library_imports_neither_hydra_nor_submitit():

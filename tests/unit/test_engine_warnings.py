@@ -1,5 +1,6 @@
 """What the engine does instead of the best path is said, not silent: a resume without this rank's
-RNG state, deepspeed.leaf_modules=auto finding no block class, a checkpoint pruning cannot delete."""
+RNG state, deepspeed.leaf_modules=auto finding no block class, a checkpoint pruning cannot delete,
+a TR-DPO reference that would never move."""
 
 from __future__ import annotations
 
@@ -111,3 +112,15 @@ def test_c_pruning_that_succeeds_is_quiet(tmp_path, caplog, keep):
     with caplog.at_level(logging.WARNING, logger="dpo_dist.engine"):
         E._prune_checkpoints(root, keep=keep)
     assert len(list(root.iterdir())) == keep and not caplog.records
+
+
+@pytest.mark.parametrize("sync_every, warned", [(512, True), (120, False), (0, False)])
+def test_d_a_tr_dpo_reference_that_never_syncs_is_said(caplog, sync_every, warned):
+    """TRL's ref_model_sync_steps default (512) on a 120-step run: the reference would never move."""
+    reference = {"mode": "online", "sync_every": sync_every}
+    cfg = config_from_dict({"output_dir": "/tmp/x", "train": {"max_steps": 120}, "reference": reference})
+    caplog.set_level(logging.INFO, logger=E.log.name)
+    E.log_schedule(cfg, 6000)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    expected = ["reference.sync_every=512 is more than the run's 120 steps: the reference never moves (plain online DPO)"]
+    assert said == (expected if warned else [])

@@ -28,7 +28,7 @@ def test_a_run_directory_refuses_other_training_settings(tmp_path):
     message = str(info.value)
     assert message.startswith(f"output_dir={out} holds a run trained with other settings (loss.beta: 0.1 -> 0.5; optim.lr: 0.001 -> 0.0005)")
     assert message.endswith("resume it with its own settings, or train into a new output_dir")
-    with pytest.raises(ConfigError, match=r"train.max_steps: 200 -> 60"):
+    with pytest.raises(ConfigError, match=r"train.max_steps: 120 -> 60"):
         check_same_run(config(out, loss={"beta": 0.1}, optim={"lr": 1e-3}, train={"max_steps": 60}))
     check_same_run(config(out, loss={"beta": 0.1}, optim={"lr": 1e-3}, train={"max_steps": 400}))  # train longer
     # A moving reference (TR-DPO) is what the run trains against, not how it runs.
