@@ -27,7 +27,6 @@ follow the training rule (``dpo_dist.data.tokenize``) with the given tokenizer.
 from __future__ import annotations
 
 import logging
-import unicodedata
 import zlib
 from collections import defaultdict
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ import numpy as np
 
 from dpo_dist.data import DataError, PreferenceRecord, Problem, encode_records, read_preferences
 from dpo_dist.data.records import FIELDS
+from dpo_dist.data.subset import normalize  # also how data.eval_split groups records by prompt
 
 log = logging.getLogger("dpo_dist.audit")
 
@@ -93,14 +93,6 @@ class AuditResult:
         """The ``name: count`` contract lines, every check in ``CHECKS`` order (``leakage: -``
         when it was not checked)."""
         return [f"{name}: {self.count_text(name)}" for name in CHECKS]
-
-
-def normalize(text) -> str:
-    """Comparison form of a prompt or response: NFKC, case-folded, whitespace collapsed.
-    Chat messages become ``role: content`` lines first."""
-    if isinstance(text, list):
-        text = "\n".join(f"{m['role']}: {m['content']}" for m in text)
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 def record_text(record: PreferenceRecord) -> str:

@@ -15,9 +15,12 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_dist.fingerprint import cache_root
+
+if TYPE_CHECKING:
+    from dpo_dist.data.subset import DataSource
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = _PACKAGE_DIR / "assets"
@@ -137,7 +140,21 @@ class DataConfig:
     """Training pairs: JSONL, JSON (either may be gzipped), Parquet, a saved ``datasets`` directory,
     or a glob pattern of such files read in sorted order as one (required)."""
     eval_path: str | None = str(ASSETS_DIR / "data" / "eval.jsonl")
-    """Held-out pairs for reward accuracy and win-rate; null disables eval."""
+    """Held-out pairs for reward accuracy and win-rate; null disables eval (unless ``eval_split``)."""
+    max_samples: int = 0
+    """Use only the first N records of ``train_path`` (0: all; OpenRLHF's ``--max_samples``, TRL's
+    ``dataset.select(range(N))``). N counts the file's records as stored, invalid ones included,
+    before anything is dropped, so fewer pairs remain when some are invalid or dropped by
+    ``truncation`` (the start-of-run log gives both counts); reading stops at record N. With
+    ``eval_split`` the split divides these N. Not applied to ``eval_path``. Part of the
+    tokenization and reference cache keys (see dpo_dist.data.subset)."""
+    eval_split: float | int = 0
+    """Hold records of ``train_path`` out of training for evaluation, for data without an eval file
+    (``eval_path`` must be null), as ``train_test_split(test_size=...)``: a float in (0, 1) is a
+    fraction of its valid records (rounded up), an int >= 1 a number of them; 0: none. Whole
+    prompts are held out, picked by a hash of the normalised prompt: the same records on every
+    rank, resume and re-run, and no held-out prompt is trained on. The held-out records serve all
+    that ``eval_path`` does (eval/* rows, the eval reference cache, dpo-eval, win-rate prompts)."""
     max_length: int = 256
     """Longest prompt + response, in tokens; longer pairs follow ``truncation``."""
     truncation: str = "keep_end_of_prompt"
@@ -166,6 +183,32 @@ class DataConfig:
         _one_of(self.on_invalid, "data.on_invalid", ("error", "skip"))
         keys = self.columns()
         _check(all(k.strip() for k in keys) and len(set(keys)) == 3, "data.prompt_key", f"the three data.*_key must be distinct names, got {list(keys)}")
+        _check(
+            isinstance(self.max_samples, int) and not isinstance(self.max_samples, bool) and self.max_samples >= 0,
+            "data.max_samples", f"must be a whole number >= 0 (0: all records), got {self.max_samples!r}",
+        )  # fmt: skip
+        split = self.eval_split
+        _check(
+            _finite_number(split) and (0 < split < 1 if isinstance(split, float) and split else split >= 0),
+            "data.eval_split",
+            f"must be a fraction in (0, 1) or a whole number of records >= 1 (0: none), got {split!r}",
+        )
+        _check(
+            not (split and self.eval_path),
+            "data.eval_split",
+            f"holds out records of data.train_path for evaluation, instead of an eval file: set data.eval_path=null (it is {self.eval_path})",
+        )
+
+    def sources(self) -> tuple[DataSource, DataSource | None]:
+        """The run's training data and its held-out data (None without ``eval_path`` or
+        ``eval_split``): what every reader of ``train_path``/``eval_path`` goes through."""
+        from dpo_dist.data.subset import DataSource, Selection
+
+        if not self.eval_split:
+            train = DataSource(self.train_path, Selection(self.max_samples))
+            return train, DataSource(self.eval_path) if self.eval_path else None
+        sides = (Selection(self.max_samples, self.eval_split, side) for side in ("train", "eval"))
+        return tuple(DataSource(self.train_path, selection) for selection in sides)
 
     def columns(self) -> tuple[str, str, str]:
         """The record keys of the prompt, chosen and rejected fields (``data.records``' ``columns``)."""
@@ -629,7 +672,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Complete checkpoints kept on disk (older ones are deleted)."""
     eval_every: int = 40
-    """Evaluate on data.eval_path every N steps (0: only at the end)."""
+    """Evaluate on the held-out data (data.eval_path or data.eval_split) every N steps (0: only at the end)."""
     log_every: int = 1
     """Write a train metrics row every N steps (eval steps and the last step are always written)."""
     seed: int = 0
@@ -803,7 +846,8 @@ class EvalConfig:
     ``dpo-eval winrate`` runs its ranks from ``<output_dir>/winrate/`` so a run's own
     ``config.yaml`` is never overwritten."""
     max_prompts: int = 0
-    """Win-rate: evaluate the first N held-out prompts (0: all of ``data.eval_path``)."""
+    """Win-rate: evaluate the first N held-out prompts (0: all of ``data.eval_path`` or of the
+    records ``data.eval_split`` holds out)."""
     max_new_tokens: int = 64
     """Win-rate: generation length limit, in tokens, for policy and reference alike."""
     do_sample: bool = False

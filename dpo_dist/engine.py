@@ -1479,11 +1479,13 @@ def setup_job(cfg: DPOConfig) -> JobSetup:
 
 
 def load_splits(cfg: DPOConfig, tokenizer):
-    """Tokenized train and eval data; rank 0 fills the tokenization cache, the others then read it."""
+    """Tokenized train and eval data (``data.sources()``); rank 0 fills the tokenization cache, the
+    others then read it."""
+    train, held_out = cfg.data.sources()
 
-    def load(path):
+    def load(source):
         return load_tokenized(
-            path,
+            source.path,
             tokenizer,
             max_length=cfg.data.max_length,
             truncation=cfg.data.truncation,
@@ -1491,11 +1493,10 @@ def load_splits(cfg: DPOConfig, tokenizer):
             cache_dir=cfg.data.resolved_cache_dir(),
             keep_identical=cfg.stage == "sft",  # SFT trains on chosen alone
             columns=cfg.data.columns(),
+            selection=source.selection,
         )
 
-    return D.rank0_first(
-        lambda: (load(cfg.data.train_path), load(cfg.data.eval_path) if cfg.data.eval_path else None)
-    )
+    return D.rank0_first(lambda: (load(train), load(held_out) if held_out else None))
 
 
 def prepare_reference(cfg: DPOConfig, env: D.DistEnv, device, backend, train_data, eval_data, training: bool = True):

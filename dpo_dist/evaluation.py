@@ -13,16 +13,27 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_dist import distributed as D
 from dpo_dist.config import DPOConfig
+
+if TYPE_CHECKING:
+    from dpo_dist.data.subset import DataSource
 
 log = logging.getLogger("dpo_dist.evaluation")
 
 
 class EvalError(ValueError):
     """Nothing to evaluate (one line saying why)."""
+
+
+def held_out_source(cfg: DPOConfig, purpose: str) -> DataSource:
+    """The run's held-out data (``data.sources()``), or ``EvalError`` saying there is none for ``purpose``."""
+    source = cfg.data.sources()[1]
+    if source is None:
+        raise EvalError(f"no held-out data {purpose}: data.eval_path is null and data.eval_split is 0")
+    return source
 
 
 def rank_config(cfg: DPOConfig, work_subdir: str) -> DPOConfig:
@@ -95,8 +106,7 @@ def evaluate_run(cfg: DPOConfig) -> dict[str, float]:
         setup_job,
     )
 
-    if not cfg.data.eval_path:
-        raise EvalError("data.eval_path is null: nothing to evaluate on")
+    held_out_source(cfg, "to evaluate on")
     job = setup_job(cfg)
     env, device, eval_data = job.env, job.device, job.eval_data
     source = policy_source(cfg)  # before a checkpoint is exported to a temporary directory

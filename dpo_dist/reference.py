@@ -117,6 +117,7 @@ from dpo_dist.data import (
 )
 from dpo_dist.data.cache import CACHE_FORMAT
 from dpo_dist.data.records import FIELDS
+from dpo_dist.data.subset import ALL_RECORDS, Selection
 from dpo_dist.fingerprint import cache_root, json_sha256, model_fingerprint, release_flock, write_holder
 from dpo_dist.logprobs import SequenceLogps, sequence_logps, split_pairs
 from dpo_dist.memory import replicate_frozen_copy
@@ -257,26 +258,29 @@ def reference_fingerprints(
     quantize: str = "none",
     tail_logps: bool = False,
     columns: Sequence[str] = FIELDS,
+    selection: Selection = ALL_RECORDS,
 ) -> dict[str, Any]:
     """Fingerprints of one reference pass. Hashing a big model is slow the first time only
     (memoized per file); still, compute this on rank 0 and broadcast it on large jobs. Records
-    read through other ``columns`` (``data.prompt_key``...) are other data."""
+    read through other ``columns`` (``data.prompt_key``...) are other data, and so are some of
+    its records (``selection``: ``data.max_samples``, a side of ``data.eval_split``)."""
     settings = reference_settings(
         max_length=max_length, truncation=truncation, dtype=dtype, quantize=quantize, tail_logps=tail_logps
     )
     return {
         "model": model_fingerprint(model_path),
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "data": data_fingerprint(data_path, columns),
+        "data": data_fingerprint(data_path, columns, selection),
         "settings": json_sha256(settings),
         "settings_values": settings,
     }
 
 
 def fingerprints_from_config(
-    config: DPOConfig, tokenizer, data_path: str | os.PathLike, *, dtype: torch.dtype | str
+    config: DPOConfig, tokenizer, data_path: str | os.PathLike, *, dtype: torch.dtype | str, selection: Selection = ALL_RECORDS
 ) -> dict[str, Any]:
-    """``reference_fingerprints`` for a run config (train or eval ``data_path``); only the reference
+    """``reference_fingerprints`` for a run config (train or eval ``data_path`` and the
+    ``selection`` of its records: ``data.sources()``); only the reference
     model's path and tokenization settings are read from it, and of the loss settings whether
     loss.ld_alpha is set (not its value), so beta, lr and ld_alpha sweeps share one cache."""
     return reference_fingerprints(
@@ -289,6 +293,7 @@ def fingerprints_from_config(
         quantize=config.model.lora.quantize,
         tail_logps=config.uses_tail_logps(),
         columns=config.data.columns(),
+        selection=selection,
     )
 
 
@@ -711,7 +716,7 @@ class RunReference:
     def eval_logps(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed reference log-probs (chosen, rejected) of an eval batch."""
         if self.eval is None:
-            raise ReferenceCacheError("this run has no eval reference cache (data.eval_path was null)")
+            raise ReferenceCacheError("this run has no eval reference cache (no data.eval_path or data.eval_split)")
         return _batch_logps(self.eval, batch, self.ld_alpha)
 
     def run_info(self) -> dict[str, Any]:
@@ -792,11 +797,15 @@ def _ensure_run_splits(cfg, env, device, backend, train_data, eval_data, tokeniz
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
     dtype = training_dtype(cfg, device)
-    paths = {"train": cfg.data.train_path, **({"eval": cfg.data.eval_path} if eval_data is not None else {})}
+    train, held_out = cfg.data.sources()
+    sources = {"train": train, **({"eval": held_out} if eval_data is not None else {})}
     # Rank 0 hashes (a 70B checkpoint is 140 GB); the others take its answer. The train
     # fingerprints name the cache directory even when only the eval split is ensured (dpo-eval).
     fingerprints = _on_rank0(
-        lambda: {name: fingerprints_from_config(cfg, tokenizer, path, dtype=dtype) for name, path in paths.items()},
+        lambda: {
+            name: fingerprints_from_config(cfg, tokenizer, source.path, dtype=dtype, selection=source.selection)
+            for name, source in sources.items()
+        },
         env.world_size,
     )
     cache_dir = Path(cfg.reference.cache_dir or default_cache_dir(combined_fingerprint(fingerprints["train"])))

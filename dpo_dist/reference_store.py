@@ -64,7 +64,7 @@ _MISMATCH = {
     # The model fingerprint covers config.json too, not only the weights.
     "model": "model files changed",
     "tokenizer": "tokenizer changed",
-    "data": "data file changed",
+    "data": "data file changed (or what is read of it: data.*_key, data.max_samples, data.eval_split)",
     # Settings include the reference dtype and quantization, not only tokenization.
     "settings": "reference settings changed",
 }

@@ -3,7 +3,8 @@
 The policy (``eval.policy_path``: a Hugging Face directory or a checkpoint, resolved like
 ``dpo-eval``) and the reference (``DPOConfig.reference_model_path``, with ``model.tokenizer_path``'s tokenizer when
 that is set, as in training) each answer the held-out prompts of
-``data.eval_path`` (the first ``eval.max_prompts``; greedy by default). The prompts, ordered by
+``data.eval_path``, or those ``data.eval_split`` holds out of ``data.train_path`` (the first
+``eval.max_prompts``; greedy by default). The prompts, ordered by
 length, are cut into batches of ``eval.batch_size`` and rank ``r`` of ``W`` generates batches
 ``r, r+W, ...`` (so the answers do not depend on ``W``); rank 0 gathers everything
 (``torch.distributed.gather_object``), puts it back in file order, asks the judge
@@ -113,13 +114,13 @@ def rank_config(cfg: DPOConfig) -> DPOConfig:
 
 
 def eval_prompts(cfg: DPOConfig) -> list[PromptItem]:
-    """The held-out prompts: records of ``data.eval_path`` (bad ones per ``data.on_invalid``)."""
+    """The held-out prompts: records of ``data.eval_path``, or those ``data.eval_split`` holds
+    out (bad ones per ``data.on_invalid``)."""
     from dpo_dist.data import load_preferences
-    from dpo_dist.evaluation import EvalError
+    from dpo_dist.evaluation import held_out_source
 
-    if not cfg.data.eval_path:
-        raise EvalError("data.eval_path is null: no held-out prompts for the win-rate")
-    records = load_preferences(cfg.data.eval_path, cfg.data.on_invalid, log, cfg.data.columns())
+    source = held_out_source(cfg, "for the win-rate's prompts")
+    records = load_preferences(source.path, cfg.data.on_invalid, log, cfg.data.columns(), source.selection)
     if cfg.eval.max_prompts:
         records = records[: cfg.eval.max_prompts]
     with_tools = sum(r.tools is not None for r in records)
@@ -398,6 +399,7 @@ def judge_and_write(cfg: DPOConfig, policy_dir: str, rows, world_size: int, gene
         "judge": cfg.eval.judge.name,
         **({"judge_model": cfg.eval.judge.model} if cfg.eval.judge.name == "openai" else {}),
         "eval_path": cfg.data.eval_path,
+        **({"eval_data": cfg.data.sources()[1].label()} if cfg.data.eval_split else {}),
         **summarize([OUTCOMES[v.winner] for v in verdicts]),
         "generation": {
             **generation_settings(cfg),

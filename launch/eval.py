@@ -11,7 +11,8 @@ log-probs are reused); results land in ``eval.output`` (default ``output_dir``) 
 while the ranks work in ``OUTPUT_DIR/eval`` (so ``output_dir=RUN`` never touches the run's files).
 
 ``winrate`` (the first argument; it is removed before Hydra reads the overrides): generations of
-the policy and of the reference on ``data.eval_path`` prompts, compared by a judge; results land in
+the policy and of the reference on the held-out prompts (``data.eval_path``, or ``data.eval_split``
+of the training file), compared by a judge; results land in
 ``eval.output`` (default ``output_dir``) as ``winrate.json`` and ``winrate_samples.jsonl``. The
 policy defaults to ``output_dir/final``, so ``output_dir=RUN`` evaluates a finished run in place:
 the ranks, their config.yaml and Hydra's ``.hydra/`` live in ``RUN/winrate/`` and never overwrite

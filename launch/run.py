@@ -209,9 +209,10 @@ def check_data(cfg) -> None:
         return
     from dpo_dist.data import DataError, load_preferences
 
-    for path in dict.fromkeys(p for p in (cfg.data.train_path, cfg.data.eval_path) if p):
+    # data.eval_split's held-out side is read, checked and split with the training side.
+    for source in dict.fromkeys(s for s in cfg.data.sources() if s and s.selection.side != "eval"):
         try:
-            load_preferences(path, "error", columns=cfg.data.columns())
+            load_preferences(source.path, "error", columns=cfg.data.columns(), selection=source.selection)
         except DataError as exc:
             raise UserError(str(exc)) from None
 

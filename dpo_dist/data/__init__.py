@@ -2,7 +2,8 @@
 
 ``records`` reads JSONL / JSON / Parquet / saved ``datasets`` directories and reports every bad
 record as ``PATH:LINE: reason``; ``tokenize`` turns records into prompt/response token ids with
-a stated truncation rule; ``cache`` does that once per (data, tokenizer, settings); ``packing``
+a stated truncation rule; ``subset`` picks the records a run uses (``data.max_samples``,
+``data.eval_split``); ``cache`` does that once per (data, tokenizer, settings); ``packing``
 groups pairs by token budget and builds the ``batch`` layouts the engine consumes.
 """
 
@@ -22,6 +23,7 @@ from dpo_dist.data.records import (
     load_preferences,
     read_preferences,
 )
+from dpo_dist.data.subset import DataSource, Selection
 from dpo_dist.data.tokenize import (
     TRUNCATION_MODES,
     TokenizedPair,
@@ -35,11 +37,13 @@ __all__ = [
     "IGNORE_INDEX",
     "TRUNCATION_MODES",
     "DataError",
+    "DataSource",
     "PackedBatch",
     "PaddedBatch",
     "PreferenceRecord",
     "Problem",
     "ReadResult",
+    "Selection",
     "TokenizedDataset",
     "TokenizedPair",
     "TruncationStats",

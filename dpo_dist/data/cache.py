@@ -4,7 +4,8 @@ Cache layout in ``cache_dir``: ``<key>.arrow`` (columns ``example_id`` int64 and
 ``chosen_ids``, ``rejected_ids`` as ``large_list<int32>``: large lists so a column may exceed
 2**31 tokens) and ``<key>.json`` (counts of records, invalid records and truncation, plus the
 problems that get logged, so a cache hit reports them as a fresh read would). ``key`` hashes the
-data file's bytes, the tokenizer (``tokenizer_fingerprint``) and the settings that change token
+data file's bytes and the records of it used (``data_fingerprint``: ``data.max_samples``, a side
+of ``data.eval_split``), the tokenizer (``tokenizer_fingerprint``) and the settings that change token
 ids (``max_length``, ``truncation``); ``on_invalid`` is not in it, because a cache written under
 ``skip`` still raises under ``error``. Both files are written to a temporary name and renamed, so
 concurrent ranks tokenizing the same file may duplicate work but never read a partial cache.
@@ -36,6 +37,7 @@ from dpo_dist.data.records import (
     logger,
     read_preferences,
 )
+from dpo_dist.data.subset import ALL_RECORDS, Selection
 from dpo_dist.data.tokenize import TokenizedPair, TruncationStats, check_truncation, tokenize_records
 
 CACHE_FORMAT = 7
@@ -65,11 +67,14 @@ class TokenizedDataset:
         num_invalid: int,
         truncation: TruncationStats,
         cache_hit: bool = False,
+        selected: str | None = None,
     ) -> None:
         self.fingerprint = fingerprint
         """Hash of data, tokenizer and tokenization settings; a key for derived caches."""
         self.num_records = num_records
-        """Records in the file, valid or not."""
+        """Records in the file (of its selection: ``subset.Selection``), valid or not."""
+        self.selected = selected
+        """What the selection took of the file (``Selection.apply``'s line), None for every record."""
         self.num_invalid = num_invalid
         self.truncation = truncation
         self.cache_hit = cache_hit
@@ -119,9 +124,11 @@ def load_tokenized(
     log: logging.Logger | None = None,
     keep_identical: bool = False,
     columns: Sequence[str] = FIELDS,
+    selection: Selection = ALL_RECORDS,
 ) -> TokenizedDataset:
     """Read, validate, tokenize and truncate ``path``, through the cache when ``cache_dir`` is set;
-    ``columns``: the keys of its prompt, chosen and rejected fields (``data.records``).
+    ``columns``: the keys of its prompt, chosen and rejected fields (``data.records``);
+    ``selection``: the records of it used (``data.max_samples``, ``data.eval_split``: ``subset``).
 
     ``cache_dir=None`` tokenizes in memory and writes nothing. ``keep_identical``: keep pairs whose
     responses are identical after truncation (SFT trains on chosen alone; see ``tokenize``).
@@ -131,19 +138,20 @@ def load_tokenized(
     check_truncation(max_length, truncation)
     log = log or logger
     shown = os.fspath(path)
-    key = _cache_key(path, tokenizer, max_length, truncation, keep_identical, columns)
+    key = _cache_key(path, tokenizer, max_length, truncation, keep_identical, columns, selection)
     files = _cache_files(cache_dir, key)
     cached = _read_cache(files, key, shown, log) if files else None
     if cached:
         dataset, problems = cached
         _apply_on_invalid(shown, dataset.num_invalid, problems, on_invalid, log, tokenizer, columns)
     else:
-        result = read_preferences(shown, columns)
+        result = read_preferences(shown, columns, selection.max_samples or None)
         # Before tokenizing: under on_invalid=error a bad file fails fast. Under skip the drop is
         # logged once below, when the records the chat template cannot render are known too.
         check_invalid(log, shown, result.problems, on_invalid, tokenizer=_hint_tokenizer(tokenizer))
+        result, selected = selection.apply(result)
         unrendered: list[Problem] = []  # chat records the template cannot render
-        dataset = _tokenize(result, tokenizer, max_length, truncation, key, unrendered, keep_identical)
+        dataset = _tokenize(result, tokenizer, max_length, truncation, key, unrendered, keep_identical, selected)
         problems = sorted(result.problems + unrendered, key=lambda problem: problem.line)
         _apply_on_invalid(shown, len(problems), problems, on_invalid, log, tokenizer, columns)
         if files:
@@ -151,9 +159,11 @@ def load_tokenized(
     if not dataset.num_records:
         # Not "no pairs left": nothing was invalid or truncated, the file itself is empty.
         raise DataError(f"{shown}: no records")
-    _log_summary(log, shown, dataset, max_length, truncation, files)
+    if dataset.selected and selection.side != "eval":  # the eval side's line would be the same
+        log.info("%s: %s", shown, dataset.selected)
+    _log_summary(log, selection.label(shown), dataset, max_length, truncation, files)
     if not len(dataset):
-        raise DataError(f"{shown}: no pairs left (all records invalid or dropped by data.truncation)")
+        raise DataError(f"{selection.label(shown)}: no pairs left (all records invalid or dropped by data.truncation)")
     return dataset
 
 
@@ -176,11 +186,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return _sha256(state)
 
 
-def _cache_key(path, tokenizer, max_length: int, truncation: str, keep_identical: bool = False, columns: Sequence[str] = FIELDS) -> str:
+def _cache_key(
+    path, tokenizer, max_length: int, truncation: str, keep_identical: bool = False, columns: Sequence[str] = FIELDS,
+    selection: Selection = ALL_RECORDS,
+) -> str:  # fmt: skip
     return _sha256(
         {
             "format": CACHE_FORMAT,
-            "data": data_fingerprint(path, columns),
+            "data": data_fingerprint(path, columns, selection),
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "max_length": max_length,
             "truncation": truncation,
@@ -217,6 +230,7 @@ def _tokenize(
     key: str,
     unrendered: list[Problem],
     keep_identical: bool = False,
+    selected: str | None = None,
 ) -> TokenizedDataset:
     pairs, stats = tokenize_records(
         result.records, tokenizer, max_length, truncation, source=result.path, problems=unrendered,
@@ -228,6 +242,7 @@ def _tokenize(
         num_records=result.num_records,
         num_invalid=len(result.problems) + len(unrendered),
         truncation=stats,
+        selected=selected,
     )
 
 
@@ -276,6 +291,7 @@ def _read_cache(files: tuple[Path, Path], key: str, shown: str, log: logging.Log
         num_invalid=meta["num_invalid"],
         truncation=TruncationStats(**meta["truncation"]),
         cache_hit=True,
+        selected=meta.get("selected"),
     )
     # Located at the path as given now, which may be spelled differently from the first run.
     problems = [Problem(shown, line, reason) for line, reason in meta["problems"]]
@@ -292,6 +308,7 @@ def _write_cache(files: tuple[Path, Path], dataset: TokenizedDataset, problems: 
         "num_invalid": dataset.num_invalid,
         "truncation": vars(dataset.truncation),
         "problems": [[p.line, p.reason] for p in problems[:LOGGED_PROBLEMS]],
+        **({"selected": dataset.selected} if dataset.selected else {}),
     }
     _atomic_write(arrow_path, lambda f: _write_arrow(f, dataset.table))
     _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))

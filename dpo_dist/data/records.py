@@ -67,6 +67,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpo_dist.data.subset import ALL_RECORDS, Selection
+
 logger = logging.getLogger("dpo_dist.data")
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -186,9 +188,10 @@ class ReadResult:
         return len(self.records) + len(self.problems)
 
 
-def read_preferences(path: str | os.PathLike, columns: Sequence[str] = FIELDS) -> ReadResult:
+def read_preferences(path: str | os.PathLike, columns: Sequence[str] = FIELDS, limit: int | None = None) -> ReadResult:
     """Read every record of ``path``, keeping the good ones and a ``Problem`` per bad one;
-    ``columns``: the keys of the prompt, chosen and rejected fields (module docstring)."""
+    ``columns``: the keys of the prompt, chosen and rejected fields (module docstring);
+    ``limit``: stop after that many records, valid or not (``data.max_samples``)."""
     shown = os.fspath(path)
     result = ReadResult(path=shown)
     offset = 0  # example ids count on across the files of a pattern
@@ -197,6 +200,8 @@ def read_preferences(path: str | os.PathLike, columns: Sequence[str] = FIELDS) -
         seen = 0
         try:
             for example_id, line, raw in _iter_raw(file, where):
+                if limit is not None and offset + example_id >= limit:
+                    break
                 seen = example_id + 1
                 parsed = raw if isinstance(raw, _Unreadable) else parse_record(raw, columns)
                 if isinstance(parsed, str):
@@ -206,6 +211,8 @@ def read_preferences(path: str | os.PathLike, columns: Sequence[str] = FIELDS) -
         except (OSError, EOFError) as e:  # permissions, I/O errors, special files, a cut .gz: any reader, any time
             raise _cannot_read(where, e) from None
         offset += seen
+        if limit is not None and offset >= limit:
+            break
     return result
 
 
@@ -223,9 +230,14 @@ def data_files(path: str | os.PathLike) -> list[Path]:
 
 
 def load_preferences(
-    path: str | os.PathLike, on_invalid: str = "error", log: logging.Logger | None = None, columns: Sequence[str] = FIELDS
+    path: str | os.PathLike,
+    on_invalid: str = "error",
+    log: logging.Logger | None = None,
+    columns: Sequence[str] = FIELDS,
+    selection: Selection = ALL_RECORDS,
 ) -> list[PreferenceRecord]:
-    """Read ``path`` (``read_preferences``) and apply the ``data.on_invalid`` policy.
+    """Read ``path`` (``read_preferences``), apply the ``data.on_invalid`` policy and keep the
+    records of ``selection`` (``data.max_samples``, a side of ``data.eval_split``: ``subset``).
 
     ``error`` raises ``DataError`` if any record is bad; ``skip`` logs what was dropped and
     returns the good records. A file with no good record at all raises either way.
@@ -233,12 +245,15 @@ def load_preferences(
     if on_invalid not in ON_INVALID:
         raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
     log = log or logger
-    result = read_preferences(path, columns)
+    result = read_preferences(path, columns, selection.max_samples or None)
+    check_invalid(log, result.path, result.problems, on_invalid, columns=columns)
+    result, note = selection.apply(result)
+    if note:
+        log.info("%s: %s", result.path, note)
     if result.problems:
-        check_invalid(log, result.path, result.problems, on_invalid, columns=columns)
         log_dropped(log, result.path, result.problems)
     if not result.records:
-        raise DataError(f"{result.path}: no valid records")
+        raise DataError(f"{selection.label(result.path)}: no valid records")
     return result.records
 
 
@@ -362,15 +377,18 @@ def _has_text(value: Text) -> bool:
     return bool(value.strip()) if isinstance(value, str) else any(_says_something(m) for m in value)
 
 
-def data_fingerprint(path: str | os.PathLike, columns: Sequence[str] = FIELDS) -> str:
+def data_fingerprint(path: str | os.PathLike, columns: Sequence[str] = FIELDS, selection: Selection = ALL_RECORDS) -> str:
     """sha256 of the file's bytes, or over every file's relative path and sha256 in a directory;
-    records read through other ``columns`` (``data.prompt_key``...) are other data, so those go
-    into it too (the default keys keep the file's own digest).
+    records read through other ``columns`` (``data.prompt_key``...) are other data, and so are
+    some of its records (``selection``: ``data.max_samples``, a side of ``data.eval_split``), so
+    those go into it too (the default keys and every record keep the file's own digest).
 
     Digests are memoized by path and stat (``dpo_dist.fingerprint``): every rank of every
     run asks at start, and re-reading a big file from shared storage each time is slow."""
     from dpo_dist.fingerprint import file_sha256, files_sha256, json_sha256
 
+    if selection.key():
+        return json_sha256({"data": data_fingerprint(path, columns), "records": selection.key()})
     if tuple(columns) != FIELDS:
         return json_sha256({"file": data_fingerprint(path), "columns": list(columns)})
 
