@@ -650,6 +650,18 @@ class ClusterConfig:
         return torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
+BEST_METRICS = {
+    "eval/loss": False,
+    "eval/nll_loss": False,
+    "eval/pref_loss": False,
+    "eval/reward_accuracy": True,
+    "eval/reward_margin": True,
+}
+"""``train.metric_for_best_model``'s choices (eval metrics of ``metrics.jsonl``) and whether a
+greater value is better, inferred as HF's Trainer infers ``greater_is_better``: a loss is better
+lower. Other eval metrics (chosen/rejected rewards and log-probs) have no better direction."""
+
+
 @dataclass
 class TrainConfig:
     """The optimisation loop."""
@@ -670,7 +682,32 @@ class TrainConfig:
     """Save a resumable checkpoint every N steps and after the last one, so that a finished run can
     train longer (0: never; ``final/`` is exported at the end either way)."""
     keep_checkpoints: int = 2
-    """Complete checkpoints kept on disk (older ones are deleted)."""
+    """Complete checkpoints kept on disk (older ones are deleted; the best one of
+    ``metric_for_best_model`` is kept in addition)."""
+    export_checkpoints: bool = False
+    """Also write every checkpoint as a Hugging Face model + tokenizer, ``checkpoints/step_N/hf/``
+    (``from_pretrained`` loads it, as every checkpoint of HF's Trainer), with the export that
+    writes ``final/`` (``engine.export_hf``: under ZeRO-3 the ranks gather one parameter at a
+    time and rank 0 writes one 5 GB shard at a time; LoRA merged, or the adapter alone with
+    ``model.lora.merge_on_export=false``); deleted with its checkpoint. Costly at scale: each save
+    then also writes a 16-bit copy of the model (141 GB for 70B) and every rank waits minutes
+    for the gathers, beside the DeepSpeed state (~0.85 TB for 70B). ``hf/`` is swapped in whole,
+    after the checkpoint is complete: a preemption checkpoint (seconds of grace) and an export
+    cut short leave it to the job that resumes from that checkpoint, which writes it first.
+    False: ``dpo-export`` converts any checkpoint on demand (one process, one shard of memory)."""
+    metric_for_best_model: str | None = None
+    """HF's ``metric_for_best_model`` with ``load_best_model_at_end``: the eval metric that picks
+    the best checkpoint (``BEST_METRICS``: ``eval/loss``, ``eval/nll_loss``, ``eval/pref_loss``
+    lower is better; ``eval/reward_accuracy``, ``eval/reward_margin`` higher; the first of equal
+    values wins). That checkpoint is never pruned (kept beside the newest ``keep_checkpoints``),
+    its step and value go to ``output_dir/best.json`` and the log, and at the end it is written
+    as a Hugging Face model to ``output_dir/best/`` (``final/`` stays the last step): linked from
+    its ``hf/`` (``export_checkpoints``) or ``final/`` when it is the last step, else converted
+    as ``dpo-export`` does, by rank 0 alone (for 70B: reading the checkpoint's ~0.85 TB, tens of
+    minutes while the other ranks wait; ``export_checkpoints`` spares it). Every checkpoint must
+    be an eval step: ``checkpoint_every`` a multiple of ``eval_every`` (HF's rule for save_steps
+    and eval_steps). It survives a resume: the best is read back from ``metrics.jsonl`` and the
+    checkpoints on disk. null: no best model."""
     eval_every: int = 40
     """Evaluate on the held-out data (data.eval_path or data.eval_split) every N steps (0: only at the end)."""
     log_every: int = 1
@@ -687,6 +724,29 @@ class TrainConfig:
             _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+        _check(
+            not self.export_checkpoints or self.checkpoint_every > 0,
+            "train.export_checkpoints",
+            "needs checkpoints to export: train.checkpoint_every > 0 (final/ is exported either way)",
+        )
+        if self.metric_for_best_model is not None:
+            self._check_best_model()
+
+    def _check_best_model(self) -> None:
+        key, every = "train.metric_for_best_model", (self.checkpoint_every, self.eval_every)
+        _one_of(self.metric_for_best_model, key, tuple(BEST_METRICS))
+        _check(min(every) > 0, key, "needs checkpoints and evals: train.checkpoint_every and train.eval_every > 0")
+        # A checkpoint without an eval could never be the best, and an eval without one has no
+        # weights to keep: HF's Trainer refuses such a save_steps alike.
+        _check(
+            self.checkpoint_every % self.eval_every == 0,
+            key,
+            f"every checkpoint must be an eval step: train.checkpoint_every ({every[0]}) must be a multiple of train.eval_every ({every[1]})",
+        )
+
+    def greater_is_better(self) -> bool:
+        """Whether a greater ``metric_for_best_model`` is better (``BEST_METRICS``)."""
+        return BEST_METRICS[self.metric_for_best_model]
 
     def steps_for(self, pairs: int) -> int:
         """Optimizer steps of a run over ``pairs`` training pairs: ``max_steps``, or with ``epochs``
@@ -899,7 +959,8 @@ class DPOConfig:
     """The whole config tree (``conf/config.yaml``)."""
 
     output_dir: str = "outputs/run"
-    """Run directory: config.yaml, run_info.json, metrics.jsonl, checkpoints/, final/."""
+    """Run directory: config.yaml, run_info.json, metrics.jsonl, checkpoints/, final/ (and with
+    ``train.metric_for_best_model`` best.json and best/)."""
     stage: str = "dpo"
     """dpo: preference optimisation | sft: supervised fine-tuning on the chosen responses."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -926,6 +987,8 @@ class DPOConfig:
             self._check_moving_reference()
         if self.reference.model_path and self.stage == "dpo":
             self._check_reference_model()
+        if self.train.metric_for_best_model is not None:
+            self._check_best_model_metric()
         if self.model.dtype == "bf16":  # before any work; model.dtype=auto is checked on the device
             self.deepspeed.to_dict(bf16=True, grad_clip=self.optim.grad_clip)
 
@@ -954,6 +1017,15 @@ class DPOConfig:
             "adapters off: set reference.mode=precompute to score against another model",
         )
 
+    def _check_best_model_metric(self) -> None:
+        """``train.metric_for_best_model`` must be a metric this run's evals log."""
+        key, metric = "train.metric_for_best_model", self.train.metric_for_best_model
+        _check(bool(self.data.eval_path), key, "needs held-out pairs to evaluate: data.eval_path is null")
+        if self.stage == "sft":
+            _check(metric == "eval/loss", key, f"stage=sft logs eval/loss alone, got {metric}")
+        elif metric in ("eval/nll_loss", "eval/pref_loss"):
+            _check(self.loss.alpha > 0, key, f"{metric} is logged by losses with an NLL term only (loss.alpha > 0: rpo, orpo, cpo)")
+
     def reference_model_path(self) -> str:
         """The reference model's directory: ``reference.model_path``, else ``model.path``."""
         return self.reference.model_path or self.model.path
@@ -981,7 +1053,8 @@ class DPOConfig:
             output_dir=sft_dir,
             model=dataclasses.replace(self.model, lora=lora),
             sft_first=SFTFirstConfig(),
-            train=dataclasses.replace(self.train, max_steps=self.sft_first.max_steps, epochs=None),
+            # The DPO stage starts from sft/final, the last step: a best SFT model would go unused.
+            train=dataclasses.replace(self.train, max_steps=self.sft_first.max_steps, epochs=None, metric_for_best_model=None),
             optim=dataclasses.replace(self.optim, lr=self.sft_first.lr or self.optim.lr),
         )
         final = str(Path(sft_dir) / "final")

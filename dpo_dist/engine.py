@@ -46,7 +46,7 @@ from dpo_dist.config import ConfigError, DeepSpeedConfig, DPOConfig, LoraConfig
 from dpo_dist.data import collate_packed, load_tokenized, pack_pairs
 from dpo_dist.data.batch import PackedBatch
 from dpo_dist.data.tokenize import use_chat_template
-from dpo_dist.export import merged_lora_weight, write_atomically, zero3_loading_paused
+from dpo_dist.export import CHECKPOINT_EXPORT, merged_lora_weight, write_atomically, zero3_loading_paused
 from dpo_dist.logprobs import SequenceLogps, normalized_logps, sequence_logps, split_pairs
 from dpo_dist.losses import (
     BATCH_STATISTICS,
@@ -60,11 +60,15 @@ from dpo_dist.losses import (
     wpo_pair_weights,
 )
 from dpo_dist.runinfo import (
+    BestCheckpoint,
     MetricsLog,
+    best_checkpoint,
     claim_run_dir,
     latest_complete_checkpoint,
+    read_best,
     read_metrics,
     release_run_dir,
+    write_best,
     write_run_info,
 )
 
@@ -1133,14 +1137,38 @@ def save_checkpoint(engine, cfg: DPOConfig, env: D.DistEnv, step: int, reference
     D.barrier()
     if env.is_main:
         (root / tag / "COMPLETE").write_text(f"{step}\n")
-        _prune_checkpoints(root, cfg.train.keep_checkpoints)
+        best = track_best(cfg)
+        _prune_checkpoints(root, cfg.train.keep_checkpoints, also_keep=Path(best.checkpoint).name if best else None)
     D.barrier()
 
 
-def _prune_checkpoints(root: Path, keep: int) -> None:
+def checkpoint_export_dir(cfg: DPOConfig, step: int) -> Path:
+    """Where step ``step``'s checkpoint holds its Hugging Face model (``train.export_checkpoints``)."""
+    return checkpoint_root(cfg) / _tag(step) / CHECKPOINT_EXPORT
+
+
+def resume_pending_export(engine, cfg: DPOConfig, tokenizer, env: D.DistEnv, start: int) -> None:
+    """``hf/`` of the checkpoint a run resumes from (step ``start``), written now when
+    ``train.export_checkpoints`` wants one and it has none: a preemption checkpoint leaves it to
+    the resumed job (its grace period belongs to the DeepSpeed state), an export stopped by a
+    signal or killed leaves only its staging directory, and a run that turned the setting on has
+    none yet. The engine holds exactly that checkpoint's weights. Before the preemption flag, as
+    ``resume_pending_eval``: a signal now requeues at once and the next job exports."""
+    if start == 0 or not cfg.train.export_checkpoints:
+        return
+    out = checkpoint_export_dir(cfg, start)
+    if D.on_rank0(out.is_dir):  # rank 0 decides for all: the export is collective
+        return
+    log.info("export of checkpoint step %d (left by the job that saved it) to %s", start, out)
+    export_hf(engine, cfg, tokenizer, out, env)
+
+
+def _prune_checkpoints(root: Path, keep: int, also_keep: str | None = None) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints and ``also_keep`` (the best one's
+    directory name), and every incomplete one."""
     dirs = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     complete = [p for p in dirs if (p / "COMPLETE").exists()]
-    for p in complete[:-keep] + [p for p in dirs if p not in complete]:
+    for p in [p for p in complete[:-keep] if p.name != also_keep] + [p for p in dirs if p not in complete]:
         failures = _rmtree(p)
         if failures:
             # Pruning goes on (training must not stop for it), but a checkpoint that stays is disk
@@ -1557,6 +1585,9 @@ def train_locked(cfg: DPOConfig, job: JobSetup) -> dict[str, float]:
     # Before the preemption flag, like the reference pass: a signal now requeues at once, and
     # the resumed run finds the eval still pending.
     last_eval = resume_pending_eval(ctx, eval_data, env, start, metrics, wandb_run)
+    if env.is_main and start > 0:
+        track_best(cfg)  # the pending eval may have made the resumed checkpoint the best
+    resume_pending_export(engine, cfg, tokenizer, env, start)
     sampler = PairSampler(len(train_data), cfg.train.pairs_per_step, cfg.train.seed)
     lengths = packed_lengths(train_data, cfg.stage)
     bar = tqdm(total=cfg.train.max_steps, initial=start, desc=cfg.stage, disable=not env.is_main)
@@ -1601,30 +1632,108 @@ def train_locked(cfg: DPOConfig, job: JobSetup) -> dict[str, float]:
         last = done == cfg.train.max_steps and cfg.train.checkpoint_every > 0
         if _due(done, cfg.train.checkpoint_every) or last or stop:
             save_checkpoint(engine, cfg, env, done, reference if isinstance(reference, OnlineReference) else None, tokenizer)
+            if cfg.train.export_checkpoints and not stop:  # a preemption's grace period is the checkpoint's
+                stoppable_export(engine, cfg, tokenizer, env, checkpoint_export_dir(cfg, done), done, lambda: preempt.any_rank(device))
         if stop:
             log.warning("preempted at step %d: checkpoint saved, exiting for requeue", done)
             raise Preempted(done)
     bar.close()
-    export_final(engine, cfg, tokenizer, env, preempt, device)
+    # With a checkpoint to resume from, a stop signal during an export requeues (stoppable_export).
+    stop = (lambda: preempt.any_rank(device)) if cfg.train.checkpoint_every > 0 else None
+    best = export_best(engine, cfg, tokenizer, env, device, stop)
+    export_final(engine, cfg, tokenizer, env, stop, best_is_last=best is not None and best.step == cfg.train.max_steps)
     wandb_run.finish()
     return last_eval
 
 
-def export_final(engine, cfg: DPOConfig, tokenizer, env: D.DistEnv, preempt: D.PreemptionFlag, device: torch.device) -> None:
-    """``final/`` after the last step; a stop signal before or during it (a ZeRO-3 export asks
-    between shards) requeues instead, when the last step's checkpoint is there to resume from: a
-    70B export takes minutes, and a job killed halfway was not requeued. The resumed job starts
-    at the last step and exports (``final/`` is swapped in whole, so a stopped export left none)."""
+BEST_EXPORT = "best"
+"""``output_dir/best/``: the best checkpoint's Hugging Face model (``train.metric_for_best_model``)."""
+
+
+def export_final(engine, cfg: DPOConfig, tokenizer, env: D.DistEnv, stop=None, best_is_last: bool = False) -> None:
+    """``final/`` after the last step (and after ``best/``: a run with ``final/`` is finished). A
+    stop signal before or during it (``stop``, asked between the shards of a ZeRO-3 export; None
+    without a checkpoint to resume from) requeues instead: a 70B export takes minutes, and a job
+    killed halfway was not requeued. The resumed job starts at the last step and exports
+    (``final/`` is swapped in whole, so a stopped export left none). Linked from an export of the
+    same weights when there is one: the last checkpoint's ``hf/``, or ``best/`` when
+    ``best_is_last`` (it holds the last step)."""
+    out = Path(cfg.output_dir) / "final"
+    candidates = [checkpoint_export_dir(cfg, cfg.train.max_steps)] if cfg.train.export_checkpoints else []
+    if best_is_last:
+        candidates.append(Path(cfg.output_dir) / BEST_EXPORT)
+    source = D.on_rank0(lambda: next((c for c in candidates if c.is_dir()), None))  # each is swapped in whole
+    if source is not None:
+        linked_export(source, out, env)
+    else:
+        stoppable_export(engine, cfg, tokenizer, env, out, cfg.train.max_steps, stop)
+
+
+def export_best(engine, cfg: DPOConfig, tokenizer, env: D.DistEnv, device: torch.device, stop=None) -> BestCheckpoint | None:
+    """``best/`` at the end of a run with ``train.metric_for_best_model``, and its checkpoint
+    (None without one). Linked from the best checkpoint's ``hf/`` when it has one; the last
+    step's is the engine's own weights, exported as ``final/`` is (``stop`` as there); an earlier
+    one is converted from its DeepSpeed checkpoint by rank 0 as ``dpo-export`` does, while the
+    other ranks wait (the engine's weights are the last step's, and loading the best step's into
+    it would need the number of ranks that wrote them). Written on every finishing job: a run
+    that trained longer may have a new best."""
+    metric = cfg.train.metric_for_best_model
+    if metric is None:
+        return None
+    best = D.on_rank0(lambda: track_best(cfg))
+    if best is None:
+        log.warning("train.metric_for_best_model=%s: no checkpoint has an eval of it, so there is no %s/", metric, BEST_EXPORT)
+        return None
+    out, directory = Path(cfg.output_dir) / BEST_EXPORT, Path(cfg.output_dir) / best.checkpoint
+    if D.on_rank0((directory / CHECKPOINT_EXPORT).is_dir):
+        linked_export(directory / CHECKPOINT_EXPORT, out, env)
+    elif best.step == cfg.train.max_steps:
+        stoppable_export(engine, cfg, tokenizer, env, out, best.step, stop)
+    else:
+        from dpo_dist.export import export_checkpoint
+
+        # The dtype final/ has: the training dtype of the engine's weights.
+        dtype = "bf16" if training_dtype(cfg, device) == torch.bfloat16 else "fp32"
+        log.info("%s/: converting %s on rank 0 (train.export_checkpoints=true exports every checkpoint as it is saved)", BEST_EXPORT, directory)
+        D.rank0_then_wait(lambda: export_checkpoint(directory, out, dtype, cfg=cfg))
+    log.info("best model (%s %.6g at step %d) is %s", metric, best.value, best.step, out)
+    return best
+
+
+def track_best(cfg: DPOConfig) -> BestCheckpoint | None:
+    """Rank 0: the best checkpoint so far of ``train.metric_for_best_model`` (``runinfo.best_checkpoint``),
+    written to ``best.json`` and logged when it changed; None without one (or without the metric)."""
+    metric = cfg.train.metric_for_best_model
+    if metric is None:
+        return None
+    best = best_checkpoint(cfg.output_dir, metric, cfg.train.greater_is_better())
+    if best is not None and best != read_best(cfg.output_dir):
+        write_best(cfg.output_dir, best)
+        log.info("best checkpoint so far: step %d (%s %.6g), kept beside the newest train.keep_checkpoints", best.step, metric, best.value)
+    return best
+
+
+def linked_export(source: Path, out: Path, env: D.DistEnv) -> None:
+    """``out`` made from the export ``source`` of the same weights by rank 0 (``export.link_export``)."""
+    from dpo_dist.export import link_export
+
+    D.rank0_then_wait(lambda: link_export(source, out))
+    log.info("exported Hugging Face model to %s (hard links to %s, the same weights)", out, source)
+
+
+def stoppable_export(engine, cfg: DPOConfig, tokenizer, env: D.DistEnv, out: Path, step: int, stop=None) -> None:
+    """``export_hf`` of the engine's weights (those of step ``step``) to ``out``, asking ``stop``
+    before and between shards; a stop exits for a requeue (``Preempted``) that resumes from step
+    ``step``'s checkpoint, where the export is done again (a stopped one leaves no ``out``)."""
     from dpo_dist.export import ExportStopped
 
-    stop = (lambda: preempt.any_rank(device)) if cfg.train.checkpoint_every > 0 else None
     try:
         if stop is not None and stop():
             raise ExportStopped("before the export")
-        export_hf(engine, cfg, tokenizer, Path(cfg.output_dir) / "final", env, stop=stop)
+        export_hf(engine, cfg, tokenizer, out, env, stop=stop)
     except ExportStopped as exc:
-        log.warning("preempted during the final export (%s): exiting for requeue; the resumed job exports", exc)
-        raise Preempted(cfg.train.max_steps) from None
+        log.warning("preempted during the export of %s (%s): exiting for requeue; the resumed job exports it", out, exc)
+        raise Preempted(step) from None
 
 
 def log_schedule(cfg: DPOConfig, pairs: int) -> None:

@@ -51,17 +51,26 @@ def rank_config(cfg: DPOConfig, work_subdir: str) -> DPOConfig:
 
 
 def policy_model_dir(cfg: DPOConfig) -> Path:
-    """A Hugging Face directory for ``eval.policy_path``; a DeepSpeed checkpoint is exported first.
+    """A Hugging Face directory for ``eval.policy_path``; a DeepSpeed checkpoint is exported first,
+    unless it holds its export already (``checkpoints/step_N/hf/``, ``train.export_checkpoints``).
 
     A LoRA adapter directory counts as one (``generation.load_causal_lm`` and
     ``engine.load_causal_lm`` load its base with it), so does the export of a LoRA checkpoint
     made with ``model.lora.merge_on_export=false``, which is such a directory."""
-    from dpo_dist.export import export_checkpoint
+    from dpo_dist.export import CHECKPOINT_EXPORT, export_checkpoint, resolve_checkpoint
 
     path = Path(cfg.eval.resolved_policy_path(cfg.output_dir))
     if is_model_dir(path):
         return path
     if is_checkpoint(path):
+
+        def exported() -> Path | None:  # swapped in whole: never a partial export
+            root, tag, _ = resolve_checkpoint(path)
+            return root / tag / CHECKPOINT_EXPORT if is_model_dir(root / tag / CHECKPOINT_EXPORT) else None
+
+        # Rank 0 decides for all: on shared storage a rank's listing of the checkpoints can lag.
+        if (found := D.on_rank0(exported)) is not None:
+            return found
         out = Path(cfg.output_dir) / "policy"
         D.rank0_then_wait(lambda: export_checkpoint(path, out))
         return out

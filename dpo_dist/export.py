@@ -36,6 +36,9 @@ class ExportStopped(Exception):
     """``save_consolidated``'s ``stop`` said to stop between shards (a preemption warning)."""
 
 
+CHECKPOINT_EXPORT = "hf"
+"""A checkpoint's Hugging Face model, ``checkpoints/step_N/hf/`` (``train.export_checkpoints``)."""
+
 RUN_FILES = ("config.yaml", "run_info.json", "metrics.jsonl")
 """Files a run directory holds (``dpo_dist.runinfo``): a directory with one is a run, not a checkpoint."""
 
@@ -88,8 +91,10 @@ def export_checkpoint(
     out_dir: str | Path,
     dtype: str = "auto",
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
+    cfg=None,
 ) -> Path:
-    """Write a Hugging Face model (safetensors + config + tokenizer) for ``checkpoint`` to ``out_dir``."""
+    """Write a Hugging Face model (safetensors + config + tokenizer) for ``checkpoint`` to ``out_dir``.
+    ``cfg``: the run's config (a ``DPOConfig``), when not read from its ``config.yaml``."""
     try:  # before any work: consolidating a 70B checkpoint takes long
         parse_shard_size(max_shard_size)
     except ExportError as exc:
@@ -100,7 +105,7 @@ def export_checkpoint(
     root, tag, run_dir = resolve_checkpoint(checkpoint)
     out_dir = Path(out_dir).absolute()
     check_replaceable(out_dir)  # before any work
-    cfg = read_config(run_dir / "config.yaml")
+    cfg = cfg or read_config(run_dir / "config.yaml")
     sources = {Path(p).expanduser().resolve() for p in (cfg.model.path, cfg.model.resolved_tokenizer_path())}
     if out_dir.resolve() in sources:
         raise ExportError(f"{out_dir}: is the run's model.path (or tokenizer): an export would replace the model it starts from")
@@ -285,6 +290,20 @@ def write_atomically(out_dir: Path, write) -> None:
     tmp = staging_dir(out_dir)
     write(tmp)
     swap_in(tmp, out_dir)
+
+
+def link_export(source: Path, out_dir: Path) -> None:
+    """``out_dir`` as a copy of the export ``source`` (swapped in whole) made of hard links to its
+    files, so a 70B model is not written twice; copied where the filesystem has no hard links.
+    Each keeps its files when the other is deleted (a pruned checkpoint)."""
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    write_atomically(out_dir, lambda tmp: shutil.copytree(source, tmp, copy_function=link))
 
 
 def staging_dir(out_dir: Path) -> Path:

@@ -1,15 +1,17 @@
-"""The files of a run directory: config.yaml, run_info.json and metrics.jsonl."""
+"""The files of a run directory: config.yaml, run_info.json, metrics.jsonl and best.json."""
 
 from __future__ import annotations
 
 import fcntl
 import json
 import logging
+import math
 import os
 import platform
 import socket
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,8 @@ RESUMABLE_CHANGES = (
     "deepspeed.overlap_comm", "deepspeed.reduce_bucket_size", "deepspeed.prefetch_bucket_size",
     "deepspeed.param_persistence_threshold", "deepspeed.max_live_parameters", "deepspeed.leaf_modules",
     "deepspeed.comm_timeout_minutes", "cluster.", "train.micro_batch_tokens", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.eval_every", "train.log_every", "reference.mode", "reference.cache_dir",
+    "train.keep_checkpoints", "train.export_checkpoints", "train.metric_for_best_model", "train.eval_every",
+    "train.log_every", "reference.mode", "reference.cache_dir",
     "reference.partition", "wandb.", "eval.",
 )
 """Settings a run may change between its jobs (a resume, a requeue, a re-run of a finished run):
@@ -115,13 +118,66 @@ def has_trained(out: Path) -> bool:
     return any((out / name).exists() for name in ("metrics.jsonl", "checkpoints", "final"))
 
 
-def latest_complete_checkpoint(root: Path) -> tuple[str, int] | None:
-    """The newest checkpoint with a COMPLETE marker under ``root`` (``OUTPUT_DIR/checkpoints``),
-    as (directory name, step); half-written ones are never picked."""
+def complete_checkpoints(root: Path) -> list[tuple[str, int]]:
+    """The checkpoints with a COMPLETE marker under ``root`` (``OUTPUT_DIR/checkpoints``), oldest
+    first, as (directory name, step); half-written ones are not listed."""
     if not root.is_dir():
-        return None
+        return []
     done = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "COMPLETE").exists())
-    return (done[-1], int(done[-1].split("_")[1])) if done else None
+    return [(name, int(name.split("_")[1])) for name in done]
+
+
+def latest_complete_checkpoint(root: Path) -> tuple[str, int] | None:
+    """The newest complete checkpoint (``complete_checkpoints``), or None."""
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+BEST_RECORD = "best.json"
+"""``train.metric_for_best_model``'s record in the run directory (``BestCheckpoint``)."""
+
+
+@dataclass(frozen=True)
+class BestCheckpoint:
+    """The checkpoint with the best eval value of a metric, as ``best.json`` records it."""
+
+    metric: str
+    greater_is_better: bool
+    step: int
+    value: float
+    checkpoint: str
+    """Its directory, relative to the run directory (``checkpoints/step_N``)."""
+
+
+def best_checkpoint(run_dir: str | Path, metric: str, greater_is_better: bool) -> BestCheckpoint | None:
+    """The complete checkpoint of ``run_dir`` whose step's eval row in ``metrics.jsonl`` has the
+    best ``metric`` (the earliest of equal values, as HF's strict comparison keeps it; nan never),
+    or None. Read from the files alone, so a resumed job knows the best so far: ``metrics.jsonl``
+    is cut back to the checkpoint it resumes from, and the best checkpoint is never pruned."""
+    out = Path(run_dir)
+    checkpoints = dict((step, name) for name, step in complete_checkpoints(out / "checkpoints"))
+    path = out / "metrics.jsonl"
+    # The last row of a step wins, as a resumed eval of the same step writes the same values.
+    values = {row["step"]: row[metric] for row in (read_metrics(path) if path.exists() else []) if metric in row}
+    best: BestCheckpoint | None = None
+    for step in sorted(checkpoints.keys() & values.keys()):
+        value = float(values[step])
+        if math.isnan(value) or (best is not None and not (value > best.value if greater_is_better else value < best.value)):
+            continue
+        best = BestCheckpoint(metric, greater_is_better, step, value, f"checkpoints/{checkpoints[step]}")
+    return best
+
+
+def read_best(run_dir: str | Path) -> BestCheckpoint | None:
+    """``best.json`` of ``run_dir``, or None (none written, or unreadable)."""
+    try:
+        return BestCheckpoint(**json.loads((Path(run_dir) / BEST_RECORD).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_best(run_dir: str | Path, best: BestCheckpoint) -> None:
+    _atomic_write(Path(run_dir) / BEST_RECORD, json.dumps(asdict(best), indent=2) + "\n")
 
 
 _PATH_KEYS = ("model.path", "model.tokenizer_path", "reference.model_path", "data.train_path", "data.eval_path")

@@ -282,6 +282,70 @@ def test_export_round_trip(assets, tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
 
 
+def test_checkpoints_are_hf_models_and_the_best_survives_pruning_and_resume(assets, tmp_path):
+    """train.export_checkpoints writes checkpoints/step_N/hf/: the model dpo-export makes of that
+    checkpoint, and at the last step final/ itself (hard links, not a second export).
+    train.metric_for_best_model keeps the best checkpoint past keep_checkpoints=1 and writes best/.
+    Jobs resumed at the last step of copies of that run without its exports and best.json find
+    the best again and make the same models: hf/ of the resumed checkpoint first; best/ converted
+    from its checkpoint, or, when it is the last step, exported with final/ linked from it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_dist.export import export_checkpoint
+    from dpo_dist.runinfo import read_config
+
+    # An lr that overshoots: eval/loss is best at step 2.
+    settings = {
+        "train.max_steps": 4, "train.checkpoint_every": 2, "train.eval_every": 2, "train.keep_checkpoints": 1,
+        "optim.lr": 1e-2, "train.metric_for_best_model": "eval/loss",
+    }
+    out = tmp_path / "run"
+    rows = train(assets, out, **settings, **{"train.export_checkpoints": True})
+    losses = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
+    assert losses[2] < losses[4], losses  # the premise: the best is not the newest checkpoint
+    ckpt = {step: out / "checkpoints" / f"step_{step:08d}" for step in (2, 4)}
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [c.name for c in ckpt.values()]
+    assert json.loads((out / "best.json").read_text()) == {
+        "metric": "eval/loss", "greater_is_better": False, "step": 2, "value": losses[2], "checkpoint": "checkpoints/step_00000002",
+    }
+    ids = AutoTokenizer.from_pretrained(ckpt[2] / "hf")("12+34=", return_tensors="pt").input_ids
+
+    def logits(model_dir):
+        with torch.no_grad():
+            return AutoModelForCausalLM.from_pretrained(model_dir)(ids).logits
+
+    cfg = read_config(out / "config.yaml")
+    for step, directory in ckpt.items():  # dpo-export's conversion of the same checkpoint
+        export_checkpoint(directory, tmp_path / f"dpo-export-{step}", cfg=cfg)
+        torch.testing.assert_close(logits(directory / "hf"), logits(tmp_path / f"dpo-export-{step}"), rtol=0, atol=0)
+    best, final = logits(out / "best"), logits(out / "final")
+    torch.testing.assert_close(best, logits(ckpt[2] / "hf"), rtol=0, atol=0)
+    torch.testing.assert_close(final, logits(ckpt[4] / "hf"), rtol=0, atol=0)
+    assert not torch.allclose(best, final)
+    assert (out / "final" / "model.safetensors").stat().st_ino == (ckpt[4] / "hf" / "model.safetensors").stat().st_ino
+
+    def resumed_copy(name: str, drop: tuple[str, ...], export_checkpoints: bool):
+        copy = tmp_path / name
+        shutil.copytree(out, copy)
+        for path in [copy / "best", copy / "final", copy / "best.json", *(p for pattern in drop for p in copy.glob(pattern))]:
+            shutil.rmtree(path, ignore_errors=True) if path.name != "best.json" else path.unlink()
+        train(assets, copy, **settings, **{"train.export_checkpoints": export_checkpoints})
+        assert json.loads((copy / "run_info.json").read_text())["resumed_from_step"] == 4
+        return copy
+
+    # hf/ of step 4 written on resume, final/ linked from it; best/ converted from step 2.
+    copy = resumed_copy("converted", ("checkpoints/*/hf",), export_checkpoints=True)
+    assert (copy / "checkpoints" / "step_00000004" / "hf").is_dir() and not (copy / "checkpoints" / "step_00000002" / "hf").exists()
+    assert json.loads((copy / "best.json").read_text())["step"] == 2
+    torch.testing.assert_close(logits(copy / "best"), best, rtol=0, atol=0)
+    torch.testing.assert_close(logits(copy / "final"), final, rtol=0, atol=0)
+    # Step 2 gone: the best is the last step, exported from the engine, and final/ linked from it.
+    copy = resumed_copy("last_is_best", ("checkpoints/*/hf", "checkpoints/step_00000002"), export_checkpoints=False)
+    assert json.loads((copy / "best.json").read_text())["step"] == 4 and not (copy / "checkpoints" / "step_00000004" / "hf").exists()
+    torch.testing.assert_close(logits(copy / "best"), final, rtol=0, atol=0)
+    assert (copy / "final" / "model.safetensors").stat().st_ino == (copy / "best" / "model.safetensors").stat().st_ino
+
+
 def test_precompute_then_train_reuses_cache_and_eval_matches(assets, tmp_path):
     cache = tmp_path / "ref"
     common = {"reference.cache_dir": cache, "cluster.nproc_per_node": 2}

@@ -171,6 +171,35 @@ def test_a_signal_after_the_last_step_requeues_and_the_resumed_job_exports(setup
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("final")) == ["final"]
 
 
+def test_a_signal_during_a_checkpoint_export_requeues_and_the_resumed_job_exports_it(setup, tmp_path):
+    """train.export_checkpoints: a checkpoint's hf/ is written once the checkpoint is complete,
+    asking between shards for a stop ("export": the signal comes as step 2's export begins). The
+    job requeues with step 2 complete but no hf/ (only its staging directory); the resumed job
+    exports it first, then trains on to the uninterrupted run's rows and final/, and best/."""
+    from safetensors.torch import load_file
+
+    cfg, baseline = setup
+    train = dataclasses.replace(cfg.train, checkpoint_every=2, export_checkpoints=True, metric_for_best_model="eval/loss")
+    cfg = dataclasses.replace(cfg, train=train)
+    out = tmp_path / "run"
+    status, _ = run_rank(cfg, out, preempt_at="export")
+    assert status == PREEMPTED_EXIT_CODE
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "step_00000002" / "COMPLETE").exists() and not (checkpoints / "step_00000002" / "hf").exists()
+    assert [row_key(r) for r in read_rows(out)] == [(2, "train"), (2, "eval")]  # the eval ran before the save
+
+    status, returned = run_rank(cfg, out)
+    assert status == 0
+    assert json.loads((out / "run_info.json").read_text())["resumed_from_step"] == 2
+    assert_same_run(out, baseline, returned)
+    assert sorted(p.name for p in checkpoints.glob("*/hf*")) == ["hf", "hf"]  # steps 2 and 4, no staging left
+    assert load_file(checkpoints / "step_00000004" / "hf" / "model.safetensors").keys() == baseline["final"].keys()
+    evals = {r["step"]: r["eval/loss"] for r in baseline["rows"] if "eval/loss" in r}
+    best = min(evals, key=evals.get)
+    assert json.loads((out / "best.json").read_text())["step"] == best
+    assert (out / "best" / "model.safetensors").stat().st_ino == (checkpoints / f"step_{best:08d}" / "hf" / "model.safetensors").stat().st_ino
+
+
 def _rank(config: str, result: str, preempt_at: str) -> int:
     """One rank of ``dpo_dist.worker``, sent SIGUSR1 (a preemption warning) while it runs step
     ``preempt_at`` (1-based), or after the last step's checkpoint ("save") or as the ZeRO-3
