@@ -1020,7 +1020,7 @@ class DPOConfig:
     def _check_best_model_metric(self) -> None:
         """``train.metric_for_best_model`` must be a metric this run's evals log."""
         key, metric = "train.metric_for_best_model", self.train.metric_for_best_model
-        _check(bool(self.data.eval_path), key, "needs held-out pairs to evaluate: data.eval_path is null")
+        _check(self.data.sources()[1] is not None, key, "needs held-out pairs to evaluate: data.eval_path is null and data.eval_split is 0")
         if self.stage == "sft":
             _check(metric == "eval/loss", key, f"stage=sft logs eval/loss alone, got {metric}")
         elif metric in ("eval/nll_loss", "eval/pref_loss"):

@@ -68,6 +68,12 @@ def test_best_model_and_checkpoint_export_settings_are_checked(values, message):
     assert "\n" not in str(info.value)
 
 
+def test_the_best_model_is_picked_on_held_out_records_of_the_training_file():
+    """data.eval_split is held-out data as data.eval_path is."""
+    cfg = config(train={**EVERY_2, "metric_for_best_model": "eval/loss"}, data={"eval_path": None, "eval_split": 0.1})
+    assert cfg.train.metric_for_best_model == "eval/loss"
+
+
 def test_the_direction_is_inferred_from_the_metric_and_valid_settings_pass():
     assert {name: config(train={**EVERY_2, "metric_for_best_model": name}, loss={"alpha": 1.0}).train.greater_is_better() for name in BEST_METRICS} == {
         "eval/loss": False,
