@@ -1568,6 +1568,8 @@ def train_locked(cfg: DPOConfig, job: JobSetup) -> dict[str, float]:
     if finished is not None:
         log.info("%s already finished: step %d trained and final/ exported; nothing to do", cfg.output_dir, cfg.train.max_steps)
         return finished
+    if env.is_main:
+        drop_earlier_exports(cfg)
     train_data, eval_data = job.train_data, job.eval_data
     seed_everything(cfg.train.seed)
     wandb_run = init_wandb(cfg, env)  # before any model work: a missing W&B login fails at once
@@ -1769,6 +1771,18 @@ def finished_metrics(cfg: DPOConfig) -> dict[str, float] | None:
         return None
     evals = [row for row in rows if row.get("step") == cfg.train.max_steps and any(k.startswith("eval/") for k in row)]
     return {k: v for k, v in evals[-1].items() if k != "step"} if evals else {}
+
+
+def drop_earlier_exports(cfg: DPOConfig) -> None:
+    """Remove ``final/`` and ``best/`` of a run that is not finished (``finished_metrics``): they
+    hold the weights of the shorter run it was before ``train.max_steps`` grew. Left in place, a
+    job stopped during this run's own export (after its last step's metrics row) would make the
+    run look finished with those older weights."""
+    for name in ("final", BEST_EXPORT):
+        path = Path(cfg.output_dir) / name
+        if path.is_dir():
+            log.info("removing %s: it holds the weights of this run before it was set to %d steps", path, cfg.train.max_steps)
+            shutil.rmtree(path)
 
 
 class Preempted(Exception):

@@ -600,6 +600,9 @@ def test_train_epochs_sets_the_steps_from_the_data_and_can_grow(assets, tmp_path
     rows = train_rows([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
     assert [(r["step"], r["epoch"]) for r in rows] == [(1, 0.125), (2, 0.25), (3, 0.375)]
     assert json.loads((out / "run_info.json").read_text())["resumed_from_step"] == 2
+    # The 2-step final/ went at the start (a job stopped during the 3-step export would otherwise
+    # leave a run that looks finished with step 2's weights); the 3-step export replaced it.
+    assert "removing " + str(out / "final") in longer.stderr and (out / "final" / "config.json").is_file()
     report = run_cli("launch.report", str(out))
     assert report.returncode == 0 and "3/3" in report.stdout, report.stdout + report.stderr[-2000:]
 

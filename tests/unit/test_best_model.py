@@ -225,3 +225,18 @@ def test_dpo_eval_of_a_checkpoint_takes_its_hf_export(tmp_path, monkeypatch):
     assert exported_by_hand == [(run, tmp_path / "ev" / "policy")]
     E._rmtree(run / "checkpoints" / "step_00000006")
     assert evaluated(run) == run / "checkpoints" / "step_00000004" / "hf"
+
+
+def test_exports_of_a_run_that_trains_longer_are_removed_before_it_trains(tmp_path):
+    """A finished 4-step run set to 6 steps: its final/ and best/ hold step-4 weights. Were the job
+    stopped during the 6-step export (metrics already at step 6), the stale final/ would make the
+    run look finished; so they go before training."""
+    cfg = config(output_dir=str(tmp_path), train={"max_steps": 6})
+    for name in ("final", "best"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in range(1, 7)))
+    assert E.finished_metrics(cfg) is not None, "what a stopped export would leave looks finished"
+    E.drop_earlier_exports(cfg)
+    assert not (tmp_path / "final").exists() and not (tmp_path / "best").exists()
+    assert E.finished_metrics(cfg) is None
