@@ -45,16 +45,19 @@ def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+"""The file that makes a directory a PEFT adapter (``dpo_dist.adapters``)."""
 QUANTIZE_TYPES = ("none", "nf4", "fp4")
 """``model.lora.quantize``: bitsandbytes' 4-bit data types (NormalFloat4 is QLoRA's)."""
 
 
 @dataclass
 class LoraConfig:
-    """Low-rank adapters via PEFT; ``r=0`` trains the full weights."""
+    """Low-rank adapters via PEFT; ``r=0`` trains the full weights. With ``model.path`` a PEFT
+    LoRA adapter directory, the run trains that adapter further with its own settings (``continued``)."""
 
     r: int = 0
-    """Adapter rank; 0 disables LoRA (full-weight training)."""
+    """Adapter rank; 0 disables LoRA (full-weight training), except when continuing an adapter."""
     alpha: float = 16.0
     """LoRA scaling numerator (effective scale alpha / r)."""
     dropout: float = 0.0
@@ -80,11 +83,34 @@ class LoraConfig:
         _check(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(self.r == 0 or len(self.target_modules) > 0, "model.lora.target_modules", "must not be empty")
         _one_of(self.quantize, "model.lora.quantize", QUANTIZE_TYPES)
-        _check(
-            self.quantize == "none" or self.enabled,
-            "model.lora.quantize",
-            f"{self.quantize} (QLoRA) trains adapters on a frozen quantized base: set model.lora.r (e.g. 16)",
-        )
+
+    def continued(self, adapter: dict[str, Any], where: str) -> LoraConfig:
+        """These settings for a run that continues training the PEFT LoRA adapter whose
+        ``adapter_config.json`` is ``adapter`` (``model.path`` an adapter directory; ``where``
+        names it): r, alpha, dropout and target modules are the adapter's, since its tensors and
+        scaling were trained with them. A value set here other than the field's default that
+        differs from the adapter's is refused rather than ignored (r=0, the default, does not mean
+        full-weight training here). The target modules become the adapted layers' names without
+        their paths (PEFT's ``all-linear`` saves full paths), as the memory planner takes them;
+        PEFT loads the adapter from its own file. merge_on_export and quantize stay this run's."""
+        _check_continuable(adapter, where)
+        values = {
+            "r": int(adapter["r"]),
+            "alpha": float(adapter.get("lora_alpha", 8)),  # PEFT's defaults for keys an old file lacks
+            "dropout": float(adapter.get("lora_dropout", 0.0)),
+            "target_modules": sorted({name.rsplit(".", 1)[-1] for name in adapter["target_modules"]}),
+        }
+        default = LoraConfig()
+        for key, value in values.items():
+            given = getattr(self, key)
+            same = sorted(set(given)) == value if key == "target_modules" else given == value
+            if given != getattr(default, key) and not same:
+                shown, given = ("[" + ",".join(v) + "]" if key == "target_modules" else f"{v:g}" for v in (value, given))
+                raise ConfigError(
+                    f"model.lora.{key}={given}: {where} is a LoRA adapter with {key}={shown} (its {ADAPTER_CONFIG}), "
+                    f"whose training this run continues with its own settings; leave model.lora.{key} unset"
+                )
+        return dataclasses.replace(self, **values)
 
     @property
     def quantized(self) -> bool:
@@ -95,6 +121,33 @@ class LoraConfig:
         return self.r > 0
 
 
+def _check_continuable(adapter: dict[str, Any], where: str) -> None:
+    """Refuse, in one line, a PEFT adapter that ``LoraConfig.continued`` cannot train on: another
+    method than LoRA, or LoRA with parts that the checkpoints, the merged export or the memory
+    plan do not handle (DoRA's magnitudes, trained biases, whole modules beside the adapter)."""
+    kind = adapter.get("peft_type")
+    _check(kind == "LORA", "model.path", f"{where} is a {kind} adapter: only LoRA adapters can be trained further")
+    unsupported = {
+        "use_dora": "DoRA (use_dora)",
+        "modules_to_save": "whole modules trained beside the adapter (modules_to_save)",
+        "trainable_token_indices": "trained token embeddings (trainable_token_indices)",
+        "target_parameters": "adapters on parameters (target_parameters)",
+        "layer_replication": "replicated layers (layer_replication)",
+        "lora_bias": "a bias on lora_B (lora_bias)",
+    }
+    for key, what in unsupported.items():
+        _check(not adapter.get(key), "model.path", f"{where}: its LoRA adapter has {what}, which dpo_dist does not train")
+    bias = adapter.get("bias", "none")
+    _check(bias == "none", "model.path", f"{where}: its LoRA adapter trains biases (bias={bias}), which dpo_dist does not")
+    targets = adapter.get("target_modules")
+    _check(
+        isinstance(targets, list) and bool(targets) and all(isinstance(t, str) for t in targets),
+        "model.path",
+        f"{where}: its adapter's target_modules is {targets!r}; continuing an adapter needs the list of module names PEFT saves",
+    )
+    _check(isinstance(adapter.get("r"), int) and adapter["r"] > 0, "model.path", f"{where}: its adapter's r is {adapter.get('r')!r}")
+
+
 @dataclass
 class ModelConfig:
     """The policy (and, unless precomputed, reference) model."""
@@ -103,7 +156,10 @@ class ModelConfig:
     """Preset name, for logs and run_info (tiny, llama3_1b, llama3_8b, llama3_70b, custom)."""
     path: str | None = str(ASSETS_DIR / "tiny_model")
     """Local Hugging Face model directory (config + safetensors). Nothing is downloaded; presets
-    for real models set it to null so that forgetting ``model.path=...`` is an error."""
+    for real models set it to null so that forgetting ``model.path=...`` is an error. A PEFT LoRA
+    adapter directory (``adapter_config.json``: a ``merge_on_export=false`` export, TRL's SFT
+    adapter) continues training that adapter on the base it names (``dpo_dist.adapters``); the
+    reference is then the starting policy, base plus adapter as loaded."""
     tokenizer_path: str | None = None
     """Tokenizer directory; defaults to ``path``."""
     attn_backend: str = "auto"
@@ -124,12 +180,27 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "model.path", f"required for model={self.name} (a local Hugging Face directory)")
+        from dpo_dist.adapters import is_adapter_dir, read_adapter_config  # it imports this module
+
+        if is_adapter_dir(self.path):
+            # A PEFT adapter directory is the adapter to train further: the LoRA settings are its
+            # own, resolved here once, so that everything reading model.lora (the engine, the memory
+            # plan, the run's config.yaml, a resume's comparison) sees the run as it trains.
+            self.lora = self.lora.continued(read_adapter_config(self.path), f"model.path={self.path}")
+        _check(
+            not self.lora.quantized or self.lora.enabled,
+            "model.lora.quantize",
+            f"{self.lora.quantize} (QLoRA) trains adapters on a frozen quantized base: set model.lora.r (e.g. 16)",
+        )
         _one_of(self.attn_backend, "model.attn_backend", ("auto", "flash", "varlen", "sdpa"))
         _one_of(self.dtype, "model.dtype", ("auto", "fp32", "bf16"))
         _check(self.logits_chunk_tokens > 0, "model.logits_chunk_tokens", "must be > 0")
 
     def resolved_tokenizer_path(self) -> str:
-        return self.tokenizer_path or self.path
+        """``tokenizer_path``, else ``path``'s tokenizer (an adapter's base's when it has none)."""
+        from dpo_dist.adapters import tokenizer_dir
+
+        return self.tokenizer_path or tokenizer_dir(self.path)
 
 
 @dataclass
@@ -1004,7 +1075,8 @@ class DPOConfig:
         _check(
             not self.model.lora.enabled,
             key,
-            "does not work with LoRA: its reference is the policy with the adapters off, not a copy that can move",
+            "does not work with LoRA: its reference is the policy with the adapters off (or a continued adapter's "
+            "frozen starting copy), not a model copy that can move",
         )
 
     def _check_reference_model(self) -> None:
@@ -1044,8 +1116,8 @@ class DPOConfig:
         if self.stage == "sft" or self.sft_first.max_steps == 0:
             return [self]
         sft_dir = str(Path(self.output_dir) / "sft")
-        # The DPO stage trains from sft/final, so with LoRA it must be the merged model: an
-        # adapter-only export cannot be a starting point (see engine.load_for_deepspeed).
+        # The DPO stage trains from sft/final with its own model.lora, so with LoRA that must be the
+        # merged model: an adapter-only export there would make it continue the SFT adapter instead.
         lora = dataclasses.replace(self.model.lora, merge_on_export=True)
         sft = dataclasses.replace(
             self,

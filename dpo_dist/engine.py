@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from dpo_dist import distributed as D
+from dpo_dist.adapters import adapter_base, is_adapter_dir, load_adapter, model_dir
 from dpo_dist.attention import auto_skipped, enable_packed_attention, resolve_attn_backend, unwrap_model
 from dpo_dist.config import ConfigError, DeepSpeedConfig, DPOConfig, LoraConfig
 from dpo_dist.data import collate_packed, load_tokenized, pack_pairs
@@ -285,18 +286,16 @@ def load_causal_lm(path: str, dtype: torch.dtype, ds_cfg: dict[str, Any], quanti
     model inside ``deepspeed.zero.Init``, so no rank ever holds the full weights.
 
     A PEFT adapter directory (``adapter_config.json``, e.g. a LoRA run's ``final/`` exported with
-    ``model.lora.merge_on_export=false``) loads its base model the same way, then the adapter.
+    ``model.lora.merge_on_export=false``) loads its base model the same way, then the adapter, frozen.
     """
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    adapter_config = Path(path) / "adapter_config.json"
-    is_adapter = adapter_config.is_file()
-    base = json.loads(adapter_config.read_text())["base_model_name_or_path"] if is_adapter else path
+    is_adapter = is_adapter_dir(path)
     zero3 = ds_cfg["zero_optimization"]["stage"] == 3
     keep_alive = HfDeepSpeedConfig(ds_cfg) if zero3 else None
     with nullcontext() if zero3 else zero3_loading_paused():
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, quantization_config=quantization)
+        model = AutoModelForCausalLM.from_pretrained(model_dir(path), dtype=dtype, quantization_config=quantization)
     model._dpo_hf_ds_config = keep_alive  # transformers holds it weakly
     for module in model.modules():
         # bitsandbytes repacks a 4-bit weight in place for its AVX512 CPU kernel on the first
@@ -305,10 +304,8 @@ def load_causal_lm(path: str, dtype: torch.dtype, ds_cfg: dict[str, Any], quanti
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     if is_adapter:
-        from peft import PeftModel
-
         # The adapter weights are ordinary tensors here; deepspeed.initialize partitions them.
-        model = PeftModel.from_pretrained(model, path)
+        model = load_adapter(model, path)
     return model
 
 
@@ -387,6 +384,30 @@ def apply_lora(model: nn.Module, lora: LoraConfig, seed: int) -> nn.Module:
     return wrapped
 
 
+REFERENCE_ADAPTER = "ref"
+"""The frozen copy of a continued adapter that an online reference scores with (TRL's name for it)."""
+
+
+def continue_lora(model: nn.Module, path: str, lora: LoraConfig, reference_copy: bool) -> nn.Module:
+    """Wrap ``model`` (the base) with the PEFT adapter at ``path`` to train it further (TRL: a
+    ``PeftModel`` passed as the model). ``reference_copy``: load it a second time, frozen, as
+    ``REFERENCE_ADAPTER`` (TRL's recipe for a pretrained adapter): an online reference must be the
+    starting policy, base plus this adapter as loaded, and the base alone (adapters disabled, what
+    a fresh adapter starts as) is not. A copy costs the adapter's size, a second model the base's.
+    ``lora``: the run's settings, which are the adapter's (``LoraConfig.continued``), for the log."""
+    wrapped = load_adapter(model, path, trainable=True)
+    if reference_copy:
+        wrapped.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    trainable = sum(_numel(p) for p in wrapped.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in wrapped.parameters())
+    log.info(
+        "LoRA: continuing the adapter %s (r=%d alpha=%g on %s; base %s)%s: %d trainable of %d parameters",
+        path, lora.r, lora.alpha, ",".join(lora.target_modules), wrapped.peft_config[wrapped.active_adapter].base_model_name_or_path,
+        "; a frozen copy of it scores the online reference" if reference_copy else "", trainable, total,
+    )
+    return wrapped
+
+
 def _numel(param: torch.Tensor) -> int:
     """Elements of a parameter, also when ZeRO-3 has partitioned it (its local tensor is then empty)."""
     return getattr(param, "ds_numel", param.numel())
@@ -457,15 +478,12 @@ def policy_normalization(cfg: DPOConfig) -> str:
 
 
 def check_trainable_start(cfg: DPOConfig) -> None:
-    """Refuse a LoRA adapter export as the model to train, before any work: PEFT loads it frozen
-    (full-weight training would have nothing to train) and ``model.lora`` would replace its
-    adapter with a fresh one (training would silently start from the base model)."""
-    if (Path(cfg.model.path) / "adapter_config.json").is_file():
-        raise ConfigError(
-            f"model.path={cfg.model.path} is a LoRA adapter export, which cannot be trained further; "
-            "train from a merged export (model.lora.merge_on_export=true) or from its base model"
-        )
-    if cfg.model.lora.enabled:
+    """What can be checked of the model to train before any work: a continued adapter's base is
+    there (one line naming its adapter_config.json otherwise), a fresh adapter's target modules
+    are modules of the model."""
+    if is_adapter_dir(cfg.model.path):
+        adapter_base(cfg.model.path)
+    elif cfg.model.lora.enabled:
         check_lora_targets(cfg)
 
 
@@ -492,7 +510,9 @@ def build_engine(cfg: DPOConfig, device: torch.device, backend: str, load_univer
     checkpoint (``load_latest_checkpoint`` on another number of ranks than wrote the checkpoint)."""
     import deepspeed
 
-    model, dsc = load_for_deepspeed(cfg, cfg.model.path, device, frozen=False, quantize=cfg.model.lora.quantize)
+    # A continued adapter is put on its base after the base's dropout is off (below): its own
+    # dropout is model.lora.dropout, as a fresh adapter's.
+    model, dsc = load_for_deepspeed(cfg, model_dir(cfg.model.path), device, frozen=False, quantize=cfg.model.lora.quantize)
     if load_universal:
         dsc = {**dsc, "checkpoint": {"load_universal": True}}
     enable_packed_attention(model, backend, device)
@@ -500,7 +520,9 @@ def build_engine(cfg: DPOConfig, device: torch.device, backend: str, load_univer
         log.info("model.disable_dropout: zeroed %d dropout layers of the model", dropped)
     if cfg.model.activation_checkpointing:
         enable_activation_checkpointing(model)
-    if cfg.model.lora.enabled:
+    if is_adapter_dir(cfg.model.path):
+        model = continue_lora(model, cfg.model.path, cfg.model.lora, reference_copy=scores_online_with_policy(cfg))
+    elif cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora, cfg.train.seed)
     mark_fetch_units(model, cfg.deepspeed)
     weighting = cfg.stage == "dpo" and cfg.loss.use_weighting
@@ -628,11 +650,17 @@ def online_reference_replicates(cfg: DPOConfig, device: torch.device, dtype: tor
     return D.broadcast_object((False, f"{why}, but training beside a whole copy would not fit (planned peak {where})"))
 
 
+def scores_online_with_policy(cfg: DPOConfig) -> bool:
+    """Whether the policy's own engine scores the reference online (``OnlineReference`` with LoRA)."""
+    return cfg.model.lora.enabled and cfg.stage == "dpo" and cfg.loss.uses_reference() and cfg.reference.mode == "online"
+
+
 class OnlineReference:
     """Reference log-probs run every step (no cache): a frozen copy of the initial model (whole on
     every rank or partitioned, by ``reference.partition`` as for the precompute pass), or with
-    LoRA the policy itself with its adapters disabled, since its base weights are the initial
-    model (no second copy; ``attach_policy`` hands it the policy engine once that exists)."""
+    LoRA the policy itself as it started (``reference_adapters``): its adapters disabled, since its
+    base weights are the initial model, or for a continued adapter its frozen starting copy (no
+    second model; ``attach_policy`` hands it the policy engine once that exists)."""
 
     moving = None
     """TR-DPO's settings (``ReferenceConfig``) when the copy moves toward the policy, else None."""
@@ -661,7 +689,7 @@ class OnlineReference:
             )
 
     def attach_policy(self, policy_engine) -> None:
-        """LoRA: score with ``policy_engine`` (adapters disabled); a frozen copy needs nothing."""
+        """LoRA: score with ``policy_engine`` (``reference_adapters``); a frozen copy needs nothing."""
         if self.uses_policy:
             self.engine = policy_engine
 
@@ -673,7 +701,7 @@ class OnlineReference:
             raise RuntimeError("OnlineReference with LoRA scores with the policy: call attach_policy(engine) first")
         # The policy trains in train mode; as its reference it runs as the precomputed and
         # frozen-copy references do: in eval mode (no dropout draws, none taken from the policy's).
-        with adapters_disabled(self.engine) if self.uses_policy else nullcontext(), eval_mode(self.engine):
+        with reference_adapters(self.engine) if self.uses_policy else nullcontext(), eval_mode(self.engine):
             # Sums: the policy engine may normalise logps per token; the caller normalises.
             return split_pairs(run_packed(self.engine, batch).desensitized_sums(self.ld_alpha))
 
@@ -728,10 +756,24 @@ def eval_mode(engine):
         engine.train(was_training)
 
 
-def adapters_disabled(engine):
+@contextmanager
+def reference_adapters(engine):
     """Context in which the PEFT model inside ``engine`` (a DeepSpeed engine of PackedPolicy) runs
-    as its base model."""
-    return engine.module.model.disable_adapter()
+    as the policy started: with a continued adapter's frozen copy (``REFERENCE_ADAPTER``) active
+    instead of the trained adapter, else as its base model (a fresh adapter starts as a no-op)."""
+    model = engine.module.model
+    if REFERENCE_ADAPTER not in model.peft_config:
+        with model.disable_adapter():
+            yield
+        return
+    trained = model.active_adapter
+    # PEFT's switch also sets which adapter requires grad: the copy stays frozen inside, and the
+    # switch back makes the trained adapter trainable again (and the copy frozen), as before.
+    model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+    try:
+        yield
+    finally:
+        model.set_adapter(trained)
 
 
 def packed_lengths(dataset, stage: str) -> np.ndarray:
@@ -1325,7 +1367,9 @@ def export_hf(engine, cfg: DPOConfig, tokenizer, out_dir: Path, env: D.DistEnv, 
     (``_export_partitioned``): rank 0's host holds one shard. A LoRA policy is exported merged
     (``W + scale * B @ A``: a plain model) or, with ``model.lora.merge_on_export=false``, as its
     adapter alone (``adapter_config.json`` + ``adapter_model.safetensors``, loaded onto the base
-    with PEFT). QLoRA merges into ``model.path``'s unquantized weights (see ``_export_adapters``).
+    with PEFT; its config names the base it was loaded on). QLoRA merges into the unquantized weights
+    of ``model.path`` (or of a continued adapter's base; see ``_export_adapters``). A continued
+    adapter's frozen reference copy is left out either way.
     ``stop``: asked between the shards of a ZeRO-3 export (``export.save_consolidated``).
     """
     lora = _is_peft(engine.module.model)
@@ -1416,7 +1460,8 @@ def merge_lora_state_dict(state: dict[str, torch.Tensor], peft_model: nn.Module)
     Each adapted linear layer's ``base_layer.weight`` becomes ``weight + scaling * B @ A`` (summed
     in fp32, stored in the weight's dtype), adapter tensors are dropped and PEFT's name prefix
     ``base_model.model.`` removed. In place, one layer at a time, so a 70B merge never holds two
-    copies of the weights. Adapter kinds other than LoRA on linear layers are refused.
+    copies of the weights. Adapter kinds other than LoRA on linear layers are refused; a continued
+    adapter's frozen reference copy (``REFERENCE_ADAPTER``) is no part of the policy and dropped.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -1432,6 +1477,9 @@ def merge_lora_state_dict(state: dict[str, torch.Tensor], peft_model: nn.Module)
         bias = state.pop(f"{name}.base_layer.bias", None)
         if bias is not None:
             merged[f"{name.removeprefix(prefix)}.bias"] = bias
+    reference_copy = re.compile(rf"\.lora_\w+?\.{REFERENCE_ADAPTER}(\.|$)")
+    for key in [k for k in state if reference_copy.search(k)]:
+        del state[key]
     leftover = [k for k in state if "lora_" in k]
     if leftover:
         raise ValueError(f"cannot merge adapter weights {leftover[0]} (only LoRA on linear layers is supported)")
@@ -1443,7 +1491,7 @@ def merge_lora_state_dict(state: dict[str, torch.Tensor], peft_model: nn.Module)
 
 def _export_adapters(engine, cfg: DPOConfig, tokenizer, out_dir: Path, env: D.DistEnv) -> None:
     """Export from the trainable (adapter) weights alone, gathered from their ZeRO-3 partitions:
-    saved with PEFT, or (QLoRA with ``merge_on_export``) merged into ``model.path``'s weights
+    saved with PEFT, or (QLoRA with ``merge_on_export``) merged into ``model.path``'s (base) weights
     loaded unquantized on rank 0, as ``dpo-export`` merges a LoRA checkpoint: the policy's 4-bit
     base is an approximation of those weights, not what a merged model should carry."""
     import deepspeed
@@ -1462,11 +1510,13 @@ def _export_adapters(engine, cfg: DPOConfig, tokenizer, out_dir: Path, env: D.Di
                 dtype = next(iter(state.values())).dtype  # the run's dtype, as a 16-bit export
                 lora_model(cfg, state, dtype).save_pretrained(tmp, safe_serialization=True)
             else:
-                peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                # The trained adapter alone (not a continued adapter's reference copy); its config
+                # names the base model it was loaded on (adapters.load_adapter).
+                peft_model.save_pretrained(tmp, state_dict=state, safe_serialization=True, selected_adapters=[peft_model.active_adapter])
             tokenizer.save_pretrained(tmp)
 
         write_atomically(out_dir, write)
-        what = f"model (LoRA merged into {cfg.model.path})" if merge else "LoRA adapter"
+        what = f"model (LoRA merged into {model_dir(cfg.model.path)})" if merge else "LoRA adapter"
         log.info("exported %s to %s", what, out_dir)
     D.barrier()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dpo_dist.adapters import is_adapter_dir, load_adapter, model_dir
 from dpo_dist.runinfo import read_config
 
 log = logging.getLogger("dpo_dist.export")
@@ -118,7 +119,7 @@ def export_checkpoint(
             str(root), tag=tag, exclude_frozen_parameters=cfg.model.lora.enabled, lazy_mode=True
         )
     weights = {k.removeprefix("model."): v for k, v in state.items()}
-    hf_config = AutoConfig.from_pretrained(cfg.model.path)
+    hf_config = AutoConfig.from_pretrained(model_dir(cfg.model.path))
     target = _dtype(dtype, hf_config)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
 
@@ -128,7 +129,7 @@ def export_checkpoint(
             lora_model(cfg, adapters, target).save_pretrained(tmp, max_shard_size=max_shard_size)
         else:
             save_consolidated(weights, hf_config, target, tmp, max_shard_size)
-            base_generation_config(cfg.model.path, hf_config).save_pretrained(tmp)
+            base_generation_config(model_dir(cfg.model.path), hf_config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
     out_dir = Path(out_dir)
@@ -336,16 +337,20 @@ def check_replaceable(out_dir: Path) -> None:
 def lora_model(cfg, adapter_weights: dict[str, torch.Tensor], dtype: torch.dtype):
     """Base model + the checkpoint's adapters; merged when ``model.lora.merge_on_export``.
 
-    LoRA checkpoints hold only the adapters (the frozen base is ``model.path``), so the base is
-    loaded from there and every checkpoint tensor must land on an adapter parameter.
+    LoRA checkpoints hold only the adapters (the frozen base is ``model.path``, or the base of the
+    adapter a run continued), so the base is loaded from there with the run's adapter (fresh, or
+    the continued one as it started) and every checkpoint tensor must land on an adapter parameter.
     """
     from transformers import AutoModelForCausalLM
 
     from dpo_dist.engine import apply_lora
 
     with zero3_loading_paused():
-        base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
-    model = apply_lora(base, cfg.model.lora, cfg.train.seed)
+        base = AutoModelForCausalLM.from_pretrained(model_dir(cfg.model.path), dtype=dtype)
+    if is_adapter_dir(cfg.model.path):
+        model = load_adapter(base, cfg.model.path)
+    else:
+        model = apply_lora(base, cfg.model.lora, cfg.train.seed)
     result = model.load_state_dict({k: v.to(dtype) for k, v in adapter_weights.items()}, strict=False)
     missing_adapters = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing_adapters:

@@ -145,10 +145,12 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
     if adapter_config.is_file():
         # A PEFT adapter scores as its base plus the adapter: its settings (alpha, r, targets)
         # and the base's weights decide the log-probs, not where the base lives.
+        from dpo_dist.adapters import adapter_base  # it imports config, which imports this module
+
         adapter = json.loads(adapter_config.read_text())
-        base = adapter.pop("base_model_name_or_path", None)
+        adapter.pop("base_model_name_or_path", None)
         adapter.pop("peft_version", None)  # who wrote it, not what it computes
-        identity = {"files": identity, "adapter": adapter, "base": model_fingerprint(base) if base else None}
+        identity = {"files": identity, "adapter": adapter, "base": model_fingerprint(adapter_base(root).path)}
     return json_sha256(identity)
 
 

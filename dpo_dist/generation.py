@@ -90,28 +90,27 @@ def load_causal_lm(path: str | Path, device=None, dtype: str = "auto", device_ma
             base or path, dtype=torch_dtype, local_files_only=True, device_map=device_map
         )
         if base is not None:
-            from peft import PeftModel
+            from dpo_dist.adapters import load_adapter
 
             # Merged: generation then runs a plain model, as fast as a merged export.
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+            model = load_adapter(model, path).merge_and_unload()
     except (OSError, ValueError) as e:  # no weights, a base that is not there, an adapter that does not fit it
         raise GenerationError(f"{path}: cannot load the model: {_first_line(e)}") from None
     return (model if device_map else model.to(device)).eval(), tokenizer
 
 
 def adapter_base(path: str | Path) -> str | None:
-    """The base model of a PEFT adapter directory (``adapter_config.json``, e.g. a LoRA run's
-    ``final/`` exported with ``model.lora.merge_on_export=false``); None for any other path."""
-    adapter_config = Path(path) / "adapter_config.json"
-    if not adapter_config.is_file():
-        return None
+    """The local directory of the base model of a PEFT adapter directory (``adapter_config.json``,
+    e.g. a LoRA run's ``final/`` exported with ``model.lora.merge_on_export=false``; found as
+    ``dpo_dist.adapters.adapter_base`` finds it); None for any other path."""
+    from dpo_dist.adapters import adapter_base as find_base
+    from dpo_dist.config import ConfigError
+
     try:
-        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError) as e:
-        raise GenerationError(f"{adapter_config}: unreadable ({_first_line(e)})") from None
-    if not base:
-        raise GenerationError(f"{adapter_config}: names no base model (base_model_name_or_path)")
-    return base
+        base = find_base(path)
+    except ConfigError as e:  # unreadable, or its base is not here: this module's one-line error
+        raise GenerationError(str(e)) from None
+    return base.path if base is not None else None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -148,15 +147,13 @@ def load_tokenizer(path: str | Path, tokenizer_path: str | Path | None = None):
     ``model.tokenizer_path``), loaded instead of anything in ``path``; None: ``path``'s own."""
     from transformers import AutoTokenizer
 
+    from dpo_dist.adapters import tokenizer_dir
+
     path = Path(path)
     base = adapter_base(path)
     if base is None and not (path / "config.json").is_file():
         raise GenerationError(f"{path}: not a Hugging Face model directory (no config.json)")
-    if tokenizer_path is not None:
-        source = Path(tokenizer_path)
-    else:
-        # An adapter export carries the run's tokenizer; an adapter saved without one uses its base's.
-        source = path if base is None or (path / "tokenizer_config.json").is_file() else base
+    source = Path(tokenizer_path if tokenizer_path is not None else tokenizer_dir(path))
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as e:  # a directory without tokenizer files: ValueError

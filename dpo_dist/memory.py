@@ -58,7 +58,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpo_dist.config import ASSETS_DIR, DeepSpeedConfig
+from dpo_dist.adapters import model_dir
+from dpo_dist.config import ASSETS_DIR, ConfigError, DeepSpeedConfig
 
 if TYPE_CHECKING:
     from dpo_dist.config import DPOConfig
@@ -129,8 +130,12 @@ class ModelShape:
 
     @classmethod
     def from_path(cls, path: str | Path) -> ModelShape:
-        """From a model directory holding ``config.json`` (weights optional) or a JSON file."""
-        path = Path(path).expanduser()
+        """From a model directory holding ``config.json`` (weights optional), a PEFT adapter
+        directory (its base's shape) or a JSON file."""
+        try:
+            path = Path(model_dir(path)).expanduser()
+        except ConfigError as exc:  # an adapter whose base is not here
+            raise PlanError(str(exc)) from None
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
             raise PlanError(f"{path}: no config.json to take the model shape from")

@@ -891,10 +891,10 @@ def _model_bytes(path: str, dtype: torch.dtype) -> int:
     """Bytes of the model's weights in ``dtype``, counted on a meta-device skeleton of its config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from dpo_dist.adapters import model_dir
     from dpo_dist.export import zero3_loading_paused
-    from dpo_dist.generation import adapter_base
 
-    config_dir = adapter_base(path) or path  # an adapter export: its base holds the weights
+    config_dir = model_dir(path)  # an adapter export: its base holds the weights
     # The online reference may be decided while a ZeRO-3 policy is alive (built first): unhidden,
     # transformers would build this skeleton inside zero.Init, which fails on the meta device.
     with zero3_loading_paused(), torch.device("meta"):

@@ -80,15 +80,18 @@ def _as_user_error(check, *args) -> None:
 
 def check_paths(cfg) -> None:
     """One line, before any rank starts, for a ``model.path`` that is not there (transformers
-    would answer with a Hub repo-id message), a ``reference.model_path`` that cannot score the
-    policy's tokens, and a reference cache directory that cannot be made (the ranks would fail
-    with tracebacks)."""
+    would answer with a Hub repo-id message) or is an adapter whose base model is not, a
+    ``reference.model_path`` that cannot score the policy's tokens, and a reference cache
+    directory that cannot be made (the ranks would fail with tracebacks)."""
+    from dpo_dist.adapters import adapter_base
     from dpo_dist.fingerprint import cache_root
 
     paths = [("model.path", cfg.model.path), ("model.tokenizer_path", cfg.model.tokenizer_path)]
     for key, path in [*paths, ("reference.model_path", cfg.reference.model_path if cfg.stage == "dpo" else None)]:
         if path and not Path(path).expanduser().exists():
             raise UserError(f"{key}={path}: no model/tokenizer there (no such directory; models are read from local directories, nothing is downloaded)")
+        if key != "model.tokenizer_path":
+            _as_user_error(adapter_base, path)  # an adapter directory whose base model is not here
     if cfg.stage == "dpo" and cfg.reference.model_path:
         check_reference_model(cfg)
     if cfg.data.chat_template:
@@ -111,7 +114,10 @@ def check_paths(cfg) -> None:
 def check_reference_model(cfg) -> None:
     """``reference.model_path`` must score the policy's token ids (the same vocabulary) and, for
     TR-DPO, which mixes its weights with the policy's, have the policy's architecture."""
-    policy, reference = _hf_config(cfg.model.path), _hf_config(cfg.reference.model_path)
+    from dpo_dist.adapters import model_dir
+
+    # An adapter directory scores with its base's vocabulary and architecture.
+    policy, reference = _hf_config(model_dir(cfg.model.path)), _hf_config(model_dir(cfg.reference.model_path))
     if policy is None or reference is None:
         return  # e.g. a planning-only shape file: the ranks' loading says what is missing
     keys = ["vocab_size"] + (list(_ARCHITECTURE_KEYS) if cfg.reference.syncs() else [])
