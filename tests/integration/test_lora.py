@@ -1,10 +1,12 @@
 """LoRA DPO through `dpo-train` on CPU (PEFT under DeepSpeed ZeRO-3, gloo): learning, frozen base,
-reference = base with adapters disabled, merged and adapter-only exports, checkpoint/resume."""
+reference = base with adapters disabled, merged and adapter-only exports, checkpoint/resume, and
+DPO that continues an adapter export against its starting copy."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -117,7 +119,20 @@ def test_lora_dpo_learns_only_adapters_and_merged_export_matches(assets, online_
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(exported), ids), want, rtol=1e-5, atol=1e-5)
 
 
-def test_lora_resume_with_precomputed_reference_and_adapter_export(assets, online_run, tmp_path):
+@pytest.fixture(scope="module")
+def adapter_run(assets, online_run, tmp_path_factory):
+    """The online run resumed from its step-8 checkpoint with the precomputed reference, exporting
+    the adapter alone (model.lora.merge_on_export=false)."""
+    source, _ = online_run
+    out = tmp_path_factory.mktemp("adapter") / "run"
+    shutil.copytree(source, out)
+    shutil.rmtree(out / "checkpoints" / f"step_{STEPS:08d}")
+    shutil.rmtree(out / "final")
+    run = {"train.max_steps": STEPS, "train.checkpoint_every": STEPS // 2, "model.lora.merge_on_export": "false"}
+    return out, train(assets, out, **run, **{"data.train_path": assets["one_batch"]})
+
+
+def test_lora_resume_with_precomputed_reference_and_adapter_export(assets, online_run, adapter_run):
     """Resume the online run from its step-8 checkpoint with the precomputed reference (the base
     model's log-probs, which must equal the adapters-disabled policy's) and export the adapter."""
     from peft import PeftModel
@@ -126,12 +141,7 @@ def test_lora_resume_with_precomputed_reference_and_adapter_export(assets, onlin
     from dpo_dist.engine import load_causal_lm
 
     source, online_rows = online_run
-    out = tmp_path / "run"
-    shutil.copytree(source, out)
-    shutil.rmtree(out / "checkpoints" / f"step_{STEPS:08d}")
-    shutil.rmtree(out / "final")
-    run = {"train.max_steps": STEPS, "train.checkpoint_every": STEPS // 2, "model.lora.merge_on_export": "false"}
-    resumed = train(assets, out, **run, **{"data.train_path": assets["one_batch"]})
+    out, resumed = adapter_run
     info = json.loads((out / "run_info.json").read_text())
     assert info["resumed_from_step"] == STEPS // 2 and info["reference"]["computed"] is True
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
@@ -149,6 +159,66 @@ def test_lora_resume_with_precomputed_reference_and_adapter_export(assets, onlin
     # load_causal_lm takes an adapter directory too (dpo-eval of a run's final/): the same model.
     loaded = load_causal_lm(str(final), torch.float32, {"zero_optimization": {"stage": 0}}).eval()
     torch.testing.assert_close(logits(loaded, ids), want, rtol=0, atol=0)
+
+
+CONTINUED_STEPS = 6
+
+
+def test_dpo_continues_an_adapter_export_against_it_as_the_reference(assets, adapter_run, tmp_path):
+    """model.path = the adapter-only final/ of a LoRA run (base_model_name_or_path made relative to
+    the adapter's directory): DPO trains that adapter further. The online reference is its frozen
+    starting copy, so step 1 has loss ln 2 and zero rewards although the adapter is far from the
+    base (the adapters-disabled reference of a fresh adapter would be wrong); it trains; checkpoints
+    hold the trained adapter alone; the adapter export names the base absolute and loads. A resume
+    from step 3 with the precomputed reference (the adapter directory scored as base + adapter)
+    repeats the online run's losses, and its merged final/ is base + the trained adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = tmp_path / "sft_adapter"
+    shutil.copytree(adapter_run[0] / "final", adapter)
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    settings["base_model_name_or_path"] = os.path.relpath(assets["model"], adapter)  # not from the ranks' directory
+    (adapter / "adapter_config.json").write_text(json.dumps(settings))
+    base = AutoModelForCausalLM.from_pretrained(assets["model"])
+    ids = AutoTokenizer.from_pretrained(adapter)("12+34=46", return_tensors="pt").input_ids
+    start = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), adapter).eval()
+    assert not torch.allclose(logits(start, ids), logits(base, ids), atol=1e-2)  # a trained adapter
+
+    out = tmp_path / "online"
+    # The helper's model.lora settings are the adapter's own: given again, they are accepted.
+    # At the fresh adapters' 1e-2 Adam's first steps overshoot from this already trained adapter.
+    run = {"model.path": adapter, "train.max_steps": CONTINUED_STEPS, "train.checkpoint_every": CONTINUED_STEPS // 2,
+           "data.train_path": assets["one_batch"], "optim.lr": 1e-3}
+    rows = train(assets, out, **run, **{"reference.mode": "online", "model.lora.merge_on_export": "false"})
+    first, losses = rows[0], [r["loss"] for r in rows]
+    assert abs(first["loss"] - math.log(2)) < 1e-6, first
+    assert abs(first["chosen_reward"]) < 1e-6 and abs(first["rejected_reward"]) < 1e-6, first
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < math.log(2) - 0.01, losses  # measured: 0.681
+
+    trained = checkpoint_state(out, CONTINUED_STEPS)
+    assert trained and all(".lora_A.default." in k or ".lora_B.default." in k for k in trained), list(trained)[:3]
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), adapter)
+    result = policy.load_state_dict(trained, strict=False)
+    assert not [k for k in result.missing_keys if "lora_" in k] and not result.unexpected_keys
+    want = logits(policy.eval(), ids)
+    assert not torch.allclose(want, logits(start, ids), atol=1e-3)  # the adapter moved
+    exported = out / "final"  # the trained adapter alone, without the reference copy, on its base
+    assert json.loads((exported / "adapter_config.json").read_text())["base_model_name_or_path"] == str(assets["model"].resolve())
+    assert sorted(p.name for p in exported.iterdir() if p.is_dir()) == []
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), exported).eval()
+    torch.testing.assert_close(logits(loaded, ids), want, rtol=1e-5, atol=1e-5)
+
+    resumed_dir = tmp_path / "precomputed"
+    shutil.copytree(out, resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / f"step_{CONTINUED_STEPS:08d}")
+    shutil.rmtree(resumed_dir / "final")
+    resumed = train(assets, resumed_dir, **run)
+    info = json.loads((resumed_dir / "run_info.json").read_text())
+    assert info["resumed_from_step"] == CONTINUED_STEPS // 2 and info["reference"]["computed"] is True
+    for a, b in zip(rows, resumed, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(resumed_dir / "final"), ids), want, rtol=1e-5, atol=1e-5)
 
 
 def test_dpo_eval_of_a_lora_run_with_the_online_reference(online_run):
@@ -244,23 +314,31 @@ def test_qlora_quantization_config_and_missing_bitsandbytes(monkeypatch):
         quantization_config("nf4", torch.float32)
 
 
-def test_training_from_an_adapter_export_is_refused_before_any_work(assets, tmp_path):
-    """An adapter-only final/ (merge_on_export=false) loads frozen and would get a fresh adapter:
-    refused in one line before the reference pass. sft_then_dpo therefore always merges its SFT model."""
+def test_an_adapter_to_continue_is_checked_before_any_work(assets, tmp_path):
+    """An adapter whose base model is not here, or LoRA settings that differ from the adapter's,
+    are one line before the reference pass. sft_then_dpo always merges its SFT model (its DPO stage
+    trains a fresh adapter from it)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     adapter = tmp_path / "adapter"
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(assets["model"]), LoraConfig(r=4, target_modules=["q_proj"]))
     peft_model.save_pretrained(adapter)
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**settings, "base_model_name_or_path": "org/absent"}))
     cache = tmp_path / "ref"
-    settings = {"output_dir": tmp_path / "run", "model.path": adapter, "model.tokenizer_path": assets["model"],
-                "reference.cache_dir": cache}
+    settings = {"output_dir": tmp_path / "run", "model.path": adapter, "reference.cache_dir": cache}
     result = run_cli("launch.train", *tiny_run_overrides(assets, settings), env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        f"dpo-train: error: {adapter / 'adapter_config.json'}: base model base_model_name_or_path='org/absent' not found: "
+    ), line
+    result = run_cli("launch.train", *tiny_run_overrides(assets, {**settings, "model.lora.r": 8}), env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (
-        f"dpo-train: error: model.path={adapter} is a LoRA adapter export, which cannot be trained further; "
-        "train from a merged export (model.lora.merge_on_export=true) or from its base model"
+        f"dpo-train: error: model.lora.r=8: model.path={adapter} is a LoRA adapter with r=4 (its adapter_config.json), "
+        "whose training this run continues with its own settings; leave model.lora.r unset"
     )
     assert not cache.exists()  # nothing computed
 

@@ -365,7 +365,7 @@ def test_lora_online_reference_scores_in_eval_mode_and_restores_the_mode():
     torch.testing.assert_close(first, second, rtol=0, atol=0)  # no dropout draws
     assert engine.module.training and model.training
     engine.eval()
-    with E.adapters_disabled(engine), torch.no_grad():
+    with E.reference_adapters(engine), torch.no_grad():
         torch.testing.assert_close(first[0], engine(*batch.split()[0], **batch.split()[1])[1][0::2], rtol=0, atol=0)
     engine.train()
     with pytest.raises(RuntimeError), E.eval_mode(engine):
