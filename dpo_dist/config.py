@@ -758,7 +758,7 @@ class TrainConfig:
     export_checkpoints: bool = False
     """Also write every checkpoint as a Hugging Face model + tokenizer, ``checkpoints/step_N/hf/``
     (``from_pretrained`` loads it, as every checkpoint of HF's Trainer), with the export that
-    writes ``final/`` (``engine.export_hf``: under ZeRO-3 the ranks gather one parameter at a
+    writes ``final/`` (``checkpoint.export_hf``: under ZeRO-3 the ranks gather one parameter at a
     time and rank 0 writes one 5 GB shard at a time; LoRA merged, or the adapter alone with
     ``model.lora.merge_on_export=false``); deleted with its checkpoint. Costly at scale: each save
     then also writes a 16-bit copy of the model (141 GB for 70B) and every rank waits minutes

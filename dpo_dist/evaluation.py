@@ -55,7 +55,7 @@ def policy_model_dir(cfg: DPOConfig) -> Path:
     unless it holds its export already (``checkpoints/step_N/hf/``, ``train.export_checkpoints``).
 
     A LoRA adapter directory counts as one (``generation.load_causal_lm`` and
-    ``engine.load_causal_lm`` load its base with it), so does the export of a LoRA checkpoint
+    ``model.load_causal_lm`` load its base with it), so does the export of a LoRA checkpoint
     made with ``model.lora.merge_on_export=false``, which is such a directory."""
     from dpo_dist.export import CHECKPOINT_EXPORT, export_checkpoint, resolve_checkpoint
 
@@ -106,14 +106,8 @@ def policy_source(cfg: DPOConfig) -> dict[str, Any]:
 
 def evaluate_run(cfg: DPOConfig) -> dict[str, float]:
     """The ``eval`` task, on every rank; returns (and on rank 0 writes) the eval metrics."""
-    from dpo_dist.engine import (
-        StepContext,
-        build_inference_engine,
-        evaluate,
-        policy_normalization,
-        prepare_reference,
-        setup_job,
-    )
+    from dpo_dist.engine import StepContext, build_inference_engine, evaluate, prepare_reference, setup_job
+    from dpo_dist.model import policy_normalization
 
     held_out_source(cfg, "to evaluate on")
     job = setup_job(cfg)

@@ -1,6 +1,6 @@
 """Offline export: a DeepSpeed ZeRO checkpoint -> a consolidated Hugging Face model directory.
 
-Training exports ``final/`` itself (``engine.export_hf``); this is for any intermediate
+Training exports ``final/`` itself (``checkpoint.export_hf``); this is for any intermediate
 checkpoint, on a single CPU process, in bounded memory: a 70B checkpoint's fp32 master weights
 alone are 280 GB. DeepSpeed's ``zero_to_fp32`` (lazy mode) memory-maps the ranks' partitions
 and gathers one tensor at a time; the tensors are converted to the export dtype and written
@@ -343,7 +343,7 @@ def lora_model(cfg, adapter_weights: dict[str, torch.Tensor], dtype: torch.dtype
     """
     from transformers import AutoModelForCausalLM
 
-    from dpo_dist.engine import apply_lora
+    from dpo_dist.model import apply_lora
 
     with zero3_loading_paused():
         base = AutoModelForCausalLM.from_pretrained(model_dir(cfg.model.path), dtype=dtype)
@@ -367,7 +367,7 @@ def zero3_loading_paused():
 
     transformers builds every model (``from_pretrained``, ``from_config``, meta-device skeletons
     too) inside ``deepspeed.zero.Init`` while an ``HfDeepSpeedConfig`` of stage 3 is alive (a
-    process-wide weak reference, kept alive with each ZeRO-3 model by ``engine.load_causal_lm``).
+    process-wide weak reference, kept alive with each ZeRO-3 model by ``model.load_causal_lm``).
     A whole copy loaded then would be partitioned with that config (a collective the other ranks
     may not be part of: the end-of-training QLoRA merge on rank 0; a replicated reference beside
     the policy), and a meta skeleton fails (``Cannot copy out of meta tensor``). The reference is

@@ -339,7 +339,7 @@ class PlanSettings:
             prefetch_bucket=ds.prefetch_bucket_size,
             reduce_bucket=ds.reduce_bucket_size,
             max_live_parameters=ds.max_live_parameters,
-            whole_blocks=ds.leaf_modules != "none" and not cfg.model.lora.enabled,  # see engine.mark_fetch_units
+            whole_blocks=ds.leaf_modules != "none" and not cfg.model.lora.enabled,  # see model.mark_fetch_units
             param_persistence_threshold=ds.param_persistence_threshold,
             host_memory_gb=cluster.mem_gb,
             min_micro_batch_tokens=2 * cfg.data.max_length,  # DPOConfig's rule: any pair fits one micro-batch

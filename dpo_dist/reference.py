@@ -370,7 +370,7 @@ def precompute_reference(
 
     ``model`` (or what the factory returns) is the reference, in eval mode, on ``device``, with
     packed attention enabled: a causal LM (possibly wrapped), or a module mapping a
-    ``PackedBatch`` to ``SequenceLogps`` such as a ZeRO-3 engine around ``engine.PackedPolicy``
+    ``PackedBatch`` to ``SequenceLogps`` such as a ZeRO-3 engine around ``model.PackedPolicy``
     (see ``_scorer``). It must run in the dtype fingerprinted in ``settings_values``.
     ``micro_batch_tokens`` and ``chunk_tokens`` shape the forwards, not the results, and
     ``pairs_per_shard`` applies only when a new cache is started (a resumed one keeps its own).
@@ -612,7 +612,7 @@ def _scorer(model: torch.nn.Module, chunk_tokens: int, tails: bool = False) -> C
 
     A causal LM (possibly wrapped by DDP, PEFT or a DeepSpeed engine) is scored with
     ``sequence_logps``. Any other module must itself map a ``PackedBatch`` to summed
-    ``SequenceLogps`` (a DeepSpeed engine around ``engine.PackedPolicy(lm, chunk, "sum")``): the
+    ``SequenceLogps`` (a DeepSpeed engine around ``model.PackedPolicy(lm, chunk, "sum")``): the
     form to use under ZeRO-3, where every micro-batch should be one top-level forward so that
     DeepSpeed's per-forward bookkeeping (parameter trace, prefetch) resets.
     """
@@ -790,7 +790,7 @@ def precompute_for_run(cfg: DPOConfig) -> dict[str, ReferenceSummary]:
 
 def _ensure_run_splits(cfg, env, device, backend, train_data, eval_data, tokenizer=None):
     """``ensure_reference`` for each split, sharing one lazily built reference model."""
-    from dpo_dist.engine import training_dtype
+    from dpo_dist.model import training_dtype
 
     if tokenizer is None:
         from transformers import AutoTokenizer
@@ -837,7 +837,7 @@ def _ensure_run_splits(cfg, env, device, backend, train_data, eval_data, tokeniz
             device=device,
         )
     if built:
-        from dpo_dist.engine import free_memory, release_engine
+        from dpo_dist.model import free_memory, release_engine
 
         release_engine(built.pop().engine)
         free_memory()
@@ -848,7 +848,8 @@ def _build_reference_model(
     cfg: DPOConfig, device: torch.device, backend: str, dtype: torch.dtype
 ) -> torch.nn.Module:
     """The frozen reference as a ZeRO-3 inference engine, loaded like the policy."""
-    from dpo_dist.engine import build_inference_engine, training_dtype
+    from dpo_dist.engine import build_inference_engine
+    from dpo_dist.model import training_dtype
 
     if dtype != training_dtype(cfg, device):
         raise ReferenceCacheError(f"reference dtype {dtype} differs from the run's {training_dtype(cfg, device)}")
@@ -903,7 +904,7 @@ def _model_bytes(path: str, dtype: torch.dtype) -> int:
 
 
 class _EngineScorer(torch.nn.Module):
-    """A DeepSpeed engine of ``engine.PackedPolicy`` as a module mapping a PackedBatch to
+    """A DeepSpeed engine of ``model.PackedPolicy`` as a module mapping a PackedBatch to
     SequenceLogps: each micro-batch is one top-level engine forward (see ``_scorer``)."""
 
     def __init__(self, engine: torch.nn.Module):
@@ -913,7 +914,7 @@ class _EngineScorer(torch.nn.Module):
         self.collective = engine.zero_optimization_partition_weights()
 
     def forward(self, batch: PackedBatch) -> SequenceLogps:
-        from dpo_dist.engine import run_packed
+        from dpo_dist.model import run_packed
 
         return run_packed(self.engine, batch)
 

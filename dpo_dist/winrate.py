@@ -239,7 +239,8 @@ def _generate_sharded(model_dir, prompts, cfg: DPOConfig, device, env: D.DistEnv
                       tokenizer_path: str | None = None):
     """ZeRO-3 generation: every forward is a collective, so every rank makes as many ``generate``
     calls as the rank with the most prompts (``synced_batches``), each with ``synced_gpus``."""
-    from dpo_dist.engine import build_generation_engine, free_memory, release_engine
+    from dpo_dist.engine import build_generation_engine
+    from dpo_dist.model import free_memory, release_engine
 
     tokenizer = use_chat_template(load_tokenizer(model_dir, tokenizer_path), cfg.data.chat_template)
     engine = build_generation_engine(cfg, model_dir, device)

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # An srun task of a hand-written sbatch script has Slurm's variables, not torchrun's.
     setup_rank_logging(os.environ.get("RANK") or (os.environ.get("SLURM_PROCID") if D.in_slurm_step() else None) or "0")
-    from dpo_dist.engine import Preempted
+    from dpo_dist.checkpoint import Preempted
     from dpo_dist.runinfo import read_config
 
     cfg = None

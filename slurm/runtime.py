@@ -137,7 +137,7 @@ def run_in_allocation(cfg, task: str) -> Any:
     _install_early_preemption_handler(cfg, env, status)
 
     from dpo_dist import distributed as D
-    from dpo_dist.engine import Preempted
+    from dpo_dist.checkpoint import Preempted
     from dpo_dist.worker import PREEMPTED_EXIT_CODE, first_line, run_task, user_error_message
 
     try:

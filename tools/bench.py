@@ -269,8 +269,9 @@ def reference_pass(cfg, dataset, device, backend, preset, n_params):
     import torch
 
     from dpo_dist.data import collate_packed, pack_pairs
-    from dpo_dist.engine import build_inference_engine, release_engine, run_packed
+    from dpo_dist.engine import build_inference_engine
     from dpo_dist.logprobs import split_pairs
+    from dpo_dist.model import release_engine, run_packed
 
     engine = build_inference_engine(cfg, cfg.model.path, device, backend)
     table = torch.zeros(len(dataset), 2, device=device)
@@ -298,8 +299,9 @@ def ours_train(cfg, dataset, device, backend, reference, preset, n_params):
     import numpy as np
 
     from dpo_dist import engine as E
+    from dpo_dist import model as M
 
-    engine = E.build_engine(cfg, device, backend)
+    engine = M.build_engine(cfg, device, backend)
     if reference is None:
         reference = E.OnlineReference(cfg, device, backend)
         reference.attach_policy(engine)  # with LoRA: the policy, adapters disabled
@@ -322,9 +324,9 @@ def ours_train(cfg, dataset, device, backend, reference, preset, n_params):
                 timing.tokens += totals["tokens"]
                 seq = [dataset[p] for p in positions]
                 timing.seq_sq += float(sum(np.float64(p.chosen_seq_len) ** 2 + np.float64(p.rejected_seq_len) ** 2 for p in seq))
-    E.release_engine(engine)
+    M.release_engine(engine)
     if isinstance(reference, E.OnlineReference) and not reference.uses_policy:
-        E.release_engine(reference.engine)
+        M.release_engine(reference.engine)
     return result(timing, mem, preset, n_params, train=True)
 
 
@@ -346,7 +348,7 @@ def setup_ours(preset: Preset, model_dir: Path, data: Path, work: Path, stage: i
     from dpo_dist import distributed as D
     from dpo_dist.attention import resolve_attn_backend
     from dpo_dist.data import load_tokenized
-    from dpo_dist.engine import training_dtype
+    from dpo_dist.model import training_dtype
 
     env = D.DistEnv(0, 0, 1, "127.0.0.1", D.free_port(), None)
     D.init_distributed(env, 30)
@@ -504,7 +506,7 @@ def failures(report: dict) -> dict[str, str]:
 def run(args: argparse.Namespace) -> dict:
     """Every selected system in turn; the report is rewritten to ``args.out`` after each one, so a
     run cut short (or one system failing) still leaves every number measured so far."""
-    from dpo_dist.engine import free_memory
+    from dpo_dist.model import free_memory
 
     preset = PRESETS[args.preset]
     preset = replace(preset, steps=preset.steps if args.steps is None else args.steps,

@@ -13,7 +13,7 @@ The two exports must hold identical tensors. Then it measures the end-of-trainin
 engine of the same model as ``dpo-train`` does (``setup_job`` + ``build_engine``, ``model.dtype``
 bf16, SimPO) and train one step, each kind in fresh rank processes:
 
-- ``streaming``: ``dpo_dist.engine._export_partitioned`` (one parameter gathered at a time, rank 0
+- ``streaming``: ``dpo_dist.checkpoint._export_partitioned`` (one parameter gathered at a time, rank 0
   holds one shard), what ``export_hf`` writes ``final/`` with;
 - ``whole_model``: DeepSpeed's ``engine._zero3_consolidated_16bit_state_dict()`` (collective; rank 0
   keeps every gathered parameter), then ``save_pretrained(state_dict=...)`` on rank 0.
@@ -183,7 +183,7 @@ def training_end_config(model: Path, tmp: Path):
 
 
 def export_streaming_at_end(engine, job, out: Path) -> None:
-    from dpo_dist.engine import _export_partitioned
+    from dpo_dist.checkpoint import _export_partitioned
 
     _export_partitioned(engine, job.tokenizer, out, job.env)
 
@@ -208,8 +208,10 @@ def rank_child(kind: str, spec_path: str) -> None:
     import torch
 
     import dpo_dist.export
+    from dpo_dist import checkpoint as C
     from dpo_dist import distributed as D
     from dpo_dist import engine as E
+    from dpo_dist import model as M
     from dpo_dist.attention import unwrap_model
 
     spec = json.loads(Path(spec_path).read_text())
@@ -218,8 +220,8 @@ def rank_child(kind: str, spec_path: str) -> None:
     dpo_dist.export.DEFAULT_MAX_SHARD_SIZE = SHARD
     cfg = training_end_config(Path(spec["model"]), Path(spec["tmp"]))
     job = E.setup_job(cfg)
-    E.seed_everything(cfg.train.seed)
-    engine = E.build_engine(cfg, job.device, job.backend)
+    C.seed_everything(cfg.train.seed)
+    engine = M.build_engine(cfg, job.device, job.backend)
     ctx = E.StepContext(engine, None, cfg, job.device, job.env.world_size)
     positions = np.arange(cfg.train.pairs_per_step)
     plans = E.plan_micro_batches(positions, job.train_data.lengths(), job.env.rank, job.env.world_size, cfg.train.micro_batch_tokens)

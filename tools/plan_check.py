@@ -6,7 +6,7 @@
 Needs one CUDA GPU (one rank: ZeRO-3 on a single GPU partitions nothing, which is the planner's
 N = 1 case). For each case it saves a random-init bf16 model of a preset shape
 (``dpo_dist/assets/model_shapes``) to ``--workdir``, builds the real training engine
-(``dpo_dist.engine.build_engine``: DeepSpeed ZeRO-3, packed attention, chunked logits, LoRA when
+(``dpo_dist.model.build_engine``: DeepSpeed ZeRO-3, packed attention, chunked logits, LoRA when
 asked), resets the peak counters, runs ``--steps`` optimizer steps on synthetic pairs that fill
 ``train.micro_batch_tokens`` exactly, and records
 
@@ -94,14 +94,8 @@ def synthetic_pairs(count: int, vocab: int):
 def measure(cfg, steps: int, backend: str, device: torch.device | None = None) -> dict:
     """Peak allocated/reserved GiB over ``steps`` optimizer steps of one micro-batch each (on CUDA;
     elsewhere, as in the CPU test that keeps this script working, only the step time)."""
-    from dpo_dist.engine import (
-        MicroBatchPlan,
-        StepContext,
-        build_engine,
-        free_memory,
-        release_engine,
-        train_step,
-    )
+    from dpo_dist.engine import MicroBatchPlan, StepContext, train_step
+    from dpo_dist.model import build_engine, free_memory, release_engine
 
     device = device or torch.device("cuda", 0)
     cuda = device.type == "cuda"

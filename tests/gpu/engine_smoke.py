@@ -45,6 +45,7 @@ def main(device_name: str, out: str, dtype_name: str = "auto") -> None:
 
     from dpo_dist import distributed as D
     from dpo_dist import engine as E
+    from dpo_dist import model as M
     from dpo_dist.attention import resolve_attn_backend
     from dpo_dist.config import config_from_dict
     from dpo_dist.data import load_tokenized
@@ -66,10 +67,10 @@ def main(device_name: str, out: str, dtype_name: str = "auto") -> None:
     device = D.device_for(env)
     assert device.type == device_name, (device, device_name)
     dataset = load_tokenized(data, AutoTokenizer.from_pretrained(model_dir), 64, cfg.data.truncation, "error", None)
-    dtype = E.training_dtype(cfg, device)
+    dtype = M.training_dtype(cfg, device)
     backend = resolve_attn_backend("auto", device, dtype)
     before = allocated(device)
-    policy = E.build_engine(cfg, device, backend)
+    policy = M.build_engine(cfg, device, backend)
     reference = E.OnlineReference(cfg, device, backend)
     ctx = E.StepContext(policy, reference, cfg, device, 1)
     sampler = E.PairSampler(len(dataset), cfg.train.pairs_per_step, cfg.train.seed)
@@ -80,10 +81,10 @@ def main(device_name: str, out: str, dtype_name: str = "auto") -> None:
         losses.append(totals["loss"] / totals["pairs"])
     during = allocated(device)
     grad_accum_dtype = policy.optimizer.grad_partitions_flat_buffer.dtype  # ZeRO-3's gradient sums
-    E.release_engine(policy)
-    E.release_engine(reference.engine)
+    M.release_engine(policy)
+    M.release_engine(reference.engine)
     del policy, reference, ctx
-    E.free_memory()
+    M.free_memory()
     after = allocated(device)
     Path(out).write_text(json.dumps({
         "backend": backend, "dtype": str(dtype), "grad_accum_dtype": str(grad_accum_dtype), "losses": losses,

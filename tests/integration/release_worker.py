@@ -23,6 +23,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from dpo_dist import distributed as D  # noqa: E402
 from dpo_dist import engine as E  # noqa: E402
+from dpo_dist import model as M  # noqa: E402
 from dpo_dist.attention import resolve_attn_backend  # noqa: E402
 from dpo_dist.config import config_from_dict  # noqa: E402
 from tests.helpers import live_tensor_bytes  # noqa: E402
@@ -42,13 +43,13 @@ def main(spec_path: str) -> None:
     device = D.device_for(env)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.resolved_tokenizer_path())
     train_data, eval_data = E.load_splits(cfg, tokenizer)
-    backend = resolve_attn_backend(cfg.model.attn_backend, device, E.training_dtype(cfg, device))
+    backend = resolve_attn_backend(cfg.model.attn_backend, device, M.training_dtype(cfg, device))
     report = {"start": alive()}
 
     reference = E.prepare_reference(cfg, env, device, backend, train_data, eval_data)
     report["after_reference_pass"] = alive()
 
-    engine = E.build_engine(cfg, device, backend)
+    engine = M.build_engine(cfg, device, backend)
     ctx = E.StepContext(engine, reference, cfg, device, env.world_size)
     plans = E.plan_micro_batches(
         list(range(cfg.train.pairs_per_step)), train_data.lengths(), env.rank, env.world_size, cfg.train.micro_batch_tokens
@@ -56,9 +57,9 @@ def main(spec_path: str) -> None:
     E.train_step(ctx, train_data, plans)
     report["policy_built"] = alive()
     param = weakref.ref(next(engine.module.parameters()))
-    E.release_engine(engine)
+    M.release_engine(engine)
     del engine, ctx
-    E.free_memory()
+    M.free_memory()
     report["after_release"] = alive()
     report["parameter_alive"] = param() is not None
     Path(spec["out"], f"rank{env.rank}.json").write_text(json.dumps(report))

@@ -3,7 +3,7 @@
     python sharded_load_worker.py zero3 MODEL_DIR WARMUP_DIR OUT_DIR   (with RANK/WORLD_SIZE/MASTER_*)
     python sharded_load_worker.py plain MODEL_DIR WARMUP_DIR OUT_DIR   (one process, no ZeRO)
 
-``zero3`` loads through ``dpo_dist.engine.load_causal_lm`` (transformers under ZeRO-3), ``plain``
+``zero3`` loads through ``dpo_dist.model.load_causal_lm`` (transformers under ZeRO-3), ``plain``
 through a plain ``from_pretrained``. Each first loads the small WARMUP_DIR model the same way, so
 lazy imports and one-time allocations are not counted, then measures the load of MODEL_DIR plus
 one read of every local parameter (as training does; a plain load otherwise leaves the weights
@@ -72,7 +72,7 @@ class PeakSampler:
 def load(mode: str, path: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from dpo_dist.engine import load_causal_lm
+    from dpo_dist.model import load_causal_lm
 
     if mode == "zero3":
         return load_causal_lm(path, torch.float32, ZERO3)

@@ -138,7 +138,7 @@ def test_lora_resume_with_precomputed_reference_and_adapter_export(assets, onlin
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpo_dist.engine import load_causal_lm
+    from dpo_dist.model import load_causal_lm
 
     source, online_rows = online_run
     out, resumed = adapter_run
@@ -303,7 +303,7 @@ def test_qlora_quantization_config_and_missing_bitsandbytes(monkeypatch):
     pytest.importorskip("bitsandbytes")
     import sys
 
-    from dpo_dist.engine import quantization_config
+    from dpo_dist.model import quantization_config
 
     assert quantization_config("none", torch.bfloat16) is None
     q = quantization_config("fp4", torch.bfloat16)

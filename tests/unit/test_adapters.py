@@ -12,7 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dpo_dist import checkpoint as C
 from dpo_dist import engine as E
+from dpo_dist import model as M
 from dpo_dist.adapters import adapter_base, load_adapter, model_dir, tokenizer_dir
 from dpo_dist.attention import enable_packed_attention
 from dpo_dist.config import ConfigError, LoraConfig, config_from_dict
@@ -132,7 +134,7 @@ def test_the_base_is_found_absolute_relative_or_in_the_hub_cache_else_one_line(b
     assert adapter_base(copy) == type(found)(str(snapshot), "org/tiny")
     edit_adapter_config(copy, base_model_name_or_path="org/absent")
     with pytest.raises(ConfigError) as error:
-        E.check_trainable_start(config_from_dict({"model": {"path": str(copy)}}))
+        M.check_trainable_start(config_from_dict({"model": {"path": str(copy)}}))
     assert str(error.value) == (
         f"{copy / 'adapter_config.json'}: base model base_model_name_or_path='org/absent' not found: no model directory "
         f"(config.json) at {base.parent / 'org/absent'} nor {copy / 'org/absent'}, nor a Hugging Face Hub model in the "
@@ -159,20 +161,20 @@ def test_an_adapters_fingerprint_takes_its_base_wherever_it_is_named_from(base, 
     assert model_fingerprint(copy) == model_fingerprint(adapter)
 
 
-def logps(policy: E.PackedPolicy, batch) -> torch.Tensor:
+def logps(policy: M.PackedPolicy, batch) -> torch.Tensor:
     tensors, host = batch.split()
     return policy(*tensors, **host)[0]
 
 
-def continued_policy(base: Path, adapter: Path) -> E.PackedPolicy:
+def continued_policy(base: Path, adapter: Path) -> M.PackedPolicy:
     """build_engine's policy of a continued adapter with the online reference's frozen copy, without DeepSpeed."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base)
     enable_packed_attention(model, "sdpa")
     lora = config_from_dict({"model": {"path": str(adapter)}}).model.lora
-    model = E.continue_lora(model, str(adapter), lora, reference_copy=True)
-    return E.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=256)
+    model = M.continue_lora(model, str(adapter), lora, reference_copy=True)
+    return M.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=256)
 
 
 def test_the_online_reference_of_a_continued_adapter_is_its_starting_copy(base, adapter):
@@ -198,7 +200,7 @@ def test_the_online_reference_of_a_continued_adapter_is_its_starting_copy(base, 
         with model.disable_adapter():
             assert not torch.allclose(logps(policy, batch), start, atol=1e-3)  # the base is not the start
         peft_start = load_adapter(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
-        packed = E.PackedPolicy(peft_start, chunk_tokens=64, normalize="sum", micro_batch_tokens=256)
+        packed = M.PackedPolicy(peft_start, chunk_tokens=64, normalize="sum", micro_batch_tokens=256)
         enable_packed_attention(peft_start.get_base_model(), "sdpa")
         torch.testing.assert_close(logps(packed, batch), start, rtol=1e-6, atol=1e-6)
         for name, param in model.named_parameters():  # "training" moves the trained adapter only
@@ -229,7 +231,7 @@ def test_exports_of_a_continued_adapter_hold_the_trained_adapter_on_its_base(bas
             if ".lora_B.default." in name:
                 param.add_(0.1)
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    merged = E.merge_lora_state_dict(dict(model.state_dict()), model)
+    merged = C.merge_lora_state_dict(dict(model.state_dict()), model)
     assert not any("lora_" in k for k in merged)
     reference = AutoModelForCausalLM.from_pretrained(base)
     reference.load_state_dict(merged)

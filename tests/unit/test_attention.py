@@ -19,7 +19,7 @@ from dpo_dist.attention import (
     packed_forward_kwargs,
     resolve_attn_backend,
 )
-from dpo_dist.engine import enable_activation_checkpointing
+from dpo_dist.model import enable_activation_checkpointing
 from tests.unit.tiny_models import (
     backend_params,
     packed_batch,

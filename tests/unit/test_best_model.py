@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from dpo_dist import engine as E
+from dpo_dist import checkpoint as C
 from dpo_dist.config import BEST_METRICS, ConfigError, config_from_dict
 from dpo_dist.runinfo import BestCheckpoint, best_checkpoint, check_same_run, read_best, write_config
 from tests.helpers import run_cli
@@ -159,13 +159,13 @@ def test_track_best_records_and_logs_a_new_best_once(tmp_path, caplog):
     out = make_run(tmp_path / "run", {2: 0.7, 4: 0.6}, complete=[2, 4])
     cfg = config(output_dir=str(out), train={**EVERY_2, "metric_for_best_model": "eval/loss"})
     with caplog.at_level(logging.INFO, logger="dpo_dist.engine"):
-        assert E.track_best(cfg).step == 4
-        assert E.track_best(cfg).step == 4
+        assert C.track_best(cfg).step == 4
+        assert C.track_best(cfg).step == 4
     assert read_best(out) == BestCheckpoint("eval/loss", False, 4, 0.6, "checkpoints/step_00000004")
     assert json.loads((out / "best.json").read_text())["step"] == 4
     logged = [r.getMessage() for r in caplog.records if "best checkpoint" in r.getMessage()]
     assert logged == ["best checkpoint so far: step 4 (eval/loss 0.6), kept beside the newest train.keep_checkpoints"]
-    assert E.track_best(config(output_dir=str(out))) is None  # no metric: no best
+    assert C.track_best(config(output_dir=str(out))) is None  # no metric: no best
 
 
 def test_pruning_keeps_the_best_checkpoint_beside_the_newest(tmp_path):
@@ -174,9 +174,9 @@ def test_pruning_keeps_the_best_checkpoint_beside_the_newest(tmp_path):
         (root / f"step_{step:08d}" / "hf").mkdir(parents=True)
         (root / f"step_{step:08d}" / "COMPLETE").write_text(f"{step}\n")
     (root / "step_00000010").mkdir()  # half written: pruned
-    E._prune_checkpoints(root, keep=1, also_keep="step_00000004")
+    C._prune_checkpoints(root, keep=1, also_keep="step_00000004")
     assert sorted(p.name for p in root.iterdir()) == ["step_00000004", "step_00000008"]
-    E._prune_checkpoints(root, keep=1, also_keep="step_00000008")  # the best is the newest: one left
+    C._prune_checkpoints(root, keep=1, also_keep="step_00000008")  # the best is the newest: one left
     assert sorted(p.name for p in root.iterdir()) == ["step_00000008"]
 
 
@@ -195,7 +195,7 @@ def test_link_export_swaps_in_hard_links_that_outlive_the_source(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert (out / "model.safetensors").stat().st_ino == (source / "model.safetensors").stat().st_ino
     assert not (tmp_path / "best.tmp").exists()
-    E._rmtree(source.parent)  # the checkpoint pruned: best/ keeps its files
+    C._rmtree(source.parent)  # the checkpoint pruned: best/ keeps its files
     assert (out / "model.safetensors").read_bytes() == b"weights"
 
 
@@ -223,7 +223,7 @@ def test_dpo_eval_of_a_checkpoint_takes_its_hf_export(tmp_path, monkeypatch):
     assert evaluated(run / "checkpoints" / "step_00000002") == run / "checkpoints" / "step_00000002" / "hf"
     assert evaluated(run) == tmp_path / "ev" / "policy"  # the newest complete one, step 6, has no hf/
     assert exported_by_hand == [(run, tmp_path / "ev" / "policy")]
-    E._rmtree(run / "checkpoints" / "step_00000006")
+    C._rmtree(run / "checkpoints" / "step_00000006")
     assert evaluated(run) == run / "checkpoints" / "step_00000004" / "hf"
 
 
@@ -236,7 +236,7 @@ def test_exports_of_a_run_that_trains_longer_are_removed_before_it_trains(tmp_pa
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text("{}")
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in range(1, 7)))
-    assert E.finished_metrics(cfg) is not None, "what a stopped export would leave looks finished"
-    E.drop_earlier_exports(cfg)
+    assert C.finished_metrics(cfg) is not None, "what a stopped export would leave looks finished"
+    C.drop_earlier_exports(cfg)
     assert not (tmp_path / "final").exists() and not (tmp_path / "best").exists()
-    assert E.finished_metrics(cfg) is None
+    assert C.finished_metrics(cfg) is None

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dpo_dist import engine as E
+from dpo_dist import model as M
 from dpo_dist.attention import enable_packed_attention
 from dpo_dist.config import config_from_dict
 from dpo_dist.data.tokenize import TokenizedPair
@@ -19,7 +20,7 @@ from tests.unit.tiny_models import tiny_llama
 class RecordingEngine:
     """What train_step needs of a DeepSpeed engine of PackedPolicy; logs each forward as ``name``."""
 
-    def __init__(self, policy: E.PackedPolicy, name: str, calls: list[str]):
+    def __init__(self, policy: M.PackedPolicy, name: str, calls: list[str]):
         self.module, self.name, self.calls = policy, name, calls
         self.logps: list[torch.Tensor] = []
         """Each forward's per-sequence log-probs, in call order."""
@@ -70,19 +71,19 @@ def context(loss: str, calls: list[str], **loss_settings) -> E.StepContext:
     model = tiny_llama()
     enable_packed_attention(model, "sdpa")
     # The tail sums, as build_engine and build_inference_engine ask for them.
-    policy = E.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64, tails=cfg.uses_tail_logps())
+    policy = M.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64, tails=cfg.uses_tail_logps())
     reference = object.__new__(E.OnlineReference)  # a frozen copy: here the same weights, no DeepSpeed
     reference.uses_policy, reference.engine = False, RecordingEngine(policy, "reference", calls)
     reference.ld_alpha = cfg.loss.ld_alpha
     return E.StepContext(RecordingEngine(policy, "policy", calls), reference, cfg, torch.device("cpu"), world=1)
 
 
-def other_reference(ctx: E.StepContext, calls: list[str]) -> E.PackedPolicy:
+def other_reference(ctx: E.StepContext, calls: list[str]) -> M.PackedPolicy:
     """Makes ctx's reference another model than the policy (the log-ratios are not 0); returns it."""
     reference_model = tiny_llama(seed=1)
     enable_packed_attention(reference_model, "sdpa")
     tails = ctx.cfg.uses_tail_logps()
-    reference_policy = E.PackedPolicy(reference_model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64, tails=tails)
+    reference_policy = M.PackedPolicy(reference_model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64, tails=tails)
     ctx.reference.engine = RecordingEngine(reference_policy, "reference", calls)
     return reference_policy
 
@@ -199,7 +200,7 @@ def test_statistics_pass_sees_the_gradient_forwards_dropout_masks(loss):
     calls: list[str] = []
     ctx = context(loss, calls)
     lora = LoraConfig(r=4, alpha=8.0, dropout=0.5, target_modules=["q_proj", "v_proj", "o_proj"])
-    model = E.apply_lora(ctx.engine.module.model, lora, seed=0)
+    model = M.apply_lora(ctx.engine.module.model, lora, seed=0)
     for name, param in model.named_parameters():  # PEFT zero-inits lora_B: the adapters (and their dropout) would be inert
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)
@@ -323,7 +324,7 @@ def test_disable_dropout_zeroes_every_dropout_probability():
     model = tiny_llama(attention_dropout=0.5)
     enable_packed_attention(model, "sdpa")
     model.model.layers[0].mlp.down_proj = nn.Sequential(model.model.layers[0].mlp.down_proj, nn.Dropout(0.3))
-    policy = E.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64)
+    policy = M.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64)
     batch = collate_packed(pairs(2))
 
     def logps(train: bool) -> torch.Tensor:
@@ -334,13 +335,13 @@ def test_disable_dropout_zeroes_every_dropout_probability():
     model.model.layers[1].mlp.residual_dropout = 0.2  # a probability a module keeps for F.dropout (Starcoder2)
     assert not torch.equal(logps(True), logps(False))
     # Two attention layers' attention_dropout, the residual_dropout and the nn.Dropout.
-    assert E.disable_dropout(model) == 4
-    assert model.model.layers[1].mlp.residual_dropout == 0.0 and E.disable_dropout(model) == 0
+    assert M.disable_dropout(model) == 4
+    assert model.model.layers[1].mlp.residual_dropout == 0.0 and M.disable_dropout(model) == 0
     torch.testing.assert_close(logps(True), logps(False), rtol=0, atol=0)
     # The config (read at every forward by some models, e.g. Falcon) is zeroed for training; the
     # export writes the model's own value.
     assert model.config.attention_dropout == 0.0
-    with E.original_dropout_config(model) as config:
+    with M.original_dropout_config(model) as config:
         assert config.attention_dropout == 0.5 and "_dpo_original_dropout" not in config.to_json_string()
     assert model.config.attention_dropout == 0.0
 
@@ -355,8 +356,8 @@ def test_lora_online_reference_scores_in_eval_mode_and_restores_the_mode():
 
     model = tiny_llama(attention_dropout=0.5)
     enable_packed_attention(model, "sdpa")
-    model = E.apply_lora(model, LoraConfig(r=4, alpha=8.0, target_modules=["q_proj", "v_proj"]), seed=0)
-    engine = RecordingEngine(E.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64), "policy", [])
+    model = M.apply_lora(model, LoraConfig(r=4, alpha=8.0, target_modules=["q_proj", "v_proj"]), seed=0)
+    engine = RecordingEngine(M.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64), "policy", [])
     engine.train()
     reference = object.__new__(E.OnlineReference)
     reference.uses_policy, reference.engine, reference.ld_alpha = True, engine, None
@@ -384,7 +385,7 @@ def test_per_token_losses_log_rewards_of_the_whole_responses(loss):
 
     calls: list[str] = []
     ctx = context(loss, calls, logp_normalization="mean")
-    ctx.engine.module.normalize = E.policy_normalization(ctx.cfg)  # as build_engine makes it
+    ctx.engine.module.normalize = M.policy_normalization(ctx.cfg)  # as build_engine makes it
     assert ctx.engine.module.normalize == "mean"
     reference_policy = other_reference(ctx, calls)
     data = pairs(4)
@@ -437,7 +438,7 @@ def test_a_loss_with_an_nll_term_reports_both_terms():
     ctx, mixed = step(0.5)
     assert "nll_loss" not in plain and "pref_loss" not in plain
     with torch.no_grad():
-        out = E.run_packed(ctx.engine, collate_packed(pairs(4)))
+        out = M.run_packed(ctx.engine, collate_packed(pairs(4)))
     chosen_sums, _ = split_pairs(out.sum_logps)
     chosen_counts, _ = split_pairs(out.token_counts)
     expected_nll = float((-chosen_sums / chosen_counts).mean())
@@ -582,7 +583,7 @@ def test_evaluate_reads_the_eval_reference_and_counts_no_filler(loss):
     torch.manual_seed(0)
     model = tiny_llama()
     enable_packed_attention(model, "sdpa")
-    policy = E.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=32)
+    policy = M.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=32)
     # Different (positive) log-ratios against the two splits: which one is read shows.
     offsets = torch.arange(10, dtype=torch.float32).reshape(5, 2)
     reference = StoreReference(train=-30.0 - offsets, eval=-40.0 - 2 * offsets)
@@ -619,7 +620,7 @@ def test_sft_step_sums_the_chosen_responses_nll_per_token():
     torch.manual_seed(0)
     model = tiny_llama()
     enable_packed_attention(model, "sdpa")
-    engine = RecordingEngine(E.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64), "policy", [])
+    engine = RecordingEngine(M.PackedPolicy(model, chunk_tokens=64, normalize="sum", micro_batch_tokens=64), "policy", [])
     backward = []
     engine_backward = engine.backward
     engine.backward = lambda loss: (backward.append(loss.item()), engine_backward(loss))

@@ -12,8 +12,10 @@ import pytest
 import torch
 from torch import nn
 
+from dpo_dist import checkpoint as C
 from dpo_dist import distributed as D
 from dpo_dist import engine as E
+from dpo_dist import model as M
 from dpo_dist.config import DeepSpeedConfig, config_from_dict
 from tests.unit.tiny_models import tiny_llama
 
@@ -27,11 +29,11 @@ class NoEngine:
 
 def checkpoint(tmp_path, step: int, *, rng: bool):
     cfg = config_from_dict({"output_dir": str(tmp_path)})
-    tag = E.checkpoint_root(cfg) / f"step_{step:08d}"
+    tag = C.checkpoint_root(cfg) / f"step_{step:08d}"
     tag.mkdir(parents=True)
     (tag / "COMPLETE").write_text(f"{step}\n")
     if rng:
-        torch.save(E._rng_state(), tag / "rng_rank00000.pt")
+        torch.save(C._rng_state(), tag / "rng_rank00000.pt")
     return cfg, tag
 
 
@@ -39,7 +41,7 @@ def test_a_resume_without_this_ranks_rng_file_warns_that_it_is_not_exact(tmp_pat
     cfg, tag = checkpoint(tmp_path, 4, rng=False)
     env = D.DistEnv(0, 0, 1, "127.0.0.1", 0, None)
     with caplog.at_level(logging.WARNING, logger="dpo_dist.engine"):
-        assert E.load_latest_checkpoint(NoEngine(), cfg, env) == 4
+        assert C.load_latest_checkpoint(NoEngine(), cfg, env) == 4
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert f"resume from {tag}: no rng_rank00000.pt" in warning
     assert "RNG state is not restored and the resumed run is not exact" in warning
@@ -52,7 +54,7 @@ def test_a_resume_with_the_rng_file_restores_it_without_a_warning(tmp_path, capl
     want = random.random()
     random.seed(2)
     with caplog.at_level(logging.WARNING, logger="dpo_dist.engine"):
-        assert E.load_latest_checkpoint(NoEngine(), cfg, D.DistEnv(0, 0, 1, "127.0.0.1", 0, None)) == 4
+        assert C.load_latest_checkpoint(NoEngine(), cfg, D.DistEnv(0, 0, 1, "127.0.0.1", 0, None)) == 4
     assert random.random() == want
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -66,9 +68,9 @@ def test_b_auto_fetch_units_without_block_classes_says_it_hooks_every_module(cap
             self.layer = nn.Linear(2, 2)
 
     with caplog.at_level(logging.INFO, logger="dpo_dist.engine"):
-        assert E.mark_fetch_units(nn.Sequential(nn.Linear(2, 2)), DeepSpeedConfig()) == []
-        assert E.mark_fetch_units(Blocks(), DeepSpeedConfig()) == []
-        assert E.mark_fetch_units(tiny_llama(), DeepSpeedConfig()) == ["LlamaDecoderLayer"]
+        assert M.mark_fetch_units(nn.Sequential(nn.Linear(2, 2)), DeepSpeedConfig()) == []
+        assert M.mark_fetch_units(Blocks(), DeepSpeedConfig()) == []
+        assert M.mark_fetch_units(tiny_llama(), DeepSpeedConfig()) == ["LlamaDecoderLayer"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2, warnings  # none for the model whose blocks were marked
     assert "ZeRO-3 fetch units: per module" in warnings[0]
@@ -94,7 +96,7 @@ def test_c_pruning_warns_about_what_it_cannot_delete_and_goes_on(tmp_path, caplo
 
     monkeypatch.setattr(os, "unlink", failing_unlink)
     with caplog.at_level(logging.WARNING, logger="dpo_dist.engine"):
-        E._prune_checkpoints(root, keep=1)
+        C._prune_checkpoints(root, keep=1)
     # The others were pruned past the failure: only the newest complete one and what failed stay.
     assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000003"]
     assert sorted(p.name for p in (root / "step_00000001").iterdir()) == ["stuck.pt"]
@@ -110,7 +112,7 @@ def test_c_pruning_that_succeeds_is_quiet(tmp_path, caplog, keep):
         (root / f"step_{step:08d}").mkdir(parents=True)
         (root / f"step_{step:08d}" / "COMPLETE").write_text(f"{step}\n")
     with caplog.at_level(logging.WARNING, logger="dpo_dist.engine"):
-        E._prune_checkpoints(root, keep=keep)
+        C._prune_checkpoints(root, keep=keep)
     assert len(list(root.iterdir())) == keep and not caplog.records
 
 

@@ -1,4 +1,4 @@
-"""ZeRO-3 fetch units (deepspeed.leaf_modules): which modules dpo_dist.engine.mark_fetch_units makes
+"""ZeRO-3 fetch units (deepspeed.leaf_modules): which modules dpo_dist.model.mark_fetch_units makes
 DeepSpeed gather whole. Flags only: nothing here initialises DeepSpeed."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from deepspeed.utils import z3_leaf_module
 
 from dpo_dist.config import ConfigError, DeepSpeedConfig, LoraConfig
-from dpo_dist.engine import apply_lora, mark_fetch_units
+from dpo_dist.model import apply_lora, mark_fetch_units
 from tests.unit.tiny_models import tiny_llama
 
 

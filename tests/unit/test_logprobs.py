@@ -19,8 +19,8 @@ from transformers import (
 
 from dpo_dist.attention import enable_packed_attention, packed_forward_kwargs
 from dpo_dist.data.batch import IGNORE_INDEX
-from dpo_dist.engine import enable_activation_checkpointing
 from dpo_dist.logprobs import padded_sequence_logps, sequence_logps, split_pairs
+from dpo_dist.model import enable_activation_checkpointing
 from tests.unit.tiny_models import (
     backend_params,
     packed_batch,

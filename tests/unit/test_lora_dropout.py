@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 from dpo_dist.config import LoraConfig
-from dpo_dist.engine import apply_lora
+from dpo_dist.model import apply_lora
 from tests.unit.tiny_models import tiny_llama
 
 

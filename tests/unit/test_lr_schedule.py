@@ -5,7 +5,7 @@ import math
 import pytest
 
 from dpo_dist.config import DPOConfig, OptimConfig, TrainConfig
-from dpo_dist.engine import lr_lambda
+from dpo_dist.model import lr_lambda
 
 
 def factors(schedule: str, warmup: int, steps: int, floor: float = 0.1) -> list[float]:
@@ -39,7 +39,7 @@ def test_weight_decay_applies_to_matrices_not_to_biases_and_norms():
     a zero gradient moves only the decayed parameters."""
     import torch
 
-    from dpo_dist.engine import build_optimizer
+    from dpo_dist.model import build_optimizer
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     params = list(model.parameters())

@@ -776,13 +776,13 @@ def test_a_whole_reference_loads_whole_while_a_zero3_model_is_alive(setup):
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
 
-    from dpo_dist import engine as E
+    from dpo_dist import model as M
 
     policy_config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
     try:
         assert is_deepspeed_zero3_enabled()
         weights = ref._model_bytes(str(setup.model_dir), torch.float32)
-        model = E.load_causal_lm(str(setup.model_dir), torch.float32, {"zero_optimization": {"stage": 0}})
+        model = M.load_causal_lm(str(setup.model_dir), torch.float32, {"zero_optimization": {"stage": 0}})
         assert weights == 4 * sum(p.numel() for p in model.parameters()) > 0
         assert not any(hasattr(p, "ds_id") for p in model.parameters())  # not partitioned by zero.Init
         assert is_deepspeed_zero3_enabled()  # the policy's config is back for what consults it later

@@ -103,7 +103,7 @@ def test_a_later_job_keeps_reference_computed(tmp_path):
 def test_the_ranks_that_wrote_a_zero_checkpoint_are_counted(tmp_path):
     """ZeRO 1-3 checkpoints are partitioned per rank (another world size resumes through a universal
     checkpoint, tests/integration/test_engine.py); stage 0's single file resumes on any."""
-    from dpo_dist.engine import checkpoint_world
+    from dpo_dist.checkpoint import checkpoint_world
 
     assert checkpoint_world(tmp_path, config_from_dict({})) is None
     for rank in range(2):
@@ -247,7 +247,7 @@ def test_a_claim_is_taken_once_per_process_and_remembers_a_refusal(tmp_path, mon
 def test_a_tr_dpo_resume_finds_its_moved_reference_or_refuses(tmp_path):
     """A checkpoint past the first sync must hold the moved reference: without it the run would
     silently score against model.path again (not exact); before the first sync none is needed."""
-    from dpo_dist import engine as E
+    from dpo_dist import checkpoint as C
     from dpo_dist.distributed import DistEnv
 
     cfg = config(tmp_path, reference={"mode": "online", "sync_every": 2})
@@ -255,14 +255,14 @@ def test_a_tr_dpo_resume_finds_its_moved_reference_or_refuses(tmp_path):
     step1 = tmp_path / "checkpoints" / "step_00000001"
     step1.mkdir(parents=True)
     (step1 / "COMPLETE").write_text("1\n")
-    assert E.moved_reference_path(cfg, env) is None  # not moved yet
+    assert C.moved_reference_path(cfg, env) is None  # not moved yet
     step3 = tmp_path / "checkpoints" / "step_00000003"
     step3.mkdir()
     (step3 / "COMPLETE").write_text("3\n")
     with pytest.raises(ConfigError, match=r"step_00000003 has no reference/: the reference moved at step 2"):
-        E.moved_reference_path(cfg, env)
+        C.moved_reference_path(cfg, env)
     (step3 / "reference").mkdir()
-    assert E.moved_reference_path(cfg, env) == str(step3 / "reference")
+    assert C.moved_reference_path(cfg, env) == str(step3 / "reference")
 
 
 def test_an_sft_first_chain_cannot_grow_its_sft_stage_under_a_trained_dpo_stage(tmp_path):
