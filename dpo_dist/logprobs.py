@@ -9,6 +9,11 @@ and log-softmax, and in backward their gradients, ``(2b + 12) * chunk_tokens * V
 b-byte weights (2.1 GB at 1024 x 128k in bf16; ``dpo_dist.memory`` plans with the same count),
 where full fp32 logits of a 16k-token micro-batch would take 8.4 GB before any gradient.
 
+Precision: autograd sums the LM-head weight's gradient over chunks in the weight's dtype. In bf16
+that adds rounding: against fp64, the gradient's relative error was 0.24% unchunked, 0.42% at 8
+chunks and 0.65% at 32 (8192 tokens, hidden 256, vocab 8192, CPU), within bf16's own noise, so
+no fp32 accumulator (it would need a custom autograd function around ZeRO-3's gathered head).
+
 Scoring rule: the hidden state at position t scores token t+1 when ``labels[t + 1] != -100`` and
 both positions belong to the same sequence (``PackedBatch.scored_positions``, computed on the host
 at collate time). Only those positions go through the LM head: prompt positions, about half of a
