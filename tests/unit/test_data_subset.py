@@ -183,6 +183,10 @@ def test_sources_are_what_every_reader_uses(tmp_path):
         ({"eval_split": -2, "eval_path": None}, "data.eval_split: must be a fraction"),
         ({"max_samples": -1}, "data.max_samples: must be a whole number >= 0 (0: all records), got -1"),
         ({"max_samples": 0.5}, "data.max_samples: must be a whole number"),
+        ({"max_samples": True}, "data.max_samples: must be a whole number >= 0 (0: all records), got True"),
+        ({"eval_split": True, "eval_path": None}, "data.eval_split: must be a fraction in (0, 1) or a whole number of records >= 1 (0: none), got True"),
+        ({"eval_split": "0.1", "eval_path": None}, "data.eval_split: must be a fraction in (0, 1) or a whole number of records >= 1 (0: none), got '0.1'"),
+        ({"eval_split": 5.0, "eval_path": None}, "data.eval_split: must be a fraction"),
     ],
 )
 def test_bad_settings_are_one_line(data, message):
@@ -215,3 +219,65 @@ def test_a_resumed_run_with_other_records_is_refused(tmp_path):
         check_same_run(cfg(max_samples=200, eval_split=0.1))
     with pytest.raises(ConfigError, match=r"data.eval_split: 0.1 -> 0.2"):
         check_same_run(cfg(max_samples=100, eval_split=0.2))
+
+
+# ---- mutation-audit additions --------------------------------------------------------------------
+
+
+def test_the_split_is_pinned_so_caches_keyed_by_it_stay_true(tmp_path):
+    """The held-out records are part of no cache key beyond (file, eval_split, side): a change to
+    the order prompts are taken in (sha256 of the normalised prompt) or to the rounding (up, as
+    train_test_split) would pair a cached side with a freshly split other side, overlapping it.
+    Such a change must bump CACHE_FORMAT and these values."""
+    path = write_pairs(tmp_path / "pairs.jsonl", [f"Question {i}?" for i in range(20)])
+    records = read_preferences(path).records
+    assert sorted(held_out(records[:10], 0.25, "x")) == [1, 2, 5]  # ceil(2.5) = 3 prompts
+    assert sorted(held_out(records[:10], 3, "x")) == [1, 2, 5]
+    assert sorted(held_out(records, 0.01, "x")) == [2]  # ceil(0.2) = 1: a tiny fraction holds out one
+
+
+def test_max_samples_counts_across_the_files_of_a_pattern(tmp_path, tok):
+    """Example ids count on across the files of a glob pattern, and so does data.max_samples: the
+    first N records of all of them, not N of each."""
+    write_pairs(tmp_path / "a.jsonl", [f"a{i}" for i in range(3)])
+    write_pairs(tmp_path / "b.jsonl", [f"b{i}" for i in range(5)])
+    pattern = str(tmp_path / "*.jsonl")
+    assert [r.example_id for r in load_preferences(pattern, selection=Selection(max_samples=5))] == [0, 1, 2, 3, 4]
+    assert read_preferences(pattern, limit=2).num_records == 2
+    data = load_tokenized(pattern, tok, 64, selection=Selection(max_samples=5))
+    assert (data.num_records, data.example_ids.tolist()) == (5, [0, 1, 2, 3, 4])
+
+
+def test_a_split_of_a_file_without_valid_records_says_so(tmp_path):
+    """Not a split that 'asks for 0 of its 0 valid records': the file's own error."""
+    path = write_pairs(tmp_path / "bad.jsonl", ["a", "b"], bad_lines=(1, 2))
+    for side in ("train", "eval"):
+        with pytest.raises(DataError, match=r"data.eval_split=1\): no valid records$"):
+            load_preferences(path, "skip", selection=Selection(0, 1, side))
+
+
+def test_selected_records_read_through_other_keys_are_other_data(tmp_path):
+    """data.prompt_key... and a selection together: keys of their own, not the default keys' ones."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"q": f"{i}+1=", "good": f"{i}", "bad": f"{i}!"}) + "\n" for i in range(6)))
+    columns = ("q", "good", "bad")
+    for selection in (Selection(max_samples=3), Selection(0, 2, "train"), Selection(0, 2, "eval")):
+        assert data_fingerprint(path, columns, selection) != data_fingerprint(path, selection=selection)
+        assert data_fingerprint(path, columns, selection) != data_fingerprint(path, columns)
+
+
+def test_under_on_invalid_error_either_side_of_a_file_with_a_bad_record_fails(tmp_path, tok):
+    """The held-out side alone (the win-rate's prompts, a dpo-eval) refuses the file as training
+    does: on_invalid applies to the file the sides are split from."""
+    path = write_pairs(tmp_path / "pairs.jsonl", [f"{i}+1=" for i in range(10)], bad_lines=(3,))
+    for side in ("train", "eval"):
+        with pytest.raises(DataError, match=":3: "):
+            load_preferences(path, "error", selection=Selection(0, 2, side))
+        with pytest.raises(DataError, match=":3: "):
+            load_tokenized(path, tok, 64, on_invalid="error", selection=Selection(0, 2, side))
+
+
+def test_a_selection_names_a_side_exactly_when_it_splits():
+    for args in ((0, 0, "train"), (0, 0.1, "all"), (0, 2, "test")):
+        with pytest.raises(ValueError, match="side must be train or eval with an eval_split"):
+            Selection(*args)
