@@ -49,7 +49,8 @@ identically are invalid. 5: a chat response its template ends with a special end
 (Llama 3's <|eot_id|>, Gemma's <end_of_turn>) gets no EOS after it. 6: implicit prompts, taken out
 of the responses that hold them (``records.split_prompt``); messages keep all their keys and a
 record's ``tools`` reach the chat template; ``keep_start`` drops a pair whose prompt fills
-``max_length`` (as TRL). 7: a record's ``chat_template_kwargs`` reach the chat template."""
+``max_length`` (as TRL). 7: a record's ``chat_template_kwargs`` reach the chat template; an empty ``tools`` or
+``chat_template_kwargs`` given as a JSON string (``"[]"``, ``"{}"``) is none, on a text record too."""
 _ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _PROBE = "Hello world 123.\n"
 """Encoded into the tokenizer fingerprint: catches BOS/EOS behaviour that lives outside the vocab."""

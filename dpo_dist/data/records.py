@@ -143,9 +143,11 @@ def _chat_extra(raw: Mapping[str, Any], key: str, kind: type, expected: str) -> 
             raise FieldError(f"'{key}' is a string but not JSON: {e.msg} at column {e.colno}") from None
     if not isinstance(value, kind):
         raise FieldError(f"'{key}' must be {expected} or its JSON string, got {_type_name(value)}")
+    if not value:  # "[]", "{}": empty as a JSON string too, so nothing for a text record to refuse
+        return None
     if not is_chat(raw):
         raise FieldError(f"'{key}' needs chat messages: a text record has no chat template to render them")
-    return value or None
+    return value
 
 
 def tools_of(raw: Mapping[str, Any]) -> list[dict[str, Any]] | None:

@@ -307,6 +307,9 @@ def test_a_saved_dataset_directory_is_fingerprinted_by_its_content(tmp_path):
         ({"prompt": [USER], "chosen": [said("4")], "rejected": [said("5")], "chat_template_kwargs": "{x"}, "'chat_template_kwargs' is a string but not JSON: Expecting property name enclosed in double quotes at column 2"),
         ({"prompt": [USER], "chosen": [said("4")], "rejected": [said("5")], "chat_template_kwargs": {"tokenize": True, "add_generation_prompt": False}},
          "'chat_template_kwargs' may not set add_generation_prompt, tokenize (an argument of apply_chat_template itself)"),
+        # The record's own tools (validated above) and the run's data.chat_template are not a record's to replace.
+        ({"prompt": [USER], "chosen": [said("4")], "rejected": [said("5")], "chat_template_kwargs": {"tools": [{"name": "f"}], "chat_template": "{{ x }}"}},
+         "'chat_template_kwargs' may not set chat_template, tools (an argument of apply_chat_template itself)"),
     ],
 )
 def test_tools_and_tool_calls_are_validated(tmp_path, raw, reason):
@@ -338,6 +341,18 @@ def test_chat_template_kwargs_are_read_as_trl_passes_them(tmp_path):
     rows = [{**rows[0], "chat_template_kwargs": json.dumps({"enable_thinking": True})}, {**rows[0], "chat_template_kwargs": {}}]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [r.chat_template_kwargs for r in load_preferences(tmp_path / "d.jsonl")] == [{"enable_thinking": True}, None]
+
+
+def test_empty_tools_and_chat_template_kwargs_are_none_even_on_text_records(tmp_path):
+    """Columnar files and JSON writers fill a record without them with an empty value: no tools,
+    no variables, and no reason to refuse a text record (which has no chat template)."""
+    text = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    chat = {"prompt": [USER], "chosen": [said("4")], "rejected": [said("5")]}
+    rows = [{**row, "tools": empty, "chat_template_kwargs": other} for row in (text, chat) for empty, other in (("", ""), ([], {}), ("", "{}"))]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = read_preferences(tmp_path / "d.jsonl")
+    assert not result.problems and len(result.records) == 6
+    assert all(r.tools is None and r.chat_template_kwargs is None for r in result.records)
 
 
 # ---- compressed files and file patterns -------------------------------------------------------------
