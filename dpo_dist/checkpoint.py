@@ -413,17 +413,17 @@ BEST_EXPORT = "best"
 """``output_dir/best/``: the best checkpoint's Hugging Face model (``train.metric_for_best_model``)."""
 
 
-def export_final(engine, cfg: DPOConfig, tokenizer, env: D.DistEnv, stop=None, best_is_last: bool = False) -> None:
+def export_final(engine, cfg: DPOConfig, tokenizer, env: D.DistEnv, stop=None, best: BestCheckpoint | None = None) -> None:
     """``final/`` after the last step (and after ``best/``: a run with ``final/`` is finished). A
     stop signal before or during it (``stop``, asked between the shards of a ZeRO-3 export; None
     without a checkpoint to resume from) requeues instead: a 70B export takes minutes, and a job
     killed halfway was not requeued. The resumed job starts at the last step and exports
     (``final/`` is swapped in whole, so a stopped export left none). Linked from an export of the
-    same weights when there is one: the last checkpoint's ``hf/``, or ``best/`` when
-    ``best_is_last`` (it holds the last step)."""
+    same weights when there is one: the last checkpoint's ``hf/``, or ``best/`` when ``best`` (what
+    ``export_best`` wrote it from) is the last step."""
     out = Path(cfg.output_dir) / "final"
     candidates = [checkpoint_export_dir(cfg, cfg.train.max_steps)] if cfg.train.export_checkpoints else []
-    if best_is_last:
+    if best is not None and best.step == cfg.train.max_steps:  # else best/ holds earlier weights
         candidates.append(Path(cfg.output_dir) / BEST_EXPORT)
     source = D.on_rank0(lambda: next((c for c in candidates if c.is_dir()), None))  # each is swapped in whole
     if source is not None:

@@ -891,7 +891,7 @@ def train_locked(cfg: DPOConfig, job: JobSetup) -> dict[str, float]:
     # With a checkpoint to resume from, a stop signal during an export requeues (stoppable_export).
     stop = (lambda: preempt.any_rank(device)) if cfg.train.checkpoint_every > 0 else None
     best = export_best(engine, cfg, tokenizer, env, device, stop)
-    export_final(engine, cfg, tokenizer, env, stop, best_is_last=best is not None and best.step == cfg.train.max_steps)
+    export_final(engine, cfg, tokenizer, env, stop, best)
     wandb_run.finish()
     return last_eval
 

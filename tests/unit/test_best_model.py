@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
 from dpo_dist import checkpoint as C
 from dpo_dist.config import BEST_METRICS, ConfigError, config_from_dict
@@ -240,3 +243,127 @@ def test_exports_of_a_run_that_trains_longer_are_removed_before_it_trains(tmp_pa
     C.drop_earlier_exports(cfg)
     assert not (tmp_path / "final").exists() and not (tmp_path / "best").exists()
     assert C.finished_metrics(cfg) is None
+
+
+# ---- the exports at the end of a run and on resume, with engine.export_hf recorded -----------------
+
+def one_rank():
+    from dpo_dist.distributed import DistEnv
+
+    return DistEnv(0, 0, 1, "127.0.0.1", 1, None)
+
+
+def model_dir(path, weights: str):
+    """A stand-in Hugging Face export whose config.json names the weights it holds (replacing
+    an earlier one, as every export does)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"weights": weights}))
+    return path
+
+
+def weights(path) -> str:
+    return json.loads((path / "config.json").read_text())["weights"]
+
+
+@pytest.fixture
+def exported(monkeypatch):
+    """engine.export_hf recorded: the 'engine' passed is the name of the weights it holds."""
+    calls = []
+
+    def export_hf(engine, cfg, tokenizer, out_dir, env, stop=None):
+        calls.append(out_dir)
+        model_dir(out_dir, engine)
+
+    monkeypatch.setattr(C, "export_hf", export_hf)
+    return calls
+
+
+def test_final_is_linked_only_from_an_export_of_the_last_steps_weights(tmp_path, exported):
+    """best/ holds an earlier step's weights unless the best is the last step: final/ is then the
+    engine's own export, never a link to best/."""
+    out = tmp_path / "run"
+    cfg = config(output_dir=str(out), train={"max_steps": 4, **EVERY_2, "metric_for_best_model": "eval/loss"})
+    model_dir(out / "best", "step 2")
+    C.export_final("step 4", cfg, None, one_rank(), best=BestCheckpoint("eval/loss", False, 2, 0.5, "checkpoints/step_00000002"))
+    assert exported == [out / "final"] and weights(out / "final") == "step 4"
+
+    C._rmtree(out / "final")
+    C.export_final("step 4", cfg, None, one_rank(), best=BestCheckpoint("eval/loss", False, 4, 0.5, "checkpoints/step_00000004"))
+    assert len(exported) == 1 and (out / "final" / "config.json").stat().st_ino == (out / "best" / "config.json").stat().st_ino
+
+    C._rmtree(out / "final")  # train.export_checkpoints: the last checkpoint's hf/ is the last step's
+    model_dir(out / "checkpoints" / "step_00000004" / "hf", "step 4")
+    with_exports = config(output_dir=str(out), train={"max_steps": 4, **EVERY_2, "export_checkpoints": True})
+    C.export_final("step 4", with_exports, None, one_rank())
+    assert len(exported) == 1 and weights(out / "final") == "step 4"
+
+
+def test_best_is_exported_from_the_best_checkpoint_whichever_holds_it(tmp_path, exported, monkeypatch):
+    """best/: linked from the best checkpoint's hf/; the engine's export when the best is the last
+    step; else converted from the best checkpoint (dpo-export) in the training dtype."""
+    from dpo_dist import export
+
+    converted = []
+    monkeypatch.setattr(export, "export_checkpoint", lambda directory, out, dtype, cfg: converted.append((directory, dtype)) or model_dir(out, directory.name))
+    cpu = torch.device("cpu")
+    out = make_run(tmp_path / "run", {2: 0.5, 4: 0.7}, complete=[2, 4])
+
+    def cfg(**model):
+        return config(output_dir=str(out), model=model, train={"max_steps": 4, **EVERY_2, "metric_for_best_model": "eval/loss"})
+
+    best = C.export_best("step 4", cfg(dtype="fp32"), None, one_rank(), cpu)
+    assert best.step == 2 and read_best(out) == best  # found from the files, not from a best.json
+    assert converted == [(out / "checkpoints" / "step_00000002", "fp32")] and not exported
+    assert weights(out / "best") == "step_00000002"
+    C.export_best("step 4", cfg(dtype="bf16"), None, one_rank(), cpu)
+    assert converted[-1] == (out / "checkpoints" / "step_00000002", "bf16")
+
+    model_dir(out / "checkpoints" / "step_00000002" / "hf", "step 2")
+    C.export_best("step 4", cfg(dtype="fp32"), None, one_rank(), cpu)
+    assert len(converted) == 2 and (out / "best" / "config.json").stat().st_ino == (out / "checkpoints" / "step_00000002" / "hf" / "config.json").stat().st_ino
+
+    out = make_run(tmp_path / "last", {2: 0.7, 4: 0.5}, complete=[2, 4])
+    assert C.export_best("step 4", cfg(dtype="fp32"), None, one_rank(), cpu).step == 4
+    assert exported == [out / "best"] and weights(out / "best") == "step 4" and len(converted) == 2
+    assert C.export_best("step 4", config(output_dir=str(out)), None, one_rank(), cpu) is None
+
+
+def test_a_resumed_job_exports_the_checkpoint_it_resumes_from_once(tmp_path, exported):
+    out = tmp_path / "run"
+    cfg = config(output_dir=str(out), train={"max_steps": 6, **EVERY_2, "export_checkpoints": True})
+    C.resume_pending_export("step 0", cfg, None, one_rank(), 0)  # a fresh run: nothing to export
+    C.resume_pending_export("step 4", config(output_dir=str(out), train={"max_steps": 6}), None, one_rank(), 4)
+    assert exported == []
+    C.resume_pending_export("step 4", cfg, None, one_rank(), 4)
+    assert exported == [out / "checkpoints" / "step_00000004" / "hf"] and weights(exported[0]) == "step 4"
+    C.resume_pending_export("step 4", cfg, None, one_rank(), 4)  # already there
+    assert len(exported) == 1
+
+
+def test_a_stopped_export_requeues_from_the_step_it_exports(tmp_path, exported):
+    cfg = config(output_dir=str(tmp_path))
+    with pytest.raises(C.Preempted) as info:
+        C.stoppable_export("step 4", cfg, None, one_rank(), tmp_path / "final", 4, stop=lambda: True)
+    assert info.value.step == 4 and not exported and not (tmp_path / "final").exists()
+
+
+def test_saving_a_checkpoint_keeps_the_best_so_far_beside_the_newest(tmp_path):
+    """save_checkpoint: COMPLETE, then best.json and the pruning that spares the best."""
+
+    class Engine:
+        def save_checkpoint(self, root, tag, **_):
+            (Path(root) / tag).mkdir(parents=True)
+
+    out = tmp_path / "run"
+    cfg = config(output_dir=str(out), train={"max_steps": 8, **EVERY_2, "keep_checkpoints": 1, "metric_for_best_model": "eval/loss"})
+    rows = []
+    kept = {}
+    for step, loss in ((2, 0.5), (4, 0.7), (6, 0.6), (8, 0.4)):
+        rows.append({"step": step, "eval/loss": loss})
+        out.mkdir(exist_ok=True)
+        (out / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        C.save_checkpoint(Engine(), cfg, one_rank(), step)
+        kept[step] = (sorted(p.name[-1] for p in (out / "checkpoints").iterdir()), read_best(out).step)
+    assert kept == {2: (["2"], 2), 4: (["2", "4"], 2), 6: (["2", "6"], 2), 8: (["8"], 8)}
