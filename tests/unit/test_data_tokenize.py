@@ -480,6 +480,28 @@ def test_chat_template_kwargs_reach_every_rendering_of_the_record(tmp_path):
     assert tok.decode(quiet.chosen_ids) == "(no think)4</s>" and tok.decode(plain.chosen_ids) == "4</s>"
 
 
+def test_chat_template_kwargs_that_change_the_generation_prompt_stay_in_the_prompt(tmp_path):
+    """Qwen3's enable_thinking=false writes an empty think block after the generation prompt: it is
+    part of the prompt (not scored), as the model is asked at inference; so the prompt must be
+    rendered with the record's variables too, not only prompt + response."""
+    import json
+
+    from dpo_dist.data import load_preferences
+
+    tok = load_tokenizer()
+    tok.chat_template = (
+        "{% set quiet = enable_thinking is defined and not enable_thinking %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == 'assistant' and quiet %}<think></think>{% endif %}"
+        "{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% if quiet %}<think></think>{% endif %}{% endif %}"
+    )
+    raw = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5", "chat_template_kwargs": {"enable_thinking": False}}
+    path = tmp_path / "kw.jsonl"
+    path.write_text(json.dumps(raw) + "\n")
+    (pair,) = tokenize_records(load_preferences(path), tok, max_length=256)[0]
+    assert tok.decode(pair.prompt_ids) == "<s><|user|>2+2?</s><|assistant|><think></think>"
+    assert tok.decode(pair.chosen_ids) == "4</s>" and tok.decode(pair.rejected_ids) == "5</s>"
+
+
 def test_a_run_chat_template_replaces_the_tokenizers_own(tmp_path):
     """data.chat_template (inline Jinja or a file): chat data on a tokenizer without a template, or
     another format; it is part of the tokenizer's fingerprint, so caches do not mix formats."""

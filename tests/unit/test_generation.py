@@ -118,6 +118,68 @@ def test_a_prompts_chat_template_kwargs_render_it_and_stay_with_its_pairs(tiny, 
         read_prompts(path)
 
 
+QUIET_TEMPLATE = (
+    "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}"
+    "{% if enable_thinking is defined and not enable_thinking %}/no_think {% endif %}={% endif %}"
+)
+
+
+def test_dpo_data_generate_asks_each_prompt_with_its_own_chat_template_kwargs(tiny, monkeypatch):
+    """Several prompts, several samples each: every sample of a prompt is rendered with that
+    prompt's variables (the pairs are trained so), not another prompt's."""
+    import copy
+
+    from dpo_dist import generation
+    from dpo_dist.generation import PromptItem, generate_preferences
+
+    model, tokenizer = tiny
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = QUIET_TEMPLATE
+    quiet = {"enable_thinking": False}
+    items = [PromptItem(0, [{"role": "user", "content": "12+34"}], template_kwargs=quiet),
+             PromptItem(1, [{"role": "user", "content": "91-46"}])]
+    asked = []
+    real = generation.generate_texts
+    monkeypatch.setattr(generation, "generate_texts", lambda *a, **k: asked.extend(real(*a, **k)) or asked)
+
+    class Longest:
+        def score(self, prompts, texts):
+            return [float(len(t)) for t in texts]
+
+    generate_preferences(model, tokenizer, items, Longest(), num_samples=3, params=SamplingParams(max_new_tokens=2, do_sample=True),
+                         batch_size=2, seed=0)
+    assert [c.prompt_tokens for c in asked] == [1 + len("12+34/no_think =")] * 3 + [1 + len("91-46=")] * 3
+
+
+def test_dpo_serve_renders_a_chat_request_with_its_chat_template_kwargs(tiny, monkeypatch):
+    """vLLM's chat_template_kwargs of a /v1/chat/completions request reach the chat template;
+    apply_chat_template's own arguments are refused (400), as in a record."""
+    import copy
+
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from dpo_dist import generation, serve
+
+    model, tokenizer = tiny
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = QUIET_TEMPLATE
+    monkeypatch.setattr(generation, "load_causal_lm", lambda *args: (model, tokenizer))
+    client = TestClient(serve.create_app(serve.ServedModel("/models/m", "m")))
+
+    def ask(**extra):
+        body = {"model": "m", "messages": [{"role": "user", "content": "12+34"}], "max_tokens": 1, **extra}
+        return client.post("/v1/chat/completions", json=body)
+
+    quiet = ask(chat_template_kwargs={"enable_thinking": False})
+    assert quiet.status_code == 200, quiet.text
+    assert quiet.json()["usage"]["prompt_tokens"] == 1 + len("12+34/no_think =")
+    assert ask().json()["usage"]["prompt_tokens"] == 1 + len("12+34=")
+    refused = ask(chat_template_kwargs={"add_generation_prompt": False, "chat_template": "{{ 1 }}"})
+    assert refused.status_code == 400 and "chat_template_kwargs: may not set add_generation_prompt, chat_template" in refused.text
+
+
 def make_tiny_adapter_dir(base, path, *, with_tokenizer: bool = True):
     """A LoRA adapter saved with PEFT on ``base`` (as a run's final/ with merge_on_export=false),
     with random B so that it changes the answers (PEFT's default B=0 would not)."""

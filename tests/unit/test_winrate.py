@@ -56,6 +56,7 @@ def test_prompts_keep_their_chat_template_kwargs_and_the_answers_depend_on_them(
     cfg = DPOConfig(data=DataConfig(eval_path=str(path)))
     items = eval_prompts(cfg)
     assert [item.template_kwargs for item in items] == [{"enable_thinking": False}, {}]
+    assert [i.example_id for i in eval_prompts(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_prompts=1)))] == [0]
     import torch
 
     monkeypatch.setattr(winrate, "model_identity", lambda *paths: "a model")
