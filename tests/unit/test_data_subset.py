@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dpo_dist.audit import AuditResult, check_leakage
-from dpo_dist.config import ConfigError, DataConfig, DPOConfig, config_from_dict
+from dpo_dist.config import ConfigError, DataConfig, DPOConfig, ReferenceConfig, config_from_dict
 from dpo_dist.data import (
     DataError,
     bundled_tokenizer_path,
@@ -281,3 +281,24 @@ def test_a_selection_names_a_side_exactly_when_it_splits():
     for args in ((0, 0, "train"), (0, 0.1, "all"), (0, 2, "test")):
         with pytest.raises(ValueError, match="side must be train or eval with an eval_split"):
             Selection(*args)
+
+
+def test_each_reference_pass_is_fingerprinted_by_the_records_of_its_side(tmp_path, tok, monkeypatch):
+    """The reference caches of a run (the train pass and the eval pass) are keyed by the records
+    each reads: a cache made for other records (max_samples=48 where 64 are asked, another eval
+    file at the same path) must not be opened as this run's."""
+    import torch
+
+    from dpo_dist import reference as ref
+    from dpo_dist.distributed import DistEnv
+
+    ensured = {}
+    monkeypatch.setattr(ref, "ensure_reference", lambda model, data, cache_dir, *, fingerprints, **_: ensured.update({data: fingerprints["data"]}))
+    path = write_pairs(tmp_path / "pairs.jsonl", [f"{i}+1=" for i in range(20)])
+    other = write_pairs(tmp_path / "eval.jsonl", [f"{i}+2=" for i in range(5)])
+    one_rank = DistEnv(0, 0, 1, "127.0.0.1", 1, None)
+    for data in ({"eval_path": None, "eval_split": 3, "max_samples": 10}, {"eval_path": str(other), "max_samples": 10}):
+        cfg = DPOConfig(data=DataConfig(train_path=str(path), **data), reference=ReferenceConfig(cache_dir=str(tmp_path / "ref")))
+        ref._ensure_run_splits(cfg, one_rank, torch.device("cpu"), "sdpa", "train", "eval", tok)
+        train, held = cfg.data.sources()
+        assert ensured == {name: data_fingerprint(s.path, selection=s.selection) for name, s in (("train", train), ("eval", held))}
