@@ -271,3 +271,14 @@ def test_the_policy_is_side_a_of_every_comparison(tmp_path, monkeypatch):
     assert [(s["prompt"], s["policy"], s["reference"]) for s in samples] == [
         (p, str(a), str(a + 1)) for p, a in answers.items()
     ]
+
+
+def test_winrate_json_names_the_held_out_records_of_a_split(tmp_path):
+    """With data.eval_split there is no eval_path to name: winrate.json says which records were asked."""
+    from dpo_dist.generation import Completion
+
+    cfg = DPOConfig(output_dir=str(tmp_path), data=DataConfig(train_path="t.jsonl", eval_path=None, eval_split=0.1, max_samples=50))
+    answer = Completion("46", 7, 2, "stop")
+    result = winrate.judge_and_write(cfg, "policy", [(PromptItem(0, "12+34="), answer, answer)], 1, 0.0, source={})
+    assert result["eval_path"] is None and result["eval_data"] == "t.jsonl (first 50 records, held out by data.eval_split=0.1)"
+    assert json.loads((tmp_path / "winrate.json").read_text())["eval_data"] == result["eval_data"]
