@@ -234,6 +234,9 @@ def test_the_split_is_pinned_so_caches_keyed_by_it_stay_true(tmp_path):
     assert sorted(held_out(records[:10], 0.25, "x")) == [1, 2, 5]  # ceil(2.5) = 3 prompts
     assert sorted(held_out(records[:10], 3, "x")) == [1, 2, 5]
     assert sorted(held_out(records, 0.01, "x")) == [2]  # ceil(0.2) = 1: a tiny fraction holds out one
+    # Spelled otherwise (case, spacing), a prompt is the same prompt: its records go with it.
+    variants = write_pairs(tmp_path / "variants.jsonl", [f"Question {i}?" for i in range(10)] + ["QUESTION 2?", " question   5? "])
+    assert sorted(held_out(read_preferences(variants).records, 3, "x")) == [2, 5, 10, 11]  # 4 records: whole prompts
 
 
 def test_max_samples_counts_across_the_files_of_a_pattern(tmp_path, tok):
