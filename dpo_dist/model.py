@@ -262,8 +262,7 @@ def apply_lora(model: nn.Module, lora: LoraConfig, seed: int) -> nn.Module:
             wrapped = get_peft_model(model, peft_config)
         except ValueError as exc:  # PEFT: "Target modules {...} not found in the base model..."
             raise ConfigError(f"model.lora.target_modules: {str(exc).splitlines()[0]}") from None
-    trainable = sum(_numel(p) for p in wrapped.parameters() if p.requires_grad)
-    total = sum(_numel(p) for p in wrapped.parameters())
+    trainable, total = _parameter_counts(wrapped)
     log.info("LoRA r=%d alpha=%g on %s: %d trainable of %d parameters", lora.r, lora.alpha, ",".join(lora.target_modules), trainable, total)
     return wrapped
 
@@ -282,14 +281,19 @@ def continue_lora(model: nn.Module, path: str, lora: LoraConfig, reference_copy:
     wrapped = load_adapter(model, path, trainable=True)
     if reference_copy:
         wrapped.load_adapter(path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-    trainable = sum(_numel(p) for p in wrapped.parameters() if p.requires_grad)
-    total = sum(_numel(p) for p in wrapped.parameters())
+    trainable, total = _parameter_counts(wrapped)
     log.info(
         "LoRA: continuing the adapter %s (r=%d alpha=%g on %s; base %s)%s: %d trainable of %d parameters",
         path, lora.r, lora.alpha, ",".join(lora.target_modules), wrapped.peft_config[wrapped.active_adapter].base_model_name_or_path,
         "; a frozen copy of it scores the online reference" if reference_copy else "", trainable, total,
     )
     return wrapped
+
+
+def _parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameters of ``model``, for the LoRA log lines."""
+    params = list(model.parameters())
+    return sum(_numel(p) for p in params if p.requires_grad), sum(_numel(p) for p in params)
 
 
 def _numel(param: torch.Tensor) -> int:
